@@ -1,0 +1,142 @@
+"""FP8 (float8_e4m3fn) formats used across step3_jax: one place, byte-exact layouts.
+
+Every FP8 tensor in this project is a pair (values, scales) with
+
+    dequantized = float32(values) * scale          (scale broadcast over its block)
+
+Formats (all scales float32, never zero: an all-zero block gets scale 1/448 * tiny):
+
+* **Weights, 128x128 block scales** (`quantize_weight_blocks`), the layout of the released
+  block-FP8 Step-3 checkpoint. Weights are stored ``[..., N_out, K_in]`` (contraction axis
+  last, "K-major"), which Hopper FP8 tensor cores need for both operands.
+  ``values``: ``[..., N, K]`` float8_e4m3fn, row-major, 1 byte per value.
+  ``scales``: ``[..., ceil(N/128), ceil(K/128)]`` float32; ``scales[..., i, j]`` covers rows
+  ``128*i : 128*(i+1)`` and columns ``128*j : 128*(j+1)`` (the checkpoint's ``weight_scale_inv``).
+* **Weights, per output channel** (`quantize_weight_channels`): ``scales`` ``[..., N, 1]``.
+* **Activations, dynamic per-token scales per 128-wide group** (`quantize_activations`):
+  ``values`` ``[..., K]``, ``scales`` ``[..., ceil(K/128)]``; ``scales[..., g]`` covers
+  ``values[..., 128*g : 128*(g+1)]``.
+* **KV cache, per-token scales** (`quantize_kv`): for K (and separately V) of shape
+  ``[..., S, H]``: ``values`` ``[..., S, H]`` float8_e4m3fn and ``scales`` ``[..., S]``; one
+  float32 per cached token per tensor, so a Step-3 token costs 256 + 256 value bytes plus 8
+  scale bytes per layer.
+
+Rounding: values are ``clip(x / scale, -448, 448)`` cast to e4m3 with round-to-nearest-even;
+the clip matters because casting an out-of-range float to float8_e4m3fn gives NaN (the format
+has no infinity). ``scale = amax / 448`` so the block's largest magnitude maps to 448.
+
+NaN/inf policy: a NaN input propagates to its own block (its scale becomes NaN and every
+value of the block dequantizes to NaN), so corrupted activations are never silently hidden.
+A +-inf input makes its block's scale inf; it is reported the same way (NaN on dequantize).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+FP8_DTYPE = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# Smallest scale we ever emit: keeps `x / scale` finite for all-zero blocks.
+_MIN_SCALE = 1e-12
+BLOCK = 128
+
+
+def _cast_fp8(x_scaled: Array) -> Array:
+    return jnp.clip(x_scaled, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
+
+
+def _scale_from_amax(amax: Array) -> Array:
+    return jnp.maximum(amax.astype(jnp.float32) / FP8_MAX, _MIN_SCALE)
+
+
+def quantize_activations(
+    x: Float[Array, "... K"], group: int = BLOCK
+) -> tuple[Array, Float[Array, "... G"]]:
+    """Per-token, per-``group``-wide dynamic FP8 quantization of activations.
+
+    Returns ``(values [..., K] e4m3, scales [..., ceil(K/group)] f32)``.
+    """
+    k = x.shape[-1]
+    g = -(-k // group)
+    pad = g * group - k
+    xf = x.astype(jnp.float32)
+    xp = jnp.pad(xf, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) if pad else xf
+    xg = xp.reshape(*x.shape[:-1], g, group)
+    scale = _scale_from_amax(jnp.max(jnp.abs(xg), axis=-1))
+    q = _cast_fp8(xg / scale[..., None]).reshape(*x.shape[:-1], g * group)[..., :k]
+    return q, scale
+
+
+def dequantize_activations(
+    q: Array, scale: Float[Array, "... G"], group: int = BLOCK, dtype=jnp.float32
+) -> Array:
+    k = q.shape[-1]
+    s = jnp.repeat(scale, group, axis=-1)[..., :k]
+    return (q.astype(jnp.float32) * s).astype(dtype)
+
+
+def quantize_weight_blocks(
+    w: Float[Array, "... N K"], block: int = BLOCK
+) -> tuple[Array, Float[Array, "... NB KB"]]:
+    """128x128 block FP8 quantization of a ``[..., N, K]`` (K-major) weight."""
+    n, k = w.shape[-2:]
+    nb, kb = -(-n // block), -(-k // block)
+    wf = w.astype(jnp.float32)
+    pads = [(0, 0)] * (w.ndim - 2) + [(0, nb * block - n), (0, kb * block - k)]
+    wp = jnp.pad(wf, pads)
+    wb = wp.reshape(*w.shape[:-2], nb, block, kb, block)
+    scale = _scale_from_amax(jnp.max(jnp.abs(wb), axis=(-3, -1)))  # [..., nb, kb]
+    q = _cast_fp8(wb / scale[..., :, None, :, None])
+    q = q.reshape(*w.shape[:-2], nb * block, kb * block)[..., :n, :k]
+    return q, scale
+
+
+def dequantize_weight_blocks(
+    q: Array, scale: Float[Array, "... NB KB"], block: int = BLOCK, dtype=jnp.float32
+) -> Array:
+    n, k = q.shape[-2:]
+    s = jnp.repeat(jnp.repeat(scale, block, axis=-2), block, axis=-1)[..., :n, :k]
+    return (q.astype(jnp.float32) * s).astype(dtype)
+
+
+def quantize_weight_channels(w: Float[Array, "... N K"]) -> tuple[Array, Float[Array, "... N 1"]]:
+    """Per-output-channel FP8 quantization of a ``[..., N, K]`` weight."""
+    scale = _scale_from_amax(jnp.max(jnp.abs(w.astype(jnp.float32)), axis=-1, keepdims=True))
+    return _cast_fp8(w.astype(jnp.float32) / scale), scale
+
+
+def dequantize_weight_channels(q: Array, scale: Array, dtype=jnp.float32) -> Array:
+    return (q.astype(jnp.float32) * scale).astype(dtype)
+
+
+def quantize_kv(x: Float[Array, "... S H"]) -> tuple[Array, Float[Array, "... S"]]:
+    """Per-token FP8 quantization of K or V: ``(values [..., S, H] e4m3, scales [..., S])``."""
+    scale = _scale_from_amax(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1))
+    return _cast_fp8(x.astype(jnp.float32) / scale[..., None]), scale
+
+
+def dequantize_kv(q: Array, scale: Float[Array, "... S"], dtype=jnp.float32) -> Array:
+    return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
+def fp8_relative_step() -> float:
+    """Relative rounding step of e4m3 (3 mantissa bits): half-ulp is 2**-4 of the value."""
+    return 2.0**-4
+
+
+__all__ = [
+    "BLOCK",
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "dequantize_activations",
+    "dequantize_kv",
+    "dequantize_weight_blocks",
+    "dequantize_weight_channels",
+    "fp8_relative_step",
+    "quantize_activations",
+    "quantize_kv",
+    "quantize_weight_blocks",
+    "quantize_weight_channels",
+]
