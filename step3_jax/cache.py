@@ -1,0 +1,124 @@
+"""The KV cache: one K head and one V head per layer (Step-3's MFA), stacked over layers.
+
+Layout (all arrays on device, a pytree so it flows through jit/scan/shard_map):
+
+* ``k``, ``v``: ``[L, B, S, H]``, dtype bfloat16 (or float32), or float8_e4m3fn for the FP8
+  cache. Row-major: for layer l and sequence b, token s's 256 K values are contiguous, so a
+  token costs ``2 * H`` bytes per layer in FP8 (512 B for Step-3) plus its scales.
+* ``k_scale``, ``v_scale``: ``[L, B, S]`` float32 per-token scales (FP8 cache only, else
+  None); dequantized K = float32(k) * k_scale[..., None] (format in `step3_jax.quant`).
+* ``lengths``: ``[B]`` int32, the number of valid tokens of each sequence. Slots at or past a
+  sequence's length hold stale data and are never read by attention.
+
+Writes are scatters at explicit positions into the stacked buffers, which XLA performs in place
+when the cache is donated.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Float, Int
+
+from step3_jax import quant
+
+
+@struct.dataclass
+class KVCache:
+    k: Array  # [L, B, S, H]
+    v: Array  # [L, B, S, H]
+    lengths: Int[Array, " B"]
+    k_scale: Float[Array, "L B S"] | None = None
+    v_scale: Float[Array, "L B S"] | None = None
+
+    @classmethod
+    def create(
+        cls, num_layers: int, batch: int, max_len: int, head_dim: int, dtype=jnp.bfloat16
+    ) -> KVCache:
+        """An empty cache (zeros, lengths 0). ``dtype=jnp.float8_e4m3fn`` makes an FP8 cache."""
+        for name, val in (("num_layers", num_layers), ("batch", batch), ("max_len", max_len)):
+            if int(val) <= 0:
+                raise ValueError(f"KVCache.create: {name} must be > 0, got {val}")
+        shape = (num_layers, batch, max_len, head_dim)
+        fp8 = jnp.dtype(dtype) == jnp.dtype(quant.FP8_DTYPE)
+        scales = jnp.ones(shape[:3], jnp.float32) if fp8 else None
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            lengths=jnp.zeros((batch,), jnp.int32),
+            k_scale=scales,
+            v_scale=None if scales is None else jnp.ones(shape[:3], jnp.float32),
+        )
+
+    @classmethod
+    def for_config(cls, config, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
+        if max_len > config.max_position_embeddings:
+            raise ValueError(
+                f"max_len={max_len} exceeds max_position_embeddings="
+                f"{config.max_position_embeddings}"
+            )
+        return cls.create(config.num_layers, batch, max_len, config.head_dim, dtype)
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.k_scale is not None
+
+    def nbytes(self) -> int:
+        total = self.k.nbytes + self.v.nbytes
+        if self.is_fp8:
+            total += self.k_scale.nbytes + self.v_scale.nbytes
+        return int(total)
+
+    def write(
+        self,
+        layer: int,
+        k_new: Float[Array, "B T H"],
+        v_new: Float[Array, "B T H"],
+        positions: Int[Array, "B T"],
+    ) -> KVCache:
+        """Stores token t of sequence b at slot ``positions[b, t]`` of ``layer``.
+
+        Out-of-range positions are the caller's error: `generate` and `decode_step` check them
+        before tracing, because a scatter would silently drop them.
+        """
+        b_idx = jnp.arange(k_new.shape[0])[:, None]
+        if self.is_fp8:
+            kq, ks = quant.quantize_kv(k_new)
+            vq, vs = quant.quantize_kv(v_new)
+            return self.replace(
+                k=self.k.at[layer, b_idx, positions].set(kq),
+                v=self.v.at[layer, b_idx, positions].set(vq),
+                k_scale=self.k_scale.at[layer, b_idx, positions].set(ks),
+                v_scale=self.v_scale.at[layer, b_idx, positions].set(vs),
+            )
+        return self.replace(
+            k=self.k.at[layer, b_idx, positions].set(k_new.astype(self.k.dtype)),
+            v=self.v.at[layer, b_idx, positions].set(v_new.astype(self.v.dtype)),
+        )
+
+    def layer(self, layer: int) -> tuple[Array, Array, Array | None, Array | None]:
+        """``(k [B,S,H], v [B,S,H], k_scale [B,S] | None, v_scale [B,S] | None)``."""
+        ks = None if self.k_scale is None else self.k_scale[layer]
+        vs = None if self.v_scale is None else self.v_scale[layer]
+        return self.k[layer], self.v[layer], ks, vs
+
+    def dequantized_layer(self, layer: int, dtype) -> tuple[Array, Array]:
+        k, v, ks, vs = self.layer(layer)
+        if ks is None:
+            return k.astype(dtype), v.astype(dtype)
+        return quant.dequantize_kv(k, ks, dtype), quant.dequantize_kv(v, vs, dtype)
+
+
+__all__ = ["KVCache"]

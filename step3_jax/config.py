@@ -1,0 +1,210 @@
+"""Step-3 text-model configuration.
+
+One frozen dataclass describes the architecture. Only `Step3Config.from_hf_config` knows the
+Hugging Face key names. Axis letters used across the project (see docs/DESIGN.md):
+B batch, T new tokens, S cache length, D hidden, R low-rank query, N heads, H head dim,
+E experts, K top-k, F FFN hidden, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Step3Config:
+    vocab_size: int = 128815  # V: untied embedding and lm_head rows
+    hidden_size: int = 7168  # D: residual stream width
+    num_layers: int = 61  # L: decoder layers
+    num_heads: int = 64  # N: query heads (all share ONE K head and ONE V head)
+    head_dim: int = 256  # H: width of each query head and of the single K/V head
+    share_q_dim: int = 2048  # R: low-rank shared query width (q_proj -> inter_norm -> wq)
+    intermediate_size: int = 18432  # F of the dense SwiGLU layers
+    moe_layer_ids: tuple[int, ...] = tuple(range(4, 60))  # layers whose FFN is the MoE
+    num_experts: int = 48  # E: routed experts per MoE layer
+    top_k: int = 3  # K: experts per token (weights NOT renormalized)
+    moe_intermediate_size: int = 5120  # F of each routed expert
+    share_expert_dim: int = 5120  # F of the always-on shared expert (0: none)
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon, all norms
+    rope_theta: float = 500000.0  # NeoX rotate-half RoPE over all H dims
+    max_position_embeddings: int = 65536  # longest supported context
+
+    def __post_init__(self):
+        positive = (
+            "vocab_size hidden_size num_layers num_heads head_dim share_q_dim "
+            "intermediate_size num_experts top_k moe_intermediate_size"
+        ).split()
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Step3Config.{name} must be > 0, got {getattr(self, name)}")
+        if self.head_dim % 2:
+            raise ValueError(f"Step3Config.head_dim must be even for RoPE, got {self.head_dim}")
+        if not 0 < self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        ids = tuple(self.moe_layer_ids)
+        object.__setattr__(self, "moe_layer_ids", ids)
+        bad = [i for i in ids if not 0 <= i < self.num_layers]
+        if bad or len(set(ids)) != len(ids):
+            raise ValueError(
+                f"moe_layer_ids must be distinct layer indices in [0, {self.num_layers}), got {ids}"
+            )
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def step3(cls) -> Step3Config:
+        """The released 316B Step-3 text model."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> Step3Config:
+        """Same structure at toy size: dense first/last layers, MoE in between, shared expert."""
+        return cls(
+            vocab_size=512,
+            hidden_size=128,
+            num_layers=4,
+            num_heads=4,
+            head_dim=32,
+            share_q_dim=64,
+            intermediate_size=256,
+            moe_layer_ids=(1, 2),
+            num_experts=8,
+            top_k=2,
+            moe_intermediate_size=96,
+            share_expert_dim=96,
+            max_position_embeddings=1024,
+        )
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]) -> Step3Config:
+        """Builds a config from a Step-3 HF ``config.json`` dict (text part).
+
+        Accepts the VL checkpoint's nesting (``text_config``), ``moe_layers_enum`` as the
+        comma-separated string HF uses (or a list), and ``max_position_embedding`` with or
+        without the trailing "s".
+        """
+        hf = dict(hf.get("text_config", hf))
+        num_layers = int(hf["num_hidden_layers"])
+        enum = hf.get("moe_layers_enum")
+        if enum is None:
+            moe_ids: tuple[int, ...] = tuple(range(4, num_layers - 1))
+        elif isinstance(enum, str):
+            moe_ids = tuple(int(s) for s in enum.replace(" ", "").split(",") if s)
+        else:
+            moe_ids = tuple(int(i) for i in enum)
+        max_pos = hf.get("max_position_embedding", hf.get("max_position_embeddings", 65536))
+        if int(hf.get("num_attention_groups", 1)) != 1:
+            raise ValueError(
+                "num_attention_groups must be 1 (Step-3 MFA has one K/V head), got "
+                f"{hf['num_attention_groups']}"
+            )
+        return cls(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            num_layers=num_layers,
+            num_heads=int(hf["num_attention_heads"]),
+            head_dim=int(hf.get("head_dim", 256)),
+            share_q_dim=int(hf["share_q_dim"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            moe_layer_ids=moe_ids,
+            num_experts=int(hf["moe_num_experts"]),
+            top_k=int(hf["moe_top_k"]),
+            moe_intermediate_size=int(hf["moe_intermediate_size"]),
+            share_expert_dim=int(hf.get("share_expert_dim", hf["moe_intermediate_size"])),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(hf.get("rope_theta", 500000.0)),
+            max_position_embeddings=int(max_pos),
+        )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The inverse of `from_hf_config` (text-model keys of a Step-3 ``config.json``)."""
+        return {
+            "architectures": ["Step3TextForCausalLM"],
+            "model_type": "step3_text",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_attention_groups": 1,
+            "head_dim": self.head_dim,
+            "share_q_dim": self.share_q_dim,
+            "intermediate_size": self.intermediate_size,
+            "moe_layers_enum": ",".join(str(i) for i in self.moe_layer_ids),
+            "moe_num_experts": self.num_experts,
+            "moe_top_k": self.top_k,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "share_expert_dim": self.share_expert_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embedding": self.max_position_embeddings,
+            "tie_word_embeddings": False,
+        }
+
+    # ----------------------------------------------------------- derived values
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.moe_layer_ids
+
+    @property
+    def dense_layer_ids(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in self.moe_layer_ids)
+
+    @property
+    def attention_params_per_layer(self) -> int:
+        """q_proj, k_proj, v_proj, wq, o_proj and the three norms of one layer."""
+        d, r, n, h = self.hidden_size, self.share_q_dim, self.num_heads, self.head_dim
+        linears = d * r + 2 * d * h + r * n * h + n * h * d
+        return linears + r + 2 * d  # inter_norm + input/post-attention norms
+
+    def _swiglu_params(self, f: int) -> int:
+        return 3 * self.hidden_size * f
+
+    @property
+    def expert_params(self) -> int:
+        return self._swiglu_params(self.moe_intermediate_size)
+
+    @property
+    def moe_layer_ffn_params(self) -> int:
+        router = self.num_experts * self.hidden_size
+        shared = self._swiglu_params(self.share_expert_dim) if self.share_expert_dim else 0
+        return self.num_experts * self.expert_params + shared + router
+
+    @property
+    def dense_layer_ffn_params(self) -> int:
+        return self._swiglu_params(self.intermediate_size)
+
+    def param_count(self) -> int:
+        """All parameters: embedding, layers, final norm, untied lm_head."""
+        n_moe = len(self.moe_layer_ids)
+        n_dense = self.num_layers - n_moe
+        emb = self.vocab_size * self.hidden_size
+        return (
+            2 * emb
+            + self.hidden_size
+            + self.num_layers * self.attention_params_per_layer
+            + n_dense * self.dense_layer_ffn_params
+            + n_moe * self.moe_layer_ffn_params
+        )
+
+    def activated_param_count(self, include_embeddings: bool = True) -> int:
+        """Parameters touched per token: top_k routed experts + shared expert + router."""
+        n_moe = len(self.moe_layer_ids)
+        n_dense = self.num_layers - n_moe
+        shared = self._swiglu_params(self.share_expert_dim) if self.share_expert_dim else 0
+        moe_active = self.top_k * self.expert_params + shared + self.num_experts * self.hidden_size
+        body = (
+            self.num_layers * self.attention_params_per_layer
+            + n_dense * self.dense_layer_ffn_params
+            + n_moe * moe_active
+            + self.hidden_size
+        )
+        emb = 2 * self.vocab_size * self.hidden_size if include_embeddings else 0
+        return body + emb
+
+    def kv_bytes_per_token(self, bytes_per_value: float = 2.0, per_layer: bool = False) -> float:
+        """KV-cache bytes per token: one K and one V head of `head_dim` values per layer.
+
+        ``bytes_per_value=1`` gives the FP8 figure (512 B per layer for Step-3), scales excluded.
+        """
+        per = 2 * self.head_dim * bytes_per_value
+        return per if per_layer else per * self.num_layers

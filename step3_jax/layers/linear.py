@@ -1,0 +1,39 @@
+"""The one place a weight meets an activation.
+
+Every weight in step3_jax is stored ``[out, in]`` (contraction axis last, "K-major"): the layout
+of the HF checkpoint, of Hopper FP8 tensor-core operands and of XLA's fast FP8 dot. A weight is
+either a plain array or a quantized-weight pytree (see `step3_jax.quant_model`) that knows how to
+contract itself; layers call `project` and never look inside.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+
+@runtime_checkable
+class ProjectableWeight(Protocol):
+    """A weight that contracts itself with an activation (e.g. FP8 values + block scales)."""
+
+    def project(self, x: Array, eqn: str, out_dtype) -> Array: ...
+
+
+def project(x: Array, w, eqn: str, out_dtype=None) -> Array:
+    """``einsum(eqn, x, w)`` in the activation's dtype with float32 accumulation."""
+    out_dtype = out_dtype or x.dtype
+    if isinstance(w, ProjectableWeight):
+        return w.project(x, eqn, out_dtype)
+    w = jnp.asarray(w)
+    return jnp.einsum(
+        eqn, x, w.astype(x.dtype), preferred_element_type=jnp.float32
+    ).astype(out_dtype)
+
+
+def init_weight(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> Array:
+    """Truncated-normal init with std 1/sqrt(fan_in)."""
+    std = fan_in**-0.5
+    return (std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)).astype(dtype)

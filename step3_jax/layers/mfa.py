@@ -1,0 +1,126 @@
+"""MFA (Multi-Matrix Factorization Attention), Step-3's attention.
+
+64 query heads come from a shared low-rank query (q_proj -> RMSNorm -> wq); all heads share ONE
+key head and ONE value head of width 256, so the cache holds 2 x 256 values per token per layer.
+
+    h [B,T,D] --q_proj 'BTD,RD->BTR'--> inter_norm --wq 'BTR,NHR->BTNH'--> q [B,T,N,H]
+    h --k_proj 'BTD,HD->BTH'--> k [B,T,H];  h --v_proj--> v [B,T,H]
+    q, k <- NeoX RoPE at each token's position
+    o = softmax(q . K^T / sqrt(H) + causal) . V           'BTNH,BSH->BNTS', 'BNTS,BSH->BTNH'
+    out = o --o_proj 'BTNH,DNH->BTD'-->
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from step3_jax.layers.linear import init_weight, project
+from step3_jax.layers.norms import RMSNorm
+from step3_jax.layers.rope import apply_rope
+
+_NEG_INF = -1e30  # finite "minus infinity": exp() underflows to 0 without inf - inf = NaN
+
+
+def mfa_attention_xla(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S H"],
+    v: Float[Array, "B S H"],
+    q_positions: Int[Array, "B T"],
+    kv_positions: Int[Array, "B S"] | None = None,
+    kv_lengths: Int[Array, " B"] | None = None,
+    sm_scale: float | None = None,
+) -> Float[Array, "B T N H"]:
+    """Plain-XLA MQA attention of N query heads against ONE shared K/V head.
+
+    Key s of sequence b is visible to query t iff ``kv_positions[b, s] <= q_positions[b, t]``
+    (causal; ``kv_positions`` defaults to the slot index, i.e. a cache) and, when given,
+    ``s < kv_lengths[b]``. Invisible slots never contribute, even if they hold NaN: their
+    scores are masked AND their V rows are zeroed (0 * NaN is NaN inside a matmul). A query
+    with no visible key returns zeros. Softmax in float32; output in q.dtype.
+    """
+    b, s, h = k.shape
+    sm_scale = h**-0.5 if sm_scale is None else sm_scale
+    if kv_positions is None:
+        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    visible = kv_positions[:, None, :] <= q_positions[:, :, None]  # [B, T, S]
+    slot_ok = jnp.ones((b, s), bool)
+    if kv_lengths is not None:
+        slot_ok = jnp.arange(s)[None, :] < kv_lengths[:, None]
+        visible = visible & slot_ok[:, None, :]
+    k = jnp.where(slot_ok[..., None], k, 0).astype(q.dtype)
+    v = jnp.where(slot_ok[..., None], v, 0).astype(q.dtype)
+    scores = jnp.einsum("BTNH,BSH->BNTS", q, k, preferred_element_type=jnp.float32) * sm_scale
+    scores = jnp.where(visible[:, None], scores, _NEG_INF)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.exp(scores - m)
+    p = jnp.where(visible[:, None], p, 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    out = jnp.einsum("BNTS,BSH->BTNH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+class MFAttention(nnx.Module):
+    """Step-3 MFA attention layer (no biases).
+
+    Weights ([out, in] layout): ``q_proj [R, D]``, ``k_proj [H, D]``, ``v_proj [H, D]``,
+    ``inter_norm [R]``, ``wq [N, H, R]``, ``o_proj [D, N, H]``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        share_q_dim: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        rope_theta: float = 500000.0,
+        eps: float = 1e-5,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+        rngs: nnx.Rngs,
+    ):
+        d, r, n, h = hidden_size, share_q_dim, num_heads, head_dim
+        self.num_heads, self.head_dim, self.rope_theta, self.dtype = n, h, rope_theta, dtype
+        self.q_proj = nnx.Param(init_weight(rngs.params(), (r, d), d, param_dtype))
+        self.k_proj = nnx.Param(init_weight(rngs.params(), (h, d), d, param_dtype))
+        self.v_proj = nnx.Param(init_weight(rngs.params(), (h, d), d, param_dtype))
+        self.inter_norm = RMSNorm(r, eps=eps, param_dtype=param_dtype)
+        self.wq = nnx.Param(init_weight(rngs.params(), (n, h, r), r, param_dtype))
+        self.o_proj = nnx.Param(init_weight(rngs.params(), (d, n, h), n * h, param_dtype))
+
+    def qkv(
+        self, x: Float[Array, "B T D"], positions: Int[Array, "B T"]
+    ) -> tuple[Float[Array, "B T N H"], Float[Array, "B T H"], Float[Array, "B T H"]]:
+        """Projections, inter_norm (BEFORE the up-projection) and RoPE on q and k."""
+        x = x.astype(self.dtype)
+        q_lo = self.inter_norm(project(x, self.q_proj[...], "BTD,RD->BTR"))
+        q = project(q_lo, self.wq[...], "BTR,NHR->BTNH")
+        k = project(x, self.k_proj[...], "BTD,HD->BTH")
+        v = project(x, self.v_proj[...], "BTD,HD->BTH")
+        q = apply_rope(q, positions, self.rope_theta)
+        k = apply_rope(k, positions, self.rope_theta)
+        return q, k, v
+
+    def output(self, o: Float[Array, "B T N H"]) -> Float[Array, "B T D"]:
+        return project(o, self.o_proj[...], "BTNH,DNH->BTD")
+
+    def __call__(
+        self, x: Float[Array, "B T D"], positions: Int[Array, "B T"] | None = None
+    ) -> Float[Array, "B T D"]:
+        """Cache-free causal self-attention over the T tokens of ``x`` (prefill/training).
+
+        For decoding against a KV cache use `step3_jax.Step3Model` (or `qkv`, a cache write
+        and `mfa_attention_xla` / `pallas_kernels.mfa_decode_attention`, then `output`).
+        """
+        b, t, _ = x.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        q, k, v = self.qkv(x, positions)
+        o = mfa_attention_xla(q, k, v, positions, kv_positions=positions)
+        return self.output(o)
+
+
+__all__ = ["MFAttention", "mfa_attention_xla"]

@@ -1,0 +1,42 @@
+"""SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``, no biases."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from step3_jax.layers.linear import init_weight, project
+
+
+def swiglu(x: Float[Array, "... D"], w_gate, w_up, w_down) -> Float[Array, "... D"]:
+    """``w_gate, w_up: [F, D]``, ``w_down: [D, F]`` ([out, in] layout)."""
+    gate = project(x, w_gate, "...D,FD->...F", out_dtype=jnp.float32)
+    up = project(x, w_up, "...D,FD->...F", out_dtype=jnp.float32)
+    hidden = (jax.nn.silu(gate) * up).astype(x.dtype)
+    return project(hidden, w_down, "...F,DF->...D")
+
+
+class SwiGLU(nnx.Module):
+    """Dense SwiGLU MLP (Step-3's dense layers and its shared expert)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+        rngs: nnx.Rngs,
+    ):
+        d, f = hidden_size, intermediate_size
+        self.dtype = dtype
+        self.gate_proj = nnx.Param(init_weight(rngs.params(), (f, d), d, param_dtype))
+        self.up_proj = nnx.Param(init_weight(rngs.params(), (f, d), d, param_dtype))
+        self.down_proj = nnx.Param(init_weight(rngs.params(), (d, f), f, param_dtype))
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        return swiglu(
+            x.astype(self.dtype), self.gate_proj[...], self.up_proj[...], self.down_proj[...]
+        )
