@@ -141,7 +141,9 @@ class DecoderLayer(nnx.Module):
 
 def _check_tokens(tokens, vocab_size: int) -> None:
     if not hasattr(tokens, "ndim") or tokens.ndim != 2:
-        raise ValueError(f"tokens must be an int array of shape [B, T], got {getattr(tokens, 'shape', type(tokens))}")
+        raise ValueError(
+            f"tokens must be an int array of shape [B, T], got {getattr(tokens, 'shape', type(tokens))}"
+        )
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must have an integer dtype (int32), got {tokens.dtype}")
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
@@ -149,7 +151,9 @@ def _check_tokens(tokens, vocab_size: int) -> None:
     if not isinstance(tokens, jax.core.Tracer):
         lo, hi = int(np.min(np.asarray(tokens))), int(np.max(np.asarray(tokens)))
         if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"tokens must lie in [0, vocab_size={vocab_size}), got values in [{lo}, {hi}]")
+            raise ValueError(
+                f"tokens must lie in [0, vocab_size={vocab_size}), got values in [{lo}, {hi}]"
+            )
 
 
 class Step3Model(nnx.Module):

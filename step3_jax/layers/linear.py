@@ -28,9 +28,9 @@ def project(x: Array, w, eqn: str, out_dtype=None) -> Array:
     if isinstance(w, ProjectableWeight):
         return w.project(x, eqn, out_dtype)
     w = jnp.asarray(w)
-    return jnp.einsum(
-        eqn, x, w.astype(x.dtype), preferred_element_type=jnp.float32
-    ).astype(out_dtype)
+    return jnp.einsum(eqn, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(
+        out_dtype
+    )
 
 
 def init_weight(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> Array:

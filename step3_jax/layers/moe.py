@@ -91,7 +91,9 @@ class MoE(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if implementation not in MOE_IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {MOE_IMPLEMENTATIONS}, got {implementation!r}")
+            raise ValueError(
+                f"implementation must be one of {MOE_IMPLEMENTATIONS}, got {implementation!r}"
+            )
         d, e, f = hidden_size, num_experts, expert_dim
         self.top_k, self.dtype = top_k, dtype
         self.implementation, self.kernel_implementation = implementation, kernel_implementation
