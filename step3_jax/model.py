@@ -142,7 +142,8 @@ class DecoderLayer(nnx.Module):
 def _check_tokens(tokens, vocab_size: int) -> None:
     if not hasattr(tokens, "ndim") or tokens.ndim != 2:
         raise ValueError(
-            f"tokens must be an int array of shape [B, T], got {getattr(tokens, 'shape', type(tokens))}"
+            "tokens must be an int array of shape [B, T], got "
+            f"{getattr(tokens, 'shape', type(tokens))}"
         )
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must have an integer dtype (int32), got {tokens.dtype}")
