@@ -1,0 +1,75 @@
+"""Tuning configuration for the grouped GEMM kernels, with tables for H100 and H200.
+
+A tile is ``block_m`` rows of ONE group (rows are taken from the group's own start, not from a
+``block_m``-aligned grid, so a small group never straddles two tiles and its expert weights are
+streamed once per tile) times ``block_n`` output columns. The K loop runs in 128-wide steps
+(one FP8 scale block; 64 for bf16 so each SMEM row is one 128-byte swizzle line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Row tile of one Hopper warpgroup wgmma (M = 64 per warpgroup instruction).
+_WGMMA_M = 64
+SCALE_BLOCK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """Tile shape and pipeline depth of the Mosaic GPU grouped GEMM.
+
+    Attributes:
+      block_m: rows per tile; a multiple of 64 (one warpgroup wgmma row block), at most 128
+        (register budget: the f32 accumulator is block_m * block_n / 128 registers per thread).
+      block_n: output columns per tile; 64 or 128 so that one tile lies inside one 128-wide
+        weight-scale block (the per-block scale is then a scalar per K step).
+      max_concurrent_steps: TMA pipeline depth (K steps in flight); 2..8.
+      swiglu_block_n: block_n of the fused gate/up kernel (two accumulators live at once, so
+        it is usually half of block_n).
+      num_sms: persistent-grid size; None means the device's SM count.
+    """
+
+    block_m: int = 64
+    block_n: int = 128
+    max_concurrent_steps: int = 4
+    swiglu_block_n: int = 64
+    num_sms: int | None = None
+
+    def __post_init__(self):
+        if self.block_m % _WGMMA_M or not _WGMMA_M <= self.block_m <= 128:
+            raise ValueError(f"{self.block_m=} must be 64 or 128 (a multiple of the wgmma M=64)")
+        for name in ("block_n", "swiglu_block_n"):
+            v = getattr(self, name)
+            if v not in (64, 128):
+                raise ValueError(f"{name}={v} must be 64 or 128 (inside one 128-wide scale block)")
+        if not 2 <= self.max_concurrent_steps <= 8:
+            raise ValueError(f"{self.max_concurrent_steps=} must be in [2, 8]")
+        if self.num_sms is not None and self.num_sms < 1:
+            raise ValueError(f"{self.num_sms=} must be a positive SM count or None")
+
+
+# Tuned tables: device kind substring -> list of (max routed rows M, config); the first entry
+# whose M bound is >= the call's M wins. Figures behind them: docs/log/grouped_gemm.md.
+TUNED: dict[str, list[tuple[int, TuningConfig]]] = {
+    "H100": [
+        (4096, TuningConfig(block_m=64, block_n=128, max_concurrent_steps=6)),
+        (1 << 62, TuningConfig(block_m=128, block_n=128, max_concurrent_steps=4)),
+    ],
+    "H200": [
+        (4096, TuningConfig(block_m=64, block_n=128, max_concurrent_steps=6)),
+        (1 << 62, TuningConfig(block_m=128, block_n=128, max_concurrent_steps=4)),
+    ],
+}
+
+DEFAULT = TuningConfig()
+
+
+def tuned_config(device_kind: str, m: int) -> TuningConfig:
+    """The checked-in config for a device kind (e.g. ``"NVIDIA H100 80GB HBM3"``) and M rows."""
+    for key, table in TUNED.items():
+        if key in device_kind:
+            for bound, cfg in table:
+                if m <= bound:
+                    return cfg
+    return DEFAULT
