@@ -65,8 +65,11 @@ def experts_grouped(
 ) -> Float[Array, "M D"]:
     """Sorted, grouped expert computation (see `pallas_kernels.grouped_gemm.moe_ffn`)."""
     from pallas_kernels.grouped_gemm import moe_ffn  # lazy: kernels import step3_jax.quant
+    from step3_jax.quant_model import split_fp8  # FP8 experts: (values, block scales)
 
-    return moe_ffn(x, ids, weights, w_gate, w_up, w_down, implementation=implementation)
+    (wg, sg), (wu, su), (wd, sd) = split_fp8(w_gate), split_fp8(w_up), split_fp8(w_down)
+    scales = {"w_gate_scale": sg, "w_up_scale": su, "w_down_scale": sd} if sg is not None else {}
+    return moe_ffn(x, ids, weights, wg, wu, wd, implementation=implementation, **scales)
 
 
 class MoE(nnx.Module):

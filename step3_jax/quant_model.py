@@ -1,0 +1,402 @@
+"""FP8 weights in the model: the `Fp8Weight` pytree, precision modes and `quantize_model`.
+
+An `Fp8Weight` replaces the value of an ``nnx.Param`` holding a linear weight. Layers never look
+inside it: they call `step3_jax.layers.linear.project(x, w, eqn)`, which hands the contraction to
+`Fp8Weight.project` (the `ProjectableWeight` protocol). The activation is quantized on the fly
+(per token, per 128-wide group of the contraction, `step3_jax.quant.quantize_activations`) and
+contracted with the FP8 weight in plain XLA. This module is the reference and the fallback for
+the Pallas kernels.
+
+Layout of an `Fp8Weight` (byte-exact; formats in `step3_jax.quant`):
+
+* ``values``: float8_e4m3fn, the weight's LOGICAL shape as the layer stores it, e.g. ``q_proj
+  [R, D]``, ``wq [N, H, R]``, ``o_proj [D, N, H]``, experts ``[E, F, D]``. The last
+  ``num_contract`` axes are contracted (K-major, as Hopper FP8 tensor cores need); the leading
+  ``scales.ndim - 2`` axes are batch axes (the expert axis); the axes between are output axes.
+  Row-major, one byte per value: the bytes are those of the 2-D view ``[*batch, N, K]`` with
+  ``N = prod(output axes)`` and ``K = prod(contracted axes)``, i.e. exactly the HF block-FP8
+  checkpoint's ``weight`` tensor (``wq.weight [16384, 2048]`` is ``values [64, 256, 2048]``).
+* ``scales``: float32. ``granularity="block"``: ``[*batch, ceil(N/128), ceil(K/128)]``, one
+  scale per 128x128 block of the 2-D view (the checkpoint's ``weight_scale_inv``, used as is);
+  ``granularity="channel"``: ``[*batch, N, 1]``. Dequantized = float32(values) * scale.
+
+Precision modes (`PRECISIONS`): ``"bf16"``; ``"fp8"``: FP8 weights and activations in every
+GEMM except the router (the MoE gate stays bf16, as in the released checkpoint); ``"fp8+kv8"``:
+also the FP8 KV cache (`Precision.cache_dtype`, pass it to ``generate(cache_dtype=...)`` or
+``KVCache.create``). Never quantized: norms, the embedding (a gather, not a GEMM), the router,
+and the lm_head by default (one matrix, ~0.3% of Step-3's weight bytes, and the logits are what
+sampling sees; ``quantize_lm_head=True`` changes that).
+
+Two XLA forms of the FP8 GEMM (static field ``gemm``), numerically the same contraction of the
+dequantized operands, accumulated in float32:
+
+* ``"dequant"`` (default): dequantize weight and activation to the compute dtype and run one
+  ordinary dot. With a bf16 compute dtype each dequantized operand carries one extra bf16
+  rounding (relative 2**-9). Fast when XLA fuses the convert+scale into the GEMM's operand read.
+* ``"fp8_blocks"``: FP8 x FP8 ``dot_general`` per 128-wide K block with float32 results, scaled
+  by ``x_scale[m, kb] * w_scale[n, kb]`` and summed over blocks: exact scale application, but it
+  materializes ``[KB, M, N]`` float32 partial sums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from jaxtyping import Array, Float
+
+from step3_jax import quant
+
+PRECISIONS = ("bf16", "fp8", "fp8+kv8")
+GRANULARITIES = ("block", "channel")
+GEMM_FORMS = ("dequant", "fp8_blocks")
+
+
+def _is_arraylike(a) -> bool:
+    # Pytree transformations rebuild the dataclass with non-array leaves (None, sentinels,
+    # PartitionSpecs); only validate real arrays, tracers and ShapeDtypeStructs.
+    return hasattr(a, "shape") and hasattr(a, "dtype")
+
+
+def _view_2d(shape: tuple[int, ...], num_batch: int, num_contract: int) -> tuple[int, int]:
+    """``(N, K)`` of the 2-D view ``[*batch, N, K]`` of a weight of logical ``shape``."""
+    return (
+        math.prod(shape[num_batch : len(shape) - num_contract]),
+        math.prod(shape[len(shape) - num_contract :]),
+    )
+
+
+def _expected_scales(shape, num_batch, num_contract, granularity, block=quant.BLOCK):
+    n, k = _view_2d(tuple(shape), num_batch, num_contract)
+    batch = tuple(shape[:num_batch])
+    if granularity == "channel":
+        return (*batch, n, 1)
+    return (*batch, -(-n // block), -(-k // block))
+
+
+@struct.dataclass
+class Fp8Weight:
+    """An FP8 linear weight: ``values`` (e4m3, logical shape) and float32 ``scales``.
+
+    Construct it directly from checkpoint tensors (no bf16 round trip)::
+
+        Fp8Weight(values, scales)                    # q_proj [R, D], scales [R/128, D/128]
+        Fp8Weight(values, scales, num_contract=2)    # o_proj [D, N, H], scales [D/128, NH/128]
+
+    or quantize a float weight with `Fp8Weight.quantize`. ``num_contract`` (trailing contracted
+    axes; default 1) and the batch-axis count ``scales.ndim - 2`` define the 2-D view the block
+    scales cover (see the module docstring). Raises ValueError on a wrong dtype or shape.
+    """
+
+    values: Array  # [*batch, *out, *contract] float8_e4m3fn
+    scales: Array  # block: [*batch, ceil(N/128), ceil(K/128)] f32; channel: [*batch, N, 1]
+    num_contract: int = struct.field(pytree_node=False, default=1)
+    granularity: str = struct.field(pytree_node=False, default="block")
+    gemm: str = struct.field(pytree_node=False, default="dequant")
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
+        if self.gemm not in GEMM_FORMS:
+            raise ValueError(f"gemm must be one of {GEMM_FORMS}, got {self.gemm!r}")
+        if not (_is_arraylike(self.values) and _is_arraylike(self.scales)):
+            return
+        vshape, sshape = tuple(self.values.shape), tuple(self.scales.shape)
+        if jnp.dtype(self.values.dtype) != jnp.dtype(quant.FP8_DTYPE):
+            raise ValueError(f"Fp8Weight.values must be float8_e4m3fn, got {self.values.dtype}")
+        if jnp.dtype(self.scales.dtype) != jnp.dtype(jnp.float32):
+            raise ValueError(f"Fp8Weight.scales must be float32, got {self.scales.dtype}")
+        num_batch = len(sshape) - 2
+        if num_batch < 0 or not 1 <= self.num_contract <= len(vshape) - num_batch - 1:
+            raise ValueError(
+                f"Fp8Weight: values {vshape} with scales {sshape} and num_contract="
+                f"{self.num_contract} leave no output axis (need scales.ndim - 2 batch axes "
+                "+ >= 1 output axis + num_contract contracted axes)"
+            )
+        want = _expected_scales(vshape, num_batch, self.num_contract, self.granularity)
+        if sshape != want:
+            raise ValueError(
+                f"Fp8Weight: {self.granularity} scales for values {vshape} (num_contract="
+                f"{self.num_contract}) must have shape {want}, got {sshape}"
+            )
+
+    # ------------------------------------------------------------------ array-like surface
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical weight shape (what the bf16 weight it replaces had)."""
+        return tuple(self.values.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.values.shape)
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def num_batch(self) -> int:
+        return self.scales.ndim - 2
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of values + scales (what a GEMM streams from memory)."""
+        return int(self.values.size * 1 + self.scales.size * 4)
+
+    def __getitem__(self, index):
+        # Layers read params as ``param[...]``; an Fp8Weight is consumed whole.
+        if index is Ellipsis:
+            return self
+        raise TypeError("Fp8Weight only supports w[...]; use .values / .dequantize() to index")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def quantize(
+        cls,
+        w: Float[Array, "..."],
+        *,
+        num_contract: int = 1,
+        num_batch: int = 0,
+        granularity: str = "block",
+        gemm: str = "dequant",
+    ) -> Fp8Weight:
+        """Quantizes a float weight of logical shape ``[*batch, *out, *contract]``."""
+        w = jnp.asarray(w)
+        if w.ndim < num_batch + num_contract + 1:
+            raise ValueError(
+                f"weight of shape {w.shape} has too few axes for num_batch={num_batch}, "
+                f"num_contract={num_contract}"
+            )
+        n, k = _view_2d(w.shape, num_batch, num_contract)
+        w2 = w.reshape(*w.shape[:num_batch], n, k)
+        if granularity == "block":
+            q, s = quant.quantize_weight_blocks(w2)
+        elif granularity == "channel":
+            q, s = quant.quantize_weight_channels(w2)
+        else:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        return cls(q.reshape(w.shape), s, num_contract, granularity, gemm)
+
+    def scales_nk(self) -> Float[Array, "... N KB"]:
+        """Per (output row, 128-wide K block) scale of the 2-D view: ``[*batch, N, KB]``."""
+        n, k = _view_2d(self.shape, self.num_batch, self.num_contract)
+        kb = -(-k // quant.BLOCK)
+        if self.granularity == "channel":
+            return jnp.broadcast_to(self.scales, (*self.scales.shape[:-1], kb))
+        return jnp.repeat(self.scales, quant.BLOCK, axis=-2)[..., :n, :]
+
+    def dequantize(self, dtype=jnp.float32) -> Array:
+        """The float weight in its logical shape: float32(values) * scale, cast to ``dtype``."""
+        n, k = _view_2d(self.shape, self.num_batch, self.num_contract)
+        s = jnp.repeat(self.scales_nk(), quant.BLOCK, axis=-1)[..., :k]
+        v2 = self.values.reshape(*self.shape[: self.num_batch], n, k)
+        return (v2.astype(jnp.float32) * s).reshape(self.shape).astype(dtype)
+
+    def project(self, x: Array, eqn: str, out_dtype) -> Array:
+        """``einsum(eqn, x, w)`` with x quantized per token per 128-group; f32 accumulation."""
+        spec = _parse_eqn(eqn, x.ndim, self)
+        if self.gemm == "fp8_blocks":
+            return _project_fp8_blocks(x, self, spec).astype(out_dtype)
+        xd = _fake_quant_contract(x, spec)
+        wd = self.dequantize(x.dtype)
+        return jnp.einsum(spec.explicit, xd, wd, preferred_element_type=jnp.float32).astype(
+            out_dtype
+        )
+
+
+# ---------------------------------------------------------------------- einsum plumbing
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    explicit: str  # the equation with "..." replaced by lowercase letters
+    x: str
+    w: str
+    out: str
+    contract: str  # letters in x and w but not out: the weight's trailing num_contract axes
+    x_rest: str  # x's other letters, in x order
+
+
+# Letters for "..." axes, then the two K sub-axes of the blocked form (K block, within block).
+_ELLIPSIS_LETTERS = "abcdefghijklmnopqrstuvwx"
+_KB, _KI = "y", "z"
+
+
+def _parse_eqn(eqn: str, x_ndim: int, w: Fp8Weight) -> _Spec:
+    """Checks ``eqn`` against the weight's layout: contracted letters are w's trailing axes."""
+    lhs, out = eqn.replace(" ", "").split("->")
+    xs, ws = lhs.split(",")
+    if "..." in ws:
+        raise ValueError(f"Fp8Weight.project: the weight side of {eqn!r} cannot use '...'")
+    if "..." in xs:
+        ell = _ELLIPSIS_LETTERS[: x_ndim - (len(xs) - 3)]
+        xs, out = xs.replace("...", ell), out.replace("...", ell)
+    contract = "".join(c for c in ws if c in xs and c not in out)
+    ok = (
+        len(xs) == x_ndim
+        and len(ws) == w.ndim
+        and len(contract) == w.num_contract
+        and ws.endswith(contract)
+        and all(c in out for c in ws if c not in contract)
+    )
+    if not ok:
+        raise ValueError(
+            f"Fp8Weight.project: equation {eqn!r} does not match a weight of shape {w.shape} "
+            f"whose last {w.num_contract} axes are contracted, with an activation of rank "
+            f"{x_ndim}"
+        )
+    x_rest = "".join(c for c in xs if c not in contract)
+    return _Spec(f"{xs},{ws}->{out}", xs, ws, out, contract, x_rest)
+
+
+def _transpose_to(a: Array, have: str, want: str) -> Array:
+    return jnp.transpose(a, [have.index(c) for c in want])
+
+
+def _quantize_x(x: Array, spec: _Spec):
+    """x -> ``(q [*rest, K] e4m3, scale [*rest, KB] f32, transposed shape)``: the
+    contracted axes moved last (in the weight's order) and flattened to K."""
+    xt = _transpose_to(x, spec.x, spec.x_rest + spec.contract)
+    lead = xt.shape[: len(spec.x_rest)]
+    q, s = quant.quantize_activations(xt.reshape(*lead, -1))
+    return q, s, xt.shape
+
+
+def _fake_quant_contract(x: Array, spec: _Spec) -> Array:
+    """x quantized per token per 128-group of its (flattened) contraction, dequantized."""
+    q, s, tshape = _quantize_x(x, spec)
+    xd = quant.dequantize_activations(q, s, dtype=x.dtype).reshape(tshape)
+    return _transpose_to(xd, spec.x_rest + spec.contract, spec.x)
+
+
+def _split_k(a: Array, k: int) -> Array:
+    """``[..., K] -> [..., KB, 128]``, zero-padded (padding adds exactly 0 to every sum)."""
+    kb = -(-k // quant.BLOCK)
+    pad = kb * quant.BLOCK - k
+    if pad:
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
+    return a.reshape(*a.shape[:-1], kb, quant.BLOCK)
+
+
+def _project_fp8_blocks(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
+    """FP8 x FP8 dot per 128-wide K block (f32 results), scaled, summed over blocks."""
+    q, xs, _ = _quantize_x(x, spec)
+    w_rest = spec.w[: len(spec.w) - w.num_contract]
+    rest_shape = w.shape[: len(w_rest)]
+    k = math.prod(w.shape[len(w_rest) :])
+    xq = _split_k(q, k)  # [*x_rest, KB, 128]
+    wq = _split_k(w.values.reshape(*rest_shape, k), k)  # [*w_rest, KB, 128]
+    kb, ki = _KB, _KI
+    partial = jnp.einsum(
+        f"{spec.x_rest}{kb}{ki},{w_rest}{kb}{ki}->{spec.out}{kb}",
+        xq,
+        wq,
+        preferred_element_type=jnp.float32,
+    )  # [*out, KB]: one f32 partial sum per 128-wide K block
+    ws = w.scales_nk().reshape(*rest_shape, -1)  # [*w_rest, KB]
+    return jnp.einsum(f"{spec.out}{kb},{spec.x_rest}{kb},{w_rest}{kb}->{spec.out}", partial, xs, ws)
+
+
+def split_fp8(w) -> tuple[Array, Array | None]:
+    """``(values, block scales)`` of an `Fp8Weight`, ``(w, None)`` for a plain array."""
+    if isinstance(w, Fp8Weight):
+        if w.granularity != "block":
+            raise ValueError("kernels take 128x128 block scales; got a per-channel Fp8Weight")
+        return w.values, w.scales
+    return w, None
+
+
+# ---------------------------------------------------------------------- precision modes
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """A precision mode: ``"bf16"``, ``"fp8"`` or ``"fp8+kv8"`` (see the module docstring)."""
+
+    name: str
+
+    def __post_init__(self):
+        if self.name not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.name!r}")
+
+    @property
+    def fp8_weights(self) -> bool:
+        return self.name != "bf16"
+
+    @property
+    def cache_dtype(self):
+        """KV-cache dtype of this mode (None: the model's compute dtype)."""
+        return quant.FP8_DTYPE if self.name == "fp8+kv8" else None
+
+
+# (module class name, attribute) -> (num_batch, num_contract) of its linear weights.
+_LINEARS = {
+    ("MFAttention", "q_proj"): (0, 1),
+    ("MFAttention", "k_proj"): (0, 1),
+    ("MFAttention", "v_proj"): (0, 1),
+    ("MFAttention", "wq"): (0, 1),
+    ("MFAttention", "o_proj"): (0, 2),
+    ("SwiGLU", "gate_proj"): (0, 1),
+    ("SwiGLU", "up_proj"): (0, 1),
+    ("SwiGLU", "down_proj"): (0, 1),
+    ("MoE", "gate_proj"): (1, 1),
+    ("MoE", "up_proj"): (1, 1),
+    ("MoE", "down_proj"): (1, 1),
+}
+
+
+def quantize_model(
+    model: nnx.Module,
+    precision: str | Precision = "fp8",
+    *,
+    granularity: str = "block",
+    gemm: str = "dequant",
+    quantize_lm_head: bool = False,
+) -> nnx.Module:
+    """Replaces (in place) every linear weight except the router with an `Fp8Weight`.
+
+    ``"bf16"`` leaves the model unchanged. Returns ``model``. Weights that already are
+    `Fp8Weight` (e.g. loaded from a block-FP8 checkpoint) are kept. For ``"fp8+kv8"`` create
+    the cache with ``Precision("fp8+kv8").cache_dtype``.
+    """
+    prec = precision if isinstance(precision, Precision) else Precision(precision)
+    if not prec.fp8_weights:
+        return model
+    count = 0
+    for _, node in nnx.iter_graph(model):
+        for (cls_name, attr), (nb, nc) in _LINEARS.items():
+            if type(node).__name__ != cls_name or not hasattr(node, attr):
+                continue
+            param = getattr(node, attr)
+            if not isinstance(param[...], Fp8Weight):
+                param.value = Fp8Weight.quantize(
+                    param[...], num_batch=nb, num_contract=nc, granularity=granularity, gemm=gemm
+                )
+            count += 1
+    if quantize_lm_head and hasattr(model, "lm_head"):
+        model.lm_head.value = Fp8Weight.quantize(
+            model.lm_head[...], granularity=granularity, gemm=gemm
+        )
+    if count == 0:
+        raise ValueError("quantize_model found no MFAttention/SwiGLU/MoE linear weights")
+    return model
+
+
+def weight_bytes(model: nnx.Module) -> int:
+    """Bytes of all parameters (FP8 values + scales for quantized weights)."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return int(sum(np.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in leaves))
+
+
+__all__ = [
+    "GEMM_FORMS",
+    "GRANULARITIES",
+    "PRECISIONS",
+    "Fp8Weight",
+    "Precision",
+    "quantize_model",
+    "split_fp8",
+    "weight_bytes",
+]
