@@ -93,6 +93,10 @@ def simulate(times: LayerTimes, micro_batches: int, steps: int = 3) -> PipelineR
     if micro_batches < 1 or steps < 2:
         raise ValueError(f"need micro_batches >= 1 and steps >= 2, got {micro_batches}, {steps}")
     stage_times = (times.attn_s, times.a2f_s, times.ffn_s, times.f2a_s)
+    # Per-step attention-side work (LM head and sampling of the previous token, embedding of
+    # the new one) is charged to each micro-batch's layer-0 attention: it needs the previous
+    # step's result but never blocks another micro-batch, so step t+1 overlaps step t.
+    head = times.step_overhead_s / micro_batches
     free = [0.0] * 4
     ready = [0.0] * micro_batches  # when each micro-batch's next attention input is available
     step_end, events = [], []
@@ -103,13 +107,10 @@ def simulate(times: LayerTimes, micro_batches: int, steps: int = 3) -> PipelineR
                 t = ready[mb]
                 for r, durations in enumerate(stage_times):
                     start = max(free[r], t)
-                    t = free[r] = start + durations[layer]
+                    t = free[r] = start + durations[layer] + (head if r == 0 and layer == 0 else 0)
                     if last_step:
                         events.append((_RESOURCES[r], mb, layer, start, t))
                 ready[mb] = t
-        # The attention side finishes the step (final norm, LM head, sampling, embedding).
-        ready = [r + times.step_overhead_s for r in ready]
-        free[0] = max(free[0], max(ready))
         step_end.append(max(ready))
     tpot = step_end[-1] - step_end[-2]
     busy = {
