@@ -1,0 +1,226 @@
+"""Benchmark MFA decode attention (64 heads, one 256-wide K/V head) against its baselines.
+
+For each B x context: us per call (kernel time from CUPTI via mosaic profiler.measure, median
+over rotated input sets larger than L2), effective GB/s over all bytes the kernel must read
+(KV + scales + q), and % of the device copy bandwidth measured in the same run. Side by side:
+our Pallas kernel (FP8 and bf16 cache), the XLA implementation (FP8 and bf16), the JAX Triton
+decode-attention example (bf16), torch SDPA (bf16, CUDA events) and cuDNN through
+jax.nn.dot_product_attention (bf16) when it runs.
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_mfa_decode.py --out /tmp/res [--quick]
+
+Last stdout line: one JSON object (also written to --out/mfa_decode_<device>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.mfa_decode import mfa_decode_attention
+from step3_jax.quant import quantize_kv
+
+N, H = 64, 256
+L2_BYTES = 50 * 2**20
+
+
+def _measure_us(fn, arg_sets, reps=5):
+    """Median kernel time (us) over reps x rotated arg sets; CUPTI when available."""
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+
+        meas = profiler.measure(fn)
+        for a in arg_sets[:2]:
+            jax.block_until_ready(meas(*a)[0])
+        times = []
+        for _ in range(reps):
+            for a in arg_sets:
+                out, t_ms = meas(*a)
+                if t_ms is not None:
+                    times.append(t_ms * 1e3)
+        if times:
+            return statistics.median(times), "cupti"
+    except Exception as e:  # noqa: BLE001 - fall back to wall clock
+        print("cupti measure failed:", type(e).__name__, str(e)[:200], file=sys.stderr)
+    jax.block_until_ready(fn(*arg_sets[0]))
+    n = reps * len(arg_sets)
+    t0 = time.perf_counter()
+    for i in range(n):
+        out = fn(*arg_sets[i % len(arg_sets)])
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / n * 1e6, "wall"
+
+
+def copy_bandwidth_gbs(nbytes=2 * 2**30):
+    """Device-to-device copy (read + write) of a large f32 array, GB/s."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1.0)
+    us, _ = _measure_us(f, [(x,)], reps=10)
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def make_inputs(seed, b, s, fp8):
+    key = jax.random.key(seed)
+    kq, kk, kv, kl = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (b, 1, N, H), jnp.bfloat16)
+    k = jax.random.normal(kk, (b, s, H), jnp.bfloat16)
+    v = jax.random.normal(kv, (b, s, H), jnp.bfloat16)
+    lengths = jnp.full((b,), s, jnp.int32)  # full contexts: every byte is read
+    if fp8:
+        (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+        return dict(q=q, k=k, v=v, lengths=lengths, k_scale=ks, v_scale=vs)
+    return dict(q=q, k=k, v=v, lengths=lengths)
+
+
+def bytes_read(b, s, fp8):
+    kv = 2 * b * s * H * (1 if fp8 else 2)
+    scales = 2 * b * s * 4 if fp8 else 0
+    return kv + scales + b * N * H * 2
+
+
+def _arg_sets(b, s, fp8, nbytes):
+    n = int(min(8, max(1, -(-3 * L2_BYTES // nbytes))))
+    return [make_inputs(i, b, s, fp8) for i in range(n)]
+
+
+def bench_ours(b, s, fp8, impl):
+    sets = _arg_sets(b, s, fp8, bytes_read(b, s, fp8))
+    fn = jax.jit(lambda d: mfa_decode_attention(**d, implementation=impl))
+    return _measure_us(fn, [(d,) for d in sets])
+
+
+def bench_triton_example(b, s):
+    from jax.experimental.pallas.ops.gpu import decode_attention as da
+
+    sets = _arg_sets(b, s, False, bytes_read(b, s, False))
+    fn = jax.jit(lambda d: da.mqa(d["q"][:, 0], d["k"], d["v"], kv_seq_len=d["lengths"]))
+    return _measure_us(fn, [(d,) for d in sets])
+
+
+def bench_cudnn(b, s):
+    sets = _arg_sets(b, s, False, bytes_read(b, s, False))
+
+    def f(d):
+        return jax.nn.dot_product_attention(
+            d["q"],
+            d["k"][:, :, None],
+            d["v"][:, :, None],
+            key_value_seq_lengths=d["lengths"],
+            implementation="cudnn",
+        )
+
+    return _measure_us(jax.jit(f), [(d,) for d in sets])
+
+
+def bench_torch_sdpa(b, s, reps=20):
+    import torch
+    import torch.nn.functional as F
+
+    nbytes = bytes_read(b, s, False)
+    n_sets = int(min(8, max(1, -(-3 * L2_BYTES // nbytes))))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mk = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    sets = [(mk(b, N, 1, H), mk(b, 1, s, H), mk(b, 1, s, H)) for _ in range(n_sets)]
+    call = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    for qkv in sets:
+        call(*qkv)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(reps * n_sets):
+        call(*sets[i % n_sets])
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * n_sets), "cuda_events"
+
+
+def _row(name, b, s, fp8, fn, copy_gbs):
+    try:
+        us, how = fn()
+    except Exception as e:  # noqa: BLE001 - a failing baseline is recorded, not fatal
+        return {"impl": name, "B": b, "ctx": s, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    gbs = bytes_read(b, s, fp8) / (us * 1e-6) / 1e9
+    row = {"impl": name, "B": b, "ctx": s, "us": round(us, 2), "GBps": round(gbs, 1)}
+    row.update(pct_copy=round(100 * gbs / copy_gbs, 1), timer=how)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def sweep(batches, contexts, impls, copy_gbs):
+    rows = []
+    for s in contexts:
+        for b in batches:
+            if bytes_read(b, s, False) > 12 * 2**30:
+                continue
+            plan = _plan(b, s)
+            for name in impls:
+                fp8, fn = plan[name]
+                rows.append(_row(name, b, s, fp8, fn, copy_gbs))
+    return rows
+
+
+def _plan(b, s):
+    return {
+        "pallas_fp8": (True, lambda: bench_ours(b, s, True, "pallas")),
+        "pallas_bf16": (False, lambda: bench_ours(b, s, False, "pallas")),
+        "xla_fp8": (True, lambda: bench_ours(b, s, True, "xla")),
+        "xla_bf16": (False, lambda: bench_ours(b, s, False, "xla")),
+        "jax_triton_example_bf16": (False, lambda: bench_triton_example(b, s)),
+        "torch_sdpa_bf16": (False, lambda: bench_torch_sdpa(b, s)),
+        "cudnn_bf16": (False, lambda: bench_cudnn(b, s)),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--batches", default="1,8,32,64,128,256")
+    ap.add_argument("--contexts", default="1024,4096,8192,32768")
+    ap.add_argument(
+        "--impls",
+        default="pallas_fp8,pallas_bf16,xla_fp8,xla_bf16,"
+        "jax_triton_example_bf16,torch_sdpa_bf16,cudnn_bf16",
+    )
+    args = ap.parse_args()
+    dev = jax.devices()[0]
+    copy_gbs = copy_bandwidth_gbs()
+    print(json.dumps({"copy_GBps": round(copy_gbs, 1), "device": dev.device_kind}), flush=True)
+    rows = sweep(
+        [int(x) for x in args.batches.split(",")],
+        [int(x) for x in args.contexts.split(",")],
+        args.impls.split(","),
+        copy_gbs,
+    )
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+    except Exception:  # noqa: BLE001 - the GPU copy of the tree may have no .git
+        commit = os.environ.get("GIT_COMMIT", "unknown")
+    result = {
+        "bench": "mfa_decode",
+        "device": dev.device_kind,
+        "jax": jax.__version__,
+        "commit": commit,
+        "date": datetime.date.today().isoformat(),
+        "copy_GBps": round(copy_gbs, 1),
+        "rows": rows,
+    }
+    tag = dev.device_kind.replace(" ", "_")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"mfa_decode_{tag}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"} | {"n_rows": len(rows)}))
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

@@ -1,0 +1,235 @@
+"""Public API: ``mfa_decode_attention`` (MFA decode attention against a bf16 or FP8 KV cache).
+
+Layouts (Step-3 names: B batch, T new tokens, N=64 heads, H=256 head dim, S cache capacity):
+
+* q: [B, T, N, H] bf16 (T in 1..8), or [B, N, H] meaning T=1.
+* contiguous cache: k, v [B, S, H]; paged cache: k, v [P_total, page_size, H] with
+  ``block_table`` [B, max_pages] int32 (page ids; entries past a sequence's last page unused).
+* FP8 cache: k, v float8_e4m3fn with float32 per-token scales k_scale, v_scale [B, S]
+  (paged: [P_total, page_size]); dequantized value = float32(k_fp8) * k_scale.
+* lengths [B] int32: valid cache tokens per sequence INCLUDING the T new ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels.mfa_decode import config as cfg_lib
+from pallas_kernels.mfa_decode.xla import mfa_decode_xla
+from step3_jax.quant import quantize_kv
+
+FP8 = jnp.dtype(jnp.float8_e4m3fn)
+_IMPLEMENTATIONS = ("pallas", "xla", None)
+MAX_T = 8
+
+
+def _validate(q, k, v, lengths, k_scale, v_scale, block_table):
+    if q.ndim != 4 or not 1 <= q.shape[1] <= MAX_T:
+        raise ValueError(
+            f"q must be [B, T, N, H] with T in 1..{MAX_T} (or [B, N, H]), got {q.shape}"
+        )
+    b, _, _, h = q.shape
+    if q.dtype != jnp.bfloat16:
+        raise ValueError(f"q must be bfloat16, got {q.dtype}")
+    if k.shape != v.shape or k.ndim != 3 or k.shape[-1] != h:
+        raise ValueError(f"k and v must both be [*, *, H={h}], got {k.shape} and {v.shape}")
+    if k.dtype != v.dtype or k.dtype not in (jnp.dtype(jnp.bfloat16), FP8):
+        raise ValueError(f"k, v must both be bfloat16 or float8_e4m3fn, got {k.dtype}, {v.dtype}")
+    if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be int [B={b}], got {lengths.dtype} {lengths.shape}")
+    if block_table is None and k.shape[0] != b:
+        raise ValueError(f"contiguous k must be [B={b}, S, H], got {k.shape}")
+    if block_table is not None and (block_table.ndim != 2 or block_table.shape[0] != b):
+        raise ValueError(f"block_table must be int32 [B={b}, max_pages], got {block_table.shape}")
+    if (k.dtype == FP8) != (k_scale is not None) or (k_scale is None) != (v_scale is None):
+        raise ValueError("k_scale and v_scale are required for an FP8 cache and only then")
+    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if sc is not None and (sc.shape != k.shape[:2] or sc.dtype != jnp.float32):
+            raise ValueError(f"{name} must be float32 {k.shape[:2]}, got {sc.dtype} {sc.shape}")
+
+
+def _on_hopper() -> bool:
+    dev = jax.devices()[0]
+    return (
+        dev.platform == "gpu"
+        and "H100" in dev.device_kind.upper()
+        or (dev.platform == "gpu" and "H200" in dev.device_kind.upper())
+    )
+
+
+def _pick_implementation(implementation):
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}"
+        )
+    if implementation is not None:
+        return implementation
+    if _on_hopper():
+        return "pallas"
+    warnings.warn("mfa_decode_attention: no Hopper GPU, using the XLA implementation", stacklevel=3)
+    return "xla"
+
+
+def mfa_decode_attention(
+    q: Float[Array, "B T N H"] | Float[Array, "B N H"],
+    k: Array,
+    v: Array,
+    lengths: Int[Array, " B"],
+    *,
+    k_scale: Float[Array, "..."] | None = None,
+    v_scale: Float[Array, "..."] | None = None,
+    block_table: Int[Array, "B P"] | None = None,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    implementation: str | None = None,
+    config: cfg_lib.TuningConfig | None = None,
+):
+    """MFA decode attention; returns out bf16 like q (and lse float32 [B, T, N], natural log).
+
+    Query t of sequence b sits at ``lengths[b] - T + t`` and sees slots ``s <=`` that position;
+    slots at or beyond ``lengths[b]`` never influence the result (they may hold NaN). A query
+    with no visible key returns zeros and lse = -inf.
+    """
+    squeeze = q.ndim == 3
+    q4 = q[:, None] if squeeze else q
+    _validate(q4, k, v, lengths, k_scale, v_scale, block_table)
+    impl = _pick_implementation(implementation)
+    scale = float(q4.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+    if impl == "xla":
+        out, lse = _xla_jit(q4, k, v, lengths, k_scale, v_scale, block_table, scale)
+    else:
+        out, lse = _pallas(q4, k, v, lengths, k_scale, v_scale, block_table, scale, config)
+    if squeeze:
+        out, lse = out[:, 0], lse[:, 0]
+    return (out, lse) if return_lse else out
+
+
+@functools.partial(jax.jit, static_argnums=(7,))
+def _xla_jit(q, k, v, lengths, k_scale, v_scale, block_table, sm_scale):
+    return mfa_decode_xla(
+        q,
+        k,
+        v,
+        lengths,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        block_table=block_table,
+        sm_scale=sm_scale,
+    )
+
+
+def _resolve_config(config, kv_dtype, num_ctas: int, max_len: int, page_size, num_sms=None):
+    """Config for this call: tuned table (fitted to smem) or the caller's (validated)."""
+    out_f32 = jnp.float32
+    if config is None:
+        config = cfg_lib.get_config(jax.devices()[0].device_kind, kv_dtype)
+        if page_size is not None and page_size < config.block_s:
+            config = cfg_lib.TuningConfig(64, config.num_stages, config.num_splits)
+        # Partials of a split-K run are f32: shrink the ring until it fits.
+        while config.smem_bytes(kv_dtype, out_f32) > cfg_lib.SMEM_LIMIT_BYTES:
+            config = cfg_lib.TuningConfig(config.block_s, config.num_stages - 1, config.num_splits)
+    splits = config.num_splits
+    if splits is None:
+        sms = num_sms or getattr(jax.devices()[0], "core_count", 132) or 132
+        splits = cfg_lib.choose_num_splits(num_ctas, max_len, config.block_s, sms)
+    out_dtype = jnp.float32 if splits > 1 else jnp.bfloat16
+    config.validate_smem(kv_dtype, out_dtype)
+    if page_size is not None and page_size % config.block_s:
+        raise ValueError(f"page_size={page_size} must be a multiple of block_s={config.block_s}")
+    return config, splits, out_dtype
+
+
+def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None):
+    """Static KernelShape for these (possibly abstract) inputs; validates the config."""
+    from pallas_kernels.mfa_decode import mosaic_gpu  # GPU-only imports stay off the xla path
+
+    b, t, n, h = q.shape
+    if (n, h) != (mosaic_gpu.NUM_HEADS, mosaic_gpu.HEAD_DIM):
+        raise ValueError(f"the pallas kernel needs N=64 heads of H=256, got q {q.shape}")
+    paged = block_table is not None
+    page_size = k.shape[1] if paged else None
+    max_len = block_table.shape[1] * page_size if paged else k.shape[1]
+    config, splits, out_dtype = _resolve_config(config, k.dtype, b * t, max_len, page_size, num_sms)
+    if not paged and max_len % config.block_s:
+        raise ValueError(f"cache length S={max_len} must be a multiple of block_s={config.block_s}")
+    return mosaic_gpu.KernelShape(
+        batch=b,
+        t=t,
+        max_len=max_len,
+        block_s=config.block_s,
+        num_stages=config.num_stages,
+        num_splits=splits,
+        fp8=k.dtype == FP8,
+        paged=paged,
+        page_size=page_size or 0,
+        sm_scale=sm_scale,
+        out_dtype=jnp.dtype(out_dtype),
+    )
+
+
+def _pallas(q, k, v, lengths, k_scale, v_scale, block_table, sm_scale, config):
+    ks = _kernel_shape(q, k, lengths, block_table, sm_scale, config)
+    return _pallas_jit(ks, q, k, v, lengths.astype(jnp.int32), k_scale, v_scale, block_table)
+
+
+def lower_pallas_for_gpu(
+    q,
+    k,
+    v,
+    lengths,
+    *,
+    k_scale=None,
+    v_scale=None,
+    block_table=None,
+    sm_scale=None,
+    config=None,
+    num_sms: int = 132,
+):
+    """Lower the Pallas path for CUDA on any host (CI check of the Mosaic GPU lowering).
+
+    Arguments may be ``jax.ShapeDtypeStruct``s. Returns the ``jax.stages.Lowered``.
+    """
+    q4 = jax.ShapeDtypeStruct((q.shape[0], 1, *q.shape[1:]), q.dtype) if len(q.shape) == 3 else q
+    scale = float(q4.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+    ks = _kernel_shape(q4, k, lengths, block_table, scale, config, num_sms)
+    traced = _pallas_jit.trace(ks, q4, k, v, lengths, k_scale, v_scale, block_table)
+    return traced.lower(lowering_platforms=("cuda",))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _pallas_jit(ks, q, k, v, lengths, k_scale, v_scale, block_table):
+    from pallas_kernels.mfa_decode import mosaic_gpu
+
+    q_scale = None
+    if ks.fp8:
+        # Per (b, t, head) row FP8 q: the row scale is folded into the score multiply.
+        q, q_scale = quantize_kv(q)
+    table = None if block_table is None else block_table.astype(jnp.int32)
+    out, lse = mosaic_gpu.mfa_decode_mosaic(ks, lengths, table, q, q_scale, k, v, k_scale, v_scale)
+    return combine_splits(out, lse)
+
+
+def combine_splits(
+    out: Float[Array, "J B T N H"], lse: Float[Array, "J B T N"]
+) -> tuple[Float[Array, "B T N H"], Float[Array, "B T N"]]:
+    """Merge split-K partials (each normalised over its own keys) by their log-sum-exps.
+
+    out = sum_j exp(lse_j - lse) * out_j with lse = logsumexp_j lse_j; splits that saw no key
+    have lse_j = -inf and weight 0; if no split saw a key the result is 0 and -inf.
+    """
+    if out.shape[0] == 1:
+        return out[0].astype(jnp.bfloat16), lse[0]
+    m = jnp.max(lse, axis=0)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse - m_safe)  # [J, B, T, N]; exp(-inf) = 0 for empty splits
+    tot = jnp.sum(w, axis=0)
+    pos = tot > 0
+    o = jnp.einsum("JBTN,JBTNH->BTNH", w, out.astype(jnp.float32))
+    o = o * jnp.where(pos, 1.0 / jnp.where(pos, tot, 1.0), 0.0)[..., None]
+    lse_all = jnp.where(pos, jnp.log(jnp.where(pos, tot, 1.0)) + m_safe, -jnp.inf)
+    return o.astype(jnp.bfloat16), lse_all

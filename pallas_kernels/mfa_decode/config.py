@@ -1,0 +1,112 @@
+"""Tuning configuration for the Mosaic GPU MFA decode-attention kernel, with tuned tables.
+
+One CTA handles one (query token t, sequence b, split j). It has three warpgroups: a memory
+warpgroup that streams K/V tiles of ``block_s`` tokens into a ring of ``num_stages`` shared-memory
+slots with TMA, and two compute warpgroups that both compute the full [64 heads x block_s] score
+tile (cheap: FP8/bf16 wgmma) but each own one half (128 columns) of the head dim for P.V. That
+split keeps each accumulator at 64 x 128 f32 (64 registers per thread) and needs no cross-
+warpgroup combine at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+# Hopper has 227 KiB of shared memory per block (opt-in maximum).
+SMEM_LIMIT_BYTES = 227 * 1024
+# Alignment padding between allocations and the barriers (measured: ~2.6 KiB on jax 0.10.2).
+SMEM_SLACK_BYTES = 4 * 1024
+# Minimum number of KV tokens a split should own: below this the fixed per-CTA cost (q load,
+# epilogue, the XLA combine of f32 partials) dominates.
+MIN_TOKENS_PER_SPLIT = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """Static kernel parameters (hashable: used as a jit static argument)."""
+
+    # KV tokens per pipeline step: N of the QK wgmma and K of the P.V wgmma. The WGMMA register
+    # layout needs a multiple of 64 rows for the V tile, so 64 or 128.
+    block_s: int = 64
+    # Depth of the TMA ring (K, V and their scales per slot). >= 2 to overlap copy and math.
+    num_stages: int = 4
+    # Split-K over the sequence: None picks enough splits to fill the GPU (see choose_num_splits).
+    num_splits: int | None = None
+
+    def __post_init__(self):
+        if self.block_s not in (64, 128):
+            raise ValueError(f"block_s={self.block_s} must be 64 or 128")
+        if not 2 <= self.num_stages <= 8:
+            raise ValueError(f"num_stages={self.num_stages} must be in [2, 8]")
+        if self.num_splits is not None and not 1 <= self.num_splits <= 1024:
+            raise ValueError(f"num_splits={self.num_splits} must be None or in [1, 1024]")
+
+    def smem_bytes(self, kv_dtype, out_dtype, num_heads: int = 64, head_dim: int = 256) -> int:
+        """Shared memory the kernel allocates for this config (barriers ignored: < 1 KiB)."""
+        kv_b = jnp.dtype(kv_dtype).itemsize
+        fp8 = kv_b == 1
+        q = num_heads * head_dim * kv_b  # q is FP8 when the cache is (FP8 wgmma), else bf16
+        ring = self.num_stages * 2 * self.block_s * head_dim * kv_b
+        scales = self.num_stages * 2 * self.block_s * 4 if fp8 else 0
+        v16 = self.block_s * head_dim * 2 if fp8 else 0  # two halves of converted V, f16
+        out = 2 * num_heads * 64 * jnp.dtype(out_dtype).itemsize  # one 64-column tile per wg
+        return q + ring + scales + v16 + out + num_heads * 4 * 2 + SMEM_SLACK_BYTES
+
+    def validate_smem(self, kv_dtype, out_dtype) -> None:
+        need = self.smem_bytes(kv_dtype, out_dtype)
+        if need > SMEM_LIMIT_BYTES:
+            raise ValueError(
+                f"{self} needs {need} bytes of shared memory for kv dtype "
+                f"{jnp.dtype(kv_dtype).name}, more than the {SMEM_LIMIT_BYTES} available: "
+                "lower num_stages or block_s"
+            )
+
+
+# Tuned on the project's GPU machines (see docs/log/mfa_decode.md for the sweep and commands).
+# Keys: device family, then KV dtype name.
+TUNED: dict[str, dict[str, TuningConfig]] = {
+    "H100": {
+        "float8_e4m3fn": TuningConfig(block_s=64, num_stages=4),
+        "bfloat16": TuningConfig(block_s=64, num_stages=2),
+    },
+    "H200": {
+        "float8_e4m3fn": TuningConfig(block_s=64, num_stages=4),
+        "bfloat16": TuningConfig(block_s=64, num_stages=2),
+    },
+}
+DEFAULT = {
+    "float8_e4m3fn": TuningConfig(block_s=64, num_stages=4),
+    "bfloat16": TuningConfig(block_s=64, num_stages=2),
+}
+
+
+def device_family(device_kind: str) -> str | None:
+    """'NVIDIA H100 80GB HBM3' -> 'H100'; None for anything not in the tables."""
+    kind = device_kind.upper()
+    for fam in TUNED:
+        if fam in kind:
+            return fam
+    return None
+
+
+def get_config(device_kind: str, kv_dtype) -> TuningConfig:
+    """The tuned config for a device kind string and a KV dtype (defaults if unknown)."""
+    name = jnp.dtype(kv_dtype).name
+    fam = device_family(device_kind)
+    table = TUNED.get(fam, DEFAULT) if fam else DEFAULT
+    return table.get(name, DEFAULT.get(name, TuningConfig()))
+
+
+def choose_num_splits(num_ctas: int, max_len: int, block_s: int, num_sms: int) -> int:
+    """Split-K factor: enough CTAs to fill ``num_sms`` without splits under MIN_TOKENS_PER_SPLIT.
+
+    ``num_ctas`` is B * T (CTAs before splitting). One wave of B*T CTAs that already covers
+    most SMs gets no split (a second partial wave and the f32 combine would cost more).
+    """
+    if num_ctas >= num_sms * 3 // 4:
+        return 1
+    by_fill = -(-num_sms // num_ctas)
+    by_len = max(1, max_len // max(MIN_TOKENS_PER_SPLIT, block_s))
+    return max(1, min(by_fill, by_len))

@@ -1,0 +1,336 @@
+"""Mosaic GPU (Hopper) Pallas kernel for MFA decode attention: 64 heads, one shared K/V head.
+
+Grid: (T, num_splits, B); one CTA per (query token t, split j, sequence b). Warpgroups:
+
+* wg 2, memory: TMA-copies q (and its FP8 row scales) once, then K/V tiles of ``block_s``
+  tokens (and their per-token scales) into a ring of ``num_stages`` slots.
+* wg 0 and 1, compute: each computes the full score tile S = q K^T [64, block_s] (the wgmma is
+  cheap next to the memory stream) and the online softmax, then P.V for ITS half of the head
+  dim (128 columns), so each accumulator is 64 x 128 f32 and nothing is combined across
+  warpgroups at the end.
+
+FP8 cache (per-token scales, ``step3_jax.quant.quantize_kv`` format):
+* QK runs as an FP8 wgmma: q is quantized per (b, t, head) row outside the kernel; K is already
+  FP8 and K-major ([block_s, H], H fastest), as 8-bit wgmma requires. The q row scale, k_scale
+  column scale, sm_scale and log2(e) are folded into one multiply of the f32 scores.
+* P.V cannot be an FP8 wgmma: V [block_s, H] is not K-major over s. V is converted e4m3 -> f16
+  in registers (one cvt per two values) into a per-warpgroup f16 tile; P is fed as f16. v_scale
+  is folded into P's columns; to keep P * v_scale inside f16's range each row is renormalised
+  by c = max_s(P * v_scale) (so P' <= 1) and the accumulator carries c between blocks:
+  acc_rep = acc_true / c, rescaled by alpha * c_old / c_new each block, like the softmax max.
+Masking: scores of slots >= the query's visible end are set to -inf, and V rows there are zeroed
+(in the f16 conversion for FP8, in shared memory on the last partial block for bf16), because
+0 * NaN = NaN inside a matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+NUM_HEADS = 64  # wgmma M: one warpgroup tile of 64 query heads
+HEAD_DIM = 256
+EPI_COLS = 64  # output columns per epilogue store
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelShape:
+    """Static shapes and options of one kernel instance."""
+
+    batch: int
+    t: int
+    max_len: int  # cache capacity per sequence (S, or max_pages * page_size)
+    block_s: int
+    num_stages: int
+    num_splits: int
+    fp8: bool
+    paged: bool
+    page_size: int
+    sm_scale: float
+    out_dtype: jnp.dtype
+
+
+def _transforms(dtype) -> tuple:
+    """128-byte swizzle with the matching tile: what TMA and wgmma both want."""
+    elems = 128 // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(128))
+
+
+def _row(x, shape):
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _col(x, shape):
+    return lax.broadcast_in_dim(x, shape, [1])
+
+
+def _block_range(ks: KernelShape, length, t, split):
+    """(visible end, first block, number of blocks) for this CTA's split."""
+    kv_end = jnp.clip(length - ks.t + 1 + t, 0, ks.max_len)
+    n_blocks = lax.div(kv_end + (ks.block_s - 1), ks.block_s)
+    per_split = lax.div(n_blocks + (ks.num_splits - 1), ks.num_splits)
+    first = split * per_split
+    my_n = jnp.clip(n_blocks - first, 0, per_split)
+    return kv_end, first, my_n
+
+
+def _kv_index(ks: KernelShape, table_ref, b, blk):
+    """Index (leading dims + token slice) of block ``blk`` of sequence b in the K/V cache."""
+    tok = blk * ks.block_s
+    if not ks.paged:
+        return b, pl.ds(tok, ks.block_s)
+    page = table_ref[b, lax.div(tok, ks.page_size)]
+    return page, pl.ds(lax.rem(tok, ks.page_size), ks.block_s)
+
+
+def _memory_wg(ks, refs, smem, bars, b, t, first, my_n):
+    """Issue the q copy and the K/V ring; waits on `consumed` before refilling a slot."""
+    plgpu.set_max_registers(40, action="decrease")
+    plgpu.copy_gmem_to_smem(refs["q"].at[b, t], smem["q"], bars["q"].at[0])
+    if ks.fp8:
+        plgpu.copy_gmem_to_smem(refs["qs"].at[b, t], smem["qs"], bars["q"].at[1])
+
+    def issue(i, slot):
+        idx = _kv_index(ks, refs.get("table"), b, first + i)
+        plgpu.copy_gmem_to_smem(refs["k"].at[idx], smem["k"].at[slot], bars["k"].at[slot])
+        plgpu.copy_gmem_to_smem(refs["v"].at[idx], smem["v"].at[slot], bars["v"].at[slot])
+        if ks.fp8:
+            plgpu.copy_gmem_to_smem(refs["ks"].at[idx], smem["ks"].at[slot], bars["ks"].at[slot])
+            plgpu.copy_gmem_to_smem(refs["vs"].at[idx], smem["vs"].at[slot], bars["vs"].at[slot])
+
+    for i in range(ks.num_stages):
+        pl.when(i < my_n)(functools.partial(issue, i, i))
+
+    @pl.loop(ks.num_stages, my_n)
+    def _refill(i):
+        slot = lax.rem(i, ks.num_stages)
+        plgpu.barrier_wait(bars["consumed"].at[slot])
+        issue(i, slot)
+
+
+def _scores(ks, smem, bars, slot, q_row_scale):
+    """f32 scores [64, block_s] in log2 units (sm_scale * log2e and all FP8 scales folded in)."""
+    plgpu.barrier_wait(bars["k"].at[slot])
+
+    def qk(acc_ref):
+        plgpu.wgmma(acc_ref, smem["q"], plgpu.transpose_ref(smem["k"].at[slot], (1, 0)))
+        return acc_ref[...]
+
+    s = pl.run_scoped(qk, plgpu.ACC((NUM_HEADS, ks.block_s), jnp.float32))
+    shape = (NUM_HEADS, ks.block_s)
+    if not ks.fp8:
+        return s * (ks.sm_scale * LOG2E)
+    plgpu.barrier_wait(bars["ks"].at[slot])
+    k_col = plgpu.load(smem["ks"].at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+    return s * _row(q_row_scale, shape) * _col(k_col, shape)
+
+
+def _v_operand_fp8(ks, smem, bars, slot, w, valid_rows):
+    """Convert this warpgroup's half of the FP8 V tile to f16 (invalid rows zeroed)."""
+    half = HEAD_DIM // 2
+    plgpu.barrier_wait(bars["v"].at[slot])
+    v8 = plgpu.load(smem["v"].at[slot, :, pl.ds(w * half, half)], (), layout=plgpu.Layout.WGMMA)
+    v16 = jnp.where(valid_rows, v8.astype(jnp.float16), jnp.float16(0))
+    smem["v16"].at[w][...] = v16
+    plgpu.commit_smem()  # fence + warpgroup barrier: the wgmma reads what all 4 warps wrote
+    return smem["v16"].at[w]
+
+
+def _v_operand_bf16(ks, smem, bars, slot, w, valid_rows, partial_block):
+    """This warpgroup's half of the bf16 V tile; rows past the end zeroed in place if needed."""
+    half = HEAD_DIM // 2
+    plgpu.barrier_wait(bars["v"].at[slot])
+    v_ref = smem["v"].at[slot, :, pl.ds(w * half, half)]
+
+    @pl.when(partial_block)
+    def _zero_tail():
+        v = plgpu.load(v_ref, (), layout=plgpu.Layout.WGMMA)
+        v_ref[...] = jnp.where(valid_rows, v, jnp.zeros((), v.dtype))
+        plgpu.commit_smem()
+
+    return v_ref
+
+
+def _softmax_step(ks, s, carry, valid, v_col):
+    """Online-softmax update. Returns (P operand, acc rescale factor per row, new carry)."""
+    m, lsum, c = carry
+    shape = s.shape
+    s = jnp.where(valid, s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    # Every block this CTA visits holds >= 1 visible key for all its rows, so m_new is finite.
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - _row(m_new, shape))
+    l_new = lsum * alpha + p.sum(axis=1)
+    if not ks.fp8:
+        return p.astype(jnp.bfloat16), alpha, (m_new, l_new, c)
+    pv = jnp.where(valid, p * _col(v_col, shape), 0.0)
+    c_blk = pv.max(axis=1)
+    c_new = jnp.where(c_blk > 0, c_blk, c)
+    p16 = (pv * _row(1.0 / c_new, shape)).astype(jnp.float16)
+    return p16, alpha * (c / c_new), (m_new, l_new, c_new)
+
+
+def _compute_wg(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
+    """Warpgroup w: scores + softmax for all 64 heads, P.V for head-dim columns of half w."""
+    plgpu.set_max_registers(232, action="increase")
+    half = HEAD_DIM // 2
+    plgpu.barrier_wait(bars["q"].at[0])
+    q_row_scale = None
+    if ks.fp8:
+        plgpu.barrier_wait(bars["q"].at[1])
+        q_row_scale = plgpu.load(smem["qs"], (), layout=plgpu.Layout.WGMMA.reduce(1))
+        q_row_scale = q_row_scale * (ks.sm_scale * LOG2E)
+    vec = lambda x: plgpu.layout_cast(
+        jnp.full((NUM_HEADS,), x, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+    )
+    acc = plgpu.layout_cast(jnp.zeros((NUM_HEADS, half), jnp.float32), plgpu.Layout.WGMMA)
+    wg_iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA)
+
+    def step(i, carry):
+        acc, soft = carry
+        slot = lax.rem(i, ks.num_stages)
+        tok0 = (first + i) * ks.block_s
+        s = _scores(ks, smem, bars, slot, q_row_scale)
+        valid = wg_iota((NUM_HEADS, ks.block_s), 1) + tok0 < kv_end
+        v_col = None
+        if ks.fp8:
+            plgpu.barrier_wait(bars["vs"].at[slot])
+            v_col = plgpu.load(smem["vs"].at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+        p16, rescale, soft = _softmax_step(ks, s, soft, valid, v_col)
+        valid_rows = wg_iota((ks.block_s, half), 0) + tok0 < kv_end
+        if ks.fp8:
+            v_ref = _v_operand_fp8(ks, smem, bars, slot, w, valid_rows)
+        else:
+            partial_block = tok0 + ks.block_s > kv_end
+            v_ref = _v_operand_bf16(ks, smem, bars, slot, w, valid_rows, partial_block)
+        acc = acc * _row(rescale, acc.shape)
+
+        def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_ref)
+
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))  # reading the ACC waits for the wgmma
+        plgpu.barrier_arrive(bars["consumed"].at[slot])
+        return acc, soft
+
+    init = (acc, (vec(-jnp.inf), vec(0.0), vec(1.0)))
+    acc, (m, lsum, c) = lax.fori_loop(0, my_n, step, init)
+    _epilogue(ks, refs, smem, w, b, t, split, acc, m, lsum, c)
+
+
+def _epilogue(ks, refs, smem, w, b, t, split, acc, m, lsum, c):
+    """Normalise, write this half of out (and lse from wg 0); empty rows give 0 and -inf.
+
+    The half is written in EPI_COLS-wide chunks through one reused smem tile, which keeps the
+    f32 split-K partial output small enough to leave the TMA ring its depth.
+    """
+    half = HEAD_DIM // 2
+    pos = lsum > 0
+    inv = jnp.where(pos, c / jnp.where(pos, lsum, 1.0), 0.0)
+    out = acc * _row(inv, acc.shape)
+    if w == 0:
+        lse = m * LN2 + jnp.log(jnp.where(pos, lsum, 1.0))
+        smem["lse"][...] = jnp.where(pos, lse, -jnp.inf)
+    o_smem = smem["o"].at[w]
+    for j in range(half // EPI_COLS):
+        if j:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk left smem
+        o_smem[...] = out[:, j * EPI_COLS : (j + 1) * EPI_COLS].astype(ks.out_dtype)
+        plgpu.commit_smem()
+        cols = pl.ds(w * half + j * EPI_COLS, EPI_COLS)
+        plgpu.copy_smem_to_gmem(o_smem, refs["out"].at[split, b, t, :, cols])
+        if w == 0 and j == 0:
+            plgpu.copy_smem_to_gmem(smem["lse"], refs["lse"].at[split, b, t])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
+    q_dtype = kv_dtype  # FP8 cache: FP8 q for the FP8 wgmma; bf16 cache: bf16 q
+    half, st, bs = HEAD_DIM // 2, ks.num_stages, ks.block_s
+    smem = {
+        "q": plgpu.SMEM((NUM_HEADS, HEAD_DIM), q_dtype, transforms=_transforms(q_dtype)),
+        "k": plgpu.SMEM((st, bs, HEAD_DIM), kv_dtype, transforms=_transforms(kv_dtype)),
+        "v": plgpu.SMEM((st, bs, HEAD_DIM), kv_dtype, transforms=_transforms(kv_dtype)),
+        "o": plgpu.SMEM(
+            (2, NUM_HEADS, EPI_COLS), ks.out_dtype, transforms=_transforms(ks.out_dtype)
+        ),
+        "lse": plgpu.SMEM((NUM_HEADS,), jnp.float32),
+    }
+    bars = {
+        "q": plgpu.Barrier(num_barriers=2),
+        "k": plgpu.Barrier(num_barriers=st),
+        "v": plgpu.Barrier(num_barriers=st),
+        # Both compute warpgroups release a slot before the memory warpgroup refills it.
+        "consumed": plgpu.Barrier(num_arrivals=2, num_barriers=st),
+    }
+    if ks.fp8:
+        smem["qs"] = plgpu.SMEM((NUM_HEADS,), jnp.float32)
+        smem["ks"] = plgpu.SMEM((st, bs), jnp.float32)
+        smem["vs"] = plgpu.SMEM((st, bs), jnp.float32)
+        smem["v16"] = plgpu.SMEM((2, bs, half), jnp.float16, transforms=_transforms(jnp.float16))
+        bars["ks"] = plgpu.Barrier(num_barriers=st)
+        bars["vs"] = plgpu.Barrier(num_barriers=st)
+    return smem, bars
+
+
+def _input_names(ks: KernelShape) -> list[str]:
+    names = ["lengths"] + (["table"] if ks.paged else []) + ["q"]
+    names += ["qs"] if ks.fp8 else []
+    names += ["k", "v"] + (["ks", "vs"] if ks.fp8 else [])
+    return names + ["out", "lse"]
+
+
+def _kernel(ks: KernelShape, kv_dtype, *all_refs):
+    refs = dict(zip(_input_names(ks), all_refs, strict=True))
+    smem_spec, bar_spec = _scratch(ks, kv_dtype)
+    s_keys, b_keys = list(smem_spec), list(bar_spec)
+
+    def body(*allocs):
+        smem = dict(zip(s_keys, allocs[: len(s_keys)], strict=True))
+        bars = dict(zip(b_keys, allocs[len(s_keys) :], strict=True))
+        t, split, b = lax.axis_index("t"), lax.axis_index("split"), lax.axis_index("b")
+        wg = lax.axis_index("wg")
+        kv_end, first, my_n = _block_range(ks, refs["lengths"][b], t, split)
+        pl.when(wg == 2)(lambda: _memory_wg(ks, refs, smem, bars, b, t, first, my_n))
+        for w in range(2):  # static halves: smem slices along the swizzled dim stay static
+            run = functools.partial(
+                _compute_wg, ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n
+            )
+            pl.when(wg == w)(run)
+
+    pl.run_scoped(body, *smem_spec.values(), *bar_spec.values(), collective_axes="wg")
+
+
+def _compiler_params():
+    # Lane semantics explicitly: the default changed between jax 0.10 and 0.11.
+    return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
+def mfa_decode_mosaic(ks: KernelShape, lengths, table, q, q_scale, k, v, k_scale, v_scale):
+    """Runs the kernel; returns (out [splits, B, T, 64, 256] out_dtype, lse [splits, B, T, 64])."""
+    shape = (ks.num_splits, ks.batch, ks.t, NUM_HEADS)
+    out_type = (
+        jax.ShapeDtypeStruct((*shape, HEAD_DIM), ks.out_dtype),
+        jax.ShapeDtypeStruct(shape, jnp.float32),
+    )
+    call = plgpu.kernel(
+        functools.partial(_kernel, ks, k.dtype),
+        out_type=out_type,
+        grid=(ks.t, ks.num_splits, ks.batch),
+        grid_names=("t", "split", "b"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=_compiler_params(),
+    )
+    args = [lengths] + ([table] if ks.paged else []) + [q]
+    args += [q_scale] if ks.fp8 else []
+    args += [k, v] + ([k_scale, v_scale] if ks.fp8 else [])
+    return call(*args)

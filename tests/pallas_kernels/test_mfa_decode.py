@@ -1,0 +1,223 @@
+"""MFA decode attention: every implementation against the float32 oracle, on hostile data.
+
+The same suite (class _Suite) runs for implementation="xla" on CPU in CI and for "pallas" on the
+GPU machine (marked gpu). The Mosaic GPU lowering of every kernel variant is checked on CPU.
+
+Tolerances (derived, not tuned):
+* bf16 operands, f32 accumulation (xla path; pallas with a bf16 cache): P is rounded to bf16
+  (relative 2^-9) before P.V and the output is rounded to bf16 (2^-9), so
+  |out - ref| <= 2^-9 * max|v| + 2^-9 * |ref| per element; we allow 2x: atol = 2^-8 * max|v|,
+  rtol = 2^-8. FP8 K/V values are exact in bf16/f16 and the oracle dequantizes the same bytes,
+  so an FP8 cache adds nothing on the xla path.
+* pallas with an FP8 cache additionally quantizes q to e4m3 per row (relative error per element
+  <= 2^-4, std 2^-4/sqrt(3) = 0.036): each score moves by ~0.036 * |q||k| / sqrt(H) (std 0.036 at
+  unit-variance data), so P moves by ~3.6% relative and the output by ~3.6% of its norm. We
+  check the global relative L2 error <= 2^-4 and lse within 2^-3 (natural-log units).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.mfa_decode import TuningConfig, mfa_decode_attention, mfa_decode_reference
+from pallas_kernels.mfa_decode.api import combine_splits, lower_pallas_for_gpu
+from step3_jax.quant import quantize_kv
+
+N, H = 64, 256
+
+
+def make_case(seed, lengths, s_cap, *, t=1, fp8=False, page_size=None, squeeze=False):
+    """Random q/K/V (explicit seed), NaN in every cache slot at or beyond each length.
+
+    Paged: the contiguous cache is cut into pages scattered over a shuffled pool that also
+    holds NaN-only pages no sequence references.
+    """
+    rng = np.random.default_rng(seed)
+    b = len(lengths)
+    q = rng.standard_normal((b, t, N, H), np.float32)
+    k = rng.standard_normal((b, s_cap, H), np.float32) * 1.5
+    v = rng.standard_normal((b, s_cap, H), np.float32)
+    lengths = np.asarray(lengths, np.int32)
+    dead = np.arange(s_cap)[None, :] >= lengths[:, None]  # [B, S]
+    kj, vj = jnp.asarray(k), jnp.asarray(v)
+    if fp8:
+        (kj, ks), (vj, vs) = quantize_kv(kj), quantize_kv(vj)
+        ks = jnp.where(dead, jnp.nan, ks)
+        vs = jnp.where(dead, jnp.nan, vs)
+    else:
+        kj, vj, ks, vs = kj.astype(jnp.bfloat16), vj.astype(jnp.bfloat16), None, None
+    kj = jnp.where(dead[..., None], jnp.nan, kj.astype(jnp.float32)).astype(kj.dtype)
+    vj = jnp.where(dead[..., None], jnp.nan, vj.astype(jnp.float32)).astype(vj.dtype)
+    case = dict(
+        q=jnp.asarray(q[:, 0] if squeeze else q, jnp.bfloat16),
+        k=kj,
+        v=vj,
+        lengths=jnp.asarray(lengths),
+        k_scale=ks,
+        v_scale=vs,
+    )
+    if page_size is not None:
+        case = _to_paged(case, page_size, rng)
+    return case
+
+
+def _to_paged(case, page_size, rng):
+    k = case["k"]
+    b, s_cap = k.shape[:2]
+    per_seq = s_cap // page_size
+    total = b * per_seq + 3  # 3 unreferenced NaN pages
+    perm = rng.permutation(total)
+    table = perm[: b * per_seq].reshape(b, per_seq).astype(np.int32)
+
+    def scatter(x):
+        if x is None:
+            return None
+        pages = x.reshape(b * per_seq, page_size, *x.shape[2:])
+        pool = jnp.full((total, page_size, *x.shape[2:]), jnp.nan, jnp.float32).astype(x.dtype)
+        return pool.at[jnp.asarray(table.reshape(-1))].set(pages)
+
+    out = dict(case)
+    for name in ("k", "v", "k_scale", "v_scale"):
+        out[name] = scatter(case[name])
+    out["block_table"] = jnp.asarray(table)
+    return out
+
+
+def check(case, impl, fp8_pallas=False, **kw):
+    out, lse = mfa_decode_attention(**case, return_lse=True, implementation=impl, **kw)
+    ref, ref_lse = mfa_decode_reference(**case, return_lse=True, sm_scale=kw.get("sm_scale"))
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    assert out.shape == ref.shape and lse.shape == ref_lse.shape
+    assert np.isfinite(out).all(), "NaN/inf leaked into the output"
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    fin = np.isfinite(ref_lse)
+    v = np.asarray(case["v"], np.float32)
+    if case.get("v_scale") is not None:
+        v = v * np.asarray(case["v_scale"])[..., None]
+    vmax = np.nanmax(np.abs(v))
+    if fp8_pallas:
+        rel = np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30)
+        assert rel <= 2.0**-4, f"relative L2 error {rel:.4f} > 2^-4"
+        np.testing.assert_allclose(lse[fin], ref_lse[fin], atol=2.0**-3)
+    else:
+        np.testing.assert_allclose(out, ref, atol=2.0**-8 * vmax, rtol=2.0**-8)
+        np.testing.assert_allclose(lse[fin], ref_lse[fin], atol=1e-3, rtol=1e-4)
+    return out
+
+
+class _Suite:
+    impl: str = "xla"
+    long_len: int = 2048
+
+    def run(self, case, **kw):
+        fp8 = case["k"].dtype == jnp.float8_e4m3fn
+        return check(case, self.impl, fp8_pallas=fp8 and self.impl == "pallas", **kw)
+
+    @pytest.mark.parametrize("fp8", [False, True])
+    def test_ragged_with_zero_and_full(self, fp8):
+        self.run(make_case(1, [0, 1, 77, 512, 300, 64], 512, fp8=fp8))
+
+    @pytest.mark.parametrize("fp8", [False, True])
+    def test_batch_one_squeezed(self, fp8):
+        out = self.run(make_case(2, [200], 256, fp8=fp8, squeeze=True))
+        assert out.shape == (1, N, H)
+
+    @pytest.mark.parametrize("fp8", [False, True])
+    @pytest.mark.parametrize("t", [2, 8])
+    def test_multi_token_causal(self, fp8, t):
+        # lengths[b] < T: the earliest queries see nothing (zeros, lse -inf).
+        self.run(make_case(3 + t, [t, 3, 130, 256], 256, t=t, fp8=fp8))
+
+    @pytest.mark.parametrize("fp8", [False, True])
+    @pytest.mark.parametrize("page_size", [64, 128])
+    def test_paged(self, fp8, page_size):
+        self.run(make_case(4, [0, 129, 512, 383], 512, fp8=fp8, page_size=page_size))
+
+    @pytest.mark.parametrize("fp8", [False, True])
+    def test_long_context(self, fp8):
+        n = self.long_len
+        self.run(make_case(5, [n - 5, n // 3], n, fp8=fp8))
+
+    def test_sm_scale_and_split_config(self):
+        case = make_case(6, [1000, 17], 1024, fp8=True)
+        self.run(case, sm_scale=0.1, config=TuningConfig(num_splits=3))
+
+
+class TestXLA(_Suite):
+    impl = "xla"
+
+
+@pytest.mark.gpu
+class TestPallasGPU(_Suite):
+    impl = "pallas"
+    long_len = 32768
+
+
+def test_combine_splits_matches_single_pass():
+    """Partials over disjoint key ranges, merged by lse, equal one pass over all keys."""
+    case = make_case(7, [384, 0, 130], 384, fp8=False)
+    ref, ref_lse = mfa_decode_reference(**case, return_lse=True)
+    parts, lses = [], []
+    for lo, hi in ((0, 128), (128, 256), (256, 384)):
+        c = dict(case)
+        sl = slice(lo, hi)
+        c["k"], c["v"] = case["k"][:, sl], case["v"][:, sl]
+        c["lengths"] = jnp.clip(case["lengths"] - lo, 0, hi - lo)
+        o, lse = mfa_decode_reference(**c, return_lse=True)
+        parts.append(o.astype(jnp.float32))
+        lses.append(lse)
+    out, lse = combine_splits(jnp.stack(parts), jnp.stack(lses))
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    fin = np.isfinite(np.asarray(ref_lse))
+    np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(ref_lse)[fin], rtol=1e-5)
+
+
+def test_bad_inputs_raise():
+    case = make_case(8, [3, 4], 64)
+    with pytest.raises(ValueError, match="k_scale"):
+        mfa_decode_attention(**{**case, "k_scale": case["lengths"]}, implementation="xla")
+    with pytest.raises(ValueError, match="implementation"):
+        mfa_decode_attention(**case, implementation="cuda")
+    with pytest.raises(ValueError, match="lengths"):
+        mfa_decode_attention(**{**case, "lengths": case["lengths"][:1]}, implementation="xla")
+    with pytest.raises(ValueError, match="block_s"):
+        TuningConfig(block_s=96)
+
+
+@pytest.mark.parametrize(
+    "fp8,t,paged,splits",
+    [(True, 1, False, 1), (False, 2, True, 2), (True, 3, True, 4)],
+)
+def test_gpu_lowering_on_cpu(fp8, t, paged, splits):
+    """The real Mosaic GPU lowering (layouts, smem budget, TMA shapes) runs on a CPU host."""
+    sd = jax.ShapeDtypeStruct
+    dt = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
+    b, s_cap, page = 4, 1024, 128
+    kv_shape = (b * s_cap // page, page, H) if paged else (b, s_cap, H)
+    scale = sd(kv_shape[:2], jnp.float32) if fp8 else None
+    table = sd((b, s_cap // page), jnp.int32) if paged else None
+    lowered = lower_pallas_for_gpu(
+        sd((b, t, N, H), jnp.bfloat16),
+        sd(kv_shape, dt),
+        sd(kv_shape, dt),
+        sd((b,), jnp.int32),
+        k_scale=scale,
+        v_scale=scale,
+        block_table=table,
+        config=TuningConfig(num_stages=2 if not fp8 else 4, num_splits=splits),
+    )
+    assert "mosaic_gpu" in lowered.as_text()[:20000]
+
+
+def test_default_sm_scale_is_inverse_sqrt_head_dim():
+    case = make_case(9, [40, 64], 64)
+    a = mfa_decode_attention(**case, implementation="xla")
+    b = mfa_decode_attention(**case, implementation="xla", sm_scale=1 / math.sqrt(H))
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
