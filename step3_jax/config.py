@@ -34,11 +34,18 @@ class Step3Config:
     def __post_init__(self):
         positive = (
             "vocab_size hidden_size num_layers num_heads head_dim share_q_dim "
-            "intermediate_size num_experts top_k moe_intermediate_size"
+            "intermediate_size num_experts top_k moe_intermediate_size max_position_embeddings"
         ).split()
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"Step3Config.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Step3Config.{name} must be > 0, got {getattr(self, name)}")
+        if self.share_expert_dim < 0:
+            raise ValueError(
+                f"Step3Config.share_expert_dim must be >= 0 (0: none), got {self.share_expert_dim}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"Step3Config.head_dim must be even for RoPE, got {self.head_dim}")
         if not 0 < self.top_k <= self.num_experts:
@@ -89,10 +96,14 @@ class Step3Config:
         enum = hf.get("moe_layers_enum")
         if enum is None:
             moe_ids: tuple[int, ...] = tuple(range(4, num_layers - 1))
-        elif isinstance(enum, str):
-            moe_ids = tuple(int(s) for s in enum.replace(" ", "").split(",") if s)
         else:
-            moe_ids = tuple(int(i) for i in enum)
+            parts = enum.replace(" ", "").split(",") if isinstance(enum, str) else list(enum)
+            try:
+                moe_ids = tuple(int(p) for p in parts if p != "")
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"moe_layers_enum must list integer layer ids (e.g. '4,5,6'), got {enum!r}"
+                ) from None
         max_pos = hf.get("max_position_embedding", hf.get("max_position_embeddings", 65536))
         if int(hf.get("num_attention_groups", 1)) != 1:
             raise ValueError(
