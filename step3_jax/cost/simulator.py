@@ -302,6 +302,14 @@ def max_batch_by_memory(setup: AFDSetup) -> int:
     return int(room // per_seq) * setup.layout.attn_gpus
 
 
+def ffn_weight_bytes_per_gpu(setup: AFDSetup) -> float:
+    """All FFN weights (every expert, dense and MoE layers) split over the FFN GPUs."""
+    spec = setup.spec
+    dense, moe = analytic.ffn_params_total(spec.ffn, spec.hidden_size)
+    total = spec.ffn.dense_layers * dense + spec.ffn.moe_layers * moe
+    return total * spec.weight_bytes / setup.layout.ffn_gpus
+
+
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     """The operating point: the largest batch meeting the TPOT SLA and the memory limit."""
@@ -322,6 +330,13 @@ def predict(setup: AFDSetup, tpot_sla_s: float = 0.050) -> Prediction:
     """Largest batch (a multiple of micro_batches x attention GPUs) with TPOT <= SLA."""
     unit = setup.micro_batches * setup.layout.attn_gpus
     mem_cap = max_batch_by_memory(setup) // unit
+    ffn_bytes = ffn_weight_bytes_per_gpu(setup)
+    if ffn_bytes > setup.ffn_hardware.mem_bytes:
+        raise ValueError(
+            f"FFN weights need {ffn_bytes / 1e9:.0f} GB per FFN GPU, more than the "
+            f"{setup.ffn_hardware.mem_bytes / 1e9:.0f} GB of {setup.ffn_hardware.name}: "
+            "use more FFN instances"
+        )
 
     def tpot(units: int) -> PipelineResult:
         return simulate(analytic_layer_times(setup, units * unit), setup.micro_batches)

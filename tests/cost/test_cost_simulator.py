@@ -95,6 +95,11 @@ def test_predict_respects_sla_and_memory():
     assert loose.bound == "memory" and loose.batch <= sim.max_batch_by_memory(_paper_setup())
     with pytest.raises(ValueError, match="no batch"):
         sim.predict(setup, 1e-3)
+    # Step-3's ~304 GB of FFN weights (FP8) cannot sit on two 80 GB A800 FFN GPUs.
+    assert sim.ffn_weight_bytes_per_gpu(setup) * 16 == pytest.approx(304e9, rel=0.01)
+    one_ffn = sim.AFDSetup(setup.spec, sim.AFDLayout(1, 1, 2), 4096, 3, cost.A800)
+    with pytest.raises(ValueError, match="FFN weights need"):
+        sim.predict(one_ffn)
 
 
 def test_paper_runs_single_calibration():
