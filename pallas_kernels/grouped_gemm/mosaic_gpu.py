@@ -252,7 +252,13 @@ def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
 
 
 def grouped_gemm_mgpu(
-    x, weights, group_sizes, *, x_scale=None, w_scales=None, config: TuningConfig,
+    x,
+    weights,
+    group_sizes,
+    *,
+    x_scale=None,
+    w_scales=None,
+    config: TuningConfig,
     zero_tail: bool = True,
 ):
     """Grouped GEMM on Hopper; ``weights`` is ``(w,)`` or ``(w_gate, w_up)`` for SwiGLU.
@@ -274,16 +280,29 @@ def grouped_gemm_mgpu(
     if m != m_ok:  # TMA boxes are block_m rows on multiples of 8 inside x: pad odd/tiny M
         pad = m_ok - m
         out = grouped_gemm_mgpu(
-            jnp.pad(x, ((0, pad), (0, 0))), weights, group_sizes,
+            jnp.pad(x, ((0, pad), (0, 0))),
+            weights,
+            group_sizes,
             x_scale=None if x_scale is None else jnp.pad(x_scale, ((0, pad), (0, 0))),
-            w_scales=w_scales, config=config, zero_tail=zero_tail,
+            w_scales=w_scales,
+            config=config,
+            zero_tail=zero_tail,
         )
         return out[:m]
     max_tiles = -(-m // block_m) + 2 * g + (-(-m // block_m) if zero_tail else 0)
     st = _Static(
-        m=m, n=n, k=k, groups=g, block_m=block_m, block_n=block_n,
-        block_k=SCALE_BLOCK if fp8 else 64, max_tiles=max_tiles, fp8=fp8, swiglu=swiglu,
-        zero_tail=zero_tail, steps=config.max_concurrent_steps,
+        m=m,
+        n=n,
+        k=k,
+        groups=g,
+        block_m=block_m,
+        block_n=block_n,
+        block_k=SCALE_BLOCK if fp8 else 64,
+        max_tiles=max_tiles,
+        fp8=fp8,
+        swiglu=swiglu,
+        zero_tail=zero_tail,
+        steps=config.max_concurrent_steps,
     )
     tiles = _tile_table(group_sizes, m, block_m, max_tiles, zero_tail)
     operands = [tiles, x, *weights]
@@ -295,8 +314,6 @@ def grouped_gemm_mgpu(
         scratch_types=[plgpu.SMEM((block_m, block_n), jnp.bfloat16)],
         grid=(_num_sms(config),),
         grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup
-        ),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
     return kernel(*operands)

@@ -59,8 +59,17 @@ def grouped_swiglu(
 
 
 def moe_ffn(
-    x, expert_ids, expert_weights, w_gate, w_up, w_down, *, first_expert=0,
-    w_gate_scale=None, w_up_scale=None, w_down_scale=None,
+    x,
+    expert_ids,
+    expert_weights,
+    w_gate,
+    w_up,
+    w_down,
+    *,
+    first_expert=0,
+    w_gate_scale=None,
+    w_up_scale=None,
+    w_down_scale=None,
 ) -> Float[Array, "T D"]:
     """float32 oracle of ``moe.moe_ffn`` with float32 activations (no activation FP8).
 

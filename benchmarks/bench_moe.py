@@ -1,0 +1,302 @@
+"""MoE FFN benchmark at Step-3 shapes: Pallas FP8 grouped GEMMs vs XLA / JAX example / torch.
+
+Shapes: D=7168, F=5120, E=48 routed experts (top-3) plus one shared expert. For each tokens per
+step T and each expert shard (E_local experts of 48 on this device; routing is uniform over
+all 48, so a shard sees ~E_local/48 of the pairs), reports the time of the whole routed +
+shared MoE layer and of each GEMM, effective weight GB/s (bytes of the experts that received
+at least one token, plus the shared expert), TFLOP/s, % of the measured copy bandwidth and of
+the measured dense FP8 GEMM rate (torch._scaled_mm), and side by side the baselines:
+XLA ``lax.ragged_dot`` (bf16 and FP8), the JAX ``ragged_dot_mgpu`` example (bf16) and torch
+grouped GEMMs where present.
+
+Usage (GPU): ``PYTHONPATH=$PWD python3 benchmarks/bench_moe.py --out results.json``
+The last stdout line is a one-line JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.grouped_gemm import api, moe  # noqa: E402
+from pallas_kernels.grouped_gemm.config import TuningConfig  # noqa: E402
+
+D, F, E, TOPK = 7168, 5120, 48, 3
+
+
+def timeit(fn, *args, iters=20, warmup=2):
+    """Median-free throughput time (ms): ``iters`` back-to-back async calls, one sync."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    reps = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        reps.append((time.perf_counter() - t0) / iters * 1e3)
+    return float(np.median(reps))
+
+
+def copy_bandwidth():
+    """Device copy GB/s (read + write) of a 2 GiB buffer."""
+    a = jnp.ones((1 << 30,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    ms = timeit(f, a, iters=10)
+    return 2 * a.nbytes / (ms * 1e-3) / 1e9
+
+
+def torch_dense_fp8_tflops():
+    try:
+        import torch
+
+        m = n = k = 8192
+        a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn).t()
+        one = torch.tensor(1.0, device="cuda")
+        f = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        for _ in range(3):
+            f()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            f()
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) / 20 * 1e3
+        return 2 * m * n * k / (ms * 1e-3) / 1e12
+    except Exception as e:  # noqa: BLE001 - report, do not fail the sweep
+        print("torch dense fp8 failed:", repr(e)[:200])
+        return None
+
+
+def make_weights(key, e_local, dtype):
+    """Random FP8 weights (values ~ N(0,1) in e4m3, block scales ~ U(0.5, 1.5)/448)."""
+    ks = jax.random.split(key, 6)
+
+    def w(k, shape):
+        return jax.random.normal(k, shape, jnp.float32).astype(dtype)
+
+    def s(k, shape):
+        nb = (shape[0], shape[1] // 128, shape[2] // 128)
+        return jax.random.uniform(k, nb, jnp.float32, 0.5, 1.5) / 448
+
+    shapes = [(e_local, F, D), (e_local, F, D), (e_local, D, F)]
+    ws = [w(ks[i], sh) for i, sh in enumerate(shapes)]
+    ss = [s(ks[3 + i], sh) for i, sh in enumerate(shapes)]
+    return ws, ss
+
+
+def routing(key, t):
+    logits = jax.random.normal(key, (t, E), jnp.float32)
+    p = jax.nn.softmax(logits, axis=-1)
+    w, ids = jax.lax.top_k(p, TOPK)
+    return ids.astype(jnp.int32), w
+
+
+def sorted_rows(ids, first, e_local):
+    local = ids.reshape(-1) - first
+    valid = (local >= 0) & (local < e_local)
+    key = jnp.where(valid, local, e_local)
+    gs = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
+    return gs
+
+
+def bench_case(t, e_local, weights, scales, shared, cfg, baselines, copy_gbs, fp8_tf):
+    """All timings of one (T, E_local) case; returns a dict."""
+    key = jax.random.key(t)
+    x = (jax.random.normal(key, (t, D), jnp.float32)).astype(jnp.bfloat16)
+    ids, rw = routing(jax.random.key(t + 1), t)
+    gs = sorted_rows(ids, 0, e_local)
+    rows = int(gs.sum())
+    active = int((gs > 0).sum())
+    wg, wu, wd = weights
+    sg, su, sd = scales
+    kw = dict(implementation="pallas", config=cfg)
+    res = {"T": t, "E_local": e_local, "routed_rows": rows, "active_experts": active}
+
+    layer = jax.jit(
+        lambda x, ids, rw, wg, wu, wd, sg, su, sd, shw: (
+            moe.moe_ffn(
+                x, ids, rw, wg, wu, wd, w_gate_scale=sg, w_up_scale=su, w_down_scale=sd, **kw
+            )
+            + moe.shared_expert_ffn(
+                x, *shw[:3], w_gate_scale=shw[3], w_up_scale=shw[4], w_down_scale=shw[5], **kw
+            )
+        )
+    )
+    res["layer_ms"] = timeit(layer, x, ids, rw, wg, wu, wd, sg, su, sd, shared)
+    # Individual GEMMs on already-sorted FP8 rows.
+    xq = jax.random.normal(key, (max(rows, 1), D), jnp.float32).astype(jnp.float8_e4m3fn)
+    xs = jnp.full((max(rows, 1), D // 128), 1 / 448, jnp.float32)
+    hq = jax.random.normal(key, (max(rows, 1), F), jnp.float32).astype(jnp.float8_e4m3fn)
+    hs = jnp.full((max(rows, 1), F // 128), 1 / 448, jnp.float32)
+    gu = jax.jit(
+        lambda x, a, b, s, sa, sb: api.grouped_swiglu(
+            x, a, b, gs, x_scale=s, w_gate_scale=sa, w_up_scale=sb, **kw
+        )
+    )
+    dn = jax.jit(lambda x, a, s, sa: api.grouped_matmul(x, a, gs, x_scale=s, w_scale=sa, **kw))
+    res["gate_up_ms"] = timeit(gu, xq, wg, wu, xs, sg, su)
+    res["down_ms"] = timeit(dn, hq, wd, hs, sd)
+    wbytes_expert = 3 * F * D  # FP8
+    res["weight_bytes"] = (active + 1) * wbytes_expert
+    res["layer_weight_GBs"] = res["weight_bytes"] / (res["layer_ms"] * 1e-3) / 1e9
+    flops = 2 * 3 * F * D * (rows + t)
+    res["layer_TFLOPs"] = flops / (res["layer_ms"] * 1e-3) / 1e12
+    g_flops = 2 * 2 * F * D * rows
+    res["gate_up_TFLOPs"] = g_flops / (res["gate_up_ms"] * 1e-3) / 1e12
+    res["gate_up_weight_GBs"] = active * 2 * F * D / (res["gate_up_ms"] * 1e-3) / 1e9
+    res["down_weight_GBs"] = active * F * D / (res["down_ms"] * 1e-3) / 1e9
+    res["pct_copy_bw_layer"] = 100 * res["layer_weight_GBs"] / copy_gbs
+    if fp8_tf:
+        res["pct_dense_fp8_layer"] = 100 * res["layer_TFLOPs"] / fp8_tf
+    for name, fn in baselines.items():
+        try:
+            ms = fn(t, rows, gs, key)
+            if ms is not None:
+                res[f"{name}_gate_up_ms"] = ms
+        except Exception as e:  # noqa: BLE001
+            res[f"{name}_error"] = repr(e)[:160]
+    return res
+
+
+def make_baselines(e_local, max_xla_t):
+    """Baselines on the gate/up GEMM shape (D -> 2F, i.e. 7168 -> 10240) for the same rows."""
+    n = 2 * F
+    key = jax.random.key(99)
+    wb = jax.random.normal(key, (e_local, n, D), jnp.float32).astype(jnp.bfloat16)
+    out = {}
+
+    def xla_bf16(t, rows, gs, k):
+        if t > max_xla_t:
+            return None
+        xr = jax.random.normal(k, (rows, D), jnp.bfloat16)
+        f = jax.jit(lambda a, b, g: jax.lax.ragged_dot(a, jnp.swapaxes(b, 1, 2), g))
+        return timeit(f, xr, wb, gs, iters=3, warmup=1)
+
+    def xla_fp8(t, rows, gs, k):
+        if t > max_xla_t:
+            return None
+        xr = jax.random.normal(k, (rows, D), jnp.float32).astype(jnp.float8_e4m3fn)
+        w8 = wb.astype(jnp.float8_e4m3fn)
+        f = jax.jit(
+            lambda a, b, g: jax.lax.ragged_dot(
+                a, jnp.swapaxes(b, 1, 2), g, preferred_element_type=jnp.float32
+            ).astype(jnp.bfloat16)
+        )
+        return timeit(f, xr, w8, gs, iters=3, warmup=1)
+
+    def jax_example(t, rows, gs, k):
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as r
+
+        xr = jax.random.normal(k, (rows, D), jnp.bfloat16)
+        f = jax.jit(
+            lambda a, b, g: r.ragged_dot(
+                a,
+                b,
+                group_sizes=g,
+                block_m=64,
+                block_n=128,
+                block_k=64,
+                max_concurrent_steps=4,
+                grid_block_n=1,
+                transpose_rhs=True,
+            )
+        )
+        return timeit(f, xr, wb, gs)
+
+    def torch_grouped(t, rows, gs, k):
+        import torch
+
+        a = torch.randn(rows, D, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(e_local, n, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        offs = torch.tensor(np.cumsum(np.asarray(gs)), device="cuda", dtype=torch.int32)
+        f = lambda: torch._grouped_mm(a, b, offs=offs, out_dtype=torch.bfloat16)
+        f()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            f()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / 10 * 1e3
+
+    out["xla_ragged_dot_bf16"] = xla_bf16
+    out["xla_ragged_dot_fp8"] = xla_fp8
+    out["jax_ragged_dot_mgpu_bf16"] = jax_example
+    out["torch_grouped_mm_bf16"] = torch_grouped
+    return out
+
+
+def git_commit():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="64,128,256,512,1024,2048,4096,8192")
+    ap.add_argument("--shards", default="48,16,24")
+    ap.add_argument("--max-xla-tokens", type=int, default=2048)
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--block-m", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--out", default="moe_results.json")
+    args = ap.parse_args()
+    cfg = None
+    if args.block_m or args.steps:
+        cfg = TuningConfig(block_m=args.block_m or 64, max_concurrent_steps=args.steps or 4)
+    dev = jax.devices()[0]
+    meta = {
+        "device": dev.device_kind,
+        "jax": jax.__version__,
+        "commit": git_commit(),
+        "date": datetime.date.today().isoformat(),
+        "config": repr(cfg),
+    }
+    copy_gbs = copy_bandwidth()
+    fp8_tf = torch_dense_fp8_tflops()
+    meta.update(copy_GBs=copy_gbs, torch_dense_fp8_TFLOPs=fp8_tf)
+    print(json.dumps(meta), flush=True)
+    results = []
+    for e_local in [int(s) for s in args.shards.split(",")]:
+        weights, scales = make_weights(jax.random.key(e_local), e_local, jnp.float8_e4m3fn)
+        sh_w, sh_s = make_weights(jax.random.key(1000), 1, jnp.float8_e4m3fn)
+        shared = (sh_w[0][0], sh_w[1][0], sh_w[2][0])
+        shared = dict(zip(("w_gate", "w_up", "w_down"), shared, strict=True))
+        shared.update(w_gate_scale=sh_s[0][0], w_up_scale=sh_s[1][0], w_down_scale=sh_s[2][0])
+        shared_t = tuple(shared.values())
+        baselines = (
+            {}
+            if args.no_baselines or e_local != E
+            else make_baselines(e_local, args.max_xla_tokens)
+        )
+        for t in [int(s) for s in args.tokens.split(",")]:
+            r = bench_case(t, e_local, weights, scales, shared_t, cfg, baselines, copy_gbs, fp8_tf)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "results": results}, f, indent=1)
+        del weights, scales, baselines
+    summary = {r_key(r): round(r["layer_ms"], 3) for r in results}
+    print(json.dumps({"meta": meta, "layer_ms": summary}))
+
+
+def r_key(r):
+    return f"T{r['T']}_E{r['E_local']}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

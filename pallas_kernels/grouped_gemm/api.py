@@ -1,0 +1,277 @@
+"""Public grouped GEMM API: ``grouped_matmul`` and ``grouped_swiglu`` (MoE expert FFN).
+
+Rows of ``x`` are sorted by group (expert); ``group_sizes[g]`` rows in a row use group g's
+weights. Weights are ``[G, N, K]`` (K-major, the project-wide ``[out, in]`` layout). FP8 inputs
+follow ``step3_jax.quant``: activations per-token per-128 scales ``[M, K/128]``, weights
+128x128 block scales ``[G, N/128, K/128]``; dequantized = float32(values) * scale. Output is
+bf16 with f32 accumulation. Rows past ``sum(group_sizes)`` are zero.
+
+Implementations:
+* ``"pallas"``: the Mosaic GPU kernel (``mosaic_gpu.py``), Hopper only.
+* ``"xla"``: portable; cost grows with the routed rows, not with the number of groups: groups
+  are cut into 64-row tiles and a ``lax.scan`` over the tiles multiplies each by its own
+  group's weights (empty tiles skipped with ``lax.cond``). XLA's ``lax.ragged_dot`` is not used
+  because it runs dense over all groups on GPU.
+* ``None``: ``"pallas"`` when it can run here (Hopper GPU, supported shapes), else ``"xla"``
+  with a warning if a GPU was present.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels.grouped_gemm import mosaic_gpu
+from pallas_kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig, tuned_config
+from step3_jax import quant
+
+XLA_TILE = 64  # rows per scan step of the "xla" path
+_IMPLS = ("pallas", "xla", None)
+
+
+def _is_fp8(a) -> bool:
+    return a.dtype == jnp.float8_e4m3fn
+
+
+def _check_scale(name, scale, shape):
+    if scale is None:
+        raise ValueError(f"{name} is required for FP8 inputs: expected f32 {shape}")
+    if tuple(scale.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(scale.shape)}")
+
+
+def _validate(x, weights, group_sizes, x_scale, w_scales, implementation):
+    """Checks shapes/dtypes; returns (x, x_scale) with x quantized when weights are FP8."""
+    if implementation not in _IMPLS:
+        raise ValueError(f"{implementation=} must be one of {_IMPLS}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be [M, K], got shape {x.shape}")
+    m, k = x.shape
+    w0 = weights[0]
+    if w0.ndim != 3 or w0.shape[2] != k:
+        raise ValueError(f"weights must be [G, N, K={k}] (K-major), got {w0.shape}")
+    for w in weights[1:]:
+        if w.shape != w0.shape or w.dtype != w0.dtype:
+            raise ValueError(f"w_gate and w_up must match, got {w0.shape} and {w.shape}")
+    g, n, _ = w0.shape
+    if group_sizes.shape != (g,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(
+            f"group_sizes must be int [{g}], got {group_sizes.dtype}{group_sizes.shape}"
+        )
+    kb, nb = -(-k // SCALE_BLOCK), -(-n // SCALE_BLOCK)
+    if _is_fp8(w0):
+        for i, s in enumerate(w_scales):
+            _check_scale(f"w_scale[{i}]", s, (g, nb, kb))
+        if not _is_fp8(x):
+            if x_scale is not None:
+                raise ValueError("x_scale given but x is not float8_e4m3fn")
+            x, x_scale = quant.quantize_activations(x)  # per token per 128 group
+        _check_scale("x_scale", x_scale, (m, kb))
+    elif _is_fp8(x):
+        raise ValueError(f"x is FP8 but weights are {w0.dtype}: FP8 x needs FP8 weights")
+    elif any(s is not None for s in (x_scale, *w_scales)):
+        raise ValueError("scales are only accepted with float8_e4m3fn weights")
+    return x, x_scale
+
+
+def _pallas_supported(x, weights) -> str | None:
+    """None if the Mosaic GPU kernel can run this call here, else the reason why not."""
+    if not mosaic_gpu.available():
+        return "this jax has no usable Mosaic GPU Pallas API"
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return "no device"
+    if dev.platform != "gpu" or not str(getattr(dev, "compute_capability", "")).startswith("9"):
+        return f"Mosaic GPU kernel needs a Hopper GPU, have {dev.device_kind}"
+    _, n, k = weights[0].shape
+    if n % 128 or k % 128:
+        return f"Mosaic GPU kernel needs N and K multiples of 128, got N={n} K={k}"
+    return None
+
+
+def _resolve(implementation, x, weights) -> str:
+    if implementation == "xla":
+        return "xla"
+    reason = _pallas_supported(x, weights)
+    if implementation == "pallas":
+        if reason is not None:
+            raise ValueError(f"implementation='pallas' unavailable: {reason}")
+        return "pallas"
+    if reason is not None and jax.default_backend() == "gpu":
+        warnings.warn(f"grouped GEMM falls back to XLA: {reason}", stacklevel=3)
+    return "xla" if reason is not None else "pallas"
+
+
+def _xla_tiles(group_sizes, m: int, tile: int):
+    """Static-length list of (group, first row, rows) of ``tile``-row pieces of each group."""
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    start = jnp.cumsum(sizes) - sizes
+    sizes = jnp.clip(sizes, 0, jnp.maximum(m - start, 0))
+    n_g = (sizes + tile - 1) // tile
+    tile_end = jnp.cumsum(n_g)
+    t = jnp.arange(-(-m // tile) + group_sizes.shape[0], dtype=jnp.int32)
+    g = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), sizes.shape[0] - 1)
+    j = t - (tile_end[g] - n_g[g])
+    rows = jnp.where(t < tile_end[-1], jnp.clip(sizes[g] - j * tile, 0, tile), 0)
+    return g, start[g] + j * tile, rows
+
+
+def _dequant_rows(x, x_scale, idx):
+    """Gathered rows of x as bf16 (FP8 values times their per-128 scales)."""
+    xt = x[idx].astype(jnp.float32)
+    if x_scale is not None:
+        xt = xt * jnp.repeat(x_scale[idx], SCALE_BLOCK, axis=1)[:, : x.shape[1]]
+    return xt.astype(jnp.bfloat16)
+
+
+def _dequant_expert(w, w_scale, g):
+    """Expert g's weight [N, K] as bf16 (FP8 values times their 128x128 block scales)."""
+    wg = lax.dynamic_index_in_dim(w, g, keepdims=False)
+    if w_scale is None:
+        return wg.astype(jnp.bfloat16)
+    sg = lax.dynamic_index_in_dim(w_scale, g, keepdims=False)
+    return quant.dequantize_weight_blocks(wg, sg, dtype=jnp.bfloat16)
+
+
+def _grouped_xla(x, weights, group_sizes, x_scale, w_scales):
+    """Tile-scan grouped GEMM (see module docstring); bf16 operands, f32 accumulation."""
+    m = x.shape[0]
+    n = weights[0].shape[1]
+    w_scales = w_scales if w_scales else (None,) * len(weights)
+    tg, trow, trows = _xla_tiles(group_sizes, m, XLA_TILE)
+    local = jnp.arange(XLA_TILE, dtype=jnp.int32)
+
+    def step(out, tile):
+        g, row0, rows = tile
+
+        def compute(out):
+            idx = jnp.minimum(row0 + local, m - 1)
+            xt = _dequant_rows(x, x_scale, idx)
+            ys = [
+                jnp.einsum(
+                    "TK,NK->TN", xt, _dequant_expert(w, s, g), preferred_element_type=jnp.float32
+                )
+                for w, s in zip(weights, w_scales, strict=True)
+            ]
+            y = jax.nn.silu(ys[0]) * ys[1] if len(ys) == 2 else ys[0]
+            dst = jnp.where(local < rows, row0 + local, m)  # m: dropped (out of bounds)
+            return out.at[dst].set(y.astype(out.dtype), mode="drop")
+
+        return lax.cond(rows > 0, compute, lambda o: o, out), None
+
+    out0 = jnp.zeros((m, n), jnp.bfloat16)
+    out, _ = lax.scan(step, out0, (tg, trow, trows))
+    return out
+
+
+def _config_for(config, m):
+    if config is not None:
+        return config
+    return tuned_config(jax.devices()[0].device_kind, m)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "config", "zero_tail"))
+def _run(x, weights, group_sizes, x_scale, w_scales, *, impl, config, zero_tail):
+    if impl == "xla":
+        return _grouped_xla(x, weights, group_sizes, x_scale, w_scales)
+    return mosaic_gpu.grouped_gemm_mgpu(
+        x,
+        weights,
+        group_sizes,
+        x_scale=x_scale,
+        w_scales=w_scales or None,
+        config=config,
+        zero_tail=zero_tail,
+    )
+
+
+def grouped(
+    x,
+    weights,
+    group_sizes,
+    *,
+    x_scale=None,
+    w_scales=(),
+    implementation=None,
+    config: TuningConfig | None = None,
+    zero_tail: bool = True,
+):
+    """Shared entry of both public functions (``weights``: (w,) or (w_gate, w_up)).
+
+    ``zero_tail=False`` leaves rows past sum(group_sizes) unspecified (``moe_ffn`` masks them
+    and saves their write traffic on an expert-parallel shard).
+    """
+    w_scales = tuple(w_scales) if _is_fp8(weights[0]) else ()
+    x, x_scale = _validate(x, weights, group_sizes, x_scale, w_scales, implementation)
+    impl = _resolve(implementation, x, weights)
+    cfg = _config_for(config, x.shape[0]) if impl == "pallas" else None
+    return _run(
+        x,
+        tuple(weights),
+        group_sizes.astype(jnp.int32),
+        x_scale,
+        w_scales,
+        impl=impl,
+        config=cfg,
+        zero_tail=zero_tail,
+    )
+
+
+def grouped_matmul(
+    x: Float[Array, "M K"],
+    w: Float[Array, "G N K"],
+    group_sizes: Int[Array, " G"],
+    *,
+    x_scale: Float[Array, "M KB"] | None = None,
+    w_scale: Float[Array, "G NB KB"] | None = None,
+    implementation: str | None = None,
+    config: TuningConfig | None = None,
+) -> Float[Array, "M N"]:
+    """``out[m] = x[m] @ w[group(m)]^T`` for rows sorted by group; bf16 ``[M, N]``.
+
+    x: [M, K] bf16 or float8_e4m3fn (bf16 x with FP8 w is quantized per token per 128).
+    w: [G, N, K] bf16 or float8_e4m3fn. group_sizes: [G] int, sum <= M.
+    x_scale: [M, ceil(K/128)] f32 (FP8 x). w_scale: [G, ceil(N/128), ceil(K/128)] f32 (FP8 w).
+    """
+    return grouped(
+        x,
+        (w,),
+        group_sizes,
+        x_scale=x_scale,
+        w_scales=(w_scale,),
+        implementation=implementation,
+        config=config,
+    )
+
+
+def grouped_swiglu(
+    x: Float[Array, "M K"],
+    w_gate: Float[Array, "G F K"],
+    w_up: Float[Array, "G F K"],
+    group_sizes: Int[Array, " G"],
+    *,
+    x_scale: Float[Array, "M KB"] | None = None,
+    w_gate_scale: Float[Array, "G FB KB"] | None = None,
+    w_up_scale: Float[Array, "G FB KB"] | None = None,
+    implementation: str | None = None,
+    config: TuningConfig | None = None,
+) -> Float[Array, "M F"]:
+    """Fused gate/up projection with SwiGLU: ``silu(x @ w_gate^T) * (x @ w_up^T)``, bf16.
+
+    Shapes and dtypes as in ``grouped_matmul``; both projections use each row's group.
+    """
+    return grouped(
+        x,
+        (w_gate, w_up),
+        group_sizes,
+        x_scale=x_scale,
+        w_scales=(w_gate_scale, w_up_scale),
+        implementation=implementation,
+        config=config,
+    )

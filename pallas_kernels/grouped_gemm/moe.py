@@ -1,0 +1,151 @@
+"""The routed MoE FFN on the grouped GEMMs: permute -> gate/up SwiGLU -> down -> combine.
+
+``moe_ffn`` is what the model's MoE layer calls (one device's experts: all of them, an
+expert-parallel shard ``[first_expert, first_expert + E_local)``, and/or a tensor-parallel
+slice of F; the caller sums partial outputs across devices).
+
+Steps (T tokens, K routes per token, TK = T*K pairs):
+1. dispatch: sort the (token, k) pairs by local expert (pairs routed to other devices sort
+   last), group sizes by bincount, gather the token rows (quantized to FP8 once per token,
+   before the K-fold gather, when the weights are FP8);
+2. ``grouped_swiglu`` over the sorted rows -> h [TK, F]; FP8: h is re-quantized per token per
+   128 (the down projection is FP8 x FP8 too);
+3. ``grouped_matmul`` with w_down -> y [TK, D];
+4. combine: gather y back to (token, k) order with the inverse permutation and take the
+   router-weighted sum over k (a gather plus a K-term sum is cheaper than a scatter-add).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels.grouped_gemm.api import grouped
+from pallas_kernels.grouped_gemm.config import TuningConfig
+from step3_jax import quant
+
+
+def _dispatch(expert_ids, first_expert: int, e_local: int):
+    """Sort order of the flattened (token, k) pairs by local expert, and group sizes.
+
+    Returns (order [TK] int32, inverse [TK] int32, valid [TK] bool in original order,
+    group_sizes [E_local] int32).
+    """
+    local = expert_ids.reshape(-1).astype(jnp.int32) - first_expert
+    valid = (local >= 0) & (local < e_local)
+    key = jnp.where(valid, local, e_local)  # non-local pairs last
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
+    group_sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
+    return order, inverse, valid, group_sizes
+
+
+def _check_moe_args(x, expert_ids, expert_weights, w_gate, w_up, w_down):
+    if x.ndim != 2:
+        raise ValueError(f"x must be [T, D], got {x.shape}")
+    t, d = x.shape
+    if expert_ids.ndim != 2 or expert_ids.shape[0] != t:
+        raise ValueError(f"expert_ids must be [T={t}, K], got {expert_ids.shape}")
+    if expert_weights.shape != expert_ids.shape:
+        raise ValueError(f"expert_weights must be {expert_ids.shape}, got {expert_weights.shape}")
+    e, f, d2 = w_gate.shape
+    if d2 != d or w_up.shape != w_gate.shape:
+        raise ValueError(f"w_gate/w_up must be [E, F, D={d}], got {w_gate.shape}, {w_up.shape}")
+    if w_down.shape != (e, d, f):
+        raise ValueError(f"w_down must be [E={e}, D={d}, F={f}], got {w_down.shape}")
+
+
+def moe_ffn(
+    x: Float[Array, "T D"],
+    expert_ids: Int[Array, "T K"],
+    expert_weights: Float[Array, "T K"],
+    w_gate: Float[Array, "E F D"],
+    w_up: Float[Array, "E F D"],
+    w_down: Float[Array, "E D F"],
+    *,
+    first_expert: int = 0,
+    w_gate_scale: Float[Array, "E FB DB"] | None = None,
+    w_up_scale: Float[Array, "E FB DB"] | None = None,
+    w_down_scale: Float[Array, "E DB FB"] | None = None,
+    quantize_activations: bool | None = None,
+    implementation: str | None = None,
+    config: TuningConfig | None = None,
+) -> Float[Array, "T D"]:
+    """Routed expert FFN of one device: ``sum_k weight[t,k] * expert_{id[t,k]}(x[t])``.
+
+    Only experts ``[first_expert, first_expert + E_local)`` contribute; others give 0.
+    x: [T, D] bf16. expert_ids: [T, K] int (global ids). expert_weights: [T, K] f32.
+    Weights bf16, or float8_e4m3fn with 128x128 block scales ([E, F/128, D/128] for gate/up,
+    [E, D/128, F/128] for down). quantize_activations (None: iff weights are FP8) runs both
+    GEMMs FP8 x FP8 with per-token per-128 activation scales. Returns [T, D] bf16.
+    """
+    _check_moe_args(x, expert_ids, expert_weights, w_gate, w_up, w_down)
+    fp8_w = w_gate.dtype == quant.FP8_DTYPE
+    q_act = fp8_w if quantize_activations is None else quantize_activations
+    if q_act and not fp8_w:
+        raise ValueError("quantize_activations=True needs float8_e4m3fn weights")
+    t, n_k = expert_ids.shape
+    order, inverse, valid, group_sizes = _dispatch(expert_ids, first_expert, w_gate.shape[0])
+    token_of = order // n_k
+    kw = dict(implementation=implementation, config=config, zero_tail=False)
+    if q_act:
+        xq, xs = quant.quantize_activations(x)  # once per token, then gathered K-fold
+        h = grouped(
+            xq[token_of],
+            (w_gate, w_up),
+            group_sizes,
+            x_scale=xs[token_of],
+            w_scales=(w_gate_scale, w_up_scale),
+            **kw,
+        )
+        hq, hs = quant.quantize_activations(h)
+        y = grouped(hq, (w_down,), group_sizes, x_scale=hs, w_scales=(w_down_scale,), **kw)
+    else:
+        xb = x.astype(w_gate.dtype) if not fp8_w else x
+        h = grouped(
+            xb[token_of], (w_gate, w_up), group_sizes, w_scales=(w_gate_scale, w_up_scale), **kw
+        )
+        y = grouped(h, (w_down,), group_sizes, w_scales=(w_down_scale,), **kw)
+    # Rows of non-local pairs are unspecified (zero_tail=False): select, never multiply, so
+    # stale NaN/inf there cannot leak into the sum.
+    y_tk = jnp.where(valid[:, None], y[inverse], 0).reshape(t, n_k, -1)
+    coef = jnp.where(valid.reshape(t, n_k), expert_weights, 0).astype(jnp.float32)
+    out = jnp.einsum("TKD,TK->TD", y_tk.astype(jnp.float32), coef)
+    return out.astype(jnp.bfloat16)
+
+
+def shared_expert_ffn(
+    x: Float[Array, "T D"],
+    w_gate: Float[Array, "F D"],
+    w_up: Float[Array, "F D"],
+    w_down: Float[Array, "D F"],
+    *,
+    w_gate_scale: Float[Array, "FB DB"] | None = None,
+    w_up_scale: Float[Array, "FB DB"] | None = None,
+    w_down_scale: Float[Array, "DB FB"] | None = None,
+    implementation: str | None = None,
+    config: TuningConfig | None = None,
+) -> Float[Array, "T D"]:
+    """The always-on shared expert through the same kernels as one group holding every token.
+
+    Weights as in ``moe_ffn`` without the expert axis. Returns ``down(silu(gate x) * up x)``
+    as bf16 [T, D] (FP8 x FP8 when the weights are FP8).
+    """
+    t = x.shape[0]
+    ones = jnp.ones((t, 1), jnp.float32)
+    ids = jnp.zeros((t, 1), jnp.int32)
+    add = lambda a: None if a is None else a[None]
+    return moe_ffn(
+        x,
+        ids,
+        ones,
+        w_gate[None],
+        w_up[None],
+        w_down[None],
+        w_gate_scale=add(w_gate_scale),
+        w_up_scale=add(w_up_scale),
+        w_down_scale=add(w_down_scale),
+        implementation=implementation,
+        config=config,
+    )

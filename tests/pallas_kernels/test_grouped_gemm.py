@@ -1,0 +1,257 @@
+"""Grouped GEMM / SwiGLU / moe_ffn: the same suite for every implementation.
+
+``xla`` runs everywhere (CI on CPU); ``pallas`` (Mosaic GPU) runs on a Hopper GPU and is
+lowering-checked on CPU in ``test_grouped_gemm_lowering.py``.
+
+Tolerances (derived, not tuned). The kernels get the SAME quantized operands as the float32
+oracle, so their only errors are (a) operand rounding inside the implementation and (b) the
+final bf16 rounding:
+* (b): bf16 keeps 8 significant bits, so |rounding| <= 2**-8 * |ref|.
+* (a): the ``xla`` path rounds dequantized operands to bf16 (relative <= 2**-8 each, so
+  <= 2**-7 per product); the ``pallas`` path multiplies exact FP8 values in f32 (Hopper's FP8
+  wgmma accumulates with ~22 mantissa bits within one 128-wide K block, i.e. << 2**-7). Each
+  product x_k*w_k thus carries an independent error of at most 2**-7 |x_k w_k|, uniform in
+  sign, so the sum's error has std <= 2**-7 * sqrt(sum_k (x_k w_k)**2) / sqrt(3); we allow 6
+  standard deviations (``_bound``).
+* global: 1 - cos(out, ref) <= 2e-4 (relative error std ~2**-8 gives 1 - cos ~ 2**-17).
+moe_ffn with FP8 activations vs an UNquantized float32 oracle additionally sees e4m3
+rounding of x and of h (relative error uniform in +-2**-4, std 2**-4/sqrt(3) = 0.036 each):
+total relative std ~0.051, so 1 - cos ~ 0.051**2 / 2 = 1.3e-3; we allow 4e-3 globally and
+0.03 per token row.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.grouped_gemm import api, moe
+from pallas_kernels.grouped_gemm import reference as ref
+from step3_jax import quant
+
+
+def _has_hopper() -> bool:
+    try:
+        d = jax.devices()[0]
+    except RuntimeError:
+        return False
+    return d.platform == "gpu" and str(getattr(d, "compute_capability", "")).startswith("9")
+
+
+IMPLS = [
+    "xla",
+    pytest.param(
+        "pallas",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not _has_hopper(), reason="Mosaic GPU kernel needs a Hopper GPU"),
+        ],
+    ),
+]
+
+K, N, G = 256, 256, 5
+HP = jax.lax.Precision.HIGHEST
+
+
+def _fp8_case(seed, group_sizes, m, k=K, n=N, n_w=1):
+    """Quantized random x [m, k] and weights [G, n, k] (block-FP8), tail rows of x poisoned."""
+    keys = jax.random.split(jax.random.key(seed), 1 + n_w)
+    x = jax.random.normal(keys[0], (m, k), jnp.float32)
+    xq, xs = quant.quantize_activations(x)
+    # Rows past sum(group_sizes) belong to no group: NaN scales there must not leak anywhere.
+    total = int(np.sum(group_sizes))
+    xs = xs.at[total:].set(jnp.nan)
+    ws = []
+    for kk in keys[1:]:
+        # Scales differ per 128x128 block (x 2**[-2, 2]) so a wrong block index is caught.
+        g = len(group_sizes)
+        w = jax.random.normal(kk, (g, n // 128, 128, k // 128, 128), jnp.float32)
+        mult = jnp.exp2(jax.random.randint(kk, (g, n // 128, 1, k // 128, 1), -2, 3))
+        w = (w * mult).reshape(g, n, k)
+        ws.append(quant.quantize_weight_blocks(w))
+    return xq, xs, ws, jnp.asarray(group_sizes, jnp.int32)
+
+
+def _bound(x32, w32, gs, ref_out):
+    """Elementwise error bound (see module docstring)."""
+    spread = jnp.sqrt(ref.grouped_matmul(x32**2, w32**2, gs))
+    return 2.0**-8 * jnp.abs(ref_out) + 6 * 2.0**-7 * spread / np.sqrt(3) + 1e-6
+
+
+def _cos_diff(a, b):
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    return 1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)
+
+
+def _assert_close(out, want, bound, cos_tol=2e-4):
+    out = np.asarray(out.astype(jnp.float32))
+    assert np.all(np.isfinite(out)), "non-finite output"
+    err = np.abs(out - np.asarray(want))
+    worst = np.unravel_index(np.argmax(err - np.asarray(bound)), err.shape)
+    assert np.all(err <= np.asarray(bound)), f"error {err[worst]} > {bound[worst]} at {worst}"
+    assert _cos_diff(out, want) <= cos_tol
+
+
+GROUPS = {
+    "random": [37, 0, 64, 1, 61],  # sum 163 of M=200: 37 tail rows
+    "empty_experts": [0, 0, 130, 0, 0],
+    "one_takes_all": [0, 0, 0, 200, 0],
+    "not_tile_multiples": [1, 7, 65, 129, 0],  # sum 202 of M=208
+    "all_empty": [0, 0, 0, 0, 0],
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(GROUPS))
+def test_grouped_matmul_fp8(impl, case):
+    gs_list = GROUPS[case]
+    m = 208 if case == "not_tile_multiples" else 200
+    xq, xs, [(wq, ws)], gs = _fp8_case(hash(case) % 1000, gs_list, m)
+    out = api.grouped_matmul(xq, wq, gs, x_scale=xs, w_scale=ws, implementation=impl)
+    assert out.shape == (m, N) and out.dtype == jnp.bfloat16
+    x32 = jnp.nan_to_num(ref.dequantize_x(xq, xs))  # tail rows: oracle gives 0 there anyway
+    w32 = ref.dequantize_w(wq, ws)
+    want = ref.grouped_matmul(x32, w32, gs)
+    _assert_close(out, want, _bound(x32, w32, gs, want), cos_tol=2e-4 if sum(gs_list) else 1)
+    total = sum(gs_list)
+    assert np.all(np.asarray(out[total:]) == 0), "rows past sum(group_sizes) must be zero"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grouped_swiglu_fp8(impl):
+    gs_list = [50, 0, 3, 90, 41]
+    xq, xs, [(wg, sg), (wu, su)], gs = _fp8_case(7, gs_list, 192, n_w=2)
+    out = api.grouped_swiglu(
+        xq, wg, wu, gs, x_scale=xs, w_gate_scale=sg, w_up_scale=su, implementation=impl
+    )
+    x32 = jnp.nan_to_num(ref.dequantize_x(xq, xs))
+    g32, u32 = ref.dequantize_w(wg, sg), ref.dequantize_w(wu, su)
+    want = ref.grouped_swiglu(x32, g32, u32, gs)
+    gate, up = ref.grouped_matmul(x32, g32, gs), ref.grouped_matmul(x32, u32, gs)
+    # d(silu(g) u) = silu'(g) u dg + silu(g) du with |silu'| <= 1.1.
+    eg, eu = _bound(x32, g32, gs, gate), _bound(x32, u32, gs, up)
+    bound = 1.1 * jnp.abs(up) * eg + jnp.abs(jax.nn.silu(gate)) * eu + 2.0**-8 * jnp.abs(want)
+    _assert_close(out, want, bound)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grouped_matmul_bf16(impl):
+    gs = jnp.asarray([60, 0, 33, 70, 17], jnp.int32)
+    kx, kw = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, (192, K), jnp.float32).astype(jnp.bfloat16)
+    w = (jax.random.normal(kw, (G, N, K), jnp.float32) / 16).astype(jnp.bfloat16)
+    out = api.grouped_matmul(x, w, gs, implementation=impl)
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    want = ref.grouped_matmul(x32, w32, gs)
+    _assert_close(out, want, _bound(x32, w32, gs, want))
+
+
+def _moe_case(seed, t=48, d=256, f=256, e=6, k=3):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(ks[0], (t, d), jnp.float32).astype(jnp.bfloat16)
+    ids = jax.random.randint(ks[1], (t, k), 0, e)
+    rw = jax.random.uniform(ks[2], (t, k), jnp.float32)
+    ws = [
+        jax.random.normal(ks[3 + i], s, jnp.float32) / np.sqrt(s[-1])
+        for i, s in enumerate([(e, f, d), (e, f, d), (e, d, f)])
+    ]
+    return x, ids, rw, ws
+
+
+def _fp8_weights(ws):
+    qs = [quant.quantize_weight_blocks(w) for w in ws]
+    return [q for q, _ in qs], [s for _, s in qs]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_moe_ffn_fp8_expert_and_tensor_parallel(impl):
+    """Full device == sum of EP shards == sum of TP (F-split) shards == fp32 oracle."""
+    x, ids, rw, ws = _moe_case(11)
+    qv, qs = _fp8_weights(ws)
+    kw = dict(implementation=impl)
+    full = moe.moe_ffn(
+        x, ids, rw, *qv, w_gate_scale=qs[0], w_up_scale=qs[1], w_down_scale=qs[2], **kw
+    )
+    want = ref.moe_ffn(x, ids, rw, *qv, w_gate_scale=qs[0], w_up_scale=qs[1], w_down_scale=qs[2])
+    out = np.asarray(full.astype(jnp.float32))
+    assert _cos_diff(out, want) <= 4e-3
+    rows = [_cos_diff(out[i], np.asarray(want)[i]) for i in range(out.shape[0])]
+    assert max(rows) <= 0.03
+    # Expert parallel: experts [0, 2) and [2, 6) on two "devices".
+    ep = sum(
+        moe.moe_ffn(
+            x,
+            ids,
+            rw,
+            *(q[a:b] for q in qv),
+            first_expert=a,
+            w_gate_scale=qs[0][a:b],
+            w_up_scale=qs[1][a:b],
+            w_down_scale=qs[2][a:b],
+            **kw,
+        ).astype(jnp.float32)
+        for a, b in [(0, 2), (2, 6)]
+    )
+    # Tensor parallel: F split into two 128-wide halves (gate/up rows, down columns).
+    tp = sum(
+        moe.moe_ffn(
+            x,
+            ids,
+            rw,
+            qv[0][:, s],
+            qv[1][:, s],
+            qv[2][:, :, s],
+            w_gate_scale=qs[0][:, sb],
+            w_up_scale=qs[1][:, sb],
+            w_down_scale=qs[2][:, :, sb],
+            **kw,
+        ).astype(jnp.float32)
+        for s, sb in [(slice(0, 128), slice(0, 1)), (slice(128, 256), slice(1, 2))]
+    )
+    # Shards see the same quantized activations, so they agree with the full device up to
+    # bf16 rounding of each partial (2**-8 relative) and a different f32 summation order.
+    scale = np.abs(out).max()
+    np.testing.assert_allclose(np.asarray(ep), out, atol=2 * 2.0**-8 * scale)
+    assert _cos_diff(tp, want) <= 4e-3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_moe_ffn_bf16_and_shared(impl):
+    x, ids, rw, ws = _moe_case(5, t=40)
+    wb = [w.astype(jnp.bfloat16) for w in ws]
+    out = moe.moe_ffn(x, ids, rw, *wb, implementation=impl)
+    want = ref.moe_ffn(x, ids, rw, *[w.astype(jnp.float32) for w in wb])
+    assert _cos_diff(out.astype(jnp.float32), want) <= 2e-4
+    sh = moe.shared_expert_ffn(x, wb[0][1], wb[1][1], wb[2][1], implementation=impl)
+    one = ref.moe_ffn(
+        x, jnp.ones((40, 1), jnp.int32), jnp.ones((40, 1)), *[w.astype(jnp.float32) for w in wb]
+    )
+    assert _cos_diff(sh.astype(jnp.float32), one) <= 2e-4
+
+
+def test_validation_errors():
+    x = jnp.zeros((8, 256), jnp.bfloat16)
+    w = jnp.zeros((2, 128, 256), jnp.float8_e4m3fn)
+    gs = jnp.asarray([4, 4], jnp.int32)
+    with pytest.raises(ValueError, match="w_scale"):
+        api.grouped_matmul(x, w, gs)
+    with pytest.raises(ValueError, match="K=256"):
+        api.grouped_matmul(x, jnp.zeros((2, 128, 128), jnp.bfloat16), gs)
+    with pytest.raises(ValueError, match="group_sizes"):
+        api.grouped_matmul(x, w.astype(jnp.bfloat16), jnp.asarray([8], jnp.int32))
+    with pytest.raises(ValueError, match="FP8 x needs FP8 weights"):
+        api.grouped_matmul(x.astype(jnp.float8_e4m3fn), w.astype(jnp.bfloat16), gs)
+    with pytest.raises(ValueError, match="implementation"):
+        api.grouped_matmul(x, w.astype(jnp.bfloat16), gs, implementation="triton")
+    with pytest.raises(ValueError, match="w_down"):
+        moe.moe_ffn(
+            x,
+            jnp.zeros((8, 3), jnp.int32),
+            jnp.zeros((8, 3)),
+            w.astype(jnp.bfloat16),
+            w.astype(jnp.bfloat16),
+            w.astype(jnp.bfloat16),
+        )
