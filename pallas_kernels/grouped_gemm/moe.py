@@ -17,7 +17,6 @@ Steps (T tokens, K routes per token, TK = T*K pairs):
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
