@@ -248,6 +248,9 @@ class AFDSetup:
     attn_hw: HardwareSpec | None = None  # required
     ffn_hw: HardwareSpec | None = None  # defaults to attn_hw
     efficiency: Efficiency = Efficiency()
+    # Optional separate efficiency for the attention stage (e.g. measured on one attention
+    # layer, as the paper's Table 9 allows); None: `efficiency` everywhere.
+    attn_efficiency: Efficiency | None = None
     step_overhead_s: float = 0.0
     mem_reserve_bytes: float = 8e9  # attention GPU: embed/head, activations, workspace
 
@@ -274,7 +277,7 @@ def analytic_layer_times(setup: AFDSetup, batch: int) -> LayerTimes:
     lay, spec, eff = setup.layout, setup.spec, setup.efficiency
     seqs = batch / (lay.attn_gpus * setup.micro_batches)  # per attention GPU per micro-batch
     tokens = batch / setup.micro_batches  # all of one micro-batch, seen by the FFN side
-    attn = attention_layer_s(spec, setup.attn_hw, seqs, setup.ctx, eff)
+    attn = attention_layer_s(spec, setup.attn_hw, seqs, setup.ctx, setup.attn_efficiency or eff)
     a2f, f2a = transfer_s(spec, seqs, lay, setup.attn_hw, eff)
     ffn_hw = setup.ffn_hardware
     moe_ids = _moe_layer_flags(spec)

@@ -84,6 +84,16 @@ def test_analytic_stage_times_match_hand_roofline():
     )
 
 
+def test_attention_efficiency_only_scales_the_attention_stage():
+    import dataclasses
+
+    base = _paper_setup()
+    slow = dataclasses.replace(base, attn_efficiency=sim.Efficiency.uniform(0.5))
+    t0, t1 = sim.analytic_layer_times(base, 6144), sim.analytic_layer_times(slow, 6144)
+    assert t1.attn_s[0] == pytest.approx(2 * t0.attn_s[0], rel=1e-12)  # memory-bound: 1/eff
+    assert t1.ffn_s == t0.ffn_s and t1.a2f_s == t0.a2f_s
+
+
 def test_predict_respects_sla_and_memory():
     setup = _paper_setup(eff=0.5)
     p = sim.predict(setup, 0.050)
