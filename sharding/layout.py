@@ -1,0 +1,373 @@
+"""AFD layouts ("xAyF"), meshes, PartitionSpecs, and the per-device memory layout (role arenas).
+
+This docstring is THE description of the AFD memory layout (docs/afd.md repeats it with the
+measurements).
+
+Layouts
+-------
+An `AfdLayout` ``xAyF`` puts ``x`` attention devices (data-parallel: each owns its sequences
+and their KV cache, and runs embedding, MFA, router and LM head) and ``y = ffn_ep * ffn_tp``
+FFN devices (routed experts split ``ffn_ep`` ways by expert and ``ffn_tp`` ways along each
+expert's F) on a list of devices: attention devices first, then FFN devices (row-major over
+``(ffn_ep, ffn_tp)``). The shared expert and the dense-layer SwiGLU are tensor-parallel over
+ALL ``y`` FFN devices, their F padded with zero rows/columns to a multiple of ``y`` (a zero
+gate/up row and a zero down column contribute exactly 0, so padding changes no result).
+
+Meshes and specs. The readable executor (`sharding.reference`) uses two meshes with role-named
+axes, ``attn_dp`` and ``(ffn_ep, ffn_tp)``, so a spec cannot land on the wrong role
+(`AttentionSpecs`, `FfnSpecs`). The compiled executor (`sharding.afd`) runs ONE program over a
+1-D mesh ``afd`` holding every device; a device's role is ``axis_index('afd') < x``.
+
+The memory catch, and the role arena
+------------------------------------
+In one SPMD program every device receives a same-shaped shard of every argument. Giving each
+role its own arrays would make every device hold both roles' shards (for full Step-3 as 1A3F,
+~100 GB of experts on the attention GPU). Instead every device holds, for each storage dtype,
+ONE flat buffer (an *arena*, global shape ``[n_devices * P_dtype]`` sharded over ``afd``), and
+each role lays out its own tensors in it:
+
+* attention role: per layer ``input_norm [D]``, ``q_proj [R,D]``, ``k_proj [H,D]``,
+  ``v_proj [H,D]``, ``inter_norm [R]``, ``wq [N,H,R]``, ``o_proj [D,N,H]``, ``post_norm [D]``,
+  ``router [E,D]`` (count L, unused in dense layers: E*D per dense layer); once:
+  ``embed [V,D]``, ``final_norm [D]``, ``lm_head [V,D]``; the KV cache as items
+  ``k, v [Bm,S,H]`` (count L*M: item ``l*M + m`` is micro-batch m of layer l) plus, for an FP8
+  cache, ``k_scale, v_scale [Bm,S]`` float32.
+* FFN role: per MoE layer ``gate, up [E/ep, F/tp, D]``, ``down [E/ep, D, F/tp]``, shared
+  ``shared_gate, shared_up [ceil(Fs/y), D]``, ``shared_down [D, ceil(Fs/y)]``; per dense layer
+  ``dense_gate, dense_up [ceil(Fd/y), D]``, ``dense_down [D, ceil(Fd/y)]``.
+
+Each region starts at a multiple of `ALIGN` elements; item i of a region sits at
+``offset + i * prod(shape)``. ``P_dtype = max over roles`` of that role's end offset: the two
+roles OVERLAP in the same bytes, so a device's memory is the larger role's, never the sum. The
+executor reads a tensor with one ``lax.dynamic_slice`` + reshape and writes the cache with a
+scatter into the (donated) arena, in place. Waste of a role = arena bytes it does not use; the
+attention role turns its spare bytes into KV cache (`kv_batch_that_fits`), so on full Step-3
+the only waste is the per-dtype mismatch (e.g. the FFN devices' unused bf16 embedding slot),
+checked by tests/sharding/test_afd_layout.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+ALIGN = 512  # elements: every region starts 512-element aligned (>= 512 B: coalesced loads)
+_LAYOUT_RE = re.compile(r"^\s*(\d+)\s*[Aa]\s*(\d+)\s*[Ff]\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class AfdLayout:
+    """``num_attention`` attention devices + ``ffn_ep * ffn_tp`` FFN devices."""
+
+    num_attention: int  # x: data-parallel attention devices
+    ffn_ep: int  # expert-parallel ways of the FFN devices
+    ffn_tp: int = 1  # tensor-parallel ways (along F) of each expert
+
+    def __post_init__(self):
+        for name in ("num_attention", "ffn_ep", "ffn_tp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AfdLayout.{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def parse(cls, text: str, ffn_ep: int | None = None) -> AfdLayout:
+        """``"1A3F"`` -> 1 attention + 3 FFN devices; ``ffn_ep`` defaults to all EP."""
+        m = _LAYOUT_RE.match(text)
+        if not m:
+            raise ValueError(f"layout must look like '2A6F' (xAyF), got {text!r}")
+        a, f = int(m.group(1)), int(m.group(2))
+        ep = f if ffn_ep is None else int(ffn_ep)
+        if ep < 1 or f % ep:
+            raise ValueError(f"ffn_ep={ep} must divide the {f} FFN devices of {text!r}")
+        return cls(a, ep, f // ep)
+
+    @property
+    def num_ffn(self) -> int:
+        return self.ffn_ep * self.ffn_tp
+
+    @property
+    def num_devices(self) -> int:
+        return self.num_attention + self.num_ffn
+
+    @property
+    def name(self) -> str:
+        return f"{self.num_attention}A{self.num_ffn}F"
+
+    def check_config(self, config) -> None:
+        """Raises ValueError if the experts / expert F do not split over this layout."""
+        if config.num_experts % self.ffn_ep:
+            raise ValueError(
+                f"{self.name}: ffn_ep={self.ffn_ep} must divide num_experts={config.num_experts}"
+            )
+        if config.moe_intermediate_size % self.ffn_tp:
+            raise ValueError(
+                f"{self.name}: ffn_tp={self.ffn_tp} must divide "
+                f"moe_intermediate_size={config.moe_intermediate_size}"
+            )
+
+    def check_devices(self, devices) -> list:
+        devices = list(devices)
+        if len(devices) != self.num_devices:
+            raise ValueError(
+                f"layout {self.name} (ep={self.ffn_ep}, tp={self.ffn_tp}) needs exactly "
+                f"{self.num_devices} devices, got {len(devices)}"
+            )
+        return devices
+
+    # ------------------------------------------------------------------ meshes
+    def afd_mesh(self, devices) -> Mesh:
+        """One 1-D mesh ``('afd',)``: attention devices first, then FFN devices."""
+        return Mesh(np.array(self.check_devices(devices)), ("afd",))
+
+    def attention_mesh(self, devices) -> Mesh:
+        devices = self.check_devices(devices)
+        return Mesh(np.array(devices[: self.num_attention]), ("attn_dp",))
+
+    def ffn_mesh(self, devices) -> Mesh:
+        devices = self.check_devices(devices)
+        grid = np.array(devices[self.num_attention :]).reshape(self.ffn_ep, self.ffn_tp)
+        return Mesh(grid, ("ffn_ep", "ffn_tp"))
+
+    def ffn_coords(self, j: int) -> tuple[int, int]:
+        """FFN device j (0-based among FFN devices) -> (ep index, tp index)."""
+        return j // self.ffn_tp, j % self.ffn_tp
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpecs:
+    """PartitionSpecs on the attention mesh (axis ``attn_dp``); weights are replicated."""
+
+    act_btd: PartitionSpec = PartitionSpec("attn_dp")
+    tokens_bt: PartitionSpec = PartitionSpec("attn_dp")
+    cache_lbsh: PartitionSpec = PartitionSpec(None, "attn_dp")
+    routing_btk: PartitionSpec = PartitionSpec("attn_dp")
+    weights: PartitionSpec = PartitionSpec()
+
+
+@dataclasses.dataclass(frozen=True)
+class FfnSpecs:
+    """PartitionSpecs on the FFN mesh (axes ``ffn_ep``, ``ffn_tp``).
+
+    Tokens arrive replicated on every FFN device; each returns a partial ``[A, T, D]`` sum
+    (stacked over the FFN devices along a leading axis) that the attention side adds up.
+    """
+
+    w_gate_efd: PartitionSpec = PartitionSpec("ffn_ep", "ffn_tp", None)
+    w_down_edf: PartitionSpec = PartitionSpec("ffn_ep", None, "ffn_tp")
+    shared_gate_fd: PartitionSpec = PartitionSpec(("ffn_ep", "ffn_tp"), None)
+    shared_down_df: PartitionSpec = PartitionSpec(None, ("ffn_ep", "ffn_tp"))
+    tokens_td: PartitionSpec = PartitionSpec()
+    partial_ytd: PartitionSpec = PartitionSpec(("ffn_ep", "ffn_tp"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ArenaSpecs:
+    """The compiled executor's specs on the 1-D ``afd`` mesh: one row per device."""
+
+    arena_p: PartitionSpec = PartitionSpec("afd")
+    per_device_bt: PartitionSpec = PartitionSpec("afd")
+
+
+# ---------------------------------------------------------------------------- memory layout
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """``count`` items of ``shape`` in the ``dtype`` arena, item i at ``offset + i*size``."""
+
+    name: str
+    dtype: str  # numpy dtype name of the arena it lives in
+    shape: tuple[int, ...]
+    count: int
+    offset: int = 0
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.count * self.size
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.size * np.dtype(self.dtype).itemsize
+
+
+def _place(specs: list[tuple[str, str, tuple[int, ...], int]]) -> dict[str, Region]:
+    """Assigns aligned offsets, region after region, separately in each dtype's arena."""
+    cursor: dict[str, int] = {}
+    out = {}
+    for name, dtype, shape, count in specs:
+        start = -(-cursor.get(dtype, 0) // ALIGN) * ALIGN
+        out[name] = Region(name, dtype, tuple(int(s) for s in shape), int(count), start)
+        cursor[dtype] = out[name].end
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ArenaDtypes:
+    """Storage dtypes (numpy names) of the tensor kinds an arena holds."""
+
+    weight: str = "bfloat16"  # linear weights ("float8_e4m3fn": + float32 block scales)
+    norm: str = "bfloat16"  # RMSNorm scales and the router
+    embed: str = "bfloat16"  # embedding and lm_head
+    cache: str = "bfloat16"  # KV cache ("float8_e4m3fn": + float32 per-token scales)
+
+    @property
+    def fp8_weights(self) -> bool:
+        return self.weight == "float8_e4m3fn"
+
+
+def _weight(name, shape, count, dt: ArenaDtypes, num_contract=1, num_batch=0):
+    """A linear weight's region(s): values, plus the 128x128 block scales when FP8."""
+    out = [(name, dt.weight, shape, count)]
+    if dt.fp8_weights:
+        batch, rest = shape[:num_batch], shape[num_batch:]
+        n, k = math.prod(rest[: len(rest) - num_contract]), math.prod(rest[-num_contract:])
+        out.append((name + "_scale", "float32", (*batch, -(-n // 128), -(-k // 128)), count))
+    return out
+
+
+def attention_specs(config, dt: ArenaDtypes, microbatch: int, num_mb: int, max_len: int):
+    """(name, dtype, shape, count) of everything an attention device holds."""
+    c, n_l = config, config.num_layers
+    d, r, n, h = c.hidden_size, c.share_q_dim, c.num_heads, c.head_dim
+    specs = [("input_norm", dt.norm, (d,), n_l)]
+    specs += _weight("q_proj", (r, d), n_l, dt) + _weight("k_proj", (h, d), n_l, dt)
+    specs += _weight("v_proj", (h, d), n_l, dt) + [("inter_norm", dt.norm, (r,), n_l)]
+    specs += _weight("wq", (n, h, r), n_l, dt) + _weight("o_proj", (d, n, h), n_l, dt, 2)
+    specs += [("post_norm", dt.norm, (d,), n_l), ("router", dt.norm, (c.num_experts, d), n_l)]
+    specs += [("embed", dt.embed, (c.vocab_size, d), 1), ("final_norm", dt.norm, (d,), 1)]
+    specs += [("lm_head", dt.embed, (c.vocab_size, d), 1)]
+    kv = (microbatch, max_len, h)
+    specs += [("cache_k", dt.cache, kv, n_l * num_mb), ("cache_v", dt.cache, kv, n_l * num_mb)]
+    if dt.cache == "float8_e4m3fn":
+        specs += [("cache_k_scale", "float32", kv[:2], n_l * num_mb)]
+        specs += [("cache_v_scale", "float32", kv[:2], n_l * num_mb)]
+    return specs
+
+
+def ffn_local_dims(config, layout: AfdLayout) -> dict[str, int]:
+    """Per-FFN-device widths: experts, routed F, shared F and dense F (padded to split)."""
+    y = layout.num_ffn
+    return dict(
+        experts=config.num_experts // layout.ffn_ep,
+        moe_f=config.moe_intermediate_size // layout.ffn_tp,
+        shared_f=-(-config.share_expert_dim // y) if config.share_expert_dim else 0,
+        dense_f=-(-config.intermediate_size // y),
+    )
+
+
+def ffn_specs(config, layout: AfdLayout, dt: ArenaDtypes):
+    """(name, dtype, shape, count) of everything an FFN device holds."""
+    d, loc = config.hidden_size, ffn_local_dims(config, layout)
+    n_moe, n_dense = len(config.moe_layer_ids), len(config.dense_layer_ids)
+    e, f = loc["experts"], loc["moe_f"]
+    specs = _weight("gate", (e, f, d), n_moe, dt, num_batch=1)
+    specs += _weight("up", (e, f, d), n_moe, dt, num_batch=1)
+    specs += _weight("down", (e, d, f), n_moe, dt, num_batch=1)
+    if loc["shared_f"]:
+        fs = loc["shared_f"]
+        specs += _weight("shared_gate", (fs, d), n_moe, dt)
+        specs += _weight("shared_up", (fs, d), n_moe, dt)
+        specs += _weight("shared_down", (d, fs), n_moe, dt)
+    fd = loc["dense_f"]
+    specs += _weight("dense_gate", (fd, d), n_dense, dt) + _weight("dense_up", (fd, d), n_dense, dt)
+    specs += _weight("dense_down", (d, fd), n_dense, dt)
+    return specs
+
+
+@dataclasses.dataclass(frozen=True)
+class ArenaLayout:
+    """Where each role's tensors live in the per-dtype arenas (see the module docstring)."""
+
+    attention: dict[str, Region]
+    ffn: dict[str, Region]
+    sizes: dict[str, int]  # dtype -> elements per device (max over roles, ALIGN-rounded)
+
+    @classmethod
+    def build(
+        cls,
+        config,
+        layout: AfdLayout,
+        *,
+        microbatch: int,
+        num_microbatches: int,
+        max_len: int,
+        dtypes: ArenaDtypes = ArenaDtypes(),
+    ) -> ArenaLayout:
+        layout.check_config(config)
+        att = _place(attention_specs(config, dtypes, microbatch, num_microbatches, max_len))
+        ffn = _place(ffn_specs(config, layout, dtypes))
+        sizes: dict[str, int] = {}
+        for reg in (*att.values(), *ffn.values()):
+            sizes[reg.dtype] = max(sizes.get(reg.dtype, 0), -(-reg.end // ALIGN) * ALIGN)
+        return cls(att, ffn, sizes)
+
+    def role(self, role: str) -> dict[str, Region]:
+        if role not in ("attention", "ffn"):
+            raise ValueError(f"role must be 'attention' or 'ffn', got {role!r}")
+        return self.attention if role == "attention" else self.ffn
+
+    def bytes_per_device(self) -> int:
+        return sum(n * np.dtype(t).itemsize for t, n in self.sizes.items())
+
+    def used_bytes(self, role: str) -> int:
+        return sum(r.nbytes for r in self.role(role).values())
+
+    def waste_bytes(self, role: str) -> int:
+        """Arena bytes a device of ``role`` holds but never reads (alignment gaps included)."""
+        return self.bytes_per_device() - self.used_bytes(role)
+
+    def naive_bytes_per_device(self) -> int:
+        """What one array per tensor would cost: every device holds BOTH roles' shards."""
+        return self.used_bytes("attention") + self.used_bytes("ffn")
+
+    def report(self) -> dict:
+        gib = 2.0**30
+        return {
+            "arena_elements": dict(self.sizes),
+            "bytes_per_device_gib": self.bytes_per_device() / gib,
+            "attention_used_gib": self.used_bytes("attention") / gib,
+            "ffn_used_gib": self.used_bytes("ffn") / gib,
+            "naive_two_role_gib": self.naive_bytes_per_device() / gib,
+        }
+
+
+def kv_batch_that_fits(
+    config,
+    layout: AfdLayout,
+    *,
+    device_bytes: int,
+    num_microbatches: int,
+    max_len: int,
+    dtypes: ArenaDtypes = ArenaDtypes(),
+    reserve_bytes: int = 0,
+) -> int:
+    """Largest micro-batch whose arena fits ``device_bytes - reserve_bytes`` (0 if none)."""
+
+    def fits(mb: int) -> bool:
+        arena = ArenaLayout.build(
+            config,
+            layout,
+            microbatch=mb,
+            num_microbatches=num_microbatches,
+            max_len=max_len,
+            dtypes=dtypes,
+        )
+        return arena.bytes_per_device() <= device_bytes - reserve_bytes
+
+    lo, hi = 0, 1
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def arena_sharding(mesh: Mesh) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, ArenaSpecs().arena_p)
