@@ -1,0 +1,429 @@
+"""Decode-step benchmark: tokens/s, time per layer, bytes read, fraction of copy bandwidth.
+
+One decode step = every sequence of the batch appends one token at context ``ctx``: embedding,
+``L`` decoder layers (MFA with the cache write and attention over ``ctx`` cached tokens, MoE or
+dense FFN), final norm, lm_head, greedy argmax. The step is ``jax.jit`` of a pure function of
+(params, tokens, cache) with the cache donated, timed with ``block_until_ready`` (median of
+``--steps`` steps after warm-up).
+
+Bytes the step must read (the memory roofline): every weight byte a token batch touches
+(attention linears, norms, router, shared expert, dense FFN, the routed experts it selects,
+lm_head; the embedding rows are negligible) plus the KV cache (values + per-token scales) of
+``ctx`` tokens per sequence per layer. Routed experts touched: the expected number of distinct
+experts among ``B * top_k`` uniform draws, ``E * (1 - (1 - K/E)^B)``; the dense MoE oracle reads
+all ``E`` anyway (reported as ``bytes_all``). The device ceiling is a measured device-to-device
+copy (read + write) in the same run.
+
+    # CPU, tiny config
+    python benchmarks/bench_decode.py --config tiny
+    # GPU, Step-3 layer shapes (see benchmarks/gpu_decode.sh)
+    python benchmarks/bench_decode.py --config step3 --layers 5 --batch 128 --context 4096 \
+        --precision bf16,fp8,fp8+kv8
+
+The last stdout line is JSON; ``--out`` also writes it (with device, jax version, commit, date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from step3_jax.cache import KVCache  # noqa: E402
+from step3_jax.config import Step3Config  # noqa: E402
+from step3_jax.model import Step3Model  # noqa: E402
+from step3_jax.quant_model import _LINEARS, Fp8Weight, Precision  # noqa: E402
+
+
+# ---------------------------------------------------------------------- model construction
+def bench_config(name: str, layers: int | None, vocab: int | None) -> Step3Config:
+    """``tiny`` or ``step3`` layer shapes; for step3 every layer is an MoE layer."""
+    if name == "tiny":
+        cfg = Step3Config.tiny()
+        return dataclasses.replace(cfg, num_layers=layers or cfg.num_layers) if layers else cfg
+    n = layers or 4
+    return dataclasses.replace(
+        Step3Config.step3(),
+        num_layers=n,
+        moe_layer_ids=tuple(range(n)),
+        vocab_size=vocab or Step3Config.step3().vocab_size,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "std", "dtype"))
+def _random_float(key, shape, std, dtype=jnp.bfloat16):
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "std", "nb", "nc"))
+def _random_fp8(key, shape, std, nb, nc):
+    w = std * jax.random.normal(key, shape, jnp.float32)
+    return Fp8Weight.quantize(w, num_batch=nb, num_contract=nc)
+
+
+def _fp8_layout(model) -> dict[int, tuple[int, int]]:
+    """id(param) -> (num_batch, num_contract) for every linear weight quantize_model would touch."""
+    out = {}
+    for _, node in nnx.iter_graph(model):
+        for (cls_name, attr), layout in _LINEARS.items():
+            if type(node).__name__ == cls_name and hasattr(node, attr):
+                out[id(getattr(node, attr))] = layout
+    return out
+
+
+def random_model(
+    cfg: Step3Config, precision: Precision, moe: str, attention, dtype=jnp.bfloat16, seed: int = 0
+):
+    """Random weights built leaf by leaf ON DEVICE (never a host copy, never the full bf16
+    model next to its FP8 copy): norms are ones, the rest N(0, 1/fan_in)."""
+    model = nnx.eval_shape(
+        lambda: Step3Model(
+            cfg,
+            rngs=nnx.Rngs(seed),
+            dtype=dtype,
+            param_dtype=dtype,
+            moe_implementation=moe,
+            attention_implementation=attention,
+        )
+    )
+    fp8 = _fp8_layout(model) if precision.fp8_weights else {}
+    key = jax.random.key(seed)
+    for i, (_, node) in enumerate(nnx.iter_graph(model)):
+        if not isinstance(node, nnx.Param):
+            continue
+        shape = tuple(node.value.shape)
+        if len(shape) == 1:  # norm weight
+            node.value = jnp.ones(shape, dtype)
+            continue
+        fan_in = (
+            shape[-1] if id(node) not in fp8 else math.prod(shape[len(shape) - fp8[id(node)][1] :])
+        )
+        std = float(fan_in) ** -0.5
+        k = jax.random.fold_in(key, i)
+        if id(node) in fp8:
+            node.value = _random_fp8(k, shape, std, *fp8[id(node)])
+        else:
+            node.value = _random_float(k, shape, std, dtype)
+    return model
+
+
+def random_cache(cfg, batch: int, ctx: int, extra: int, dtype, seed: int = 1) -> KVCache:
+    """A cache of ``ctx + extra`` slots whose first ``ctx`` hold random K/V (lengths = ctx)."""
+    cache = KVCache.create(cfg.num_layers, batch, ctx + extra, cfg.head_dim, dtype)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def fill(c):
+        kk, kv = jax.random.split(jax.random.key(seed))
+        k = jax.random.normal(kk, c.k.shape, jnp.float32).astype(c.k.dtype)
+        v = jax.random.normal(kv, c.v.shape, jnp.float32).astype(c.v.dtype)
+        return c.replace(k=k, v=v, lengths=jnp.full((batch,), ctx, jnp.int32))
+
+    return fill(cache)
+
+
+# ---------------------------------------------------------------------- byte accounting
+def _leaf_bytes(tree) -> int:
+    return int(sum(np.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+
+
+def step_bytes(model, cfg: Step3Config, cache: KVCache, batch: int, ctx: int) -> dict:
+    """Bytes one decode step must read (see the module docstring)."""
+    total = _leaf_bytes(nnx.state(model, nnx.Param))
+    embed = _leaf_bytes(model.embed_tokens[...])
+    routed = 0
+    for layer in model.layers:
+        if layer.is_moe:
+            ffn = layer.ffn
+            routed += sum(_leaf_bytes(p[...]) for p in (ffn.gate_proj, ffn.up_proj, ffn.down_proj))
+    e, k = cfg.num_experts, cfg.top_k
+    touched = e * (1.0 - (1.0 - k / e) ** batch)
+    weights_min = total - embed - routed + routed * touched / e
+    kv_per_token_layer = (cache.nbytes() - 0) / (cache.num_layers * cache.batch * cache.max_len)
+    kv = kv_per_token_layer * cfg.num_layers * batch * ctx
+    return {
+        "weight_bytes": int(weights_min),
+        "weight_bytes_all": int(total - embed),
+        "kv_bytes": int(kv),
+        "bytes_min": int(weights_min + kv),
+        "bytes_all": int(total - embed + kv),
+        "experts_touched": touched,
+    }
+
+
+# ---------------------------------------------------------------------- timing
+def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
+    """Device copy bandwidth in B/s: (read + write) bytes of ``y = x + 1`` per second."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1.0)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / float(np.median(times))
+
+
+def make_step(graphdef):
+    @functools.partial(jax.jit, donate_argnums=(2,))
+    def step(state, tokens, cache):
+        model = nnx.merge(graphdef, state)
+        logits, cache = model(tokens[:, None], cache=cache)
+        return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
+
+    return step
+
+
+def make_head(graphdef):
+    @jax.jit
+    def head(state, x):
+        return nnx.merge(graphdef, state).logits(x)
+
+    return head
+
+
+def _median_time(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def cache_copies(hlo: str, batch: int, max_len: int, head_dim: int) -> list[str]:
+    """Copy/transpose HLO instructions whose shape holds a whole layer's K or V (dims B, S and
+    H): a materialized per-layer cache slice or a transposed K costs an extra cache read+write."""
+    found = []
+    for line in hlo.splitlines():
+        s = line.strip()
+        if not any(f" {op}(" in s for op in ("copy", "copy-start", "transpose")):
+            continue
+        try:
+            dims_txt = s.split("=", 1)[1].split("[", 1)[1].split("]", 1)[0]
+            dims = [int(d) for d in dims_txt.split(",") if d.strip()]
+        except (IndexError, ValueError):
+            continue
+        if {batch, max_len, head_dim} <= set(dims) and math.prod(dims) >= batch * max_len:
+            found.append(s[:160])
+    return found
+
+
+def measure(model, cfg, precision: Precision, batch: int, ctx: int, steps: int, dump_hlo=None):
+    """Times one decode-step configuration; returns a result dict."""
+    graphdef, state = nnx.split(model)
+    step = make_step(graphdef)
+    warm = 2
+    cache = random_cache(cfg, batch, ctx, warm + steps + 1, precision.cache_dtype or model.dtype)
+    tokens = jax.random.randint(jax.random.key(2), (batch,), 0, cfg.vocab_size, jnp.int32)
+    bytes_ = step_bytes(model, cfg, cache, batch, ctx)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, tokens, cache).compile()
+    compile_s = time.perf_counter() - t0
+    hlo = compiled.as_text()
+    copies = cache_copies(hlo, batch, cache.max_len, cfg.head_dim)
+    if dump_hlo:
+        with open(dump_hlo, "w") as f:
+            f.write(hlo)
+    carry = [tokens, cache]
+
+    def one():
+        carry[0], carry[1] = compiled(state, carry[0], carry[1])
+        return carry[0]
+
+    for _ in range(warm):
+        one()
+    step_s = _median_time(one, steps)
+    # lm_head + final norm alone, to separate the per-layer time from the head.
+    head = make_head(graphdef)
+    x = jax.random.normal(jax.random.key(3), (batch, 1, cfg.hidden_size), model.dtype)
+    head(state, x).block_until_ready()
+    head_s = _median_time(lambda: head(state, x), steps)
+    carry.clear()
+    return {
+        "precision": precision.name,
+        "batch": batch,
+        "context": ctx,
+        "layers": cfg.num_layers,
+        "step_ms": step_s * 1e3,
+        "head_ms": head_s * 1e3,
+        "per_layer_us": (step_s - head_s) / cfg.num_layers * 1e6,
+        "tokens_per_s": batch / step_s,
+        "compile_s": compile_s,
+        "cache_copies_in_hlo": len(copies),
+        "cache_copy_examples": copies[:3],
+        **bytes_,
+        "achieved_GBps": bytes_["bytes_min"] / step_s / 1e9,
+    }
+
+
+def gemm_forms(m: int = 128, reps: int = 20) -> list[dict]:
+    """XLA forms of one FP8 GEMM at decode shapes vs bf16: time and weight-read GB/s."""
+    out = []
+    shapes = [
+        ("dense_ffn", "MD,FD->MF", (18432, 7168)),
+        ("experts", "MD,EFD->MEF", (48, 5120, 7168)),
+    ]
+    for name, eqn, wshape in shapes:
+        key = jax.random.key(0)
+        w = _random_float(key, wshape, 0.01)
+        x = jax.random.normal(key, (m, wshape[-1]), jnp.bfloat16)
+        nb = len(wshape) - 2
+        cands = {"bf16": w}
+        for form in ("dequant", "fp8_blocks"):
+            cands[f"fp8_{form}"] = dataclasses.replace(
+                Fp8Weight.quantize(w, num_batch=nb), gemm=form
+            )
+        from step3_jax.layers.linear import project
+
+        for label, wt in cands.items():
+            f = jax.jit(lambda x, wt, eqn=eqn: project(x, wt, eqn))
+            try:
+                f(x, wt).block_until_ready()
+                t = _median_time(lambda f=f, wt=wt, x=x: f(x, wt), reps)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                out.append({"gemm": name, "form": label, "error": repr(e)[:200]})
+                continue
+            wbytes = _leaf_bytes(wt)
+            out.append(
+                {
+                    "gemm": name,
+                    "form": label,
+                    "m": m,
+                    "us": t * 1e6,
+                    "weight_GBps": wbytes / t / 1e9,
+                }
+            )
+            print(json.dumps(out[-1]), flush=True)
+        del cands, w
+    return out
+
+
+def _meta() -> dict:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    dev = jax.devices()[0]
+    return {
+        "device": getattr(dev, "device_kind", str(dev)),
+        "platform": dev.platform,
+        "jax": jax.__version__,
+        "commit": commit,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", choices=("tiny", "step3"), default="tiny")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=None, help="step3 only; default the real vocab")
+    p.add_argument("--precision", default="bf16,fp8,fp8+kv8")
+    p.add_argument("--batch", default="1,8")
+    p.add_argument("--context", default="64,256")
+    p.add_argument("--pairs", default="", help="explicit B:ctx list, e.g. 128:4096,1:1024")
+    p.add_argument("--moe", choices=("dense", "grouped"), default="dense")
+    p.add_argument("--attention", default="xla", help="xla | pallas | auto (kernel API)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="compute/param dtype; default bf16 on GPU, "
+        "float32 on CPU (XLA:CPU lacks some bf16 x bf16 -> f32 dots)",
+    )
+    p.add_argument("--gemm-forms", action="store_true", help="also time the FP8 GEMM forms")
+    p.add_argument("--budget-s", type=float, default=1e9, help="skip configs after this time")
+    p.add_argument("--hlo-dir", default=None)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    t_start = time.perf_counter()
+    cfg = bench_config(a.config, a.layers, a.vocab)
+    pairs = (
+        [tuple(map(int, s.split(":"))) for s in a.pairs.split(",") if s]
+        if a.pairs
+        else [(b, c) for b in _ints(a.batch) for c in _ints(a.context)]
+    )
+    attention = None if a.attention == "auto" else a.attention
+    result = {**_meta(), "config": a.config, "layers": cfg.num_layers, "moe": a.moe}
+    result["attention"] = a.attention
+    result["copy_GBps"] = copy_bandwidth(256 << 20 if a.config == "tiny" else 2 << 30) / 1e9
+    print(f"copy bandwidth {result['copy_GBps']:.0f} GB/s", flush=True)
+    if a.gemm_forms:
+        result["gemm_forms"] = gemm_forms()
+    runs = result["runs"] = []
+    dtype = jnp.dtype(a.dtype or ("bfloat16" if result["platform"] == "gpu" else "float32"))
+    result["dtype"] = dtype.name
+    # Pairs outer, precisions inner: the must-have pair runs in every mode before the budget
+    # can cut anything; one model is alive at a time (a Step-3 layer stack fills the GPU).
+    for b, c in pairs:
+        for name in a.precision.split(","):
+            if time.perf_counter() - t_start > a.budget_s:
+                runs.append({"precision": name, "batch": b, "context": c, "skipped": "budget"})
+                continue
+            hlo = None
+            if a.hlo_dir and (b, c) == pairs[0] and name != "fp8":
+                hlo = os.path.join(a.hlo_dir, f"decode_{name.replace('+', '_')}_b{b}_s{c}.hlo")
+            try:
+                model = random_model(cfg, Precision(name), a.moe, attention, dtype)
+                r = measure(model, cfg, Precision(name), b, c, a.steps, hlo)
+            except Exception as e:  # noqa: BLE001 - keep the sweep going, report the failure
+                r = {"precision": name, "batch": b, "context": c, "error": repr(e)[:300]}
+            model = None  # free the weights before the next model is built
+            r["copy_fraction"] = r.get("achieved_GBps", 0.0) / result["copy_GBps"]
+            runs.append(r)
+            print(json.dumps(r), flush=True)
+            if a.out:
+                _write(a.out, result)
+    if a.out:
+        _write(a.out, result)
+    summary = {k: result[k] for k in ("device", "jax", "commit", "config", "layers", "copy_GBps")}
+    summary["runs"] = [
+        {
+            k: r.get(k)
+            for k in (
+                "precision",
+                "batch",
+                "context",
+                "per_layer_us",
+                "tokens_per_s",
+                "achieved_GBps",
+                "copy_fraction",
+                "bytes_min",
+                "error",
+            )
+        }
+        for r in runs
+    ]
+    print(json.dumps(summary))
+    return result
+
+
+def _write(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
