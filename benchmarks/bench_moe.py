@@ -33,6 +33,11 @@ from pallas_kernels.grouped_gemm import api, moe  # noqa: E402
 from pallas_kernels.grouped_gemm.config import TuningConfig  # noqa: E402
 
 D, F, E, TOPK = 7168, 5120, 48, 3
+# BENCH_DRY=1: tiny shapes and the XLA path, to test this script's plumbing on a CPU.
+DRY = os.environ.get("BENCH_DRY") == "1"
+if DRY:
+    D, F = 256, 256
+IMPL = "xla" if DRY else "pallas"
 
 
 def timeit(fn, *args, iters=20, warmup=2):
@@ -122,7 +127,7 @@ def bench_case(t, e_local, weights, scales, shared, cfg, baselines, copy_gbs, fp
     active = int((gs > 0).sum())
     wg, wu, wd = weights
     sg, su, sd = scales
-    kw = dict(implementation="pallas", config=cfg)
+    kw = dict(implementation=IMPL, config=cfg)
     res = {"T": t, "E_local": e_local, "routed_rows": rows, "active_experts": active}
 
     layer = jax.jit(
@@ -238,6 +243,98 @@ def make_baselines(e_local, max_xla_t):
     return out
 
 
+SWEEP = {
+    "wg1_64x128_s4": TuningConfig(block_m=64, block_n=128, max_concurrent_steps=4),
+    "wg2n_64x256_s4": TuningConfig(block_m=64, block_n=128, num_compute_wgs=2, wg_dim="n"),
+    "wg2m_128x128_s4": TuningConfig(block_m=64, block_n=128, num_compute_wgs=2, wg_dim="m"),
+    "wg2n_64x256_s6": TuningConfig(
+        block_m=64, block_n=128, num_compute_wgs=2, wg_dim="n", max_concurrent_steps=6
+    ),
+}
+
+
+def sweep_gemms(t, weights, scales, check):
+    """Time gate/up and down for every SWEEP config at T tokens (E=48); with ``check``, also
+    compare each config's output with the XLA path on the same inputs (1 - cos, max rel)."""
+    ids, _ = routing(jax.random.key(t + 1), t)
+    gs = sorted_rows(ids, 0, E)
+    rows = int(gs.sum())
+    key = jax.random.key(t)
+    xq = jax.random.normal(key, (rows, D), jnp.float32).astype(jnp.float8_e4m3fn)
+    xs = jax.random.uniform(key, (rows, D // 128), jnp.float32, 0.5, 1.5) / 448
+    hq = jax.random.normal(key, (rows, F), jnp.float32).astype(jnp.float8_e4m3fn)
+    hs = jax.random.uniform(key, (rows, F // 128), jnp.float32, 0.5, 1.5) / 448
+    wg, wu, wd = weights
+    sg, su, sd = scales
+    out = []
+    want = None
+    if check:
+        want = (
+            api.grouped_swiglu(
+                xq, wg, wu, gs, x_scale=xs, w_gate_scale=sg, w_up_scale=su, implementation="xla"
+            ),
+            api.grouped_matmul(hq, wd, gs, x_scale=hs, w_scale=sd, implementation="xla"),
+        )
+    for name, cfg in SWEEP.items():
+        kw = dict(implementation=IMPL, config=cfg)
+        r = {"sweep": name, "T": t, "rows": rows}
+        try:
+            gu = jax.jit(
+                lambda x, a, b, s, sa, sb, kw=kw: api.grouped_swiglu(
+                    x, a, b, gs, x_scale=s, w_gate_scale=sa, w_up_scale=sb, **kw
+                )
+            )
+            dn = jax.jit(
+                lambda x, a, s, sa, kw=kw: api.grouped_matmul(x, a, gs, x_scale=s, w_scale=sa, **kw)
+            )
+            r["gate_up_ms"] = timeit(gu, xq, wg, wu, xs, sg, su)
+            r["down_ms"] = timeit(dn, hq, wd, hs, sd)
+            r["gate_up_TFLOPs"] = 4 * F * D * rows / (r["gate_up_ms"] * 1e-3) / 1e12
+            r["down_TFLOPs"] = 2 * F * D * rows / (r["down_ms"] * 1e-3) / 1e12
+            active = int((gs > 0).sum())
+            r["gate_up_weight_GBs"] = active * 2 * F * D / (r["gate_up_ms"] * 1e-3) / 1e9
+            r["down_weight_GBs"] = active * F * D / (r["down_ms"] * 1e-3) / 1e9
+            if check:
+                got = (gu(xq, wg, wu, xs, sg, su), dn(hq, wd, hs, sd))
+                for tag, a, b in zip(("gate_up", "down"), got, want, strict=True):
+                    a = np.asarray(a.astype(jnp.float32), np.float64)
+                    b = np.asarray(b.astype(jnp.float32), np.float64)
+                    r[f"{tag}_cos_diff"] = float(
+                        1 - (a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b))
+                    )
+                    r[f"{tag}_max_rel"] = float(np.abs(a - b).max() / np.abs(b).max())
+        except Exception as e:  # noqa: BLE001 - a failing variant must not stop the sweep
+            r["error"] = repr(e)[-300:]
+        out.append(r)
+        print(short(r), flush=True)
+    return out
+
+
+def pick_config(sweeps, t):
+    """Fastest swept config (gate_up + down) at the swept T nearest to t (log scale)."""
+    ts = sorted({r["T"] for r in sweeps})
+    if not ts:
+        return None, None
+    near = min(ts, key=lambda x: abs(np.log2(x) - np.log2(t)))
+    ok = [
+        r
+        for r in sweeps
+        if r["T"] == near
+        and "error" not in r
+        and r.get("gate_up_cos_diff", 0) < 1e-3
+        and r.get("down_cos_diff", 0) < 1e-3
+    ]
+    if not ok:
+        return None, None
+    best = min(ok, key=lambda r: r["gate_up_ms"] + r["down_ms"])
+    return best["sweep"], SWEEP[best["sweep"]]
+
+
+def short(r):
+    """One compact stdout line of a result dict (floats to 4 significant digits)."""
+    return json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in r.items()})
+
+
 def git_commit():
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
@@ -249,53 +346,63 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="64,128,256,512,1024,2048,4096,8192")
     ap.add_argument("--shards", default="48,16,24")
+    ap.add_argument("--shard-tokens", default="256,2048", help="T values for EP shards < 48")
+    ap.add_argument("--sweep-tokens", default="256,2048,8192")
+    ap.add_argument("--baseline-tokens", default="256,2048")
     ap.add_argument("--max-xla-tokens", type=int, default=2048)
-    ap.add_argument("--no-baselines", action="store_true")
-    ap.add_argument("--block-m", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--out", default="moe_results.json")
     args = ap.parse_args()
-    cfg = None
-    if args.block_m or args.steps:
-        cfg = TuningConfig(block_m=args.block_m or 64, max_concurrent_steps=args.steps or 4)
+    ints = lambda s: [int(v) for v in s.split(",") if v]
     dev = jax.devices()[0]
     meta = {
         "device": dev.device_kind,
         "jax": jax.__version__,
         "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
-        "config": repr(cfg),
     }
-    copy_gbs = copy_bandwidth()
-    fp8_tf = torch_dense_fp8_tflops()
-    meta.update(copy_GBs=copy_gbs, torch_dense_fp8_TFLOPs=fp8_tf)
+    meta.update(copy_GBs=copy_bandwidth(), torch_dense_fp8_TFLOPs=torch_dense_fp8_tflops())
     print(json.dumps(meta), flush=True)
-    results = []
-    for e_local in [int(s) for s in args.shards.split(",")]:
+    doc = {"meta": meta, "sweep": [], "results": []}
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1)
+
+    sh_w, sh_s = make_weights(jax.random.key(1000), 1, jnp.float8_e4m3fn)
+    shared = (sh_w[0][0], sh_w[1][0], sh_w[2][0], sh_s[0][0], sh_s[1][0], sh_s[2][0])
+    for e_local in ints(args.shards):
         weights, scales = make_weights(jax.random.key(e_local), e_local, jnp.float8_e4m3fn)
-        sh_w, sh_s = make_weights(jax.random.key(1000), 1, jnp.float8_e4m3fn)
-        shared = (sh_w[0][0], sh_w[1][0], sh_w[2][0])
-        shared = dict(zip(("w_gate", "w_up", "w_down"), shared, strict=True))
-        shared.update(w_gate_scale=sh_s[0][0], w_up_scale=sh_s[1][0], w_down_scale=sh_s[2][0])
-        shared_t = tuple(shared.values())
-        baselines = (
-            {}
-            if args.no_baselines or e_local != E
-            else make_baselines(e_local, args.max_xla_tokens)
-        )
-        for t in [int(s) for s in args.tokens.split(",")]:
-            r = bench_case(t, e_local, weights, scales, shared_t, cfg, baselines, copy_gbs, fp8_tf)
-            results.append(r)
-            print(json.dumps(r), flush=True)
-            with open(args.out, "w") as f:
-                json.dump({"meta": meta, "results": results}, f, indent=1)
+        if e_local == E:
+            for i, t in enumerate(ints(args.sweep_tokens)):
+                doc["sweep"] += sweep_gemms(t, weights, scales, check=i == 0)
+                save()
+        baselines = make_baselines(e_local, args.max_xla_tokens) if e_local == E else {}
+        for t in ints(args.tokens) if e_local == E else ints(args.shard_tokens):
+            name, cfg = pick_config(doc["sweep"], t)
+            bl = baselines if t in ints(args.baseline_tokens) else {}
+            try:
+                r = bench_case(
+                    t,
+                    e_local,
+                    weights,
+                    scales,
+                    shared,
+                    cfg,
+                    bl,
+                    meta["copy_GBs"],
+                    meta["torch_dense_fp8_TFLOPs"],
+                )
+            except Exception as e:  # noqa: BLE001
+                r = {"T": t, "E_local": e_local, "error": repr(e)[-300:]}
+            r["config"] = name
+            doc["results"].append(r)
+            print(short(r), flush=True)
+            save()
         del weights, scales, baselines
-    summary = {r_key(r): round(r["layer_ms"], 3) for r in results}
+    summary = {
+        f"T{r['T']}_E{r['E_local']}": round(r.get("layer_ms", -1), 3) for r in doc["results"]
+    }
     print(json.dumps({"meta": meta, "layer_ms": summary}))
-
-
-def r_key(r):
-    return f"T{r['T']}_E{r['E_local']}"
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ class TuningConfig:
       max_concurrent_steps: TMA pipeline depth (K steps in flight); 2..8.
       swiglu_block_n: block_n of the fused gate/up kernel (two accumulators live at once, so
         it is usually half of block_n).
+      num_compute_wgs: 1 (one warpgroup issues TMA and computes) or 2 (warp-specialized:
+        two compute warpgroups and one TMA warpgroup; the CTA tile doubles along wg_dim).
+      wg_dim: "n" (each compute warpgroup owns block_n columns: good when groups are small)
+        or "m" (each owns block_m rows: better reuse of the x tile... and of w at large M).
       num_sms: persistent-grid size; None means the device's SM count.
     """
 
@@ -34,6 +38,8 @@ class TuningConfig:
     block_n: int = 128
     max_concurrent_steps: int = 4
     swiglu_block_n: int = 64
+    num_compute_wgs: int = 1
+    wg_dim: str = "n"
     num_sms: int | None = None
 
     def __post_init__(self):
@@ -45,6 +51,10 @@ class TuningConfig:
                 raise ValueError(f"{name}={v} must be 64 or 128 (inside one 128-wide scale block)")
         if not 2 <= self.max_concurrent_steps <= 8:
             raise ValueError(f"{self.max_concurrent_steps=} must be in [2, 8]")
+        if self.num_compute_wgs not in (1, 2):
+            raise ValueError(f"{self.num_compute_wgs=} must be 1 or 2")
+        if self.wg_dim not in ("m", "n"):
+            raise ValueError(f"{self.wg_dim=} must be 'm' or 'n'")
         if self.num_sms is not None and self.num_sms < 1:
             raise ValueError(f"{self.num_sms=} must be a positive SM count or None")
 
@@ -52,14 +62,8 @@ class TuningConfig:
 # Tuned tables: device kind substring -> list of (max routed rows M, config); the first entry
 # whose M bound is >= the call's M wins. Figures behind them: docs/log/grouped_gemm.md.
 TUNED: dict[str, list[tuple[int, TuningConfig]]] = {
-    "H100": [
-        (4096, TuningConfig(block_m=64, block_n=128, max_concurrent_steps=6)),
-        (1 << 62, TuningConfig(block_m=128, block_n=128, max_concurrent_steps=4)),
-    ],
-    "H200": [
-        (4096, TuningConfig(block_m=64, block_n=128, max_concurrent_steps=6)),
-        (1 << 62, TuningConfig(block_m=128, block_n=128, max_concurrent_steps=4)),
-    ],
+    "H100": [(1 << 62, TuningConfig(block_m=64, block_n=128, max_concurrent_steps=4))],
+    "H200": [(1 << 62, TuningConfig(block_m=64, block_n=128, max_concurrent_steps=4))],
 }
 
 DEFAULT = TuningConfig()

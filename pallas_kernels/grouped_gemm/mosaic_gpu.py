@@ -74,6 +74,8 @@ class _Static:
     swiglu: bool
     zero_tail: bool
     steps: int
+    compute_wgs: int = 1
+    wg_dim: str = "n"
 
 
 def _tile_table(group_sizes, m: int, block_m: int, max_tiles: int, zero_tail: bool):
@@ -120,135 +122,236 @@ def _tile_table(group_sizes, m: int, block_m: int, max_tiles: int, zero_tail: bo
     ).astype(jnp.int32)
 
 
-def _store_rows(o_smem, o_gmem, smem_start, gmem_row, rows, col0, st: _Static, block_n):
+def _store_rows(o_smem, o_gmem, smem_start, gmem_row, rows, col0, top: int, block_n: int):
     """TMA-store ``rows`` (dynamic, 0..block_m) rows of ``o_smem`` from ``smem_start``.
 
     TMA boxes must be static, so we issue a ladder of power-of-two row counts (block_m,
     block_m/2, ..., 1), each taken iff its bit is set in ``rows``.
     """
     done = jnp.int32(0)
-    size = 1 << int(math.log2(st.block_m))
+    size = 1 << int(math.log2(top))
     while size >= 1:
-        if size <= st.m:
 
-            @pl.when((rows & size) != 0)
-            def _(size=size, done=done):
-                plgpu.copy_smem_to_gmem(
-                    o_smem.at[pl.ds(smem_start + done, size)],
-                    o_gmem.at[pl.ds(gmem_row + done, size), pl.ds(col0, block_n)],
-                )
+        @pl.when((rows & size) != 0)
+        def _(size=size, done=done):
+            plgpu.copy_smem_to_gmem(
+                o_smem.at[pl.ds(smem_start + done, size)],
+                o_gmem.at[pl.ds(gmem_row + done, size), pl.ds(col0, block_n)],
+            )
 
         done = done + (rows & size)
         size //= 2
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _k_pipeline(st: _Static, refs, g, ni, load_row0, block_n):
-    """Runs the K loop for one tile and returns the f32 accumulator(s) in registers."""
-    x_gmem, w_gmems, xs_gmem, ws_gmems = refs
-    swizzle = 128
-    elems = swizzle // (1 if st.fp8 else 2)
-    tr = (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
-    nb = (ni * block_n) // SCALE_BLOCK
-    acc_shape = (st.block_m, block_n)
-    n_w = len(w_gmems)
-
-    def zeros():
-        return plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32), plgpu.Layout.WGMMA)
-
-    def step(idxs, x_smem, *rest):
-        (kb,) = idxs
-        w_smems = rest[:n_w]
-        xs_smem = rest[n_w] if st.fp8 else None
-        accs = rest[-1]
-        if st.fp8:
-            # Row scales of this K block, broadcast along the tile's columns.
-            xs = plgpu.load(xs_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(1))
-        new = []
-        for i, (w_smem, acc) in enumerate(zip(w_smems, accs, strict=True)):
-            if st.fp8:
-
-                def mma(acc_ref, w_smem=w_smem):
-                    plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(w_smem, (1, 0)))
-                    return acc_ref[...]
-
-                part = pl.run_scoped(mma, plgpu.ACC(acc_shape, jnp.float32))
-                s = xs * ws_gmems[i][g, nb, kb]
-                new.append(acc + part * lax.broadcast_in_dim(s, acc_shape, [0]))
-            else:
-
-                def mma_acc(acc_ref, w_smem=w_smem):
-                    plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(w_smem, (1, 0)))
-
-                new.append(pl.run_state(mma_acc)(plgpu.ACC.init(acc)))
-        return tuple(new)
-
-    # Rows start anywhere (the tile's own first row): an Element block dim takes the row
-    # offset itself from the index map (a pre-sliced GMEM ref fails layout inference).
-    rows = pl.Element(st.block_m)
-    in_specs = [plgpu.BlockSpec((rows, st.block_k), lambda kb: (load_row0, kb), transforms=tr)]
-    in_specs += [
-        plgpu.BlockSpec((block_n, st.block_k), lambda kb: (0, kb), transforms=tr)
-        for _ in range(n_w)
-    ]
-    args = [x_gmem]
-    args += [w.at[g, pl.ds(ni * block_n, block_n), :] for w in w_gmems]
-    if st.fp8:
-        in_specs.append(plgpu.BlockSpec((1, rows), lambda kb: (kb, load_row0)))
-        args.append(xs_gmem)
-    pipe = plgpu.emit_pipeline(
-        step,
-        grid=(st.k // st.block_k,),
-        in_specs=in_specs,
-        max_concurrent_steps=st.steps,
-        init_carry=tuple(zeros() for _ in range(n_w)),
-    )
-    return pipe(*args)
-
-
-def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
-    """Kernel body. Refs (GMEM): tiles [4, T] i32, x [M, K], w... [G, N, K], (x_scale_t
-    [KB, M] f32, w_scale... [G, NB, KB] f32 when FP8), out [M, N] bf16; then SMEM scratch."""
+def _split_refs(st: _Static, refs):
+    """(w refs, x_scale_t ref | None, w_scale refs, out ref, scratch refs) from the kernel refs."""
     n_w = 2 if st.swiglu else 1
-    w_gmems = refs[:n_w]
-    rest = refs[n_w:]
+    w_gmems, rest = refs[:n_w], refs[n_w:]
     if st.fp8:
         xs_gmem, ws_gmems, rest = rest[0], rest[1 : 1 + n_w], rest[1 + n_w :]
     else:
         xs_gmem, ws_gmems = None, ()
-    o_gmem, o_smem = rest
-    grid_n = st.n // block_n
-    n_tiles = tiles_gmem[4, 0]
+    return w_gmems, xs_gmem, ws_gmems, rest[0], rest[1:]
 
-    @plgpu.nd_loop((n_tiles * grid_n,), collective_axes="sm")
+
+def _transforms(st: _Static):
+    # One SMEM row of a K step is 128 bytes (128 e4m3 or 64 bf16): 128-byte swizzle.
+    elems = 128 // (1 if st.fp8 else 2)
+    return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(128))
+
+
+def _specs_and_args(st: _Static, refs, g, ni, box, cta_m: int, cta_n: int):
+    """BlockSpecs and GMEM operands of one tile's K pipeline."""
+    x_gmem, w_gmems, xs_gmem, _ = refs
+    tr = _transforms(st)
+    # Rows start at the tile's (8-aligned) box, not on a block_m grid: an Element block dim
+    # takes the row offset itself from the index map (a pre-sliced GMEM ref fails Mosaic's
+    # layout inference).
+    rows = pl.Element(cta_m)
+    specs = [plgpu.BlockSpec((rows, st.block_k), lambda kb: (box, kb), transforms=tr)]
+    specs += [plgpu.BlockSpec((cta_n, st.block_k), lambda kb: (0, kb), transforms=tr)] * len(
+        w_gmems
+    )
+    args = [x_gmem, *(w.at[g, pl.ds(ni * cta_n, cta_n), :] for w in w_gmems)]
+    if st.fp8:
+        specs.append(plgpu.BlockSpec((1, rows), lambda kb: (kb, box)))
+        args.append(xs_gmem)
+    return specs, args
+
+
+def _zeros(shape):
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _k_step(st: _Static, x_smem, w_smems, xs_smem, accs, w_scale_of):
+    """One K step of one warpgroup: accs[i] += scaled(x_smem @ w_smems[i]^T).
+
+    FP8: the step's wgmma result goes to a fresh f32 accumulator which is multiplied by the
+    row scales (``xs_smem``: [block_m] f32) times the weight block scale ``w_scale_of(i)``
+    (a scalar: the tile lies inside one 128-wide scale block) and added to ``accs[i]``.
+    bf16: wgmma accumulates straight into ``accs[i]``.
+    """
+    shape = accs[0].shape
+    if st.fp8:
+        xs = plgpu.load(xs_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
+    new = []
+    for i, (w_smem, acc) in enumerate(zip(w_smems, accs, strict=True)):
+        w_t = plgpu.transpose_ref(w_smem, (1, 0))  # [bk, bn] view of the K-major tile
+        if st.fp8:
+
+            def mma(acc_ref, w_t=w_t):
+                plgpu.wgmma(acc_ref, x_smem, w_t)
+                return acc_ref[...]
+
+            part = pl.run_scoped(mma, plgpu.ACC(shape, jnp.float32))
+            scale = xs * w_scale_of(i)
+            new.append(acc + part * lax.broadcast_in_dim(scale, shape, [0]))
+        else:
+
+            def mma_acc(acc_ref, w_t=w_t):
+                plgpu.wgmma(acc_ref, x_smem, w_t)
+
+            new.append(pl.run_state(mma_acc)(plgpu.ACC.init(acc)))
+    return tuple(new)
+
+
+def _epilogue_value(st: _Static, accs):
+    if st.swiglu:
+        gate, up = accs
+        return gate * jax.nn.sigmoid(gate) * up
+    return accs[0]
+
+
+def _tile_info(tiles_gmem, lin, n_tiles):
+    mi = lax.rem(lin, n_tiles)
+    ni = lax.div(lin, n_tiles)
+    box = (tiles_gmem[3, mi] // 8) * 8  # written so the compiler sees the 8-row alignment
+    return tiles_gmem[0, mi], tiles_gmem[1, mi], tiles_gmem[2, mi], box, ni
+
+
+def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
+    """One-warpgroup kernel. GMEM refs: tiles [5, T] i32, x [M, K], w... [G, N, K],
+    (x_scale_t [KB, M] f32, w_scale... [G, NB, KB] f32 when FP8), out [M, N] bf16;
+    SMEM scratch o_smem [block_m, block_n] bf16."""
+    w_gmems, xs_gmem, ws_gmems, o_gmem, (o_smem,) = _split_refs(st, refs)
+    n_tiles = tiles_gmem[4, 0]
+    n_w = len(w_gmems)
+
+    @plgpu.nd_loop((n_tiles * (st.n // block_n),), collective_axes="sm")
     def _work(info):
-        lin = info.index[0]
-        mi = lax.rem(lin, n_tiles)
-        ni = lax.div(lin, n_tiles)
-        g = tiles_gmem[0, mi]
-        row0 = tiles_gmem[1, mi]
-        rows = tiles_gmem[2, mi]
-        # Written as (box // 8) * 8 so the compiler can see the alignment (see _tile_table).
-        load_row0 = (tiles_gmem[3, mi] // 8) * 8
+        g, row0, rows, box, ni = _tile_info(tiles_gmem, info.index[0], n_tiles)
         col0 = ni * block_n
+        nb = col0 // SCALE_BLOCK
 
         @pl.when(g >= 0)
         def _compute():
-            accs = _k_pipeline(st, (x_gmem, w_gmems, xs_gmem, ws_gmems), g, ni, load_row0, block_n)
-            if st.swiglu:
-                gate, up = accs
-                out = gate * jax.nn.sigmoid(gate) * up
-            else:
-                (out,) = accs
-            o_smem[...] = out.astype(o_smem.dtype)
+            def step(idxs, x_smem, *rest):
+                (kb,) = idxs
+                xs = rest[n_w].at[0] if st.fp8 else None
+                return _k_step(
+                    st, x_smem, rest[:n_w], xs, rest[-1], lambda i: ws_gmems[i][g, nb, kb]
+                )
+
+            specs, args = _specs_and_args(
+                st, (x_gmem, w_gmems, xs_gmem, ws_gmems), g, ni, box, st.block_m, block_n
+            )
+            accs = plgpu.emit_pipeline(
+                step,
+                grid=(st.k // st.block_k,),
+                in_specs=specs,
+                max_concurrent_steps=st.steps,
+                init_carry=tuple(_zeros((st.block_m, block_n)) for _ in range(n_w)),
+            )(*args)
+            o_smem[...] = _epilogue_value(st, accs).astype(o_smem.dtype)
             plgpu.commit_smem()
-            _store_rows(o_smem, o_gmem, row0 - load_row0, row0, rows, col0, st, block_n)
+            _store_rows(o_smem, o_gmem, row0 - box, row0, rows, col0, st.block_m, block_n)
 
         @pl.when(g < 0)
         def _zero_fill():
             o_smem[...] = jnp.zeros((st.block_m, block_n), o_smem.dtype)
             plgpu.commit_smem()
-            _store_rows(o_smem, o_gmem, 0, row0, rows, col0, st, block_n)
+            _store_rows(o_smem, o_gmem, 0, row0, rows, col0, st.block_m, block_n)
+
+
+def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
+    """Warp-specialized kernel: warpgroups 0 and 1 compute, warpgroup 2 issues the TMA loads.
+
+    The CTA tile is (2*block_m) x block_n (``wg_dim == "m"``: each compute warpgroup owns
+    block_m rows) or block_m x (2*block_n) (``"n"``: each owns block_n columns). Same GMEM
+    refs as ``_body``; SMEM scratch o_smem [2, block_m, block_n] bf16 (one per warpgroup).
+    """
+    w_gmems, xs_gmem, ws_gmems, o_gmem, (o_smem2,) = _split_refs(st, refs)
+    n_w = len(w_gmems)
+    by_m = st.wg_dim == "m"
+    cta_m, cta_n = (2 * st.block_m, block_n) if by_m else (st.block_m, 2 * block_n)
+    n_tiles = tiles_gmem[4, 0]
+    wg = lax.axis_index("wg")
+    gm_refs = (x_gmem, w_gmems, xs_gmem, ws_gmems)
+
+    def pipeline(body, ctx, g, ni, box):
+        specs, _ = _specs_and_args(st, gm_refs, g, ni, box, cta_m, cta_n)
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(st.k // st.block_k,),
+            memory_registers=40,
+            in_specs=specs,
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=st.steps,
+            compute_context=ctx,
+        )
+
+    ignore = lambda *_, **__: None
+    zero = jnp.int32(0)
+    _, alloc_args = _specs_and_args(st, gm_refs, zero, zero, zero, cta_m, cta_n)
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore, zero, zero, zero).get_allocations(*alloc_args),
+        collective_axes="wg",
+    )
+    def _scope(allocs):
+        @plgpu.nd_loop((n_tiles * (st.n // cta_n),), collective_axes="sm")
+        def _work(info):
+            g, row0, rows, box, ni = _tile_info(tiles_gmem, info.index[0], n_tiles)
+            col0 = ni * cta_n + (0 if by_m else wg * block_n)
+            nb = col0 // SCALE_BLOCK
+            o_smem = o_smem2.at[wg]
+            # This warpgroup's rows of the tile, relative to the box: [lo, hi).
+            base = wg * st.block_m if by_m else 0
+            lo = jnp.maximum(row0 - box, base)
+            hi = jnp.minimum(row0 - box + rows, base + st.block_m)
+            my_rows = jnp.maximum(hi - lo, 0)
+
+            def body(idxs, x_smem, *rest):
+                (kb,) = idxs
+                rows_ = pl.ds(wg * st.block_m, st.block_m)
+                cols_ = pl.ds(wg * block_n, block_n)
+                x_part = x_smem.at[rows_] if by_m else x_smem
+                w_parts = rest[:n_w] if by_m else [w.at[cols_] for w in rest[:n_w]]
+                xs = None
+                if st.fp8:
+                    xs = rest[n_w].at[0, rows_] if by_m else rest[n_w].at[0]
+                return _k_step(st, x_part, w_parts, xs, rest[-1], lambda i: ws_gmems[i][g, nb, kb])
+
+            def ctx(eval_pipeline):
+                accs = eval_pipeline(tuple(_zeros((st.block_m, block_n)) for _ in range(n_w)))
+                o_smem[...] = _epilogue_value(st, accs).astype(o_smem.dtype)
+                plgpu.commit_smem()
+                _store_rows(o_smem, o_gmem, lo - base, box + lo, my_rows, col0, st.block_m, block_n)
+
+            @pl.when(g >= 0)
+            def _compute():
+                _, args = _specs_and_args(st, gm_refs, g, ni, box, cta_m, cta_n)
+                pipeline(body, ctx, g, ni, box)(*args, allocations=allocs)
+
+            @pl.when((g < 0) & (wg < 2))
+            def _zero_fill():
+                o_smem[...] = jnp.zeros((st.block_m, block_n), o_smem.dtype)
+                plgpu.commit_smem()
+                z_rows = jnp.clip(rows - base, 0, st.block_m) if by_m else rows
+                _store_rows(o_smem, o_gmem, 0, row0 + base, z_rows, col0, st.block_m, block_n)
 
 
 def grouped_gemm_mgpu(
@@ -275,9 +378,13 @@ def grouped_gemm_mgpu(
     fp8 = x_scale is not None
     swiglu = len(weights) == 2
     block_n = config.swiglu_block_n if swiglu else config.block_n
-    block_m = config.block_m
-    m_ok = max(block_m, -(-m // 8) * 8)
-    if m != m_ok:  # TMA boxes are block_m rows on multiples of 8 inside x: pad odd/tiny M
+    ws = config.num_compute_wgs == 2
+    box_m = config.block_m * (2 if ws and config.wg_dim == "m" else 1)
+    cta_n = block_n * (2 if ws and config.wg_dim == "n" else 1)
+    if n % cta_n:
+        raise ValueError(f"N={n} must be a multiple of the CTA tile width {cta_n}")
+    m_ok = max(box_m, -(-m // 8) * 8)
+    if m != m_ok:  # TMA boxes are box_m rows on multiples of 8 inside x: pad odd/tiny M
         pad = m_ok - m
         out = grouped_gemm_mgpu(
             jnp.pad(x, ((0, pad), (0, 0))),
@@ -289,13 +396,13 @@ def grouped_gemm_mgpu(
             zero_tail=zero_tail,
         )
         return out[:m]
-    max_tiles = -(-m // block_m) + 2 * g + (-(-m // block_m) if zero_tail else 0)
+    max_tiles = -(-m // box_m) + 2 * g + (-(-m // box_m) if zero_tail else 0)
     st = _Static(
         m=m,
         n=n,
         k=k,
         groups=g,
-        block_m=block_m,
+        block_m=config.block_m,
         block_n=block_n,
         block_k=SCALE_BLOCK if fp8 else 64,
         max_tiles=max_tiles,
@@ -303,17 +410,32 @@ def grouped_gemm_mgpu(
         swiglu=swiglu,
         zero_tail=zero_tail,
         steps=config.max_concurrent_steps,
+        compute_wgs=config.num_compute_wgs,
+        wg_dim=config.wg_dim,
     )
-    tiles = _tile_table(group_sizes, m, block_m, max_tiles, zero_tail)
+    tiles = _tile_table(group_sizes, m, box_m, max_tiles, zero_tail)
     operands = [tiles, x, *weights]
     if fp8:
         operands += [x_scale.astype(jnp.float32).T, *(s.astype(jnp.float32) for s in w_scales)]
-    kernel = plgpu.kernel(
-        functools.partial(_body, st, block_n),
+    params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+    common = dict(
         out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
-        scratch_types=[plgpu.SMEM((block_m, block_n), jnp.bfloat16)],
         grid=(_num_sms(config),),
         grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=params,
     )
+    if ws:
+        kernel = plgpu.kernel(
+            functools.partial(_body_ws, st, block_n),
+            scratch_types=[plgpu.SMEM((2, config.block_m, block_n), jnp.bfloat16)],
+            num_threads=3,
+            thread_name="wg",
+            **common,
+        )
+    else:
+        kernel = plgpu.kernel(
+            functools.partial(_body, st, block_n),
+            scratch_types=[plgpu.SMEM((config.block_m, block_n), jnp.bfloat16)],
+            **common,
+        )
     return kernel(*operands)

@@ -13,8 +13,9 @@ from pallas_kernels.grouped_gemm.config import TuningConfig
 pytestmark = pytest.mark.skipif(not mosaic_gpu.available(), reason="no Mosaic GPU Pallas API")
 
 
+@pytest.mark.parametrize("wgs,wg_dim", [(1, "n"), (2, "n"), (2, "m")])
 @pytest.mark.parametrize("mode", ["fp8", "fp8_swiglu", "bf16"])
-def test_lowers_for_cuda(mode):
+def test_lowers_for_cuda(mode, wgs, wg_dim):
     """``lower(lowering_platforms=("cuda",))`` runs Mosaic GPU's layout inference and
     lowering on a CPU-only machine: catches layout, TMA box and shape errors in CI."""
     m, k, n, g = 200, 256, 256, 4
@@ -26,7 +27,7 @@ def test_lowers_for_cuda(mode):
     xs = jax.ShapeDtypeStruct((m, k // 128), jnp.float32)
     ws = jax.ShapeDtypeStruct((g, n // 128, k // 128), jnp.float32)
     n_w = 2 if "swiglu" in mode else 1
-    cfg = TuningConfig(num_sms=132)
+    cfg = TuningConfig(num_sms=132, num_compute_wgs=wgs, wg_dim=wg_dim)
 
     def f(x, w, gs, xs, ws):
         return mosaic_gpu.grouped_gemm_mgpu(
