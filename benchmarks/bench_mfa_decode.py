@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -93,10 +94,49 @@ def _arg_sets(b, s, fp8, nbytes):
     return [make_inputs(i, b, s, fp8) for i in range(n)]
 
 
-def bench_ours(b, s, fp8, impl):
+def bench_ours(b, s, fp8, impl, config=None):
     sets = _arg_sets(b, s, fp8, bytes_read(b, s, fp8))
-    fn = jax.jit(lambda d: mfa_decode_attention(**d, implementation=impl))
+    fn = jax.jit(lambda d: mfa_decode_attention(**d, implementation=impl, config=config))
     return _measure_us(fn, [(d,) for d in sets])
+
+
+def kernel_breakdown(b, s, fp8):
+    """Per-kernel CUPTI times (us) of one pallas call: the Mosaic kernel, q quantization, etc."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    d = make_inputs(0, b, s, fp8)
+    fn = jax.jit(lambda d: mfa_decode_attention(**d, implementation="pallas"))
+    jax.block_until_ready(fn(d))
+    _, per_kernel = profiler.measure(fn, aggregate=False)(d)
+    return [(name[:80], round(t * 1e3, 2)) for name, t in per_kernel or []]
+
+
+VARIANTS = {  # name -> (fp8, TuningConfig kwargs); measured side by side at the target shapes
+    "pallas_fp8[v_load=8bit,stages=4]": (True, dict(v_load="8bit", num_stages=4)),
+    "pallas_fp8[v_load=wgmma,stages=4]": (True, dict(v_load="wgmma", num_stages=4)),
+    "pallas_fp8[v_load=8bit,stages=3]": (True, dict(v_load="8bit", num_stages=3)),
+    "pallas_fp8[v_load=8bit,stages=2]": (True, dict(v_load="8bit", num_stages=2)),
+}
+
+
+def variants(shapes, copy_gbs):
+    from pallas_kernels.mfa_decode import TuningConfig
+
+    rows = []
+    for b, s in shapes:
+        for name, (fp8, kw) in VARIANTS.items():
+            cfg = TuningConfig(**kw)
+            rows.append(
+                _row(
+                    name,
+                    b,
+                    s,
+                    fp8,
+                    functools.partial(bench_ours, b, s, fp8, "pallas", cfg),
+                    copy_gbs,
+                )
+            )
+    return rows
 
 
 def bench_triton_example(b, s):
@@ -156,8 +196,7 @@ def _row(name, b, s, fp8, fn, copy_gbs):
     return row
 
 
-def sweep(batches, contexts, impls, copy_gbs):
-    rows = []
+def sweep(batches, contexts, impls, copy_gbs, rows, flush):
     for s in contexts:
         for b in batches:
             if bytes_read(b, s, False) > 12 * 2**30:
@@ -166,6 +205,7 @@ def sweep(batches, contexts, impls, copy_gbs):
             for name in impls:
                 fp8, fn = plan[name]
                 rows.append(_row(name, b, s, fp8, fn, copy_gbs))
+                flush()
     return rows
 
 
@@ -191,20 +231,12 @@ def main():
         default="pallas_fp8,pallas_bf16,xla_fp8,xla_bf16,"
         "jax_triton_example_bf16,torch_sdpa_bf16,cudnn_bf16",
     )
+    ap.add_argument("--variants", default="128x4096,32x32768", help="BxS shapes, '' for none")
     args = ap.parse_args()
     dev = jax.devices()[0]
     copy_gbs = copy_bandwidth_gbs()
     print(json.dumps({"copy_GBps": round(copy_gbs, 1), "device": dev.device_kind}), flush=True)
-    rows = sweep(
-        [int(x) for x in args.batches.split(",")],
-        [int(x) for x in args.contexts.split(",")],
-        args.impls.split(","),
-        copy_gbs,
-    )
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:  # noqa: BLE001 - the GPU copy of the tree may have no .git
-        commit = os.environ.get("GIT_COMMIT", "unknown")
+    commit = os.environ.get("GIT_COMMIT") or _git_commit()
     result = {
         "bench": "mfa_decode",
         "device": dev.device_kind,
@@ -212,13 +244,49 @@ def main():
         "commit": commit,
         "date": datetime.date.today().isoformat(),
         "copy_GBps": round(copy_gbs, 1),
-        "rows": rows,
+        "timer_note": TIMER_NOTE,
+        "rows": [],
     }
     tag = dev.device_kind.replace(" ", "_")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"mfa_decode_{tag}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"} | {"n_rows": len(rows)}))
+    path = os.path.join(args.out, f"mfa_decode_{tag}.json")
+
+    def flush():
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+    try:
+        result["breakdown_fp8_B128_4K"] = kernel_breakdown(128, 4096, True)
+        print(json.dumps({"breakdown": result["breakdown_fp8_B128_4K"]}), flush=True)
+    except Exception as e:  # noqa: BLE001
+        result["breakdown_fp8_B128_4K"] = f"{type(e).__name__}: {str(e)[:200]}"
+    shapes = [tuple(int(x) for x in v.split("x")) for v in args.variants.split(",") if v]
+    result["variants"] = variants(shapes, copy_gbs)
+    flush()
+    sweep(
+        [int(x) for x in args.batches.split(",")],
+        [int(x) for x in args.contexts.split(",")],
+        args.impls.split(","),
+        copy_gbs,
+        result["rows"],
+        flush,
+    )
+    flush()
+    print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "variants")}))
+
+
+TIMER_NOTE = (
+    "JAX rows: CUPTI kernel time summed over every kernel of the call (q quantization and the "
+    "split-K combine included), median over reps x rotated input sets (>= 3x L2 bytes). torch: "
+    "CUDA events around a loop of calls (includes launch gaps)."
+)
+
+
+def _git_commit():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+    except Exception:  # noqa: BLE001 - the GPU copy of the tree may have no .git
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Layouts (Step-3 names: B batch, T new tokens, N=64 heads, H=256 head dim, S cach
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -129,10 +130,10 @@ def _resolve_config(config, kv_dtype, num_ctas: int, max_len: int, page_size, nu
     if config is None:
         config = cfg_lib.get_config(jax.devices()[0].device_kind, kv_dtype)
         if page_size is not None and page_size < config.block_s:
-            config = cfg_lib.TuningConfig(64, config.num_stages, config.num_splits)
+            config = dataclasses.replace(config, block_s=64)
         # Partials of a split-K run are f32: shrink the ring until it fits.
         while config.smem_bytes(kv_dtype, out_f32) > cfg_lib.SMEM_LIMIT_BYTES:
-            config = cfg_lib.TuningConfig(config.block_s, config.num_stages - 1, config.num_splits)
+            config = dataclasses.replace(config, num_stages=config.num_stages - 1)
     splits = config.num_splits
     if splits is None:
         sms = num_sms or getattr(jax.devices()[0], "core_count", 132) or 132
@@ -169,6 +170,7 @@ def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None):
         page_size=page_size or 0,
         sm_scale=sm_scale,
         out_dtype=jnp.dtype(out_dtype),
+        v_load=config.v_load,
     )
 
 

@@ -34,8 +34,13 @@ class TuningConfig:
     num_stages: int = 4
     # Split-K over the sequence: None picks enough splits to fill the GPU (see choose_num_splits).
     num_splits: int | None = None
+    # FP8 cache: register layout used to read the V tile for its e4m3 -> f16 conversion:
+    # "8bit" (32-bit shared loads, 4 values a thread) or "wgmma" (16-bit loads, 2 values).
+    v_load: str = "8bit"
 
     def __post_init__(self):
+        if self.v_load not in ("8bit", "wgmma"):
+            raise ValueError(f"v_load={self.v_load!r} must be '8bit' or 'wgmma'")
         if self.block_s not in (64, 128):
             raise ValueError(f"block_s={self.block_s} must be 64 or 128")
         if not 2 <= self.num_stages <= 8:

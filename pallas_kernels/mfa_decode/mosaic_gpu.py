@@ -57,6 +57,7 @@ class KernelShape:
     page_size: int
     sm_scale: float
     out_dtype: jnp.dtype
+    v_load: str = "8bit"  # FP8 V tile register layout for the f16 conversion: "8bit" | "wgmma"
 
 
 def _transforms(dtype) -> tuple:
@@ -135,27 +136,39 @@ def _scores(ks, smem, bars, slot, q_row_scale):
 
 
 def _v_operand_fp8(ks, smem, bars, slot, w, valid_rows):
-    """Convert this warpgroup's half of the FP8 V tile to f16 (invalid rows zeroed)."""
+    """Convert this warpgroup's half of the FP8 V tile to f16 (rows past the end zeroed).
+
+    With ``v_load="8bit"`` the tile is read with 32-bit shared loads (4 e4m3 values a thread)
+    in the 8-bit wgmma register layout; the f16 copy is only ever read back through shared
+    memory by the wgmma, so its register layout is free.
+    """
     half = HEAD_DIM // 2
     plgpu.barrier_wait(bars["v"].at[slot])
-    v8 = plgpu.load(smem["v"].at[slot, :, pl.ds(w * half, half)], (), layout=plgpu.Layout.WGMMA)
-    v16 = jnp.where(valid_rows, v8.astype(jnp.float16), jnp.float16(0))
+    layout = plgpu.Layout.WGMMA_8BIT if ks.v_load == "8bit" else plgpu.Layout.WGMMA
+    v8 = plgpu.load(smem["v"].at[slot, :, pl.ds(w * half, half)], (), layout=layout)
+    v16 = v8.astype(jnp.float16)
+    if valid_rows is not None:
+        rows = plgpu.broadcasted_iota(jnp.int32, (ks.block_s, half), 0, layout=layout)
+        v16 = jnp.where(rows < valid_rows, v16, jnp.float16(0))
     smem["v16"].at[w][...] = v16
     plgpu.commit_smem()  # fence + warpgroup barrier: the wgmma reads what all 4 warps wrote
     return smem["v16"].at[w]
 
 
-def _v_operand_bf16(ks, smem, bars, slot, w, valid_rows, partial_block):
-    """This warpgroup's half of the bf16 V tile; rows past the end zeroed in place if needed."""
+def _v_operand_bf16(ks, smem, bars, slot, w, valid_rows):
+    """This warpgroup's half of the bf16 V tile; on a masked block rows past the end are
+    zeroed in place (each warpgroup only touches its own half)."""
     half = HEAD_DIM // 2
     plgpu.barrier_wait(bars["v"].at[slot])
     v_ref = smem["v"].at[slot, :, pl.ds(w * half, half)]
+    if valid_rows is not None:
 
-    @pl.when(partial_block)
-    def _zero_tail():
-        v = plgpu.load(v_ref, (), layout=plgpu.Layout.WGMMA)
-        v_ref[...] = jnp.where(valid_rows, v, jnp.zeros((), v.dtype))
-        plgpu.commit_smem()
+        @pl.when(valid_rows < ks.block_s)
+        def _zero_tail():
+            v = plgpu.load(v_ref, (), layout=plgpu.Layout.WGMMA)
+            rows = plgpu.broadcasted_iota(jnp.int32, v.shape, 0, layout=plgpu.Layout.WGMMA)
+            v_ref[...] = jnp.where(rows < valid_rows, v, jnp.zeros((), v.dtype))
+            plgpu.commit_smem()
 
     return v_ref
 
@@ -164,7 +177,8 @@ def _softmax_step(ks, s, carry, valid, v_col):
     """Online-softmax update. Returns (P operand, acc rescale factor per row, new carry)."""
     m, lsum, c = carry
     shape = s.shape
-    s = jnp.where(valid, s, -jnp.inf)
+    if valid is not None:
+        s = jnp.where(valid, s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=1))
     # Every block this CTA visits holds >= 1 visible key for all its rows, so m_new is finite.
     alpha = jnp.exp2(m - m_new)
@@ -172,7 +186,9 @@ def _softmax_step(ks, s, carry, valid, v_col):
     l_new = lsum * alpha + p.sum(axis=1)
     if not ks.fp8:
         return p.astype(jnp.bfloat16), alpha, (m_new, l_new, c)
-    pv = jnp.where(valid, p * _col(v_col, shape), 0.0)
+    pv = p * _col(v_col, shape)
+    if valid is not None:  # masked v_scale slots may be NaN: 0 * NaN = NaN
+        pv = jnp.where(valid, pv, 0.0)
     c_blk = pv.max(axis=1)
     c_new = jnp.where(c_blk > 0, c_blk, c)
     p16 = (pv * _row(1.0 / c_new, shape)).astype(jnp.float16)
@@ -195,23 +211,23 @@ def _compute_wg(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
     acc = plgpu.layout_cast(jnp.zeros((NUM_HEADS, half), jnp.float32), plgpu.Layout.WGMMA)
     wg_iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA)
 
-    def step(i, carry):
+    def step(i, carry, masked):
         acc, soft = carry
         slot = lax.rem(i, ks.num_stages)
         tok0 = (first + i) * ks.block_s
         s = _scores(ks, smem, bars, slot, q_row_scale)
-        valid = wg_iota((NUM_HEADS, ks.block_s), 1) + tok0 < kv_end
+        # Only the CTA's last block can reach past the visible end: the others skip all masks.
+        valid = wg_iota((NUM_HEADS, ks.block_s), 1) < kv_end - tok0 if masked else None
+        valid_rows = kv_end - tok0 if masked else None
         v_col = None
         if ks.fp8:
             plgpu.barrier_wait(bars["vs"].at[slot])
             v_col = plgpu.load(smem["vs"].at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
         p16, rescale, soft = _softmax_step(ks, s, soft, valid, v_col)
-        valid_rows = wg_iota((ks.block_s, half), 0) + tok0 < kv_end
         if ks.fp8:
             v_ref = _v_operand_fp8(ks, smem, bars, slot, w, valid_rows)
         else:
-            partial_block = tok0 + ks.block_s > kv_end
-            v_ref = _v_operand_bf16(ks, smem, bars, slot, w, valid_rows, partial_block)
+            v_ref = _v_operand_bf16(ks, smem, bars, slot, w, valid_rows)
         acc = acc * _row(rescale, acc.shape)
 
         def pv(acc_ref):
@@ -221,8 +237,11 @@ def _compute_wg(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
         plgpu.barrier_arrive(bars["consumed"].at[slot])
         return acc, soft
 
-    init = (acc, (vec(-jnp.inf), vec(0.0), vec(1.0)))
-    acc, (m, lsum, c) = lax.fori_loop(0, my_n, step, init)
+    carry = (acc, (vec(-jnp.inf), vec(0.0), vec(1.0)))
+    n_full = jnp.maximum(my_n - 1, 0)
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(n_full, my_n, functools.partial(step, masked=True), carry)
+    acc, (m, lsum, c) = carry
     _epilogue(ks, refs, smem, w, b, t, split, acc, m, lsum, c)
 
 

@@ -10,9 +10,11 @@ Tolerances (derived, not tuned):
   rtol = 2^-8. FP8 K/V values are exact in bf16/f16 and the oracle dequantizes the same bytes,
   so an FP8 cache adds nothing on the xla path.
 * pallas with an FP8 cache additionally quantizes q to e4m3 per row (relative error per element
-  <= 2^-4, std 2^-4/sqrt(3) = 0.036): each score moves by ~0.036 * |q||k| / sqrt(H) (std 0.036 at
-  unit-variance data), so P moves by ~3.6% relative and the output by ~3.6% of its norm. We
-  check the global relative L2 error <= 2^-4 and lse within 2^-3 (natural-log units).
+  <= 2^-4, std 2^-4/sqrt(3) = 0.036), so it is checked against the oracle fed the SAME
+  dequantized q with the bound above (P' is f16, 2^-11; V is exact in f16) and lse within 2^-7
+  (FP8 wgmma accumulation is ~2^-14 relative, not f32). Against the exact-q oracle each score
+  moves by ~0.036 * |q||k| / sqrt(H) (0.054 at our k scale), i.e. a few % of the output norm:
+  we require cosine >= 0.99 (1 - 0.054^2 / 2 = 0.9985 expected).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pytest
 
 from pallas_kernels.mfa_decode import TuningConfig, mfa_decode_attention, mfa_decode_reference
 from pallas_kernels.mfa_decode.api import combine_splits, lower_pallas_for_gpu
-from step3_jax.quant import quantize_kv
+from step3_jax.quant import dequantize_kv, quantize_kv
 
 N, H = 64, 256
 
@@ -90,7 +92,17 @@ def _to_paged(case, page_size, rng):
 
 def check(case, impl, fp8_pallas=False, **kw):
     out, lse = mfa_decode_attention(**case, return_lse=True, implementation=impl, **kw)
-    ref, ref_lse = mfa_decode_reference(**case, return_lse=True, sm_scale=kw.get("sm_scale"))
+    sm = kw.get("sm_scale")
+    ref_case = case
+    if fp8_pallas:
+        # The kernel runs QK as an FP8 wgmma on a per-row e4m3 q: compare against the oracle
+        # fed that same quantized q (tight), and against the exact-q oracle by cosine (loose).
+        exact = np.asarray(mfa_decode_reference(**case, sm_scale=sm), np.float32).ravel()
+        got = np.asarray(out, np.float32).ravel()
+        cos = got @ exact / max(np.linalg.norm(got) * np.linalg.norm(exact), 1e-30)
+        assert cos >= 0.99, f"cosine to the exact-q oracle {cos:.5f} < 0.99"
+        ref_case = {**case, "q": dequantize_kv(*quantize_kv(case["q"]))}
+    ref, ref_lse = mfa_decode_reference(**ref_case, return_lse=True, sm_scale=sm)
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
     assert out.shape == ref.shape and lse.shape == ref_lse.shape
@@ -101,13 +113,10 @@ def check(case, impl, fp8_pallas=False, **kw):
     if case.get("v_scale") is not None:
         v = v * np.asarray(case["v_scale"])[..., None]
     vmax = np.nanmax(np.abs(v))
-    if fp8_pallas:
-        rel = np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30)
-        assert rel <= 2.0**-4, f"relative L2 error {rel:.4f} > 2^-4"
-        np.testing.assert_allclose(lse[fin], ref_lse[fin], atol=2.0**-3)
-    else:
-        np.testing.assert_allclose(out, ref, atol=2.0**-8 * vmax, rtol=2.0**-8)
-        np.testing.assert_allclose(lse[fin], ref_lse[fin], atol=1e-3, rtol=1e-4)
+    np.testing.assert_allclose(out, ref, atol=2.0**-8 * vmax, rtol=2.0**-8)
+    # FP8 wgmma accumulates with ~2^-14 relative precision (not f32): scores move by <~2^-9.
+    lse_atol = 2.0**-7 if fp8_pallas else 1e-3
+    np.testing.assert_allclose(lse[fin], ref_lse[fin], atol=lse_atol, rtol=1e-4)
     return out
 
 
