@@ -88,18 +88,22 @@ class GenerationResult:
 
 def _prepare_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2:
-        prompts = [list(map(int, row)) for row in np.asarray(prompts)]
+        prompts = list(np.asarray(prompts))  # rows keep the array's dtype for the check below
     if not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty sequence of token-id sequences")
-    rows = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+    rows = [np.asarray(p).reshape(-1) for p in prompts]
     for i, r in enumerate(rows):
         if r.size == 0:
             raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
+        # Float ids would be silently truncated by the int cast: reject them.
+        if not np.issubdtype(r.dtype, np.integer):
+            raise ValueError(f"prompts[{i}] must hold integer token ids, got dtype {r.dtype}")
         if r.min() < 0 or r.max() >= vocab_size:
             raise ValueError(
                 f"prompts[{i}] has token ids outside [0, vocab_size={vocab_size}): "
                 f"min {r.min()}, max {r.max()}"
             )
+    rows = [r.astype(np.int64) for r in rows]
     lengths = np.array([r.size for r in rows], np.int32)
     padded = np.zeros((len(rows), _bucket(lengths.max(), 8)), np.int32)
     for i, r in enumerate(rows):
@@ -139,7 +143,9 @@ def generate(
         )
     if cache_len > cfg.max_position_embeddings:
         raise ValueError(
-            f"{cache_len} cache slots exceed max_position_embeddings={cfg.max_position_embeddings}"
+            f"longest prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) needs "
+            f"{cache_len} cache slots (max_cache_len={max_cache_len}), more than "
+            f"max_position_embeddings={cfg.max_position_embeddings}"
         )
     dtype = cache_dtype or model.dtype
     cache = KVCache.for_config(cfg, tokens.shape[0], cache_len, dtype)
@@ -197,6 +203,7 @@ def decode_step(
 def make_decode_step(model, *, check_bounds: bool = True):
     """Returns ``step(tokens [B], cache) -> (logits [B, V], cache)`` with the model pre-split."""
     graphdef, state = nnx.split(model)
+    config = model.config
 
     def step(tokens, cache: KVCache):
         tokens = jnp.asarray(tokens)
@@ -205,7 +212,16 @@ def make_decode_step(model, *, check_bounds: bool = True):
         if tokens.ndim != 2 or tokens.shape[1] != 1:
             raise ValueError(f"tokens must have shape [B] or [B, 1], got {tokens.shape}")
         if check_bounds:
-            longest = int(jnp.max(cache.lengths))
+            # One host read for all checks: a scatter past max_len or a gather past vocab_size
+            # would otherwise silently drop the write / give NaN logits.
+            longest, lo, hi = map(
+                int, jax.device_get((jnp.max(cache.lengths), jnp.min(tokens), jnp.max(tokens)))
+            )
+            vocab = config.vocab_size
+            if lo < 0 or hi >= vocab:
+                raise ValueError(
+                    f"tokens must lie in [0, vocab_size={vocab}), got values in [{lo}, {hi}]"
+                )
             if longest + 1 > cache.max_len:
                 raise ValueError(
                     f"cache is full: a sequence has length {longest} and max_len={cache.max_len}"
