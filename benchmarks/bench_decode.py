@@ -69,10 +69,10 @@ def _random_float(key, shape, std, dtype=jnp.bfloat16):
     return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "std", "nb", "nc"))
-def _random_fp8(key, shape, std, nb, nc):
+@functools.partial(jax.jit, static_argnames=("shape", "std", "nb", "nc", "granularity"))
+def _random_fp8(key, shape, std, nb, nc, granularity="block"):
     w = std * jax.random.normal(key, shape, jnp.float32)
-    return Fp8Weight.quantize(w, num_batch=nb, num_contract=nc)
+    return Fp8Weight.quantize(w, num_batch=nb, num_contract=nc, granularity=granularity)
 
 
 def _fp8_layout(model) -> dict[int, tuple[int, int]]:
@@ -86,7 +86,13 @@ def _fp8_layout(model) -> dict[int, tuple[int, int]]:
 
 
 def random_model(
-    cfg: Step3Config, precision: Precision, moe: str, attention, dtype=jnp.bfloat16, seed: int = 0
+    cfg: Step3Config,
+    precision: Precision,
+    moe: str,
+    attention,
+    dtype=jnp.bfloat16,
+    seed: int = 0,
+    granularity: str = "block",
 ):
     """Random weights built leaf by leaf ON DEVICE (never a host copy, never the full bf16
     model next to its FP8 copy): norms are ones, the rest N(0, 1/fan_in)."""
@@ -115,7 +121,7 @@ def random_model(
         std = float(fan_in) ** -0.5
         k = jax.random.fold_in(key, i)
         if id(node) in fp8:
-            node.value = _random_fp8(k, shape, std, *fp8[id(node)])
+            node.value = _random_fp8(k, shape, std, *fp8[id(node)], granularity)
         else:
             node.value = _random_float(k, shape, std, dtype)
     return model
@@ -271,7 +277,7 @@ def measure(model, cfg, precision: Precision, batch: int, ctx: int, steps: int, 
     }
 
 
-def gemm_forms(m: int = 128, reps: int = 20) -> list[dict]:
+def gemm_forms(m: int = 128, reps: int = 20, full: bool = True) -> list[dict]:
     """XLA forms of one FP8 GEMM at decode shapes vs bf16: time and weight-read GB/s."""
     out = []
     shapes = [
@@ -288,10 +294,20 @@ def gemm_forms(m: int = 128, reps: int = 20) -> list[dict]:
             cands[f"fp8_{form}"] = dataclasses.replace(
                 Fp8Weight.quantize(w, num_batch=nb), gemm=form
             )
+        cands["fp8_channel_dequant"] = Fp8Weight.quantize(w, num_batch=nb, granularity="channel")
+        # XLA's own FP8 x FP8 dot (per-tensor scaling only): the ceiling of XLA-alone FP8.
+        cands["xla_fp8_dot_pertensor"] = cands["fp8_channel_dequant"].values
         from step3_jax.layers.linear import project
 
+        def raw_fp8(x, wv, eqn):
+            xq = x.astype(jnp.float8_e4m3fn)
+            return jnp.einsum(eqn, xq, wv, preferred_element_type=jnp.float32).astype(x.dtype)
+
         for label, wt in cands.items():
-            f = jax.jit(lambda x, wt, eqn=eqn: project(x, wt, eqn))
+            if label.startswith("xla_fp8_dot"):
+                f = jax.jit(lambda x, wt, eqn=eqn: raw_fp8(x, wt, eqn))
+            else:
+                f = jax.jit(lambda x, wt, eqn=eqn: project(x, wt, eqn))
             try:
                 f(x, wt).block_until_ready()
                 t = _median_time(lambda f=f, wt=wt, x=x: f(x, wt), reps)
@@ -344,6 +360,7 @@ def main(argv=None) -> dict:
     p.add_argument("--context", default="64,256")
     p.add_argument("--pairs", default="", help="explicit B:ctx list, e.g. 128:4096,1:1024")
     p.add_argument("--moe", choices=("dense", "grouped"), default="dense")
+    p.add_argument("--granularity", choices=("block", "channel"), default="block")
     p.add_argument("--attention", default="xla", help="xla | pallas | auto (kernel API)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument(
@@ -366,7 +383,7 @@ def main(argv=None) -> dict:
     )
     attention = None if a.attention == "auto" else a.attention
     result = {**_meta(), "config": a.config, "layers": cfg.num_layers, "moe": a.moe}
-    result["attention"] = a.attention
+    result["attention"], result["granularity"] = a.attention, a.granularity
     result["copy_GBps"] = copy_bandwidth(256 << 20 if a.config == "tiny" else 2 << 30) / 1e9
     print(f"copy bandwidth {result['copy_GBps']:.0f} GB/s", flush=True)
     if a.gemm_forms:
@@ -385,7 +402,9 @@ def main(argv=None) -> dict:
             if a.hlo_dir and (b, c) == pairs[0] and name != "fp8":
                 hlo = os.path.join(a.hlo_dir, f"decode_{name.replace('+', '_')}_b{b}_s{c}.hlo")
             try:
-                model = random_model(cfg, Precision(name), a.moe, attention, dtype)
+                model = random_model(
+                    cfg, Precision(name), a.moe, attention, dtype, granularity=a.granularity
+                )
                 r = measure(model, cfg, Precision(name), b, c, a.steps, hlo)
             except Exception as e:  # noqa: BLE001 - keep the sweep going, report the failure
                 r = {"precision": name, "batch": b, "context": c, "error": repr(e)[:300]}

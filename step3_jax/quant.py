@@ -4,7 +4,8 @@ Every FP8 tensor in this project is a pair (values, scales) with
 
     dequantized = float32(values) * scale          (scale broadcast over its block)
 
-Formats (all scales float32, never zero: an all-zero block gets scale 1/448 * tiny):
+Formats (all scales float32, never zero: a block whose amax is below 448e-12, including an
+all-zero block, gets scale 1e-12, so ``x / scale`` stays finite and zeros stay exactly zero):
 
 * **Weights, 128x128 block scales** (`quantize_weight_blocks`), the layout of the released
   block-FP8 Step-3 checkpoint. Weights are stored ``[..., N_out, K_in]`` (contraction axis
@@ -23,17 +24,23 @@ Formats (all scales float32, never zero: an all-zero block gets scale 1/448 * ti
 
 Rounding: values are ``clip(x / scale, -448, 448)`` cast to e4m3 with round-to-nearest-even;
 the clip matters because casting an out-of-range float to float8_e4m3fn gives NaN (the format
-has no infinity). ``scale = amax / 448`` so the block's largest magnitude maps to 448.
+has no infinity). ``scale = max(amax * float32(1/448), 1e-12)`` in float32, so the block's
+largest magnitude maps to 448 (written as a multiply because XLA rewrites a division by a
+constant into one: spelling it out keeps NumPy emulations bit-exact). Round-trip error per
+value: ``|x - dequant(x)| <= 2**-4 |x| + 2**-10 scale`` (3 mantissa bits in the normal range,
+subnormal spacing 2**-9 below 2**-6; tests/quant/test_quant_formats.py derives and checks it).
 
 NaN/inf policy: a NaN input propagates to its own block (its scale becomes NaN and every
 value of the block dequantizes to NaN), so corrupted activations are never silently hidden.
 A +-inf input makes its block's scale inf; it is reported the same way (NaN on dequantize).
+Other blocks are unaffected. (`_amax` propagates NaN explicitly: XLA:CPU's multi-axis
+reduce-max can drop it.)
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 FP8_DTYPE = jnp.float8_e4m3fn
@@ -47,8 +54,17 @@ def _cast_fp8(x_scaled: Array) -> Array:
     return jnp.clip(x_scaled, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
 
 
+_INV_FP8_MAX = np.float32(1.0 / FP8_MAX)
+
+
+def _amax(x: Array, axis) -> Array:
+    """float32 max |x| over ``axis``; NaN if any input of the block is NaN (see module doc)."""
+    xf = jnp.abs(x.astype(jnp.float32))
+    return jnp.where(jnp.any(jnp.isnan(xf), axis=axis), jnp.nan, jnp.max(xf, axis=axis))
+
+
 def _scale_from_amax(amax: Array) -> Array:
-    return jnp.maximum(amax.astype(jnp.float32) / FP8_MAX, _MIN_SCALE)
+    return jnp.maximum(amax.astype(jnp.float32) * _INV_FP8_MAX, _MIN_SCALE)
 
 
 def quantize_activations(
@@ -64,7 +80,7 @@ def quantize_activations(
     xf = x.astype(jnp.float32)
     xp = jnp.pad(xf, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) if pad else xf
     xg = xp.reshape(*x.shape[:-1], g, group)
-    scale = _scale_from_amax(jnp.max(jnp.abs(xg), axis=-1))
+    scale = _scale_from_amax(_amax(xg, -1))
     q = _cast_fp8(xg / scale[..., None]).reshape(*x.shape[:-1], g * group)[..., :k]
     return q, scale
 
@@ -87,7 +103,7 @@ def quantize_weight_blocks(
     pads = [(0, 0)] * (w.ndim - 2) + [(0, nb * block - n), (0, kb * block - k)]
     wp = jnp.pad(wf, pads)
     wb = wp.reshape(*w.shape[:-2], nb, block, kb, block)
-    scale = _scale_from_amax(jnp.max(jnp.abs(wb), axis=(-3, -1)))  # [..., nb, kb]
+    scale = _scale_from_amax(_amax(wb, (-3, -1)))  # [..., nb, kb]
     q = _cast_fp8(wb / scale[..., :, None, :, None])
     q = q.reshape(*w.shape[:-2], nb * block, kb * block)[..., :n, :k]
     return q, scale
@@ -103,7 +119,7 @@ def dequantize_weight_blocks(
 
 def quantize_weight_channels(w: Float[Array, "... N K"]) -> tuple[Array, Float[Array, "... N 1"]]:
     """Per-output-channel FP8 quantization of a ``[..., N, K]`` weight."""
-    scale = _scale_from_amax(jnp.max(jnp.abs(w.astype(jnp.float32)), axis=-1, keepdims=True))
+    scale = _scale_from_amax(_amax(w, -1)[..., None])
     return _cast_fp8(w.astype(jnp.float32) / scale), scale
 
 
@@ -113,7 +129,7 @@ def dequantize_weight_channels(q: Array, scale: Array, dtype=jnp.float32) -> Arr
 
 def quantize_kv(x: Float[Array, "... S H"]) -> tuple[Array, Float[Array, "... S"]]:
     """Per-token FP8 quantization of K or V: ``(values [..., S, H] e4m3, scales [..., S])``."""
-    scale = _scale_from_amax(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1))
+    scale = _scale_from_amax(_amax(x, -1))
     return _cast_fp8(x.astype(jnp.float32) / scale[..., None]), scale
 
 

@@ -32,7 +32,8 @@ dequantized operands, accumulated in float32:
 
 * ``"dequant"`` (default): dequantize weight and activation to the compute dtype and run one
   ordinary dot. With a bf16 compute dtype each dequantized operand carries one extra bf16
-  rounding (relative 2**-9). Fast when XLA fuses the convert+scale into the GEMM's operand read.
+  rounding (relative 2**-9). Per-channel weights skip the weight-side multiply: the dot reads
+  a pure fp8 -> bf16 convert and the f32 result is scaled per output channel.
 * ``"fp8_blocks"``: FP8 x FP8 ``dot_general`` per 128-wide K block with float32 results, scaled
   by ``x_scale[m, kb] * w_scale[n, kb]`` and summed over blocks: exact scale application, but it
   materializes ``[KB, M, N]`` float32 partial sums.
@@ -204,6 +205,19 @@ class Fp8Weight:
         if self.gemm == "fp8_blocks":
             return _project_fp8_blocks(x, self, spec).astype(out_dtype)
         xd = _fake_quant_contract(x, spec)
+        if self.granularity == "channel":
+            # Per-channel scales factor out of the contraction: the weight operand is a pure
+            # fp8 -> compute-dtype convert (exact), which XLA can fuse into the GEMM's operand
+            # read, and the scale multiplies the f32 result.
+            w_rest = spec.w[: len(spec.w) - self.num_contract]
+            ws = self.scales.reshape(self.shape[: len(w_rest)])
+            acc = jnp.einsum(
+                spec.explicit,
+                xd,
+                self.values.astype(x.dtype),
+                preferred_element_type=jnp.float32,
+            )
+            return jnp.einsum(f"{spec.out},{w_rest}->{spec.out}", acc, ws).astype(out_dtype)
         wd = self.dequantize(x.dtype)
         return jnp.einsum(spec.explicit, xd, wd, preferred_element_type=jnp.float32).astype(
             out_dtype
