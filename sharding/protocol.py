@@ -131,10 +131,22 @@ def routed_partial(x, ids, weights, p: dict, first_expert, implementation: str):
     e_local = p["gate"].shape[0]
     if implementation == "grouped":
         from pallas_kernels.grouped_gemm import moe_ffn
+        from step3_jax.quant_model import split_fp8
 
-        return moe_ffn(
-            x, ids, weights, p["gate"], p["up"], p["down"], first_expert=first_expert
-        ).astype(x.dtype)
+        (wg, sg), (wu, su), (wd, sd) = (split_fp8(p[k]) for k in ("gate", "up", "down"))
+        out = moe_ffn(
+            x,
+            ids,
+            weights,
+            wg,
+            wu,
+            wd,
+            first_expert=first_expert,
+            w_gate_scale=sg,
+            w_up_scale=su,
+            w_down_scale=sd,
+        )
+        return out.astype(x.dtype)
     local = (ids >= first_expert) & (ids < first_expert + e_local)
     lw = jnp.where(local, weights, 0.0)
     lid = jnp.where(local, ids - first_expert, 0)

@@ -1,0 +1,479 @@
+"""The compiled AFD executor: ONE program per decode step over all devices.
+
+``jax.jit(shard_map(body))`` over the 1-D ``afd`` mesh; each device holds only its role's
+tensors in its arenas (memory layout: `sharding.layout`). The body is a `lax.scan` over
+*ticks* of a static software-pipeline schedule (`pipeline_schedule`): at each tick an
+attention device runs the attention half of one (layer, micro-batch) item while the FFN
+devices run the FFN half of an earlier item; a `lax.switch` on the device's role picks the
+work (no collective sits inside a branch). Then two sets of `lax.ppermute` rounds exchange the
+tick's messages: A->F `protocol.Packet` (FP8 tokens + scales + expert ids + weights) and
+F->A partial outputs (activation dtype), which the attention device sums and adds to the
+residual. With M >= 2 micro-batches the attention and FFN devices are both busy every tick
+(the schedule has ``L*M + 1`` ticks; M = 1 needs ``2L``).
+
+Exchange rounds (`exchange_rounds`): the complete bipartite A x F graph split into
+``max(x, y)`` matchings, so every ppermute is a valid permutation and each (A, F) pair talks
+exactly once per direction per tick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sharding import protocol
+from sharding.layout import AfdLayout, ArenaDtypes, ArenaLayout, Region
+from step3_jax import quant
+from step3_jax.cache import KVCache
+from step3_jax.quant_model import Fp8Weight
+
+STAGES = ("attention", "ffn", "exchange")
+_NUM_CONTRACT = {"o_proj": 2}
+
+
+def exchange_rounds(num_a: int, num_f: int) -> list[list[tuple[int, int]]]:
+    """Matchings ``[(a, f), ...]`` covering every attention/FFN pair exactly once."""
+    if num_a <= num_f:
+        return [[(a, (a + r) % num_f) for a in range(num_a)] for r in range(num_f)]
+    return [[((f + r) % num_a, f) for f in range(num_f)] for r in range(num_a)]
+
+
+def pipeline_schedule(num_layers: int, num_mb: int) -> np.ndarray:
+    """Greedy static schedule ``[ticks, 6]`` int32 rows ``(a_ok, a_layer, a_mb, f_ok,
+    f_layer, f_mb)``; an idle stage has ok=0 and mb=num_mb (the trash slot).
+
+    Attention takes items in (layer, micro-batch) order once the item's previous-layer FFN
+    result has arrived (finished at an earlier tick); the FFN takes items in arrival order.
+    """
+    items = [(layer, m) for layer in range(num_layers) for m in range(num_mb)]
+    attn_done, ffn_done, rows = {}, {}, []
+    next_a, ffn_queue, tick = 0, [], 0
+    while len(ffn_done) < len(items):
+        row = [0, 0, num_mb, 0, 0, num_mb]
+        if next_a < len(items):
+            layer, m = items[next_a]
+            if layer == 0 or ffn_done.get((layer - 1, m), tick) < tick:
+                row[:3] = [1, layer, m]
+                attn_done[items[next_a]] = tick
+                next_a += 1
+        ready = [it for it in ffn_queue if attn_done[it] < tick]
+        if ready:
+            row[3:] = [1, *ready[0]]
+            ffn_done[ready[0]] = tick
+            ffn_queue.remove(ready[0])
+        if row[0]:
+            ffn_queue.append(items[next_a - 1])
+        rows.append(row)
+        tick += 1
+    return np.array(rows, np.int32)
+
+
+def _view(arenas: dict, reg: Region, item) -> jax.Array:
+    start = reg.offset + item * reg.size
+    return lax.dynamic_slice(arenas[reg.dtype], (start,), (reg.size,)).reshape(reg.shape)
+
+
+def _params(arenas: dict, regions: dict, names, item) -> dict:
+    """Views of ``names`` at ``item``; FP8 values with ``<name>_scale`` become `Fp8Weight`."""
+    out = {}
+    for name in names:
+        reg = regions[name]
+        v = _view(arenas, reg, item)
+        if name + "_scale" in regions:
+            v = Fp8Weight(
+                v,
+                _view(arenas, regions[name + "_scale"], item),
+                num_contract=_NUM_CONTRACT.get(name, 1),
+            )
+        out[name] = v
+    return out
+
+
+def _write_rows(arenas, reg: Region, item, b_idx, positions, values):
+    """Scatter ``values [Bm, T, *row]`` into item ``item`` of ``reg`` (shape [Bm, S, *row])
+    at slots ``positions [Bm, T]``: a flat in-place scatter into the (donated) arena."""
+    row = int(np.prod(reg.shape[2:]))
+    base = reg.offset + item * reg.size + (b_idx * reg.shape[1] + positions) * row
+    idx = base[..., None] + jnp.arange(row)
+    flat = arenas[reg.dtype].at[idx.reshape(-1)].set(values.reshape(-1).astype(reg.dtype))
+    return {**arenas, reg.dtype: flat}
+
+
+@dataclasses.dataclass(frozen=True)
+class AfdConfig:
+    """Static settings of one compiled AFD step."""
+
+    microbatch: int  # Bm: sequences per micro-batch per attention device
+    num_microbatches: int  # M: micro-batches in flight (1, 2 or 3)
+    max_len: int  # S: KV-cache slots per sequence
+    fp8_transfer: bool = True  # FP8 tokens + scales A->F (else the activation dtype)
+    ffn_implementation: str = "dense"  # protocol.FFN_IMPLEMENTATIONS
+    attention_implementation: str | None = "xla"
+    # XLA debug options for the step's compilation, e.g. {"xla_backend_optimization_level": 0}
+    # makes CPU test compiles ~3x faster. A tuple of (name, value) pairs (hashable).
+    compiler_options: tuple[tuple[str, object], ...] = ()
+
+    def __post_init__(self):
+        if self.microbatch < 1 or self.num_microbatches < 1 or self.max_len < 1:
+            raise ValueError(f"microbatch, num_microbatches, max_len must be >= 1: {self}")
+        if self.ffn_implementation not in protocol.FFN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"ffn_implementation must be one of "
+                f"{protocol.FFN_IMPLEMENTATIONS}, got {self.ffn_implementation!r}"
+            )
+
+
+_ATTN = (
+    "input_norm",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "inter_norm",
+    "wq",
+    "o_proj",
+    "post_norm",
+    "router",
+)
+_MOE = ("gate", "up", "down", "shared_gate", "shared_up", "shared_down")
+_DENSE = ("dense_gate", "dense_up", "dense_down")
+_GLOBAL = ("embed", "final_norm", "lm_head")
+
+
+class AfdExecutor:
+    """One compiled AFD step over ``layout`` on ``devices`` (see the module docstring).
+
+    ``step(tokens [B, T], positions [B, T], select [B]) -> logits [B, V]`` with
+    ``B = num_attention * num_microbatches * microbatch``: sequence b lives on attention
+    device ``b // (M * Bm)``, micro-batch ``(b // Bm) % M``. The KV cache lives in the arenas.
+    """
+
+    def __init__(
+        self,
+        config,
+        layout: AfdLayout,
+        devices,
+        afd: AfdConfig,
+        *,
+        dtypes: ArenaDtypes = ArenaDtypes(),
+        act_dtype=jnp.bfloat16,
+        stages: tuple[str, ...] = STAGES,
+    ):
+        if any(s not in STAGES for s in stages):
+            raise ValueError(f"stages must be a subset of {STAGES}, got {stages}")
+        self.config, self.layout, self.afd, self.dtypes = config, layout, afd, dtypes
+        self.act_dtype, self.stages = jnp.dtype(act_dtype), tuple(stages)
+        self.mesh = layout.afd_mesh(devices)
+        self.arena = ArenaLayout.build(
+            config,
+            layout,
+            microbatch=afd.microbatch,
+            num_microbatches=afd.num_microbatches,
+            max_len=afd.max_len,
+            dtypes=dtypes,
+        )
+        self.schedule = pipeline_schedule(config.num_layers, afd.num_microbatches)
+        self.sharding = NamedSharding(self.mesh, P("afd"))
+        self.arenas: dict | None = None
+        self._program = self._build()
+
+    @property
+    def batch(self) -> int:
+        return self.layout.num_attention * self.afd.num_microbatches * self.afd.microbatch
+
+    # ------------------------------------------------------------------ arenas
+    def _device_buffers(self, d: int, sources) -> dict[str, np.ndarray]:
+        regions = self.arena.attention if d < self.layout.num_attention else self.arena.ffn
+        src = sources(d)
+        bufs = {t: np.zeros((n,), jnp.dtype(t)) for t, n in self.arena.sizes.items()}
+        for name, reg in regions.items():
+            if name.startswith("cache_"):
+                fill = 1.0 if name.endswith("_scale") else 0.0
+                bufs[reg.dtype][reg.offset : reg.end] = fill
+                continue
+            arr = np.asarray(src[name]).astype(jnp.dtype(reg.dtype))
+            if arr.shape != (reg.count, *reg.shape):
+                raise ValueError(
+                    f"{name}: got {arr.shape}, arena region wants {(reg.count, *reg.shape)}"
+                )
+            bufs[reg.dtype][reg.offset : reg.end] = arr.reshape(-1)
+        return bufs
+
+    def _arrays_from(self, device_buffers) -> dict:
+        """Global arena arrays; each process builds only its addressable devices' rows."""
+        n = self.layout.num_devices
+        pos = {dev: i for i, dev in enumerate(self.mesh.devices.flat)}
+        cache: dict[int, dict] = {}
+
+        def buffers(i):
+            if i not in cache:
+                cache[i] = device_buffers(i)
+            return cache[i]
+
+        out = {}
+        for t, size in self.arena.sizes.items():
+            arrs = [
+                jax.device_put(buffers(pos[dev])[t], dev)
+                for dev in self.sharding.addressable_devices
+            ]
+            out[t] = jax.make_array_from_single_device_arrays((n * size,), self.sharding, arrs)
+        return out
+
+    def load_model(self, model) -> None:
+        """Packs ``model``'s weights (and an empty cache) into the arenas."""
+        if self.dtypes.fp8_weights:
+            raise ValueError("load_model packs float weights; use ArenaDtypes(weight=<float>)")
+        att, full = protocol.attention_params(model), protocol.ffn_params(model)
+        n_a = self.layout.num_attention
+
+        def sources(d):
+            return att if d < n_a else protocol.ffn_device_params(full, self.layout, d - n_a)
+
+        self.arenas = self._arrays_from(lambda d: self._device_buffers(d, sources))
+
+    def load_random(self, seed: int = 0, scale: float = 0.02) -> None:
+        """Random arenas on device (benchmarks): normal * ``scale`` for floats, 1 + small
+        noise for norms; FP8 scales ``1/448``-sized so dequantized weights stay ~``scale``."""
+
+        @functools.partial(jax.jit, static_argnums=(1, 2), out_shardings=self.sharding)
+        def make(key, t, size):
+            x = jax.random.normal(key, (self.layout.num_devices * size,), jnp.float32)
+            if t == "float32":
+                return jnp.abs(x) * (scale / 2) + scale / 4
+            if t == "float8_e4m3fn":
+                return jnp.clip(x * 64, -448, 448).astype(t)
+            return (x * scale).astype(t)
+
+        self.arenas = {
+            t: make(jax.random.key(seed + i), t, n)
+            for i, (t, n) in enumerate(self.arena.sizes.items())
+        }
+
+    # ----------------------------------------------------------------- program
+    def _tables(self):
+        """Static per-layer and per-round lookup tables (indexed by traced values)."""
+        c, n_a = self.config, self.layout.num_attention
+        is_moe = np.array([c.is_moe_layer(i) for i in range(c.num_layers)])
+        kind_index = np.zeros(c.num_layers, np.int32)
+        for ids in (c.moe_layer_ids, c.dense_layer_ids):
+            kind_index[list(ids)] = np.arange(len(ids))
+        rounds = exchange_rounds(n_a, self.layout.num_ffn)
+        n = self.layout.num_devices
+        src = np.full((len(rounds), n), n_a, np.int32)  # F device: which A it hears from
+        dst = np.zeros((len(rounds), n), np.int32)  # F device: which A it answers
+        for r, pairs in enumerate(rounds):
+            for a, f in pairs:
+                src[r, n_a + f] = dst[r, n_a + f] = a
+        return jnp.asarray(is_moe), jnp.asarray(kind_index), rounds, src, dst
+
+    def _attention_item(self, arenas, x, pos, layer, m, is_moe):
+        c, a = self.config, self.afd
+        regs = self.arena.attention
+        p = _params(arenas, regs, _ATTN, layer)
+        q, k, v = protocol.attention_qkv(
+            p, x, pos, eps=c.rms_norm_eps, rope_theta=c.rope_theta, dtype=self.act_dtype
+        )
+        item, b_idx = layer * a.num_microbatches + m, jnp.arange(a.microbatch)[:, None]
+        fp8_cache = "cache_k_scale" in regs
+        for name, new in (("cache_k", k), ("cache_v", v)):
+            if fp8_cache:  # the same per-token quantization as KVCache.write
+                new, scale = quant.quantize_kv(new)
+                arenas = _write_rows(arenas, regs[name + "_scale"], item, b_idx, pos, scale)
+            arenas = _write_rows(arenas, regs[name], item, b_idx, pos, new)
+        views = [
+            _view(arenas, regs[n], item)[None] if n in regs else None
+            for n in ("cache_k", "cache_v", "cache_k_scale", "cache_v_scale")
+        ]
+        cache = KVCache(views[0], views[1], pos[:, -1] + 1, views[2], views[3])
+        x_mid, h2, routing = protocol.attention_out(
+            p,
+            x,
+            q,
+            cache,
+            pos,
+            eps=c.rms_norm_eps,
+            dtype=self.act_dtype,
+            top_k=c.top_k,
+            is_moe=is_moe,
+            implementation=a.attention_implementation,
+        )
+        b, t, d = h2.shape
+        routing = tuple(r.reshape(b * t, -1) for r in routing)
+        return arenas, x_mid, protocol.pack(h2.reshape(b * t, d), routing, c.top_k, a.fp8_transfer)
+
+    def _ffn_item(self, arenas, packet, is_moe, kind_index, first_expert):
+        c, regs = self.config, self.arena.ffn
+        n_a, rows = packet.values.shape[:2]
+        flat = jax.tree.map(lambda v: v.reshape(n_a * rows, *v.shape[2:]), packet)
+
+        def run(moe: bool):
+            names = [k for k in (_MOE if moe else _DENSE) if k in regs]
+            p = _params(arenas, regs, names, kind_index)
+            return protocol.ffn_partial(
+                flat,
+                p,
+                is_moe=moe,
+                first_expert=first_expert,
+                dtype=self.act_dtype,
+                implementation=self.afd.ffn_implementation,
+            )
+
+        if not c.dense_layer_ids or not c.moe_layer_ids:
+            out = run(bool(c.moe_layer_ids))
+        else:
+            out = lax.cond(is_moe, lambda: run(True), lambda: run(False))
+        return out.reshape(n_a, rows, -1).astype(self.act_dtype)
+
+    def _zero_packet(self, t: int, lead=()):
+        c, a = self.config, self.afd
+        rows, d, k = a.microbatch * t, c.hidden_size, c.top_k
+        vdt = quant.FP8_DTYPE if a.fp8_transfer else self.act_dtype
+        scales = jnp.zeros((*lead, rows, -(-d // quant.BLOCK)), jnp.float32)
+        return protocol.Packet(
+            jnp.zeros((*lead, rows, d), vdt),
+            scales if a.fp8_transfer else None,
+            jnp.zeros((*lead, rows, k), jnp.int32),
+            jnp.zeros((*lead, rows, k), jnp.float32),
+        )
+
+    def _synthetic_inbox(self, t: int):
+        """FFN-only timing: a fixed random inbox with realistic (uniform) routing."""
+        c, m = self.config, self.afd.num_microbatches + 1
+        z = self._zero_packet(t, (m, self.layout.num_attention))
+        key = jax.random.key(7)
+        h = jax.random.normal(key, z.values.shape, jnp.float32)
+        ids = jax.random.randint(key, z.ids.shape, 0, c.num_experts, jnp.int32)
+        w = jax.random.uniform(key, z.weights.shape, jnp.float32)
+        if self.afd.fp8_transfer:
+            vals, scales = quant.quantize_activations(h)
+            return protocol.Packet(vals, scales, ids, w)
+        return protocol.Packet(h.astype(self.act_dtype), None, ids, w)
+
+    def _exchange(self, packet, result, dev, rounds, src, dst):
+        """A->F packets (into a ``[x+1, ...]`` receive buffer, slot x = nobody) and F->A
+        partials (summed in float32 over the FFN devices)."""
+        n_a = self.layout.num_attention
+        recv = jax.tree.map(lambda v: jnp.zeros((n_a + 1, *v.shape), v.dtype), packet)
+        total = jnp.zeros(result.shape[1:], jnp.float32)
+        for r, pairs in enumerate(rounds):
+            fwd = [(a, n_a + f) for a, f in pairs]
+            got = jax.tree.map(lambda v, fwd=fwd: lax.ppermute(v, "afd", fwd), packet)
+            slot = jnp.asarray(src[r])[dev]
+            recv = jax.tree.map(lambda b, g, slot=slot: b.at[slot].set(g), recv, got)
+            back = [(n_a + f, a) for a, f in pairs]
+            send = result[jnp.asarray(dst[r])[dev]]
+            total = total + lax.ppermute(send, "afd", back).astype(jnp.float32)
+        return jax.tree.map(lambda b: b[:n_a], recv), total
+
+    def _body(self, arenas, tokens, positions, select):
+        c, a, lay = self.config, self.afd, self.layout
+        m_count, bm = a.num_microbatches, a.microbatch
+        _, bd, t = tokens.shape
+        is_moe_t, kind_t, rounds, src, dst = self._tables()
+        dev = lax.axis_index("afd")
+        is_attn = dev < lay.num_attention
+        e_local = c.num_experts // lay.ffn_ep
+        first_expert = ((dev - lay.num_attention) // lay.ffn_tp) * e_local
+        glob = _params(arenas, self.arena.attention, _GLOBAL, 0)
+        d = c.hidden_size
+
+        def embed():
+            return jnp.take(glob["embed"], tokens[0], axis=0).astype(self.act_dtype)
+
+        x0 = lax.cond(is_attn, embed, lambda: jnp.zeros((bd, t, d), self.act_dtype))
+        trash = jnp.zeros((1, bm, t, d), self.act_dtype)
+        x = jnp.concatenate([x0.reshape(m_count, bm, t, d), trash])
+        pos = jnp.concatenate(
+            [positions[0].reshape(m_count, bm, t), jnp.zeros((1, bm, t), jnp.int32)]
+        )
+        do_a, do_f, do_x = (s in self.stages for s in STAGES)
+        inbox = (
+            self._zero_packet(t, (m_count + 1, lay.num_attention))
+            if do_a
+            else self._synthetic_inbox(t)
+        )
+        zero_packet = self._zero_packet(t)
+        zero_result = jnp.zeros((lay.num_attention, bm * t, d), self.act_dtype)
+
+        def tick(carry, row):
+            arenas, x, x_mid, inbox = carry
+            a_ok, a_l, a_m, f_ok, f_l, f_m = (row[i] for i in range(6))
+
+            def attn(arenas, x_mid):
+                arenas, xm, pk = self._attention_item(
+                    arenas, x[a_m], pos[a_m], a_l, a_m, is_moe_t[a_l]
+                )
+                return arenas, x_mid.at[a_m].set(xm), pk, zero_result
+
+            def ffn(arenas, x_mid):
+                pk = jax.tree.map(lambda v: v[f_m], inbox)
+                res = self._ffn_item(arenas, pk, is_moe_t[f_l], kind_t[f_l], first_expert)
+                return arenas, x_mid, zero_packet, res
+
+            def idle(arenas, x_mid):
+                return arenas, x_mid, zero_packet, zero_result
+
+            branch = jnp.where(
+                is_attn, jnp.where((a_ok > 0) & do_a, 0, 2), jnp.where((f_ok > 0) & do_f, 1, 2)
+            )
+            arenas, x_mid, packet, result = lax.switch(branch, (attn, ffn, idle), arenas, x_mid)
+            if do_x:
+                got, total = self._exchange(packet, result, dev, rounds, src, dst)
+                if do_a:
+                    inbox = jax.tree.map(lambda b, g: b.at[a_m].set(g), inbox, got)
+                upd = x_mid[f_m] + total.reshape(bm, t, d).astype(self.act_dtype)
+                x = x.at[f_m].set(upd)
+            return (arenas, x, x_mid, inbox), None
+
+        carry = (arenas, x, jnp.zeros_like(x), inbox)
+        (arenas, x, _, _), _ = lax.scan(tick, carry, jnp.asarray(self.schedule))
+
+        def head():
+            xs = x[:m_count].reshape(bd, t, d)
+            last = jnp.take_along_axis(xs, select[0][:, None, None], axis=1)[:, 0]
+            return protocol.final_logits(glob, last, c.rms_norm_eps)
+
+        zeros = jnp.zeros((bd, c.vocab_size), jnp.float32)
+        logits = lax.cond(is_attn & do_a, head, lambda: zeros)
+        return logits[None], arenas
+
+    def _build(self):
+        spec = P("afd")
+        body = jax.shard_map(
+            self._body,
+            mesh=self.mesh,
+            in_specs=(spec, spec, spec, spec),
+            out_specs=(spec, spec),
+            check_vma=False,
+        )
+        opts = dict(self.afd.compiler_options) or None
+        return jax.jit(body, donate_argnums=0, compiler_options=opts)
+
+    # -------------------------------------------------------------------- step
+    def _per_device(self, a: np.ndarray) -> jax.Array:
+        """``[B, ...]`` (attention devices' sequences) -> ``[N, B/x, ...]``, FFN rows 0."""
+        n_a, n = self.layout.num_attention, self.layout.num_devices
+        a = np.asarray(a).reshape(n_a, -1, *np.shape(a)[1:])
+        full = np.concatenate([a, np.zeros((n - n_a, *a.shape[1:]), a.dtype)])
+        return jax.make_array_from_callback(full.shape, self.sharding, lambda i: full[i])
+
+    def step(self, tokens, positions, select) -> jax.Array:
+        """One compiled step; returns the attention devices' logits ``[B, V]`` float32
+        (a global array; in multi-process runs fetch it with `multihost_utils`)."""
+        if self.arenas is None:
+            raise ValueError("arenas are empty: call load_model(model) or load_random() first")
+        tokens = np.asarray(tokens, np.int32)
+        if tokens.ndim != 2 or tokens.shape[0] != self.batch:
+            raise ValueError(f"tokens must be [B={self.batch}, T] int32, got {tokens.shape}")
+        args = [
+            self._per_device(a)
+            for a in (tokens, np.asarray(positions, np.int32), np.asarray(select, np.int32))
+        ]
+        logits, self.arenas = self._program(self.arenas, *args)
+        return logits[: self.layout.num_attention].reshape(self.batch, -1)
