@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sharding import protocol
-from sharding.layout import AfdLayout, ArenaDtypes, ArenaLayout, Region
+from sharding.layout import DEFAULT_DTYPES, AfdLayout, ArenaDtypes, ArenaLayout, Region
 from step3_jax import quant
 from step3_jax.cache import KVCache
 from step3_jax.quant_model import Fp8Weight
@@ -161,7 +161,7 @@ class AfdExecutor:
         devices,
         afd: AfdConfig,
         *,
-        dtypes: ArenaDtypes = ArenaDtypes(),
+        dtypes: ArenaDtypes = DEFAULT_DTYPES,
         act_dtype=jnp.bfloat16,
         stages: tuple[str, ...] = STAGES,
     ):

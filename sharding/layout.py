@@ -221,6 +221,9 @@ class ArenaDtypes:
         return self.weight == "float8_e4m3fn"
 
 
+DEFAULT_DTYPES = ArenaDtypes()
+
+
 def _weight(name, shape, count, dt: ArenaDtypes, num_contract=1, num_batch=0):
     """A linear weight's region(s): values, plus the 128x128 block scales when FP8."""
     out = [(name, dt.weight, shape, count)]
@@ -297,7 +300,7 @@ class ArenaLayout:
         microbatch: int,
         num_microbatches: int,
         max_len: int,
-        dtypes: ArenaDtypes = ArenaDtypes(),
+        dtypes: ArenaDtypes = DEFAULT_DTYPES,
     ) -> ArenaLayout:
         layout.check_config(config)
         att = _place(attention_specs(config, dtypes, microbatch, num_microbatches, max_len))
@@ -344,7 +347,7 @@ def kv_batch_that_fits(
     device_bytes: int,
     num_microbatches: int,
     max_len: int,
-    dtypes: ArenaDtypes = ArenaDtypes(),
+    dtypes: ArenaDtypes = DEFAULT_DTYPES,
     reserve_bytes: int = 0,
 ) -> int:
     """Largest micro-batch whose arena fits ``device_bytes - reserve_bytes`` (0 if none)."""

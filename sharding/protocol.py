@@ -313,3 +313,24 @@ def ffn_device_params(full: dict[str, np.ndarray], layout, j: int) -> dict[str, 
             w = _tp_slice(w, 2, j, y)
         out[k] = w
     return out
+
+
+def reference_step_fn(model, batch: int, max_len: int, fp8_transfer: bool) -> StepFn:
+    """Single-device oracle with the executors' ``step`` signature (cache held inside)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    holder = [KVCache.for_config(model.config, batch, max_len, model.dtype)]
+
+    @jax.jit
+    def run(state, tokens, positions, select, cache):
+        m = nnx.merge(graphdef, state)
+        logits, cache = reference_forward(m, tokens, positions, cache, fp8_transfer)
+        return jnp.take_along_axis(logits, select[:, None, None], 1)[:, 0], cache
+
+    def step(tokens, positions, select):
+        args = (jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(select))
+        logits, holder[0] = run(state, *args, holder[0])
+        return logits
+
+    return step

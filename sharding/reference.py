@@ -85,12 +85,12 @@ class ReferenceExecutor:
         """Per layer: each tensor stacked ``[ep, tp, ...]`` over the FFN devices."""
         lay, sh = self.layout, NamedSharding(self.mesh_f, P("ffn_ep", "ffn_tp"))
         shards = [protocol.ffn_device_params(full, lay, j) for j in range(lay.num_ffn)]
-        moe_i = {l: i for i, l in enumerate(self.config.moe_layer_ids)}
-        dense_i = {l: i for i, l in enumerate(self.config.dense_layer_ids)}
+        moe_i = {n: i for i, n in enumerate(self.config.moe_layer_ids)}
+        dense_i = {n: i for i, n in enumerate(self.config.dense_layer_ids)}
         per_layer = []
-        for l in range(self.config.num_layers):
-            moe = l in moe_i
-            idx = moe_i[l] if moe else dense_i[l]
+        for layer in range(self.config.num_layers):
+            moe = layer in moe_i
+            idx = moe_i[layer] if moe else dense_i[layer]
             keys = [k for k in full if k.startswith("dense_") != moe]
             per_layer.append(
                 {
