@@ -198,6 +198,20 @@ def test_mfa_attention_ignores_nan_past_kv_lengths():
     np.testing.assert_allclose(np.asarray(out[:1]), np.asarray(short), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("t", [1, 5])
+def test_mfa_attention_bf16_with_batch(t):
+    """bf16 attention with B >= 2 must run (XLA:CPU rejected a bf16 x bf16 -> f32 batched dot
+    with a BTNH output layout) and match float32 on the same bf16-rounded inputs: the bf16
+    probabilities and the bf16 output are 2 roundings of 2^-8 each."""
+    q = _normal(17, 2, t, 4, 16).astype(jnp.bfloat16)
+    k, v = (_normal(s, 2, 8, 16).astype(jnp.bfloat16) for s in (18, 19))
+    pos = jnp.broadcast_to(jnp.arange(8 - t, 8, dtype=jnp.int32), (2, t))
+    out = jax.jit(mfa_attention_xla)(q, k, v, pos)
+    assert out.dtype == jnp.bfloat16
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    assert _rel(out.astype(jnp.float32), mfa_attention_xla(*f32, pos)) < 2 * U_BF16
+
+
 # ----------------------------------------------------------------------------- router / MoE
 E, K_TOP, D, F = 8, 2, 64, 48
 
