@@ -58,8 +58,11 @@ def mfa_attention_xla(
     p = jnp.where(visible[:, None], p, 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0, 1.0, denom)
-    out = jnp.einsum("BNTS,BSH->BTNH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.astype(q.dtype)
+    # Contract to [B, N, T, H] and transpose afterwards: XLA:CPU (jax 0.10.2) cannot run a
+    # bf16 x bf16 -> f32 batched dot whose output is laid out BTNH ("Unsupported element type
+    # for DotThunk"), which broke every bf16 call with batch >= 2 on CPU.
+    out = jnp.einsum("BNTS,BSH->BNTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
 class MFAttention(nnx.Module):
