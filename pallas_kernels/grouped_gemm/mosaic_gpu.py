@@ -194,6 +194,9 @@ def _k_step(st: _Static, x_smem, w_smems, xs_smem, accs, w_scale_of):
     """
     shape = accs[0].shape
     if st.fp8:
+        # Issue the scalar weight-scale loads (GMEM, L2-resident) before the wgmma so their
+        # latency hides behind the tensor-core work instead of following the wait.
+        w_scales = [w_scale_of(i) for i in range(len(w_smems))]
         xs = plgpu.load(xs_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
     new = []
     for i, (w_smem, acc) in enumerate(zip(w_smems, accs, strict=True)):
@@ -205,7 +208,7 @@ def _k_step(st: _Static, x_smem, w_smems, xs_smem, accs, w_scale_of):
                 return acc_ref[...]
 
             part = pl.run_scoped(mma, plgpu.ACC(shape, jnp.float32))
-            scale = xs * w_scale_of(i)
+            scale = xs * w_scales[i]
             new.append(acc + part * lax.broadcast_in_dim(scale, shape, [0]))
         else:
 
