@@ -1,0 +1,189 @@
+"""step3_jax.quant: FP8 e4m3 formats, round-trip bounds derived from the format, NaN/inf policy.
+
+Round-trip bound (per value, per block), derived from float8_e4m3fn: a value is stored as
+``y = clip(x / s, +-448)`` rounded to nearest-even. For |y| >= 2**-6 (normal range) the format
+has 3 mantissa bits, so the spacing is 2**(e-3) for |y| in [2**e, 2**(e+1)) and the rounding
+error is at most half of it, 2**(e-4) <= 2**-4 |y|. For |y| < 2**-6 (subnormals, spacing 2**-9)
+the error is at most 2**-10. Scaling back by s and allowing the float32 division/multiply
+roundings (relative 2**-24 each, a 2**-20 slack covers them):
+
+    |x - dequant(x)| <= (2**-4 |x| + 2**-10 s) * (1 + 2**-20)
+
+A format with one fewer mantissa bit (or a scale off by 2x) breaks this bound, and the tests
+also check that the observed error comes within 2x of it, so the bound is not vacuous.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from step3_jax import quant
+
+REL = 2.0**-4
+ABS_SUB = 2.0**-10
+SLACK = 1 + 2.0**-20
+
+
+def _rand(seed, shape, scale=1.0):
+    # Log-uniform magnitudes over ~12 binades with random signs: exercises normals and, after
+    # per-block scaling, subnormals of e4m3.
+    rng = np.random.default_rng(seed)
+    mag = np.exp(rng.uniform(np.log(1e-4), np.log(1.0), shape))
+    return (scale * mag * rng.choice([-1.0, 1.0], shape)).astype(np.float32)
+
+
+def _check_bound(x, deq, scale_full):
+    x, deq, s = (np.asarray(a, np.float64) for a in (x, deq, scale_full))
+    err = np.abs(x - deq)
+    bound = (REL * np.abs(x) + ABS_SUB * s) * SLACK
+    assert np.all(err <= bound), f"max err/bound {np.max(err / bound)}"
+    # Not vacuous: some value rounds by more than half the bound (a finer format would not).
+    assert np.max(err / bound) > 0.5
+
+
+def _np_quantize_groups(x, group=128):
+    """NumPy emulation of quantize_activations (same float32 ops, ml_dtypes RNE cast)."""
+    x = np.asarray(x, np.float32)
+    k = x.shape[-1]
+    g = -(-k // group)
+    xp = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, g * group - k)]).reshape(*x.shape[:-1], g, group)
+    scale = np.maximum(np.max(np.abs(xp), -1) * np.float32(1 / 448), np.float32(1e-12))
+    y = np.clip(xp / scale[..., None], -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    return y.reshape(*x.shape[:-1], g * group)[..., :k], scale.astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [128, 300, 7168])
+def test_activations_round_trip_bound(k):
+    x = _rand(0, (5, 3, k), scale=37.0)
+    q, s = quant.quantize_activations(jnp.asarray(x))
+    assert q.dtype == jnp.float8_e4m3fn and q.shape == x.shape
+    assert s.dtype == jnp.float32 and s.shape == (5, 3, -(-k // 128))
+    deq = quant.dequantize_activations(q, s)
+    s_full = np.repeat(np.asarray(s), 128, -1)[..., :k]
+    _check_bound(x, deq, s_full)
+
+
+def test_activations_match_numpy_emulation_bit_exactly():
+    # The NumPy references of the model rely on this: same scales, same e4m3 bytes.
+    x = _rand(1, (4, 7, 520), scale=3.0)
+    q, s = quant.quantize_activations(jnp.asarray(x))
+    q_np, s_np = _np_quantize_groups(x)
+    np.testing.assert_array_equal(np.asarray(s), s_np)
+    np.testing.assert_array_equal(np.asarray(q).view(np.uint8), q_np.view(np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (3, 200, 130), (129, 1)])
+def test_weight_blocks_layout_and_bound(shape):
+    w = _rand(2, shape, scale=0.05)
+    q, s = quant.quantize_weight_blocks(jnp.asarray(w))
+    n, k = shape[-2:]
+    nb, kb = -(-n // 128), -(-k // 128)
+    assert q.dtype == jnp.float8_e4m3fn and q.shape == shape
+    assert s.shape == (*shape[:-2], nb, kb) and s.dtype == jnp.float32
+    # scales[..., i, j] is the amax of rows 128i.., cols 128j.. over 448 (layout check).
+    wn = np.asarray(w)
+    for i in range(nb):
+        for j in range(kb):
+            blk = wn[..., 128 * i : 128 * (i + 1), 128 * j : 128 * (j + 1)]
+            want = np.max(np.abs(blk), axis=(-2, -1)) * np.float32(1 / 448)
+            np.testing.assert_array_equal(np.asarray(s)[..., i, j], want)
+    deq = quant.dequantize_weight_blocks(q, s)
+    s_full = np.repeat(np.repeat(np.asarray(s), 128, -2), 128, -1)[..., :n, :k]
+    _check_bound(w, deq, s_full)
+
+
+def test_weight_channels_layout_and_bound():
+    w = _rand(3, (2, 300, 200), scale=4.0)
+    q, s = quant.quantize_weight_channels(jnp.asarray(w))
+    assert s.shape == (2, 300, 1)
+    np.testing.assert_allclose(
+        np.asarray(s)[..., 0], np.max(np.abs(w), -1) * np.float32(1 / 448), rtol=0
+    )
+    _check_bound(w, quant.dequantize_weight_channels(q, s), np.broadcast_to(s, w.shape))
+
+
+def test_kv_per_token_layout_and_bound():
+    x = _rand(4, (2, 3, 50, 256), scale=9.0)  # [L, B, S, H]
+    q, s = quant.quantize_kv(jnp.asarray(x))
+    assert q.shape == x.shape and q.dtype == jnp.float8_e4m3fn
+    assert s.shape == (2, 3, 50) and s.dtype == jnp.float32
+    assert q.dtype.itemsize == 1  # byte layout: 256 + 256 value bytes + 2 x 4 scale bytes
+    _check_bound(x, quant.dequantize_kv(q, s), np.broadcast_to(np.asarray(s)[..., None], x.shape))
+
+
+def test_block_max_maps_to_448_and_large_values_do_not_overflow():
+    # Values near the float32 limit: the scale keeps x / s finite and the clip keeps the
+    # cast in range (an out-of-range cast to e4m3fn would give NaN).
+    x = _rand(5, (4, 256), scale=1.0) * np.float32(3e38)
+    q, s = quant.quantize_activations(jnp.asarray(x))
+    qf = np.asarray(q, np.float32)
+    assert np.all(np.isfinite(qf)) and np.all(np.isfinite(np.asarray(s)))
+    assert np.max(np.abs(qf), axis=-1).min() == 448.0
+    deq = np.asarray(quant.dequantize_activations(q, s))
+    _check_bound(x, deq, np.repeat(np.asarray(s), 128, -1))
+
+
+def test_cast_clips_out_of_range_instead_of_nan():
+    y = jnp.asarray([500.0, -1e6, 448.0, 464.0, -449.0], jnp.float32)
+    out = np.asarray(quant._cast_fp8(y), np.float32)
+    np.testing.assert_array_equal(out, [448.0, -448.0, 448.0, 448.0, -448.0])
+    raw = np.asarray(y.astype(jnp.float8_e4m3fn), np.float32)  # why the clip exists
+    assert np.isnan(raw[1])
+
+
+@pytest.mark.parametrize("tiny", [0.0, 1e-30, 1e-42])
+def test_scales_never_zero(tiny):
+    x = np.full((3, 256), tiny, np.float32)
+    x[0, :5] = [tiny, -tiny, 0.0, tiny, 0.0]
+    for q, s in (
+        quant.quantize_activations(jnp.asarray(x)),
+        quant.quantize_weight_blocks(jnp.asarray(x)),
+        quant.quantize_weight_channels(jnp.asarray(x)),
+        quant.quantize_kv(jnp.asarray(x)),
+    ):
+        s = np.asarray(s)
+        assert np.all(s > 0) and np.all(np.isfinite(s))
+        assert np.all(np.isfinite(np.asarray(q, np.float32)))
+    q, s = quant.quantize_activations(jnp.asarray(x))
+    deq = np.asarray(quant.dequantize_activations(q, s))
+    np.testing.assert_array_equal(deq[x == 0], 0.0)  # zero stays exactly zero
+    assert np.all(np.abs(deq - x) <= ABS_SUB * np.repeat(s, 128, -1) * SLACK)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_inf_poison_only_their_block(bad):
+    """Documented policy: a NaN/inf input turns its own block into NaN on dequantize; other
+    blocks (other tokens, other 128-groups, other weight blocks) are unaffected."""
+    x = _rand(6, (3, 384), scale=2.0)
+    x[1, 130] = bad
+    q, s = quant.quantize_activations(jnp.asarray(x))
+    deq = np.asarray(quant.dequantize_activations(q, s))
+    assert np.all(np.isnan(deq[1, 128:256]))
+    mask = np.ones_like(x, bool)
+    mask[1, 128:256] = False
+    assert np.all(np.isfinite(deq[mask]))
+
+    w = _rand(7, (256, 256), scale=0.1)
+    w[200, 3] = bad
+    qw, sw = quant.quantize_weight_blocks(jnp.asarray(w))
+    dw = np.asarray(quant.dequantize_weight_blocks(qw, sw))
+    assert np.all(np.isnan(dw[128:, :128]))
+    assert np.all(np.isfinite(dw[:128])) and np.all(np.isfinite(dw[:, 128:]))
+
+    kv = _rand(8, (4, 64), scale=1.0)
+    kv[2, 7] = bad
+    qk, sk = quant.quantize_kv(jnp.asarray(kv))
+    dk = np.asarray(quant.dequantize_kv(qk, sk))
+    assert np.all(np.isnan(dk[2])) and np.all(np.isfinite(np.delete(dk, 2, 0)))
+
+
+def test_quantize_is_jittable_and_deterministic():
+    x = jnp.asarray(_rand(9, (2, 256)))
+    q1, s1 = jax.jit(quant.quantize_activations)(x)
+    q2, s2 = quant.quantize_activations(x)
+    np.testing.assert_array_equal(np.asarray(q1, np.float32), np.asarray(q2, np.float32))
+    np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
