@@ -96,13 +96,16 @@ def _params(arenas: dict, regions: dict, names, item) -> dict:
     return out
 
 
-def _write_rows(arenas, reg: Region, item, b_idx, positions, values):
+def _write_rows(arenas, reg: Region, item, b_idx, positions, values, active):
     """Scatter ``values [Bm, T, *row]`` into item ``item`` of ``reg`` (shape [Bm, S, *row])
-    at slots ``positions [Bm, T]``: a flat in-place scatter into the (donated) arena."""
+    at slots ``positions [Bm, T]``: a flat in-place scatter into the (donated) arena. When
+    ``active`` is False (FFN devices, idle ticks) every index is out of range and dropped."""
     row = int(np.prod(reg.shape[2:]))
     base = reg.offset + item * reg.size + (b_idx * reg.shape[1] + positions) * row
     idx = base[..., None] + jnp.arange(row)
-    flat = arenas[reg.dtype].at[idx.reshape(-1)].set(values.reshape(-1).astype(reg.dtype))
+    idx = jnp.where(active, idx, arenas[reg.dtype].shape[0])
+    vals = values.reshape(-1).astype(reg.dtype)
+    flat = arenas[reg.dtype].at[idx.reshape(-1)].set(vals, mode="drop")
     return {**arenas, reg.dtype: flat}
 
 
@@ -272,25 +275,35 @@ class AfdExecutor:
                 src[r, n_a + f] = dst[r, n_a + f] = a
         return jnp.asarray(is_moe), jnp.asarray(kind_index), rounds, src, dst
 
-    def _attention_item(self, arenas, x, pos, layer, m, is_moe):
-        c, a = self.config, self.afd
-        regs = self.arena.attention
-        p = _params(arenas, regs, _ATTN, layer)
-        q, k, v = protocol.attention_qkv(
+    def _attention_qkv(self, arenas, x, pos, layer):
+        c = self.config
+        names = ("input_norm", "q_proj", "k_proj", "v_proj", "inter_norm", "wq")
+        p = _params(arenas, self.arena.attention, names, layer)
+        return protocol.attention_qkv(
             p, x, pos, eps=c.rms_norm_eps, rope_theta=c.rope_theta, dtype=self.act_dtype
         )
+
+    def _cache_write(self, arenas, k, v, pos, layer, m, active):
+        """The new tokens' K/V into the arena (KVCache.write's format, FP8 included)."""
+        a, regs = self.afd, self.arena.attention
         item, b_idx = layer * a.num_microbatches + m, jnp.arange(a.microbatch)[:, None]
-        fp8_cache = "cache_k_scale" in regs
         for name, new in (("cache_k", k), ("cache_v", v)):
-            if fp8_cache:  # the same per-token quantization as KVCache.write
+            if name + "_scale" in regs:  # the same per-token quantization as KVCache.write
                 new, scale = quant.quantize_kv(new)
-                arenas = _write_rows(arenas, regs[name + "_scale"], item, b_idx, pos, scale)
-            arenas = _write_rows(arenas, regs[name], item, b_idx, pos, new)
+                arenas = _write_rows(arenas, regs[name + "_scale"], item, b_idx, pos, scale, active)
+            arenas = _write_rows(arenas, regs[name], item, b_idx, pos, new, active)
+        return arenas
+
+    def _attention_rest(self, arenas, x, q, pos, layer, m, is_moe):
+        """Attention over the updated cache, o_proj, residual, norm, router, pack."""
+        c, a, regs = self.config, self.afd, self.arena.attention
+        item = layer * a.num_microbatches + m
         views = [
             _view(arenas, regs[n], item)[None] if n in regs else None
             for n in ("cache_k", "cache_v", "cache_k_scale", "cache_v_scale")
         ]
         cache = KVCache(views[0], views[1], pos[:, -1] + 1, views[2], views[3])
+        p = _params(arenas, regs, ("o_proj", "post_norm", "router"), layer)
         x_mid, h2, routing = protocol.attention_out(
             p,
             x,
@@ -305,7 +318,8 @@ class AfdExecutor:
         )
         b, t, d = h2.shape
         routing = tuple(r.reshape(b * t, -1) for r in routing)
-        return arenas, x_mid, protocol.pack(h2.reshape(b * t, d), routing, c.top_k, a.fp8_transfer)
+        packet = protocol.pack(h2.reshape(b * t, d), routing, c.top_k, a.fp8_transfer)
+        return x_mid, packet
 
     def _ffn_item(self, arenas, packet, is_moe, kind_index, first_expert):
         c, regs = self.config, self.arena.ffn
@@ -380,11 +394,11 @@ class AfdExecutor:
         is_attn = dev < lay.num_attention
         e_local = c.num_experts // lay.ffn_ep
         first_expert = ((dev - lay.num_attention) // lay.ffn_tp) * e_local
-        glob = _params(arenas, self.arena.attention, _GLOBAL, 0)
+        embed_w = _params(arenas, self.arena.attention, ("embed",), 0)["embed"]
         d = c.hidden_size
 
         def embed():
-            return jnp.take(glob["embed"], tokens[0], axis=0).astype(self.act_dtype)
+            return jnp.take(embed_w, tokens[0], axis=0).astype(self.act_dtype)
 
         x0 = lax.cond(is_attn, embed, lambda: jnp.zeros((bd, t, d), self.act_dtype))
         trash = jnp.zeros((1, bm, t, d), self.act_dtype)
@@ -404,25 +418,33 @@ class AfdExecutor:
         def tick(carry, row):
             arenas, x, x_mid, inbox = carry
             a_ok, a_l, a_m, f_ok, f_l, f_m = (row[i] for i in range(6))
+            act_a = is_attn & (a_ok > 0) & do_a
+            # The arena is only READ inside branches (closures) and written by one
+            # unconditional, masked scatter, so XLA updates it in place: no branch returns
+            # it, which would force an arena-sized copy.
+            zq = (
+                jnp.zeros((bm, t, c.num_heads, c.head_dim), self.act_dtype),
+                *[jnp.zeros((bm, t, c.head_dim), self.act_dtype)] * 2,
+            )
+            q, k, v = lax.cond(
+                act_a, lambda: self._attention_qkv(arenas, x[a_m], pos[a_m], a_l), lambda: zq
+            )
+            arenas = self._cache_write(arenas, k, v, pos[a_m], a_l, a_m, act_a)
 
-            def attn(arenas, x_mid):
-                arenas, xm, pk = self._attention_item(
-                    arenas, x[a_m], pos[a_m], a_l, a_m, is_moe_t[a_l]
-                )
-                return arenas, x_mid.at[a_m].set(xm), pk, zero_result
+            def attn():
+                xm, pk = self._attention_rest(arenas, x[a_m], q, pos[a_m], a_l, a_m, is_moe_t[a_l])
+                return x_mid.at[a_m].set(xm), pk, zero_result
 
-            def ffn(arenas, x_mid):
+            def ffn():
                 pk = jax.tree.map(lambda v: v[f_m], inbox)
                 res = self._ffn_item(arenas, pk, is_moe_t[f_l], kind_t[f_l], first_expert)
-                return arenas, x_mid, zero_packet, res
+                return x_mid, zero_packet, res
 
-            def idle(arenas, x_mid):
-                return arenas, x_mid, zero_packet, zero_result
+            def idle():
+                return x_mid, zero_packet, zero_result
 
-            branch = jnp.where(
-                is_attn, jnp.where((a_ok > 0) & do_a, 0, 2), jnp.where((f_ok > 0) & do_f, 1, 2)
-            )
-            arenas, x_mid, packet, result = lax.switch(branch, (attn, ffn, idle), arenas, x_mid)
+            branch = jnp.where(act_a, 0, jnp.where(~is_attn & (f_ok > 0) & do_f, 1, 2))
+            x_mid, packet, result = lax.switch(branch, (attn, ffn, idle))
             if do_x:
                 got, total = self._exchange(packet, result, dev, rounds, src, dst)
                 if do_a:
@@ -437,6 +459,7 @@ class AfdExecutor:
         def head():
             xs = x[:m_count].reshape(bd, t, d)
             last = jnp.take_along_axis(xs, select[0][:, None, None], axis=1)[:, 0]
+            glob = _params(arenas, self.arena.attention, ("final_norm", "lm_head"), 0)
             return protocol.final_logits(glob, last, c.rms_norm_eps)
 
         zeros = jnp.zeros((bd, c.vocab_size), jnp.float32)

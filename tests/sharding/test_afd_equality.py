@@ -1,0 +1,141 @@
+"""AFD executors reproduce single-device greedy decode token for token (8 fake CPU devices).
+
+Oracle: `protocol.reference_step_fn`, i.e. `Step3Model` layer by layer with the FFN input
+passed through the same FP8 transfer quantization (identity when the flag is off); with the
+flag off it is checked against `step3_jax.decode.generate` itself. Float32 params and
+activations, highest matmul precision (tests/conftest.py), ragged prompts of 1-8 tokens.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sharding import protocol
+from sharding.afd import AfdConfig, AfdExecutor
+from sharding.baseline import BaselineExecutor
+from sharding.layout import AfdLayout, ArenaDtypes
+from sharding.reference import ReferenceExecutor
+from step3_jax.config import Step3Config
+from step3_jax.decode import generate
+from step3_jax.model import Step3Model
+
+pytestmark = pytest.mark.multi_device
+MAX_LEN, NEW = 64, 4
+SEQS_PER_ATTENTION_DEVICE = 6  # divisible by every micro-batch count 1, 2, 3
+F32 = ArenaDtypes("float32", "float32", "float32", "float32")
+FAST_COMPILE = (("xla_backend_optimization_level", 0),)  # ~3x faster CPU compiles
+
+
+@functools.cache
+def tiny_model():
+    cfg = Step3Config.tiny()
+    return Step3Model(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
+                      moe_implementation="dense")
+
+
+def prompts(batch: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [list(map(int, rng.integers(0, 512, n))) for n in rng.integers(1, 9, batch)]
+
+
+@functools.cache
+def oracle_tokens(batch: int, fp8: bool) -> np.ndarray:
+    step = protocol.reference_step_fn(tiny_model(), batch, MAX_LEN, fp8)
+    return protocol.greedy_generate(step, prompts(batch), NEW)
+
+
+def test_oracle_without_fp8_is_generate():
+    got = generate(tiny_model(), prompts(6), NEW, max_cache_len=MAX_LEN)
+    np.testing.assert_array_equal(np.array(got.tokens), oracle_tokens(6, False))
+
+
+CASES = [  # (layout, ffn_ep, micro-batches, fp8 transfer)
+    ("1A1F", None, 1, False), ("1A1F", None, 2, True), ("1A1F", None, 3, True),
+    ("1A3F", 1, 1, True), ("1A3F", 1, 2, False), ("1A3F", 1, 3, True),
+    ("2A2F", None, 1, True), ("2A2F", None, 2, True), ("2A2F", None, 3, False),
+    ("2A6F", 2, 1, False), ("2A6F", 2, 2, True), ("2A6F", 2, 3, True),
+]
+
+
+@pytest.mark.parametrize("name,ep,mbs,fp8", CASES)
+def test_compiled_afd_matches_single_device(name, ep, mbs, fp8):
+    lay = AfdLayout.parse(name, ffn_ep=ep)
+    batch = lay.num_attention * SEQS_PER_ATTENTION_DEVICE
+    afd = AfdConfig(SEQS_PER_ATTENTION_DEVICE // mbs, mbs, MAX_LEN, fp8_transfer=fp8,
+                    compiler_options=FAST_COMPILE)
+    ex = AfdExecutor(tiny_model().config, lay, jax.devices()[: lay.num_devices], afd,
+                     dtypes=F32, act_dtype=jnp.float32)
+    ex.load_model(tiny_model())
+    got = protocol.greedy_generate(ex.step, prompts(batch), NEW)
+    np.testing.assert_array_equal(got, oracle_tokens(batch, fp8))
+    assert ex._program._cache_size() == 2  # one program for the prefill, one for all decodes
+
+
+def test_compiled_afd_logits_close_and_fp8_flag_matters():
+    """Logits differ from the oracle only by summation order: partial expert sums added
+    across FFN devices. f32 rounding ~6e-8 relative per add, a few adds per layer, 4 layers,
+    |logit| <~ 2: bound 1e-5 absolute; the FP8 transfer moves logits ~1e-2 (2^-4 relative
+    steps on the FFN input), so the flag is visibly live."""
+    model, lay = tiny_model(), AfdLayout.parse("2A2F")
+    toks, lengths = protocol.pad_prompts(prompts(12))
+    pos = np.broadcast_to(np.arange(toks.shape[1], dtype=np.int32), toks.shape)
+    out = {}
+    for fp8 in (False, True):
+        ex = AfdExecutor(model.config, lay, jax.devices()[:4],
+                         AfdConfig(3, 2, MAX_LEN, fp8_transfer=fp8, compiler_options=FAST_COMPILE),
+                         dtypes=F32, act_dtype=jnp.float32)
+        ex.load_model(model)
+        out[fp8] = np.asarray(ex.step(toks, pos, lengths - 1))
+        ref = protocol.reference_step_fn(model, 12, MAX_LEN, fp8)(toks, pos, lengths - 1)
+        np.testing.assert_allclose(out[fp8], np.asarray(ref), atol=1e-5, rtol=0)
+    assert np.max(np.abs(out[True] - out[False])) > 1e-3
+
+
+@pytest.mark.parametrize("name,ep", [("1A3F", 1), ("2A6F", 2)])
+def test_device_put_reference_matches_single_device(name, ep):
+    lay = AfdLayout.parse(name, ffn_ep=ep)
+    batch = lay.num_attention * 3
+    ex = ReferenceExecutor(tiny_model(), lay, jax.devices()[: lay.num_devices], batch=batch,
+                           max_len=MAX_LEN, fp8_transfer=True)
+    got = protocol.greedy_generate(ex.step, prompts(batch), NEW)
+    np.testing.assert_array_equal(got, oracle_tokens(batch, True))
+
+
+def test_baseline_matches_single_device():
+    ex = BaselineExecutor(tiny_model().config, jax.devices()[:4], batch=12, max_len=MAX_LEN,
+                          fp8_transfer=True, act_dtype=jnp.float32)
+    ex.load_model(tiny_model())
+    got = protocol.greedy_generate(ex.step, prompts(12), NEW)
+    np.testing.assert_array_equal(got, oracle_tokens(12, True))
+
+
+def test_bad_inputs_are_clear_errors():
+    cfg, lay = tiny_model().config, AfdLayout.parse("2A2F")
+    afd = AfdConfig(3, 2, MAX_LEN)
+    with pytest.raises(ValueError, match="needs exactly 4 devices, got 3"):
+        AfdExecutor(cfg, lay, jax.devices()[:3], afd)
+    ex = AfdExecutor(cfg, lay, jax.devices()[:4], afd, dtypes=F32, act_dtype=jnp.float32)
+    with pytest.raises(ValueError, match="load_model"):
+        ex.step(np.zeros((12, 1)), np.zeros((12, 1)), np.zeros(12))
+    ex.load_model(tiny_model())
+    with pytest.raises(ValueError, match=r"tokens must be \[B=12, T\]"):
+        ex.step(np.zeros((8, 1)), np.zeros((8, 1)), np.zeros(8))
+    with pytest.raises(ValueError, match="ffn_implementation"):
+        AfdConfig(3, 2, MAX_LEN, ffn_implementation="magic")
+
+
+def test_no_arena_sized_copy_in_compiled_step():
+    """The memory design's promise: the arena is updated in place, never copied."""
+    model, lay = tiny_model(), AfdLayout.parse("1A1F")
+    ex = AfdExecutor(model.config, lay, jax.devices()[:2], AfdConfig(2, 2, MAX_LEN),
+                     dtypes=F32, act_dtype=jnp.float32)
+    ex.load_model(model)
+    args = [ex._per_device(np.zeros(s, np.int32)) for s in ((4, 1), (4, 1), (4,))]
+    hlo = ex._program.lower(ex.arenas, *args).compile().as_text()
+    arena = f"f32[{ex.arena.sizes['float32']}]"
+    copies = [ln for ln in hlo.splitlines() if arena in ln and " copy(" in ln]
+    assert not copies, copies[:3]

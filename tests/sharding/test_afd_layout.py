@@ -1,0 +1,125 @@
+"""AFD layouts, the role-arena memory layout, the pipeline schedule and the exchange rounds."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from sharding.afd import exchange_rounds, pipeline_schedule
+from sharding.layout import ALIGN, AfdLayout, ArenaDtypes, ArenaLayout, ffn_local_dims
+from step3_jax.config import Step3Config
+
+FP8 = ArenaDtypes(weight="float8_e4m3fn", cache="float8_e4m3fn")
+H200_BYTES = 141 * 10**9
+
+
+def test_parse_and_device_count_errors():
+    lay = AfdLayout.parse("2A6F", ffn_ep=2)
+    assert (lay.num_attention, lay.ffn_ep, lay.ffn_tp, lay.num_devices) == (2, 2, 3, 8)
+    assert lay.name == "2A6F"
+    with pytest.raises(ValueError, match="xAyF"):
+        AfdLayout.parse("2x6")
+    with pytest.raises(ValueError, match="ffn_ep=4 must divide the 6 FFN"):
+        AfdLayout.parse("2A6F", ffn_ep=4)
+    with pytest.raises(ValueError, match="needs exactly 8 devices, got 4"):
+        lay.afd_mesh(jax.devices()[:4])
+    with pytest.raises(ValueError, match="ffn_ep=3 must divide num_experts=8"):
+        AfdLayout.parse("1A3F").check_config(Step3Config.tiny())
+
+
+def test_meshes_have_role_named_axes():
+    lay = AfdLayout.parse("2A6F", ffn_ep=2)
+    devs = jax.devices()[:8]
+    assert lay.attention_mesh(devs).axis_names == ("attn_dp",)
+    f = lay.ffn_mesh(devs)
+    assert f.axis_names == ("ffn_ep", "ffn_tp") and f.devices.shape == (2, 3)
+    assert list(f.devices.flat) == devs[2:]
+    assert [lay.ffn_coords(j) for j in range(6)] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("role", ["attention", "ffn"])
+def test_regions_aligned_disjoint_and_inside_arena(role):
+    cfg = Step3Config.tiny()
+    arena = ArenaLayout.build(cfg, AfdLayout.parse("2A6F", ffn_ep=2), microbatch=3,
+                              num_microbatches=2, max_len=64, dtypes=FP8)
+    regs = sorted(arena.role(role).values(), key=lambda r: (r.dtype, r.offset))
+    for a, b in itertools.pairwise(regs):
+        if a.dtype == b.dtype:
+            assert a.end <= b.offset, (a.name, b.name)
+    for r in regs:
+        assert r.offset % ALIGN == 0 and r.end <= arena.sizes[r.dtype]
+
+
+def test_tiny_region_shapes():
+    cfg = Step3Config.tiny()
+    lay = AfdLayout.parse("2A6F", ffn_ep=2)
+    arena = ArenaLayout.build(cfg, lay, microbatch=3, num_microbatches=2, max_len=64)
+    a, f = arena.attention, arena.ffn
+    assert a["wq"].shape == (4, 32, 64) and a["wq"].count == 4
+    assert a["cache_k"].shape == (3, 64, 32) and a["cache_k"].count == 4 * 2
+    # 8 experts over ep=2, F=96 over tp=3; shared F=96 and dense F=256 over all 6 (padded).
+    assert f["gate"].shape == (4, 32, 128) and f["gate"].count == 2
+    assert f["shared_down"].shape == (128, 16)
+    assert f["dense_gate"].shape == (43, 128) and f["dense_gate"].count == 2
+    assert ffn_local_dims(cfg, lay)["dense_f"] * 6 >= 256
+
+
+def test_full_step3_1a3f_fp8_memory_fits_with_small_waste():
+    """Full Step-3 as 1A3F on 141 GB H200s, FP8 weights + FP8 KV cache, 4K context.
+
+    The attention role gets a KV cache just below the FFN role's footprint, so both roles use
+    nearly the whole arena; the naive two-role layout would need the sum (~2x) per device.
+    """
+    cfg, lay = Step3Config.step3(), AfdLayout.parse("1A3F")
+    ffn_only = ArenaLayout.build(cfg, lay, microbatch=1, num_microbatches=3, max_len=4096,
+                                 dtypes=FP8)
+    ffn_bytes = ffn_only.used_bytes("ffn")
+    # FFN device: 16 of 48 experts x 56 layers + 1/3 shared/dense ~ 101 GB of FP8 weights.
+    assert 95e9 < ffn_bytes < 105e9
+    mb = 1
+    while ArenaLayout.build(cfg, lay, microbatch=mb + 1, num_microbatches=3, max_len=4096,
+                            dtypes=FP8).used_bytes("attention") <= ffn_bytes:
+        mb += 1
+    arena = ArenaLayout.build(cfg, lay, microbatch=mb, num_microbatches=3, max_len=4096,
+                              dtypes=FP8)
+    assert arena.bytes_per_device() < H200_BYTES
+    for role in ("attention", "ffn"):
+        assert arena.waste_bytes(role) <= 0.10 * H200_BYTES, (role, arena.report())
+    assert arena.naive_bytes_per_device() > 1.5 * arena.bytes_per_device()
+    # KV for 3 x mb sequences of 4K tokens, 61 layers, 512 B + 8 B of scales per token-layer.
+    kv = arena.attention["cache_k"].nbytes * 2 + arena.attention["cache_k_scale"].nbytes * 2
+    assert kv == 3 * mb * 4096 * 61 * (512 + 8)
+    assert 3 * mb >= 465  # 2,324 tok/s/GPU x 4 GPUs x 50 ms needs 465 sequences in flight
+
+
+@pytest.mark.parametrize("layers,mbs", [(4, 1), (4, 2), (5, 3), (61, 3)])
+def test_pipeline_schedule_respects_dependencies(layers, mbs):
+    sched = pipeline_schedule(layers, mbs)
+    attn, ffn = {}, {}
+    for t, (a_ok, al, am, f_ok, fl, fm) in enumerate(sched):
+        if a_ok:
+            assert (al, am) not in attn
+            attn[(al, am)] = t
+            assert al == 0 or ffn[(al - 1, am)] < t  # previous layer's FFN result arrived
+        else:
+            assert am == mbs  # idle stages point at the trash slot
+        if f_ok:
+            assert attn[(fl, fm)] < t and (fl, fm) not in ffn
+            ffn[(fl, fm)] = t
+        else:
+            assert fm == mbs
+    assert len(attn) == len(ffn) == layers * mbs
+    # M >= 2 keeps both roles busy: L*M + 1 ticks; M = 1 alternates: 2L ticks.
+    assert len(sched) == (2 * layers if mbs == 1 else layers * mbs + 1)
+
+
+@pytest.mark.parametrize("na,nf", [(1, 1), (1, 3), (2, 2), (2, 6), (3, 2)])
+def test_exchange_rounds_are_matchings_covering_all_pairs(na, nf):
+    rounds = exchange_rounds(na, nf)
+    seen = [p for r in rounds for p in r]
+    assert sorted(seen) == sorted(itertools.product(range(na), range(nf)))
+    for r in rounds:
+        assert len({a for a, _ in r}) == len(r) == len({f for _, f in r})
+    assert len(rounds) == max(na, nf)
+    assert np.all(np.array(seen) >= 0)
