@@ -112,11 +112,14 @@ def kernel_breakdown(b, s, fp8):
 
 
 VARIANTS = {  # name -> (fp8, TuningConfig kwargs); measured side by side at the target shapes
-    "pallas_fp8[v_load=8bit,stages=4]": (True, dict(v_load="8bit", num_stages=4)),
-    "pallas_fp8[v_load=wgmma,stages=4]": (True, dict(v_load="wgmma", num_stages=4)),
-    "pallas_fp8[v_load=8bit,stages=3]": (True, dict(v_load="8bit", num_stages=3)),
-    "pallas_fp8[v_load=8bit,stages=2]": (True, dict(v_load="8bit", num_stages=2)),
+    "pallas_fp8[head,8bit,stages=4]": (True, dict(v_load="8bit", num_stages=4)),
+    "pallas_fp8[seq,8bit,stages=4]": (True, dict(wg_split="seq", num_stages=4)),
+    "pallas_fp8[seq,wgmma,stages=4]": (True, dict(wg_split="seq", v_load="wgmma", num_stages=4)),
+    "pallas_fp8[seq,8bit,stages=2]": (True, dict(wg_split="seq", num_stages=2)),
+    "pallas_bf16[head,stages=2]": (False, dict(num_stages=2)),
+    "pallas_bf16[seq,stages=2]": (False, dict(wg_split="seq", num_stages=2)),
 }
+FP8_CONFIG = {}  # TuningConfig kwargs for the sweep's pallas_fp8 rows (--fp8-split)
 
 
 def variants(shapes, copy_gbs):
@@ -143,7 +146,10 @@ def bench_triton_example(b, s):
     from jax.experimental.pallas.ops.gpu import decode_attention as da
 
     sets = _arg_sets(b, s, False, bytes_read(b, s, False))
-    fn = jax.jit(lambda d: da.mqa(d["q"][:, 0], d["k"], d["v"], kv_seq_len=d["lengths"]))
+    # block_k=64: the example's default 256 needs 272 KiB of shared memory at head dim 256.
+    fn = jax.jit(
+        lambda d: da.mqa(d["q"][:, 0], d["k"], d["v"], kv_seq_len=d["lengths"], block_k=64)
+    )
     return _measure_us(fn, [(d,) for d in sets])
 
 
@@ -209,9 +215,15 @@ def sweep(batches, contexts, impls, copy_gbs, rows, flush):
     return rows
 
 
+def _fp8_config():
+    from pallas_kernels.mfa_decode import TuningConfig
+
+    return TuningConfig(**FP8_CONFIG) if FP8_CONFIG else None
+
+
 def _plan(b, s):
     return {
-        "pallas_fp8": (True, lambda: bench_ours(b, s, True, "pallas")),
+        "pallas_fp8": (True, lambda: bench_ours(b, s, True, "pallas", _fp8_config())),
         "pallas_bf16": (False, lambda: bench_ours(b, s, False, "pallas")),
         "xla_fp8": (True, lambda: bench_ours(b, s, True, "xla")),
         "xla_bf16": (False, lambda: bench_ours(b, s, False, "xla")),
@@ -231,8 +243,11 @@ def main():
         default="pallas_fp8,pallas_bf16,xla_fp8,xla_bf16,"
         "jax_triton_example_bf16,torch_sdpa_bf16,cudnn_bf16",
     )
-    ap.add_argument("--variants", default="128x4096,32x32768", help="BxS shapes, '' for none")
+    ap.add_argument("--variants", default="128x4096,8x32768", help="BxS shapes, '' for none")
+    ap.add_argument("--fp8-split", default="", help="'seq' or 'head': pallas_fp8 sweep config")
     args = ap.parse_args()
+    if args.fp8_split:
+        FP8_CONFIG.update(wg_split=args.fp8_split)
     dev = jax.devices()[0]
     copy_gbs = copy_bandwidth_gbs()
     print(json.dumps({"copy_GBps": round(copy_gbs, 1), "device": dev.device_kind}), flush=True)

@@ -132,8 +132,9 @@ def _resolve_config(config, kv_dtype, num_ctas: int, max_len: int, page_size, nu
         if page_size is not None and page_size < config.block_s:
             config = dataclasses.replace(config, block_s=64)
         # Partials of a split-K run are f32: shrink the ring until it fits.
+        step = 2 if config.wg_split == "seq" else 1
         while config.smem_bytes(kv_dtype, out_f32) > cfg_lib.SMEM_LIMIT_BYTES:
-            config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+            config = dataclasses.replace(config, num_stages=config.num_stages - step)
     splits = config.num_splits
     if splits is None:
         sms = num_sms or getattr(jax.devices()[0], "core_count", 132) or 132
@@ -171,6 +172,7 @@ def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None):
         sm_scale=sm_scale,
         out_dtype=jnp.dtype(out_dtype),
         v_load=config.v_load,
+        wg_split=config.wg_split,
     )
 
 

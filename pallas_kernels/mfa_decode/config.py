@@ -37,8 +37,17 @@ class TuningConfig:
     # FP8 cache: register layout used to read the V tile for its e4m3 -> f16 conversion:
     # "8bit" (32-bit shared loads, 4 values a thread) or "wgmma" (16-bit loads, 2 values).
     v_load: str = "8bit"
+    # What the two compute warpgroups split: "head" (each owns 128 of the 256 output columns,
+    # both run QK + softmax on every block) or "seq" (alternate KV blocks, each runs QK +
+    # softmax only on its own blocks; states merged in shared memory at the end). "seq" needs
+    # an even num_stages so a ring slot always belongs to the same warpgroup.
+    wg_split: str = "head"
 
     def __post_init__(self):
+        if self.wg_split not in ("head", "seq"):
+            raise ValueError(f"wg_split={self.wg_split!r} must be 'head' or 'seq'")
+        if self.wg_split == "seq" and self.num_stages % 2:
+            raise ValueError(f"wg_split='seq' needs an even num_stages, got {self.num_stages}")
         if self.v_load not in ("8bit", "wgmma"):
             raise ValueError(f"v_load={self.v_load!r} must be '8bit' or 'wgmma'")
         if self.block_s not in (64, 128):
@@ -56,8 +65,12 @@ class TuningConfig:
         ring = self.num_stages * 2 * self.block_s * head_dim * kv_b
         scales = self.num_stages * 2 * self.block_s * 4 if fp8 else 0
         v16 = self.block_s * head_dim * 2 if fp8 else 0  # two halves of converted V, f16
-        out = 2 * num_heads * 64 * jnp.dtype(out_dtype).itemsize  # one 64-column tile per wg
-        return q + ring + scales + v16 + out + num_heads * 4 * 2 + SMEM_SLACK_BYTES
+        seq = self.wg_split == "seq"
+        # Output staging: one 64-column tile per wg ("head") or one for wg 0 plus the f32
+        # exchange tile and max/sum vectors ("seq").
+        out = (1 if seq else 2) * num_heads * 64 * jnp.dtype(out_dtype).itemsize
+        xchg = num_heads * 64 * 4 + 2 * num_heads * 4 if seq else 0
+        return q + ring + scales + v16 + out + xchg + num_heads * 4 * 2 + SMEM_SLACK_BYTES
 
     def validate_smem(self, kv_dtype, out_dtype) -> None:
         need = self.smem_bytes(kv_dtype, out_dtype)

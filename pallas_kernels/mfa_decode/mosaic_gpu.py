@@ -58,6 +58,7 @@ class KernelShape:
     sm_scale: float
     out_dtype: jnp.dtype
     v_load: str = "8bit"  # FP8 V tile register layout for the f16 conversion: "8bit" | "wgmma"
+    wg_split: str = "head"  # what the 2 compute warpgroups split: head-dim halves or KV blocks
 
 
 def _transforms(dtype) -> tuple:
@@ -135,7 +136,7 @@ def _scores(ks, smem, bars, slot, q_row_scale):
     return s * _row(q_row_scale, shape) * _col(k_col, shape)
 
 
-def _v_operand_fp8(ks, smem, bars, slot, w, valid_rows):
+def _v_operand_fp8(ks, smem, bars, slot, w, valid_rows, buf=None, wait=True):
     """Convert this warpgroup's half of the FP8 V tile to f16 (rows past the end zeroed).
 
     With ``v_load="8bit"`` the tile is read with 32-bit shared loads (4 e4m3 values a thread)
@@ -143,23 +144,26 @@ def _v_operand_fp8(ks, smem, bars, slot, w, valid_rows):
     memory by the wgmma, so its register layout is free.
     """
     half = HEAD_DIM // 2
-    plgpu.barrier_wait(bars["v"].at[slot])
+    buf = w if buf is None else buf
+    if wait:
+        plgpu.barrier_wait(bars["v"].at[slot])
     layout = plgpu.Layout.WGMMA_8BIT if ks.v_load == "8bit" else plgpu.Layout.WGMMA
     v8 = plgpu.load(smem["v"].at[slot, :, pl.ds(w * half, half)], (), layout=layout)
     v16 = v8.astype(jnp.float16)
     if valid_rows is not None:
         rows = plgpu.broadcasted_iota(jnp.int32, (ks.block_s, half), 0, layout=layout)
         v16 = jnp.where(rows < valid_rows, v16, jnp.float16(0))
-    smem["v16"].at[w][...] = v16
+    smem["v16"].at[buf][...] = v16
     plgpu.commit_smem()  # fence + warpgroup barrier: the wgmma reads what all 4 warps wrote
-    return smem["v16"].at[w]
+    return smem["v16"].at[buf]
 
 
-def _v_operand_bf16(ks, smem, bars, slot, w, valid_rows):
+def _v_operand_bf16(ks, smem, bars, slot, w, valid_rows, wait=True):
     """This warpgroup's half of the bf16 V tile; on a masked block rows past the end are
     zeroed in place (each warpgroup only touches its own half)."""
     half = HEAD_DIM // 2
-    plgpu.barrier_wait(bars["v"].at[slot])
+    if wait:
+        plgpu.barrier_wait(bars["v"].at[slot])
     v_ref = smem["v"].at[slot, :, pl.ds(w * half, half)]
     if valid_rows is not None:
 
@@ -274,12 +278,15 @@ def _epilogue(ks, refs, smem, w, b, t, split, acc, m, lsum, c):
 def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
     q_dtype = kv_dtype  # FP8 cache: FP8 q for the FP8 wgmma; bf16 cache: bf16 q
     half, st, bs = HEAD_DIM // 2, ks.num_stages, ks.block_s
+    seq = ks.wg_split == "seq"
     smem = {
         "q": plgpu.SMEM((NUM_HEADS, HEAD_DIM), q_dtype, transforms=_transforms(q_dtype)),
         "k": plgpu.SMEM((st, bs, HEAD_DIM), kv_dtype, transforms=_transforms(kv_dtype)),
         "v": plgpu.SMEM((st, bs, HEAD_DIM), kv_dtype, transforms=_transforms(kv_dtype)),
         "o": plgpu.SMEM(
-            (2, NUM_HEADS, EPI_COLS), ks.out_dtype, transforms=_transforms(ks.out_dtype)
+            (1 if seq else 2, NUM_HEADS, EPI_COLS),
+            ks.out_dtype,
+            transforms=_transforms(ks.out_dtype),
         ),
         "lse": plgpu.SMEM((NUM_HEADS,), jnp.float32),
     }
@@ -287,9 +294,18 @@ def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
         "q": plgpu.Barrier(num_barriers=2),
         "k": plgpu.Barrier(num_barriers=st),
         "v": plgpu.Barrier(num_barriers=st),
-        # Both compute warpgroups release a slot before the memory warpgroup refills it.
-        "consumed": plgpu.Barrier(num_arrivals=2, num_barriers=st),
+        # "head": both compute warpgroups release a slot before the memory warpgroup refills
+        # it; "seq": a slot belongs to one warpgroup (num_stages is even).
+        "consumed": plgpu.Barrier(num_arrivals=1 if seq else 2, num_barriers=st),
     }
+    if seq:  # wg 1 hands its normalised output to wg 0 in [64, EPI_COLS] f32 chunks
+        smem["x"] = plgpu.SMEM(
+            (NUM_HEADS, EPI_COLS), jnp.float32, transforms=_transforms(jnp.float32)
+        )
+        smem["xm"] = plgpu.SMEM((NUM_HEADS,), jnp.float32)
+        smem["xl"] = plgpu.SMEM((NUM_HEADS,), jnp.float32)
+        bars["xfull"] = plgpu.Barrier(num_barriers=1)
+        bars["xfree"] = plgpu.Barrier(num_barriers=1)
     if ks.fp8:
         smem["qs"] = plgpu.SMEM((NUM_HEADS,), jnp.float32)
         smem["ks"] = plgpu.SMEM((st, bs), jnp.float32)
@@ -319,9 +335,12 @@ def _kernel(ks: KernelShape, kv_dtype, *all_refs):
         wg = lax.axis_index("wg")
         kv_end, first, my_n = _block_range(ks, refs["lengths"][b], t, split)
         pl.when(wg == 2)(lambda: _memory_wg(ks, refs, smem, bars, b, t, first, my_n))
-        for w in range(2):  # static halves: smem slices along the swizzled dim stay static
+        compute = _compute_wg
+        if ks.wg_split == "seq":
+            from pallas_kernels.mfa_decode.mosaic_gpu_seq import compute_wg_seq as compute
+        for w in range(2):  # static w: smem slices along the swizzled dim stay static
             run = functools.partial(
-                _compute_wg, ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n
+                compute, ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n
             )
             pl.when(wg == w)(run)
 

@@ -123,9 +123,12 @@ def check(case, impl, fp8_pallas=False, **kw):
 class _Suite:
     impl: str = "xla"
     long_len: int = 2048
+    configs: dict[bool, TuningConfig] = {}  # per FP8-ness of the cache; empty: tuned default
 
     def run(self, case, **kw):
         fp8 = case["k"].dtype == jnp.float8_e4m3fn
+        if fp8 in self.configs and "config" not in kw:
+            kw["config"] = self.configs[fp8]
         return check(case, self.impl, fp8_pallas=fp8 and self.impl == "pallas", **kw)
 
     @pytest.mark.parametrize("fp8", [False, True])
@@ -168,6 +171,16 @@ class TestPallasGPU(_Suite):
     long_len = 32768
 
 
+@pytest.mark.gpu
+class TestPallasGPUSeqSplit(TestPallasGPU):
+    """Same suite with the compute warpgroups splitting KV blocks instead of head-dim halves."""
+
+    configs = {  # noqa: RUF012 - read-only class table
+        True: TuningConfig(wg_split="seq", num_stages=4),
+        False: TuningConfig(wg_split="seq", num_stages=2),
+    }
+
+
 def test_combine_splits_matches_single_pass():
     """Partials over disjoint key ranges, merged by lse, equal one pass over all keys."""
     case = make_case(7, [384, 0, 130], 384, fp8=False)
@@ -201,10 +214,10 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.parametrize(
-    "fp8,t,paged,splits",
-    [(True, 1, False, 1), (False, 2, True, 2), (True, 3, True, 4)],
+    "fp8,t,paged,splits,wg_split",
+    [(True, 1, False, 1, "head"), (False, 2, True, 2, "head"), (True, 3, True, 4, "seq")],
 )
-def test_gpu_lowering_on_cpu(fp8, t, paged, splits):
+def test_gpu_lowering_on_cpu(fp8, t, paged, splits, wg_split):
     """The real Mosaic GPU lowering (layouts, smem budget, TMA shapes) runs on a CPU host."""
     sd = jax.ShapeDtypeStruct
     dt = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
@@ -220,7 +233,7 @@ def test_gpu_lowering_on_cpu(fp8, t, paged, splits):
         k_scale=scale,
         v_scale=scale,
         block_table=table,
-        config=TuningConfig(num_stages=2 if not fp8 else 4, num_splits=splits),
+        config=TuningConfig(num_stages=2 if not fp8 else 4, num_splits=splits, wg_split=wg_split),
     )
     assert "mosaic_gpu" in lowered.as_text()[:20000]
 

@@ -1,0 +1,143 @@
+"""``wg_split="seq"`` compute warpgroups: the two warpgroups take alternate KV blocks.
+
+In the default "head" split both compute warpgroups run QK and the online softmax on every block
+(each then does P.V for one half of the head dim), so the softmax work is done twice. Here
+warpgroup w handles blocks i = w, w+2, ... of the CTA's range alone: QK, softmax and P.V over all
+256 columns (two 64 x 128 f32 accumulators; with an FP8 cache V is converted to f16 one 128-column
+half at a time through the warpgroup's f16 tile). At the end warpgroup 1 passes its normalised
+output, max and sum to warpgroup 0 through shared memory in [64, EPI_COLS] f32 chunks, and
+warpgroup 0 merges the two online-softmax states (the split-K combine, inside the CTA) and writes
+the output. The ring has an even number of slots, so slot i % num_stages always belongs to
+warpgroup i % 2 and each barrier is waited on by one warpgroup only, phase after phase.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mfa_decode import mosaic_gpu as mg
+
+HALF = mg.HEAD_DIM // 2
+
+
+def _vec(x):
+    return plgpu.layout_cast(
+        jnp.full((mg.NUM_HEADS,), x, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+    )
+
+
+def _pv_halves(ks, smem, bars, slot, w, accs, p16, rescale, valid_rows):
+    """acc_h = acc_h * rescale + P @ V[:, half h] for both halves of the head dim."""
+    new = []
+    for h in range(2):
+        if ks.fp8:
+            v_ref = mg._v_operand_fp8(ks, smem, bars, slot, h, valid_rows, buf=w, wait=h == 0)
+        else:
+            v_ref = mg._v_operand_bf16(ks, smem, bars, slot, h, valid_rows, wait=h == 0)
+        acc = accs[h] * mg._row(rescale, accs[h].shape)
+
+        def pv(acc_ref, v_ref=v_ref):
+            plgpu.wgmma(acc_ref, p16, v_ref)
+
+        new.append(pl.run_state(pv)(plgpu.ACC.init(acc)))  # reading the ACC waits
+    return tuple(new)
+
+
+def compute_wg_seq(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
+    """Warpgroup w: blocks w, w+2, ... of this CTA's range, all 256 output columns."""
+    plgpu.set_max_registers(232, action="increase")
+    plgpu.barrier_wait(bars["q"].at[0])
+    q_row_scale = None
+    if ks.fp8:
+        plgpu.barrier_wait(bars["q"].at[1])
+        q_row_scale = plgpu.load(smem["qs"], (), layout=plgpu.Layout.WGMMA.reduce(1))
+        q_row_scale = q_row_scale * (ks.sm_scale * mg.LOG2E)
+    zero = plgpu.layout_cast(jnp.zeros((mg.NUM_HEADS, HALF), jnp.float32), plgpu.Layout.WGMMA)
+    wg_iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA)
+
+    def step(j, carry, masked):
+        accs, soft = carry
+        i = 2 * j + w
+        slot = lax.rem(i, ks.num_stages)
+        tok0 = (first + i) * ks.block_s
+        s = mg._scores(ks, smem, bars, slot, q_row_scale)
+        valid = wg_iota((mg.NUM_HEADS, ks.block_s), 1) < kv_end - tok0 if masked else None
+        valid_rows = kv_end - tok0 if masked else None
+        v_col = None
+        if ks.fp8:
+            plgpu.barrier_wait(bars["vs"].at[slot])
+            v_col = plgpu.load(smem["vs"].at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+        p16, rescale, soft = mg._softmax_step(ks, s, soft, valid, v_col)
+        accs = _pv_halves(ks, smem, bars, slot, w, accs, p16, rescale, valid_rows)
+        plgpu.barrier_arrive(bars["consumed"].at[slot])
+        return accs, soft
+
+    # Blocks of this warpgroup: i = 2j + w < my_n; only the CTA's last block needs masks.
+    n_mine = lax.div(jnp.maximum(my_n - w, 0) + 1, 2)
+    n_full = lax.div(jnp.maximum(my_n - 1 - w, 0) + 1, 2)
+    carry = ((zero, zero), (_vec(-jnp.inf), _vec(0.0), _vec(1.0)))
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(n_full, n_mine, functools.partial(step, masked=True), carry)
+    accs, (m, lsum, c) = carry
+    if w == 1:
+        _send(ks, smem, bars, accs, m, lsum, c)
+    else:
+        _merge_and_store(ks, refs, smem, bars, b, t, split, accs, m, lsum, c)
+
+
+def _send(ks, smem, bars, accs, m, lsum, c):
+    """wg 1: normalised output chunks (and its max / sum) to wg 0 through shared memory."""
+    pos = lsum > 0
+    inv = jnp.where(pos, c / jnp.where(pos, lsum, 1.0), 0.0)
+    smem["xm"][...] = m
+    smem["xl"][...] = lsum
+    per_half = HALF // mg.EPI_COLS
+    for j in range(2 * per_half):
+        if j:
+            plgpu.barrier_wait(bars["xfree"].at[0])
+        h, k = divmod(j, per_half)
+        chunk = accs[h][:, k * mg.EPI_COLS : (k + 1) * mg.EPI_COLS]
+        smem["x"][...] = chunk * mg._row(inv, chunk.shape)
+        plgpu.commit_smem()  # all 4 warps' writes land before the arrive
+        plgpu.barrier_arrive(bars["xfull"].at[0])
+
+
+def _merge_and_store(ks, refs, smem, bars, b, t, split, accs, m0, l0, c0):
+    """wg 0: merge its state with wg 1's (online-softmax combine) and write out and lse."""
+    per_half = HALF // mg.EPI_COLS
+    o_smem = smem["o"].at[0]
+    for j in range(2 * per_half):
+        plgpu.barrier_wait(bars["xfull"].at[0])
+        if j == 0:
+            m1 = plgpu.load(smem["xm"], (), layout=plgpu.Layout.WGMMA.reduce(1))
+            l1 = plgpu.load(smem["xl"], (), layout=plgpu.Layout.WGMMA.reduce(1))
+            m = jnp.maximum(m0, m1)
+            m_s = jnp.where(m == -jnp.inf, 0.0, m)  # both empty: every weight below is 0
+            e0, e1 = jnp.exp2(m0 - m_s), jnp.exp2(m1 - m_s)
+            tot = e0 * l0 + e1 * l1
+            pos = tot > 0
+            inv = jnp.where(pos, 1.0 / jnp.where(pos, tot, 1.0), 0.0)
+            w0, w1 = e0 * c0 * inv, e1 * l1 * inv  # acc0 carries 1/c0; wg 1 sent acc1 / l1
+            lse = m_s * mg.LN2 + jnp.log(jnp.where(pos, tot, 1.0))
+            smem["lse"][...] = jnp.where(pos, lse, -jnp.inf)
+        other = plgpu.load(smem["x"], (), layout=plgpu.Layout.WGMMA)
+        plgpu.commit_smem()  # every warp has read the chunk before wg 1 may overwrite it
+        if j < 2 * per_half - 1:
+            plgpu.barrier_arrive(bars["xfree"].at[0])
+        h, k = divmod(j, per_half)
+        mine = accs[h][:, k * mg.EPI_COLS : (k + 1) * mg.EPI_COLS]
+        out = mine * mg._row(w0, mine.shape) + other * mg._row(w1, mine.shape)
+        if j:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous chunk left o_smem
+        o_smem[...] = out.astype(ks.out_dtype)
+        plgpu.commit_smem()
+        cols = pl.ds(j * mg.EPI_COLS, mg.EPI_COLS)
+        plgpu.copy_smem_to_gmem(o_smem, refs["out"].at[split, b, t, :, cols])
+        if j == 0:
+            plgpu.copy_smem_to_gmem(smem["lse"], refs["lse"].at[split, b, t])
+    plgpu.wait_smem_to_gmem(0)
