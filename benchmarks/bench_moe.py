@@ -254,12 +254,17 @@ def make_baselines(e_local, max_xla_t):
 
 SWEEP = {
     "wg1_64x128_s4": TuningConfig(block_m=64, block_n=128, max_concurrent_steps=4),
+    "wg1_64x128_s8": TuningConfig(block_m=64, block_n=128, max_concurrent_steps=8),
     "wg2n_64x256_s4": TuningConfig(block_m=64, block_n=128, num_compute_wgs=2, wg_dim="n"),
-    "wg2m_128x128_s4": TuningConfig(block_m=64, block_n=128, num_compute_wgs=2, wg_dim="m"),
     "wg2n_64x256_s6": TuningConfig(
         block_m=64, block_n=128, num_compute_wgs=2, wg_dim="n", max_concurrent_steps=6
     ),
+    "wg2m_128x128_s6": TuningConfig(
+        block_m=64, block_n=128, num_compute_wgs=2, wg_dim="m", max_concurrent_steps=6
+    ),
 }
+if os.environ.get("BENCH_SWEEP"):  # e.g. BENCH_SWEEP=wg1_64x128_s8,wg2n_64x256_s6
+    SWEEP = {k: SWEEP[k] for k in os.environ["BENCH_SWEEP"].split(",")}
 
 
 def sweep_gemms(t, weights, scales, check):
@@ -345,6 +350,8 @@ def short(r):
 
 
 def git_commit():
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
     except Exception:  # noqa: BLE001

@@ -8,8 +8,8 @@ OUT=${OUT:-/tmp/moe_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout "${TEST_TIMEOUT:-110}" python3 -m pytest -q tests/pallas_kernels/test_grouped_gemm.py \
-  -k pallas > "$OUT/pytest_gpu.txt" 2>&1
+timeout "${TEST_TIMEOUT:-110}" python3 -m pytest -q -m gpu tests/pallas_kernels/test_grouped_gemm.py \
+  > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest rc=$?"
 grep -E "passed|failed|^E  |Error" "$OUT/pytest_gpu.txt" | head -20
 timeout "${BENCH_TIMEOUT:-280}" python3 benchmarks/bench_moe.py --out "$OUT/moe_results.json" \

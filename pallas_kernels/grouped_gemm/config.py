@@ -59,11 +59,17 @@ class TuningConfig:
             raise ValueError(f"{self.num_sms=} must be a positive SM count or None")
 
 
-# Tuned tables: device kind substring -> list of (max routed rows M, config); the first entry
-# whose M bound is >= the call's M wins. Figures behind them: docs/log/grouped_gemm.md.
+# Tuned tables: device kind substring -> list of (max rows M, config); the first entry whose
+# M bound is >= the call's M wins. H100 from the sweep in benchmarks/results/moe_h100.json
+# (docs/log/grouped_gemm.md): one warpgroup is best while every expert holds at most ~one
+# row tile (weight streaming: 2.6-2.7 TB/s), two compute warpgroups splitting N above (T=2048
+# gate/up 456 vs 344 TFLOP/s, T=8192 762 vs 485). H200: NOT measured yet (no device time
+# left); the H100 table is used as the starting point.
+_SMALL = TuningConfig(block_m=64, block_n=128, max_concurrent_steps=4)
+_LARGE = TuningConfig(block_m=64, block_n=128, num_compute_wgs=2, wg_dim="n")
 TUNED: dict[str, list[tuple[int, TuningConfig]]] = {
-    "H100": [(1 << 62, TuningConfig(block_m=64, block_n=128, max_concurrent_steps=4))],
-    "H200": [(1 << 62, TuningConfig(block_m=64, block_n=128, max_concurrent_steps=4))],
+    "H100": [(1536, _SMALL), (1 << 62, _LARGE)],
+    "H200": [(1536, _SMALL), (1 << 62, _LARGE)],
 }
 
 DEFAULT = TuningConfig()

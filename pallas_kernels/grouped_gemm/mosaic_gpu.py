@@ -357,6 +357,21 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
                 _store_rows(o_smem, o_gmem, 0, row0 + base, z_rows, col0, st.block_m, block_n)
 
 
+# Pipeline buffers must fit in Hopper's SMEM (232,448 bytes per CTA) next to the output
+# staging tile(s) and barriers: measured, 6 steps of the 2-warpgroup SwiGLU tile (41,216
+# bytes a step) asked for 264,288 bytes and was refused (docs/log/grouped_gemm.md).
+_SMEM_BYTES = 232448
+_SMEM_SLACK = 2048  # barriers and alignment
+
+
+def _fit_steps(steps: int, box_m: int, cta_n: int, n_w: int, fp8: bool, out_bytes: int) -> int:
+    """``steps`` lowered until the K pipeline's SMEM buffers fit (at least 2)."""
+    item = 1 if fp8 else 2
+    bk = SCALE_BLOCK if fp8 else 64
+    per_step = (box_m + n_w * cta_n) * bk * item + (4 * box_m if fp8 else 0)
+    return max(2, min(steps, (_SMEM_BYTES - _SMEM_SLACK - out_bytes) // per_step))
+
+
 def grouped_gemm_mgpu(
     x,
     weights,
@@ -412,7 +427,14 @@ def grouped_gemm_mgpu(
         fp8=fp8,
         swiglu=swiglu,
         zero_tail=zero_tail,
-        steps=config.max_concurrent_steps,
+        steps=_fit_steps(
+            config.max_concurrent_steps,
+            box_m,
+            cta_n,
+            len(weights),
+            fp8,
+            out_bytes=(2 if ws else 1) * config.block_m * block_n * 2,
+        ),
         compute_wgs=config.num_compute_wgs,
         wg_dim=config.wg_dim,
     )
