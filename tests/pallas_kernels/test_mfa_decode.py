@@ -172,11 +172,12 @@ class TestPallasGPU(_Suite):
 
 
 @pytest.mark.gpu
-class TestPallasGPUSeqSplit(TestPallasGPU):
-    """Same suite with the compute warpgroups splitting KV blocks instead of head-dim halves."""
+class TestPallasGPUHeadSplit(TestPallasGPU):
+    """Same suite with the compute warpgroups splitting head-dim halves (the FP8 default is
+    "seq": alternate KV blocks) and the bf16 cache on the "seq" split."""
 
     configs = {  # noqa: RUF012 - read-only class table
-        True: TuningConfig(wg_split="seq", num_stages=4),
+        True: TuningConfig(wg_split="head", num_stages=4),
         False: TuningConfig(wg_split="seq", num_stages=2),
     }
 
@@ -243,3 +244,26 @@ def test_default_sm_scale_is_inverse_sqrt_head_dim():
     a = mfa_decode_attention(**case, implementation="xla")
     b = mfa_decode_attention(**case, implementation="xla", sm_scale=1 / math.sqrt(H))
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("b", [1, 3, 8, 32, 64, 98, 99, 128, 256])
+@pytest.mark.parametrize("s_cap", [1024, 4096, 32768])
+def test_num_splits_fill_one_wave(b, s_cap):
+    """Split-K never spills into a second partial wave and never splits below 512 tokens."""
+    from pallas_kernels.mfa_decode.config import MIN_TOKENS_PER_SPLIT, choose_num_splits
+
+    j = choose_num_splits(b, s_cap, 64, 132)
+    assert j >= 1
+    if j > 1:
+        assert b * j <= 132
+        assert s_cap // j >= MIN_TOKENS_PER_SPLIT
+        assert b * (j + 1) > 132 or s_cap // (j + 1) < MIN_TOKENS_PER_SPLIT  # no room for more
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="even num_stages"):
+        TuningConfig(wg_split="seq", num_stages=3)
+    with pytest.raises(ValueError, match="wg_split"):
+        TuningConfig(wg_split="rows")
+    with pytest.raises(ValueError, match="shared memory"):
+        TuningConfig(num_stages=4).validate_smem(jnp.bfloat16, jnp.float32)
