@@ -45,8 +45,15 @@ def _validate(q, k, v, lengths, k_scale, v_scale, block_table):
         raise ValueError(f"lengths must be int [B={b}], got {lengths.dtype} {lengths.shape}")
     if block_table is None and k.shape[0] != b:
         raise ValueError(f"contiguous k must be [B={b}, S, H], got {k.shape}")
-    if block_table is not None and (block_table.ndim != 2 or block_table.shape[0] != b):
-        raise ValueError(f"block_table must be int32 [B={b}, max_pages], got {block_table.shape}")
+    if block_table is not None and (
+        block_table.ndim != 2
+        or block_table.shape[0] != b
+        or not jnp.issubdtype(block_table.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"block_table must be int32 [B={b}, max_pages], got {block_table.dtype} "
+            f"{block_table.shape}"
+        )
     if (k.dtype == FP8) != (k_scale is not None) or (k_scale is None) != (v_scale is None):
         raise ValueError("k_scale and v_scale are required for an FP8 cache and only then")
     for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
@@ -55,12 +62,9 @@ def _validate(q, k, v, lengths, k_scale, v_scale, block_table):
 
 
 def _on_hopper() -> bool:
+    """True when the default device is an H100/H200 (the kernel uses Hopper wgmma and TMA)."""
     dev = jax.devices()[0]
-    return (
-        dev.platform == "gpu"
-        and "H100" in dev.device_kind.upper()
-        or (dev.platform == "gpu" and "H200" in dev.device_kind.upper())
-    )
+    return dev.platform == "gpu" and cfg_lib.device_family(dev.device_kind) is not None
 
 
 def _pick_implementation(implementation):

@@ -267,3 +267,23 @@ def test_config_validation():
         TuningConfig(wg_split="rows")
     with pytest.raises(ValueError, match="shared memory"):
         TuningConfig(num_stages=4).validate_smem(jnp.bfloat16, jnp.float32)
+
+
+def test_default_implementation_falls_back_to_xla_with_warning():
+    """implementation=None off-Hopper: the XLA path, announced by a warning (CPU CI)."""
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("the fallback is only taken without a Hopper GPU")
+    case = make_case(10, [5, 64], 64, fp8=True)
+    with pytest.warns(UserWarning, match="XLA"):
+        out = mfa_decode_attention(**case)
+    ref = mfa_decode_attention(**case, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+
+
+def test_paged_block_table_must_be_integer():
+    case = make_case(11, [5, 64], 128, page_size=64)
+    with pytest.raises(ValueError, match="block_table"):
+        mfa_decode_attention(
+            **{**case, "block_table": case["block_table"].astype(jnp.float32)},
+            implementation="xla",
+        )
