@@ -41,8 +41,14 @@ def test_meshes_have_role_named_axes():
 @pytest.mark.parametrize("role", ["attention", "ffn"])
 def test_regions_aligned_disjoint_and_inside_arena(role):
     cfg = Step3Config.tiny()
-    arena = ArenaLayout.build(cfg, AfdLayout.parse("2A6F", ffn_ep=2), microbatch=3,
-                              num_microbatches=2, max_len=64, dtypes=FP8)
+    arena = ArenaLayout.build(
+        cfg,
+        AfdLayout.parse("2A6F", ffn_ep=2),
+        microbatch=3,
+        num_microbatches=2,
+        max_len=64,
+        dtypes=FP8,
+    )
     regs = sorted(arena.role(role).values(), key=lambda r: (r.dtype, r.offset))
     for a, b in itertools.pairwise(regs):
         if a.dtype == b.dtype:
@@ -72,17 +78,21 @@ def test_full_step3_1a3f_fp8_memory_fits_with_small_waste():
     nearly the whole arena; the naive two-role layout would need the sum (~2x) per device.
     """
     cfg, lay = Step3Config.step3(), AfdLayout.parse("1A3F")
-    ffn_only = ArenaLayout.build(cfg, lay, microbatch=1, num_microbatches=3, max_len=4096,
-                                 dtypes=FP8)
+    ffn_only = ArenaLayout.build(
+        cfg, lay, microbatch=1, num_microbatches=3, max_len=4096, dtypes=FP8
+    )
     ffn_bytes = ffn_only.used_bytes("ffn")
     # FFN device: 16 of 48 experts x 56 layers + 1/3 shared/dense ~ 101 GB of FP8 weights.
     assert 95e9 < ffn_bytes < 105e9
     mb = 1
-    while ArenaLayout.build(cfg, lay, microbatch=mb + 1, num_microbatches=3, max_len=4096,
-                            dtypes=FP8).used_bytes("attention") <= ffn_bytes:
+    while (
+        ArenaLayout.build(
+            cfg, lay, microbatch=mb + 1, num_microbatches=3, max_len=4096, dtypes=FP8
+        ).used_bytes("attention")
+        <= ffn_bytes
+    ):
         mb += 1
-    arena = ArenaLayout.build(cfg, lay, microbatch=mb, num_microbatches=3, max_len=4096,
-                              dtypes=FP8)
+    arena = ArenaLayout.build(cfg, lay, microbatch=mb, num_microbatches=3, max_len=4096, dtypes=FP8)
     assert arena.bytes_per_device() < H200_BYTES
     for role in ("attention", "ffn"):
         assert arena.waste_bytes(role) <= 0.10 * H200_BYTES, (role, arena.report())
