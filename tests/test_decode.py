@@ -8,6 +8,8 @@ test_reference_model.py: u * sqrt(256) * 29 ~ 2.8e-5 normwise) and they agree wi
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,10 +31,10 @@ NEW = 8
 DECODE_CACHE_LEN = 32
 
 
-def build_model(seed: int = 7) -> s3.Step3Model:
+def build_model(seed: int = 7, cfg: s3.Step3Config = CFG) -> s3.Step3Model:
     abstract = nnx.eval_shape(
         lambda: s3.Step3Model(
-            CFG,
+            cfg,
             rngs=nnx.Rngs(0),
             dtype=jnp.float32,
             param_dtype=jnp.float32,
@@ -270,6 +272,20 @@ def test_generate_rejects_bad_lengths(model):
         s3.generate(model, [[t % CFG.vocab_size for t in too_long[0]]], 1)
     with pytest.raises(ValueError, match="max_new_tokens"):
         s3.generate(model, [[1, 2]], CFG.max_position_embeddings)
+
+
+def test_generate_fills_a_context_limit_that_is_not_a_power_of_two():
+    """max_position_embeddings=40: 35 prompt tokens (padded to 64) + 5 new = 40 fits exactly.
+    Power-of-two buckets used to overshoot the limit and raise."""
+    cfg = dataclasses.replace(CFG, max_position_embeddings=40)
+    limited = build_model(cfg=cfg)
+    prompt = [int(t) for t in np.random.default_rng(5).integers(0, CFG.vocab_size, 35)]
+    out = s3.generate(limited, [prompt], 5)
+    assert len(out.tokens[0]) == 5
+    logits = np.asarray(_forward(limited, jnp.asarray([prompt + out.tokens[0]], jnp.int32)))[0]
+    np.testing.assert_array_equal(logits[34:39].argmax(-1), out.tokens[0])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        s3.generate(limited, [prompt], 6)
 
 
 def test_decode_step_rejects_bad_inputs(model):
