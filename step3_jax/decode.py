@@ -135,18 +135,20 @@ def generate(
     sampling = SamplingConfig(temperature, top_k, top_p)
     tokens, lengths = _prepare_prompts(prompts, cfg.vocab_size)
     needed = int(lengths.max()) + int(max_new_tokens)
-    cache_len = max_cache_len or max(_bucket(needed, 64), tokens.shape[1])
-    if needed > cache_len or tokens.shape[1] > cache_len:
+    limit = cfg.max_position_embeddings
+    # Power-of-two buckets may overshoot a context limit that is not a power of two (e.g.
+    # 40960): clamp, and drop padding columns past the cache (they hold no prompt token).
+    cache_len = max_cache_len or min(max(_bucket(needed, 64), tokens.shape[1]), limit)
+    if tokens.shape[1] > cache_len >= lengths.max():
+        tokens = tokens[:, :cache_len]
+    if needed > cache_len:
         raise ValueError(
             f"longest prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) = {needed} "
-            f"tokens (padded prompt {tokens.shape[1]}) does not fit max_cache_len={cache_len}"
+            f"tokens do not fit the cache: {cache_len} slots (max_cache_len={max_cache_len}, "
+            f"max_position_embeddings={limit})"
         )
-    if cache_len > cfg.max_position_embeddings:
-        raise ValueError(
-            f"longest prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) needs "
-            f"{cache_len} cache slots (max_cache_len={max_cache_len}), more than "
-            f"max_position_embeddings={cfg.max_position_embeddings}"
-        )
+    if cache_len > limit:
+        raise ValueError(f"max_cache_len={cache_len} exceeds max_position_embeddings={limit}")
     dtype = cache_dtype or model.dtype
     cache = KVCache.for_config(cfg, tokens.shape[0], cache_len, dtype)
     stops = jnp.asarray(list(stop_tokens) or [PAD_OUTPUT], jnp.int32)
