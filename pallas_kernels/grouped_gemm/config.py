@@ -60,16 +60,20 @@ class TuningConfig:
 
 
 # Tuned tables: device kind substring -> list of (max rows M, config); the first entry whose
-# M bound is >= the call's M wins. H100 from the sweep in benchmarks/results/moe_h100.json
-# (docs/log/grouped_gemm.md): one warpgroup is best while every expert holds at most ~one
-# row tile (weight streaming: 2.6-2.7 TB/s), two compute warpgroups splitting N above (T=2048
-# gate/up 456 vs 344 TFLOP/s, T=8192 762 vs 485). H200: NOT measured yet (no device time
-# left); the H100 table is used as the starting point.
+# M bound is >= the call's M wins. H100 from the sweeps in benchmarks/results/moe_h100*.json
+# (docs/log/grouped_gemm.md), FP8 gate/up + down at Step-3 shapes, E=48:
+# * M <= 1536 (T <= 512): one warpgroup; weight streaming at 2.4-2.7 TB/s.
+# * M = 3072 (T = 1024): 2 compute warpgroups splitting M (CTA 128x128, 6 steps) 2.655 ms
+#   vs one warpgroup 2.715, vs split-N 2.971.
+# * M = 6144 and 24576: 2 compute warpgroups splitting N (CTA 64x256): gate/up 456 and 762
+#   TFLOP/s vs 344 and 485 with one warpgroup and 429 and 572 split-M (4 steps).
+# H200: NOT measured (no device time left); the H100 table is the starting point.
 _SMALL = TuningConfig(block_m=64, block_n=128, max_concurrent_steps=4)
+_MID = TuningConfig(block_m=64, block_n=128, num_compute_wgs=2, wg_dim="m", max_concurrent_steps=6)
 _LARGE = TuningConfig(block_m=64, block_n=128, num_compute_wgs=2, wg_dim="n")
 TUNED: dict[str, list[tuple[int, TuningConfig]]] = {
-    "H100": [(1536, _SMALL), (1 << 62, _LARGE)],
-    "H200": [(1536, _SMALL), (1 << 62, _LARGE)],
+    "H100": [(1536, _SMALL), (4096, _MID), (1 << 62, _LARGE)],
+    "H200": [(1536, _SMALL), (4096, _MID), (1 << 62, _LARGE)],
 }
 
 DEFAULT = TuningConfig()
