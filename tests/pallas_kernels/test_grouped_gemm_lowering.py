@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.grouped_gemm import mosaic_gpu
-from pallas_kernels.grouped_gemm.config import TuningConfig
+from pallas_kernels.grouped_gemm.config import TuningConfig, tuned_config
 
 pytestmark = pytest.mark.skipif(not mosaic_gpu.available(), reason="no Mosaic GPU Pallas API")
 
@@ -74,3 +74,27 @@ def test_tile_table_covers_every_row_once(zero_tail):
         assert np.all(hits[total:] == (1 if zero_tail else 0))
         if zero_tail:
             assert np.all(owner[total:] == -1)
+
+
+def test_tuning_config_validation_and_tables():
+    with pytest.raises(ValueError, match="block_m"):
+        TuningConfig(block_m=96)
+    with pytest.raises(ValueError, match="block_n"):
+        TuningConfig(block_n=256)
+    with pytest.raises(ValueError, match="max_concurrent_steps"):
+        TuningConfig(max_concurrent_steps=1)
+    with pytest.raises(ValueError, match="wg_dim"):
+        TuningConfig(wg_dim="k")
+    small = tuned_config("NVIDIA H100 80GB HBM3", 768)
+    large = tuned_config("NVIDIA H100 80GB HBM3", 24576)
+    assert small.num_compute_wgs == 1 and large.num_compute_wgs == 2
+    assert tuned_config("NVIDIA H200", 768) == small
+    assert tuned_config("cpu", 768) == TuningConfig()
+
+
+def test_pipeline_depth_fits_smem():
+    """The depth that was refused on the H100 (6 steps of the 2-warpgroup SwiGLU tile:
+    264,288 > 232,448 bytes) is lowered; small tiles keep the requested depth."""
+    assert mosaic_gpu._fit_steps(6, 64, 128, 2, True, out_bytes=16384) == 5
+    assert mosaic_gpu._fit_steps(4, 64, 128, 1, True, out_bytes=16384) == 4
+    assert mosaic_gpu._fit_steps(8, 64, 128, 1, True, out_bytes=16384) == 8
