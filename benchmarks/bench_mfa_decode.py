@@ -116,6 +116,10 @@ VARIANTS = {  # name -> (fp8, TuningConfig kwargs); measured side by side at the
     "pallas_fp8[seq,8bit,stages=4]": (True, dict(wg_split="seq", num_stages=4)),
     "pallas_fp8[seq,wgmma,stages=4]": (True, dict(wg_split="seq", v_load="wgmma", num_stages=4)),
     "pallas_fp8[seq,8bit,stages=2]": (True, dict(wg_split="seq", num_stages=2)),
+    "pallas_fp8[seq,8bit,stages=4,q_in_kernel]": (
+        True,
+        dict(wg_split="seq", num_stages=4, q_quant="kernel"),
+    ),
     "pallas_bf16[head,stages=2]": (False, dict(num_stages=2)),
     "pallas_bf16[seq,stages=2]": (False, dict(wg_split="seq", num_stages=2)),
 }

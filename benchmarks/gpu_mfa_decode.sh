@@ -12,11 +12,11 @@ T=tests/pallas_kernels/test_mfa_decode.py
 python3 -c "import jax; print(jax.__version__, jax.devices())" > "$OUT/probe.txt" 2>&1
 # Each suite has its own timeout: a hung kernel must not eat the whole call.
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider "$T" \
-  -k "not HeadSplit" > "$OUT/tests.txt" 2>&1
+  -k "not HeadSplit and not QInKernel" > "$OUT/tests.txt" 2>&1
 echo "tests (tuned configs) rc=$?"; tail -3 "$OUT/tests.txt"
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider "$T" \
-  -k "HeadSplit" > "$OUT/tests_other_split.txt" 2>&1
-echo "tests (other warpgroup split) rc=$?"; tail -3 "$OUT/tests_other_split.txt"
+  -k "HeadSplit or QInKernel" > "$OUT/tests_other_split.txt" 2>&1
+echo "tests (other split, q in kernel) rc=$?"; tail -3 "$OUT/tests_other_split.txt"
 if [ "$MODE" = quick ]; then ARGS="--batches 1,32,128 --contexts 4096,32768"; else ARGS=""; fi
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_mfa_decode.py --out "$OUT" $ARGS \
   ${BENCH_ARGS:-} > "$OUT/bench.txt" 2>&1

@@ -177,6 +177,7 @@ def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None):
         out_dtype=jnp.dtype(out_dtype),
         v_load=config.v_load,
         wg_split=config.wg_split,
+        q_in_kernel=config.q_quant == "kernel" and k.dtype == FP8,
     )
 
 
@@ -214,7 +215,7 @@ def _pallas_jit(ks, q, k, v, lengths, k_scale, v_scale, block_table):
     from pallas_kernels.mfa_decode import mosaic_gpu
 
     q_scale = None
-    if ks.fp8:
+    if ks.fp8 and not ks.q_in_kernel:
         # Per (b, t, head) row FP8 q: the row scale is folded into the score multiply.
         q, q_scale = quantize_kv(q)
     table = None if block_table is None else block_table.astype(jnp.int32)

@@ -42,8 +42,14 @@ class TuningConfig:
     # softmax only on its own blocks; states merged in shared memory at the end). "seq" needs
     # an even num_stages so a ring slot always belongs to the same warpgroup.
     wg_split: str = "head"
+    # FP8 cache: where q is quantized to e4m3 per row: "xla" (three small XLA kernels before
+    # the call, ~8 us on H100) or "kernel" (warpgroup 0 reads bf16 q from GMEM and quantizes it
+    # into shared memory). "kernel" is lowering-checked but not yet measured on a GPU.
+    q_quant: str = "xla"
 
     def __post_init__(self):
+        if self.q_quant not in ("xla", "kernel"):
+            raise ValueError(f"q_quant={self.q_quant!r} must be 'xla' or 'kernel'")
         if self.wg_split not in ("head", "seq"):
             raise ValueError(f"wg_split={self.wg_split!r} must be 'head' or 'seq'")
         if self.wg_split == "seq" and self.num_stages % 2:

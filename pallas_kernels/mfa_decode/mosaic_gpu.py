@@ -59,6 +59,7 @@ class KernelShape:
     out_dtype: jnp.dtype
     v_load: str = "8bit"  # FP8 V tile register layout for the f16 conversion: "8bit" | "wgmma"
     wg_split: str = "head"  # what the 2 compute warpgroups split: head-dim halves or KV blocks
+    q_in_kernel: bool = False  # FP8: quantize q inside the kernel (wg 0) instead of in XLA
 
 
 def _transforms(dtype) -> tuple:
@@ -97,9 +98,10 @@ def _kv_index(ks: KernelShape, table_ref, b, blk):
 def _memory_wg(ks, refs, smem, bars, b, t, first, my_n):
     """Issue the q copy and the K/V ring; waits on `consumed` before refilling a slot."""
     plgpu.set_max_registers(40, action="decrease")
-    plgpu.copy_gmem_to_smem(refs["q"].at[b, t], smem["q"], bars["q"].at[0])
-    if ks.fp8:
-        plgpu.copy_gmem_to_smem(refs["qs"].at[b, t], smem["qs"], bars["q"].at[1])
+    if not ks.q_in_kernel:
+        plgpu.copy_gmem_to_smem(refs["q"].at[b, t], smem["q"], bars["q"].at[0])
+        if ks.fp8:
+            plgpu.copy_gmem_to_smem(refs["qs"].at[b, t], smem["qs"], bars["q"].at[1])
 
     def issue(i, slot):
         idx = _kv_index(ks, refs.get("table"), b, first + i)
@@ -117,6 +119,37 @@ def _memory_wg(ks, refs, smem, bars, b, t, first, my_n):
         slot = lax.rem(i, ks.num_stages)
         plgpu.barrier_wait(bars["consumed"].at[slot])
         issue(i, slot)
+
+
+def _quantize_q(ks, refs, smem, bars, b, t):
+    """wg 0: q [64, 256] bf16 straight from GMEM -> per-row e4m3 + scale in shared memory.
+
+    Same format as ``step3_jax.quant.quantize_kv`` (scale = amax / 448, values rounded to
+    nearest even), but without three small XLA kernels in front of the attention kernel.
+    """
+    # optimized=False: the vectorised tiled path only serves shared memory.
+    qv = plgpu.load(refs["q"].at[b, t], (), layout=plgpu.Layout.WGMMA, optimized=False)
+    qv = qv.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(qv), axis=1) * (1.0 / 448.0), 1e-12)
+    smem["q"][...] = (qv / _row(scale, qv.shape)).astype(jnp.float8_e4m3fn)
+    smem["qs"][...] = scale
+    plgpu.commit_smem()  # all of wg 0 wrote, visible to the async proxy (wgmma)
+    plgpu.barrier_arrive(bars["q"].at[0])
+
+
+def q_operand(ks, refs, smem, bars, w, b, t):
+    """Wait until q (and its FP8 row scales) is in shared memory; returns the score row scale
+    (q scale * sm_scale * log2 e) for an FP8 cache, else None."""
+    if ks.q_in_kernel and w == 0:
+        _quantize_q(ks, refs, smem, bars, b, t)
+    else:
+        plgpu.barrier_wait(bars["q"].at[0])
+        if ks.fp8 and not ks.q_in_kernel:
+            plgpu.barrier_wait(bars["q"].at[1])
+    if not ks.fp8:
+        return None
+    q_row_scale = plgpu.load(smem["qs"], (), layout=plgpu.Layout.WGMMA.reduce(1))
+    return q_row_scale * (ks.sm_scale * LOG2E)
 
 
 def _scores(ks, smem, bars, slot, q_row_scale):
@@ -203,12 +236,7 @@ def _compute_wg(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
     """Warpgroup w: scores + softmax for all 64 heads, P.V for head-dim columns of half w."""
     plgpu.set_max_registers(232, action="increase")
     half = HEAD_DIM // 2
-    plgpu.barrier_wait(bars["q"].at[0])
-    q_row_scale = None
-    if ks.fp8:
-        plgpu.barrier_wait(bars["q"].at[1])
-        q_row_scale = plgpu.load(smem["qs"], (), layout=plgpu.Layout.WGMMA.reduce(1))
-        q_row_scale = q_row_scale * (ks.sm_scale * LOG2E)
+    q_row_scale = q_operand(ks, refs, smem, bars, w, b, t)
     vec = lambda x: plgpu.layout_cast(
         jnp.full((NUM_HEADS,), x, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
     )
@@ -318,7 +346,7 @@ def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
 
 def _input_names(ks: KernelShape) -> list[str]:
     names = ["lengths"] + (["table"] if ks.paged else []) + ["q"]
-    names += ["qs"] if ks.fp8 else []
+    names += ["qs"] if ks.fp8 and not ks.q_in_kernel else []
     names += ["k", "v"] + (["ks", "vs"] if ks.fp8 else [])
     return names + ["out", "lse"]
 
@@ -369,6 +397,6 @@ def mfa_decode_mosaic(ks: KernelShape, lengths, table, q, q_scale, k, v, k_scale
         compiler_params=_compiler_params(),
     )
     args = [lengths] + ([table] if ks.paged else []) + [q]
-    args += [q_scale] if ks.fp8 else []
+    args += [q_scale] if ks.fp8 and not ks.q_in_kernel else []
     args += [k, v] + ([k_scale, v_scale] if ks.fp8 else [])
     return call(*args)

@@ -51,12 +51,7 @@ def _pv_halves(ks, smem, bars, slot, w, accs, p16, rescale, valid_rows):
 def compute_wg_seq(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
     """Warpgroup w: blocks w, w+2, ... of this CTA's range, all 256 output columns."""
     plgpu.set_max_registers(232, action="increase")
-    plgpu.barrier_wait(bars["q"].at[0])
-    q_row_scale = None
-    if ks.fp8:
-        plgpu.barrier_wait(bars["q"].at[1])
-        q_row_scale = plgpu.load(smem["qs"], (), layout=plgpu.Layout.WGMMA.reduce(1))
-        q_row_scale = q_row_scale * (ks.sm_scale * mg.LOG2E)
+    q_row_scale = mg.q_operand(ks, refs, smem, bars, w, b, t)
     zero = plgpu.layout_cast(jnp.zeros((mg.NUM_HEADS, HALF), jnp.float32), plgpu.Layout.WGMMA)
     wg_iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA)
 

@@ -127,6 +127,8 @@ class _Suite:
 
     def run(self, case, **kw):
         fp8 = case["k"].dtype == jnp.float8_e4m3fn
+        if self.configs and fp8 not in self.configs:
+            pytest.skip("this cache dtype runs the tuned default in TestPallasGPU")
         if fp8 in self.configs and "config" not in kw:
             kw["config"] = self.configs[fp8]
         return check(case, self.impl, fp8_pallas=fp8 and self.impl == "pallas", **kw)
@@ -182,6 +184,13 @@ class TestPallasGPUHeadSplit(TestPallasGPU):
     }
 
 
+@pytest.mark.gpu
+class TestPallasGPUQInKernel(TestPallasGPU):
+    """FP8 cache with q quantized inside the kernel (q_quant="kernel")."""
+
+    configs = {True: TuningConfig(wg_split="seq", num_stages=4, q_quant="kernel")}  # noqa: RUF012
+
+
 def test_combine_splits_matches_single_pass():
     """Partials over disjoint key ranges, merged by lse, equal one pass over all keys."""
     case = make_case(7, [384, 0, 130], 384, fp8=False)
@@ -215,10 +224,15 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.parametrize(
-    "fp8,t,paged,splits,wg_split",
-    [(True, 1, False, 1, "head"), (False, 2, True, 2, "head"), (True, 3, True, 4, "seq")],
+    "fp8,t,paged,splits,wg_split,q_quant",
+    [
+        (True, 1, False, 1, "head", "xla"),
+        (False, 2, True, 2, "head", "xla"),
+        (True, 3, True, 4, "seq", "xla"),
+        (True, 1, False, 1, "seq", "kernel"),
+    ],
 )
-def test_gpu_lowering_on_cpu(fp8, t, paged, splits, wg_split):
+def test_gpu_lowering_on_cpu(fp8, t, paged, splits, wg_split, q_quant):
     """The real Mosaic GPU lowering (layouts, smem budget, TMA shapes) runs on a CPU host."""
     sd = jax.ShapeDtypeStruct
     dt = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
@@ -234,7 +248,9 @@ def test_gpu_lowering_on_cpu(fp8, t, paged, splits, wg_split):
         k_scale=scale,
         v_scale=scale,
         block_table=table,
-        config=TuningConfig(num_stages=2 if not fp8 else 4, num_splits=splits, wg_split=wg_split),
+        config=TuningConfig(
+            num_stages=2 if not fp8 else 4, num_splits=splits, wg_split=wg_split, q_quant=q_quant
+        ),
     )
     assert "mosaic_gpu" in lowered.as_text()[:20000]
 
