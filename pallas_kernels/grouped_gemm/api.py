@@ -207,8 +207,8 @@ def grouped(
     ``zero_tail=False`` leaves rows past sum(group_sizes) unspecified (``moe_ffn`` masks them
     and saves their write traffic on an expert-parallel shard).
     """
+    x, x_scale = _validate(x, weights, group_sizes, x_scale, tuple(w_scales), implementation)
     w_scales = tuple(w_scales) if _is_fp8(weights[0]) else ()
-    x, x_scale = _validate(x, weights, group_sizes, x_scale, w_scales, implementation)
     impl = _resolve(implementation, x, weights)
     cfg = _config_for(config, x.shape[0]) if impl == "pallas" else None
     return _run(

@@ -82,8 +82,11 @@ def moe_ffn(
     _check_moe_args(x, expert_ids, expert_weights, w_gate, w_up, w_down)
     fp8_w = w_gate.dtype == quant.FP8_DTYPE
     q_act = fp8_w if quantize_activations is None else quantize_activations
-    if q_act and not fp8_w:
-        raise ValueError("quantize_activations=True needs float8_e4m3fn weights")
+    if q_act != fp8_w:
+        raise ValueError(
+            f"{quantize_activations=} with {w_gate.dtype} weights: the kernels run FP8 x FP8 "
+            "or bf16 x bf16 (W8A16 is not implemented)"
+        )
     t, n_k = expert_ids.shape
     order, inverse, valid, group_sizes = _dispatch(expert_ids, first_expert, w_gate.shape[0])
     token_of = order // n_k

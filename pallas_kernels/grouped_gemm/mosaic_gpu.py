@@ -372,6 +372,70 @@ def _fit_steps(steps: int, box_m: int, cta_n: int, n_w: int, fp8: bool, out_byte
     return max(2, min(steps, (_SMEM_BYTES - _SMEM_SLACK - out_bytes) // per_step))
 
 
+def _cta_shape(config: TuningConfig, block_n: int) -> tuple[int, int]:
+    """(rows of the x TMA box, columns of the CTA tile) of a config."""
+    ws = config.num_compute_wgs == 2
+    box_m = config.block_m * (2 if ws and config.wg_dim == "m" else 1)
+    cta_n = block_n * (2 if ws and config.wg_dim == "n" else 1)
+    return box_m, cta_n
+
+
+def _make_static(x, weights, fp8: bool, config: TuningConfig, zero_tail: bool) -> _Static:
+    m, k = x.shape
+    g, n, _ = weights[0].shape
+    swiglu = len(weights) == 2
+    block_n = config.swiglu_block_n if swiglu else config.block_n
+    box_m, cta_n = _cta_shape(config, block_n)
+    n_out = config.num_compute_wgs  # one output staging tile per compute warpgroup
+    steps = _fit_steps(
+        config.max_concurrent_steps,
+        box_m,
+        cta_n,
+        len(weights),
+        fp8,
+        out_bytes=n_out * config.block_m * block_n * 2,
+    )
+    return _Static(
+        m=m,
+        n=n,
+        k=k,
+        groups=g,
+        block_m=config.block_m,
+        block_n=block_n,
+        block_k=SCALE_BLOCK if fp8 else 64,
+        max_tiles=-(-m // box_m) + 2 * g + (-(-m // box_m) if zero_tail else 0),
+        fp8=fp8,
+        swiglu=swiglu,
+        zero_tail=zero_tail,
+        steps=steps,
+        compute_wgs=config.num_compute_wgs,
+        wg_dim=config.wg_dim,
+    )
+
+
+def _make_kernel(st: _Static, config: TuningConfig):
+    """The ``plgpu.kernel`` callable for a static instance."""
+    common = dict(
+        out_type=jax.ShapeDtypeStruct((st.m, st.n), jnp.bfloat16),
+        grid=(_num_sms(config),),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    if st.compute_wgs == 2:
+        return plgpu.kernel(
+            functools.partial(_body_ws, st, st.block_n),
+            scratch_types=[plgpu.SMEM((2, st.block_m, st.block_n), jnp.bfloat16)],
+            num_threads=3,
+            thread_name="wg",
+            **common,
+        )
+    return plgpu.kernel(
+        functools.partial(_body, st, st.block_n),
+        scratch_types=[plgpu.SMEM((st.block_m, st.block_n), jnp.bfloat16)],
+        **common,
+    )
+
+
 def grouped_gemm_mgpu(
     x,
     weights,
@@ -391,76 +455,28 @@ def grouped_gemm_mgpu(
     """
     if not available():
         raise NotImplementedError("this jax has no usable jax.experimental.pallas.mosaic_gpu")
-    m, k = x.shape
-    g, n, _ = weights[0].shape
-    fp8 = x_scale is not None
-    swiglu = len(weights) == 2
-    block_n = config.swiglu_block_n if swiglu else config.block_n
-    ws = config.num_compute_wgs == 2
-    box_m = config.block_m * (2 if ws and config.wg_dim == "m" else 1)
-    cta_n = block_n * (2 if ws and config.wg_dim == "n" else 1)
+    m = x.shape[0]
+    n = weights[0].shape[1]
+    block_n = config.swiglu_block_n if len(weights) == 2 else config.block_n
+    box_m, cta_n = _cta_shape(config, block_n)
     if n % cta_n:
         raise ValueError(f"N={n} must be a multiple of the CTA tile width {cta_n}")
     m_ok = max(box_m, -(-m // 8) * 8)
     if m != m_ok:  # TMA boxes are box_m rows on multiples of 8 inside x: pad odd/tiny M
-        pad = m_ok - m
+        pad = ((0, m_ok - m), (0, 0))
         out = grouped_gemm_mgpu(
-            jnp.pad(x, ((0, pad), (0, 0))),
+            jnp.pad(x, pad),
             weights,
             group_sizes,
-            x_scale=None if x_scale is None else jnp.pad(x_scale, ((0, pad), (0, 0))),
+            x_scale=None if x_scale is None else jnp.pad(x_scale, pad),
             w_scales=w_scales,
             config=config,
             zero_tail=zero_tail,
         )
         return out[:m]
-    max_tiles = -(-m // box_m) + 2 * g + (-(-m // box_m) if zero_tail else 0)
-    st = _Static(
-        m=m,
-        n=n,
-        k=k,
-        groups=g,
-        block_m=config.block_m,
-        block_n=block_n,
-        block_k=SCALE_BLOCK if fp8 else 64,
-        max_tiles=max_tiles,
-        fp8=fp8,
-        swiglu=swiglu,
-        zero_tail=zero_tail,
-        steps=_fit_steps(
-            config.max_concurrent_steps,
-            box_m,
-            cta_n,
-            len(weights),
-            fp8,
-            out_bytes=(2 if ws else 1) * config.block_m * block_n * 2,
-        ),
-        compute_wgs=config.num_compute_wgs,
-        wg_dim=config.wg_dim,
-    )
-    tiles = _tile_table(group_sizes, m, box_m, max_tiles, zero_tail)
-    operands = [tiles, x, *weights]
+    fp8 = x_scale is not None
+    st = _make_static(x, weights, fp8, config, zero_tail)
+    operands = [_tile_table(group_sizes, m, box_m, st.max_tiles, zero_tail), x, *weights]
     if fp8:
         operands += [x_scale.astype(jnp.float32).T, *(s.astype(jnp.float32) for s in w_scales)]
-    params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
-    common = dict(
-        out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
-        grid=(_num_sms(config),),
-        grid_names=("sm",),
-        compiler_params=params,
-    )
-    if ws:
-        kernel = plgpu.kernel(
-            functools.partial(_body_ws, st, block_n),
-            scratch_types=[plgpu.SMEM((2, config.block_m, block_n), jnp.bfloat16)],
-            num_threads=3,
-            thread_name="wg",
-            **common,
-        )
-    else:
-        kernel = plgpu.kernel(
-            functools.partial(_body, st, block_n),
-            scratch_types=[plgpu.SMEM((config.block_m, block_n), jnp.bfloat16)],
-            **common,
-        )
-    return kernel(*operands)
+    return _make_kernel(st, config)(*operands)

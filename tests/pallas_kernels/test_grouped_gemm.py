@@ -232,6 +232,22 @@ def test_moe_ffn_bf16_and_shared(impl):
     assert _cos_diff(sh.astype(jnp.float32), one) <= 2e-4
 
 
+def test_default_implementation_on_cpu_is_xla_without_warning():
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU-only check")
+    x = jax.random.normal(jax.random.key(0), (16, 128), jnp.float32).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (2, 128, 128), jnp.float32).astype(jnp.bfloat16)
+    gs = jnp.asarray([9, 4], jnp.int32)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = api.grouped_matmul(x, w, gs)
+    want = api.grouped_matmul(x, w, gs, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+    assert np.all(np.asarray(out[13:]) == 0) and np.any(np.asarray(out[:13]) != 0)
+
+
 def test_validation_errors():
     x = jnp.zeros((8, 256), jnp.bfloat16)
     w = jnp.zeros((2, 128, 256), jnp.float8_e4m3fn)
@@ -246,6 +262,18 @@ def test_validation_errors():
         api.grouped_matmul(x.astype(jnp.float8_e4m3fn), w.astype(jnp.bfloat16), gs)
     with pytest.raises(ValueError, match="implementation"):
         api.grouped_matmul(x, w.astype(jnp.bfloat16), gs, implementation="triton")
+    with pytest.raises(ValueError, match="only accepted with float8"):
+        api.grouped_matmul(x, w.astype(jnp.bfloat16), gs, w_scale=jnp.ones((2, 1, 2)))
+    with pytest.raises(ValueError, match="W8A16"):
+        moe.moe_ffn(
+            x,
+            jnp.zeros((8, 3), jnp.int32),
+            jnp.zeros((8, 3)),
+            w,
+            w,
+            jnp.zeros((2, 256, 128), jnp.float8_e4m3fn),
+            quantize_activations=False,
+        )
     with pytest.raises(ValueError, match="w_down"):
         moe.moe_ffn(
             x,
