@@ -4,13 +4,15 @@ Grid: (T, num_splits, B); one CTA per (query token t, split j, sequence b). Warp
 
 * wg 2, memory: TMA-copies q (and its FP8 row scales) once, then K/V tiles of ``block_s``
   tokens (and their per-token scales) into a ring of ``num_stages`` slots.
-* wg 0 and 1, compute: each computes the full score tile S = q K^T [64, block_s] (the wgmma is
-  cheap next to the memory stream) and the online softmax, then P.V for ITS half of the head
-  dim (128 columns), so each accumulator is 64 x 128 f32 and nothing is combined across
-  warpgroups at the end.
+* wg 0 and 1, compute, split by ``wg_split``:
+  "head" (this file): each computes the full score tile S = q K^T [64, block_s] and the online
+  softmax, then P.V for ITS half of the head dim (128 columns), so each accumulator is
+  64 x 128 f32 and nothing is combined across warpgroups at the end;
+  "seq" (``mosaic_gpu_seq.py``, the FP8 default): alternate KV blocks, merged at the end.
 
 FP8 cache (per-token scales, ``step3_jax.quant.quantize_kv`` format):
-* QK runs as an FP8 wgmma: q is quantized per (b, t, head) row outside the kernel; K is already
+* QK runs as an FP8 wgmma: q is quantized per (b, t, head) row (in XLA, or by wg 0 with
+  ``q_in_kernel``); K is already
   FP8 and K-major ([block_s, H], H fastest), as 8-bit wgmma requires. The q row scale, k_scale
   column scale, sm_scale and log2(e) are folded into one multiply of the f32 scores.
 * P.V cannot be an FP8 wgmma: V [block_s, H] is not K-major over s. V is converted e4m3 -> f16
@@ -169,19 +171,20 @@ def _scores(ks, smem, bars, slot, q_row_scale):
     return s * _row(q_row_scale, shape) * _col(k_col, shape)
 
 
-def _v_operand_fp8(ks, smem, bars, slot, w, valid_rows, buf=None, wait=True):
-    """Convert this warpgroup's half of the FP8 V tile to f16 (rows past the end zeroed).
+def _v_operand_fp8(ks, smem, bars, slot, h, valid_rows, buf=None, wait=True):
+    """Convert half h (128 columns) of the FP8 V tile to f16 into f16 tile ``buf`` (default h;
+    one per warpgroup), rows at or past ``valid_rows`` zeroed when it is given.
 
     With ``v_load="8bit"`` the tile is read with 32-bit shared loads (4 e4m3 values a thread)
     in the 8-bit wgmma register layout; the f16 copy is only ever read back through shared
     memory by the wgmma, so its register layout is free.
     """
     half = HEAD_DIM // 2
-    buf = w if buf is None else buf
+    buf = h if buf is None else buf
     if wait:
         plgpu.barrier_wait(bars["v"].at[slot])
     layout = plgpu.Layout.WGMMA_8BIT if ks.v_load == "8bit" else plgpu.Layout.WGMMA
-    v8 = plgpu.load(smem["v"].at[slot, :, pl.ds(w * half, half)], (), layout=layout)
+    v8 = plgpu.load(smem["v"].at[slot, :, pl.ds(h * half, half)], (), layout=layout)
     v16 = v8.astype(jnp.float16)
     if valid_rows is not None:
         rows = plgpu.broadcasted_iota(jnp.int32, (ks.block_s, half), 0, layout=layout)
@@ -191,13 +194,13 @@ def _v_operand_fp8(ks, smem, bars, slot, w, valid_rows, buf=None, wait=True):
     return smem["v16"].at[buf]
 
 
-def _v_operand_bf16(ks, smem, bars, slot, w, valid_rows, wait=True):
-    """This warpgroup's half of the bf16 V tile; on a masked block rows past the end are
-    zeroed in place (each warpgroup only touches its own half)."""
+def _v_operand_bf16(ks, smem, bars, slot, h, valid_rows, wait=True):
+    """Half h of the bf16 V tile, read in place; on a masked block rows past the end are zeroed
+    in shared memory (only the warpgroup that owns half h of this slot touches it)."""
     half = HEAD_DIM // 2
     if wait:
         plgpu.barrier_wait(bars["v"].at[slot])
-    v_ref = smem["v"].at[slot, :, pl.ds(w * half, half)]
+    v_ref = smem["v"].at[slot, :, pl.ds(h * half, half)]
     if valid_rows is not None:
 
         @pl.when(valid_rows < ks.block_s)
