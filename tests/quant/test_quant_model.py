@@ -164,11 +164,18 @@ def _tokens(cfg, b=2, t=12, seed=3):
     return np.asarray(jax.random.randint(jax.random.key(seed), (b, t), 0, cfg.vocab_size))
 
 
-def _cached_logits(model, tokens, precision: Precision):
+def _cached_forward(model, tokens, precision: Precision):
+    """Jitted prefill of ``tokens`` into a fresh cache of the mode: ``(logits f64, cache)``."""
     cfg = model.config
     cache = KVCache.for_config(cfg, tokens.shape[0], 32, precision.cache_dtype or jnp.float32)
-    logits, _ = model(jnp.asarray(tokens), cache=cache)
-    return np.asarray(logits, np.float64)
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda st, t, c: nnx.merge(graphdef, st)(t, cache=c))
+    logits, cache = fwd(state, jnp.asarray(tokens), cache)
+    return np.asarray(logits, np.float64), cache
+
+
+def _cached_logits(model, tokens, precision: Precision):
+    return _cached_forward(model, tokens, precision)[0]
 
 
 # ---------------------------------------------------------------------- tests
@@ -205,8 +212,7 @@ def test_kv8_cache_bytes_match_numpy():
     identical except where float32 and float64 straddle a rounding boundary (one step)."""
     model = quantize_model(_tiny_model(), "fp8+kv8")
     cfg, tokens = model.config, _tokens(model.config)
-    cache = KVCache.for_config(cfg, tokens.shape[0], 32, jnp.float8_e4m3fn)
-    _, cache = model(jnp.asarray(tokens), cache=cache)
+    _, cache = _cached_forward(model, tokens, Precision("fp8+kv8"))
     layer = model.layers[0]
     x = np.asarray(model.embed_tokens[...], np.float64)[tokens]
     h = np_rmsnorm(x, layer.input_layernorm.weight[...], cfg.rms_norm_eps)
@@ -224,7 +230,8 @@ def test_kv8_cache_bytes_match_numpy():
 def test_fp8_cache_free_forward_equals_cached_forward():
     model = quantize_model(_tiny_model(1), "fp8")
     tokens = _tokens(model.config, seed=4)
-    plain = np.asarray(model(jnp.asarray(tokens)), np.float64)
+    graphdef, state = nnx.split(model)
+    plain = np.asarray(jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))(state, tokens), np.float64)
     # Same math, different attention code path (no cache vs cache): f32 reassociation only.
     np.testing.assert_allclose(plain, _cached_logits(model, tokens, Precision("fp8")), atol=1e-4)
 
@@ -240,15 +247,16 @@ EQNS = [  # (eqn, weight shape, x shape, num_batch, num_contract): every one the
 ]
 
 
-@pytest.mark.parametrize("granularity", ["block", "channel"])
-@pytest.mark.parametrize("gemm", ["dequant", "fp8_blocks"])
+@pytest.mark.parametrize(
+    "gemm,granularity", [("dequant", "block"), ("dequant", "channel"), ("fp8_blocks", "block")]
+)
 @pytest.mark.parametrize("eqn,wshape,xshape,nb,nc", EQNS)
 def test_project_matches_numpy(eqn, wshape, xshape, nb, nc, gemm, granularity):
     kw, kx = jax.random.split(jax.random.key(hash(eqn) % 1000))
     w = jax.random.normal(kw, wshape) * 0.05
     x = jax.random.normal(kx, xshape)
     fw = Fp8Weight.quantize(w, num_batch=nb, num_contract=nc, granularity=granularity, gemm=gemm)
-    got = np.asarray(project(x, fw, eqn, jnp.float32), np.float64)
+    got = np.asarray(jax.jit(lambda x, w: project(x, w, eqn, jnp.float32))(x, fw), np.float64)
     # Reference: float64 einsum of the dequantized weight and the per-(row of the contraction)
     # fake-quantized activation. Contraction letters moved last, flattened, quantized, back.
     lhs, out = eqn.split("->")
