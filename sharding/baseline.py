@@ -124,7 +124,7 @@ class BaselineExecutor:
 
         def run(moe):
             keys = [k for k in ffn if k.startswith("dense_") != moe]
-            pl = {k: ffn[k][0, kind_index] for k in keys}
+            pl = {k: jax.tree.map(lambda a: a[0, kind_index], ffn[k]) for k in keys}
             return protocol.ffn_partial(
                 every,
                 pl,
