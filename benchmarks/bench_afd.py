@@ -294,26 +294,33 @@ def main(argv=None) -> dict:
     devices = jax.devices()[: layout.num_devices]
     cfg = bench_config(args.layers, args.tiny)
     runs: list[dict] = []
+    base: list[dict] = []
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+
+    def save() -> dict:  # after every config: a timeout still leaves the finished ones
+        result = {
+            "device": devices[0].device_kind,
+            "num_devices": len(devices),
+            "jax_version": jax.__version__,
+            "commit": commit.strip() or "unknown",
+            "date": datetime.date.today().isoformat(),
+            "config": vars(args),
+            "runs": [r for r in runs if "error" not in r],
+            "baseline": base,
+            "errors": [r for r in runs if "error" in r],
+        }
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return result
+
     for m in [int(x) for x in args.micro_batches.split(",") if x]:
         _guard(runs, f"afd_mb{m}", lambda m=m: run_afd(args, cfg, layout, devices, m))
-    base: list[dict] = []
+        save()
     for b in [int(x) for x in args.baseline_batches.split(",") if x]:
         _guard(base, f"baseline_b{b}", lambda b=b: run_baseline(args, cfg, devices, b))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    result = {
-        "device": devices[0].device_kind,
-        "num_devices": len(devices),
-        "jax_version": jax.__version__,
-        "commit": commit.strip() or "unknown",
-        "date": datetime.date.today().isoformat(),
-        "config": vars(args),
-        "runs": [r for r in runs if "error" not in r],
-        "baseline": base,
-        "errors": [r for r in runs if "error" in r],
-    }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        save()
+    result = save()
     print(json.dumps(result))
     return result
 
