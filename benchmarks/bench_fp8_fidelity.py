@@ -73,19 +73,18 @@ def load_model(name: str, dtype):
 
 
 def _demo_tokens(model, tok, batch: int = 8, length: int = 128) -> np.ndarray:
-    """Token windows from the demo corpus if the checkpoints package exposes it, else random."""
-    text = None
-    try:
-        import checkpoints
-
-        text = getattr(checkpoints, "demo_text", lambda: None)()
-    except Exception:  # noqa: BLE001 - corpus access is optional
-        text = None
-    if text and tok is not None:
-        ids = np.asarray(tok.encode(text).ids if hasattr(tok, "encode") else tok(text), np.int32)
+    """``batch`` windows of ``length`` tokens from the END of persuasion.txt in data/austen/
+    (the last part of a book, the least likely to be in a train split), else random tokens."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "data", "austen", "persuasion.txt")
+    if tok is not None and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()[-200_000:]
+        ids = tok.encode(text)
+        ids = np.asarray(getattr(ids, "ids", ids), np.int32)
         n = min(batch, len(ids) // length)
         if n > 0:
-            return ids[: n * length].reshape(n, length)
+            return ids[-n * length :].reshape(n, length)
     rng = np.random.default_rng(0)
     return rng.integers(0, model.config.vocab_size, (batch, length), dtype=np.int32)
 
@@ -196,7 +195,7 @@ def main(argv=None) -> dict:
     for name in a.model.split(","):
         try:
             result["results"].append(evaluate(name, a.modes.split(","), a.gen, jnp.dtype(a.dtype)))
-        except (ImportError, AttributeError) as e:  # demo checkpoint not available yet
+        except (ImportError, AttributeError, FileNotFoundError) as e:  # no demo checkpoint yet
             result["results"].append({"model": name, "skipped": repr(e)[:200]})
             print(f"skipped {name}: {e!r}", flush=True)
     if a.out:
