@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sharding import protocol
-from sharding.layout import DEFAULT_DTYPES, AfdLayout, ArenaDtypes, ArenaLayout, Region
+from sharding.layout import ALIGN, DEFAULT_DTYPES, AfdLayout, ArenaDtypes, ArenaLayout, Region
 from step3_jax import quant
 from step3_jax.cache import KVCache
 from step3_jax.quant_model import Fp8Weight
@@ -76,8 +76,13 @@ def pipeline_schedule(num_layers: int, num_mb: int) -> np.ndarray:
 
 
 def _view(arenas: dict, reg: Region, item) -> jax.Array:
-    start = reg.offset + item * reg.size
-    return lax.dynamic_slice(arenas[reg.dtype], (start,), (reg.size,)).reshape(reg.shape)
+    """Item ``item`` of ``reg``: whole arena rows, cut to the item's size and shape."""
+    rows = reg.stride // ALIGN
+    start = reg.offset // ALIGN + item * rows
+    flat = lax.dynamic_slice(arenas[reg.dtype], (start, 0), (rows, ALIGN)).reshape(-1)
+    if reg.stride != reg.size:
+        flat = flat[: reg.size]
+    return flat.reshape(reg.shape)
 
 
 def _params(arenas: dict, regions: dict, names, item) -> dict:
@@ -101,11 +106,13 @@ def _write_rows(arenas, reg: Region, item, b_idx, positions, values, active):
     at slots ``positions [Bm, T]``: a flat in-place scatter into the (donated) arena. When
     ``active`` is False (FFN devices, idle ticks) every index is out of range and dropped."""
     row = int(np.prod(reg.shape[2:]))
-    base = reg.offset + item * reg.size + (b_idx * reg.shape[1] + positions) * row
-    idx = base[..., None] + jnp.arange(row)
-    idx = jnp.where(active, idx, arenas[reg.dtype].shape[0])
+    local = ((b_idx * reg.shape[1] + positions) * row)[..., None] + jnp.arange(row)  # int32
+    rows = reg.offset // ALIGN + item * (reg.stride // ALIGN) + local // ALIGN
+    rows = jnp.where(active, rows, arenas[reg.dtype].shape[0])  # out of range: dropped
     vals = values.reshape(-1).astype(reg.dtype)
-    flat = arenas[reg.dtype].at[idx.reshape(-1)].set(vals, mode="drop")
+    flat = (
+        arenas[reg.dtype].at[rows.reshape(-1), (local % ALIGN).reshape(-1)].set(vals, mode="drop")
+    )
     return {**arenas, reg.dtype: flat}
 
 
@@ -200,13 +207,14 @@ class AfdExecutor:
                 fill = 1.0 if name.endswith("_scale") else 0.0
                 bufs[reg.dtype][reg.offset : reg.end] = fill
                 continue
+            items = bufs[reg.dtype][reg.offset : reg.end].reshape(reg.count, reg.stride)
             arr = np.asarray(src[name]).astype(jnp.dtype(reg.dtype))
             if arr.shape != (reg.count, *reg.shape):
                 raise ValueError(
                     f"{name}: got {arr.shape}, arena region wants {(reg.count, *reg.shape)}"
                 )
-            bufs[reg.dtype][reg.offset : reg.end] = arr.reshape(-1)
-        return bufs
+            items[:, : reg.size] = arr.reshape(reg.count, reg.size)
+        return {t: b.reshape(-1, ALIGN) for t, b in bufs.items()}
 
     def _arrays_from(self, device_buffers) -> dict:
         """Global arena arrays; each process builds only its addressable devices' rows."""
@@ -225,7 +233,8 @@ class AfdExecutor:
                 jax.device_put(buffers(pos[dev])[t], dev)
                 for dev in self.sharding.addressable_devices
             ]
-            out[t] = jax.make_array_from_single_device_arrays((n * size,), self.sharding, arrs)
+            shape = (n * size // ALIGN, ALIGN)
+            out[t] = jax.make_array_from_single_device_arrays(shape, self.sharding, arrs)
         return out
 
     def load_model(self, model) -> None:
@@ -246,7 +255,8 @@ class AfdExecutor:
 
         @functools.partial(jax.jit, static_argnums=(1, 2), out_shardings=self.sharding)
         def make(key, t, size):
-            x = jax.random.normal(key, (self.layout.num_devices * size,), jnp.float32)
+            rows = self.layout.num_devices * size // ALIGN
+            x = jax.random.normal(key, (rows, ALIGN), jnp.float32)
             if t == "float32":  # FP8 block / KV scales: ~2e-4 x e4m3 values ~64 -> ~0.013
                 return (jnp.abs(x) * 0.5 + 0.5) * 2e-4
             if t == "float8_e4m3fn":

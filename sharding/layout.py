@@ -36,8 +36,9 @@ each role lays out its own tensors in it:
   ``shared_gate, shared_up [ceil(Fs/y), D]``, ``shared_down [D, ceil(Fs/y)]``; per dense layer
   ``dense_gate, dense_up [ceil(Fd/y), D]``, ``dense_down [D, ceil(Fd/y)]``.
 
-Each region starts at a multiple of `ALIGN` elements; item i of a region sits at
-``offset + i * prod(shape)``. ``P_dtype = max over roles`` of that role's end offset: the two
+Each arena is a ``[rows, ALIGN]`` array; each region starts on a row and item i of a region
+sits at element ``offset + i * stride`` (``stride`` = the item size rounded up to a row).
+``P_dtype = max over roles`` of that role's end offset: the two
 roles OVERLAP in the same bytes, so a device's memory is the larger role's, never the sum. The
 executor reads a tensor with one ``lax.dynamic_slice`` + reshape and writes the cache with a
 scatter into the (donated) arena, in place. Waste of a role = arena bytes it does not use; the
@@ -188,8 +189,15 @@ class Region:
         return math.prod(self.shape)
 
     @property
+    def stride(self) -> int:
+        """Elements between items: ``size`` rounded up to ALIGN, so every item starts on an
+        arena row (arenas are ``[rows, ALIGN]``: int32 row indices reach 2**31 * ALIGN
+        elements, where a flat int32 index would overflow at 2 GiB-elements)."""
+        return -(-self.size // ALIGN) * ALIGN
+
+    @property
     def end(self) -> int:
-        return self.offset + self.count * self.size
+        return self.offset + self.count * self.stride
 
     @property
     def nbytes(self) -> int:
