@@ -33,6 +33,13 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "pallas", None)
 MAX_KERNEL_QUERY_TOKENS = 8
 
 
+def default_attention_impl() -> str:
+    """ "pallas" on an H100/H200 (the Mosaic GPU decode kernel), else "xla"."""
+    from pallas_kernels.mfa_decode.api import _on_hopper
+
+    return "pallas" if _on_hopper() else "xla"
+
+
 def cached_attention(
     q: Float[Array, "B T N H"],
     cache: KVCache,
@@ -48,6 +55,7 @@ def cached_attention(
     """
     t = q.shape[1]
     lengths = positions[:, -1] + 1
+    implementation = implementation or default_attention_impl()
     if implementation != "xla" and t <= MAX_KERNEL_QUERY_TOKENS:
         from pallas_kernels.mfa_decode import mfa_decode_attention
 
@@ -175,7 +183,7 @@ class Step3Model(nnx.Module):
         dtype=jnp.bfloat16,
         param_dtype=jnp.bfloat16,
         moe_implementation: str = "grouped",
-        attention_implementation: str | None = "xla",
+        attention_implementation: str | None = None,
     ):
         if attention_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
@@ -183,7 +191,10 @@ class Step3Model(nnx.Module):
                 f"got {attention_implementation!r}"
             )
         c = self.config = config
-        self.dtype, self.attention_implementation = dtype, attention_implementation
+        self.dtype = dtype
+        # None: the Pallas decode kernel on a Hopper GPU, the XLA path elsewhere (decided once
+        # here, so CPU runs do not warn on every trace).
+        self.attention_implementation = attention_implementation or default_attention_impl()
         v, d = c.vocab_size, c.hidden_size
         self.embed_tokens = nnx.Param(init_weight(rngs.params(), (v, d), 1, param_dtype))
         self.layers = nnx.List(
