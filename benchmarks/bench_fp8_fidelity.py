@@ -152,15 +152,17 @@ def agreement_lengths(a: np.ndarray, b: np.ndarray) -> list[int]:
     return [int(np.argmin(r)) if not r.all() else len(r) for r in same]
 
 
-def evaluate(name: str, modes, gen: int, dtype) -> dict:
+def evaluate(name: str, modes, gen: int, dtype, granularity: str = "block") -> dict:
     model, tokens, desc = load_model(name, dtype)
     t0 = time.perf_counter()
     ref_dtype = model.dtype
     ref = cached_logits(model, tokens, ref_dtype)
     prompts = tokens[:, : max(4, tokens.shape[1] // 4)]
     ref_gen = greedy(model, prompts, gen, ref_dtype)
-    quantize_model(model, "fp8")  # fp8 and fp8+kv8 share the weights; only the cache differs
+    # fp8 and fp8+kv8 share the weights; only the cache differs
+    quantize_model(model, "fp8", granularity=granularity)
     res = {"model": name, "description": desc, "tokens_shape": list(tokens.shape)}
+    res["granularity"] = granularity
     res["reference_dtype"] = jnp.dtype(ref_dtype).name
     for mode in modes:
         cache_dtype = Precision(mode).cache_dtype or ref_dtype
@@ -178,6 +180,7 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="demo,random-step3", help="demo, random-step3, tiny")
     p.add_argument("--modes", default="fp8,fp8+kv8")
     p.add_argument("--gen", type=int, default=32)
+    p.add_argument("--granularity", default="block", help="weight scales: block or channel")
     p.add_argument("--dtype", default="float32", help="reference/compute dtype of random models")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -194,7 +197,9 @@ def main(argv=None) -> dict:
     }
     for name in a.model.split(","):
         try:
-            result["results"].append(evaluate(name, a.modes.split(","), a.gen, jnp.dtype(a.dtype)))
+            result["results"].append(
+                evaluate(name, a.modes.split(","), a.gen, jnp.dtype(a.dtype), a.granularity)
+            )
         except (ImportError, AttributeError, FileNotFoundError) as e:  # no demo checkpoint yet
             result["results"].append({"model": name, "skipped": repr(e)[:200]})
             print(f"skipped {name}: {e!r}", flush=True)
