@@ -111,9 +111,9 @@ def random_model(
     for i, (_, node) in enumerate(nnx.iter_graph(model)):
         if not isinstance(node, nnx.Param):
             continue
-        shape = tuple(node.value.shape)
+        shape = tuple(node.get_value().shape)
         if len(shape) == 1:  # norm weight
-            node.value = jnp.ones(shape, dtype)
+            node.set_value(jnp.ones(shape, dtype))
             continue
         fan_in = (
             shape[-1] if id(node) not in fp8 else math.prod(shape[len(shape) - fp8[id(node)][1] :])
@@ -121,9 +121,9 @@ def random_model(
         std = float(fan_in) ** -0.5
         k = jax.random.fold_in(key, i)
         if id(node) in fp8:
-            node.value = _random_fp8(k, shape, std, *fp8[id(node)], granularity)
+            node.set_value(_random_fp8(k, shape, std, *fp8[id(node)], granularity))
         else:
-            node.value = _random_float(k, shape, std, dtype)
+            node.set_value(_random_float(k, shape, std, dtype))
     return model
 
 

@@ -385,13 +385,19 @@ def quantize_model(
                 continue
             param = getattr(node, attr)
             if not isinstance(param[...], Fp8Weight):
-                param.value = Fp8Weight.quantize(
-                    param[...], num_batch=nb, num_contract=nc, granularity=granularity, gemm=gemm
+                param.set_value(
+                    Fp8Weight.quantize(
+                        param[...],
+                        num_batch=nb,
+                        num_contract=nc,
+                        granularity=granularity,
+                        gemm=gemm,
+                    )
                 )
             count += 1
     if quantize_lm_head and hasattr(model, "lm_head"):
-        model.lm_head.value = Fp8Weight.quantize(
-            model.lm_head[...], granularity=granularity, gemm=gemm
+        model.lm_head.set_value(
+            Fp8Weight.quantize(model.lm_head[...], granularity=granularity, gemm=gemm)
         )
     if count == 0:
         raise ValueError("quantize_model found no MFAttention/SwiGLU/MoE linear weights")
