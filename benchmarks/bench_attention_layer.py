@@ -1,0 +1,169 @@
+"""The attention half of ONE Step-3 decoder layer, linears included, at decode time.
+
+Times `DecoderLayer.attention_half` (input norm, q_proj -> inter_norm -> wq, k/v proj, RoPE,
+KV-cache write, MFA decode attention, o_proj, residual, post-attention norm, router top-k) for
+B sequences at context S, against the paper's 281 us per layer (Step-3's MFA layer, 64 x 8K on an
+H800, BF16 attention). The FFN of the layer is shrunk (experts of width 128): it is not timed.
+
+Bytes the step must read: attention weights (bf16 2 B/param, or FP8 1 B/param + scales) plus
+the KV cache of B x S tokens (512 B FP8 + 8 B scales, or 1024 B bf16). Last stdout line: JSON.
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_attention_layer.py --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from step3_jax import KVCache, Step3Config
+from step3_jax.model import DecoderLayer
+from step3_jax.quant_model import quantize_model, weight_bytes
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0000001)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def build_layer(mode: str, gemm: str, granularity: str, attention: str) -> DecoderLayer:
+    cfg = dataclasses.replace(
+        Step3Config.step3(),
+        num_layers=1,
+        moe_layer_ids=(0,),
+        moe_intermediate_size=128,
+        share_expert_dim=128,
+    )
+    layer = DecoderLayer(
+        cfg,
+        0,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+        moe_implementation="dense",
+        rngs=nnx.Rngs(0),
+    )
+    if mode != "bf16":
+        quantize_model(layer, "fp8", granularity=granularity, gemm=gemm)
+    return layer, cfg
+
+
+def time_mode(mode, gemm, granularity, attention, batch, ctx, reps=30):
+    layer, cfg = build_layer(mode, gemm, granularity, attention)
+    attn_bytes = weight_bytes(layer.self_attn) + 4 * cfg.hidden_size  # + the two norms (bf16)
+    kv_dtype = jnp.float8_e4m3fn if mode == "fp8+kv8" else jnp.bfloat16
+    cache = KVCache.create(1, batch, ctx + 64, cfg.head_dim, kv_dtype)
+    keys = jax.random.split(jax.random.key(1), 3)
+    # Random, non-zero cache contents; each sequence is ctx - 1 tokens long before the step.
+    cache = cache.replace(
+        k=jax.random.normal(keys[0], cache.k.shape, jnp.float32).astype(kv_dtype),
+        v=jax.random.normal(keys[1], cache.v.shape, jnp.float32).astype(kv_dtype),
+        lengths=jnp.full((batch,), ctx - 1, jnp.int32),
+    )
+    x = jax.random.normal(keys[2], (batch, 1, cfg.hidden_size), jnp.bfloat16)
+    graphdef, state = nnx.split(layer)
+
+    @functools.partial(jax.jit, donate_argnums=2)  # the cache is updated in place
+    def step(state, x, cache):
+        lay = nnx.merge(graphdef, state)
+        positions = cache.lengths[:, None]
+        x_mid, h2, routing, cache = lay.attention_half(
+            x, positions, cache, 0, attention_implementation=attention
+        )
+        return x_mid, h2, routing, cache.replace(lengths=cache.lengths)  # keep length fixed
+
+    out = step(state, x, cache)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(reps):
+        cache = out[3]
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(step(state, x, cache))
+        times.append(time.perf_counter() - t0)
+    us = 1e6 * statistics.median(times)
+    kv_per_tok = 2 * cfg.head_dim * (1 if mode == "fp8+kv8" else 2) + (
+        8 if mode == "fp8+kv8" else 0
+    )
+    total = attn_bytes + batch * ctx * kv_per_tok
+    return {
+        "mode": mode,
+        "gemm": gemm,
+        "granularity": granularity,
+        "attention": attention,
+        "batch": batch,
+        "context": ctx,
+        "us": round(us, 1),
+        "weight_bytes": int(attn_bytes),
+        "kv_bytes": int(batch * ctx * kv_per_tok),
+        "GBps": round(total / us / 1e3, 1),
+        "paper_h800_us": 281,
+    }
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--pairs", default="128:4096,64:8192")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    copy = copy_bandwidth_gbs()
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+    except Exception:  # noqa: BLE001 - the GPU copy of the tree has no .git
+        commit = os.environ.get("GIT_COMMIT", "")
+    res = {
+        "bench": "attention_layer",
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "commit": commit,
+        "date": datetime.date.today().isoformat(),
+        "copy_GBps": round(copy, 1),
+        "rows": [],
+    }
+    variants = [
+        ("bf16", "dequant", "block", "pallas"),
+        ("fp8+kv8", "dequant", "block", "pallas"),
+        ("fp8+kv8", "dequant", "channel", "pallas"),
+        ("bf16", "dequant", "block", "xla"),
+    ]
+    for pair in args.pairs.split(","):
+        b, s = (int(v) for v in pair.split(":"))
+        for mode, gemm, gran, attn in variants:
+            try:
+                row = time_mode(mode, gemm, gran, attn, b, s)
+            except Exception as e:  # noqa: BLE001 - record and keep going
+                row = {
+                    "mode": mode,
+                    "granularity": gran,
+                    "attention": attn,
+                    "batch": b,
+                    "context": s,
+                    "error": f"{type(e).__name__}: {str(e)[:300]}",
+                }
+            row["copy_fraction"] = round(row.get("GBps", 0) / copy, 3)
+            res["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
+
+
+if __name__ == "__main__":
+    main()
