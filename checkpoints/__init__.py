@@ -1,0 +1,37 @@
+"""Checkpoints: HF safetensors in/out, orbax save/restore, the shipped demo model.
+
+* `load_hf` / `save_hf`: Hugging Face layout (config.json + sharded safetensors + index),
+  bf16/f32 or block-FP8, streamed tensor by tensor onto any sharding.
+* `CheckpointManager` (and `save_orbax` / `restore_orbax`): orbax checkpoints of model (and
+  optimizer) state, restorable onto a different mesh.
+* `load_demo`: the small Step-3-architecture model trained on Jane Austen that ships here.
+* `load_tokenizer`: a ``tokenizer.json`` (the demo's or a real Step-3 one).
+"""
+
+from checkpoints.demo import load_demo
+from checkpoints.hf import CheckpointMismatchError, dequantize_blocks, load_hf, save_hf
+from checkpoints.orbax_io import (
+    CheckpointManager,
+    abstract_like,
+    abstract_state,
+    restore_orbax,
+    save_orbax,
+)
+from checkpoints.safetensors_io import CheckpointFormatError
+from checkpoints.tokenizer import Tokenizer, load_tokenizer
+
+__all__ = [
+    "CheckpointFormatError",
+    "CheckpointManager",
+    "CheckpointMismatchError",
+    "Tokenizer",
+    "abstract_like",
+    "abstract_state",
+    "dequantize_blocks",
+    "load_demo",
+    "load_hf",
+    "load_tokenizer",
+    "restore_orbax",
+    "save_hf",
+    "save_orbax",
+]

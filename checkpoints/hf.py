@@ -1,0 +1,384 @@
+"""`load_hf` / `save_hf`: Hugging Face safetensors checkpoints <-> `Step3Model`.
+
+Loading never materializes random weights: the model is built abstractly (`nnx.eval_shape`),
+the checkpoint's headers are validated against the declarative table (`hf_mapping.entries`)
+before any data is read, and then tensors stream one at a time from disk to their target
+sharding. Host memory peaks at about one tensor (plus, for a dtype change, nothing: the cast
+runs on device).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
+
+from checkpoints import hf_mapping
+from checkpoints.hf_mapping import Entry
+from checkpoints.safetensors_io import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    ShardWriter,
+    TensorInfo,
+    index_checkpoint,
+    read_tensor,
+)
+from step3_jax.config import Step3Config
+from step3_jax.model import Step3Model
+
+FP8_MODES = ("dequantize", "keep")
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+BLOCK = 128  # block-FP8 checkpoints: one scale per 128x128 block of the 2-D weight
+ShardingSpec = Callable[[str], Sharding | None] | None
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors do not match the model: lists every problem at once."""
+
+    def __init__(self, missing, unexpected, misshaped, path=""):
+        self.missing, self.unexpected, self.misshaped = missing, unexpected, misshaped
+        lines = [f"checkpoint {path} does not match the model:"]
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", misshaped),
+        ):
+            if items:
+                lines.append(f"  {len(items)} {title}:")
+                lines += [f"    {it}" for it in items]
+        super().__init__("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- validation
+def _canonical_tensors(tensors: Mapping[str, TensorInfo]) -> tuple[dict, list[str]]:
+    """Checkpoint tensors by text-model name (prefixes rewritten, vision skipped) and the
+    names that collide after rewriting (reported as unexpected)."""
+    out, dupes = {}, []
+    for name, info in tensors.items():
+        canon = hf_mapping.canonical_name(name)
+        if canon is None:
+            continue
+        if canon in out:
+            dupes.append(f"{name} (duplicates {out[canon].name})")
+        out[canon] = info
+    return out, dupes
+
+
+def _check_entry(e: Entry, ckpt: dict, misshaped: list, missing: list) -> None:
+    info = ckpt.get(e.hf_name)
+    if info is None:
+        missing.append(f"{e.hf_name} {list(e.hf_shape)} -> {e.path_str}")
+        return
+    if info.shape != e.hf_shape:
+        misshaped.append(
+            f"{e.hf_name}: checkpoint {list(info.shape)}, model expects "
+            f"{list(e.hf_shape)} (-> {e.path_str})"
+        )
+    if info.dtype != FP8:
+        return
+    scale = ckpt.get(e.scale_name)
+    if not e.quantizable:
+        misshaped.append(
+            f"{e.hf_name}: float8 in the checkpoint but this tensor is never "
+            "quantized (router, norms, embedding, lm_head)"
+        )
+    elif scale is None:
+        missing.append(f"{e.scale_name} {list(e.scale_shape(BLOCK))} (scales of fp8 {e.hf_name})")
+    elif scale.shape != e.scale_shape(BLOCK) or scale.dtype != np.float32:
+        misshaped.append(
+            f"{e.scale_name}: checkpoint {scale.dtype}{list(scale.shape)}, "
+            f"expected float32{list(e.scale_shape(BLOCK))}"
+        )
+
+
+def validate(table: list[Entry], ckpt: dict, dupes: list[str], path="") -> None:
+    """Raises ONE `CheckpointMismatchError` listing every missing, unexpected and mis-shaped
+    tensor (each tensor consumed once, each parameter filled once, every shape checked)."""
+    missing: list[str] = []
+    misshaped: list[str] = []
+    consumed = set()
+    for e in table:
+        _check_entry(e, ckpt, misshaped, missing)
+        consumed.add(e.hf_name)
+        if e.hf_name in ckpt and ckpt[e.hf_name].dtype == FP8:
+            consumed.add(e.scale_name)
+    unexpected = [f"{n} {list(i.shape)}" for n, i in sorted(ckpt.items()) if n not in consumed]
+    if missing or misshaped or unexpected or dupes:
+        raise CheckpointMismatchError(missing, unexpected + dupes, misshaped, path)
+
+
+# ----------------------------------------------------------------------------- sharding
+def resolve_sharding(sharding=None, mesh=None, specs=None) -> Callable[[str], Sharding]:
+    """``path -> Sharding`` from a callback, or from ``mesh`` + ``specs`` (a callable
+    ``path -> PartitionSpec`` or a mapping ``regex -> PartitionSpec``, first full match wins,
+    unmatched paths replicated); default: the first device."""
+    if sharding is not None and (mesh is not None or specs is not None):
+        raise ValueError("pass either sharding= or mesh= + specs=, not both")
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if sharding is not None:
+        if not callable(sharding):
+            raise ValueError(f"sharding must be a callable path -> Sharding, got {sharding!r}")
+        return lambda path: sharding(path) or default
+    if mesh is None:
+        if specs is not None:
+            raise ValueError("specs= needs mesh=")
+        return lambda path: default
+
+    def spec_of(path: str) -> PartitionSpec:
+        if callable(specs):
+            return specs(path) or PartitionSpec()
+        for pattern, spec in (specs or {}).items():
+            if re.fullmatch(pattern, path):
+                return spec
+        return PartitionSpec()
+
+    return lambda path: NamedSharding(mesh, spec_of(path))
+
+
+def _scale_sharding(s: Sharding) -> Sharding:
+    # Block scales are ~1/16384 of the weight: replicate them on the weight's mesh.
+    return NamedSharding(s.mesh, PartitionSpec()) if isinstance(s, NamedSharding) else s
+
+
+# ----------------------------------------------------------------------------- loading
+def dequantize_blocks(values: jax.Array, scale_inv: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Block-FP8 -> float: ``float32(values[..., n, k]) * scale_inv[..., n // 128, k // 128]``.
+
+    ``values [..., N, K]`` float8_e4m3fn, ``scale_inv [..., ceil(N/128), ceil(K/128)]`` f32.
+    """
+    n, k = values.shape[-2:]
+    if scale_inv.shape[-2:] != (-(-n // BLOCK), -(-k // BLOCK)):
+        raise ValueError(
+            f"scale_inv shape {scale_inv.shape} does not cover values {values.shape}"
+            f" in {BLOCK}x{BLOCK} blocks"
+        )
+    s = jnp.repeat(jnp.repeat(scale_inv, BLOCK, axis=-2), BLOCK, axis=-1)[..., :n, :k]
+    return (values.astype(jnp.float32) * s).astype(dtype)
+
+
+def _load_entry(e: Entry, ckpt: dict, target: Sharding, param_dtype, fp8: str):
+    """One parameter from disk to ``target``; returns ``(value, bytes read)``."""
+    info = ckpt[e.hf_name]
+    host = read_tensor(info)
+    if info.dtype != FP8:
+        value = jax.device_put(e.transform.to_model(host, e.model_shape), target)
+        return (value if value.dtype == param_dtype else value.astype(param_dtype)), info.nbytes
+    sinfo = ckpt[e.scale_name]
+    scale = jax.device_put(read_tensor(sinfo))
+    nbytes = info.nbytes + sinfo.nbytes
+    if fp8 == "dequantize":
+        fn = jax.jit(
+            lambda v, s: dequantize_blocks(v, s, param_dtype).reshape(e.model_shape),
+            out_shardings=target,
+        )
+        return fn(jax.device_put(host), scale), nbytes
+    from step3_jax.quant_model import Fp8Weight
+
+    values = jax.device_put(host.reshape(e.model_shape), target)
+    scales = jax.device_put(scale, _scale_sharding(target))
+    return Fp8Weight(values, scales, num_contract=e.num_contract), nbytes
+
+
+def read_config(path: str | Path) -> Step3Config:
+    """`Step3Config` from a checkpoint directory's ``config.json``."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no config.json in {path}; pass config= explicitly")
+    return Step3Config.from_hf_config(json.loads(cfg_path.read_text()))
+
+
+def load_hf(
+    path: str | Path,
+    config: Step3Config | None = None,
+    *,
+    dtype=jnp.bfloat16,
+    param_dtype=jnp.bfloat16,
+    sharding: ShardingSpec = None,
+    mesh: jax.sharding.Mesh | None = None,
+    specs=None,
+    fp8: str = "dequantize",
+    moe_implementation: str = "grouped",
+    attention_implementation: str | None = "xla",
+    progress: bool | None = None,
+) -> Step3Model:
+    """Loads a Step-3 HF checkpoint (bf16/f32 or block-FP8 safetensors) into a `Step3Model`.
+
+    Args:
+      path: directory with ``config.json`` and ``model.safetensors[.index.json]`` + shards.
+      config: overrides ``config.json``.
+      dtype / param_dtype: compute / parameter dtype of the model (casts happen on device).
+      sharding: ``path -> jax.sharding.Sharding`` (NNX path like ``"layers.3.self_attn.wq"``),
+        or give ``mesh`` + ``specs`` (see `resolve_sharding`). Default: first device.
+      fp8: for block-FP8 tensors, ``"dequantize"`` (float params of ``param_dtype``) or
+        ``"keep"`` (`step3_jax.quant_model.Fp8Weight` leaves: fp8 values + f32 block scales).
+      progress: tqdm bar in bytes (default: on for checkpoints over 1 GiB).
+
+    Raises:
+      CheckpointMismatchError: missing / unexpected / mis-shaped tensors, all listed at once.
+      CheckpointFormatError: a truncated or malformed file.
+    """
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8 must be one of {FP8_MODES}, got {fp8!r}")
+    cfg = config or read_config(path)
+    target_of = resolve_sharding(sharding, mesh, specs)
+    ckpt, dupes = _canonical_tensors(index_checkpoint(path))
+    table = hf_mapping.entries(cfg)
+    validate(table, ckpt, dupes, path)
+    abstract = nnx.eval_shape(
+        lambda: Step3Model(
+            cfg,
+            rngs=nnx.Rngs(0),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            moe_implementation=moe_implementation,
+            attention_implementation=attention_implementation,
+        )
+    )
+    graphdef, state = nnx.split(abstract)
+    leaves = dict(nnx.to_flat_state(state))
+    _check_table_covers_model(table, leaves)
+    total = sum(ckpt[e.hf_name].nbytes for e in table)
+    bar = _progress(total, progress)
+    for e in table:
+        value, nbytes = _load_entry(e, ckpt, target_of(e.path_str), param_dtype, fp8)
+        leaves[e.path].set_value(value)
+        bar.update(nbytes)
+    bar.close()
+    return nnx.merge(graphdef, state)
+
+
+def _check_table_covers_model(table: list[Entry], leaves: dict) -> None:
+    paths = {e.path for e in table}
+    if paths != set(leaves) or len(paths) != len(table):
+        raise RuntimeError(
+            "hf_mapping.entries out of sync with Step3Model: no entry for "
+            f"{sorted(map(str, set(leaves) - paths))}, no parameter for "
+            f"{sorted(map(str, paths - set(leaves)))}"
+        )
+    for e in table:
+        if tuple(leaves[e.path].get_value().shape) != e.model_shape:
+            raise RuntimeError(
+                f"hf_mapping: {e.path_str} is {leaves[e.path].get_value().shape} "
+                f"in the model, table says {e.model_shape}"
+            )
+
+
+def _progress(total: int, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    if enabled is None:
+        enabled = total > 2**30
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="loading checkpoint",
+        disable=not enabled,
+    )
+
+
+# ----------------------------------------------------------------------------- saving
+def _host_tensors(e: Entry, value, dtype) -> dict[str, np.ndarray]:
+    """HF-layout host arrays of one parameter (two for an Fp8Weight: weight + scale_inv)."""
+    from step3_jax.quant_model import Fp8Weight
+
+    if isinstance(value, Fp8Weight):
+        if value.granularity != "block":
+            raise ValueError(f"{e.path_str}: only block-scaled Fp8Weight has an HF layout")
+        vals = np.asarray(jax.device_get(value.values)).reshape(e.hf_shape)
+        return {e.hf_name: vals, e.scale_name: np.asarray(jax.device_get(value.scales))}
+    host = np.asarray(jax.device_get(value))
+    if dtype is not None:
+        host = host.astype(np.dtype(dtype))
+    return {e.hf_name: e.transform.to_hf(host, e.hf_shape)}
+
+
+def _tensor_specs(table, leaves, dtype) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    from step3_jax.quant_model import Fp8Weight
+
+    specs = []
+    for e in table:
+        v = leaves[e.path].get_value()
+        if isinstance(v, Fp8Weight):
+            specs.append((e.hf_name, FP8, e.hf_shape))
+            specs.append((e.scale_name, np.dtype(np.float32), tuple(v.scales.shape)))
+        else:
+            specs.append((e.hf_name, np.dtype(dtype or v.dtype), e.hf_shape))
+    return specs
+
+
+def save_hf(
+    model: Step3Model,
+    path: str | Path,
+    *,
+    dtype=None,
+    max_shard_bytes: int = 4 * 2**30,
+    overwrite: bool = False,
+) -> dict:
+    """Writes ``model`` as an HF checkpoint: sharded safetensors + index + ``config.json``.
+
+    Float params are cast to ``dtype`` (default: as stored); `Fp8Weight` leaves are written
+    as block-FP8 (``weight`` float8_e4m3fn + ``weight_scale_inv`` f32). One tensor is on the
+    host at a time. Refuses to replace an existing checkpoint unless ``overwrite=True``.
+    Returns the index dict.
+    """
+    path = Path(path)
+    old = [*path.glob("model*.safetensors"), path / INDEX_FILE, path / SINGLE_FILE]
+    old = [p for p in old if p.exists()]
+    if old and not overwrite:
+        raise FileExistsError(
+            f"{path} already holds a checkpoint ({old[0].name}); pass overwrite=True to replace it"
+        )
+    for p in old:
+        p.unlink()
+    table = hf_mapping.entries(model.config)
+    leaves = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    specs = _tensor_specs(table, leaves, dtype)
+    by_name = {}
+    for e in table:
+        by_name[e.hf_name] = by_name[e.scale_name] = e
+
+    cache: dict[str, np.ndarray] = {}
+
+    def get(name: str) -> np.ndarray:
+        # An Fp8Weight yields two tensors from one leaf; keep the second until asked for.
+        if name not in cache:
+            e = by_name[name]
+            cache.update(_host_tensors(e, leaves[e.path].get_value(), dtype))
+        return cache.pop(name)
+
+    fp8 = any(s[1] == FP8 for s in specs)
+    index = ShardWriter(path, max_shard_bytes).write(specs, get, {"producer": "step3_jax"})
+    hf_cfg = model.config.to_hf_config()
+    stored = dtype or leaves[("norm", "weight")].get_value().dtype
+    hf_cfg["torch_dtype"] = np.dtype(stored).name
+    if fp8:
+        hf_cfg["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [BLOCK, BLOCK],
+        }
+    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    return index
+
+
+__all__ = [
+    "CheckpointMismatchError",
+    "FP8_MODES",
+    "dequantize_blocks",
+    "load_hf",
+    "read_config",
+    "resolve_sharding",
+    "save_hf",
+    "validate",
+]
