@@ -11,10 +11,10 @@ import argparse
 import json
 import sys
 
-DEFAULT_PROMPTS = (
-    "The old man looked at the sea and",
-    "Once upon a time, there was a",
-    "In the morning the king said",
+DEFAULT_PROMPTS = (  # the demo model was trained on Jane Austen's novels
+    "It is a truth universally acknowledged, that",
+    '"My dear Emma," said Mr. Knightley,',
+    "The next morning",
 )
 
 
@@ -91,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with the demo (or a given) model")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     g.add_argument("--max-new-tokens", type=int, default=48)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=0.9)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--checkpoint", help="HF-layout checkpoint folder (default: the demo model)")
     g.add_argument("--tokenizer", help="tokenizer.json (default: <checkpoint>/tokenizer.json)")
