@@ -61,7 +61,7 @@ class TuningConfig:
 
 # Tuned tables: device kind substring -> list of (max rows M, config); the first entry whose
 # M bound is >= the call's M wins. H100 from the sweeps in benchmarks/results/moe_h100*.json
-# (docs/log/grouped_gemm.md), FP8 gate/up + down at Step-3 shapes, E=48:
+# (docs/LOG.md, topic grouped_gemm), FP8 gate/up + down at Step-3 shapes, E=48:
 # * M <= 1536 (T <= 512): one warpgroup; weight streaming at 2.4-2.7 TB/s.
 # * M = 3072 (T = 1024): 2 compute warpgroups splitting M (CTA 128x128, 6 steps) 2.655 ms
 #   vs one warpgroup 2.715, vs split-N 2.971.

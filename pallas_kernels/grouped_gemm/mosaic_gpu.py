@@ -359,7 +359,7 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
 
 # Pipeline buffers must fit in Hopper's SMEM (232,448 bytes per CTA) next to the output
 # staging tile(s) and barriers: measured, 6 steps of the 2-warpgroup SwiGLU tile (41,216
-# bytes a step) asked for 264,288 bytes and was refused (docs/log/grouped_gemm.md).
+# bytes a step) asked for 264,288 bytes and was refused (docs/LOG.md, topic grouped_gemm).
 _SMEM_BYTES = 232448
 _SMEM_SLACK = 2048  # barriers and alignment
 

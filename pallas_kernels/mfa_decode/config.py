@@ -88,7 +88,7 @@ class TuningConfig:
             )
 
 
-# Tuned on the project's GPU machines (docs/log/mfa_decode.md has the sweep and its commands).
+# Tuned on the project's GPU machines (sweep and commands: docs/LOG.md, topic mfa_decode).
 # H100, B=128, 4K context, FP8 cache (us, whole call incl. the 8 us XLA q quantization):
 #   head split, 4 stages: 124.1 | seq split, 4 stages: 109.3 (8-bit V loads) / 110.0 (16-bit)
 #   | seq split, 2 stages: 116.6. bf16 cache: head 182.3 vs seq 184.2 (both ~97% of copy BW).
