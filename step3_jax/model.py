@@ -33,11 +33,13 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "pallas", None)
 MAX_KERNEL_QUERY_TOKENS = 8
 
 
-def default_attention_impl() -> str:
-    """ "pallas" on an H100/H200 (the Mosaic GPU decode kernel), else "xla"."""
+def default_attention_impl(num_heads: int = 64, head_dim: int = 256, dtype=jnp.bfloat16) -> str:
+    """ "pallas" where the Mosaic GPU decode kernel applies (an H100/H200, Step-3's 64 heads of
+    256, a bf16 model), else "xla"."""
     from pallas_kernels.mfa_decode.api import _on_hopper
 
-    return "pallas" if _on_hopper() else "xla"
+    fits = (num_heads, head_dim) == (64, 256) and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+    return "pallas" if fits and _on_hopper() else "xla"
 
 
 def cached_attention(
@@ -55,7 +57,7 @@ def cached_attention(
     """
     t = q.shape[1]
     lengths = positions[:, -1] + 1
-    implementation = implementation or default_attention_impl()
+    implementation = implementation or default_attention_impl(q.shape[2], q.shape[3], q.dtype)
     if implementation != "xla" and t <= MAX_KERNEL_QUERY_TOKENS:
         from pallas_kernels.mfa_decode import mfa_decode_attention
 
@@ -194,7 +196,9 @@ class Step3Model(nnx.Module):
         self.dtype = dtype
         # None: the Pallas decode kernel on a Hopper GPU, the XLA path elsewhere (decided once
         # here, so CPU runs do not warn on every trace).
-        self.attention_implementation = attention_implementation or default_attention_impl()
+        self.attention_implementation = attention_implementation or default_attention_impl(
+            c.num_heads, c.head_dim, dtype
+        )
         v, d = c.vocab_size, c.hidden_size
         self.embed_tokens = nnx.Param(init_weight(rngs.params(), (v, d), 1, param_dtype))
         self.layers = nnx.List(
