@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_numpy as ref
-from beartype import beartype
 from flax import nnx
 from jaxtyping import TypeCheckError, jaxtyped
 
@@ -327,6 +326,7 @@ def test_swiglu_matches_reference():
 
 # ----------------------------------------------------------------------------- jaxtyping
 def _checked(fn):
+    beartype = pytest.importorskip("beartype").beartype  # dev extra; absent on the GPU image
     return jaxtyped(typechecker=beartype)(fn)
 
 
