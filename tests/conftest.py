@@ -29,6 +29,10 @@ HAS_GPU = _has_gpu()
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a GPU (run on the GPU machine)")
+    skip_devices = pytest.mark.skip(reason="needs 8 devices (8 fake CPU devices off-GPU)")
+    enough_devices = len(jax.devices()) >= 8
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
+        if "multi_device" in item.keywords and not enough_devices:
+            item.add_marker(skip_devices)
