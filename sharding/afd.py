@@ -140,17 +140,6 @@ class AfdConfig:
             )
 
 
-_ATTN = (
-    "input_norm",
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "inter_norm",
-    "wq",
-    "o_proj",
-    "post_norm",
-    "router",
-)
 _MOE = ("gate", "up", "down", "shared_gate", "shared_up", "shared_down")
 _DENSE = ("dense_gate", "dense_up", "dense_down")
 _GLOBAL = ("embed", "final_norm", "lm_head")

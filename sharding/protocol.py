@@ -226,24 +226,25 @@ def _val(param) -> np.ndarray:
     return np.asarray(param[...])
 
 
+# The attention role's per-layer tensors, in arena order.
+ATTENTION_TENSORS = (
+    "input_norm",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "inter_norm",
+    "wq",
+    "o_proj",
+    "post_norm",
+    "router",
+)
+
+
 def attention_params(model) -> dict[str, np.ndarray]:
     """Attention-role tensors of ``model``: per-layer ones stacked ``[L, ...]``, globals
     ``[1, ...]``; dense layers get an all-zero router (their routing is discarded)."""
     c = model.config
-    per: dict[str, list] = {
-        k: []
-        for k in (
-            "input_norm",
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "inter_norm",
-            "wq",
-            "o_proj",
-            "post_norm",
-            "router",
-        )
-    }
+    per: dict[str, list] = {k: [] for k in ATTENTION_TENSORS}
     for layer in model.layers:
         a = layer.self_attn
         per["input_norm"].append(_val(layer.input_layernorm.weight))
