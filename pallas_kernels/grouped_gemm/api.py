@@ -45,7 +45,7 @@ def _check_scale(name, scale, shape):
         raise ValueError(f"{name} must have shape {shape}, got {tuple(scale.shape)}")
 
 
-def _validate(x, weights, group_sizes, x_scale, w_scales, implementation):
+def _validate(x, weights, group_sizes, x_scale, w_scales, implementation, pooled=False):
     """Checks shapes/dtypes; returns (x, x_scale) with x quantized when weights are FP8."""
     if implementation not in _IMPLS:
         raise ValueError(f"{implementation=} must be one of {_IMPLS}")
@@ -58,11 +58,14 @@ def _validate(x, weights, group_sizes, x_scale, w_scales, implementation):
     for w in weights[1:]:
         if w.shape != w0.shape or w.dtype != w0.dtype:
             raise ValueError(f"w_gate and w_up must match, got {w0.shape} and {w.shape}")
-    g, n, _ = w0.shape
-    if group_sizes.shape != (g,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    pool, n, _ = w0.shape
+    ok_g = 1 <= group_sizes.shape[0] <= pool if pooled else group_sizes.shape[0] == pool
+    if group_sizes.ndim != 1 or not ok_g or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        want = f"[G <= {pool}] (group_offset given: a pool)" if pooled else f"[{pool}]"
         raise ValueError(
-            f"group_sizes must be int [{g}], got {group_sizes.dtype}{group_sizes.shape}"
+            f"group_sizes must be int {want}, got {group_sizes.dtype}{group_sizes.shape}"
         )
+    g = group_sizes.shape[0]
     kb, nb = -(-k // SCALE_BLOCK), -(-n // SCALE_BLOCK)
     if _is_fp8(w0):
         for i, s in enumerate(w_scales):
@@ -130,16 +133,17 @@ def _dequant_rows(x, x_scale, idx):
     return xt.astype(jnp.bfloat16)
 
 
-def _dequant_expert(w, w_scale, g):
-    """Expert g's weight [N, K] as bf16 (FP8 values times their 128x128 block scales)."""
-    wg = lax.dynamic_index_in_dim(w, g, keepdims=False)
+def _dequant_expert(w, w_scale, g, offset):
+    """Expert g's weight [N, K] (``w[offset + g]``) as bf16 (FP8 values times their 128x128
+    block scales ``w_scale[g]``)."""
+    wg = lax.dynamic_index_in_dim(w, offset + g, keepdims=False)
     if w_scale is None:
         return wg.astype(jnp.bfloat16)
     sg = lax.dynamic_index_in_dim(w_scale, g, keepdims=False)
     return quant.dequantize_weight_blocks(wg, sg, dtype=jnp.bfloat16)
 
 
-def _grouped_xla(x, weights, group_sizes, x_scale, w_scales):
+def _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offset):
     """Tile-scan grouped GEMM (see module docstring); bf16 operands, f32 accumulation."""
     m = x.shape[0]
     n = weights[0].shape[1]
@@ -155,7 +159,10 @@ def _grouped_xla(x, weights, group_sizes, x_scale, w_scales):
             xt = _dequant_rows(x, x_scale, idx)
             ys = [
                 jnp.einsum(
-                    "TK,NK->TN", xt, _dequant_expert(w, s, g), preferred_element_type=jnp.float32
+                    "TK,NK->TN",
+                    xt,
+                    _dequant_expert(w, s, g, group_offset),
+                    preferred_element_type=jnp.float32,
                 )
                 for w, s in zip(weights, w_scales, strict=True)
             ]
@@ -177,9 +184,9 @@ def _config_for(config, m):
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "config", "zero_tail"))
-def _run(x, weights, group_sizes, x_scale, w_scales, *, impl, config, zero_tail):
+def _run(x, weights, group_sizes, x_scale, w_scales, group_offset, *, impl, config, zero_tail):
     if impl == "xla":
-        return _grouped_xla(x, weights, group_sizes, x_scale, w_scales)
+        return _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offset)
     return mosaic_gpu.grouped_gemm_mgpu(
         x,
         weights,
@@ -188,6 +195,7 @@ def _run(x, weights, group_sizes, x_scale, w_scales, *, impl, config, zero_tail)
         w_scales=w_scales or None,
         config=config,
         zero_tail=zero_tail,
+        group_offset=group_offset,
     )
 
 
@@ -201,13 +209,20 @@ def grouped(
     implementation=None,
     config: TuningConfig | None = None,
     zero_tail: bool = True,
+    group_offset=None,
 ):
     """Shared entry of both public functions (``weights``: (w,) or (w_gate, w_up)).
 
     ``zero_tail=False`` leaves rows past sum(group_sizes) unspecified (``moe_ffn`` masks them
-    and saves their write traffic on an expert-parallel shard).
+    and saves their write traffic on an expert-parallel shard). ``group_offset`` (None: the
+    weights are exactly the G groups; else an int or int32 scalar, may be traced): group g
+    multiplies by ``weights[group_offset + g]``, so the weights may be a larger pool ``[P, N,
+    K]`` read in place (the AFD arena) instead of a sliced copy; the weight scales stay per
+    group ``[G, ...]``. The caller keeps ``group_offset + G <= P``.
     """
-    x, x_scale = _validate(x, weights, group_sizes, x_scale, tuple(w_scales), implementation)
+    x, x_scale = _validate(
+        x, weights, group_sizes, x_scale, tuple(w_scales), implementation, group_offset is not None
+    )
     w_scales = tuple(w_scales) if _is_fp8(weights[0]) else ()
     impl = _resolve(implementation, x, weights)
     cfg = _config_for(config, x.shape[0]) if impl == "pallas" else None
@@ -217,6 +232,7 @@ def grouped(
         group_sizes.astype(jnp.int32),
         x_scale,
         w_scales,
+        jnp.asarray(0 if group_offset is None else group_offset, jnp.int32),
         impl=impl,
         config=cfg,
         zero_tail=zero_tail,
@@ -232,12 +248,14 @@ def grouped_matmul(
     w_scale: Float[Array, "G NB KB"] | None = None,
     implementation: str | None = None,
     config: TuningConfig | None = None,
+    group_offset=None,
 ) -> Float[Array, "M N"]:
-    """``out[m] = x[m] @ w[group(m)]^T`` for rows sorted by group; bf16 ``[M, N]``.
+    """``out[m] = x[m] @ w[group_offset + group(m)]^T`` for rows sorted by group; bf16 ``[M, N]``.
 
     x: [M, K] bf16 or float8_e4m3fn (bf16 x with FP8 w is quantized per token per 128).
-    w: [G, N, K] bf16 or float8_e4m3fn. group_sizes: [G] int, sum <= M.
+    w: [P, N, K] bf16 or float8_e4m3fn, P >= G. group_sizes: [G] int, sum <= M.
     x_scale: [M, ceil(K/128)] f32 (FP8 x). w_scale: [G, ceil(N/128), ceil(K/128)] f32 (FP8 w).
+    group_offset: None, or the first weight of group 0 in a pool (see ``grouped``).
     """
     return grouped(
         x,
@@ -247,6 +265,7 @@ def grouped_matmul(
         w_scales=(w_scale,),
         implementation=implementation,
         config=config,
+        group_offset=group_offset,
     )
 
 
@@ -261,6 +280,7 @@ def grouped_swiglu(
     w_up_scale: Float[Array, "G FB KB"] | None = None,
     implementation: str | None = None,
     config: TuningConfig | None = None,
+    group_offset=None,
 ) -> Float[Array, "M F"]:
     """Fused gate/up projection with SwiGLU: ``silu(x @ w_gate^T) * (x @ w_up^T)``, bf16.
 
@@ -274,4 +294,5 @@ def grouped_swiglu(
         w_scales=(w_gate_scale, w_up_scale),
         implementation=implementation,
         config=config,
+        group_offset=group_offset,
     )

@@ -40,7 +40,7 @@ def _dispatch(expert_ids, first_expert: int, e_local: int):
     return order, inverse, valid, group_sizes
 
 
-def _check_moe_args(x, expert_ids, expert_weights, w_gate, w_up, w_down):
+def _check_moe_args(x, expert_ids, expert_weights, w_gate, w_up, w_down, e_local):
     if x.ndim != 2:
         raise ValueError(f"x must be [T, D], got {x.shape}")
     t, d = x.shape
@@ -49,10 +49,15 @@ def _check_moe_args(x, expert_ids, expert_weights, w_gate, w_up, w_down):
     if expert_weights.shape != expert_ids.shape:
         raise ValueError(f"expert_weights must be {expert_ids.shape}, got {expert_weights.shape}")
     e, f, d2 = w_gate.shape
-    if d2 != d or w_up.shape != w_gate.shape:
+    if d2 != d or w_up.shape[1:] != w_gate.shape[1:]:
         raise ValueError(f"w_gate/w_up must be [E, F, D={d}], got {w_gate.shape}, {w_up.shape}")
-    if w_down.shape != (e, d, f):
-        raise ValueError(f"w_down must be [E={e}, D={d}, F={f}], got {w_down.shape}")
+    if w_down.shape[1:] != (d, f):
+        raise ValueError(f"w_down must be [E, D={d}, F={f}], got {w_down.shape}")
+    if not 1 <= e_local <= min(e, w_up.shape[0], w_down.shape[0]):
+        raise ValueError(
+            f"num_local_experts={e_local} must be in [1, {min(e, w_up.shape[0], w_down.shape[0])}]"
+            " (the weights' leading axis)"
+        )
 
 
 def moe_ffn(
@@ -70,16 +75,29 @@ def moe_ffn(
     quantize_activations: bool | None = None,
     implementation: str | None = None,
     config: TuningConfig | None = None,
+    num_local_experts: int | None = None,
+    weight_offset=None,
 ) -> Float[Array, "T D"]:
     """Routed expert FFN of one device: ``sum_k weight[t,k] * expert_{id[t,k]}(x[t])``.
 
     Only experts ``[first_expert, first_expert + E_local)`` contribute; others give 0.
+    Expert ``first_expert + j`` uses weights ``w_*[weight_offset + j]`` and scales
+    ``w_*_scale[j]``: by default (both None) the weights are exactly
+    this device's ``E_local`` experts; with a larger pool (e.g. every layer's experts in one
+    AFD arena, read in place instead of copied) pass ``num_local_experts`` and the (possibly
+    traced) ``weight_offset``.
     x: [T, D] bf16. expert_ids: [T, K] int (global ids). expert_weights: [T, K] f32.
     Weights bf16, or float8_e4m3fn with 128x128 block scales ([E, F/128, D/128] for gate/up,
     [E, D/128, F/128] for down). quantize_activations (None: iff weights are FP8) runs both
     GEMMs FP8 x FP8 with per-token per-128 activation scales. Returns [T, D] bf16.
     """
-    _check_moe_args(x, expert_ids, expert_weights, w_gate, w_up, w_down)
+    if (num_local_experts is None) != (weight_offset is None):
+        raise ValueError(
+            "num_local_experts and weight_offset go together (a pool of expert weights), "
+            f"got {num_local_experts=}, {weight_offset is None=}"
+        )
+    e_local = w_gate.shape[0] if num_local_experts is None else int(num_local_experts)
+    _check_moe_args(x, expert_ids, expert_weights, w_gate, w_up, w_down, e_local)
     fp8_w = w_gate.dtype == quant.FP8_DTYPE
     q_act = fp8_w if quantize_activations is None else quantize_activations
     if q_act != fp8_w:
@@ -88,9 +106,11 @@ def moe_ffn(
             "or bf16 x bf16 (W8A16 is not implemented)"
         )
     t, n_k = expert_ids.shape
-    order, inverse, valid, group_sizes = _dispatch(expert_ids, first_expert, w_gate.shape[0])
+    order, inverse, valid, group_sizes = _dispatch(expert_ids, first_expert, e_local)
     token_of = order // n_k
-    kw = dict(implementation=implementation, config=config, zero_tail=False)
+    kw = dict(
+        implementation=implementation, config=config, zero_tail=False, group_offset=weight_offset
+    )
     if q_act:
         xq, xs = quant.quantize_activations(x)  # once per token, then gathered K-fold
         h = grouped(

@@ -78,8 +78,10 @@ class _Static:
     wg_dim: str = "n"
 
 
-def _tile_table(group_sizes, m: int, block_m: int, max_tiles: int, zero_tail: bool):
-    """Row-tile table ``[5, max_tiles]`` int32: group, first row, rows, TMA box row, count.
+def _tile_table(group_sizes, m: int, block_m: int, max_tiles: int, zero_tail: bool, group_offset=0):
+    """Row-tile table ``[6, max_tiles]`` int32: group, first row, rows, TMA box row, count,
+    weight index (``group + group_offset``: the tile's expert in the weight array, which may
+    be a larger pool holding other experts, e.g. an AFD arena).
 
     Tile j of group g covers rows ``[row0, row0 + rows)`` inside the TMA box
     ``[box, box + block_m)``. Boxes start on multiples of 8 (the SMEM tiling of the operand
@@ -118,6 +120,7 @@ def _tile_table(group_sizes, m: int, block_m: int, max_tiles: int, zero_tail: bo
             jnp.where(is_group, rows, tail_rows),
             jnp.where(is_group, box, 0),
             count,
+            jnp.where(is_group, g + group_offset, 0),
         ]
     ).astype(jnp.int32)
 
@@ -161,8 +164,8 @@ def _transforms(st: _Static):
     return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(128))
 
 
-def _specs_and_args(st: _Static, refs, g, ni, box, cta_m: int, cta_n: int):
-    """BlockSpecs and GMEM operands of one tile's K pipeline."""
+def _specs_and_args(st: _Static, refs, wi, ni, box, cta_m: int, cta_n: int):
+    """BlockSpecs and GMEM operands of one tile's K pipeline (``wi``: weight index)."""
     x_gmem, w_gmems, xs_gmem, _ = refs
     tr = _transforms(st)
     # Rows start at the tile's (8-aligned) box, not on a block_m grid: an Element block dim
@@ -173,7 +176,7 @@ def _specs_and_args(st: _Static, refs, g, ni, box, cta_m: int, cta_n: int):
     specs += [plgpu.BlockSpec((cta_n, st.block_k), lambda kb: (0, kb), transforms=tr)] * len(
         w_gmems
     )
-    args = [x_gmem, *(w.at[g, pl.ds(ni * cta_n, cta_n), :] for w in w_gmems)]
+    args = [x_gmem, *(w.at[wi, pl.ds(ni * cta_n, cta_n), :] for w in w_gmems)]
     if st.fp8:
         specs.append(plgpu.BlockSpec((1, rows), lambda kb: (kb, box)))
         args.append(xs_gmem)
@@ -230,11 +233,11 @@ def _tile_info(tiles_gmem, lin, n_tiles):
     mi = lax.rem(lin, n_tiles)
     ni = lax.div(lin, n_tiles)
     box = (tiles_gmem[3, mi] // 8) * 8  # written so the compiler sees the 8-row alignment
-    return tiles_gmem[0, mi], tiles_gmem[1, mi], tiles_gmem[2, mi], box, ni
+    return tiles_gmem[0, mi], tiles_gmem[1, mi], tiles_gmem[2, mi], box, ni, tiles_gmem[5, mi]
 
 
 def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
-    """One-warpgroup kernel. GMEM refs: tiles [5, T] i32, x [M, K], w... [G, N, K],
+    """One-warpgroup kernel. GMEM refs: tiles [6, T] i32, x [M, K], w... [P, N, K] (P >= G),
     (x_scale_t [KB, M] f32, w_scale... [G, NB, KB] f32 when FP8), out [M, N] bf16;
     SMEM scratch o_smem [block_m, block_n] bf16."""
     w_gmems, xs_gmem, ws_gmems, o_gmem, (o_smem,) = _split_refs(st, refs)
@@ -243,7 +246,7 @@ def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
 
     @plgpu.nd_loop((n_tiles * (st.n // block_n),), collective_axes="sm")
     def _work(info):
-        g, row0, rows, box, ni = _tile_info(tiles_gmem, info.index[0], n_tiles)
+        g, row0, rows, box, ni, wi = _tile_info(tiles_gmem, info.index[0], n_tiles)
         col0 = ni * block_n
         nb = col0 // SCALE_BLOCK
 
@@ -257,7 +260,7 @@ def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
                 )
 
             specs, args = _specs_and_args(
-                st, (x_gmem, w_gmems, xs_gmem, ws_gmems), g, ni, box, st.block_m, block_n
+                st, (x_gmem, w_gmems, xs_gmem, ws_gmems), wi, ni, box, st.block_m, block_n
             )
             accs = plgpu.emit_pipeline(
                 step,
@@ -292,8 +295,8 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
     wg = lax.axis_index("wg")
     gm_refs = (x_gmem, w_gmems, xs_gmem, ws_gmems)
 
-    def pipeline(body, ctx, g, ni, box):
-        specs, _ = _specs_and_args(st, gm_refs, g, ni, box, cta_m, cta_n)
+    def pipeline(body, ctx, wi, ni, box):
+        specs, _ = _specs_and_args(st, gm_refs, wi, ni, box, cta_m, cta_n)
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(st.k // st.block_k,),
@@ -317,7 +320,7 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
     def _scope(allocs):
         @plgpu.nd_loop((n_tiles * (st.n // cta_n),), collective_axes="sm")
         def _work(info):
-            g, row0, rows, box, ni = _tile_info(tiles_gmem, info.index[0], n_tiles)
+            g, row0, rows, box, ni, wi = _tile_info(tiles_gmem, info.index[0], n_tiles)
             col0 = ni * cta_n + (0 if by_m else wg * block_n)
             nb = col0 // SCALE_BLOCK
             o_smem = o_smem2.at[wg]
@@ -346,8 +349,8 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
 
             @pl.when(g >= 0)
             def _compute():
-                _, args = _specs_and_args(st, gm_refs, g, ni, box, cta_m, cta_n)
-                pipeline(body, ctx, g, ni, box)(*args, allocations=allocs)
+                _, args = _specs_and_args(st, gm_refs, wi, ni, box, cta_m, cta_n)
+                pipeline(body, ctx, wi, ni, box)(*args, allocations=allocs)
 
             @pl.when((g < 0) & (wg < 2))
             def _zero_fill():
@@ -380,9 +383,11 @@ def _cta_shape(config: TuningConfig, block_n: int) -> tuple[int, int]:
     return box_m, cta_n
 
 
-def _make_static(x, weights, fp8: bool, config: TuningConfig, zero_tail: bool) -> _Static:
+def _make_static(
+    x, weights, num_groups: int, fp8: bool, config: TuningConfig, zero_tail: bool
+) -> _Static:
     m, k = x.shape
-    g, n, _ = weights[0].shape
+    g, n = num_groups, weights[0].shape[1]
     swiglu = len(weights) == 2
     block_n = config.swiglu_block_n if swiglu else config.block_n
     box_m, cta_n = _cta_shape(config, block_n)
@@ -445,13 +450,16 @@ def grouped_gemm_mgpu(
     w_scales=None,
     config: TuningConfig,
     zero_tail: bool = True,
+    group_offset=0,
 ):
     """Grouped GEMM on Hopper; ``weights`` is ``(w,)`` or ``(w_gate, w_up)`` for SwiGLU.
 
-    x [M, K] (bf16 or e4m3), w [G, N, K] (same dtype family), group_sizes [G] int32,
-    x_scale [M, K/128] f32 and w_scales ([G, N/128, K/128] f32,)*len(weights) for FP8.
-    Returns [M, N] bf16. Rows past sum(group_sizes) are zero iff ``zero_tail`` (otherwise
-    unspecified: callers such as ``moe_ffn`` mask them anyway and skip the write traffic).
+    x [M, K] (bf16 or e4m3), w [P, N, K] (same dtype family), group_sizes [G] int32: group g
+    uses weight ``group_offset + g`` (int or traced int32 scalar; P >= G, the caller keeps
+    ``group_offset + G <= P``), x_scale [M, K/128] f32 and w_scales ([G, N/128, K/128] f32,)
+    * len(weights) for FP8 (indexed by g, not by the offset). Returns [M, N] bf16. Rows past
+    sum(group_sizes) are zero iff ``zero_tail`` (otherwise unspecified: callers such as
+    ``moe_ffn`` mask them anyway and skip the write traffic).
     """
     if not available():
         raise NotImplementedError("this jax has no usable jax.experimental.pallas.mosaic_gpu")
@@ -472,11 +480,13 @@ def grouped_gemm_mgpu(
             w_scales=w_scales,
             config=config,
             zero_tail=zero_tail,
+            group_offset=group_offset,
         )
         return out[:m]
     fp8 = x_scale is not None
-    st = _make_static(x, weights, fp8, config, zero_tail)
-    operands = [_tile_table(group_sizes, m, box_m, st.max_tiles, zero_tail), x, *weights]
+    st = _make_static(x, weights, group_sizes.shape[0], fp8, config, zero_tail)
+    table = _tile_table(group_sizes, m, box_m, st.max_tiles, zero_tail, group_offset)
+    operands = [table, x, *weights]
     if fp8:
         operands += [x_scale.astype(jnp.float32).T, *(s.astype(jnp.float32) for s in w_scales)]
     return _make_kernel(st, config)(*operands)

@@ -283,3 +283,42 @@ def test_validation_errors():
             w.astype(jnp.bfloat16),
             w.astype(jnp.bfloat16),
         )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_moe_ffn_reads_experts_in_place_from_a_pool(impl):
+    """Experts read at an offset inside a larger pool (the AFD arena's in-place path) give
+    exactly what the same experts give as their own arrays: same kernel, same operands."""
+    x, ids, rw, ws = _moe_case(21, e=4)
+    qv, qs = _fp8_weights(ws)
+    keys = jax.random.split(jax.random.key(22), 3)
+    pools = [  # 3 decoy experts before and 2 after the 4 real ones, random FP8 values
+        jnp.concatenate(
+            [
+                jax.random.normal(kk, (3, *q.shape[1:])).astype(q.dtype),
+                q,
+                jax.random.normal(kk, (2, *q.shape[1:])).astype(q.dtype),
+            ]
+        )
+        for kk, q in zip(keys, qv, strict=True)
+    ]
+    scales = dict(w_gate_scale=qs[0], w_up_scale=qs[1], w_down_scale=qs[2])
+    want = moe.moe_ffn(x, ids, rw, *qv, implementation=impl, **scales)
+    run = jax.jit(
+        lambda off: moe.moe_ffn(
+            x,
+            ids,
+            rw,
+            *pools,
+            implementation=impl,
+            num_local_experts=4,
+            weight_offset=off,
+            **scales,
+        )
+    )
+    np.testing.assert_array_equal(np.asarray(run(jnp.int32(3))), np.asarray(want))
+    assert not np.array_equal(np.asarray(run(jnp.int32(0))), np.asarray(want))
+    with pytest.raises(ValueError, match="go together"):
+        moe.moe_ffn(x, ids, rw, *pools, implementation=impl, num_local_experts=4, **scales)
+    with pytest.raises(ValueError, match="group_sizes"):  # without an offset, G must equal P
+        api.grouped_matmul(x, pools[0].astype(jnp.bfloat16), jnp.asarray([4, 4], jnp.int32))

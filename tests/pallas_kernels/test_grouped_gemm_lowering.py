@@ -43,6 +43,34 @@ def test_lowers_for_cuda(mode, wgs, wg_dim):
     assert "mosaic_gpu" in text
 
 
+def test_lowers_for_cuda_with_a_traced_pool_offset():
+    """The in-place pool path (weights [P, N, K], groups at a traced offset) lowers too."""
+    m, k, n, g, p = 192, 256, 256, 3, 9
+    dt = jnp.float8_e4m3fn
+    args = (
+        jax.ShapeDtypeStruct((m, k), dt),
+        jax.ShapeDtypeStruct((p, n, k), dt),
+        jax.ShapeDtypeStruct((g,), jnp.int32),
+        jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
+        jax.ShapeDtypeStruct((g, n // 128, k // 128), jnp.float32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
+
+    def f(x, w, gs, xs, ws, off):
+        return mosaic_gpu.grouped_gemm_mgpu(
+            x,
+            (w, w),
+            gs,
+            x_scale=xs,
+            w_scales=(ws, ws),
+            config=TuningConfig(num_sms=132),
+            group_offset=off,
+        )
+
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
 @pytest.mark.parametrize("zero_tail", [True, False])
 def test_tile_table_covers_every_row_once(zero_tail):
     """Tiles cover each grouped row exactly once, inside an 8-aligned in-bounds TMA box, with
