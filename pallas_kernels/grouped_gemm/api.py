@@ -143,7 +143,7 @@ def _dequant_expert(w, w_scale, g, offset):
     return quant.dequantize_weight_blocks(wg, sg, dtype=jnp.bfloat16)
 
 
-def _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offset):
+def _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offsets):
     """Tile-scan grouped GEMM (see module docstring); bf16 operands, f32 accumulation."""
     m = x.shape[0]
     n = weights[0].shape[1]
@@ -161,10 +161,10 @@ def _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offset):
                 jnp.einsum(
                     "TK,NK->TN",
                     xt,
-                    _dequant_expert(w, s, g, group_offset),
+                    _dequant_expert(w, s, g, off),
                     preferred_element_type=jnp.float32,
                 )
-                for w, s in zip(weights, w_scales, strict=True)
+                for w, s, off in zip(weights, w_scales, group_offsets, strict=True)
             ]
             y = jax.nn.silu(ys[0]) * ys[1] if len(ys) == 2 else ys[0]
             dst = jnp.where(local < rows, row0 + local, m)  # m: dropped (out of bounds)
@@ -175,6 +175,14 @@ def _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offset):
     out0 = jnp.zeros((m, n), jnp.bfloat16)
     out, _ = lax.scan(step, out0, (tg, trow, trows))
     return out
+
+
+def _offsets(group_offset, n_w: int) -> tuple:
+    """``group_offset`` (None, one scalar, or one per weight) as n_w int32 scalars."""
+    offs = group_offset if isinstance(group_offset, (tuple, list)) else (group_offset,) * n_w
+    if len(offs) != n_w:
+        raise ValueError(f"group_offset: one scalar or {n_w} (one per weight), got {len(offs)}")
+    return tuple(jnp.asarray(0 if o is None else o, jnp.int32) for o in offs)
 
 
 def _config_for(config, m):
@@ -215,10 +223,10 @@ def grouped(
 
     ``zero_tail=False`` leaves rows past sum(group_sizes) unspecified (``moe_ffn`` masks them
     and saves their write traffic on an expert-parallel shard). ``group_offset`` (None: the
-    weights are exactly the G groups; else an int or int32 scalar, may be traced): group g
-    multiplies by ``weights[group_offset + g]``, so the weights may be a larger pool ``[P, N,
-    K]`` read in place (the AFD arena) instead of a sliced copy; the weight scales stay per
-    group ``[G, ...]``. The caller keeps ``group_offset + G <= P``.
+    weights are exactly the G groups; else an int or int32 scalar, may be traced, or a tuple
+    with one per weight): group g multiplies by ``weights[i][offset_i + g]``, so the weights
+    may be a larger pool ``[P, N, K]`` read in place (the AFD arena) instead of a sliced copy;
+    the weight scales stay per group ``[G, ...]``. The caller keeps ``offset_i + G <= P``.
     """
     x, x_scale = _validate(
         x, weights, group_sizes, x_scale, tuple(w_scales), implementation, group_offset is not None
@@ -232,7 +240,7 @@ def grouped(
         group_sizes.astype(jnp.int32),
         x_scale,
         w_scales,
-        jnp.asarray(0 if group_offset is None else group_offset, jnp.int32),
+        _offsets(group_offset, len(weights)),
         impl=impl,
         config=cfg,
         zero_tail=zero_tail,

@@ -85,7 +85,7 @@ def moe_ffn(
     ``w_*_scale[j]``: by default (both None) the weights are exactly
     this device's ``E_local`` experts; with a larger pool (e.g. every layer's experts in one
     AFD arena, read in place instead of copied) pass ``num_local_experts`` and the (possibly
-    traced) ``weight_offset``.
+    traced) ``weight_offset``: one int32 scalar, or a tuple (gate, up, down) of them.
     x: [T, D] bf16. expert_ids: [T, K] int (global ids). expert_weights: [T, K] f32.
     Weights bf16, or float8_e4m3fn with 128x128 block scales ([E, F/128, D/128] for gate/up,
     [E, D/128, F/128] for down). quantize_activations (None: iff weights are FP8) runs both
@@ -108,9 +108,13 @@ def moe_ffn(
     t, n_k = expert_ids.shape
     order, inverse, valid, group_sizes = _dispatch(expert_ids, first_expert, e_local)
     token_of = order // n_k
-    kw = dict(
-        implementation=implementation, config=config, zero_tail=False, group_offset=weight_offset
-    )
+    kw = dict(implementation=implementation, config=config, zero_tail=False)
+    off = weight_offset
+    if off is not None and not isinstance(off, (tuple, list)):
+        off = (off, off, off)
+    if off is not None and len(off) != 3:
+        raise ValueError(f"weight_offset: a scalar or (gate, up, down), got {len(off)} values")
+    gu_off, d_off = (None, None) if off is None else ((off[0], off[1]), off[2])
     if q_act:
         xq, xs = quant.quantize_activations(x)  # once per token, then gathered K-fold
         h = grouped(
@@ -119,16 +123,30 @@ def moe_ffn(
             group_sizes,
             x_scale=xs[token_of],
             w_scales=(w_gate_scale, w_up_scale),
+            group_offset=gu_off,
             **kw,
         )
         hq, hs = quant.quantize_activations(h)
-        y = grouped(hq, (w_down,), group_sizes, x_scale=hs, w_scales=(w_down_scale,), **kw)
+        y = grouped(
+            hq,
+            (w_down,),
+            group_sizes,
+            x_scale=hs,
+            w_scales=(w_down_scale,),
+            group_offset=d_off,
+            **kw,
+        )
     else:
         xb = x.astype(w_gate.dtype) if not fp8_w else x
         h = grouped(
-            xb[token_of], (w_gate, w_up), group_sizes, w_scales=(w_gate_scale, w_up_scale), **kw
+            xb[token_of],
+            (w_gate, w_up),
+            group_sizes,
+            w_scales=(w_gate_scale, w_up_scale),
+            group_offset=gu_off,
+            **kw,
         )
-        y = grouped(h, (w_down,), group_sizes, w_scales=(w_down_scale,), **kw)
+        y = grouped(h, (w_down,), group_sizes, w_scales=(w_down_scale,), group_offset=d_off, **kw)
     # Rows of non-local pairs are unspecified (zero_tail=False): select, never multiply, so
     # stale NaN/inf there cannot leak into the sum.
     y_tk = jnp.where(valid[:, None], y[inverse], 0).reshape(t, n_k, -1)

@@ -78,10 +78,13 @@ class _Static:
     wg_dim: str = "n"
 
 
-def _tile_table(group_sizes, m: int, block_m: int, max_tiles: int, zero_tail: bool, group_offset=0):
-    """Row-tile table ``[6, max_tiles]`` int32: group, first row, rows, TMA box row, count,
-    weight index (``group + group_offset``: the tile's expert in the weight array, which may
-    be a larger pool holding other experts, e.g. an AFD arena).
+def _tile_table(
+    group_sizes, m: int, block_m: int, max_tiles: int, zero_tail: bool, group_offsets=(0,)
+):
+    """Row-tile table ``[5 + n_w, max_tiles]`` int32: group, first row, rows, TMA box row,
+    count, then per weight operand i its weight index ``group + group_offsets[i]`` (the tile's
+    expert in that weight array, which may be a larger pool holding other experts, e.g. an
+    AFD arena).
 
     Tile j of group g covers rows ``[row0, row0 + rows)`` inside the TMA box
     ``[box, box + block_m)``. Boxes start on multiples of 8 (the SMEM tiling of the operand
@@ -120,7 +123,7 @@ def _tile_table(group_sizes, m: int, block_m: int, max_tiles: int, zero_tail: bo
             jnp.where(is_group, rows, tail_rows),
             jnp.where(is_group, box, 0),
             count,
-            jnp.where(is_group, g + group_offset, 0),
+            *(jnp.where(is_group, g + off, 0) for off in group_offsets),
         ]
     ).astype(jnp.int32)
 
@@ -164,8 +167,8 @@ def _transforms(st: _Static):
     return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(128))
 
 
-def _specs_and_args(st: _Static, refs, wi, ni, box, cta_m: int, cta_n: int):
-    """BlockSpecs and GMEM operands of one tile's K pipeline (``wi``: weight index)."""
+def _specs_and_args(st: _Static, refs, wis, ni, box, cta_m: int, cta_n: int):
+    """BlockSpecs and GMEM operands of one tile's K pipeline (``wis``: index per weight)."""
     x_gmem, w_gmems, xs_gmem, _ = refs
     tr = _transforms(st)
     # Rows start at the tile's (8-aligned) box, not on a block_m grid: an Element block dim
@@ -176,7 +179,8 @@ def _specs_and_args(st: _Static, refs, wi, ni, box, cta_m: int, cta_n: int):
     specs += [plgpu.BlockSpec((cta_n, st.block_k), lambda kb: (0, kb), transforms=tr)] * len(
         w_gmems
     )
-    args = [x_gmem, *(w.at[wi, pl.ds(ni * cta_n, cta_n), :] for w in w_gmems)]
+    args = [x_gmem]
+    args += [w.at[wi, pl.ds(ni * cta_n, cta_n), :] for w, wi in zip(w_gmems, wis, strict=True)]
     if st.fp8:
         specs.append(plgpu.BlockSpec((1, rows), lambda kb: (kb, box)))
         args.append(xs_gmem)
@@ -229,15 +233,16 @@ def _epilogue_value(st: _Static, accs):
     return accs[0]
 
 
-def _tile_info(tiles_gmem, lin, n_tiles):
+def _tile_info(tiles_gmem, lin, n_tiles, n_w: int):
     mi = lax.rem(lin, n_tiles)
     ni = lax.div(lin, n_tiles)
     box = (tiles_gmem[3, mi] // 8) * 8  # written so the compiler sees the 8-row alignment
-    return tiles_gmem[0, mi], tiles_gmem[1, mi], tiles_gmem[2, mi], box, ni, tiles_gmem[5, mi]
+    wis = tuple(tiles_gmem[5 + i, mi] for i in range(n_w))
+    return tiles_gmem[0, mi], tiles_gmem[1, mi], tiles_gmem[2, mi], box, ni, wis
 
 
 def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
-    """One-warpgroup kernel. GMEM refs: tiles [6, T] i32, x [M, K], w... [P, N, K] (P >= G),
+    """One-warpgroup kernel. GMEM refs: tiles [5 + n_w, T] i32, x [M, K], w... [P, N, K] (P >= G),
     (x_scale_t [KB, M] f32, w_scale... [G, NB, KB] f32 when FP8), out [M, N] bf16;
     SMEM scratch o_smem [block_m, block_n] bf16."""
     w_gmems, xs_gmem, ws_gmems, o_gmem, (o_smem,) = _split_refs(st, refs)
@@ -246,7 +251,7 @@ def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
 
     @plgpu.nd_loop((n_tiles * (st.n // block_n),), collective_axes="sm")
     def _work(info):
-        g, row0, rows, box, ni, wi = _tile_info(tiles_gmem, info.index[0], n_tiles)
+        g, row0, rows, box, ni, wis = _tile_info(tiles_gmem, info.index[0], n_tiles, n_w)
         col0 = ni * block_n
         nb = col0 // SCALE_BLOCK
 
@@ -260,7 +265,7 @@ def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
                 )
 
             specs, args = _specs_and_args(
-                st, (x_gmem, w_gmems, xs_gmem, ws_gmems), wi, ni, box, st.block_m, block_n
+                st, (x_gmem, w_gmems, xs_gmem, ws_gmems), wis, ni, box, st.block_m, block_n
             )
             accs = plgpu.emit_pipeline(
                 step,
@@ -295,8 +300,8 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
     wg = lax.axis_index("wg")
     gm_refs = (x_gmem, w_gmems, xs_gmem, ws_gmems)
 
-    def pipeline(body, ctx, wi, ni, box):
-        specs, _ = _specs_and_args(st, gm_refs, wi, ni, box, cta_m, cta_n)
+    def pipeline(body, ctx, wis, ni, box):
+        specs, _ = _specs_and_args(st, gm_refs, wis, ni, box, cta_m, cta_n)
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(st.k // st.block_k,),
@@ -310,17 +315,18 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
 
     ignore = lambda *_, **__: None
     zero = jnp.int32(0)
-    _, alloc_args = _specs_and_args(st, gm_refs, zero, zero, zero, cta_m, cta_n)
+    zeros = (zero,) * n_w
+    _, alloc_args = _specs_and_args(st, gm_refs, zeros, zero, zero, cta_m, cta_n)
 
     @functools.partial(
         pl.run_scoped,
-        allocs=pipeline(ignore, ignore, zero, zero, zero).get_allocations(*alloc_args),
+        allocs=pipeline(ignore, ignore, zeros, zero, zero).get_allocations(*alloc_args),
         collective_axes="wg",
     )
     def _scope(allocs):
         @plgpu.nd_loop((n_tiles * (st.n // cta_n),), collective_axes="sm")
         def _work(info):
-            g, row0, rows, box, ni, wi = _tile_info(tiles_gmem, info.index[0], n_tiles)
+            g, row0, rows, box, ni, wis = _tile_info(tiles_gmem, info.index[0], n_tiles, n_w)
             col0 = ni * cta_n + (0 if by_m else wg * block_n)
             nb = col0 // SCALE_BLOCK
             o_smem = o_smem2.at[wg]
@@ -349,8 +355,8 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
 
             @pl.when(g >= 0)
             def _compute():
-                _, args = _specs_and_args(st, gm_refs, wi, ni, box, cta_m, cta_n)
-                pipeline(body, ctx, wi, ni, box)(*args, allocations=allocs)
+                _, args = _specs_and_args(st, gm_refs, wis, ni, box, cta_m, cta_n)
+                pipeline(body, ctx, wis, ni, box)(*args, allocations=allocs)
 
             @pl.when((g < 0) & (wg < 2))
             def _zero_fill():
@@ -455,11 +461,11 @@ def grouped_gemm_mgpu(
     """Grouped GEMM on Hopper; ``weights`` is ``(w,)`` or ``(w_gate, w_up)`` for SwiGLU.
 
     x [M, K] (bf16 or e4m3), w [P, N, K] (same dtype family), group_sizes [G] int32: group g
-    uses weight ``group_offset + g`` (int or traced int32 scalar; P >= G, the caller keeps
-    ``group_offset + G <= P``), x_scale [M, K/128] f32 and w_scales ([G, N/128, K/128] f32,)
-    * len(weights) for FP8 (indexed by g, not by the offset). Returns [M, N] bf16. Rows past
-    sum(group_sizes) are zero iff ``zero_tail`` (otherwise unspecified: callers such as
-    ``moe_ffn`` mask them anyway and skip the write traffic).
+    uses matrix ``group_offset + g`` of each weight (an int or traced int32 scalar, or one per
+    weight; P >= G, the caller keeps ``group_offset + G <= P``), x_scale [M, K/128] f32 and
+    w_scales ([G, N/128, K/128] f32,) * len(weights) for FP8 (indexed by g, not by the
+    offset). Returns [M, N] bf16. Rows past sum(group_sizes) are zero iff ``zero_tail``
+    (otherwise unspecified: ``moe_ffn`` masks them anyway and skips the write traffic).
     """
     if not available():
         raise NotImplementedError("this jax has no usable jax.experimental.pallas.mosaic_gpu")
@@ -485,7 +491,10 @@ def grouped_gemm_mgpu(
         return out[:m]
     fp8 = x_scale is not None
     st = _make_static(x, weights, group_sizes.shape[0], fp8, config, zero_tail)
-    table = _tile_table(group_sizes, m, box_m, st.max_tiles, zero_tail, group_offset)
+    offsets = group_offset if isinstance(group_offset, tuple) else (group_offset,) * len(weights)
+    if len(offsets) != len(weights):
+        raise ValueError(f"group_offset: one per weight ({len(weights)}), got {len(offsets)}")
+    table = _tile_table(group_sizes, m, box_m, st.max_tiles, zero_tail, offsets)
     operands = [table, x, *weights]
     if fp8:
         operands += [x_scale.astype(jnp.float32).T, *(s.astype(jnp.float32) for s in w_scales)]

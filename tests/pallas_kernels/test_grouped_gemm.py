@@ -318,6 +318,21 @@ def test_moe_ffn_reads_experts_in_place_from_a_pool(impl):
     )
     np.testing.assert_array_equal(np.asarray(run(jnp.int32(3))), np.asarray(want))
     assert not np.array_equal(np.asarray(run(jnp.int32(0))), np.asarray(want))
+    # As in the AFD arena: gate and up at different offsets of ONE pool, down in another.
+    gate_up = jnp.concatenate([pools[0], qv[1]])  # up's experts at matrices 9..12
+    both = moe.moe_ffn(
+        x,
+        ids,
+        rw,
+        gate_up,
+        gate_up,
+        pools[2],
+        implementation=impl,
+        num_local_experts=4,
+        weight_offset=(jnp.int32(3), jnp.int32(9), jnp.int32(3)),
+        **scales,
+    )
+    np.testing.assert_array_equal(np.asarray(both), np.asarray(want))
     with pytest.raises(ValueError, match="go together"):
         moe.moe_ffn(x, ids, rw, *pools, implementation=impl, num_local_experts=4, **scales)
     with pytest.raises(ValueError, match="group_sizes"):  # without an offset, G must equal P
