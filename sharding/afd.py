@@ -85,11 +85,27 @@ def _view(arenas: dict, reg: Region, item) -> jax.Array:
     return flat.reshape(reg.shape)
 
 
-def _params(arenas: dict, regions: dict, names, item) -> dict:
-    """Views of ``names`` at ``item``; FP8 values with ``<name>_scale`` become `Fp8Weight`."""
+def _pool(arenas: dict, reg: Region, item, scale) -> protocol.ExpertPool:
+    """Item ``item`` of a pool-aligned region, in place: the arena as ``[P, N, K]`` matrices
+    (a bitcast: no copy) and the item's first matrix (computed in matrices, so int32 is
+    enough however large the arena)."""
+    nk = reg.pool_matrix
+    matrices = arenas[reg.dtype].reshape(-1, *reg.shape[1:])
+    first = reg.offset // nk + item * (reg.stride // nk)
+    return protocol.ExpertPool(matrices, jnp.asarray(first, jnp.int32), scale, reg.shape[0])
+
+
+def _params(arenas: dict, regions: dict, names, item, in_place: bool = False) -> dict:
+    """Views of ``names`` at ``item``; FP8 values with ``<name>_scale`` become `Fp8Weight`.
+    With ``in_place``, pool-aligned regions (the routed experts) become `ExpertPool`s."""
     out = {}
     for name in names:
         reg = regions[name]
+        if in_place and reg.pool_matrix is not None:
+            s_reg = regions.get(name + "_scale")
+            scale = None if s_reg is None else _view(arenas, s_reg, item)
+            out[name] = _pool(arenas, reg, item, scale)
+            continue
         v = _view(arenas, reg, item)
         if name + "_scale" in regions:
             v = Fp8Weight(
@@ -126,6 +142,9 @@ class AfdConfig:
     fp8_transfer: bool = True  # FP8 tokens + scales A->F (else the activation dtype)
     ffn_implementation: str = "dense"  # protocol.FFN_IMPLEMENTATIONS
     attention_implementation: str | None = "xla"
+    # "grouped" FFN: read the routed experts in place from the arena (`protocol.ExpertPool`)
+    # rather than as a sliced copy per tick (False: the copy, kept as a control).
+    experts_in_place: bool = True
     # XLA debug options for the step's compilation, e.g. {"xla_backend_optimization_level": 0}
     # makes CPU test compiles ~3x faster. A tuple of (name, value) pairs (hashable).
     compiler_options: tuple[tuple[str, object], ...] = ()
@@ -327,7 +346,9 @@ class AfdExecutor:
 
         def run(moe: bool):
             names = [k for k in (_MOE if moe else _DENSE) if k in regs]
-            p = _params(arenas, regs, names, kind_index)
+            # Only the grouped GEMM can read a pool in place; "dense" would slice it anyway.
+            in_place = self.afd.ffn_implementation == "grouped" and self.afd.experts_in_place
+            p = _params(arenas, regs, names, kind_index, in_place=in_place)
             return protocol.ffn_partial(
                 flat,
                 p,

@@ -41,7 +41,12 @@ sits at element ``offset + i * stride`` (``stride`` = the item size rounded up t
 ``P_dtype = max over roles`` of that role's end offset: the two
 roles OVERLAP in the same bytes, so a device's memory is the larger role's, never the sum. The
 executor reads a tensor with one ``lax.dynamic_slice`` + reshape and writes the cache with a
-scatter into the (donated) arena, in place. Waste of a role = arena bytes it does not use; the
+scatter into the (donated) arena, in place. The routed experts (``gate``, ``up``, ``down``) are
+NOT sliced: their regions are *pool-aligned* (offset and stride multiples of one expert matrix,
+N*K elements; the arena length too), so the arena reshaped to ``[arena/(N*K), N, K]`` (a free
+bitcast) holds a layer's experts as consecutive matrices and the grouped GEMM reads them in
+place at a matrix offset (`pool_align`; a dynamic slice would materialize 1.7-5 GB per tick).
+Waste of a role = arena bytes it does not use; the
 attention role turns its spare bytes into KV cache (`kv_batch_that_fits`), so on full Step-3
 the only waste is the per-dtype mismatch (e.g. the FFN devices' unused bf16 embedding slot),
 checked by tests/sharding/test_afd_layout.py.
@@ -183,6 +188,7 @@ class Region:
     shape: tuple[int, ...]
     count: int
     offset: int = 0
+    align: int = ALIGN  # a multiple of ALIGN: offset and stride are multiples of it
 
     @property
     def size(self) -> int:
@@ -190,10 +196,18 @@ class Region:
 
     @property
     def stride(self) -> int:
-        """Elements between items: ``size`` rounded up to ALIGN, so every item starts on an
-        arena row (arenas are ``[rows, ALIGN]``: int32 row indices reach 2**31 * ALIGN
-        elements, where a flat int32 index would overflow at 2 GiB-elements)."""
-        return -(-self.size // ALIGN) * ALIGN
+        """Elements between items: ``size`` rounded up to ``align`` (>= ALIGN), so every item
+        starts on an arena row (arenas are ``[rows, ALIGN]``: int32 row indices reach 2**31 *
+        ALIGN elements, where a flat int32 index would overflow at 2 GiB-elements)."""
+        return -(-self.size // self.align) * self.align
+
+    @property
+    def pool_matrix(self) -> int | None:
+        """Elements of one ``[N, K]`` matrix if the region is pool-aligned (see `pool_align`),
+        else None: then item i is matrices ``[first, first + shape[0])`` of the arena viewed
+        as ``[arena / (N*K), N, K]``, read in place by the grouped GEMM."""
+        nk = math.prod(self.shape[1:])
+        return nk if len(self.shape) == 3 and self.align % nk == 0 else None
 
     @property
     def end(self) -> int:
@@ -204,13 +218,24 @@ class Region:
         return self.count * self.size * np.dtype(self.dtype).itemsize
 
 
-def _place(specs: list[tuple[str, str, tuple[int, ...], int]]) -> dict[str, Region]:
-    """Assigns aligned offsets, region after region, separately in each dtype's arena."""
+def pool_align(shape: tuple[int, ...]) -> int:
+    """Alignment (elements) that lets a stacked ``[E, N, K]`` expert weight be read IN PLACE:
+    with offsets and strides multiples of N*K, the whole arena reshaped (a free bitcast) to
+    ``[arena / (N*K), N, K]`` holds each item's experts as consecutive matrices, so the grouped
+    GEMM reads them at a matrix offset; a sliced copy of a layer's experts (~1.7-5 GB) per tick
+    is avoided (it doubled the FFN tick on 2 H200s: docs/afd.md)."""
+    return math.lcm(ALIGN, math.prod(shape[1:]))
+
+
+def _place(specs: list[tuple]) -> dict[str, Region]:
+    """Assigns aligned offsets, region after region, separately in each dtype's arena.
+    ``specs``: (name, dtype, shape, count) or (name, dtype, shape, count, align)."""
     cursor: dict[str, int] = {}
     out = {}
-    for name, dtype, shape, count in specs:
-        start = -(-cursor.get(dtype, 0) // ALIGN) * ALIGN
-        out[name] = Region(name, dtype, tuple(int(s) for s in shape), int(count), start)
+    for name, dtype, shape, count, *rest in specs:
+        align = rest[0] if rest else ALIGN
+        start = -(-cursor.get(dtype, 0) // align) * align
+        out[name] = Region(name, dtype, tuple(int(s) for s in shape), int(count), start, align)
         cursor[dtype] = out[name].end
     return out
 
@@ -232,9 +257,10 @@ class ArenaDtypes:
 DEFAULT_DTYPES = ArenaDtypes()
 
 
-def _weight(name, shape, count, dt: ArenaDtypes, num_contract=1, num_batch=0):
-    """A linear weight's region(s): values, plus the 128x128 block scales when FP8."""
-    out = [(name, dt.weight, shape, count)]
+def _weight(name, shape, count, dt: ArenaDtypes, num_contract=1, num_batch=0, pooled=False):
+    """A linear weight's region(s): values (pool-aligned if ``pooled``), plus the 128x128
+    block scales when FP8."""
+    out = [(name, dt.weight, shape, count, pool_align(shape) if pooled else ALIGN)]
     if dt.fp8_weights:
         batch, rest = shape[:num_batch], shape[num_batch:]
         n, k = math.prod(rest[: len(rest) - num_contract]), math.prod(rest[-num_contract:])
@@ -277,9 +303,9 @@ def ffn_specs(config, layout: AfdLayout, dt: ArenaDtypes):
     d, loc = config.hidden_size, ffn_local_dims(config, layout)
     n_moe, n_dense = len(config.moe_layer_ids), len(config.dense_layer_ids)
     e, f = loc["experts"], loc["moe_f"]
-    specs = _weight("gate", (e, f, d), n_moe, dt, num_batch=1)
-    specs += _weight("up", (e, f, d), n_moe, dt, num_batch=1)
-    specs += _weight("down", (e, d, f), n_moe, dt, num_batch=1)
+    specs = _weight("gate", (e, f, d), n_moe, dt, num_batch=1, pooled=True)
+    specs += _weight("up", (e, f, d), n_moe, dt, num_batch=1, pooled=True)
+    specs += _weight("down", (e, d, f), n_moe, dt, num_batch=1, pooled=True)
     if loc["shared_f"]:
         fs = loc["shared_f"]
         specs += _weight("shared_gate", (fs, d), n_moe, dt)
@@ -314,8 +340,11 @@ class ArenaLayout:
         att = _place(attention_specs(config, dtypes, microbatch, num_microbatches, max_len))
         ffn = _place(ffn_specs(config, layout, dtypes))
         sizes: dict[str, int] = {}
+        unit: dict[str, int] = {}  # arena length multiple: every pool view must tile it
         for reg in (*att.values(), *ffn.values()):
-            sizes[reg.dtype] = max(sizes.get(reg.dtype, 0), -(-reg.end // ALIGN) * ALIGN)
+            sizes[reg.dtype] = max(sizes.get(reg.dtype, 0), reg.end)
+            unit[reg.dtype] = math.lcm(unit.get(reg.dtype, ALIGN), reg.align)
+        sizes = {t: -(-n // unit[t]) * unit[t] for t, n in sizes.items()}
         return cls(att, ffn, sizes)
 
     def role(self, role: str) -> dict[str, Region]:

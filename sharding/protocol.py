@@ -55,6 +55,25 @@ class Packet:
         return int(sum(x.size * x.dtype.itemsize for x in leaves))
 
 
+@struct.dataclass
+class ExpertPool:
+    """``count`` experts stored in place inside a larger stack: matrices ``[offset, offset +
+    count)`` of ``values [P, N, K]`` (the AFD arena viewed as matrices), with their own FP8
+    128x128 block scales ``[count, N/128, K/128]`` (None for float weights). The grouped GEMM
+    reads them where they are; `materialize` is the sliced copy for the other paths."""
+
+    values: Array
+    offset: Array  # int32 scalar (may be traced)
+    scale: Array | None
+    count: int = struct.field(pytree_node=False)
+
+    def materialize(self):
+        from step3_jax.quant_model import Fp8Weight
+
+        v = jax.lax.dynamic_slice_in_dim(self.values, self.offset, self.count)
+        return v if self.scale is None else Fp8Weight(v, self.scale)
+
+
 def pack(h2: Float[Array, "T D"], routing, top_k: int, fp8: bool) -> Packet:
     """Attention side: the A->F message for ``h2`` (see module docstring)."""
     t = h2.shape[0]
@@ -125,28 +144,44 @@ def final_logits(g: dict, x: Float[Array, "B D"], eps) -> Float[Array, "B V"]:
 
 
 # ----------------------------------------------------------------------------- FFN role
+def _grouped_routed(x, ids, weights, p: dict, first_expert):
+    """The routed experts through the grouped GEMM (`pallas_kernels.grouped_gemm.moe_ffn`);
+    `ExpertPool` weights are read in place at their offsets."""
+    from pallas_kernels.grouped_gemm import moe_ffn
+    from step3_jax.quant_model import split_fp8
+
+    names = ("gate", "up", "down")
+    kw = {}
+    if isinstance(p["gate"], ExpertPool):
+        pools = [p[k] for k in names]
+        (wg, sg), (wu, su), (wd, sd) = ((q.values, q.scale) for q in pools)
+        kw = dict(num_local_experts=pools[0].count, weight_offset=tuple(q.offset for q in pools))
+    else:
+        (wg, sg), (wu, su), (wd, sd) = (split_fp8(p[k]) for k in names)
+    out = moe_ffn(
+        x,
+        ids,
+        weights,
+        wg,
+        wu,
+        wd,
+        first_expert=first_expert,
+        w_gate_scale=sg,
+        w_up_scale=su,
+        w_down_scale=sd,
+        **kw,
+    )
+    return out.astype(x.dtype)
+
+
 def routed_partial(x, ids, weights, p: dict, first_expert, implementation: str):
     """This device's experts ``[first_expert, first_expert + E_local)`` (any F slice) applied
-    to ``x [T, D]``; pairs routed elsewhere contribute exactly 0."""
-    e_local = p["gate"].shape[0]
+    to ``x [T, D]``; pairs routed elsewhere contribute exactly 0. Expert weights are arrays,
+    `Fp8Weight` or `ExpertPool` (in place; the "dense" path materializes them)."""
     if implementation == "grouped":
-        from pallas_kernels.grouped_gemm import moe_ffn
-        from step3_jax.quant_model import split_fp8
-
-        (wg, sg), (wu, su), (wd, sd) = (split_fp8(p[k]) for k in ("gate", "up", "down"))
-        out = moe_ffn(
-            x,
-            ids,
-            weights,
-            wg,
-            wu,
-            wd,
-            first_expert=first_expert,
-            w_gate_scale=sg,
-            w_up_scale=su,
-            w_down_scale=sd,
-        )
-        return out.astype(x.dtype)
+        return _grouped_routed(x, ids, weights, p, first_expert)
+    p = {k: v.materialize() if isinstance(v, ExpertPool) else v for k, v in p.items()}
+    e_local = p["gate"].shape[0]
     local = (ids >= first_expert) & (ids < first_expert + e_local)
     lw = jnp.where(local, weights, 0.0)
     lid = jnp.where(local, ids - first_expert, 0)
