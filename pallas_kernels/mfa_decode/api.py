@@ -8,6 +8,9 @@ Layouts (Step-3 names: B batch, T new tokens, N=64 heads, H=256 head dim, S cach
 * FP8 cache: k, v float8_e4m3fn with float32 per-token scales k_scale, v_scale [B, S]
   (paged: [P_total, page_size]); dequantized value = float32(k_fp8) * k_scale.
 * lengths [B] int32: valid cache tokens per sequence INCLUDING the T new ones.
+* page_offsets [4] int32 (paged only, optional): added to the page ids of k, v, k_scale and
+  v_scale respectively, so the four can live at different places of shared page pools (the
+  AFD arena reads its KV cache in place this way).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ _IMPLEMENTATIONS = ("pallas", "xla", None)
 MAX_T = 8
 
 
-def _validate(q, k, v, lengths, k_scale, v_scale, block_table):
+def _validate(q, k, v, lengths, k_scale, v_scale, block_table, pools=False):
     if q.ndim != 4 or not 1 <= q.shape[1] <= MAX_T:
         raise ValueError(
             f"q must be [B, T, N, H] with T in 1..{MAX_T} (or [B, N, H]), got {q.shape}"
@@ -57,8 +60,9 @@ def _validate(q, k, v, lengths, k_scale, v_scale, block_table):
     if (k.dtype == FP8) != (k_scale is not None) or (k_scale is None) != (v_scale is None):
         raise ValueError("k_scale and v_scale are required for an FP8 cache and only then")
     for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if sc is not None and (sc.shape != k.shape[:2] or sc.dtype != jnp.float32):
-            raise ValueError(f"{name} must be float32 {k.shape[:2]}, got {sc.dtype} {sc.shape}")
+        want = (sc.shape[0] if pools and sc is not None else k.shape[0], k.shape[1])
+        if sc is not None and (sc.shape != want or sc.dtype != jnp.float32):
+            raise ValueError(f"{name} must be float32 {want}, got {sc.dtype} {sc.shape}")
 
 
 def _on_hopper() -> bool:
@@ -93,6 +97,7 @@ def mfa_decode_attention(
     return_lse: bool = False,
     implementation: str | None = None,
     config: cfg_lib.TuningConfig | None = None,
+    page_offsets: Int[Array, " 4"] | None = None,
 ):
     """MFA decode attention; returns out bf16 like q (and lse float32 [B, T, N], natural log).
 
@@ -102,6 +107,12 @@ def mfa_decode_attention(
     """
     squeeze = q.ndim == 3
     q4 = q[:, None] if squeeze else q
+    if page_offsets is not None:
+        return _with_page_offsets(
+            q, k, v, lengths, k_scale, v_scale, block_table, page_offsets,
+            sm_scale=sm_scale, return_lse=return_lse, implementation=implementation,
+            config=config,
+        )  # fmt: skip
     _validate(q4, k, v, lengths, k_scale, v_scale, block_table)
     impl = _pick_implementation(implementation)
     scale = float(q4.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
@@ -112,6 +123,35 @@ def mfa_decode_attention(
     if squeeze:
         out, lse = out[:, 0], lse[:, 0]
     return (out, lse) if return_lse else out
+
+
+def _with_page_offsets(q, k, v, lengths, k_scale, v_scale, table, offsets, **kw):
+    """``page_offsets`` path: pallas passes them to the kernel; xla gathers each operand's
+    pages (the reference) and runs the contiguous path."""
+    if table is None:
+        raise ValueError("page_offsets needs a paged cache (block_table)")
+    if offsets.shape != (4,) or not jnp.issubdtype(offsets.dtype, jnp.integer):
+        raise ValueError(f"page_offsets must be int32 [4], got {offsets.dtype} {offsets.shape}")
+    q4 = q[:, None] if q.ndim == 3 else q
+    impl = _pick_implementation(kw["implementation"])
+    if impl == "pallas":
+        scale = float(q4.shape[-1] ** -0.5 if kw["sm_scale"] is None else kw["sm_scale"])
+        _validate(q4, k, v, lengths, k_scale, v_scale, table, pools=True)
+        ks = dataclasses.replace(
+            _kernel_shape(q4, k, lengths, table, scale, kw["config"]), page_offsets=True
+        )
+        args = (q4, k, v, lengths.astype(jnp.int32), k_scale, v_scale, table)
+        out, lse = _pallas_jit(ks, *args, offsets.astype(jnp.int32))
+        if q.ndim == 3:
+            out, lse = out[:, 0], lse[:, 0]
+        return (out, lse) if kw["return_lse"] else out
+    ops = [k, v, k_scale, v_scale]
+    b = table.shape[0]
+    for i, a in enumerate(ops):
+        if a is not None:  # [B, P, page, ...] -> [B, P * page, ...]
+            pages = jnp.take(a, table + offsets[i], axis=0)
+            ops[i] = pages.reshape(b, -1, *a.shape[2:])
+    return mfa_decode_attention(q, *ops[:2], lengths, k_scale=ops[2], v_scale=ops[3], **kw)
 
 
 @functools.partial(jax.jit, static_argnums=(7,))
@@ -211,7 +251,7 @@ def lower_pallas_for_gpu(
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _pallas_jit(ks, q, k, v, lengths, k_scale, v_scale, block_table):
+def _pallas_jit(ks, q, k, v, lengths, k_scale, v_scale, block_table, page_offsets=None):
     from pallas_kernels.mfa_decode import mosaic_gpu
 
     q_scale = None
@@ -219,7 +259,9 @@ def _pallas_jit(ks, q, k, v, lengths, k_scale, v_scale, block_table):
         # Per (b, t, head) row FP8 q: the row scale is folded into the score multiply.
         q, q_scale = quantize_kv(q)
     table = None if block_table is None else block_table.astype(jnp.int32)
-    out, lse = mosaic_gpu.mfa_decode_mosaic(ks, lengths, table, q, q_scale, k, v, k_scale, v_scale)
+    out, lse = mosaic_gpu.mfa_decode_mosaic(
+        ks, lengths, table, q, q_scale, k, v, k_scale, v_scale, page_offsets
+    )
     return combine_splits(out, lse)
 
 

@@ -62,6 +62,10 @@ class KernelShape:
     v_load: str = "8bit"  # FP8 V tile register layout for the f16 conversion: "8bit" | "wgmma"
     wg_split: str = "head"  # what the 2 compute warpgroups split: head-dim halves or KV blocks
     q_in_kernel: bool = False  # FP8: quantize q inside the kernel (wg 0) instead of in XLA
+    # Paged only: a [4] int32 input adds per-operand offsets (k, v, k_scale, v_scale) to the
+    # block table's page ids, so the four may sit at different places of shared page pools
+    # (the AFD arena: the cache is read in place, not sliced out).
+    page_offsets: bool = False
 
 
 def _transforms(dtype) -> tuple:
@@ -105,13 +109,14 @@ def _memory_wg(ks, refs, smem, bars, b, t, first, my_n):
         if ks.fp8:
             plgpu.copy_gmem_to_smem(refs["qs"].at[b, t], smem["qs"], bars["q"].at[1])
 
+    names = ("k", "v", "ks", "vs") if ks.fp8 else ("k", "v")
+
     def issue(i, slot):
-        idx = _kv_index(ks, refs.get("table"), b, first + i)
-        plgpu.copy_gmem_to_smem(refs["k"].at[idx], smem["k"].at[slot], bars["k"].at[slot])
-        plgpu.copy_gmem_to_smem(refs["v"].at[idx], smem["v"].at[slot], bars["v"].at[slot])
-        if ks.fp8:
-            plgpu.copy_gmem_to_smem(refs["ks"].at[idx], smem["ks"].at[slot], bars["ks"].at[slot])
-            plgpu.copy_gmem_to_smem(refs["vs"].at[idx], smem["vs"].at[slot], bars["vs"].at[slot])
+        page, rows = _kv_index(ks, refs.get("table"), b, first + i)
+        for j, name in enumerate(names):
+            lead = page + refs["poff"][j] if ks.page_offsets else page
+            dst = smem[name].at[slot]
+            plgpu.copy_gmem_to_smem(refs[name].at[lead, rows], dst, bars[name].at[slot])
 
     for i in range(ks.num_stages):
         pl.when(i < my_n)(functools.partial(issue, i, i))
@@ -348,7 +353,8 @@ def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
 
 
 def _input_names(ks: KernelShape) -> list[str]:
-    names = ["lengths"] + (["table"] if ks.paged else []) + ["q"]
+    names = ["lengths"] + (["table"] if ks.paged else []) + (["poff"] if ks.page_offsets else [])
+    names += ["q"]
     names += ["qs"] if ks.fp8 and not ks.q_in_kernel else []
     names += ["k", "v"] + (["ks", "vs"] if ks.fp8 else [])
     return names + ["out", "lse"]
@@ -383,8 +389,12 @@ def _compiler_params():
     return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
-def mfa_decode_mosaic(ks: KernelShape, lengths, table, q, q_scale, k, v, k_scale, v_scale):
-    """Runs the kernel; returns (out [splits, B, T, 64, 256] out_dtype, lse [splits, B, T, 64])."""
+def mfa_decode_mosaic(
+    ks: KernelShape, lengths, table, q, q_scale, k, v, k_scale, v_scale, page_offsets=None
+):
+    """Runs the kernel; returns (out [splits, B, T, 64, 256] out_dtype, lse [splits, B, T, 64]).
+    ``page_offsets`` ([4] int32, paged only, iff ``ks.page_offsets``): added to the page ids
+    of k, v, k_scale, v_scale."""
     shape = (ks.num_splits, ks.batch, ks.t, NUM_HEADS)
     out_type = (
         jax.ShapeDtypeStruct((*shape, HEAD_DIM), ks.out_dtype),
@@ -399,7 +409,8 @@ def mfa_decode_mosaic(ks: KernelShape, lengths, table, q, q_scale, k, v, k_scale
         thread_name="wg",
         compiler_params=_compiler_params(),
     )
-    args = [lengths] + ([table] if ks.paged else []) + [q]
+    args = [lengths] + ([table] if ks.paged else []) + ([page_offsets] if ks.page_offsets else [])
+    args += [q]
     args += [q_scale] if ks.fp8 and not ks.q_in_kernel else []
     args += [k, v] + ([k_scale, v_scale] if ks.fp8 else [])
     return call(*args)

@@ -19,6 +19,7 @@ Tolerances (derived, not tuned):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -157,6 +158,25 @@ class _Suite:
     def test_long_context(self, fp8):
         n = self.long_len
         self.run(make_case(5, [n - 5, n // 3], n, fp8=fp8))
+
+    @pytest.mark.parametrize("fp8", [False, True])
+    def test_paged_pools_with_offsets(self, fp8):
+        """K, V and scales at different page offsets of larger pools (the AFD arena's in-place
+        read) give exactly the plain paged result: same pages, same kernel."""
+        case = make_case(7, [0, 200, 512, 77], 512, fp8=fp8, page_size=128)
+        want = self.run(case)
+        names = ("k", "v", "k_scale", "v_scale")
+        pad = {"k": 3, "v": 9, "k_scale": 5, "v_scale": 1}  # NaN pages in front of each
+        pooled = dict(case)
+        for n in names:
+            if case[n] is not None:
+                x = case[n]
+                front = jnp.full((pad[n], *x.shape[1:]), jnp.nan, jnp.float32).astype(x.dtype)
+                pooled[n] = jnp.concatenate([front, x, front])
+        offsets = jnp.asarray([pad[n] for n in names], jnp.int32)
+        kw = {"config": self.configs[fp8]} if fp8 in self.configs else {}
+        got = mfa_decode_attention(**pooled, implementation=self.impl, page_offsets=offsets, **kw)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), want)
 
     def test_sm_scale_and_split_config(self):
         case = make_case(6, [1000, 17], 1024, fp8=True)
@@ -303,3 +323,26 @@ def test_paged_block_table_must_be_integer():
             **{**case, "block_table": case["block_table"].astype(jnp.float32)},
             implementation="xla",
         )
+
+
+def test_gpu_lowering_on_cpu_with_page_offsets():
+    """The in-place pool path (page offsets per operand, scales in their own pool) lowers."""
+    from pallas_kernels.mfa_decode import api
+
+    sd = jax.ShapeDtypeStruct
+    b, page = 4, 1024
+    args = (
+        sd((b, 1, N, H), jnp.bfloat16),
+        sd((12, page, H), jnp.float8_e4m3fn),
+        sd((12, page, H), jnp.float8_e4m3fn),
+        sd((b,), jnp.int32),
+        sd((30, page), jnp.float32),
+        sd((30, page), jnp.float32),
+        sd((b, 1), jnp.int32),
+        sd((4,), jnp.int32),
+    )
+    cfg = TuningConfig(wg_split="seq", num_stages=4, q_quant="kernel")
+    ks = api._kernel_shape(args[0], args[1], args[3], args[6], H**-0.5, cfg, 132)
+    ks = dataclasses.replace(ks, page_offsets=True)
+    lowered = api._pallas_jit.trace(ks, *args).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()[:20000]
