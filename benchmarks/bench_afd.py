@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import statistics
 import subprocess
@@ -34,8 +35,12 @@ from step3_jax.config import Step3Config
 from step3_jax.quant_model import Fp8Weight
 
 
-def bench_config(layers: int, tiny: bool = False) -> Step3Config:
+def bench_config(layers: int, tiny: bool = False, full: bool = False) -> Step3Config:
+    """Step-3 layer shapes with ``layers`` layers (first dense, rest MoE); ``full``: the real
+    61-layer Step-3 (5 dense layers, 56 MoE)."""
     base = Step3Config.tiny() if tiny else Step3Config.step3()
+    if full:
+        return base
     return dataclasses.replace(base, num_layers=layers, moe_layer_ids=tuple(range(1, layers)))
 
 
@@ -62,22 +67,23 @@ def _time(fn, reps: int) -> tuple[float, float]:
     return statistics.median(blocked), (time.perf_counter() - t0) / reps
 
 
-def run_afd(args, cfg, layout, devices, num_mb: int) -> dict:
-    dtypes = ArenaDtypes(weight=args.weights, cache="bfloat16")
+def run_afd(args, cfg, layout, devices, num_mb: int, microbatch: int, stages: bool) -> dict:
+    dtypes = ArenaDtypes(weight=args.weights, cache=args.cache)
     afd = AfdConfig(
-        args.microbatch,
+        microbatch,
         num_mb,
         args.context,
         fp8_transfer=True,
         ffn_implementation=args.ffn_impl,
-        attention_implementation="xla",
+        attention_implementation=args.attention_impl,
+        experts_in_place=not args.experts_copied,
     )
     ex = AfdExecutor(cfg, layout, devices, afd, dtypes=dtypes)
     ex.load_random(seed=1)
     tokens, pos, sel = _inputs(ex.batch, args.context)
     tpot, pipelined = _time(lambda: ex.step(tokens, pos, sel), args.reps)
-    stage = {}
-    for name in ("attention", "ffn", "exchange"):
+    stage = {"attention": float("nan"), "ffn": float("nan"), "exchange": float("nan")}
+    for name in ("attention", "ffn", "exchange") if stages else ():
         part = AfdExecutor(cfg, layout, devices, afd, dtypes=dtypes, stages=(name,))
         part.arenas, ex.arenas = ex.arenas, None
         stage[name], _ = _time(lambda part=part: part.step(tokens, pos, sel), args.reps)
@@ -91,14 +97,18 @@ def run_afd(args, cfg, layout, devices, num_mb: int) -> dict:
     items = cfg.num_layers * num_mb
     ticks = len(ex.schedule)
     n_gpu = layout.num_devices
+    ex.arenas = None  # free the device memory before the next configuration
     return {
-        "name": f"afd_{layout.name}_mb{num_mb}",
+        "name": f"afd_{layout.name}_mb{num_mb}x{microbatch}",
+        "cache": args.cache,
+        "attention_impl": str(args.attention_impl),
+        "experts_in_place": not args.experts_copied,
         "layout": layout.name,
         "gpus_per_instance": 1,
         "num_layers": cfg.num_layers,
         "micro_batches": num_mb,
         "batch": ex.batch,
-        "tokens_per_attention_gpu_per_microbatch": args.microbatch,
+        "tokens_per_attention_gpu_per_microbatch": microbatch,
         "attn_us_per_layer": stage["attention"] / items * 1e6,
         "ffn_us_per_layer": stage["ffn"] / items * 1e6,
         "transfer_us_per_layer": stage["exchange"] / ticks * 1e6,
@@ -110,11 +120,13 @@ def run_afd(args, cfg, layout, devices, num_mb: int) -> dict:
         "arena_gib_per_device": ex.arena.bytes_per_device() / 2**30,
         "arena": ex.arena.report(),
         "xla_temp_gib": temp_gib,
-        "ffn_plain_arrays_us_per_layer": _plain_ffn_us(args, cfg, layout, devices[-1]),
+        "ffn_plain_arrays_us_per_layer": (
+            _plain_ffn_us(args, cfg, layout, devices[-1], microbatch) if stages else float("nan")
+        ),
     }
 
 
-def _plain_ffn_us(args, cfg, layout, device) -> float:
+def _plain_ffn_us(args, cfg, layout, device, microbatch: int) -> float:
     """Control: one MoE layer's FFN-device work (the same `protocol.ffn_partial`) on plain
     arrays instead of arena views, same token count; the gap to ``ffn_us_per_layer`` is the
     arena's cost."""
@@ -123,7 +135,7 @@ def _plain_ffn_us(args, cfg, layout, device) -> float:
 
     loc = ffn_local_dims(cfg, layout)
     d, e, f, fs = cfg.hidden_size, loc["experts"], loc["moe_f"], loc["shared_f"]
-    t = layout.num_attention * args.microbatch
+    t = layout.num_attention * microbatch
     key = iter(jax.random.split(jax.random.key(5), 16))
     with jax.default_device(device):
         fp8 = args.weights == "float8_e4m3fn"
@@ -245,11 +257,14 @@ def run_baseline(args, cfg, devices, per_device: int) -> dict:
         max_len=args.context,
         fp8_transfer=True,
         act_dtype=jnp.bfloat16,
+        cache_dtype=jnp.dtype(args.cache),
         ffn_implementation=args.ffn_impl,
+        attention_implementation=args.attention_impl,
     )
     ex.glob, ex.attn, ex.ffn = _baseline_weights(cfg, n, args.weights, ex.dp, ex.rep)
     tokens, pos, sel = _inputs(per_device * n, args.context)
     tpot, pipelined = _time(lambda: ex.step(tokens, pos, sel), args.reps)
+    ex.glob = ex.attn = ex.ffn = ex.cache = None  # free the device memory
     return {
         "name": f"baseline_dp_ep_{n}gpu_b{per_device}",
         "gpus": n,
@@ -272,6 +287,7 @@ def _guard(results, label, fn):
         traceback.print_exc()
         results.append({"name": label, "error": f"{type(e).__name__}: {e}"[:2000]})
     finally:
+        gc.collect()  # drop the finished run's arenas before the next one allocates
         jax.clear_caches()
 
 
@@ -289,10 +305,19 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test)")
+    p.add_argument("--full", action="store_true", help="the real 61-layer Step-3")
+    p.add_argument("--cache", default="bfloat16", choices=["bfloat16", "float8_e4m3fn"])
+    p.add_argument("--attention-impl", default="xla", choices=["xla", "pallas"])
+    p.add_argument("--experts-copied", action="store_true", help="control: slice experts")
+    p.add_argument(
+        "--runs", default="", help="'MxBm,...' (micro-batches x sequences each); overrides "
+        "--micro-batches/--microbatch"
+    )  # fmt: skip
+    p.add_argument("--stage-runs", type=int, default=99, help="stage breakdown for the first N")
     args = p.parse_args(argv)
     layout = AfdLayout.parse(args.layout, ffn_ep=args.ffn_ep)
     devices = jax.devices()[: layout.num_devices]
-    cfg = bench_config(args.layers, args.tiny)
+    cfg = bench_config(args.layers, args.tiny, args.full)
     runs: list[dict] = []
     base: list[dict] = []
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
@@ -314,8 +339,15 @@ def main(argv=None) -> dict:
                 json.dump(result, f, indent=1)
         return result
 
-    for m in [int(x) for x in args.micro_batches.split(",") if x]:
-        _guard(runs, f"afd_mb{m}", lambda m=m: run_afd(args, cfg, layout, devices, m))
+    plan = [tuple(int(v) for v in r.split("x")) for r in args.runs.split(",") if r]
+    plan = plan or [(int(m), args.microbatch) for m in args.micro_batches.split(",") if m]
+    for i, (m, bm) in enumerate(plan):
+        stages = i < args.stage_runs
+        _guard(
+            runs,
+            f"afd_mb{m}x{bm}",
+            lambda m=m, bm=bm, st=stages: run_afd(args, cfg, layout, devices, m, bm, st),
+        )
         save()
     for b in [int(x) for x in args.baseline_batches.split(",") if x]:
         _guard(base, f"baseline_b{b}", lambda b=b: run_baseline(args, cfg, devices, b))

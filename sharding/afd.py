@@ -32,6 +32,7 @@ from sharding import protocol
 from sharding.layout import ALIGN, DEFAULT_DTYPES, AfdLayout, ArenaDtypes, ArenaLayout, Region
 from step3_jax import quant
 from step3_jax.cache import KVCache
+from step3_jax.model import MAX_KERNEL_QUERY_TOKENS
 from step3_jax.quant_model import Fp8Weight
 
 STAGES = ("attention", "ffn", "exchange")
@@ -162,6 +163,7 @@ class AfdConfig:
 _MOE = ("gate", "up", "down", "shared_gate", "shared_up", "shared_down")
 _DENSE = ("dense_gate", "dense_up", "dense_down")
 _GLOBAL = ("embed", "final_norm", "lm_head")
+_CACHE = ("cache_k", "cache_v", "cache_k_scale", "cache_v_scale")
 
 
 class AfdExecutor:
@@ -312,28 +314,47 @@ class AfdExecutor:
             arenas = _write_rows(arenas, regs[name], item, b_idx, pos, new, active)
         return arenas
 
+    def _attend_in_place(self, arenas, q, pos, item):
+        """The decode kernel reading this item's cache where it is: each cache region's arena
+        viewed as pages of one sequence (``[*, S, H]``, scales ``[*, S]``), the block table
+        ``[Bm, 1]`` and per-operand page offsets (no slice, so no copy of the cache)."""
+        from pallas_kernels.mfa_decode import mfa_decode_attention
+
+        regs, pools, offsets = self.arena.attention, [], []
+        for name in _CACHE:
+            reg = regs.get(name)
+            pools.append(None if reg is None else arenas[reg.dtype].reshape(-1, *reg.shape[1:]))
+            nk = 1 if reg is None else reg.pool_matrix
+            offsets.append(0 if reg is None else reg.offset // nk + item * (reg.stride // nk))
+        table = jnp.arange(self.afd.microbatch, dtype=jnp.int32)[:, None]
+        out = mfa_decode_attention(
+            q,
+            pools[0],
+            pools[1],
+            pos[:, -1] + 1,
+            k_scale=pools[2],
+            v_scale=pools[3],
+            block_table=table,
+            page_offsets=jnp.stack([jnp.asarray(o, jnp.int32) for o in offsets]),
+            implementation=self.afd.attention_implementation,
+        )
+        return out.astype(q.dtype)
+
     def _attention_rest(self, arenas, x, q, pos, layer, m, is_moe):
         """Attention over the updated cache, o_proj, residual, norm, router, pack."""
         c, a, regs = self.config, self.afd, self.arena.attention
         item = layer * a.num_microbatches + m
-        views = [
-            _view(arenas, regs[n], item)[None] if n in regs else None
-            for n in ("cache_k", "cache_v", "cache_k_scale", "cache_v_scale")
-        ]
-        cache = KVCache(views[0], views[1], pos[:, -1] + 1, views[2], views[3])
         p = _params(arenas, regs, ("o_proj", "post_norm", "router"), layer)
-        x_mid, h2, routing = protocol.attention_out(
-            p,
-            x,
-            q,
-            cache,
-            pos,
-            eps=c.rms_norm_eps,
-            dtype=self.act_dtype,
-            top_k=c.top_k,
-            is_moe=is_moe,
-            implementation=a.attention_implementation,
-        )
+        kw = dict(eps=c.rms_norm_eps, dtype=self.act_dtype, top_k=c.top_k, is_moe=is_moe)
+        if a.attention_implementation != "xla" and q.shape[1] <= MAX_KERNEL_QUERY_TOKENS:
+            o = self._attend_in_place(arenas, q, pos, item)
+            x_mid, h2, routing = protocol.attention_post(p, x, o, **kw)
+        else:  # XLA attention (fuses the cache slices) or a long prefill
+            views = [_view(arenas, regs[n], item)[None] if n in regs else None for n in _CACHE]
+            cache = KVCache(views[0], views[1], pos[:, -1] + 1, views[2], views[3])
+            x_mid, h2, routing = protocol.attention_out(
+                p, x, q, cache, pos, implementation=a.attention_implementation, **kw
+            )
         b, t, d = h2.shape
         routing = tuple(r.reshape(b * t, -1) for r in routing)
         packet = protocol.pack(h2.reshape(b * t, d), routing, c.top_k, a.fp8_transfer)

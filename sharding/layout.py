@@ -188,11 +188,16 @@ class Region:
     shape: tuple[int, ...]
     count: int
     offset: int = 0
-    align: int = ALIGN  # a multiple of ALIGN: offset and stride are multiples of it
+    pooled: bool = False  # items read in place as matrices of shape[1:] (see `pool_align`)
 
     @property
     def size(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def align(self) -> int:
+        """Offset and stride are multiples of this (a multiple of ALIGN)."""
+        return pool_align(self.shape) if self.pooled else ALIGN
 
     @property
     def stride(self) -> int:
@@ -203,11 +208,10 @@ class Region:
 
     @property
     def pool_matrix(self) -> int | None:
-        """Elements of one ``[N, K]`` matrix if the region is pool-aligned (see `pool_align`),
-        else None: then item i is matrices ``[first, first + shape[0])`` of the arena viewed
-        as ``[arena / (N*K), N, K]``, read in place by the grouped GEMM."""
-        nk = math.prod(self.shape[1:])
-        return nk if len(self.shape) == 3 and self.align % nk == 0 else None
+        """Elements of one ``shape[1:]`` matrix if the region is pooled, else None: item i is
+        then matrices ``[first, first + shape[0])`` of the arena viewed as ``[arena / nk,
+        *shape[1:]]``, read in place (grouped GEMM experts, paged-attention cache pages)."""
+        return math.prod(self.shape[1:]) if self.pooled else None
 
     @property
     def end(self) -> int:
@@ -229,13 +233,15 @@ def pool_align(shape: tuple[int, ...]) -> int:
 
 def _place(specs: list[tuple]) -> dict[str, Region]:
     """Assigns aligned offsets, region after region, separately in each dtype's arena.
-    ``specs``: (name, dtype, shape, count) or (name, dtype, shape, count, align)."""
+    ``specs``: (name, dtype, shape, count) or (name, dtype, shape, count, pooled)."""
     cursor: dict[str, int] = {}
     out = {}
     for name, dtype, shape, count, *rest in specs:
-        align = rest[0] if rest else ALIGN
-        start = -(-cursor.get(dtype, 0) // align) * align
-        out[name] = Region(name, dtype, tuple(int(s) for s in shape), int(count), start, align)
+        reg = Region(
+            name, dtype, tuple(int(s) for s in shape), int(count), 0, bool(rest and rest[0])
+        )
+        start = -(-cursor.get(dtype, 0) // reg.align) * reg.align
+        out[name] = dataclasses.replace(reg, offset=start)
         cursor[dtype] = out[name].end
     return out
 
@@ -260,7 +266,7 @@ DEFAULT_DTYPES = ArenaDtypes()
 def _weight(name, shape, count, dt: ArenaDtypes, num_contract=1, num_batch=0, pooled=False):
     """A linear weight's region(s): values (pool-aligned if ``pooled``), plus the 128x128
     block scales when FP8."""
-    out = [(name, dt.weight, shape, count, pool_align(shape) if pooled else ALIGN)]
+    out = [(name, dt.weight, shape, count, *([True] if pooled else []))]
     if dt.fp8_weights:
         batch, rest = shape[:num_batch], shape[num_batch:]
         n, k = math.prod(rest[: len(rest) - num_contract]), math.prod(rest[-num_contract:])
@@ -279,11 +285,14 @@ def attention_specs(config, dt: ArenaDtypes, microbatch: int, num_mb: int, max_l
     specs += [("post_norm", dt.norm, (d,), n_l), ("router", dt.norm, (c.num_experts, d), n_l)]
     specs += [("embed", dt.embed, (c.vocab_size, d), 1), ("final_norm", dt.norm, (d,), 1)]
     specs += [("lm_head", dt.embed, (c.vocab_size, d), 1)]
-    kv = (microbatch, max_len, h)
-    specs += [("cache_k", dt.cache, kv, n_l * num_mb), ("cache_v", dt.cache, kv, n_l * num_mb)]
+    # Pool-aligned: the arena viewed as [*, S, H] pages (one page per sequence) holds each
+    # item's sequences as consecutive pages, read in place by the paged attention kernel.
+    kv, n_items = (microbatch, max_len, h), n_l * num_mb
+    for name in ("cache_k", "cache_v"):
+        specs += [(name, dt.cache, kv, n_items, True)]
     if dt.cache == "float8_e4m3fn":
-        specs += [("cache_k_scale", "float32", kv[:2], n_l * num_mb)]
-        specs += [("cache_v_scale", "float32", kv[:2], n_l * num_mb)]
+        for name in ("cache_k_scale", "cache_v_scale"):
+            specs += [(name, "float32", kv[:2], n_items, True)]
     return specs
 
 

@@ -132,6 +132,12 @@ def attention_out(
     post-attention norm and routing. Returns ``(x_mid, h2, (weights, ids))``; ``is_moe`` may
     be traced: for dense layers the routing is zeroed (the FFN side ignores it)."""
     o = cached_attention(q, cache, 0, positions, implementation)
+    return attention_post(p, x, o, eps=eps, dtype=dtype, top_k=top_k, is_moe=is_moe)
+
+
+def attention_post(p: dict, x, o, *, eps, dtype, top_k: int, is_moe):
+    """o_proj of the attention output ``o [B, T, N, H]``, residual, post-attention norm and
+    routing (the part of `attention_out` after the attention itself)."""
     x_mid = x + project(o, p["o_proj"], "BTNH,DNH->BTD").astype(x.dtype)
     h2 = rms_norm(x_mid, p["post_norm"], eps)
     weights, ids = route(h2.astype(dtype), p["router"], top_k)
