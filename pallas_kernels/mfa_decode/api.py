@@ -40,7 +40,8 @@ def _validate(q, k, v, lengths, k_scale, v_scale, block_table, pools=False):
     b, _, _, h = q.shape
     if q.dtype != jnp.bfloat16:
         raise ValueError(f"q must be bfloat16, got {q.dtype}")
-    if k.shape != v.shape or k.ndim != 3 or k.shape[-1] != h:
+    same = k.shape[1:] == v.shape[1:] if pools else k.shape == v.shape  # pools: any page count
+    if not same or k.ndim != 3 or k.shape[-1] != h:
         raise ValueError(f"k and v must both be [*, *, H={h}], got {k.shape} and {v.shape}")
     if k.dtype != v.dtype or k.dtype not in (jnp.dtype(jnp.bfloat16), FP8):
         raise ValueError(f"k, v must both be bfloat16 or float8_e4m3fn, got {k.dtype}, {v.dtype}")
