@@ -20,8 +20,8 @@ FLAGS=""
 if [ "$OFFS" = 0 ]; then FLAGS="$FLAGS --attention-impl pallas"; else FLAGS="$FLAGS --attention-impl xla"; fi
 echo "bench flags:$FLAGS"
 timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_afd.py --full --layout 1A3F \
-  --runs "${RUNS:-1x256,1x448,2x224}" --stage-runs 1 --cache float8_e4m3fn \
-  --weights float8_e4m3fn --ffn-impl grouped --baseline-batches "${BASE:-64,112}" --reps 5 \
+  --runs "${RUNS:-1x256,1x512,2x256}" --stage-runs 1 --cache float8_e4m3fn \
+  --weights float8_e4m3fn --ffn-impl grouped --baseline-batches "${BASE:-64,128}" --reps 5 \
   --context 4096 $FLAGS --out "$OUT/afd_full_1A3F.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"
 grep -iE "error|Traceback" "$OUT/bench.log" | head -10

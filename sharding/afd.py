@@ -492,8 +492,9 @@ class AfdExecutor:
                     inbox = jax.tree.map(lambda b, g: b.at[a_m].set(g), inbox, got)
                 upd = x_mid[f_m] + total.reshape(bm, t, d).astype(self.act_dtype)
                 x = x.at[f_m].set(upd)
-            else:  # stage timing: keep the FFN result live, or XLA deletes the FFN work
+            else:  # stage timing: fold every result into x, or XLA deletes the dead work
                 upd = jnp.sum(result.astype(jnp.float32), axis=0).reshape(bm, t, d)
+                upd = upd + 1e-30 * jnp.sum(packet.values.astype(jnp.float32))
                 x = x.at[f_m].add(upd.astype(self.act_dtype))
             return (arenas, x, x_mid, inbox), None
 
@@ -508,6 +509,8 @@ class AfdExecutor:
 
         zeros = jnp.zeros((bd, c.vocab_size), jnp.float32)
         logits = lax.cond(is_attn & do_a, head, lambda: zeros)
+        if self.stages != STAGES:  # stage timing: x must stay live on every device
+            logits = logits + 1e-30 * jnp.sum(x.astype(jnp.float32))
         return logits[None], arenas
 
     def _build(self):
