@@ -28,109 +28,14 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sharding import protocol
-from sharding.layout import ALIGN, DEFAULT_DTYPES, AfdLayout, ArenaDtypes, ArenaLayout, Region
+from sharding import arena_io, protocol
+from sharding.layout import ALIGN, DEFAULT_DTYPES, AfdLayout, ArenaDtypes, ArenaLayout
+from sharding.schedule import exchange_rounds, pipeline_schedule
 from step3_jax import quant
 from step3_jax.cache import KVCache
 from step3_jax.model import MAX_KERNEL_QUERY_TOKENS
-from step3_jax.quant_model import Fp8Weight
 
 STAGES = ("attention", "ffn", "exchange")
-_NUM_CONTRACT = {"o_proj": 2}
-
-
-def exchange_rounds(num_a: int, num_f: int) -> list[list[tuple[int, int]]]:
-    """Matchings ``[(a, f), ...]`` covering every attention/FFN pair exactly once."""
-    if num_a <= num_f:
-        return [[(a, (a + r) % num_f) for a in range(num_a)] for r in range(num_f)]
-    return [[((f + r) % num_a, f) for f in range(num_f)] for r in range(num_a)]
-
-
-def pipeline_schedule(num_layers: int, num_mb: int) -> np.ndarray:
-    """Greedy static schedule ``[ticks, 6]`` int32 rows ``(a_ok, a_layer, a_mb, f_ok,
-    f_layer, f_mb)``; an idle stage has ok=0 and mb=num_mb (the trash slot).
-
-    Attention takes items in (layer, micro-batch) order once the item's previous-layer FFN
-    result has arrived (finished at an earlier tick); the FFN takes items in arrival order.
-    """
-    items = [(layer, m) for layer in range(num_layers) for m in range(num_mb)]
-    attn_done, ffn_done, rows = {}, {}, []
-    next_a, ffn_queue, tick = 0, [], 0
-    while len(ffn_done) < len(items):
-        row = [0, 0, num_mb, 0, 0, num_mb]
-        if next_a < len(items):
-            layer, m = items[next_a]
-            if layer == 0 or ffn_done.get((layer - 1, m), tick) < tick:
-                row[:3] = [1, layer, m]
-                attn_done[items[next_a]] = tick
-                next_a += 1
-        ready = [it for it in ffn_queue if attn_done[it] < tick]
-        if ready:
-            row[3:] = [1, *ready[0]]
-            ffn_done[ready[0]] = tick
-            ffn_queue.remove(ready[0])
-        if row[0]:
-            ffn_queue.append(items[next_a - 1])
-        rows.append(row)
-        tick += 1
-    return np.array(rows, np.int32)
-
-
-def _view(arenas: dict, reg: Region, item) -> jax.Array:
-    """Item ``item`` of ``reg``: whole arena rows, cut to the item's size and shape."""
-    rows = reg.stride // ALIGN
-    start = reg.offset // ALIGN + item * rows
-    flat = lax.dynamic_slice(arenas[reg.dtype], (start, 0), (rows, ALIGN)).reshape(-1)
-    if reg.stride != reg.size:
-        flat = flat[: reg.size]
-    return flat.reshape(reg.shape)
-
-
-def _pool(arenas: dict, reg: Region, item, scale) -> protocol.ExpertPool:
-    """Item ``item`` of a pool-aligned region, in place: the arena as ``[P, N, K]`` matrices
-    (a bitcast: no copy) and the item's first matrix (computed in matrices, so int32 is
-    enough however large the arena)."""
-    nk = reg.pool_matrix
-    matrices = arenas[reg.dtype].reshape(-1, *reg.shape[1:])
-    first = reg.offset // nk + item * (reg.stride // nk)
-    return protocol.ExpertPool(matrices, jnp.asarray(first, jnp.int32), scale, reg.shape[0])
-
-
-def _params(arenas: dict, regions: dict, names, item, in_place: bool = False) -> dict:
-    """Views of ``names`` at ``item``; FP8 values with ``<name>_scale`` become `Fp8Weight`.
-    With ``in_place``, pool-aligned regions (the routed experts) become `ExpertPool`s."""
-    out = {}
-    for name in names:
-        reg = regions[name]
-        if in_place and reg.pool_matrix is not None:
-            s_reg = regions.get(name + "_scale")
-            scale = None if s_reg is None else _view(arenas, s_reg, item)
-            out[name] = _pool(arenas, reg, item, scale)
-            continue
-        v = _view(arenas, reg, item)
-        if name + "_scale" in regions:
-            v = Fp8Weight(
-                v,
-                _view(arenas, regions[name + "_scale"], item),
-                num_contract=_NUM_CONTRACT.get(name, 1),
-            )
-        out[name] = v
-    return out
-
-
-def _write_rows(arenas, reg: Region, item, b_idx, positions, values, active):
-    """Scatter ``values [Bm, T, *row]`` into item ``item`` of ``reg`` (shape [Bm, S, *row])
-    at slots ``positions [Bm, T]``: a flat in-place scatter into the (donated) arena. When
-    ``active`` is False (FFN devices, idle ticks) every index is out of range and dropped."""
-    row = int(np.prod(reg.shape[2:]))
-    local = ((b_idx * reg.shape[1] + positions) * row)[..., None] + jnp.arange(row)  # int32
-    rows = reg.offset // ALIGN + item * (reg.stride // ALIGN) + local // ALIGN
-    rows = jnp.where(active, rows, arenas[reg.dtype].shape[0])  # out of range: dropped
-    vals = values.reshape(-1).astype(reg.dtype)
-    flat = (
-        arenas[reg.dtype].at[rows.reshape(-1), (local % ALIGN).reshape(-1)].set(vals, mode="drop")
-    )
-    return {**arenas, reg.dtype: flat}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,7 +203,7 @@ class AfdExecutor:
     def _attention_qkv(self, arenas, x, pos, layer):
         c = self.config
         names = ("input_norm", "q_proj", "k_proj", "v_proj", "inter_norm", "wq")
-        p = _params(arenas, self.arena.attention, names, layer)
+        p = arena_io.params(arenas, self.arena.attention, names, layer)
         return protocol.attention_qkv(
             p, x, pos, eps=c.rms_norm_eps, rope_theta=c.rope_theta, dtype=self.act_dtype
         )
@@ -310,8 +215,10 @@ class AfdExecutor:
         for name, new in (("cache_k", k), ("cache_v", v)):
             if name + "_scale" in regs:  # the same per-token quantization as KVCache.write
                 new, scale = quant.quantize_kv(new)
-                arenas = _write_rows(arenas, regs[name + "_scale"], item, b_idx, pos, scale, active)
-            arenas = _write_rows(arenas, regs[name], item, b_idx, pos, new, active)
+                arenas = arena_io.write_rows(
+                    arenas, regs[name + "_scale"], item, b_idx, pos, scale, active
+                )
+            arenas = arena_io.write_rows(arenas, regs[name], item, b_idx, pos, new, active)
         return arenas
 
     def _attend_in_place(self, arenas, q, pos, item):
@@ -344,13 +251,15 @@ class AfdExecutor:
         """Attention over the updated cache, o_proj, residual, norm, router, pack."""
         c, a, regs = self.config, self.afd, self.arena.attention
         item = layer * a.num_microbatches + m
-        p = _params(arenas, regs, ("o_proj", "post_norm", "router"), layer)
+        p = arena_io.params(arenas, regs, ("o_proj", "post_norm", "router"), layer)
         kw = dict(eps=c.rms_norm_eps, dtype=self.act_dtype, top_k=c.top_k, is_moe=is_moe)
         if a.attention_implementation != "xla" and q.shape[1] <= MAX_KERNEL_QUERY_TOKENS:
             o = self._attend_in_place(arenas, q, pos, item)
             x_mid, h2, routing = protocol.attention_post(p, x, o, **kw)
         else:  # XLA attention (fuses the cache slices) or a long prefill
-            views = [_view(arenas, regs[n], item)[None] if n in regs else None for n in _CACHE]
+            views = [
+                arena_io.view(arenas, regs[n], item)[None] if n in regs else None for n in _CACHE
+            ]
             cache = KVCache(views[0], views[1], pos[:, -1] + 1, views[2], views[3])
             x_mid, h2, routing = protocol.attention_out(
                 p, x, q, cache, pos, implementation=a.attention_implementation, **kw
@@ -369,7 +278,7 @@ class AfdExecutor:
             names = [k for k in (_MOE if moe else _DENSE) if k in regs]
             # Only the grouped GEMM can read a pool in place; "dense" would slice it anyway.
             in_place = self.afd.ffn_implementation == "grouped" and self.afd.experts_in_place
-            p = _params(arenas, regs, names, kind_index, in_place=in_place)
+            p = arena_io.params(arenas, regs, names, kind_index, in_place=in_place)
             return protocol.ffn_partial(
                 flat,
                 p,
@@ -435,7 +344,7 @@ class AfdExecutor:
         is_attn = dev < lay.num_attention
         e_local = c.num_experts // lay.ffn_ep
         first_expert = ((dev - lay.num_attention) // lay.ffn_tp) * e_local
-        embed_w = _params(arenas, self.arena.attention, ("embed",), 0)["embed"]
+        embed_w = arena_io.params(arenas, self.arena.attention, ("embed",), 0)["embed"]
         d = c.hidden_size
 
         def embed():
@@ -504,7 +413,7 @@ class AfdExecutor:
         def head():
             xs = x[:m_count].reshape(bd, t, d)
             last = jnp.take_along_axis(xs, select[0][:, None, None], axis=1)[:, 0]
-            glob = _params(arenas, self.arena.attention, ("final_norm", "lm_head"), 0)
+            glob = arena_io.params(arenas, self.arena.attention, ("final_norm", "lm_head"), 0)
             return protocol.final_logits(glob, last, c.rms_norm_eps)
 
         zeros = jnp.zeros((bd, c.vocab_size), jnp.float32)

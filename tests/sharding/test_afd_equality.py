@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from sharding import afd as afd_lib
-from sharding import protocol
+from sharding import arena_io, protocol
 from sharding.afd import AfdConfig, AfdExecutor
 from sharding.baseline import BaselineExecutor
 from sharding.layout import ALIGN, AfdLayout, ArenaDtypes
@@ -279,7 +279,7 @@ def test_attention_reads_the_cache_in_place():
             warnings.simplefilter("ignore")
             got = jax.jit(ex._attend_in_place, static_argnums=3)(arenas, q, qpos, item)
             regs = ex.arena.attention
-            k, v, ks, vs = (afd_lib._view(arenas, regs[n], item) for n in afd_lib._CACHE)
+            k, v, ks, vs = (arena_io.view(arenas, regs[n], item) for n in afd_lib._CACHE)
             want = mfa_decode_attention(
                 q, k, v, qpos[:, 0] + 1, k_scale=ks, v_scale=vs, implementation="xla"
             )
