@@ -98,6 +98,7 @@ def time_mode(mode, gemm, granularity, attention, batch, ctx, reps=30):
         out = jax.block_until_ready(step(state, x, cache))
         times.append(time.perf_counter() - t0)
     us = 1e6 * statistics.median(times)
+    device_us, kernels = _cupti(step, state, x, out[3])
     kv_per_tok = 2 * cfg.head_dim * (1 if mode == "fp8+kv8" else 2) + (
         8 if mode == "fp8+kv8" else 0
     )
@@ -110,6 +111,8 @@ def time_mode(mode, gemm, granularity, attention, batch, ctx, reps=30):
         "batch": batch,
         "context": ctx,
         "us": round(us, 1),
+        "device_us": device_us,
+        "kernels_us": kernels,
         "weight_bytes": int(attn_bytes),
         "kv_bytes": int(batch * ctx * kv_per_tok),
         "GBps": round(total / us / 1e3, 1),
@@ -117,103 +120,31 @@ def time_mode(mode, gemm, granularity, attention, batch, ctx, reps=30):
     }
 
 
-def _median_us(fn, *args, reps=30):
-    jax.block_until_ready(fn(*args))
-    times = []
+def _cupti(step, state, x, cache, reps: int = 5):
+    """Device time of one call (CUPTI: sum of every kernel, median over reps) and the kernels
+    taking >= 1 us, largest first: where the attention half spends its time, without the
+    dispatch that the wall-clock figure includes."""
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+    except ImportError:
+        return None, []
+    totals, per = [], {}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return round(1e6 * statistics.median(times), 1)
-
-
-def _chained_write_us(cache, k, v, pos, reps=30):
-    """In-place cache write: the donated cache is fed back each rep, as in the decode loop."""
-    write = jax.jit(lambda c, k, v: c.write(0, k, v, pos), donate_argnums=0)
-    cache = jax.block_until_ready(write(cache, k, v))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        cache = jax.block_until_ready(write(cache, k, v))
-        times.append(time.perf_counter() - t0)
-    return round(1e6 * statistics.median(times), 1)
-
-
-def breakdown(mode: str, granularity: str, batch: int, ctx: int) -> dict:
-    """Times the pieces of the attention half separately (each its own jit, so each includes
-    one dispatch: compare with an empty jitted call, also reported)."""
-    from pallas_kernels.mfa_decode import mfa_decode_attention
-
-    layer, cfg = build_layer(mode, "dequant", granularity, "pallas")
-    attn = layer.self_attn
-    kv_dtype = jnp.float8_e4m3fn if mode == "fp8+kv8" else jnp.bfloat16
-    cache = KVCache.create(1, batch, ctx, cfg.head_dim, kv_dtype)
-    keys = jax.random.split(jax.random.key(2), 4)
-    cache = cache.replace(
-        k=jax.random.normal(keys[0], cache.k.shape, jnp.float32).astype(kv_dtype),
-        v=jax.random.normal(keys[1], cache.v.shape, jnp.float32).astype(kv_dtype),
-    )
-    x = jax.random.normal(keys[2], (batch, 1, cfg.hidden_size), jnp.bfloat16)
-    pos = jnp.full((batch, 1), ctx - 1, jnp.int32)
-    q, k, v = jax.jit(lambda x: attn.qkv(layer.input_layernorm(x), pos))(x)
-    lengths = pos[:, 0] + 1
-    ks, vs = cache.k_scale, cache.v_scale
-    k0, v0 = cache.k[0], cache.v[0]
-    ks0 = None if ks is None else ks[0]
-    vs0 = None if vs is None else vs[0]
-    o = jnp.zeros_like(q)
-    return {
-        "mode": mode,
-        "granularity": granularity,
-        "batch": batch,
-        "context": ctx,
-        "empty_jit_us": _median_us(jax.jit(lambda a: a + 1), jnp.ones(4)),
-        "norm_qkv_rope_us": _median_us(
-            jax.jit(lambda x: attn.qkv(layer.input_layernorm(x), pos)), x
-        ),
-        "cache_write_us": _chained_write_us(cache, k, v, pos),
-        "decode_attention_us": _median_us(
-            jax.jit(
-                lambda q, k0, v0, ks0, vs0: mfa_decode_attention(
-                    q, k0, v0, lengths, k_scale=ks0, v_scale=vs0, implementation="pallas"
-                )
-            ),
-            q,
-            k0,
-            v0,
-            ks0,
-            vs0,
-        ),
-        "o_proj_norm_router_us": _median_us(
-            jax.jit(
-                lambda o, x: layer.ffn.route(
-                    layer.post_attention_layernorm(x + attn.output(o).astype(x.dtype))
-                )
-            ),
-            o,
-            x,
-        ),
-    }
+        fresh = jax.tree.map(jnp.copy, cache)  # the step donates its cache
+        _, kernels = profiler.measure(step, aggregate=False)(state, x, fresh)
+        kernels = kernels or []
+        totals.append(sum(t for _, t in kernels) * 1e3)
+        for name, t in kernels:
+            per.setdefault(name[:60], []).append(t * 1e3)
+    top = sorted(((n, statistics.median(v)) for n, v in per.items()), key=lambda kv: -kv[1])
+    return round(statistics.median(totals), 1), [(n, round(t, 1)) for n, t in top if t >= 1]
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--pairs", default="128:4096,64:8192")
     p.add_argument("--out", default=None)
-    p.add_argument("--breakdown", action="store_true", help="time the pieces at 128:4096")
     args = p.parse_args()
-    if args.breakdown:
-        rows = []
-        for mode, gran in (("bf16", "block"), ("fp8+kv8", "block"), ("fp8+kv8", "channel")):
-            try:
-                rows.append(breakdown(mode, gran, 128, 4096))
-            except Exception as e:  # noqa: BLE001
-                rows.append({"mode": mode, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-            print(json.dumps(rows[-1]), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
-        return
     copy = copy_bandwidth_gbs()
     try:
         commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
@@ -229,6 +160,7 @@ def main():
         "rows": [],
     }
     variants = [
+        ("fp8+kv8", "pallas", "block", "pallas"),
         ("bf16", "dequant", "block", "pallas"),
         ("fp8+kv8", "dequant", "block", "pallas"),
         ("fp8+kv8", "dequant", "channel", "pallas"),

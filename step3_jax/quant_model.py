@@ -37,6 +37,14 @@ dequantized operands, accumulated in float32:
 * ``"fp8_blocks"``: FP8 x FP8 ``dot_general`` per 128-wide K block with float32 results, scaled
   by ``x_scale[m, kb] * w_scale[n, kb]`` and summed over blocks: exact scale application, but it
   materializes ``[KB, M, N]`` float32 partial sums.
+
+And one kernel form, ``"pallas"``: FP8 x FP8 with the 128x128 block scales applied per K block
+inside the Mosaic GPU grouped GEMM (`pallas_kernels.grouped_gemm`, one group = a dense GEMM),
+streaming the FP8 weight once and never materializing a dequantized copy. It needs a Hopper
+GPU, block scales, no batch axes, N and K multiples of 128 and an equation of the form
+``x[rest, contract] , w[out, contract] -> [rest, out]``; anywhere else it computes the
+``"dequant"`` form (the numerics contract is the same: activations quantized per token per 128,
+f32 accumulation, a bf16 result).
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ from step3_jax import quant
 
 PRECISIONS = ("bf16", "fp8", "fp8+kv8")
 GRANULARITIES = ("block", "channel")
-GEMM_FORMS = ("dequant", "fp8_blocks")
+GEMM_FORMS = ("dequant", "fp8_blocks", "pallas")
 
 
 def _is_arraylike(a) -> bool:
@@ -204,6 +212,8 @@ class Fp8Weight:
         spec = _parse_eqn(eqn, x.ndim, self)
         if self.gemm == "fp8_blocks":
             return _project_fp8_blocks(x, self, spec).astype(out_dtype)
+        if self.gemm == "pallas" and _pallas_gemm_applies(x, self, spec):
+            return _project_pallas(x, self, spec).astype(out_dtype)
         xd = _fake_quant_contract(x, spec)
         if self.granularity == "channel":
             # Per-channel scales factor out of the contraction: the weight operand is a pure
@@ -313,6 +323,36 @@ def _project_fp8_blocks(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
     )  # [*out, KB]: one f32 partial sum per 128-wide K block
     ws = w.scales_nk().reshape(*rest_shape, -1)  # [*w_rest, KB]
     return jnp.einsum(f"{spec.out}{kb},{spec.x_rest}{kb},{w_rest}{kb}->{spec.out}", partial, xs, ws)
+
+
+def _pallas_gemm_applies(x: Array, w: Fp8Weight, spec: _Spec) -> bool:
+    """Whether the ``"pallas"`` form can run this projection here (see the module docstring)."""
+    from pallas_kernels.grouped_gemm import api
+
+    w_rest = spec.w[: len(spec.w) - w.num_contract]
+    layout_ok = spec.x == spec.x_rest + spec.contract and spec.out == spec.x_rest + w_rest
+    if w.granularity != "block" or w.num_batch or not layout_ok:
+        return False
+    n, k = _view_2d(w.shape, 0, w.num_contract)
+    weights = (jax.ShapeDtypeStruct((1, n, k), w.values.dtype),)
+    return api._pallas_supported(x, weights) is None
+
+
+def _project_pallas(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
+    """x [*rest, *contract] @ w[N, K]^T through the Pallas grouped GEMM with one group."""
+    from pallas_kernels.grouped_gemm import grouped_matmul
+
+    n, k = _view_2d(w.shape, 0, w.num_contract)
+    lead = x.shape[: len(spec.x_rest)]
+    x2 = x.reshape(-1, k)
+    out = grouped_matmul(
+        x2,
+        w.values.reshape(1, n, k),
+        jnp.full((1,), x2.shape[0], jnp.int32),
+        w_scale=w.scales[None],
+        implementation="pallas",
+    )  # bf16 [M, N]; x2 is quantized per token per 128 inside
+    return out.reshape(*lead, *w.shape[: w.ndim - w.num_contract])
 
 
 def split_fp8(w) -> tuple[Array, Array | None]:

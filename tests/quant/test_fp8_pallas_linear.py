@@ -1,0 +1,66 @@
+"""The ``"pallas"`` FP8 GEMM form of `Fp8Weight.project` (the grouped-GEMM kernel, one group).
+
+Off Hopper (CI) the form computes the ``"dequant"`` form: checked bitwise. On a Hopper GPU it
+runs the kernel and is compared with the ``"dequant"`` form on the same quantized activations.
+Tolerance (derived): both forms contract the same e4m3 operands; ``"dequant"`` rounds each
+dequantized operand to bf16 (relative 2**-9 each, so <= 2**-8 per product) and the kernel
+multiplies them exactly, accumulating in f32; both round the result to bf16 (2**-8 relative).
+Per-product errors are independent with std <= 2**-8/sqrt(3) of |x_k w_k|, so for K >= 2048
+random terms the output error is ~2**-8 |out| at most and 1 - cos <~ 2**-16 (1.5e-5); we allow
+2e-4, and 2**-6 of the largest |out| elementwise.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from step3_jax.quant_model import Fp8Weight
+
+# (equation, x shape, weight shape, num_contract): the projections of the Step-3 MFA layer.
+CASES = [
+    ("BTD,RD->BTR", (4, 1, 1024), (512, 1024), 1),  # q_proj
+    ("BTR,NHR->BTNH", (4, 1, 512), (8, 256, 512), 1),  # wq
+    ("BTNH,DNH->BTD", (4, 1, 8, 256), (1024, 8, 256), 2),  # o_proj
+]
+
+
+def _has_hopper() -> bool:
+    try:
+        d = jax.devices()[0]
+    except RuntimeError:
+        return False
+    return d.platform == "gpu" and str(getattr(d, "compute_capability", "")).startswith("9")
+
+
+def _case(seed, x_shape, w_shape, num_contract):
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, x_shape, jnp.float32).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, w_shape, jnp.float32) / np.sqrt(np.prod(w_shape[-num_contract:]))
+    q = Fp8Weight.quantize(w, num_contract=num_contract)
+    return x, q
+
+
+@pytest.mark.parametrize("eqn,x_shape,w_shape,nc", CASES)
+def test_pallas_form_off_hopper_is_the_dequant_form(eqn, x_shape, w_shape, nc):
+    if _has_hopper():
+        pytest.skip("on Hopper the kernel runs: see test_pallas_form_matches_dequant_on_gpu")
+    x, q = _case(1, x_shape, w_shape, nc)
+    got = q.replace(gemm="pallas").project(x, eqn, jnp.bfloat16)
+    want = q.project(x, eqn, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_hopper(), reason="Mosaic GPU kernel needs a Hopper GPU")
+@pytest.mark.parametrize("eqn,x_shape,w_shape,nc", CASES)
+def test_pallas_form_matches_dequant_on_gpu(eqn, x_shape, w_shape, nc):
+    x, q = _case(2, x_shape, w_shape, nc)
+    got = np.asarray(q.replace(gemm="pallas").project(x, eqn, jnp.bfloat16), np.float32)
+    want = np.asarray(q.project(x, eqn, jnp.bfloat16), np.float32)
+    assert got.shape == want.shape
+    cos = np.sum(got * want) / np.sqrt(np.sum(got * got) * np.sum(want * want))
+    assert 1 - cos <= 2e-4, 1 - cos
+    np.testing.assert_allclose(got, want, atol=2.0**-6 * np.abs(want).max(), rtol=0)
