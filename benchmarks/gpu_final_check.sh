@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One H100 call: the whole test suite on the GPU, then the attention half of a Step-3 layer with
+# CUPTI per-kernel times. Usage: bash benchmarks/gpu_final_check.sh OUT
+set -u
+OUT=${1:-/tmp/final}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi --query-gpu=name --format=csv,noheader
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -n 4 tests \
+  > "$OUT/tests_gpu.txt" 2>&1
+echo "tests rc=$?"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/tests_gpu.txt" | tail -15
+timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_attention_layer.py --pairs 128:4096 \
+  --out "$OUT/attention_layer.json" > "$OUT/attn.txt" 2>&1
+echo "attention bench rc=$?"
+python3 - "$OUT/attention_layer.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for r in d["rows"]:
+    print({k: v for k, v in r.items() if k != "kernels_us"})
+    for n, t in r.get("kernels_us", [])[:8]:
+        print("    ", t, n)
+PY
