@@ -5,10 +5,10 @@ set -u
 OUT=${1:-/tmp/final}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -n 4 tests \
+timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -rfE -p no:cacheprovider -n 8 tests \
   > "$OUT/tests_gpu.txt" 2>&1
-echo "tests rc=$?"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/tests_gpu.txt" | tail -15
-timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_attention_layer.py --pairs 128:4096 \
+echo "tests rc=$?"; grep -E "passed|failed|^FAILED|^ERROR|^E  " "$OUT/tests_gpu.txt" | tail -25
+timeout "${BENCH_TIMEOUT:-170}" python3 benchmarks/bench_attention_layer.py --pairs 128:4096 \
   --out "$OUT/attention_layer.json" > "$OUT/attn.txt" 2>&1
 echo "attention bench rc=$?"
 python3 - "$OUT/attention_layer.json" <<'PY'
