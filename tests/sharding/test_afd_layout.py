@@ -14,6 +14,7 @@ FP8 = ArenaDtypes(weight="float8_e4m3fn", cache="float8_e4m3fn")
 H200_BYTES = 141 * 10**9
 
 
+@pytest.mark.multi_device  # builds meshes of 4 and 8 devices (8 fake CPU devices in CI)
 def test_parse_and_device_count_errors():
     lay = AfdLayout.parse("2A6F", ffn_ep=2)
     assert (lay.num_attention, lay.ffn_ep, lay.ffn_tp, lay.num_devices) == (2, 2, 3, 8)
@@ -28,6 +29,7 @@ def test_parse_and_device_count_errors():
         AfdLayout.parse("1A3F").check_config(Step3Config.tiny())
 
 
+@pytest.mark.multi_device
 def test_meshes_have_role_named_axes():
     lay = AfdLayout.parse("2A6F", ffn_ep=2)
     devs = jax.devices()[:8]
