@@ -341,6 +341,7 @@ def _pallas_gemm_applies(x: Array, w: Fp8Weight, spec: _Spec) -> bool:
 def _project_pallas(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
     """x [*rest, *contract] @ w[N, K]^T through the Pallas grouped GEMM with one group."""
     from pallas_kernels.grouped_gemm import grouped_matmul
+    from pallas_kernels.grouped_gemm.config import dense_config
 
     n, k = _view_2d(w.shape, 0, w.num_contract)
     lead = x.shape[: len(spec.x_rest)]
@@ -351,6 +352,7 @@ def _project_pallas(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
         jnp.full((1,), x2.shape[0], jnp.int32),
         w_scale=w.scales[None],
         implementation="pallas",
+        config=dense_config(jax.devices()[0].device_kind, x2.shape[0], n, k),
     )  # bf16 [M, N]; x2 is quantized per token per 128 inside
     return out.reshape(*lead, *w.shape[: w.ndim - w.num_contract])
 

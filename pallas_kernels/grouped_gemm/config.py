@@ -87,3 +87,28 @@ def tuned_config(device_kind: str, m: int) -> TuningConfig:
                 if m <= bound:
                     return cfg
     return DEFAULT
+
+
+# Dense FP8 GEMMs (one group) of the attention half at decode sizes, H100, M = 128 rows
+# (benchmarks/results/dense_fp8_h100.json, CUPTI us): q_proj [2048, 7168] 25.1 -> 21.5 and
+# k_proj [256, 7168] 24.2 -> 20.8 with 64x64 tiles (more CTAs for a narrow N); wq [16384, 2048]
+# 19.0 -> 15.0 with a 128x128 two-warpgroup CTA; o_proj [7168, 16384] 58.0 -> 53.9 with 128x64.
+# The narrow ones stay latency-bound (88 GB/s for k_proj): fusing q/k/v into one N=2560 GEMM
+# is the next step, not a tile choice.
+_DENSE_NARROW = TuningConfig(block_m=64, block_n=64, max_concurrent_steps=6)
+_DENSE_SHORT_K = TuningConfig(
+    block_m=64, block_n=128, num_compute_wgs=2, wg_dim="m", max_concurrent_steps=6
+)
+_DENSE_LONG_K = TuningConfig(
+    block_m=64, block_n=64, num_compute_wgs=2, wg_dim="m", max_concurrent_steps=6
+)
+
+
+def dense_config(device_kind: str, m: int, n: int, k: int) -> TuningConfig:
+    """Config for a dense (one-group) GEMM of m rows and an [n, k] weight: the measured
+    decode-size choices above for M <= 256, else the grouped table."""
+    if m > 256:
+        return tuned_config(device_kind, m)
+    if n <= 2048:
+        return _DENSE_NARROW
+    return _DENSE_SHORT_K if k <= 4096 else _DENSE_LONG_K
