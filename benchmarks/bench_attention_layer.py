@@ -157,6 +157,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--pairs", default="128:4096,64:8192")
     p.add_argument("--out", default=None)
+    p.add_argument("--first", type=int, default=99, help="run only the first N variants")
     args = p.parse_args()
     copy = copy_bandwidth_gbs()
     try:
@@ -181,7 +182,7 @@ def main():
     ]
     for pair in args.pairs.split(","):
         b, s = (int(v) for v in pair.split(":"))
-        for mode, gemm, gran, attn in variants:
+        for mode, gemm, gran, attn in variants[: args.first]:
             try:
                 row = time_mode(mode, gemm, gran, attn, b, s)
             except Exception as e:  # noqa: BLE001 - record and keep going

@@ -357,6 +357,29 @@ def _project_pallas(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
     return out.reshape(*lead, *w.shape[: w.ndim - w.num_contract])
 
 
+def fuse_rows(weights) -> Fp8Weight | None:
+    """One ``[sum N_i, K]`` weight from 2-D ``"pallas"``-form block-FP8 weights ``[N_i, K]``
+    that share their input (Step-3's q/k/v projections), or None if any is not such a weight.
+
+    Exact: every N_i is a multiple of 128, so the 128-row scale blocks concatenate as they
+    are. Why: at decode sizes the narrow GEMMs are latency-bound (k_proj [256, 7168] streams at
+    88 GB/s on an H100), one wider GEMM fills more SMs (docs/LOG.md)."""
+    if not all(
+        isinstance(w, Fp8Weight)
+        and w.gemm == "pallas"
+        and w.granularity == "block"
+        and w.ndim == 2
+        and w.num_batch == 0
+        and w.shape[0] % quant.BLOCK == 0
+        and w.shape[1] == weights[0].shape[1]
+        for w in weights
+    ):
+        return None
+    values = jnp.concatenate([w.values for w in weights])
+    scales = jnp.concatenate([w.scales for w in weights])
+    return Fp8Weight(values, scales, gemm="pallas")
+
+
 def split_fp8(w) -> tuple[Array, Array | None]:
     """``(values, block scales)`` of an `Fp8Weight`, ``(w, None)`` for a plain array."""
     if isinstance(w, Fp8Weight):

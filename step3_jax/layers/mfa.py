@@ -98,11 +98,20 @@ class MFAttention(nnx.Module):
         self, x: Float[Array, "B T D"], positions: Int[Array, "B T"]
     ) -> tuple[Float[Array, "B T N H"], Float[Array, "B T H"], Float[Array, "B T H"]]:
         """Projections, inter_norm (BEFORE the up-projection) and RoPE on q and k."""
+        from step3_jax.quant_model import fuse_rows  # FP8 weights live there
+
         x = x.astype(self.dtype)
-        q_lo = self.inter_norm(project(x, self.q_proj[...], "BTD,RD->BTR"))
+        ws = (self.q_proj[...], self.k_proj[...], self.v_proj[...])
+        fused = fuse_rows(ws)
+        if fused is not None:  # one FP8 GEMM for q_lo, k, v (the same input x)
+            r, h = ws[0].shape[0], ws[1].shape[0]
+            q_lo, k, v = jnp.split(project(x, fused, "BTD,ND->BTN"), [r, r + h], axis=-1)
+        else:
+            q_lo = project(x, ws[0], "BTD,RD->BTR")
+            k = project(x, ws[1], "BTD,HD->BTH")
+            v = project(x, ws[2], "BTD,HD->BTH")
+        q_lo = self.inter_norm(q_lo)
         q = project(q_lo, self.wq[...], "BTR,NHR->BTNH")
-        k = project(x, self.k_proj[...], "BTD,HD->BTH")
-        v = project(x, self.v_proj[...], "BTD,HD->BTH")
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
         return q, k, v

@@ -64,3 +64,30 @@ def test_pallas_form_matches_dequant_on_gpu(eqn, x_shape, w_shape, nc):
     cos = np.sum(got * want) / np.sqrt(np.sum(got * got) * np.sum(want * want))
     assert 1 - cos <= 2e-4, 1 - cos
     np.testing.assert_allclose(got, want, atol=2.0**-6 * np.abs(want).max(), rtol=0)
+
+
+def test_mfa_qkv_fuses_pallas_form_weights():
+    """With "pallas"-form weights MFAttention.qkv runs q/k/v as ONE fused FP8 GEMM
+    (`fuse_rows`: the 128-row scale blocks concatenate exactly). Against the unfused "dequant"
+    projections: off Hopper both are XLA dots over the same dequantized operands (only the
+    summation order can differ: within 1 bf16 rounding, 2**-8 relative); on Hopper the kernel's
+    tolerance above applies (2**-6 of the largest |value|)."""
+    from flax import nnx
+
+    from step3_jax.layers.mfa import MFAttention
+    from step3_jax.quant_model import fuse_rows, quantize_model
+
+    def layer(gemm):
+        m = MFAttention(512, 256, 4, 256, rngs=nnx.Rngs(3))
+        return quantize_model(m, "fp8", gemm=gemm)
+
+    fused, plain = layer("pallas"), layer("dequant")
+    ws = (fused.q_proj[...], fused.k_proj[...], fused.v_proj[...])
+    assert fuse_rows(ws) is not None and fuse_rows(ws).shape == (256 + 2 * 256, 512)
+    assert fuse_rows((plain.q_proj[...], plain.k_proj[...], plain.v_proj[...])) is None
+    x = jax.random.normal(jax.random.key(4), (2, 3, 512), jnp.float32).astype(jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (2, 3))
+    tol = 2.0**-6 if _has_hopper() else 2.0**-8
+    for got, want in zip(fused.qkv(x, pos), plain.qkv(x, pos), strict=True):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max(), rtol=0)
