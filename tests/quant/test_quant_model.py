@@ -17,9 +17,21 @@ So ``atol = 5e-3`` and greedy tokens must agree (``fp8+kv8``: see the test for t
 per-position rule a K/V boundary flip needs). The FP8 effect itself (fp8 vs bf16 logits) is
 ~0.3 here, 60x the tolerance, and the test asserts that gap, so a reference that forgot a
 quantization step (or a model that skipped one) fails.
+
+Matmul precision: every test here runs under ``jax.default_matmul_precision("highest")``. The
+tolerances above assume float32 arithmetic, but a float32 dot at JAX's DEFAULT precision may run
+with TF32 operands on an A100/H100 (10 mantissa bits, relative rounding 2**-11, documented in
+`jax.lax.Precision`). In the FP8 modes that rounding moves ~1% of the activations across an e4m3
+rounding boundary before the next layer's quantization, each a whole e4m3 step (2**-4): the
+cause of the H100 failure of the fp8 case (90.7% of logits off, up to 0.18). A CPU emulation
+(float32 operands rounded to TF32 in every einsum) reproduces it: 90.8% of logits off, every
+`test_project_matches_numpy` case over its bound; with "highest" all pass. The library itself
+keeps DEFAULT: its real compute dtype is bf16, which TF32 represents exactly.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +46,22 @@ from step3_jax.layers.linear import project
 from step3_jax.model import Step3Model
 from step3_jax.quant_model import Fp8Weight, Precision, quantize_model, weight_bytes
 
-# Known gap (2026-11-22, H100, jax 0.11.2): these NumPy-reference comparisons fail on the GPU
-# (the tolerances were derived for XLA:CPU float32; the GPU differences, and a reshape error in
-# the KV8 test, are not yet investigated). Recorded as xfail there, never skipped on CPU.
+# Known gap (2026-11-22, H100, jax 0.11.2): 7 of these NumPy-reference comparisons failed on the
+# GPU at DEFAULT matmul precision (TF32, see the module docstring). The fix (the autouse
+# float32-precision fixture below) is verified on CPU by emulation only, so the GPU keeps a
+# non-strict xfail until a GPU run shows these as XPASS; never skipped or xfailed on CPU.
 _ON_GPU = any(d.platform == "gpu" for d in jax.devices())
-gpu_known_gap = pytest.mark.xfail(_ON_GPU, reason="GPU numerics not yet investigated", strict=False)
+gpu_known_gap = pytest.mark.xfail(
+    _ON_GPU, reason="TF32 fix awaiting a GPU run (module docstring)", strict=False
+)
+
+
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+    """Full float32 dots in every test of this module (tolerances derived for float32)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
 
 F32_INV448 = np.float32(1 / 448)
 
@@ -261,7 +284,8 @@ EQNS = [  # (eqn, weight shape, x shape, num_batch, num_contract): every one the
 @pytest.mark.parametrize("eqn,wshape,xshape,nb,nc", EQNS)
 @gpu_known_gap
 def test_project_matches_numpy(eqn, wshape, xshape, nb, nc, gemm, granularity):
-    kw, kx = jax.random.split(jax.random.key(hash(eqn) % 1000))
+    # crc32, not hash(): str hashes are salted per process, so the data changed per run.
+    kw, kx = jax.random.split(jax.random.key(zlib.crc32(eqn.encode()) % 1000))
     w = jax.random.normal(kw, wshape) * 0.05
     x = jax.random.normal(kx, xshape)
     fw = Fp8Weight.quantize(w, num_batch=nb, num_contract=nc, granularity=granularity, gemm=gemm)
