@@ -123,15 +123,31 @@ VARIANTS = {  # name -> (fp8, TuningConfig kwargs); measured side by side at the
     "pallas_bf16[head,stages=2]": (False, dict(num_stages=2)),
     "pallas_bf16[seq,stages=2]": (False, dict(wg_split="seq", num_stages=2)),
 }
+# Further variants, measured only when named in --extra-variants (the H200 tuning run): the
+# q-in-kernel form of the other FP8 choices, since q_in_kernel is the H100 default.
+EXTRA_VARIANTS = {
+    "pallas_fp8[seq,wgmma,stages=4,q_in_kernel]": (
+        True,
+        dict(wg_split="seq", v_load="wgmma", num_stages=4, q_quant="kernel"),
+    ),
+    "pallas_fp8[seq,8bit,stages=2,q_in_kernel]": (
+        True,
+        dict(wg_split="seq", num_stages=2, q_quant="kernel"),
+    ),
+    "pallas_fp8[head,8bit,stages=4,q_in_kernel]": (True, dict(num_stages=4, q_quant="kernel")),
+    "pallas_fp8[head,8bit,stages=3,q_in_kernel]": (True, dict(num_stages=3, q_quant="kernel")),
+}
 FP8_CONFIG = {}  # TuningConfig kwargs for the sweep's pallas_fp8 rows (--fp8-split)
+BF16_CONFIG = {}  # same for pallas_bf16 rows; set only by --config-from-variants
 
 
-def variants(shapes, copy_gbs):
+def variants(shapes, copy_gbs, table=None):
+    """Time every variant of ``table`` (default VARIANTS) at each (B, S) of ``shapes``."""
     from pallas_kernels.mfa_decode import TuningConfig
 
     rows = []
     for b, s in shapes:
-        for name, (fp8, kw) in VARIANTS.items():
+        for name, (fp8, kw) in (table or VARIANTS).items():
             cfg = TuningConfig(**kw)
             rows.append(
                 _row(
@@ -144,6 +160,23 @@ def variants(shapes, copy_gbs):
                 )
             )
     return rows
+
+
+def best_variant(rows, table, fp8):
+    """Name of the ``fp8`` variant of ``table`` with the lowest mean of us / (best us at that
+    shape) over the shapes where it ran; only variants that ran at every shape count."""
+    names = [n for n, (f, _) in table.items() if f == fp8]
+    ok = [r for r in rows if r["impl"] in names and "us" in r]
+    shapes = {(r["B"], r["ctx"]) for r in ok}
+    if not shapes:
+        return None
+    best = {sh: min(r["us"] for r in ok if (r["B"], r["ctx"]) == sh) for sh in shapes}
+    score = {}
+    for n in names:
+        mine = [r for r in ok if r["impl"] == n]
+        if len(mine) == len(shapes):
+            score[n] = sum(r["us"] / best[(r["B"], r["ctx"])] for r in mine) / len(mine)
+    return min(score, key=score.get) if score else None
 
 
 def bench_triton_example(b, s):
@@ -225,10 +258,16 @@ def _fp8_config():
     return TuningConfig(**FP8_CONFIG) if FP8_CONFIG else None
 
 
+def _bf16_config():
+    from pallas_kernels.mfa_decode import TuningConfig
+
+    return TuningConfig(**BF16_CONFIG) if BF16_CONFIG else None
+
+
 def _plan(b, s):
     return {
         "pallas_fp8": (True, lambda: bench_ours(b, s, True, "pallas", _fp8_config())),
-        "pallas_bf16": (False, lambda: bench_ours(b, s, False, "pallas")),
+        "pallas_bf16": (False, lambda: bench_ours(b, s, False, "pallas", _bf16_config())),
         "xla_fp8": (True, lambda: bench_ours(b, s, True, "xla")),
         "xla_bf16": (False, lambda: bench_ours(b, s, False, "xla")),
         "jax_triton_example_bf16": (False, lambda: bench_triton_example(b, s)),
@@ -249,7 +288,28 @@ def main():
     )
     ap.add_argument("--variants", default="128x4096,8x32768", help="BxS shapes, '' for none")
     ap.add_argument("--fp8-split", default="", help="'seq' or 'head': pallas_fp8 sweep config")
+    ap.add_argument(
+        "--extra-variants",
+        default="",
+        help=f"'all' or a comma list of further variants to time: {','.join(EXTRA_VARIANTS)}",
+    )
+    ap.add_argument(
+        "--config-from-variants",
+        action="store_true",
+        help="sweep pallas_fp8 / pallas_bf16 with the fastest variant (mean of us / best us over "
+        "the --variants shapes) instead of the tuned table",
+    )
     args = ap.parse_args()
+    table = dict(VARIANTS)
+    if args.extra_variants:
+        names = list(EXTRA_VARIANTS) if args.extra_variants == "all" else args.extra_variants
+        names = names.split(",") if isinstance(names, str) else names
+        unknown = [n for n in names if n not in EXTRA_VARIANTS]
+        if unknown:
+            raise SystemExit(
+                f"--extra-variants: unknown {unknown}; choose from {list(EXTRA_VARIANTS)}"
+            )
+        table.update({n: EXTRA_VARIANTS[n] for n in names})
     if args.fp8_split:
         FP8_CONFIG.update(wg_split=args.fp8_split)
     dev = jax.devices()[0]
@@ -280,7 +340,15 @@ def main():
     except Exception as e:  # noqa: BLE001
         result["breakdown_fp8_B128_4K"] = f"{type(e).__name__}: {str(e)[:200]}"
     shapes = [tuple(int(x) for x in v.split("x")) for v in args.variants.split(",") if v]
-    result["variants"] = variants(shapes, copy_gbs)
+    result["variants"] = variants(shapes, copy_gbs, table)
+    if args.config_from_variants:
+        for fp8, cfg in ((True, FP8_CONFIG), (False, BF16_CONFIG)):
+            name = best_variant(result["variants"], table, fp8)
+            if name:
+                cfg.clear()
+                cfg.update(table[name][1])
+            result["sweep_config_" + ("fp8" if fp8 else "bf16")] = name
+        print(json.dumps({k: v for k, v in result.items() if k.startswith("sweep_config")}))
     flush()
     sweep(
         [int(x) for x in args.batches.split(",")],

@@ -16,6 +16,7 @@ The last stdout line is a one-line JSON summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -263,8 +264,32 @@ SWEEP = {
         block_m=64, block_n=128, num_compute_wgs=2, wg_dim="m", max_concurrent_steps=6
     ),
 }
+# Further candidates, swept only when named in --sweep-configs (the H200 tuning run): a
+# shallower / deeper single-warpgroup ring (H200 streams ~1.4x faster than H100, so the bytes
+# a CTA keeps in flight may need to grow), and 4 steps for the split-M two-warpgroup tile.
+EXTRA_SWEEP = {
+    "wg1_64x128_s3": TuningConfig(block_m=64, block_n=128, max_concurrent_steps=3),
+    "wg1_64x128_s6": TuningConfig(block_m=64, block_n=128, max_concurrent_steps=6),
+    "wg2m_128x128_s4": TuningConfig(block_m=64, block_n=128, num_compute_wgs=2, wg_dim="m"),
+    "wg2n_64x256_s3": TuningConfig(
+        block_m=64, block_n=128, num_compute_wgs=2, wg_dim="n", max_concurrent_steps=3
+    ),
+}
+ALL_SWEEP = {**SWEEP, **EXTRA_SWEEP}
 if os.environ.get("BENCH_SWEEP"):  # e.g. BENCH_SWEEP=wg1_64x128_s8,wg2n_64x256_s6
-    SWEEP = {k: SWEEP[k] for k in os.environ["BENCH_SWEEP"].split(",")}
+    SWEEP = {k: ALL_SWEEP[k] for k in os.environ["BENCH_SWEEP"].split(",")}
+
+
+def select_sweep(names: str) -> None:
+    """Replace the swept configs by ``names`` (comma list of ALL_SWEEP keys); '' keeps them."""
+    if not names:
+        return
+    unknown = [n for n in names.split(",") if n not in ALL_SWEEP]
+    if unknown:
+        raise SystemExit(f"--sweep-configs: unknown {unknown}; choose from {sorted(ALL_SWEEP)}")
+    picked = {n: ALL_SWEEP[n] for n in names.split(",")}
+    SWEEP.clear()
+    SWEEP.update(picked)
 
 
 def sweep_gemms(t, weights, scales, check):
@@ -367,7 +392,14 @@ def main():
     ap.add_argument("--baseline-tokens", default="256,2048")
     ap.add_argument("--max-xla-tokens", type=int, default=2048)
     ap.add_argument("--out", default="moe_results.json")
+    ap.add_argument(
+        "--sweep-configs",
+        default="",
+        help=f"comma list of configs to sweep (default: {','.join(SWEEP)}); any of "
+        f"{','.join(ALL_SWEEP)}",
+    )
     args = ap.parse_args()
+    select_sweep(args.sweep_configs)
     ints = lambda s: [int(v) for v in s.split(",") if v]
     dev = jax.devices()[0]
     meta = {
@@ -377,6 +409,7 @@ def main():
         "date": datetime.date.today().isoformat(),
     }
     meta.update(copy_GBs=copy_bandwidth(), torch_dense_fp8_TFLOPs=torch_dense_fp8_tflops())
+    meta["sweep_configs"] = {n: dataclasses.asdict(c) for n, c in SWEEP.items()}
     print(json.dumps(meta), flush=True)
     doc = {"meta": meta, "sweep": [], "results": []}
 
