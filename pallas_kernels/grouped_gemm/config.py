@@ -67,7 +67,8 @@ class TuningConfig:
 #   vs one warpgroup 2.715, vs split-N 2.971.
 # * M = 6144 and 24576: 2 compute warpgroups splitting N (CTA 64x256): gate/up 456 and 762
 #   TFLOP/s vs 344 and 485 with one warpgroup and 429 and 572 split-M (4 steps).
-# H200: NOT measured (no device time left); the H100 table is the starting point.
+# H200: NOT measured (no device time left); the H100 table is the starting point. The sweep
+# that would tune it is ready: benchmarks/gpu_h200_tune.sh (plan: docs/log/h200_tuning.md).
 _SMALL = TuningConfig(block_m=64, block_n=128, max_concurrent_steps=4)
 _MID = TuningConfig(block_m=64, block_n=128, num_compute_wgs=2, wg_dim="m", max_concurrent_steps=6)
 _LARGE = TuningConfig(block_m=64, block_n=128, num_compute_wgs=2, wg_dim="n")

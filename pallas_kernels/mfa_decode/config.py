@@ -92,7 +92,10 @@ class TuningConfig:
 # H100, B=128, 4K context, FP8 cache (us, whole call incl. the 8 us XLA q quantization):
 #   head split, 4 stages: 124.1 | seq split, 4 stages: 109.3 (8-bit V loads) / 110.0 (16-bit)
 #   | seq split, 2 stages: 116.6. bf16 cache: head 182.3 vs seq 184.2 (both ~97% of copy BW).
-# H200: not measured yet (no device time left); it reuses the H100 entries.
+# H200: not tuned (no device time left); it reuses the H100 entries. One earlier H200 run
+# with the seq/4-stage FP8 config and q quantized in XLA: 92.1 us at B=128 4K (3.0 TB/s;
+# benchmarks/results/mfa_decode_H200_ffbe27e.json). Tuning sweep ready:
+# benchmarks/gpu_h200_tune.sh (plan: docs/log/h200_tuning.md).
 # q quantized inside the kernel (2026-11-22, H100, B=128 4K, same run): 106.8 us vs 109.1 us
 # with the three XLA q-quantization kernels (benchmarks/results/mfa_decode_H100_qkernel.json);
 # its GPU suite (TestPallasGPUQInKernel) passes.
