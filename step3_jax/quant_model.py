@@ -38,6 +38,12 @@ dequantized operands, accumulated in float32:
   by ``x_scale[m, kb] * w_scale[n, kb]`` and summed over blocks: exact scale application, but it
   materializes ``[KB, M, N]`` float32 partial sums.
 
+Both XLA forms use JAX's DEFAULT dot precision. With a bfloat16 compute dtype that is exact
+operand-wise; with float32 on an A100/H100 it means TF32 operands (relative rounding 2**-11),
+enough to move ~1% of the next layer's activations across an e4m3 rounding boundary. Use
+``jax.default_matmul_precision("highest")`` where float32 numerics matter (the NumPy-reference
+tests do).
+
 And one kernel form, ``"pallas"``: FP8 x FP8 with the 128x128 block scales applied per K block
 inside the Mosaic GPU grouped GEMM (`pallas_kernels.grouped_gemm`, one group = a dense GEMM),
 streaming the FP8 weight once and never materializing a dequantized copy. It needs a Hopper
