@@ -120,6 +120,10 @@ VARIANTS = {  # name -> (fp8, TuningConfig kwargs); measured side by side at the
         True,
         dict(wg_split="seq", num_stages=4, q_quant="kernel"),
     ),
+    "pallas_fp8[seq,8bit,stages=4,q_in_kernel,overlap]": (
+        True,
+        dict(wg_split="seq", num_stages=4, q_quant="kernel", pv_overlap=True),
+    ),
     "pallas_bf16[head,stages=2]": (False, dict(num_stages=2)),
     "pallas_bf16[seq,stages=2]": (False, dict(wg_split="seq", num_stages=2)),
 }
@@ -136,6 +140,10 @@ EXTRA_VARIANTS = {
     ),
     "pallas_fp8[head,8bit,stages=4,q_in_kernel]": (True, dict(num_stages=4, q_quant="kernel")),
     "pallas_fp8[head,8bit,stages=3,q_in_kernel]": (True, dict(num_stages=3, q_quant="kernel")),
+    "pallas_fp8[seq,wgmma,stages=4,q_in_kernel,overlap]": (
+        True,
+        dict(wg_split="seq", v_load="wgmma", num_stages=4, q_quant="kernel", pv_overlap=True),
+    ),
 }
 FP8_CONFIG = {}  # TuningConfig kwargs for the sweep's pallas_fp8 rows (--fp8-split)
 BF16_CONFIG = {}  # same for pallas_bf16 rows; set only by --config-from-variants
@@ -299,6 +307,11 @@ def main():
         help="sweep pallas_fp8 / pallas_bf16 with the fastest variant (mean of us / best us over "
         "the --variants shapes) instead of the tuned table",
     )
+    ap.add_argument(
+        "--only-variants",
+        default="",
+        help="'|'-separated substrings: time only the variants whose names contain one",
+    )
     args = ap.parse_args()
     table = dict(VARIANTS)
     if args.extra_variants:
@@ -310,6 +323,9 @@ def main():
                 f"--extra-variants: unknown {unknown}; choose from {list(EXTRA_VARIANTS)}"
             )
         table.update({n: EXTRA_VARIANTS[n] for n in names})
+    if args.only_variants:
+        keep = [w for w in args.only_variants.split("|") if w]
+        table = {n: v for n, v in table.items() if any(w in n for w in keep)}
     if args.fp8_split:
         FP8_CONFIG.update(wg_split=args.fp8_split)
     dev = jax.devices()[0]

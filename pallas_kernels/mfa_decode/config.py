@@ -46,6 +46,12 @@ class TuningConfig:
     # the call, ~8 us on H100) or "kernel" (warpgroup 0 reads bf16 q from GMEM and quantizes it
     # into shared memory; the tuned FP8 default: 2.3 us faster at B=128 4K on H100).
     q_quant: str = "xla"
+    # FP8 cache, wg_split="seq": software-pipeline each compute warpgroup (FlashAttention-3
+    # style): block j's QK wgmma runs while block j-1's V is converted, and block j-1's two
+    # P.V wgmmas run while block j's softmax is computed. Needs both V halves converted at
+    # once (a [block_s, 256] f16 tile per warpgroup); the end-of-kernel exchange and output
+    # tiles then share that memory (``plgpu.RefUnion``). See mosaic_gpu_overlap.py.
+    pv_overlap: bool = False
 
     def __post_init__(self):
         if self.q_quant not in ("xla", "kernel"):
@@ -54,6 +60,8 @@ class TuningConfig:
             raise ValueError(f"wg_split={self.wg_split!r} must be 'head' or 'seq'")
         if self.wg_split == "seq" and self.num_stages % 2:
             raise ValueError(f"wg_split='seq' needs an even num_stages, got {self.num_stages}")
+        if self.pv_overlap and self.wg_split != "seq":
+            raise ValueError("pv_overlap=True needs wg_split='seq'")
         if self.v_load not in ("8bit", "wgmma"):
             raise ValueError(f"v_load={self.v_load!r} must be '8bit' or 'wgmma'")
         if self.block_s not in (64, 128):
@@ -76,6 +84,9 @@ class TuningConfig:
         # exchange tile and max/sum vectors ("seq").
         out = (1 if seq else 2) * num_heads * 64 * jnp.dtype(out_dtype).itemsize
         xchg = num_heads * 64 * 4 + 2 * num_heads * 4 if seq else 0
+        if self.pv_overlap and fp8:
+            # A whole f16 V tile per warpgroup; the output and exchange tiles live inside them.
+            v16, out, xchg = 2 * self.block_s * head_dim * 2, 0, 2 * num_heads * 4
         return q + ring + scales + v16 + out + xchg + num_heads * 4 * 2 + SMEM_SLACK_BYTES
 
     def validate_smem(self, kv_dtype, out_dtype) -> None:

@@ -66,6 +66,8 @@ class KernelShape:
     # block table's page ids, so the four may sit at different places of shared page pools
     # (the AFD arena: the cache is read in place, not sliced out).
     page_offsets: bool = False
+    # FP8, wg_split="seq": software-pipelined compute warpgroups (mosaic_gpu_overlap.py).
+    pv_overlap: bool = False
 
 
 def _transforms(dtype) -> tuple:
@@ -124,7 +126,8 @@ def _memory_wg(ks, refs, smem, bars, b, t, first, my_n):
     @pl.loop(ks.num_stages, my_n)
     def _refill(i):
         slot = lax.rem(i, ks.num_stages)
-        plgpu.barrier_wait(bars["consumed"].at[slot])
+        with jax.named_scope("mem_wait"):
+            plgpu.barrier_wait(bars["consumed"].at[slot])
         issue(i, slot)
 
 
@@ -159,6 +162,7 @@ def q_operand(ks, refs, smem, bars, w, b, t):
     return q_row_scale * (ks.sm_scale * LOG2E)
 
 
+@jax.named_scope("qk")
 def _scores(ks, smem, bars, slot, q_row_scale):
     """f32 scores [64, block_s] in log2 units (sm_scale * log2e and all FP8 scales folded in)."""
     plgpu.barrier_wait(bars["k"].at[slot])
@@ -176,7 +180,7 @@ def _scores(ks, smem, bars, slot, q_row_scale):
     return s * _row(q_row_scale, shape) * _col(k_col, shape)
 
 
-def _v_operand_fp8(ks, smem, bars, slot, h, valid_rows, buf=None, wait=True):
+def _v_operand_fp8(ks, smem, bars, slot, h, valid_rows, buf=None, wait=True, dst=None, commit=True):
     """Convert half h (128 columns) of the FP8 V tile to f16 into f16 tile ``buf`` (default h;
     one per warpgroup), rows at or past ``valid_rows`` zeroed when it is given.
 
@@ -186,6 +190,7 @@ def _v_operand_fp8(ks, smem, bars, slot, h, valid_rows, buf=None, wait=True):
     """
     half = HEAD_DIM // 2
     buf = h if buf is None else buf
+    dst = smem["v16"].at[buf] if dst is None else dst
     if wait:
         plgpu.barrier_wait(bars["v"].at[slot])
     layout = plgpu.Layout.WGMMA_8BIT if ks.v_load == "8bit" else plgpu.Layout.WGMMA
@@ -194,9 +199,10 @@ def _v_operand_fp8(ks, smem, bars, slot, h, valid_rows, buf=None, wait=True):
     if valid_rows is not None:
         rows = plgpu.broadcasted_iota(jnp.int32, (ks.block_s, half), 0, layout=layout)
         v16 = jnp.where(rows < valid_rows, v16, jnp.float16(0))
-    smem["v16"].at[buf][...] = v16
-    plgpu.commit_smem()  # fence + warpgroup barrier: the wgmma reads what all 4 warps wrote
-    return smem["v16"].at[buf]
+    dst[...] = v16
+    if commit:  # fence + warpgroup barrier: the wgmma reads what all 4 warps wrote
+        plgpu.commit_smem()
+    return dst
 
 
 def _v_operand_bf16(ks, smem, bars, slot, h, valid_rows, wait=True):
@@ -218,6 +224,7 @@ def _v_operand_bf16(ks, smem, bars, slot, h, valid_rows, wait=True):
     return v_ref
 
 
+@jax.named_scope("softmax")
 def _softmax_step(ks, s, carry, valid, v_col):
     """Online-softmax update. Returns (P operand, acc rescale factor per row, new carry)."""
     m, lsum, c = carry
@@ -311,6 +318,12 @@ def _epilogue(ks, refs, smem, w, b, t, split, acc, m, lsum, c):
     plgpu.wait_smem_to_gmem(0)
 
 
+def smem_o_spec(ks: KernelShape):
+    """Output staging tile(s): [n, 64, EPI_COLS] of out_dtype (n = 1 for "seq", else 2)."""
+    n = 1 if ks.wg_split == "seq" else 2
+    return plgpu.SMEM((n, NUM_HEADS, EPI_COLS), ks.out_dtype, transforms=_transforms(ks.out_dtype))
+
+
 def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
     q_dtype = kv_dtype  # FP8 cache: FP8 q for the FP8 wgmma; bf16 cache: bf16 q
     half, st, bs = HEAD_DIM // 2, ks.num_stages, ks.block_s
@@ -319,11 +332,7 @@ def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
         "q": plgpu.SMEM((NUM_HEADS, HEAD_DIM), q_dtype, transforms=_transforms(q_dtype)),
         "k": plgpu.SMEM((st, bs, HEAD_DIM), kv_dtype, transforms=_transforms(kv_dtype)),
         "v": plgpu.SMEM((st, bs, HEAD_DIM), kv_dtype, transforms=_transforms(kv_dtype)),
-        "o": plgpu.SMEM(
-            (1 if seq else 2, NUM_HEADS, EPI_COLS),
-            ks.out_dtype,
-            transforms=_transforms(ks.out_dtype),
-        ),
+        "o": smem_o_spec(ks),
         "lse": plgpu.SMEM((NUM_HEADS,), jnp.float32),
     }
     bars = {
@@ -334,10 +343,12 @@ def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
         # it; "seq": a slot belongs to one warpgroup (num_stages is even).
         "consumed": plgpu.Barrier(num_arrivals=1 if seq else 2, num_barriers=st),
     }
+    overlap = ks.pv_overlap and ks.fp8
     if seq:  # wg 1 hands its normalised output to wg 0 in [64, EPI_COLS] f32 chunks
-        smem["x"] = plgpu.SMEM(
-            (NUM_HEADS, EPI_COLS), jnp.float32, transforms=_transforms(jnp.float32)
-        )
+        if not overlap:
+            smem["x"] = plgpu.SMEM(
+                (NUM_HEADS, EPI_COLS), jnp.float32, transforms=_transforms(jnp.float32)
+            )
         smem["xm"] = plgpu.SMEM((NUM_HEADS,), jnp.float32)
         smem["xl"] = plgpu.SMEM((NUM_HEADS,), jnp.float32)
         bars["xfull"] = plgpu.Barrier(num_barriers=1)
@@ -346,7 +357,20 @@ def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
         smem["qs"] = plgpu.SMEM((NUM_HEADS,), jnp.float32)
         smem["ks"] = plgpu.SMEM((st, bs), jnp.float32)
         smem["vs"] = plgpu.SMEM((st, bs), jnp.float32)
-        smem["v16"] = plgpu.SMEM((2, bs, half), jnp.float16, transforms=_transforms(jnp.float16))
+        if overlap:
+            # One whole f16 V tile per warpgroup (both halves in flight at once); once a
+            # warpgroup's loop is over its tile holds the output (wg 0) or exchange (wg 1) tile.
+            smem.pop("o")
+            v16 = plgpu.SMEM((2, bs, half), jnp.float16, transforms=_transforms(jnp.float16))
+            xchg = plgpu.SMEM(
+                (NUM_HEADS, EPI_COLS), jnp.float32, transforms=_transforms(jnp.float32)
+            )
+            smem["v16u0"] = plgpu.RefUnion(v16, smem_o_spec(ks))
+            smem["v16u1"] = plgpu.RefUnion(v16, xchg)
+        else:
+            smem["v16"] = plgpu.SMEM(
+                (2, bs, half), jnp.float16, transforms=_transforms(jnp.float16)
+            )
         bars["ks"] = plgpu.Barrier(num_barriers=st)
         bars["vs"] = plgpu.Barrier(num_barriers=st)
     return smem, bars
@@ -368,12 +392,18 @@ def _kernel(ks: KernelShape, kv_dtype, *all_refs):
     def body(*allocs):
         smem = dict(zip(s_keys, allocs[: len(s_keys)], strict=True))
         bars = dict(zip(b_keys, allocs[len(s_keys) :], strict=True))
+        if "v16u0" in smem:  # pv_overlap: unpack the two per-warpgroup unions
+            v0, smem["o"] = smem.pop("v16u0")
+            v1, smem["x"] = smem.pop("v16u1")
+            smem["v16w"] = (v0, v1)
         t, split, b = lax.axis_index("t"), lax.axis_index("split"), lax.axis_index("b")
         wg = lax.axis_index("wg")
         kv_end, first, my_n = _block_range(ks, refs["lengths"][b], t, split)
         pl.when(wg == 2)(lambda: _memory_wg(ks, refs, smem, bars, b, t, first, my_n))
         compute = _compute_wg
-        if ks.wg_split == "seq":
+        if ks.pv_overlap and ks.fp8:
+            from pallas_kernels.mfa_decode.mosaic_gpu_overlap import compute_wg_overlap as compute
+        elif ks.wg_split == "seq":
             from pallas_kernels.mfa_decode.mosaic_gpu_seq import compute_wg_seq as compute
         for w in range(2):  # static w: smem slices along the swizzled dim stay static
             run = functools.partial(
@@ -384,9 +414,21 @@ def _kernel(ks: KernelShape, kv_dtype, *all_refs):
     pl.run_scoped(body, *smem_spec.values(), *bar_spec.values(), collective_axes="wg")
 
 
+# Mosaic GPU's in-kernel profiler (off by default): ``benchmarks/profile_mfa_decode.py`` sets
+# events per warpgroup and a directory; every call then writes a Chrome trace of the named
+# regions (``jax.named_scope``) of each warpgroup. Read at trace time: clear jit caches after
+# changing it.
+PROFILE = {"space": 0, "dir": ""}
+
+
 def _compiler_params():
     # Lane semantics explicitly: the default changed between jax 0.10 and 0.11.
-    return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
+    prof = {}
+    if PROFILE["space"]:
+        prof = dict(profile_space=PROFILE["space"], profile_dir=PROFILE["dir"])
+    return plgpu.CompilerParams(
+        approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane, **prof
+    )
 
 
 def mfa_decode_mosaic(

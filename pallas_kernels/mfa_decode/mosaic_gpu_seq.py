@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -35,16 +36,18 @@ def _pv_halves(ks, smem, bars, slot, w, accs, p16, rescale, valid_rows):
     """acc_h = acc_h * rescale + P @ V[:, half h] for both halves of the head dim."""
     new = []
     for h in range(2):
-        if ks.fp8:
-            v_ref = mg._v_operand_fp8(ks, smem, bars, slot, h, valid_rows, buf=w, wait=h == 0)
-        else:
-            v_ref = mg._v_operand_bf16(ks, smem, bars, slot, h, valid_rows, wait=h == 0)
+        with jax.named_scope("v_cvt"):
+            if ks.fp8:
+                v_ref = mg._v_operand_fp8(ks, smem, bars, slot, h, valid_rows, buf=w, wait=h == 0)
+            else:
+                v_ref = mg._v_operand_bf16(ks, smem, bars, slot, h, valid_rows, wait=h == 0)
         acc = accs[h] * mg._row(rescale, accs[h].shape)
 
         def pv(acc_ref, v_ref=v_ref):
             plgpu.wgmma(acc_ref, p16, v_ref)
 
-        new.append(pl.run_state(pv)(plgpu.ACC.init(acc)))  # reading the ACC waits
+        with jax.named_scope("pv"):
+            new.append(pl.run_state(pv)(plgpu.ACC.init(acc)))  # reading the ACC waits
     return tuple(new)
 
 

@@ -211,6 +211,15 @@ class TestPallasGPUQInKernel(TestPallasGPU):
     configs = {True: TuningConfig(wg_split="seq", num_stages=4, q_quant="kernel")}  # noqa: RUF012
 
 
+@pytest.mark.gpu
+class TestPallasGPUOverlap(TestPallasGPU):
+    """FP8 cache with the software-pipelined compute warpgroups (pv_overlap=True)."""
+
+    configs = {  # noqa: RUF012
+        True: TuningConfig(wg_split="seq", num_stages=4, q_quant="kernel", pv_overlap=True)
+    }
+
+
 def test_combine_splits_matches_single_pass():
     """Partials over disjoint key ranges, merged by lse, equal one pass over all keys."""
     case = make_case(7, [384, 0, 130], 384, fp8=False)
@@ -244,15 +253,17 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.parametrize(
-    "fp8,t,paged,splits,wg_split,q_quant",
+    "fp8,t,paged,splits,wg_split,q_quant,overlap",
     [
-        (True, 1, False, 1, "head", "xla"),
-        (False, 2, True, 2, "head", "xla"),
-        (True, 3, True, 4, "seq", "xla"),
-        (True, 1, False, 1, "seq", "kernel"),
+        (True, 1, False, 1, "head", "xla", False),
+        (False, 2, True, 2, "head", "xla", False),
+        (True, 3, True, 4, "seq", "xla", False),
+        (True, 1, False, 1, "seq", "kernel", False),
+        (True, 1, False, 1, "seq", "kernel", True),
+        (True, 2, True, 3, "seq", "kernel", True),
     ],
 )
-def test_gpu_lowering_on_cpu(fp8, t, paged, splits, wg_split, q_quant):
+def test_gpu_lowering_on_cpu(fp8, t, paged, splits, wg_split, q_quant, overlap):
     """The real Mosaic GPU lowering (layouts, smem budget, TMA shapes) runs on a CPU host."""
     sd = jax.ShapeDtypeStruct
     dt = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
@@ -269,7 +280,11 @@ def test_gpu_lowering_on_cpu(fp8, t, paged, splits, wg_split, q_quant):
         v_scale=scale,
         block_table=table,
         config=TuningConfig(
-            num_stages=2 if not fp8 else 4, num_splits=splits, wg_split=wg_split, q_quant=q_quant
+            num_stages=2 if not fp8 else 4,
+            num_splits=splits,
+            wg_split=wg_split,
+            q_quant=q_quant,
+            pv_overlap=overlap,
         ),
     )
     assert "mosaic_gpu" in lowered.as_text()[:20000]
