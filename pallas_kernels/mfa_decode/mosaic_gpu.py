@@ -147,6 +147,7 @@ def _quantize_q(ks, refs, smem, bars, b, t):
     plgpu.barrier_arrive(bars["q"].at[0])
 
 
+@jax.named_scope("q_prep")
 def q_operand(ks, refs, smem, bars, w, b, t):
     """Wait until q (and its FP8 row scales) is in shared memory; returns the score row scale
     (q scale * sm_scale * log2 e) for an FP8 cache, else None."""

@@ -152,7 +152,8 @@ def compute_wg_overlap(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n
 
     # A loop of 0 or 1 trips: the state leaves it whether or not this warpgroup has a block.
     accs, (m, lsum, c) = lax.fori_loop(0, jnp.minimum(n_mine, 1), nonempty, empty)
-    if w == 1:
-        seq._send(ks, smem, bars, accs, m, lsum, c)
-    else:
-        seq._merge_and_store(ks, refs, smem, bars, b, t, split, accs, m, lsum, c)
+    with jax.named_scope("epilogue"):
+        if w == 1:
+            seq._send(ks, smem, bars, accs, m, lsum, c)
+        else:
+            seq._merge_and_store(ks, refs, smem, bars, b, t, split, accs, m, lsum, c)

@@ -82,10 +82,11 @@ def compute_wg_seq(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
     carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
     carry = lax.fori_loop(n_full, n_mine, functools.partial(step, masked=True), carry)
     accs, (m, lsum, c) = carry
-    if w == 1:
-        _send(ks, smem, bars, accs, m, lsum, c)
-    else:
-        _merge_and_store(ks, refs, smem, bars, b, t, split, accs, m, lsum, c)
+    with jax.named_scope("epilogue"):
+        if w == 1:
+            _send(ks, smem, bars, accs, m, lsum, c)
+        else:
+            _merge_and_store(ks, refs, smem, bars, b, t, split, accs, m, lsum, c)
 
 
 def _send(ks, smem, bars, accs, m, lsum, c):
