@@ -120,9 +120,17 @@ VARIANTS = {  # name -> (fp8, TuningConfig kwargs); measured side by side at the
         True,
         dict(wg_split="seq", num_stages=4, q_quant="kernel"),
     ),
-    "pallas_fp8[seq,8bit,stages=4,q_in_kernel,overlap]": (
+    "pallas_fp8[seq,8bit,stages=4,q_in_kernel,q_tma]": (
         True,
-        dict(wg_split="seq", num_stages=4, q_quant="kernel", pv_overlap=True),
+        dict(wg_split="seq", num_stages=4, q_quant="kernel", q_tma=True),
+    ),
+    "pallas_fp8[seq,8bit,stages=4,q_in_kernel,ring_epi]": (
+        True,
+        dict(wg_split="seq", num_stages=4, q_quant="kernel", ring_epilogue=True),
+    ),
+    "pallas_fp8[seq,8bit,stages=4,q_in_kernel,q_tma,ring_epi]": (
+        True,
+        dict(wg_split="seq", num_stages=4, q_quant="kernel", q_tma=True, ring_epilogue=True),
     ),
     "pallas_bf16[head,stages=2]": (False, dict(num_stages=2)),
     "pallas_bf16[seq,stages=2]": (False, dict(wg_split="seq", num_stages=2)),
@@ -140,10 +148,6 @@ EXTRA_VARIANTS = {
     ),
     "pallas_fp8[head,8bit,stages=4,q_in_kernel]": (True, dict(num_stages=4, q_quant="kernel")),
     "pallas_fp8[head,8bit,stages=3,q_in_kernel]": (True, dict(num_stages=3, q_quant="kernel")),
-    "pallas_fp8[seq,wgmma,stages=4,q_in_kernel,overlap]": (
-        True,
-        dict(wg_split="seq", v_load="wgmma", num_stages=4, q_quant="kernel", pv_overlap=True),
-    ),
 }
 FP8_CONFIG = {}  # TuningConfig kwargs for the sweep's pallas_fp8 rows (--fp8-split)
 BF16_CONFIG = {}  # same for pallas_bf16 rows; set only by --config-from-variants

@@ -219,7 +219,8 @@ def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None):
         v_load=config.v_load,
         wg_split=config.wg_split,
         q_in_kernel=config.q_quant == "kernel" and k.dtype == FP8,
-        pv_overlap=config.pv_overlap and k.dtype == FP8,
+        q_tma=config.q_tma and k.dtype == FP8,
+        ring_epilogue=config.ring_epilogue,
     )
 
 

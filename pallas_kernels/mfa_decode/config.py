@@ -46,12 +46,14 @@ class TuningConfig:
     # the call, ~8 us on H100) or "kernel" (warpgroup 0 reads bf16 q from GMEM and quantizes it
     # into shared memory; the tuned FP8 default: 2.3 us faster at B=128 4K on H100).
     q_quant: str = "xla"
-    # FP8 cache, wg_split="seq": software-pipeline each compute warpgroup (FlashAttention-3
-    # style): block j's QK wgmma runs while block j-1's V is converted, and block j-1's two
-    # P.V wgmmas run while block j's softmax is computed. Needs both V halves converted at
-    # once (a [block_s, 256] f16 tile per warpgroup); the end-of-kernel exchange and output
-    # tiles then share that memory (``plgpu.RefUnion``). See mosaic_gpu_overlap.py.
-    pv_overlap: bool = False
+    # q_quant="kernel": bf16 q reaches shared memory by TMA (issued first by the memory
+    # warpgroup, into the memory of the not-yet-used f16 V tile) instead of per-thread GMEM
+    # loads by warpgroup 0, which both compute warpgroups wait for.
+    q_tma: bool = False
+    # wg_split="seq" (num_stages >= 4, block_s = 64): the end-of-kernel exchange (wg 1 -> wg 0)
+    # and the output staging use ring slots the finished loop no longer needs: one handshake
+    # instead of four and four output TMA stores in flight at once, and no separate tiles.
+    ring_epilogue: bool = False
 
     def __post_init__(self):
         if self.q_quant not in ("xla", "kernel"):
@@ -60,8 +62,12 @@ class TuningConfig:
             raise ValueError(f"wg_split={self.wg_split!r} must be 'head' or 'seq'")
         if self.wg_split == "seq" and self.num_stages % 2:
             raise ValueError(f"wg_split='seq' needs an even num_stages, got {self.num_stages}")
-        if self.pv_overlap and self.wg_split != "seq":
-            raise ValueError("pv_overlap=True needs wg_split='seq'")
+        if self.q_tma and self.q_quant != "kernel":
+            raise ValueError("q_tma=True needs q_quant='kernel'")
+        if self.ring_epilogue and (
+            self.wg_split != "seq" or self.num_stages < 4 or self.block_s != 64
+        ):
+            raise ValueError("ring_epilogue=True needs wg_split='seq', num_stages >= 4, block_s=64")
         if self.v_load not in ("8bit", "wgmma"):
             raise ValueError(f"v_load={self.v_load!r} must be '8bit' or 'wgmma'")
         if self.block_s not in (64, 128):
@@ -84,9 +90,8 @@ class TuningConfig:
         # exchange tile and max/sum vectors ("seq").
         out = (1 if seq else 2) * num_heads * 64 * jnp.dtype(out_dtype).itemsize
         xchg = num_heads * 64 * 4 + 2 * num_heads * 4 if seq else 0
-        if self.pv_overlap and fp8:
-            # A whole f16 V tile per warpgroup; the output and exchange tiles live inside them.
-            v16, out, xchg = 2 * self.block_s * head_dim * 2, 0, 2 * num_heads * 4
+        if self.ring_epilogue:  # both tiles live in freed ring slots
+            out, xchg = 0, 2 * num_heads * 4
         return q + ring + scales + v16 + out + xchg + num_heads * 4 * 2 + SMEM_SLACK_BYTES
 
     def validate_smem(self, kv_dtype, out_dtype) -> None:

@@ -66,8 +66,8 @@ class KernelShape:
     # block table's page ids, so the four may sit at different places of shared page pools
     # (the AFD arena: the cache is read in place, not sliced out).
     page_offsets: bool = False
-    # FP8, wg_split="seq": software-pipelined compute warpgroups (mosaic_gpu_overlap.py).
-    pv_overlap: bool = False
+    q_tma: bool = False  # q_in_kernel: bf16 q staged in shared memory by TMA (config.py)
+    ring_epilogue: bool = False  # "seq": exchange + output staging in freed ring slots
 
 
 def _transforms(dtype) -> tuple:
@@ -106,6 +106,8 @@ def _kv_index(ks: KernelShape, table_ref, b, blk):
 def _memory_wg(ks, refs, smem, bars, b, t, first, my_n):
     """Issue the q copy and the K/V ring; waits on `consumed` before refilling a slot."""
     plgpu.set_max_registers(40, action="decrease")
+    if ks.q_tma:
+        plgpu.copy_gmem_to_smem(refs["q"].at[b, t], smem["q16"], bars["q16"].at[0])
     if not ks.q_in_kernel:
         plgpu.copy_gmem_to_smem(refs["q"].at[b, t], smem["q"], bars["q"].at[0])
         if ks.fp8:
@@ -137,8 +139,11 @@ def _quantize_q(ks, refs, smem, bars, b, t):
     Same format as ``step3_jax.quant.quantize_kv`` (scale = amax / 448, values rounded to
     nearest even), but without three small XLA kernels in front of the attention kernel.
     """
-    # optimized=False: the vectorised tiled path only serves shared memory.
-    qv = plgpu.load(refs["q"].at[b, t], (), layout=plgpu.Layout.WGMMA, optimized=False)
+    if ks.q_tma:  # staged in shared memory by the memory warpgroup's TMA
+        plgpu.barrier_wait(bars["q16"].at[0])
+        qv = plgpu.load(smem["q16"], (), layout=plgpu.Layout.WGMMA)
+    else:  # optimized=False: the vectorised tiled path only serves shared memory.
+        qv = plgpu.load(refs["q"].at[b, t], (), layout=plgpu.Layout.WGMMA, optimized=False)
     qv = qv.astype(jnp.float32)
     scale = jnp.maximum(jnp.max(jnp.abs(qv), axis=1) * (1.0 / 448.0), 1e-12)
     smem["q"][...] = (qv / _row(scale, qv.shape)).astype(jnp.float8_e4m3fn)
@@ -329,13 +334,28 @@ def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
     q_dtype = kv_dtype  # FP8 cache: FP8 q for the FP8 wgmma; bf16 cache: bf16 q
     half, st, bs = HEAD_DIM // 2, ks.num_stages, ks.block_s
     seq = ks.wg_split == "seq"
+    ring = plgpu.SMEM((st, bs, HEAD_DIM), kv_dtype, transforms=_transforms(kv_dtype))
     smem = {
         "q": plgpu.SMEM((NUM_HEADS, HEAD_DIM), q_dtype, transforms=_transforms(q_dtype)),
-        "k": plgpu.SMEM((st, bs, HEAD_DIM), kv_dtype, transforms=_transforms(kv_dtype)),
-        "v": plgpu.SMEM((st, bs, HEAD_DIM), kv_dtype, transforms=_transforms(kv_dtype)),
+        "k": ring,
+        "v": ring,
         "o": smem_o_spec(ks),
         "lse": plgpu.SMEM((NUM_HEADS,), jnp.float32),
     }
+    if ks.ring_epilogue:
+        # Views of each ring as [st, 64, 64] f32 (exchange) and [st, r, 64, 64] out_dtype
+        # (output staging; r fills a slot): entry s starts where ring slot s does.
+        del smem["o"]
+        r = bs * HEAD_DIM * jnp.dtype(kv_dtype).itemsize // (NUM_HEADS * EPI_COLS * 4)
+        r_out = r * 4 // jnp.dtype(ks.out_dtype).itemsize
+        xv = plgpu.SMEM(
+            (st * r, NUM_HEADS, EPI_COLS), jnp.float32, transforms=_transforms(jnp.float32)
+        )
+        ov = plgpu.SMEM(
+            (st * r_out, NUM_HEADS, EPI_COLS), ks.out_dtype, transforms=_transforms(ks.out_dtype)
+        )
+        smem["k"] = plgpu.RefUnion(ring, xv, ov)
+        smem["v"] = plgpu.RefUnion(ring, xv, ov)
     bars = {
         "q": plgpu.Barrier(num_barriers=2),
         "k": plgpu.Barrier(num_barriers=st),
@@ -344,9 +364,8 @@ def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
         # it; "seq": a slot belongs to one warpgroup (num_stages is even).
         "consumed": plgpu.Barrier(num_arrivals=1 if seq else 2, num_barriers=st),
     }
-    overlap = ks.pv_overlap and ks.fp8
     if seq:  # wg 1 hands its normalised output to wg 0 in [64, EPI_COLS] f32 chunks
-        if not overlap:
+        if not ks.ring_epilogue:
             smem["x"] = plgpu.SMEM(
                 (NUM_HEADS, EPI_COLS), jnp.float32, transforms=_transforms(jnp.float32)
             )
@@ -358,23 +377,25 @@ def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
         smem["qs"] = plgpu.SMEM((NUM_HEADS,), jnp.float32)
         smem["ks"] = plgpu.SMEM((st, bs), jnp.float32)
         smem["vs"] = plgpu.SMEM((st, bs), jnp.float32)
-        if overlap:
-            # One whole f16 V tile per warpgroup (both halves in flight at once); once a
-            # warpgroup's loop is over its tile holds the output (wg 0) or exchange (wg 1) tile.
-            smem.pop("o")
-            v16 = plgpu.SMEM((2, bs, half), jnp.float16, transforms=_transforms(jnp.float16))
-            xchg = plgpu.SMEM(
-                (NUM_HEADS, EPI_COLS), jnp.float32, transforms=_transforms(jnp.float32)
+        smem["v16"] = plgpu.SMEM((2, bs, half), jnp.float16, transforms=_transforms(jnp.float16))
+        if ks.q_tma:  # bf16 q [64, 256] (32 KiB = the f16 V tile at block_s=64) before any V
+            q16 = plgpu.SMEM(
+                (NUM_HEADS, HEAD_DIM), jnp.bfloat16, transforms=_transforms(jnp.bfloat16)
             )
-            smem["v16u0"] = plgpu.RefUnion(v16, smem_o_spec(ks))
-            smem["v16u1"] = plgpu.RefUnion(v16, xchg)
-        else:
-            smem["v16"] = plgpu.SMEM(
-                (2, bs, half), jnp.float16, transforms=_transforms(jnp.float16)
-            )
+            smem["v16"] = plgpu.RefUnion(smem["v16"], q16)
+            bars["q16"] = plgpu.Barrier(num_barriers=1)
         bars["ks"] = plgpu.Barrier(num_barriers=st)
         bars["vs"] = plgpu.Barrier(num_barriers=st)
     return smem, bars
+
+
+def _unpack_unions(ks: KernelShape, smem: dict) -> None:
+    """Replace the allocated ``RefUnion``s of ``_scratch`` by their views (in place)."""
+    if ks.ring_epilogue:
+        smem["k"], smem["xk"], smem["ok"] = smem["k"]
+        smem["v"], smem["xv"], smem["ov"] = smem["v"]
+    if ks.fp8 and ks.q_tma:
+        smem["v16"], smem["q16"] = smem["v16"]
 
 
 def _input_names(ks: KernelShape) -> list[str]:
@@ -393,18 +414,13 @@ def _kernel(ks: KernelShape, kv_dtype, *all_refs):
     def body(*allocs):
         smem = dict(zip(s_keys, allocs[: len(s_keys)], strict=True))
         bars = dict(zip(b_keys, allocs[len(s_keys) :], strict=True))
-        if "v16u0" in smem:  # pv_overlap: unpack the two per-warpgroup unions
-            v0, smem["o"] = smem.pop("v16u0")
-            v1, smem["x"] = smem.pop("v16u1")
-            smem["v16w"] = (v0, v1)
+        _unpack_unions(ks, smem)
         t, split, b = lax.axis_index("t"), lax.axis_index("split"), lax.axis_index("b")
         wg = lax.axis_index("wg")
         kv_end, first, my_n = _block_range(ks, refs["lengths"][b], t, split)
         pl.when(wg == 2)(lambda: _memory_wg(ks, refs, smem, bars, b, t, first, my_n))
         compute = _compute_wg
-        if ks.pv_overlap and ks.fp8:
-            from pallas_kernels.mfa_decode.mosaic_gpu_overlap import compute_wg_overlap as compute
-        elif ks.wg_split == "seq":
+        if ks.wg_split == "seq":
             from pallas_kernels.mfa_decode.mosaic_gpu_seq import compute_wg_seq as compute
         for w in range(2):  # static w: smem slices along the swizzled dim stay static
             run = functools.partial(

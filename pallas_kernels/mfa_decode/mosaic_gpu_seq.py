@@ -89,6 +89,15 @@ def compute_wg_seq(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
             _merge_and_store(ks, refs, smem, bars, b, t, split, accs, m, lsum, c)
 
 
+def _ring_chunk(ks, smem, name: str, j: int, odd: bool):
+    """Chunk j (of 4) of the ring-epilogue views ``x`` (f32 exchange) or ``o`` (output
+    staging): chunks 0, 1 in the K ring, 2, 3 in the V ring, at slots 1, 3 (wg 1's, ``odd``)
+    or 0, 2 (wg 0's). Every slot is free once the loops are over."""
+    view = smem[name + ("k" if j < 2 else "v")]
+    slot = 2 * (j % 2) + (1 if odd else 0)
+    return view.at[slot * (view.shape[0] // ks.num_stages)]
+
+
 def _send(ks, smem, bars, accs, m, lsum, c):
     """wg 1: normalised output chunks (and its max / sum) to wg 0 through shared memory."""
     pos = lsum > 0
@@ -96,6 +105,14 @@ def _send(ks, smem, bars, accs, m, lsum, c):
     smem["xm"][...] = m
     smem["xl"][...] = lsum
     per_half = HALF // mg.EPI_COLS
+    if ks.ring_epilogue:  # all four chunks at once into wg 1's freed ring slots
+        for j in range(2 * per_half):
+            h, k = divmod(j, per_half)
+            chunk = accs[h][:, k * mg.EPI_COLS : (k + 1) * mg.EPI_COLS]
+            _ring_chunk(ks, smem, "x", j, odd=True)[...] = chunk * mg._row(inv, chunk.shape)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(bars["xfull"].at[0])
+        return
     for j in range(2 * per_half):
         if j:
             plgpu.barrier_wait(bars["xfree"].at[0])
@@ -106,24 +123,54 @@ def _send(ks, smem, bars, accs, m, lsum, c):
         plgpu.barrier_arrive(bars["xfull"].at[0])
 
 
+def _merge_weights(smem, m0, l0, c0):
+    """(w0, w1, lse) of the online-softmax merge of wg 0's state with wg 1's (in smem)."""
+    m1 = plgpu.load(smem["xm"], (), layout=plgpu.Layout.WGMMA.reduce(1))
+    l1 = plgpu.load(smem["xl"], (), layout=plgpu.Layout.WGMMA.reduce(1))
+    m = jnp.maximum(m0, m1)
+    m_s = jnp.where(m == -jnp.inf, 0.0, m)  # both empty: every weight below is 0
+    e0, e1 = jnp.exp2(m0 - m_s), jnp.exp2(m1 - m_s)
+    tot = e0 * l0 + e1 * l1
+    pos = tot > 0
+    inv = jnp.where(pos, 1.0 / jnp.where(pos, tot, 1.0), 0.0)
+    lse = m_s * mg.LN2 + jnp.log(jnp.where(pos, tot, 1.0))
+    # acc0 carries 1/c0; wg 1 sent acc1 / l1.
+    return e0 * c0 * inv, e1 * l1 * inv, jnp.where(pos, lse, -jnp.inf)
+
+
+def _merge_and_store_ring(ks, refs, smem, bars, b, t, split, accs, m0, l0, c0):
+    """``ring_epilogue``: one wait for all of wg 1's chunks, the four output chunks staged in
+    wg 0's freed ring slots and their TMA stores in flight together."""
+    per_half = HALF // mg.EPI_COLS
+    plgpu.barrier_wait(bars["xfull"].at[0])
+    w0, w1, lse = _merge_weights(smem, m0, l0, c0)
+    smem["lse"][...] = lse
+    for j in range(2 * per_half):
+        h, k = divmod(j, per_half)
+        mine = accs[h][:, k * mg.EPI_COLS : (k + 1) * mg.EPI_COLS]
+        other = plgpu.load(_ring_chunk(ks, smem, "x", j, odd=True), (), layout=plgpu.Layout.WGMMA)
+        out = mine * mg._row(w0, mine.shape) + other * mg._row(w1, mine.shape)
+        _ring_chunk(ks, smem, "o", j, odd=False)[...] = out.astype(ks.out_dtype)
+    plgpu.commit_smem()
+    for j in range(2 * per_half):
+        cols = pl.ds(j * mg.EPI_COLS, mg.EPI_COLS)
+        plgpu.copy_smem_to_gmem(
+            _ring_chunk(ks, smem, "o", j, odd=False), refs["out"].at[split, b, t, :, cols]
+        )
+    plgpu.copy_smem_to_gmem(smem["lse"], refs["lse"].at[split, b, t])
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _merge_and_store(ks, refs, smem, bars, b, t, split, accs, m0, l0, c0):
     """wg 0: merge its state with wg 1's (online-softmax combine) and write out and lse."""
+    if ks.ring_epilogue:
+        return _merge_and_store_ring(ks, refs, smem, bars, b, t, split, accs, m0, l0, c0)
     per_half = HALF // mg.EPI_COLS
     o_smem = smem["o"].at[0]
     for j in range(2 * per_half):
         plgpu.barrier_wait(bars["xfull"].at[0])
         if j == 0:
-            m1 = plgpu.load(smem["xm"], (), layout=plgpu.Layout.WGMMA.reduce(1))
-            l1 = plgpu.load(smem["xl"], (), layout=plgpu.Layout.WGMMA.reduce(1))
-            m = jnp.maximum(m0, m1)
-            m_s = jnp.where(m == -jnp.inf, 0.0, m)  # both empty: every weight below is 0
-            e0, e1 = jnp.exp2(m0 - m_s), jnp.exp2(m1 - m_s)
-            tot = e0 * l0 + e1 * l1
-            pos = tot > 0
-            inv = jnp.where(pos, 1.0 / jnp.where(pos, tot, 1.0), 0.0)
-            w0, w1 = e0 * c0 * inv, e1 * l1 * inv  # acc0 carries 1/c0; wg 1 sent acc1 / l1
-            lse = m_s * mg.LN2 + jnp.log(jnp.where(pos, tot, 1.0))
-            smem["lse"][...] = jnp.where(pos, lse, -jnp.inf)
+            w0, w1, smem["lse"][...] = _merge_weights(smem, m0, l0, c0)
         other = plgpu.load(smem["x"], (), layout=plgpu.Layout.WGMMA)
         plgpu.commit_smem()  # every warp has read the chunk before wg 1 may overwrite it
         if j < 2 * per_half - 1:

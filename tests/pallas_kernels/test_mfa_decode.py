@@ -212,11 +212,13 @@ class TestPallasGPUQInKernel(TestPallasGPU):
 
 
 @pytest.mark.gpu
-class TestPallasGPUOverlap(TestPallasGPU):
-    """FP8 cache with the software-pipelined compute warpgroups (pv_overlap=True)."""
+class TestPallasGPURingEpilogue(TestPallasGPU):
+    """FP8 cache, q staged by TMA and the end-of-kernel exchange/output in freed ring slots."""
 
     configs = {  # noqa: RUF012
-        True: TuningConfig(wg_split="seq", num_stages=4, q_quant="kernel", pv_overlap=True)
+        True: TuningConfig(
+            wg_split="seq", num_stages=4, q_quant="kernel", q_tma=True, ring_epilogue=True
+        )
     }
 
 
@@ -253,7 +255,7 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.parametrize(
-    "fp8,t,paged,splits,wg_split,q_quant,overlap",
+    "fp8,t,paged,splits,wg_split,q_quant,fast",
     [
         (True, 1, False, 1, "head", "xla", False),
         (False, 2, True, 2, "head", "xla", False),
@@ -261,9 +263,10 @@ def test_bad_inputs_raise():
         (True, 1, False, 1, "seq", "kernel", False),
         (True, 1, False, 1, "seq", "kernel", True),
         (True, 2, True, 3, "seq", "kernel", True),
+        (True, 1, False, 2, "seq", "xla", True),
     ],
 )
-def test_gpu_lowering_on_cpu(fp8, t, paged, splits, wg_split, q_quant, overlap):
+def test_gpu_lowering_on_cpu(fp8, t, paged, splits, wg_split, q_quant, fast):
     """The real Mosaic GPU lowering (layouts, smem budget, TMA shapes) runs on a CPU host."""
     sd = jax.ShapeDtypeStruct
     dt = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
@@ -284,7 +287,8 @@ def test_gpu_lowering_on_cpu(fp8, t, paged, splits, wg_split, q_quant, overlap):
             num_splits=splits,
             wg_split=wg_split,
             q_quant=q_quant,
-            pv_overlap=overlap,
+            q_tma=fast and q_quant == "kernel",
+            ring_epilogue=fast,
         ),
     )
     assert "mosaic_gpu" in lowered.as_text()[:20000]
