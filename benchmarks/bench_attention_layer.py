@@ -8,7 +8,13 @@ H800, BF16 attention). The FFN of the layer is shrunk (experts of width 128): it
 Bytes the step must read: attention weights (bf16 2 B/param, or FP8 1 B/param + scales) plus
 the KV cache of B x S tokens (512 B FP8 + 8 B scales, or 1024 B bf16). Last stdout line: JSON.
 
+Variants (``name`` in each row): ``fp8_pallas_fused_qkv`` stores q/k/v as ONE FP8 weight
+(`MFAttention.fuse_qkv`, what ``quantize_model(gemm="pallas")`` does by default);
+``fp8_pallas_fused_qkv_percall`` keeps three weights and concatenates them into one GEMM on
+every call (the form measured as 281.2 us on an H100); the others run the three projections.
+
     PYTHONPATH=$PWD python3 benchmarks/bench_attention_layer.py --out results.json
+    PYTHONPATH=$PWD python3 benchmarks/bench_attention_layer.py --tiny   # CPU smoke run
 """
 
 from __future__ import annotations
@@ -44,13 +50,28 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
-def build_layer(mode: str, gemm: str, granularity: str, attention: str) -> DecoderLayer:
+# (name, precision mode, gemm form, weight granularity, attention implementation, fuse_qkv)
+VARIANTS = [
+    ("fp8_pallas_fused_qkv", "fp8+kv8", "pallas", "block", "pallas", True),
+    ("fp8_pallas_fused_qkv_percall", "fp8+kv8", "pallas", "block", "pallas", False),
+    ("bf16", "bf16", "dequant", "block", "pallas", False),
+    ("fp8_dequant_block", "fp8+kv8", "dequant", "block", "pallas", False),
+    ("fp8_dequant_channel", "fp8+kv8", "dequant", "channel", "pallas", False),
+    ("bf16_xla_attention", "bf16", "dequant", "block", "xla", False),
+]
+# --tiny: Step-3's layer shrunk for a CPU smoke run (R and H stay multiples of 128 so the
+# fused FP8 weight is exact; 4 heads, so attention runs the XLA path).
+TINY = dict(hidden_size=512, share_q_dim=256, num_heads=4, head_dim=128, vocab_size=256)
+
+
+def build_layer(mode, gemm, granularity, fuse, tiny=False) -> tuple[DecoderLayer, Step3Config]:
     cfg = dataclasses.replace(
         Step3Config.step3(),
         num_layers=1,
         moe_layer_ids=(0,),
         moe_intermediate_size=128,
         share_expert_dim=128,
+        **(TINY if tiny else {}),
     )
     layer = DecoderLayer(
         cfg,
@@ -61,12 +82,19 @@ def build_layer(mode: str, gemm: str, granularity: str, attention: str) -> Decod
         rngs=nnx.Rngs(0),
     )
     if mode != "bf16":
-        quantize_model(layer, "fp8", granularity=granularity, gemm=gemm)
+        quantize_model(layer, "fp8", granularity=granularity, gemm=gemm, fuse_qkv=fuse)
+    elif fuse:
+        layer.self_attn.fuse_qkv()
+    if layer.self_attn.fused_qkv != fuse:
+        raise RuntimeError(f"asked for fuse_qkv={fuse}, got {layer.self_attn.fused_qkv}")
     return layer, cfg
 
 
-def time_mode(mode, gemm, granularity, attention, batch, ctx, reps=30):
-    layer, cfg = build_layer(mode, gemm, granularity, attention)
+def time_mode(variant, batch, ctx, reps=30, tiny=False):
+    name, mode, gemm, granularity, attention, fuse = variant
+    if tiny:  # the Pallas decode kernel needs Step-3's 64 heads of 256: not the tiny layer
+        attention = "xla"
+    layer, cfg = build_layer(mode, gemm, granularity, fuse, tiny)
     attn_bytes = weight_bytes(layer.self_attn) + 4 * cfg.hidden_size  # + the two norms (bf16)
     kv_dtype = jnp.float8_e4m3fn if mode == "fp8+kv8" else jnp.bfloat16
     cache = KVCache.create(1, batch, ctx + 64, cfg.head_dim, kv_dtype)
@@ -107,8 +135,10 @@ def time_mode(mode, gemm, granularity, attention, batch, ctx, reps=30):
     )
     total = attn_bytes + batch * ctx * kv_per_tok
     return {
+        "name": name,
         "mode": mode,
         "gemm": gemm,
+        "qkv": "fused" if fuse else ("percall" if gemm == "pallas" else "separate"),
         "granularity": granularity,
         "attention": attention,
         "batch": batch,
@@ -158,8 +188,22 @@ def main():
     p.add_argument("--pairs", default="128:4096,64:8192")
     p.add_argument("--out", default=None)
     p.add_argument("--first", type=int, default=99, help="run only the first N variants")
+    p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    p.add_argument("--tiny", action="store_true", help="small layer, small pairs: CPU smoke")
+    p.add_argument("--reps", type=int, default=30)
     args = p.parse_args()
-    copy = copy_bandwidth_gbs()
+    if args.tiny and args.pairs == p.get_default("pairs"):
+        args.pairs = "4:256"
+    variants = VARIANTS[: args.first]
+    if args.only:
+        names = args.only.split(",")
+        unknown = sorted(set(names) - {v[0] for v in VARIANTS})
+        if unknown:
+            raise SystemExit(
+                f"unknown --only variants {unknown}; known: {[v[0] for v in VARIANTS]}"
+            )
+        variants = [v for v in variants if v[0] in names]
+    copy = copy_bandwidth_gbs(64 << 20 if args.tiny else 2 << 30)
     try:
         commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
     except Exception:  # noqa: BLE001 - the GPU copy of the tree has no .git
@@ -171,23 +215,20 @@ def main():
         "commit": commit,
         "date": datetime.date.today().isoformat(),
         "copy_GBps": round(copy, 1),
+        "tiny": args.tiny,
         "rows": [],
     }
-    variants = [
-        ("fp8+kv8", "pallas", "block", "pallas"),
-        ("bf16", "dequant", "block", "pallas"),
-        ("fp8+kv8", "dequant", "block", "pallas"),
-        ("fp8+kv8", "dequant", "channel", "pallas"),
-        ("bf16", "dequant", "block", "xla"),
-    ]
     for pair in args.pairs.split(","):
         b, s = (int(v) for v in pair.split(":"))
-        for mode, gemm, gran, attn in variants[: args.first]:
+        for variant in variants:
+            name, mode, gemm, gran, attn, _ = variant
             try:
-                row = time_mode(mode, gemm, gran, attn, b, s)
+                row = time_mode(variant, b, s, args.reps, args.tiny)
             except Exception as e:  # noqa: BLE001 - record and keep going
                 row = {
+                    "name": name,
                     "mode": mode,
+                    "gemm": gemm,
                     "granularity": gran,
                     "attention": attn,
                     "batch": b,

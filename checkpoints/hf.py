@@ -207,6 +207,7 @@ def load_hf(
     fp8: str = "dequantize",
     moe_implementation: str = "grouped",
     attention_implementation: str | None = "xla",
+    fuse_qkv: bool = False,
     progress: bool | None = None,
 ) -> Step3Model:
     """Loads a Step-3 HF checkpoint (bf16/f32 or block-FP8 safetensors) into a `Step3Model`.
@@ -219,6 +220,9 @@ def load_hf(
         or give ``mesh`` + ``specs`` (see `resolve_sharding`). Default: first device.
       fp8: for block-FP8 tensors, ``"dequantize"`` (float params of ``param_dtype``) or
         ``"keep"`` (`step3_jax.quant_model.Fp8Weight` leaves: fp8 values + f32 block scales).
+      fuse_qkv: store each layer's q/k/v weights as ONE ``self_attn.qkv_proj`` (loaded
+        separately, then fused: `step3_jax.quant_model.fuse_qkv`; with ``fp8="keep"`` the
+        block rows must concatenate exactly, i.e. ``share_q_dim`` a multiple of 128).
       progress: tqdm bar in bytes (default: on for checkpoints over 1 GiB).
 
     Raises:
@@ -252,7 +256,12 @@ def load_hf(
         leaves[e.path].set_value(value)
         bar.update(nbytes)
     bar.close()
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if fuse_qkv:
+        from step3_jax.quant_model import fuse_qkv as fuse
+
+        fuse(model)
+    return model
 
 
 def _check_table_covers_model(table: list[Entry], leaves: dict) -> None:
@@ -287,6 +296,22 @@ def _progress(total: int, enabled: bool | None):
 
 
 # ----------------------------------------------------------------------------- saving
+def param_values(model: Step3Model) -> dict[tuple, object]:
+    """Param values by NNX path as the HF table names them: a fused leaf
+    (`hf_mapping.FUSED_PARAMS`, e.g. ``qkv_proj``) appears as its separate parts, cut back
+    bitwise (`MFAttention.qkv_weights`)."""
+    values = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for path, node in nnx.iter_graph(model):
+        for fused, names in hf_mapping.FUSED_PARAMS.items():
+            if (*path, fused) not in values:
+                continue
+            if fused != "qkv_proj" or not hasattr(node, "qkv_weights"):
+                raise ValueError(f"{path}: no rule to split the fused leaf {fused!r}")
+            del values[(*path, fused)]
+            values.update({(*path, n): w for n, w in zip(names, node.qkv_weights(), strict=True)})
+    return values
+
+
 def _host_tensors(e: Entry, value, dtype) -> dict[str, np.ndarray]:
     """HF-layout host arrays of one parameter (two for an Fp8Weight: weight + scale_inv)."""
     from step3_jax.quant_model import Fp8Weight
@@ -302,12 +327,12 @@ def _host_tensors(e: Entry, value, dtype) -> dict[str, np.ndarray]:
     return {e.hf_name: e.transform.to_hf(host, e.hf_shape)}
 
 
-def _tensor_specs(table, leaves, dtype) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+def _tensor_specs(table, values, dtype) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     from step3_jax.quant_model import Fp8Weight
 
     specs = []
     for e in table:
-        v = leaves[e.path].get_value()
+        v = values[e.path]
         if isinstance(v, Fp8Weight):
             specs.append((e.hf_name, FP8, e.hf_shape))
             specs.append((e.scale_name, np.dtype(np.float32), tuple(v.scales.shape)))
@@ -328,7 +353,9 @@ def save_hf(
 
     Float params are cast to ``dtype`` (default: as stored); `Fp8Weight` leaves are written
     as block-FP8 (``weight`` float8_e4m3fn + ``weight_scale_inv`` f32). One tensor is on the
-    host at a time. Refuses to replace an existing checkpoint unless ``overwrite=True``.
+    host at a time. A fused ``qkv_proj`` (`MFAttention.fuse_qkv`) is written as the separate
+    q_proj/k_proj/v_proj tensors, so the checkpoint is the same as the unfused model's.
+    Refuses to replace an existing checkpoint unless ``overwrite=True``.
     Returns the index dict.
     """
     path = Path(path)
@@ -341,8 +368,13 @@ def save_hf(
     for p in old:
         p.unlink()
     table = hf_mapping.entries(model.config)
-    leaves = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    specs = _tensor_specs(table, leaves, dtype)
+    values = param_values(model)
+    if set(values) != {e.path for e in table}:
+        raise RuntimeError(
+            "hf_mapping.entries out of sync with the model's params: "
+            f"{sorted(map(str, set(values) ^ {e.path for e in table}))}"
+        )
+    specs = _tensor_specs(table, values, dtype)
     by_name = {}
     for e in table:
         by_name[e.hf_name] = by_name[e.scale_name] = e
@@ -353,13 +385,13 @@ def save_hf(
         # An Fp8Weight yields two tensors from one leaf; keep the second until asked for.
         if name not in cache:
             e = by_name[name]
-            cache.update(_host_tensors(e, leaves[e.path].get_value(), dtype))
+            cache.update(_host_tensors(e, values[e.path], dtype))
         return cache.pop(name)
 
     fp8 = any(s[1] == FP8 for s in specs)
     index = ShardWriter(path, max_shard_bytes).write(specs, get, {"producer": "step3_jax"})
     hf_cfg = model.config.to_hf_config()
-    stored = dtype or leaves[("norm", "weight")].get_value().dtype
+    stored = dtype or values[("norm", "weight")].dtype
     hf_cfg["torch_dtype"] = np.dtype(stored).name
     if fp8:
         hf_cfg["quantization_config"] = {
@@ -377,6 +409,7 @@ __all__ = [
     "FP8_MODES",
     "dequantize_blocks",
     "load_hf",
+    "param_values",
     "read_config",
     "resolve_sharding",
     "save_hf",

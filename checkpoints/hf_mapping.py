@@ -12,6 +12,12 @@ split_heads_out    wq ``[N*H, R]``              ``[N, H, R]``               self
 split_heads_in     o_proj ``[D, N*H]``          ``[D, N, H]``               self_attn.o_proj
 =================  ===========================  ==========================  ==================
 
+Fused parameters (`FUSED_PARAMS`): a model may store several of the table's tensors as ONE
+leaf, e.g. ``self_attn.qkv_proj [R + 2H, D]`` after `step3_jax.layers.MFAttention.fuse_qkv`
+(the rows of q_proj, k_proj, v_proj). The table always names the separate HF tensors:
+`checkpoints.hf.save_hf` cuts a fused leaf back into them (bitwise, FP8 scales included) and
+``load_hf(..., fuse_qkv=True)`` fills the separate leaves, then fuses.
+
 Block-FP8 checkpoints add ``<name>_scale_inv`` (float32 ``[*batch, ceil(N/128), ceil(K/128)]``)
 beside each quantizable ``*.weight``: ``Entry.quantizable`` marks them, ``Entry.num_batch`` /
 ``num_contract`` describe the 2-D ``[N, K]`` view the scales cover.
@@ -44,6 +50,8 @@ SKIP_PREFIXES = (
     "multi_modal_projector.",
 )
 SCALE_SUFFIX = "_scale_inv"  # block-FP8: "<...>.weight_scale_inv" beside "<...>.weight"
+# Fused model leaf -> the table leaves (same module) whose rows it holds, in row order.
+FUSED_PARAMS = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +175,7 @@ def canonical_name(name: str) -> str | None:
 
 
 __all__ = [
+    "FUSED_PARAMS",
     "Entry",
     "PREFIX_ALIASES",
     "SCALE_SUFFIX",

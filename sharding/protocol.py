@@ -283,7 +283,8 @@ ATTENTION_TENSORS = (
 
 def attention_params(model) -> dict[str, np.ndarray]:
     """Attention-role tensors of ``model``: per-layer ones stacked ``[L, ...]``, globals
-    ``[1, ...]``; dense layers get an all-zero router (their routing is discarded)."""
+    ``[1, ...]``; dense layers get an all-zero router (their routing is discarded). A model
+    with fused q/k/v (``qkv_proj``) gives the same separate ``q_proj``/``k_proj``/``v_proj``."""
     c = model.config
     per: dict[str, list] = {k: [] for k in ATTENTION_TENSORS}
     for layer in model.layers:
@@ -291,7 +292,11 @@ def attention_params(model) -> dict[str, np.ndarray]:
         per["input_norm"].append(_val(layer.input_layernorm.weight))
         per["post_norm"].append(_val(layer.post_attention_layernorm.weight))
         per["inter_norm"].append(_val(a.inter_norm.weight))
-        for k in ("q_proj", "k_proj", "v_proj", "wq", "o_proj"):
+        # qkv_weights: a fused qkv_proj (MFAttention.fuse_qkv) is cut back into the three
+        # weights bitwise, so AFD runs the same per-role layout from a fused or unfused model.
+        for k, w in zip(("q_proj", "k_proj", "v_proj"), a.qkv_weights(), strict=True):
+            per[k].append(_val(w))
+        for k in ("wq", "o_proj"):
             per[k].append(_val(getattr(a, k)))
         dt = per["input_norm"][-1].dtype
         per["router"].append(

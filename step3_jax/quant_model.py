@@ -363,13 +363,108 @@ def _project_pallas(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
     return out.reshape(*lead, *w.shape[: w.ndim - w.num_contract])
 
 
+def _row_offsets(sizes) -> list[int]:
+    """Start row of each part and the total: ``[0, n_0, n_0 + n_1, ..., sum n_i]``."""
+    out = [0]
+    for n in sizes:
+        out.append(out[-1] + int(n))
+    return out
+
+
+def _check_fp8_rows(weights, names) -> None:
+    """Raises unless the `Fp8Weight` parts concatenate along rows EXACTLY (see `concat_rows`)."""
+    w0 = weights[0]
+    for w, name in zip(weights, names, strict=True):
+        same = (w.granularity, w.gemm, w.num_contract) == (w0.granularity, w0.gemm, 1)
+        if w.ndim != 2 or w.num_batch or not same:
+            raise ValueError(
+                f"concat_rows: {name} must be a 2-D Fp8Weight [N, K] (num_contract=1, no batch "
+                f"axis) with the granularity/gemm of {names[0]} ({w0.granularity}/{w0.gemm}); "
+                f"got shape {w.shape}, {w.granularity}/{w.gemm}, num_contract={w.num_contract}"
+            )
+    if w0.granularity == "block":
+        for w, name in zip(weights[:-1], names[:-1], strict=True):
+            if w.shape[0] % quant.BLOCK:
+                raise ValueError(
+                    f"concat_rows: {name} has {w.shape[0]} rows, not a multiple of "
+                    f"{quant.BLOCK}: its last 128-row scale block would cover rows of the next "
+                    "weight, so block-FP8 rows do not concatenate exactly (quantize with "
+                    'granularity="channel", or keep the weights separate)'
+                )
+
+
+def concat_rows(weights, names=None):
+    """ONE ``[sum N_i, K]`` weight from 2-D weights ``[N_i, K]`` that share their input.
+
+    Plain arrays (all of one dtype) are concatenated; `Fp8Weight` parts (all of one
+    granularity and gemm form) concatenate their ``values`` and ``scales`` along rows, which is
+    EXACT (the fused weight dequantizes to the concatenation of the parts' dequantized values,
+    and splits back bitwise with `split_rows`) when the scales are per channel, or when they
+    are 128x128 blocks and every part but the last has a multiple of 128 rows (no scale block
+    straddles two parts). Anything else raises ValueError naming the offending part.
+    """
+    names = tuple(names or (f"weights[{i}]" for i in range(len(weights))))
+    if len(weights) < 2 or len(names) != len(weights):
+        raise ValueError(f"concat_rows needs >= 2 weights (one name each), got {len(weights)}")
+    fp8 = [isinstance(w, Fp8Weight) for w in weights]
+    for w, name in zip(weights, names, strict=True):
+        if len(w.shape) != 2 or w.shape[1] != weights[0].shape[1]:
+            raise ValueError(
+                f"concat_rows: {name} has shape {tuple(w.shape)}; every weight must be "
+                f"[N_i, K] with the K={weights[0].shape[1]} of {names[0]} (same input width)"
+            )
+    if any(fp8) and not all(fp8):
+        raise ValueError(
+            f"concat_rows: {names} mix Fp8Weight and plain arrays ({fp8}); quantize all or none"
+        )
+    if not any(fp8):
+        dtypes = {jnp.dtype(w.dtype) for w in weights}
+        if len(dtypes) != 1:
+            raise ValueError(
+                f"concat_rows: {names} have different dtypes {sorted(map(str, dtypes))}"
+            )
+        return jnp.concatenate([jnp.asarray(w) for w in weights])
+    _check_fp8_rows(weights, names)
+    w0 = weights[0]
+    values = jnp.concatenate([w.values for w in weights])
+    scales = jnp.concatenate([w.scales for w in weights])
+    return Fp8Weight(values, scales, 1, w0.granularity, w0.gemm)
+
+
+def split_rows(w, sizes) -> tuple:
+    """The inverse of `concat_rows`: ``w [sum(sizes), K]`` cut into ``[sizes[i], K]`` parts
+    (bitwise; an `Fp8Weight` is cut along its values and its scale rows)."""
+    offs = _row_offsets(sizes)
+    if len(w.shape) != 2 or w.shape[0] != offs[-1]:
+        raise ValueError(
+            f"split_rows: weight of shape {tuple(w.shape)} cannot be cut into rows {tuple(sizes)}"
+            f" (need a 2-D weight with {offs[-1]} rows)"
+        )
+    if not isinstance(w, Fp8Weight):
+        return tuple(w[a:b] for a, b in zip(offs[:-1], offs[1:], strict=True))
+    if w.num_contract != 1 or w.num_batch:
+        raise ValueError(f"split_rows: Fp8Weight needs num_contract=1 and no batch axis, got {w}")
+    blk = quant.BLOCK if w.granularity == "block" else 1  # scale rows per weight row
+    if any(o % blk for o in offs[1:-1]):
+        raise ValueError(
+            f"split_rows: cuts at rows {offs[1:-1]} are not multiples of {blk}: a block-FP8 "
+            "scale block would be shared by two parts"
+        )
+    parts = []
+    for a, b in zip(offs[:-1], offs[1:], strict=True):
+        s = w.scales[a // blk : -(-b // blk)]
+        parts.append(Fp8Weight(w.values[a:b], s, 1, w.granularity, w.gemm))
+    return tuple(parts)
+
+
 def fuse_rows(weights) -> Fp8Weight | None:
     """One ``[sum N_i, K]`` weight from 2-D ``"pallas"``-form block-FP8 weights ``[N_i, K]``
     that share their input (Step-3's q/k/v projections), or None if any is not such a weight.
 
     Exact: every N_i is a multiple of 128, so the 128-row scale blocks concatenate as they
     are. Why: at decode sizes the narrow GEMMs are latency-bound (k_proj [256, 7168] streams at
-    88 GB/s on an H100), one wider GEMM fills more SMs (docs/LOG.md)."""
+    88 GB/s on an H100), one wider GEMM fills more SMs (docs/LOG.md). This is the per-call
+    form (it concatenates on every call); `fuse_qkv` stores the fused weight once."""
     if not all(
         isinstance(w, Fp8Weight)
         and w.gemm == "pallas"
@@ -381,9 +476,7 @@ def fuse_rows(weights) -> Fp8Weight | None:
         for w in weights
     ):
         return None
-    values = jnp.concatenate([w.values for w in weights])
-    scales = jnp.concatenate([w.scales for w in weights])
-    return Fp8Weight(values, scales, gemm="pallas")
+    return concat_rows(weights)
 
 
 def split_fp8(w) -> tuple[Array, Array | None]:
@@ -417,10 +510,13 @@ class Precision:
 
 
 # (module class name, attribute) -> (num_batch, num_contract) of its linear weights.
+# ``qkv_proj`` is the fused q/k/v weight of an `MFAttention` after `fuse_qkv`: it is
+# quantized part by part (`_quantize_fused_qkv`), never as one matrix.
 _LINEARS = {
     ("MFAttention", "q_proj"): (0, 1),
     ("MFAttention", "k_proj"): (0, 1),
     ("MFAttention", "v_proj"): (0, 1),
+    ("MFAttention", "qkv_proj"): (0, 1),
     ("MFAttention", "wq"): (0, 1),
     ("MFAttention", "o_proj"): (0, 2),
     ("SwiGLU", "gate_proj"): (0, 1),
@@ -432,6 +528,47 @@ _LINEARS = {
 }
 
 
+def _quantize_fused_qkv(attn, **kw) -> Fp8Weight:
+    """A float fused ``qkv_proj`` quantized as its q/k/v parts, then concatenated: the same
+    FP8 values and scales as quantizing the separate weights (block scales never straddle
+    two parts; `concat_rows` raises where they would)."""
+    parts = split_rows(attn.qkv_proj[...], attn.qkv_sizes)
+    parts = [Fp8Weight.quantize(w, **kw) for w in parts]
+    return concat_rows(parts, names=("q_proj", "k_proj", "v_proj"))
+
+
+def _attention_modules(model: nnx.Module) -> list:
+    return [n for _, n in nnx.iter_graph(model) if type(n).__name__ == "MFAttention"]
+
+
+def fuse_qkv(model: nnx.Module, *, strict: bool = True) -> nnx.Module:
+    """Calls `MFAttention.fuse_qkv` on every (unfused) MFAttention of ``model``, in place.
+
+    ``q_proj [R, D]``, ``k_proj [H, D]``, ``v_proj [H, D]`` become ONE ``qkv_proj [R + 2H, D]``
+    param (float or `Fp8Weight`), so ``qkv`` runs one projection with no per-call concatenation.
+    With ``strict=False`` attention layers whose weights do not concatenate exactly (block-FP8
+    with R not a multiple of 128) are left unfused instead of raising. Returns ``model``;
+    raises ValueError if ``model`` holds no MFAttention.
+    """
+    return _fuse_all_qkv(model, strict)
+
+
+def _fuse_all_qkv(model: nnx.Module, strict: bool) -> nnx.Module:
+    # Separate from `fuse_qkv` because `quantize_model`'s keyword of that name shadows it.
+    attns = _attention_modules(model)
+    if not attns:
+        raise ValueError(f"fuse_qkv found no MFAttention in {type(model).__name__}")
+    for a in attns:
+        if a.fused_qkv:
+            continue
+        try:
+            a.fuse_qkv()
+        except ValueError:
+            if strict:
+                raise
+    return model
+
+
 def quantize_model(
     model: nnx.Module,
     precision: str | Precision = "fp8",
@@ -439,39 +576,43 @@ def quantize_model(
     granularity: str = "block",
     gemm: str = "dequant",
     quantize_lm_head: bool = False,
+    fuse_qkv: bool | None = None,
 ) -> nnx.Module:
     """Replaces (in place) every linear weight except the router with an `Fp8Weight`.
 
     ``"bf16"`` leaves the model unchanged. Returns ``model``. Weights that already are
     `Fp8Weight` (e.g. loaded from a block-FP8 checkpoint) are kept. For ``"fp8+kv8"`` create
     the cache with ``Precision("fp8+kv8").cache_dtype``.
+
+    ``fuse_qkv``: after quantizing (so the scales are those of the separate weights), store
+    each MFAttention's q/k/v weights as ONE ``qkv_proj`` (`fuse_qkv`). None (default): fuse
+    when ``gemm == "pallas"`` and the rows concatenate exactly, else leave them separate (the
+    behaviour before this option); True: fuse or raise; False: never fuse. An already fused
+    model stays fused (its float ``qkv_proj`` is quantized part by part).
     """
     prec = precision if isinstance(precision, Precision) else Precision(precision)
     if not prec.fp8_weights:
-        return model
+        return _fuse_all_qkv(model, strict=True) if fuse_qkv else model
+    kw = dict(granularity=granularity, gemm=gemm)
     count = 0
     for _, node in nnx.iter_graph(model):
         for (cls_name, attr), (nb, nc) in _LINEARS.items():
             if type(node).__name__ != cls_name or not hasattr(node, attr):
                 continue
             param = getattr(node, attr)
-            if not isinstance(param[...], Fp8Weight):
-                param.set_value(
-                    Fp8Weight.quantize(
-                        param[...],
-                        num_batch=nb,
-                        num_contract=nc,
-                        granularity=granularity,
-                        gemm=gemm,
-                    )
-                )
+            if isinstance(param[...], Fp8Weight):
+                pass
+            elif attr == "qkv_proj":
+                param.set_value(_quantize_fused_qkv(node, **kw))
+            else:
+                param.set_value(Fp8Weight.quantize(param[...], num_batch=nb, num_contract=nc, **kw))
             count += 1
     if quantize_lm_head and hasattr(model, "lm_head"):
-        model.lm_head.set_value(
-            Fp8Weight.quantize(model.lm_head[...], granularity=granularity, gemm=gemm)
-        )
+        model.lm_head.set_value(Fp8Weight.quantize(model.lm_head[...], **kw))
     if count == 0:
         raise ValueError("quantize_model found no MFAttention/SwiGLU/MoE linear weights")
+    if fuse_qkv or (fuse_qkv is None and gemm == "pallas" and _attention_modules(model)):
+        _fuse_all_qkv(model, strict=bool(fuse_qkv))
     return model
 
 
@@ -487,7 +628,11 @@ __all__ = [
     "PRECISIONS",
     "Fp8Weight",
     "Precision",
+    "concat_rows",
+    "fuse_qkv",
+    "fuse_rows",
     "quantize_model",
     "split_fp8",
+    "split_rows",
     "weight_bytes",
 ]

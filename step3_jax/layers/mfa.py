@@ -69,7 +69,8 @@ class MFAttention(nnx.Module):
     """Step-3 MFA attention layer (no biases).
 
     Weights ([out, in] layout): ``q_proj [R, D]``, ``k_proj [H, D]``, ``v_proj [H, D]``,
-    ``inter_norm [R]``, ``wq [N, H, R]``, ``o_proj [D, N, H]``.
+    ``inter_norm [R]``, ``wq [N, H, R]``, ``o_proj [D, N, H]``. After `fuse_qkv` (opt-in) the
+    first three are ONE ``qkv_proj [R + 2H, D]`` (rows of q_proj, then k_proj, then v_proj).
     """
 
     def __init__(
@@ -94,22 +95,76 @@ class MFAttention(nnx.Module):
         self.wq = nnx.Param(init_weight(rngs.params(), (n, h, r), r, param_dtype))
         self.o_proj = nnx.Param(init_weight(rngs.params(), (d, n, h), n * h, param_dtype))
 
+    # ------------------------------------------------------------------ fused q/k/v weight
+    @property
+    def fused_qkv(self) -> bool:
+        """Whether q/k/v are stored as ONE ``qkv_proj`` param (see `fuse_qkv`)."""
+        return hasattr(self, "qkv_proj")
+
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        """Rows ``(R, H, H)`` of q_proj, k_proj, v_proj (the cut points of ``qkv_proj``)."""
+        return (self.inter_norm.weight.shape[0], self.head_dim, self.head_dim)
+
+    def fuse_qkv(self) -> MFAttention:
+        """Replaces q_proj, k_proj, v_proj by ONE ``qkv_proj [R + 2H, D]`` param, in place.
+
+        Why: the three projections read the same input; one GEMM over the stored fused weight
+        fills more SMs at decode sizes and, unlike `qkv`'s per-call fusion of "pallas"-form
+        FP8 weights, costs no weight concatenation per call (19 us of the 281 us attention
+        half on an H100, docs/LOG.md). Works for float weights and for `Fp8Weight` whose rows
+        concatenate exactly (`quant_model.concat_rows`: per-channel scales, or 128x128 blocks
+        with R a multiple of 128); quantize BEFORE fusing so the block scales are the separate
+        weights'. Returns ``self``. Raises ValueError if already fused or on mismatched shapes.
+        """
+        from step3_jax.quant_model import concat_rows  # FP8 weights live there
+
+        if self.fused_qkv:
+            raise ValueError("MFAttention.fuse_qkv: already fused (it has qkv_proj); fuse once")
+        ws = (self.q_proj[...], self.k_proj[...], self.v_proj[...])
+        for w, name, rows in zip(ws, ("q_proj", "k_proj", "v_proj"), self.qkv_sizes, strict=True):
+            if len(w.shape) != 2 or w.shape[0] != rows:
+                raise ValueError(
+                    f"MFAttention.fuse_qkv: {name} must be [{rows}, D], got {tuple(w.shape)}"
+                )
+        fused = concat_rows(ws, names=("q_proj", "k_proj", "v_proj"))
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = nnx.Param(fused)
+        return self
+
+    def qkv_weights(self) -> tuple:
+        """``(q_proj, k_proj, v_proj)`` values, cut back out of ``qkv_proj`` if fused (bitwise:
+        `quant_model.split_rows`). For code that needs the separate weights (HF export, AFD)."""
+        if not self.fused_qkv:
+            return (self.q_proj[...], self.k_proj[...], self.v_proj[...])
+        from step3_jax.quant_model import split_rows
+
+        return split_rows(self.qkv_proj[...], self.qkv_sizes)
+
+    # ------------------------------------------------------------------ forward
+    def _projections(self, x: Float[Array, "B T D"]) -> tuple[Array, Array, Array]:
+        """``(q_lo [B,T,R], k [B,T,H], v [B,T,H])``: one projection if fused (stored, or on
+        the fly for "pallas"-form block-FP8 weights), else three."""
+        from step3_jax.quant_model import fuse_rows  # FP8 weights live there
+
+        r, h, _ = self.qkv_sizes
+        if self.fused_qkv:
+            fused = self.qkv_proj[...]
+        else:
+            ws = (self.q_proj[...], self.k_proj[...], self.v_proj[...])
+            fused = fuse_rows(ws)  # per call: concatenates the FP8 weights every time
+            if fused is None:
+                return tuple(
+                    project(x, w, e)
+                    for w, e in zip(ws, ("BTD,RD->BTR", "BTD,HD->BTH", "BTD,HD->BTH"), strict=True)
+                )
+        return tuple(jnp.split(project(x, fused, "BTD,ND->BTN"), [r, r + h], axis=-1))
+
     def qkv(
         self, x: Float[Array, "B T D"], positions: Int[Array, "B T"]
     ) -> tuple[Float[Array, "B T N H"], Float[Array, "B T H"], Float[Array, "B T H"]]:
         """Projections, inter_norm (BEFORE the up-projection) and RoPE on q and k."""
-        from step3_jax.quant_model import fuse_rows  # FP8 weights live there
-
-        x = x.astype(self.dtype)
-        ws = (self.q_proj[...], self.k_proj[...], self.v_proj[...])
-        fused = fuse_rows(ws)
-        if fused is not None:  # one FP8 GEMM for q_lo, k, v (the same input x)
-            r, h = ws[0].shape[0], ws[1].shape[0]
-            q_lo, k, v = jnp.split(project(x, fused, "BTD,ND->BTN"), [r, r + h], axis=-1)
-        else:
-            q_lo = project(x, ws[0], "BTD,RD->BTR")
-            k = project(x, ws[1], "BTD,HD->BTH")
-            v = project(x, ws[2], "BTD,HD->BTH")
+        q_lo, k, v = self._projections(x.astype(self.dtype))
         q_lo = self.inter_norm(q_lo)
         q = project(q_lo, self.wq[...], "BTR,NHR->BTNH")
         q = apply_rope(q, positions, self.rope_theta)

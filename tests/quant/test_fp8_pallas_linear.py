@@ -82,7 +82,8 @@ def test_mfa_qkv_fuses_pallas_form_weights():
 
     def layer(gemm):
         m = MFAttention(512, 256, 4, 256, rngs=nnx.Rngs(3))
-        return quantize_model(m, "fp8", gemm=gemm)
+        # fuse_qkv=False: the per-call fusion (stored fusion: tests/quant/test_fused_qkv.py)
+        return quantize_model(m, "fp8", gemm=gemm, fuse_qkv=False)
 
     fused, plain = layer("pallas"), layer("dequant")
     ws = (fused.q_proj[...], fused.k_proj[...], fused.v_proj[...])
