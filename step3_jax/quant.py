@@ -50,8 +50,31 @@ _MIN_SCALE = 1e-12
 BLOCK = 128
 
 
+# Below 2**-6, e4m3fn is subnormal: a fixed spacing of 2**-9.
+_E4M3_MIN_NORMAL = 2.0**-6
+_E4M3_SUBNORMAL_STEP = 2.0**-9
+
+
+def round_to_e4m3_grid(x: Array) -> Array:
+    """float32 ``x`` rounded to the nearest float8_e4m3fn value (ties to even), still float32.
+
+    Normal range: ``lax.reduce_precision`` to 3 mantissa bits (5 exponent bits so nothing
+    overflows or goes subnormal early); subnormals: ties-to-even at the fixed 2**-9 spacing.
+    Why not just ``astype``: XLA:GPU may convert float32 to e4m3 through a 16-bit intermediate
+    (double rounding), which changes a value near a rounding midpoint; a value already on the
+    e4m3 grid converts exactly on every backend, so CPU and GPU give the same bytes.
+    """
+    from jax import lax
+
+    x = x.astype(jnp.float32)
+    normal = lax.reduce_precision(x, exponent_bits=5, mantissa_bits=3)
+    sub = jnp.round(x * (1.0 / _E4M3_SUBNORMAL_STEP)) * _E4M3_SUBNORMAL_STEP
+    return jnp.where(jnp.abs(x) < _E4M3_MIN_NORMAL, sub, normal)
+
+
 def _cast_fp8(x_scaled: Array) -> Array:
-    return jnp.clip(x_scaled, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
+    clipped = jnp.clip(x_scaled.astype(jnp.float32), -FP8_MAX, FP8_MAX)
+    return round_to_e4m3_grid(clipped).astype(FP8_DTYPE)
 
 
 _INV_FP8_MAX = np.float32(1.0 / FP8_MAX)
