@@ -115,7 +115,20 @@ class TuningConfig:
 # q quantized inside the kernel (2026-11-22, H100, B=128 4K, same run): 106.8 us vs 109.1 us
 # with the three XLA q-quantization kernels (benchmarks/results/mfa_decode_H100_qkernel.json);
 # its GPU suite (TestPallasGPUQInKernel) passes.
-_FP8 = TuningConfig(block_s=64, num_stages=4, v_load="8bit", wg_split="seq", q_quant="kernel")
+# q staged by TMA + the ring epilogue (2026-11-22, third session, H100, same run): B=128 4K
+# 102.1 us (2.71 TB/s, 89.4% of copy) vs 107.3 without either (q_tma alone 103.0, ring
+# epilogue alone 107.1); 32 x 32K and 64 x 8K unchanged (~200 and ~111 us): the two trim the
+# fixed per-CTA cost, which matters at short contexts
+# (benchmarks/results/mfa_decode_H100_ring_epilogue.json).
+_FP8 = TuningConfig(
+    block_s=64,
+    num_stages=4,
+    v_load="8bit",
+    wg_split="seq",
+    q_quant="kernel",
+    q_tma=True,
+    ring_epilogue=True,
+)
 _BF16 = TuningConfig(block_s=64, num_stages=2, wg_split="head")
 TUNED: dict[str, dict[str, TuningConfig]] = {
     "H100": {"float8_e4m3fn": _FP8, "bfloat16": _BF16},
