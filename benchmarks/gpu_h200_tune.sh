@@ -10,13 +10,14 @@
 #      | the MFA suite with the device's tuned config (TestPallasGPU).
 #  (b) grouped-GEMM config sweep at T in MOE_TOKENS (E=48, checked against XLA at the first T),
 #      then the whole MoE layer (routed + shared) at the same T with the sweep's best config.
-#  (c) MFA decode variants (VARIANTS + EXTRA_VARIANTS) at 128x4K, 32x32K, 8x32K, then a pallas
+#  (c) MFA decode variants (those of VARIANTS matching MFA_ONLY, plus MFA_EXTRA names of
+#      EXTRA_VARIANTS) at 128x4K, 32x32K, 8x32K, then a pallas
 #      sweep B in {1,32,128,256} x ctx {4K,32K} with the fastest FP8 / bf16 variant.
 # Files in OUT_DIR: probe.txt, tests.txt, bench_moe.txt, moe_results.json, bench_mfa.txt,
 # mfa_decode_<device>.json.
 # Env: GIT_COMMIT (recorded in both JSONs: the GPU copy of the tree has no .git),
-# TEST_TIMEOUT (100), MOE_TIMEOUT (175), MFA_TIMEOUT (150) seconds; MOE_TOKENS, MOE_CONFIGS,
-# MFA_SHAPES, MFA_BATCHES, MFA_CONTEXTS override the sweep sets.
+# TEST_TIMEOUT (100), MOE_TIMEOUT (175), MFA_TIMEOUT (200) seconds; MOE_TOKENS, MOE_CONFIGS,
+# MFA_SHAPES, MFA_BATCHES, MFA_CONTEXTS, MFA_ONLY, MFA_EXTRA override the sweep sets.
 set -u
 usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 DRY=0
@@ -39,6 +40,9 @@ MFA_SHAPES=${MFA_SHAPES:-128x4096,32x32768,8x32768}
 MFA_BATCHES=${MFA_BATCHES:-1,32,128,256}
 MFA_CONTEXTS=${MFA_CONTEXTS:-4096,32768}
 MFA_IMPLS=pallas_fp8,pallas_bf16
+# The FP8 candidates: the tuned default (q by TMA + ring epilogue) and the previous default.
+MFA_ONLY=${MFA_ONLY:-stages=4,q_in_kernel]|q_tma,ring_epi]|pallas_bf16}
+MFA_EXTRA=${MFA_EXTRA:-}
 if [ "$DRY" = 1 ]; then
   export BENCH_DRY=1  # bench_moe: D=F=256 and the XLA path
   MOE_TOKENS=64,128 MFA_SHAPES=2x256 MFA_BATCHES=1 MFA_CONTEXTS=256 MFA_IMPLS=xla_fp8,xla_bf16
@@ -62,7 +66,7 @@ run_tests() {  # name, pytest args...
 run_tests gg_fp8 "$GG" -k "test_grouped_matmul_fp8" &
 run_tests gg_misc "$GG" -k "swiglu or matmul_bf16 or in_place_from_a_pool" &
 run_tests gg_moe "$GG" -k "moe_ffn_fp8_expert or moe_ffn_bf16_and_shared" &
-run_tests mfa_tuned "$MF" -k "TestPallasGPU and not HeadSplit and not QInKernel" &
+run_tests mfa_tuned "$MF" -k "TestPallasGPU and not HeadSplit and not QInKernel and not RingEpilogue" &
 wait
 : > "$OUT/tests.txt"
 for n in gg_fp8 gg_misc gg_moe mfa_tuned; do
@@ -81,8 +85,9 @@ stamp "bench_moe rc=$?"
 grep -E '^\{' "$OUT/bench_moe.txt" | cut -c1-260 | tail -40
 
 # (c) MFA decode: variants at the target shapes, then the sweep with the fastest variant.
-timeout -k 5 "${MFA_TIMEOUT:-150}" $PY benchmarks/bench_mfa_decode.py --out "$OUT" \
-  --variants "$MFA_SHAPES" --extra-variants all --config-from-variants \
+timeout -k 5 "${MFA_TIMEOUT:-200}" $PY benchmarks/bench_mfa_decode.py --out "$OUT" \
+  --variants "$MFA_SHAPES" --extra-variants "$MFA_EXTRA" --only-variants "$MFA_ONLY" \
+  --config-from-variants \
   --batches "$MFA_BATCHES" --contexts "$MFA_CONTEXTS" --impls "$MFA_IMPLS" \
   > "$OUT/bench_mfa.txt" 2>&1
 stamp "bench_mfa rc=$?"
