@@ -179,7 +179,9 @@ def _resolve_config(config, kv_dtype, num_ctas: int, max_len: int, page_size, nu
         # Partials of a split-K run are f32: shrink the ring until it fits.
         step = 2 if config.wg_split == "seq" else 1
         while config.smem_bytes(kv_dtype, out_f32) > cfg_lib.SMEM_LIMIT_BYTES:
-            config = dataclasses.replace(config, num_stages=config.num_stages - step)
+            stages = config.num_stages - step
+            ring_epi = config.ring_epilogue and stages >= 4  # it needs 4 slots
+            config = dataclasses.replace(config, num_stages=stages, ring_epilogue=ring_epi)
     splits = config.num_splits
     if splits is None:
         sms = num_sms or getattr(jax.devices()[0], "core_count", 132) or 132
