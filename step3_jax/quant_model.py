@@ -44,6 +44,11 @@ enough to move ~1% of the next layer's activations across an e4m3 rounding bound
 ``jax.default_matmul_precision("highest")`` where float32 numerics matter (the NumPy-reference
 tests do).
 
+Fused rows: weights that share their input (an MFAttention's q_proj, k_proj, v_proj) can be
+stored as ONE ``[sum N_i, K]`` weight (`concat_rows`, `split_rows`; `fuse_qkv`, and
+``quantize_model(gemm="pallas")`` by default): one GEMM instead of three. The concatenation is
+exact for per-channel scales and for 128x128 block scales whose parts are 128-row aligned.
+
 And one kernel form, ``"pallas"``: FP8 x FP8 with the 128x128 block scales applied per K block
 inside the Mosaic GPU grouped GEMM (`pallas_kernels.grouped_gemm`, one group = a dense GEMM),
 streaming the FP8 weight once and never materializing a dequantized copy. It needs a Hopper
@@ -57,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -393,7 +399,9 @@ def _check_fp8_rows(weights, names) -> None:
                 )
 
 
-def concat_rows(weights, names=None):
+def concat_rows(
+    weights: Sequence[Float[Array, "_ K"] | Fp8Weight], names: Sequence[str] | None = None
+) -> Float[Array, "M K"] | Fp8Weight:
     """ONE ``[sum N_i, K]`` weight from 2-D weights ``[N_i, K]`` that share their input.
 
     Plain arrays (all of one dtype) are concatenated; `Fp8Weight` parts (all of one
@@ -431,7 +439,7 @@ def concat_rows(weights, names=None):
     return Fp8Weight(values, scales, 1, w0.granularity, w0.gemm)
 
 
-def split_rows(w, sizes) -> tuple:
+def split_rows(w: Float[Array, "M K"] | Fp8Weight, sizes: Sequence[int]) -> tuple:
     """The inverse of `concat_rows`: ``w [sum(sizes), K]`` cut into ``[sizes[i], K]`` parts
     (bitwise; an `Fp8Weight` is cut along its values and its scale rows)."""
     offs = _row_offsets(sizes)

@@ -8,6 +8,9 @@ key head and ONE value head of width 256, so the cache holds 2 x 256 values per 
     q, k <- NeoX RoPE at each token's position
     o = softmax(q . K^T / sqrt(H) + causal) . V           'BTNH,BSH->BNTS', 'BNTS,BSH->BTNH'
     out = o --o_proj 'BTNH,DNH->BTD'-->
+
+Opt-in (`MFAttention.fuse_qkv`): q_proj, k_proj, v_proj stored as ONE ``qkv_proj [R + 2H, D]``,
+so q_lo, k and v come from one projection 'BTD,ND->BTN' split at R and R + H.
 """
 
 from __future__ import annotations

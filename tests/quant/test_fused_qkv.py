@@ -6,6 +6,12 @@ the same dot product of the same operands as the separate projection; on XLA:CPU
 are bit-identical (checked below for float32, bfloat16 and the XLA forms of the FP8 GEMM).
 Against today's per-call concatenation of "pallas"-form weights the fused weight is the very
 operand that concatenation builds, so even the kernel path must agree bitwise.
+
+On a GPU, XLA/cuBLAS may pick another GEMM algorithm (split-K, tiles) for N = R + 2H than for
+N = R or H, so the summation ORDER of the fused and separate projections can differ there:
+comparisons across shapes (``exact=ON_CPU``) then check a 0.999 cosine per output instead (the
+bound test_fp8_pallas_linear.py derives for an FP8 re-quantization flip of q), and greedy tokens
+are compared on CPU only.
 """
 
 from __future__ import annotations
@@ -57,10 +63,17 @@ def _inputs(dtype, b=3, t=4):
     return x, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-def _assert_same(got, want):
+ON_CPU = jax.devices()[0].platform == "cpu"
+
+
+def _assert_same(got, want, exact=True):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype
-        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        if exact:
+            np.testing.assert_array_equal(g, w)
+        else:  # see the module docstring
+            assert np.sum(g * w) >= 0.999 * np.sqrt(np.sum(g * g) * np.sum(w * w))
 
 
 def _assert_fp8_same(a: Fp8Weight, b: Fp8Weight):
@@ -78,8 +91,8 @@ def test_fused_float_layer_equals_unfused_bitwise(dtype):
     assert fused.qkv_proj.shape == (R + 2 * H, D) and fused.qkv_proj.dtype == dtype
     _assert_same(fused.qkv_weights(), plain.qkv_weights())  # rows of q, then k, then v
     x, pos = _inputs(dtype)
-    _assert_same(fused.qkv(x, pos), plain.qkv(x, pos))
-    _assert_same(fused(x), plain(x))
+    _assert_same(fused.qkv(x, pos), plain.qkv(x, pos), exact=ON_CPU)
+    _assert_same(fused(x), plain(x), exact=ON_CPU)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +109,7 @@ def test_fused_fp8_layer_equals_unfused_bitwise(granularity, gemm):
     for got, want in zip(fused.qkv_weights(), plain.qkv_weights(), strict=True):
         _assert_fp8_same(got, want)
     x, pos = _inputs(jnp.bfloat16)
-    _assert_same(fused.qkv(x, pos), plain.qkv(x, pos))
+    _assert_same(fused.qkv(x, pos), plain.qkv(x, pos), exact=ON_CPU)
 
 
 def test_pallas_form_fuses_by_default_with_todays_per_call_weight():
@@ -187,7 +200,7 @@ def _model(seed=0, cfg=SMALL, dtype=jnp.float32) -> Step3Model:
 
 def test_demo_model_fused_fp8_decode_equals_unfused():
     """The shipped demo model (R = 64: per-channel FP8 is the exact fusable form) decodes the
-    same greedy tokens fused and unfused, and the same logits bit for bit."""
+    same greedy tokens fused and unfused (logits bitwise: test_fused_model_forward_...)."""
     from checkpoints.demo import load_demo
     from step3_jax.decode import generate
 
@@ -199,11 +212,11 @@ def test_demo_model_fused_fp8_decode_equals_unfused():
     assert all(layer.self_attn.fused_qkv for layer in fused.layers)
     assert not any(layer.self_attn.fused_qkv for layer in plain.layers)
     prompts = [tok.encode("It is a truth universally acknowledged"), tok.encode("Emma")]
-    got = generate(fused, prompts, 12)
-    want = generate(plain, prompts, 12)
-    assert got.tokens == want.tokens
-    tokens = jnp.asarray([prompts[0][:8]], jnp.int32)
-    _assert_same(fused(tokens), plain(tokens))
+    if ON_CPU:
+        assert generate(fused, prompts, 12).tokens == generate(plain, prompts, 12).tokens
+    else:  # see the module docstring
+        fwd, tokens = nnx.jit(lambda m, t: m(t)), jnp.asarray([prompts[0]], jnp.int32)
+        _assert_same(fwd(fused, tokens), fwd(plain, tokens), exact=False)
 
 
 def test_hf_round_trip_of_a_fused_model(tmp_path):
