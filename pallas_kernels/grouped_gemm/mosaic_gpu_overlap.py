@@ -5,34 +5,24 @@ pipeline step: wgmma into a fresh f32 partial, wait for it (``wgmma.wait_group 0
 promote ``acc += partial * x_scale[row] * w_scale``. Inside a warpgroup the tensor core idles
 while the promotion runs, and the promotion waits for every wgmma.
 
-Two modes (``TuningConfig.overlap``), both DeepGEMM-style ping-pong of partials P0, P1
-(n_w = wgmma groups per K block: 1, or 2 for SwiGLU's gate and up):
-
-"pairs" (``step``): a pipeline step carries TWO K blocks (a, b); block b's partial stays in
-flight across the step boundary:
+Here a pipeline step carries TWO K blocks (a, b) and the partial of block b stays in flight
+across the step boundary (DeepGEMM-style ping-pong of two partial accumulators P0, P1):
 
   step s:  issue wgmma(P0 <- x_a @ w_a)            # P0 fresh (zero) every step
-           wait_group(n_w)  -> step s-1's P1 done
+           wait_group(n_w)  -> step s-1's P1 done   # n_w = wgmma groups per K block
            acc += P1 * scale_b(s-1)                 # overlaps the P0 wgmma
            P1 <- 0; issue wgmma(P1 <- x_b @ w_b)
            wait_group(n_w)  -> P0 done
            acc += P0 * scale_a(s)                   # overlaps the P1 wgmma
   after the loop: wait_group(0); acc += P1 * scale_b(last)
 
-"parity" (``parity_step``): one K block a step, as in the plain loop; step kb issues into
-P[kb % 2] and promotes P[(kb - 1) % 2], the roles picked by a ``lax.cond`` on the parity.
+Why two K blocks per step and not one: a register value cannot be indexed by a traced
+``kb % 2``, and rotating two partials through the loop carry (P_prev <- P_new) makes the
+back edge a register copy of an accumulator whose wgmma is still in flight, which forces
+ptxas to serialize. With the pair, P1 keeps its registers across the back edge (its old value
+dies in the promotion before it is zeroed) and P0 never crosses it.
 
-Why not simply one K block a step with the two partials rotated through the loop carry
-(P_prev <- P_new): the back edge would then copy an accumulator whose wgmma is still in
-flight, which forces ptxas to serialize the wgmma. "pairs" avoids any such copy by
-construction (P1 keeps its registers across the back edge: its old value dies in the
-promotion before it is zeroed; P0 never crosses it) but doubles the SMEM of a step, so the
-2-warpgroup tiles only fit 2 steps, and with ``delay_release=1`` step s+1's loads then only
-start when step s ends (no TMA look-ahead).
-"parity" keeps the plain SMEM ring; both branches keep each set in its own registers, so the
-join needs no copy IF ptxas allocates it that way (not checkable on a CPU: measure it).
-
-SMEM reuse: the step-(s-1) slot is read by its last wgmma until the first wait of step s, so the
+SMEM reuse: the step-(s-1) slot is read by its P1 wgmma until the first wait of step s, so the
 TMA pipeline must not refill it during step s: ``delay_release=1`` on every BlockSpec (the
 slot of step s-1 is handed back at the end of step s). In the warp-specialized kernel the last
 step of a tile releases nothing, so the memory warpgroup waits on a "drained" barrier
