@@ -274,20 +274,7 @@ EXTRA_SWEEP = {
     "wg2n_64x256_s3": TuningConfig(
         block_m=64, block_n=128, num_compute_wgs=2, wg_dim="n", max_concurrent_steps=3
     ),
-    "wg1_64x64_s4": TuningConfig(block_m=64, block_n=64),
 }
-# FP8 wgmma/promotion overlap (docs/log/gemmoverlap.md), each beside its plain twin
-# (wg1_64x128_s4, wg1_64x64_s4, wg2n_64x256_s4, wg2m_128x128_s4): "_ov" = mode "parity" (one
-# K block a step, same SMEM ring), "_ovp" = mode "pairs" (two K blocks a step, so "s4" asks
-# for 4 pairs; the SMEM fit lowers that to 2 pairs for the 2-warpgroup tiles).
-for _name, _kw in {
-    "wg1_64x128_s4": dict(block_n=128),
-    "wg1_64x64_s4": dict(block_n=64),
-    "wg2n_64x256_s4": dict(num_compute_wgs=2, wg_dim="n"),
-    "wg2m_128x128_s4": dict(num_compute_wgs=2, wg_dim="m"),
-}.items():
-    for _suffix, _mode in (("_ov", "parity"), ("_ovp", "pairs")):
-        EXTRA_SWEEP[_name + _suffix] = TuningConfig(block_m=64, overlap=_mode, **_kw)
 ALL_SWEEP = {**SWEEP, **EXTRA_SWEEP}
 if os.environ.get("BENCH_SWEEP"):  # e.g. BENCH_SWEEP=wg1_64x128_s8,wg2n_64x256_s6
     SWEEP = {k: ALL_SWEEP[k] for k in os.environ["BENCH_SWEEP"].split(",")}

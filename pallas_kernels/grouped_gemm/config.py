@@ -13,7 +13,6 @@ import dataclasses
 # Row tile of one Hopper warpgroup wgmma (M = 64 per warpgroup instruction).
 _WGMMA_M = 64
 SCALE_BLOCK = 128
-OVERLAP_MODES = ("off", "pairs", "parity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +32,11 @@ class TuningConfig:
       wg_dim: "n" (each compute warpgroup owns block_n columns: good when groups are small)
         or "m" (each owns block_m rows: better reuse of the x tile... and of w at large M).
       num_sms: persistent-grid size; None means the device's SM count.
-      overlap: FP8 only (ignored for bf16): "off", or each warpgroup keeps one K block's
-        wgmma in flight while it promotes the previous block's f32 partial
-        (``mosaic_gpu_overlap.py``; one more f32 partial per accumulator in registers):
-        "pairs": a pipeline step carries TWO 128-wide K blocks (max_concurrent_steps then
-        counts pairs, fitted to SMEM; plain loop when K/128 is odd); "parity": one K block a
-        step, the partial's role picked by a branch on the block's parity.
+      overlap: FP8 only (ignored for bf16, and when K/128 is odd): each warpgroup keeps one
+        K block's wgmma in flight while it promotes the previous block's f32 partial
+        (``mosaic_gpu_overlap.py``). A pipeline step then carries TWO 128-wide K blocks, so
+        max_concurrent_steps counts pairs of K blocks (the SMEM ring is fitted to Hopper's
+        SMEM, at least 2 steps). Costs one more f32 partial per accumulator in registers.
     """
 
     block_m: int = 64
@@ -48,7 +46,7 @@ class TuningConfig:
     num_compute_wgs: int = 1
     wg_dim: str = "n"
     num_sms: int | None = None
-    overlap: str = "off"
+    overlap: bool = False
 
     def __post_init__(self):
         if self.block_m % _WGMMA_M or not _WGMMA_M <= self.block_m <= 128:
@@ -65,8 +63,8 @@ class TuningConfig:
             raise ValueError(f"{self.wg_dim=} must be 'm' or 'n'")
         if self.num_sms is not None and self.num_sms < 1:
             raise ValueError(f"{self.num_sms=} must be a positive SM count or None")
-        if self.overlap not in OVERLAP_MODES:
-            raise ValueError(f"{self.overlap=} must be one of {OVERLAP_MODES}")
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"{self.overlap=} must be a bool")
 
 
 # Tuned tables: device kind substring -> list of (max rows M, config); the first entry whose

@@ -77,7 +77,7 @@ class _Static:
     steps: int
     compute_wgs: int = 1
     wg_dim: str = "n"
-    overlap: str = "off"  # FP8 wgmma/promotion overlap: "off", "pairs" or "parity" (see ``ov``)
+    overlap: bool = False  # FP8 wgmma/promotion overlap, two K blocks a step (see ``ov``)
 
 
 def _tile_table(
@@ -243,62 +243,12 @@ def _tile_info(tiles_gmem, lin, n_tiles, n_w: int):
     return tiles_gmem[0, mi], tiles_gmem[1, mi], tiles_gmem[2, mi], box, ni, wis
 
 
-def _ov_specs_and_args(st: _Static, refs, wis, ni, box, cta_m: int, cta_n: int):
-    """``_specs_and_args`` of the overlap loops: "pairs" takes two K blocks a step; both
-    modes hold a slot one step longer (``delay_release=1``: its wgmma may still read it)."""
-    if st.overlap == "parity":
-        specs, args = _specs_and_args(st, refs, wis, ni, box, cta_m, cta_n)
-        return [dataclasses.replace(s, delay_release=1) for s in specs], args
+def _overlap_specs_and_args(st: _Static, refs, wis, ni, box, cta_m: int, cta_n: int):
+    """Like ``_specs_and_args`` for the overlap loop: two K blocks a step, delay_release=1."""
     x_gmem, w_gmems, xs_gmem, _ = refs
     specs = ov.specs(pl.Element(cta_m), cta_n, st.block_k, len(w_gmems), box, _transforms(st))
     w_args = [w.at[wi, pl.ds(ni * cta_n, cta_n), :] for w, wi in zip(w_gmems, wis, strict=True)]
     return specs, [x_gmem, x_gmem, *w_args, *w_args, xs_gmem]
-
-
-def _k_steps(st: _Static) -> int:
-    """Pipeline steps of one tile's K loop."""
-    return st.k // (st.block_k * (2 if st.overlap == "pairs" else 1))
-
-
-def _ov_body(st: _Static, n_w: int, w_scale_of, part):
-    """Pipeline body of the overlap loops. ``w_scale_of(i, kb)``: weight i's scalar block scale
-    of K block kb; ``part(x, w_smems, xs_block)`` -> this warpgroup's (x, w tiles, [bm] row
-    scale ref). The carry is (partial sets, ``ov`` carry): refs threaded through the loop."""
-    if st.overlap == "parity":
-
-        def parity_body(idxs, x_smem, *rest):
-            (kb,) = idxs
-            x, ws, row = part(x_smem, rest[:n_w], rest[n_w])
-            p_sets, carry = rest[-1]
-            ws_of = lambda i: w_scale_of(i, kb)
-            return p_sets, ov.parity_step(x, ws, row, ws_of, kb, carry, p_sets)
-
-        return parity_body
-
-    def pairs_body(idxs, *refs):
-        (kb,) = idxs
-        (x_a, x_b), (w_a, w_b), xs = ov.split_refs(refs[:-1], n_w)
-        x_a, w_a, row_a = part(x_a, w_a, xs.at[pl.ds(0, 1)])
-        x_b, w_b, row_b = part(x_b, w_b, xs.at[pl.ds(1, 1)])
-        p_sets, carry = refs[-1]
-        ws_of = lambda i, h: w_scale_of(i, 2 * kb + h)
-        carry = ov.step((x_a, x_b), (w_a, w_b), (row_a, row_b), ws_of, carry, p_sets[0])
-        return p_sets, carry
-
-    return pairs_body
-
-
-def _ov_accs(st: _Static, shape, n_w: int, eval_pipeline):
-    """Runs an overlap pipeline (``eval_pipeline(init carry) -> final carry``) with its
-    partial accumulators allocated around it; returns the n_w accumulators [bm, bn] f32."""
-    n_sets = 1 if st.overlap == "pairs" else 2
-    last = 0 if st.overlap == "pairs" else (st.k // st.block_k - 1) % 2
-
-    def with_p(*p_sets):
-        _, carry = eval_pipeline((p_sets, ov.init_carry(shape, n_w)))
-        return ov.finish(carry, p_sets[last])
-
-    return pl.run_scoped(with_p, *(ov.acc_types(shape, n_w) for _ in range(n_sets)))
 
 
 def _overlap_tile(st: _Static, gm_refs, wis, ni, box, block_n: int, g, nb):
@@ -306,20 +256,26 @@ def _overlap_tile(st: _Static, gm_refs, wis, ni, box, block_n: int, g, nb):
     wgmma/promotion overlap of ``mosaic_gpu_overlap`` (one-warpgroup kernel)."""
     ws_gmems = gm_refs[3]
     n_w = len(ws_gmems)
-    specs, args = _ov_specs_and_args(st, gm_refs, wis, ni, box, st.block_m, block_n)
-    part = lambda x, ws, xs: (x, tuple(ws), xs.at[0])
-    body = _ov_body(st, n_w, lambda i, kb: ws_gmems[i][g, nb, kb], part)
+    shape = (st.block_m, block_n)
+    specs, args = _overlap_specs_and_args(st, gm_refs, wis, ni, box, st.block_m, block_n)
 
-    def eval_pipeline(init):
-        return plgpu.emit_pipeline(
+    def with_p1(p1_refs):
+        def body(idxs, *refs):
+            (kb,) = idxs
+            x_pair, w_pair, xs = ov.split_refs(refs[:-1], n_w)
+            ws_of = lambda i, h: ws_gmems[i][g, nb, 2 * kb + h]
+            return ov.step(x_pair, w_pair, (xs.at[0], xs.at[1]), ws_of, refs[-1], p1_refs)
+
+        carry = plgpu.emit_pipeline(
             body,
-            grid=(_k_steps(st),),
+            grid=(st.k // (2 * st.block_k),),
             in_specs=specs,
             max_concurrent_steps=st.steps,
-            init_carry=init,
+            init_carry=ov.init_carry(shape, n_w),
         )(*args)
+        return ov.finish(carry, p1_refs)
 
-    return _ov_accs(st, (st.block_m, block_n), n_w, eval_pipeline)
+    return pl.run_scoped(with_p1, ov.acc_types(shape, n_w))
 
 
 def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
@@ -339,7 +295,7 @@ def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
         @pl.when(g >= 0)
         def _compute():
             gm_refs = (x_gmem, w_gmems, xs_gmem, ws_gmems)
-            if st.overlap != "off":
+            if st.overlap:
                 accs = _overlap_tile(st, gm_refs, wis, ni, box, block_n, g, nb)
             else:
 
@@ -398,14 +354,14 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
     wg = lax.axis_index("wg")
     gm_refs = (x_gmem, w_gmems, xs_gmem, ws_gmems)
 
-    overlap = st.overlap != "off"
-    specs_and_args = _ov_specs_and_args if overlap else _specs_and_args
+    specs_and_args = _overlap_specs_and_args if st.overlap else _specs_and_args
+    k_steps = st.k // (st.block_k * (2 if st.overlap else 1))
 
     def pipeline(body, ctx, wis, ni, box):
         specs, _ = specs_and_args(st, gm_refs, wis, ni, box, cta_m, cta_n)
         return plgpu.emit_pipeline_warp_specialized(
             body,
-            grid=(_k_steps(st),),
+            grid=(k_steps,),
             memory_registers=40,
             in_specs=specs,
             wg_axis="wg",
@@ -421,7 +377,7 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
     # Overlap: the compute warpgroups arrive once their last wgmma of a tile is complete; the
     # memory warpgroup waits for that before the next tile's prologue refills the SMEM slot
     # that wgmma reads (delay_release leaves the last step's slot unreleased).
-    extra = dict(drained=plgpu.Barrier(num_arrivals=2)) if overlap else {}
+    extra = dict(drained=plgpu.Barrier(num_arrivals=2)) if st.overlap else {}
 
     @functools.partial(
         pl.run_scoped,
@@ -448,14 +404,30 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
                 x_part, w_parts, xs = _wg_part(st, by_m, wg, block_n, x_smem, rest[:n_w], xs_smem)
                 return _k_step(st, x_part, w_parts, xs, rest[-1], lambda i: ws_gmems[i][g, nb, kb])
 
-            part = lambda x, ws, xs: _wg_part(st, by_m, wg, block_n, x, ws, xs)
-            w_scale_of = lambda i, kb: ws_gmems[i][g, nb, kb]
-            ov_body = _ov_body(st, n_w, w_scale_of, part) if overlap else None
+            def ov_body(idxs, *refs):
+                (kb,) = idxs
+                (x_a, x_b), (w_a, w_b), xs = ov.split_refs(refs[:-1], n_w)
+                x_a, w_a, xs_a = _wg_part(st, by_m, wg, block_n, x_a, w_a, xs.at[pl.ds(0, 1)])
+                x_b, w_b, xs_b = _wg_part(st, by_m, wg, block_n, x_b, w_b, xs.at[pl.ds(1, 1)])
+                p1_refs, carry = refs[-1]
+                ws_of = lambda i, h: ws_gmems[i][g, nb, 2 * kb + h]
+                carry = ov.step((x_a, x_b), (w_a, w_b), (xs_a, xs_b), ws_of, carry, p1_refs)
+                return p1_refs, carry
+
+            def ov_accs(eval_pipeline):
+                shape = (st.block_m, block_n)
+
+                def with_p1(p1_refs):
+                    _, carry = eval_pipeline((p1_refs, ov.init_carry(shape, n_w)))
+                    return ov.finish(carry, p1_refs)
+
+                accs = pl.run_scoped(with_p1, ov.acc_types(shape, n_w))
+                plgpu.barrier_arrive(drained)
+                return accs
 
             def ctx(eval_pipeline):
-                if overlap:
-                    accs = _ov_accs(st, (st.block_m, block_n), n_w, eval_pipeline)
-                    plgpu.barrier_arrive(drained)
+                if st.overlap:
+                    accs = ov_accs(eval_pipeline)
                 else:
                     accs = eval_pipeline(tuple(_zeros((st.block_m, block_n)) for _ in range(n_w)))
                 o_smem[...] = _epilogue_value(st, accs).astype(o_smem.dtype)
@@ -465,8 +437,10 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
             @pl.when(g >= 0)
             def _compute():
                 _, args = specs_and_args(st, gm_refs, wis, ni, box, cta_m, cta_n)
-                pipeline(ov_body if overlap else body, ctx, wis, ni, box)(*args, allocations=allocs)
-                if overlap:
+                pipeline(ov_body if st.overlap else body, ctx, wis, ni, box)(
+                    *args, allocations=allocs
+                )
+                if st.overlap:
 
                     @pl.when(wg == 2)
                     def _wait_drained():
@@ -515,11 +489,8 @@ def _make_static(
     block_n = config.swiglu_block_n if swiglu else config.block_n
     box_m, cta_n = _cta_shape(config, block_n)
     n_out = config.num_compute_wgs  # one output staging tile per compute warpgroup
-    # bf16 has no promotion to overlap; "pairs" needs an even number of K blocks, else the
-    # plain loop runs.
-    overlap = config.overlap if fp8 else "off"
-    if overlap == "pairs" and (k // SCALE_BLOCK) % 2:
-        overlap = "off"
+    # The overlap loop takes K blocks in pairs; with an odd count it falls back to the plain one.
+    overlap = config.overlap and fp8 and (k // SCALE_BLOCK) % 2 == 0
     steps = _fit_steps(
         config.max_concurrent_steps,
         box_m,
@@ -527,7 +498,7 @@ def _make_static(
         len(weights),
         fp8,
         out_bytes=n_out * config.block_m * block_n * 2,
-        k_blocks=2 if overlap == "pairs" else 1,
+        k_blocks=2 if overlap else 1,
     )
     return _Static(
         m=m,

@@ -151,31 +151,3 @@ def finish(carry, p1_refs):
 def acc_types(shape, n_w: int):
     """The P1 accumulators, allocated outside the pipeline so they live across its steps."""
     return tuple(plgpu.ACC(shape, jnp.float32) for _ in range(n_w))
-
-
-def parity_step(x_smem, w_smems, scale_row, w_scale_of, kb, carry, p_refs):
-    """One K block per step ("parity" mode): wgmma into partial set ``p_refs[kb % 2]`` while
-    promoting set ``p_refs[(kb - 1) % 2]`` (the previous block's, possibly in flight).
-
-    The traced parity picks the roles with a ``lax.cond`` (a register set cannot be indexed
-    dynamically); both branches keep each set in its own registers, so no in-flight
-    accumulator is copied at the join. SMEM per step is that of the plain loop.
-    x_smem [bm, bk], w_smems n_w x [bn, bk] e4m3; scale_row SMEM [bm] f32;
-    w_scale_of(i): weight i's scalar block scale for this K block; carry as ``init_carry``.
-    """
-    accs, prev_scales = carry
-    n_w = len(accs)
-    shape = accs[0].shape
-    w_sc = [w_scale_of(i) for i in range(n_w)]
-    row = plgpu.load(scale_row, (), layout=_row_layout())
-
-    def run(cur, prev):
-        for p, w in zip(cur, w_smems, strict=True):
-            p[...] = _zeros(shape)
-            plgpu.wgmma(p, x_smem, plgpu.transpose_ref(w, (1, 0)))
-        vals = [plgpu.wgmma_accumulator_load(p, wait_n=n_w) for p in prev]
-        return tuple(_promote(a, v, s) for a, v, s in zip(accs, vals, prev_scales, strict=True))
-
-    p0, p1 = p_refs
-    accs = lax.cond(kb % 2 == 0, lambda: run(p0, p1), lambda: run(p1, p0))
-    return accs, tuple(row * w_sc[i] for i in range(n_w))

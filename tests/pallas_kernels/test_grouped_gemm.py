@@ -22,8 +22,6 @@ total relative std ~0.051, so 1 - cos ~ 0.051**2 / 2 = 1.3e-3; we allow 4e-3 glo
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +29,6 @@ import pytest
 
 from pallas_kernels.grouped_gemm import api, moe
 from pallas_kernels.grouped_gemm import reference as ref
-from pallas_kernels.grouped_gemm.config import TuningConfig
 from step3_jax import quant
 
 
@@ -340,63 +337,3 @@ def test_moe_ffn_reads_experts_in_place_from_a_pool(impl):
         moe.moe_ffn(x, ids, rw, *pools, implementation=impl, num_local_experts=4, **scales)
     with pytest.raises(ValueError, match="group_sizes"):  # without an offset, G must equal P
         api.grouped_matmul(x, pools[0].astype(jnp.bfloat16), jnp.asarray([4, 4], jnp.int32))
-
-
-# FP8 wgmma/promotion overlap variants (TuningConfig.overlap), GPU only. K = 1152 is 9 scale
-# blocks: "parity" runs 9 steps (the in-flight partial crosses 8 step boundaries, ends on an
-# even block, the SMEM ring wraps); "pairs" falls back to the plain loop there, so it runs at
-# K = 1024 (4 steps of two blocks). num_sms = 4 makes every persistent CTA run several tiles
-# in a row, so barrier phases and the warp-specialized "drained" handshake are exercised.
-_KERNELS = {
-    "wg1_64x128": dict(block_m=64, block_n=128),
-    "wg1_64x64": dict(block_m=64, block_n=64),
-    "wg2n_64x256": dict(num_compute_wgs=2, wg_dim="n"),
-    "wg2m_128x128": dict(num_compute_wgs=2, wg_dim="m"),
-}
-OVERLAP_CONFIGS = {
-    f"{name}_{mode}": (
-        TuningConfig(num_sms=4, overlap=mode, **kw),
-        1024 if mode == "pairs" else 1152,
-    )
-    for name, kw in _KERNELS.items()
-    for mode in ("pairs", "parity")
-}
-_GPU_ONLY = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not _has_hopper(), reason="Mosaic GPU kernel needs a Hopper GPU"),
-]
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_GPU_ONLY) for n in OVERLAP_CONFIGS])
-def test_overlap_configs_fp8_matmul_and_swiglu(name):
-    """Every overlap kernel against the float32 oracle (same bounds as the plain kernel: the
-    promotions run in the same K order, only their timing changes) and against the plain
-    kernel of the same config, which must agree to bf16 rounding of each output."""
-    cfg, k = OVERLAP_CONFIGS[name]
-    gs_list = [37, 0, 64, 1, 61]  # sum 163 of M = 200: a NaN-scaled tail, an empty expert
-    xq, xs, [(wq, ws), (wu, su)], gs = _fp8_case(31, gs_list, 200, k=k, n_w=2)
-    x32 = jnp.nan_to_num(ref.dequantize_x(xq, xs))
-    w32, u32 = ref.dequantize_w(wq, ws), ref.dequantize_w(wu, su)
-
-    mm = lambda c: api.grouped_matmul(
-        xq, wq, gs, x_scale=xs, w_scale=ws, implementation="pallas", config=c
-    )
-    out = mm(cfg)
-    want = ref.grouped_matmul(x32, w32, gs)
-    _assert_close(out, want, _bound(x32, w32, gs, want))
-    assert np.all(np.asarray(out[sum(gs_list) :]) == 0)
-    plain = np.asarray(mm(dataclasses.replace(cfg, overlap="off")).astype(jnp.float32))
-    got = np.asarray(out.astype(jnp.float32))
-    # Same f32 promotions in the same order; FMA contraction may differ by an f32 ulp, which
-    # can flip one bf16 rounding: 1 bf16 ulp = 2**-7 relative at most.
-    np.testing.assert_allclose(got, plain, rtol=2.0**-7, atol=1e-5 * np.abs(plain).max())
-
-    out = api.grouped_swiglu(
-        xq, wq, wu, gs, x_scale=xs, w_gate_scale=ws, w_up_scale=su,
-        implementation="pallas", config=cfg,
-    )  # fmt: skip
-    want = ref.grouped_swiglu(x32, w32, u32, gs)
-    gate, up = ref.grouped_matmul(x32, w32, gs), ref.grouped_matmul(x32, u32, gs)
-    eg, eu = _bound(x32, w32, gs, gate), _bound(x32, u32, gs, up)
-    bound = 1.1 * jnp.abs(up) * eg + jnp.abs(jax.nn.silu(gate)) * eu + 2.0**-8 * jnp.abs(want)
-    _assert_close(out, want, bound)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,96 +126,3 @@ def test_pipeline_depth_fits_smem():
     assert mosaic_gpu._fit_steps(6, 64, 128, 2, True, out_bytes=16384) == 5
     assert mosaic_gpu._fit_steps(4, 64, 128, 1, True, out_bytes=16384) == 4
     assert mosaic_gpu._fit_steps(8, 64, 128, 1, True, out_bytes=16384) == 8
-
-
-# FP8 wgmma/promotion overlap (TuningConfig.overlap): lowering, and the wgmma wait it emits.
-def _capture_mosaic_modules(monkeypatch):
-    """Record the text of each Mosaic GPU module as it is serialized into the custom call
-    (a private hook: returns None when this jax has moved it, and the text checks skip)."""
-    try:
-        from jax.experimental.mosaic.gpu import core as mgpu_core
-    except ImportError:
-        return None
-    orig = getattr(mgpu_core, "_run_serde_pass", None)
-    if orig is None:
-        return None
-    texts = []
-
-    def spy(module, *, serialize, **kw):
-        if serialize:
-            texts.append(module.operation.get_asm(enable_debug_info=False))
-        return orig(module, serialize=serialize, **kw)
-
-    monkeypatch.setattr(mgpu_core, "_run_serde_pass", spy)
-    return texts
-
-
-def _lower_fp8(cfg: TuningConfig, n_w: int, k: int) -> str:
-    m, n, g = 200, 256, 4
-    dt = jnp.float8_e4m3fn
-    args = (
-        jax.ShapeDtypeStruct((m, k), dt),
-        jax.ShapeDtypeStruct((g, n, k), dt),
-        jax.ShapeDtypeStruct((g,), jnp.int32),
-        jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
-        jax.ShapeDtypeStruct((g, n // 128, k // 128), jnp.float32),
-    )
-
-    def f(x, w, gs, xs, ws):
-        return mosaic_gpu.grouped_gemm_mgpu(
-            x, (w,) * n_w, gs, x_scale=xs, w_scales=(ws,) * n_w, config=cfg
-        )
-
-    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-
-def _waits(text: str) -> set[int]:
-    return {int(v) for v in re.findall(r"wgmma\.wait\.group\.sync\.aligned (\d+)", text)}
-
-
-# K = 256: one "pairs" step / two "parity" steps; 1024: 4 / 8 steps (the SMEM ring wraps).
-@pytest.mark.parametrize("k", [256, 1024])
-@pytest.mark.parametrize("wgs,wg_dim", [(1, "n"), (2, "n"), (2, "m")])
-@pytest.mark.parametrize("n_w", [1, 2], ids=["fp8", "fp8_swiglu"])
-@pytest.mark.parametrize("mode", ["pairs", "parity"])
-def test_overlap_lowers_and_keeps_one_k_block_in_flight(monkeypatch, mode, n_w, wgs, wg_dim, k):
-    """Each overlap mode lowers for every kernel, and its promotion waits with
-    ``wgmma.wait_group n_w`` (the n_w wgmma groups of the block just issued may still run),
-    not 0; the plain variant of the same config only ever waits for 0."""
-    texts = _capture_mosaic_modules(monkeypatch)
-    cfg = TuningConfig(num_sms=132, num_compute_wgs=wgs, wg_dim=wg_dim, overlap=mode)
-    assert "mosaic_gpu" in _lower_fp8(cfg, n_w, k)
-    if texts is None:
-        pytest.skip("no Mosaic GPU serialization hook to read the module text from")
-    assert _waits(texts[-1]) == {0, n_w}
-    if mode == "pairs" and wgs == 1 and k == 1024:  # one plain twin is enough
-        _lower_fp8(dataclasses.replace(cfg, overlap="off"), n_w, k)
-        assert _waits(texts[-1]) == {0}
-
-
-def test_overlap_modes_with_odd_k_blocks_and_bf16(monkeypatch):
-    """K = 384 (3 scale blocks) cannot be split into pairs: "pairs" runs the plain loop,
-    "parity" still overlaps; bf16 (no promotion) never does."""
-    texts = _capture_mosaic_modules(monkeypatch)
-    x = jax.ShapeDtypeStruct((200, 384), jnp.float8_e4m3fn)
-    w = jax.ShapeDtypeStruct((4, 256, 384), jnp.float8_e4m3fn)
-    static = lambda mode, fp8=True: mosaic_gpu._make_static(
-        x, (w,), 4, fp8, TuningConfig(overlap=mode), True
-    )
-    assert static("pairs").overlap == "off" and static("parity").overlap == "parity"
-    assert static("parity", fp8=False).overlap == "off"
-    for mode, want in (("pairs", {0}), ("parity", {0, 1})):
-        _lower_fp8(TuningConfig(num_sms=132, overlap=mode), 1, 384)
-        if texts is not None:
-            assert _waits(texts[-1]) == want
-
-
-def test_overlap_pipeline_depth_counts_pairs_of_k_blocks():
-    """A "pairs" step holds two K blocks, so the SMEM fit halves the depth; the config
-    rejects an unknown mode."""
-    # 1 WG 64x128: 24,832 B per K block; 4 pairs = 198,656 B + 16,384 B staging fits.
-    assert mosaic_gpu._fit_steps(4, 64, 128, 1, True, out_bytes=16384, k_blocks=2) == 4
-    # 2 WG split N (64 x 256 CTA): 41,216 B per K block; only 2 pairs fit next to 32 KiB.
-    assert mosaic_gpu._fit_steps(4, 64, 256, 1, True, out_bytes=32768, k_blocks=2) == 2
-    with pytest.raises(ValueError, match="overlap"):
-        TuningConfig(overlap=True)
