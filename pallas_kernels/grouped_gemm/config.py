@@ -32,11 +32,6 @@ class TuningConfig:
       wg_dim: "n" (each compute warpgroup owns block_n columns: good when groups are small)
         or "m" (each owns block_m rows: better reuse of the x tile... and of w at large M).
       num_sms: persistent-grid size; None means the device's SM count.
-      overlap: FP8 only (ignored for bf16, and when K/128 is odd): each warpgroup keeps one
-        K block's wgmma in flight while it promotes the previous block's f32 partial
-        (``mosaic_gpu_overlap.py``). A pipeline step then carries TWO 128-wide K blocks, so
-        max_concurrent_steps counts pairs of K blocks (the SMEM ring is fitted to Hopper's
-        SMEM, at least 2 steps). Costs one more f32 partial per accumulator in registers.
     """
 
     block_m: int = 64
@@ -46,7 +41,6 @@ class TuningConfig:
     num_compute_wgs: int = 1
     wg_dim: str = "n"
     num_sms: int | None = None
-    overlap: bool = False
 
     def __post_init__(self):
         if self.block_m % _WGMMA_M or not _WGMMA_M <= self.block_m <= 128:
@@ -63,8 +57,6 @@ class TuningConfig:
             raise ValueError(f"{self.wg_dim=} must be 'm' or 'n'")
         if self.num_sms is not None and self.num_sms < 1:
             raise ValueError(f"{self.num_sms=} must be a positive SM count or None")
-        if not isinstance(self.overlap, bool):
-            raise ValueError(f"{self.overlap=} must be a bool")
 
 
 # Tuned tables: device kind substring -> list of (max rows M, config); the first entry whose

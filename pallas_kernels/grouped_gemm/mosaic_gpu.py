@@ -35,7 +35,6 @@ try:  # Mosaic GPU is importable on CPU-only installs too (lowering works withou
 except ImportError:  # pragma: no cover - very old jax
     plgpu = None
 
-from pallas_kernels.grouped_gemm import mosaic_gpu_overlap as ov
 from pallas_kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig
 
 H100_SMS = 132
@@ -77,7 +76,6 @@ class _Static:
     steps: int
     compute_wgs: int = 1
     wg_dim: str = "n"
-    overlap: bool = False  # FP8 wgmma/promotion overlap, two K blocks a step (see ``ov``)
 
 
 def _tile_table(
@@ -243,41 +241,6 @@ def _tile_info(tiles_gmem, lin, n_tiles, n_w: int):
     return tiles_gmem[0, mi], tiles_gmem[1, mi], tiles_gmem[2, mi], box, ni, wis
 
 
-def _overlap_specs_and_args(st: _Static, refs, wis, ni, box, cta_m: int, cta_n: int):
-    """Like ``_specs_and_args`` for the overlap loop: two K blocks a step, delay_release=1."""
-    x_gmem, w_gmems, xs_gmem, _ = refs
-    specs = ov.specs(pl.Element(cta_m), cta_n, st.block_k, len(w_gmems), box, _transforms(st))
-    w_args = [w.at[wi, pl.ds(ni * cta_n, cta_n), :] for w, wi in zip(w_gmems, wis, strict=True)]
-    return specs, [x_gmem, x_gmem, *w_args, *w_args, xs_gmem]
-
-
-def _overlap_tile(st: _Static, gm_refs, wis, ni, box, block_n: int, g, nb):
-    """One tile's FP8 accumulators [block_m, block_n] f32 (one per weight) with the
-    wgmma/promotion overlap of ``mosaic_gpu_overlap`` (one-warpgroup kernel)."""
-    ws_gmems = gm_refs[3]
-    n_w = len(ws_gmems)
-    shape = (st.block_m, block_n)
-    specs, args = _overlap_specs_and_args(st, gm_refs, wis, ni, box, st.block_m, block_n)
-
-    def with_p1(p1_refs):
-        def body(idxs, *refs):
-            (kb,) = idxs
-            x_pair, w_pair, xs = ov.split_refs(refs[:-1], n_w)
-            ws_of = lambda i, h: ws_gmems[i][g, nb, 2 * kb + h]
-            return ov.step(x_pair, w_pair, (xs.at[0], xs.at[1]), ws_of, refs[-1], p1_refs)
-
-        carry = plgpu.emit_pipeline(
-            body,
-            grid=(st.k // (2 * st.block_k),),
-            in_specs=specs,
-            max_concurrent_steps=st.steps,
-            init_carry=ov.init_carry(shape, n_w),
-        )(*args)
-        return ov.finish(carry, p1_refs)
-
-    return pl.run_scoped(with_p1, ov.acc_types(shape, n_w))
-
-
 def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
     """One-warpgroup kernel. GMEM refs: tiles [5 + n_w, T] i32, x [M, K], w... [P, N, K] (P >= G),
     (x_scale_t [KB, M] f32, w_scale... [G, NB, KB] f32 when FP8), out [M, N] bf16;
@@ -294,26 +257,23 @@ def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
 
         @pl.when(g >= 0)
         def _compute():
-            gm_refs = (x_gmem, w_gmems, xs_gmem, ws_gmems)
-            if st.overlap:
-                accs = _overlap_tile(st, gm_refs, wis, ni, box, block_n, g, nb)
-            else:
+            def step(idxs, x_smem, *rest):
+                (kb,) = idxs
+                xs = rest[n_w].at[0] if st.fp8 else None
+                return _k_step(
+                    st, x_smem, rest[:n_w], xs, rest[-1], lambda i: ws_gmems[i][g, nb, kb]
+                )
 
-                def step(idxs, x_smem, *rest):
-                    (kb,) = idxs
-                    xs = rest[n_w].at[0] if st.fp8 else None
-                    return _k_step(
-                        st, x_smem, rest[:n_w], xs, rest[-1], lambda i: ws_gmems[i][g, nb, kb]
-                    )
-
-                specs, args = _specs_and_args(st, gm_refs, wis, ni, box, st.block_m, block_n)
-                accs = plgpu.emit_pipeline(
-                    step,
-                    grid=(st.k // st.block_k,),
-                    in_specs=specs,
-                    max_concurrent_steps=st.steps,
-                    init_carry=tuple(_zeros((st.block_m, block_n)) for _ in range(n_w)),
-                )(*args)
+            specs, args = _specs_and_args(
+                st, (x_gmem, w_gmems, xs_gmem, ws_gmems), wis, ni, box, st.block_m, block_n
+            )
+            accs = plgpu.emit_pipeline(
+                step,
+                grid=(st.k // st.block_k,),
+                in_specs=specs,
+                max_concurrent_steps=st.steps,
+                init_carry=tuple(_zeros((st.block_m, block_n)) for _ in range(n_w)),
+            )(*args)
             o_smem[...] = _epilogue_value(st, accs).astype(o_smem.dtype)
             plgpu.commit_smem()
             _store_rows(o_smem, o_gmem, row0 - box, row0, rows, col0, st.block_m, block_n)
@@ -323,20 +283,6 @@ def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
             o_smem[...] = jnp.zeros((st.block_m, block_n), o_smem.dtype)
             plgpu.commit_smem()
             _store_rows(o_smem, o_gmem, 0, row0, rows, col0, st.block_m, block_n)
-
-
-def _wg_part(st: _Static, by_m: bool, wg, block_n: int, x_smem, w_smems, xs_smem):
-    """This compute warpgroup's part of one K block's SMEM tiles in the 2-warpgroup kernel:
-    x [block_m, bk] (its rows when split on M), w tiles [block_n, bk] (its columns when split
-    on N), row scales [block_m] f32 (from the [1, cta_m] block; None for bf16)."""
-    rows_ = pl.ds(wg * st.block_m, st.block_m)
-    cols_ = pl.ds(wg * block_n, block_n)
-    x_part = x_smem.at[rows_] if by_m else x_smem
-    w_parts = tuple(w_smems) if by_m else tuple(w.at[cols_] for w in w_smems)
-    xs = None
-    if st.fp8:
-        xs = xs_smem.at[0, rows_] if by_m else xs_smem.at[0]
-    return x_part, w_parts, xs
 
 
 def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
@@ -354,14 +300,11 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
     wg = lax.axis_index("wg")
     gm_refs = (x_gmem, w_gmems, xs_gmem, ws_gmems)
 
-    specs_and_args = _overlap_specs_and_args if st.overlap else _specs_and_args
-    k_steps = st.k // (st.block_k * (2 if st.overlap else 1))
-
     def pipeline(body, ctx, wis, ni, box):
-        specs, _ = specs_and_args(st, gm_refs, wis, ni, box, cta_m, cta_n)
+        specs, _ = _specs_and_args(st, gm_refs, wis, ni, box, cta_m, cta_n)
         return plgpu.emit_pipeline_warp_specialized(
             body,
-            grid=(k_steps,),
+            grid=(st.k // st.block_k,),
             memory_registers=40,
             in_specs=specs,
             wg_axis="wg",
@@ -373,19 +316,14 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
     ignore = lambda *_, **__: None
     zero = jnp.int32(0)
     zeros = (zero,) * n_w
-    _, alloc_args = specs_and_args(st, gm_refs, zeros, zero, zero, cta_m, cta_n)
-    # Overlap: the compute warpgroups arrive once their last wgmma of a tile is complete; the
-    # memory warpgroup waits for that before the next tile's prologue refills the SMEM slot
-    # that wgmma reads (delay_release leaves the last step's slot unreleased).
-    extra = dict(drained=plgpu.Barrier(num_arrivals=2)) if st.overlap else {}
+    _, alloc_args = _specs_and_args(st, gm_refs, zeros, zero, zero, cta_m, cta_n)
 
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore, zeros, zero, zero).get_allocations(*alloc_args),
         collective_axes="wg",
-        **extra,
     )
-    def _scope(allocs, drained=None):
+    def _scope(allocs):
         @plgpu.nd_loop((n_tiles * (st.n // cta_n),), collective_axes="sm")
         def _work(info):
             g, row0, rows, box, ni, wis = _tile_info(tiles_gmem, info.index[0], n_tiles, n_w)
@@ -400,51 +338,25 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
 
             def body(idxs, x_smem, *rest):
                 (kb,) = idxs
-                xs_smem = rest[n_w] if st.fp8 else None
-                x_part, w_parts, xs = _wg_part(st, by_m, wg, block_n, x_smem, rest[:n_w], xs_smem)
+                rows_ = pl.ds(wg * st.block_m, st.block_m)
+                cols_ = pl.ds(wg * block_n, block_n)
+                x_part = x_smem.at[rows_] if by_m else x_smem
+                w_parts = rest[:n_w] if by_m else [w.at[cols_] for w in rest[:n_w]]
+                xs = None
+                if st.fp8:
+                    xs = rest[n_w].at[0, rows_] if by_m else rest[n_w].at[0]
                 return _k_step(st, x_part, w_parts, xs, rest[-1], lambda i: ws_gmems[i][g, nb, kb])
 
-            def ov_body(idxs, *refs):
-                (kb,) = idxs
-                (x_a, x_b), (w_a, w_b), xs = ov.split_refs(refs[:-1], n_w)
-                x_a, w_a, xs_a = _wg_part(st, by_m, wg, block_n, x_a, w_a, xs.at[pl.ds(0, 1)])
-                x_b, w_b, xs_b = _wg_part(st, by_m, wg, block_n, x_b, w_b, xs.at[pl.ds(1, 1)])
-                p1_refs, carry = refs[-1]
-                ws_of = lambda i, h: ws_gmems[i][g, nb, 2 * kb + h]
-                carry = ov.step((x_a, x_b), (w_a, w_b), (xs_a, xs_b), ws_of, carry, p1_refs)
-                return p1_refs, carry
-
-            def ov_accs(eval_pipeline):
-                shape = (st.block_m, block_n)
-
-                def with_p1(p1_refs):
-                    _, carry = eval_pipeline((p1_refs, ov.init_carry(shape, n_w)))
-                    return ov.finish(carry, p1_refs)
-
-                accs = pl.run_scoped(with_p1, ov.acc_types(shape, n_w))
-                plgpu.barrier_arrive(drained)
-                return accs
-
             def ctx(eval_pipeline):
-                if st.overlap:
-                    accs = ov_accs(eval_pipeline)
-                else:
-                    accs = eval_pipeline(tuple(_zeros((st.block_m, block_n)) for _ in range(n_w)))
+                accs = eval_pipeline(tuple(_zeros((st.block_m, block_n)) for _ in range(n_w)))
                 o_smem[...] = _epilogue_value(st, accs).astype(o_smem.dtype)
                 plgpu.commit_smem()
                 _store_rows(o_smem, o_gmem, lo - base, box + lo, my_rows, col0, st.block_m, block_n)
 
             @pl.when(g >= 0)
             def _compute():
-                _, args = specs_and_args(st, gm_refs, wis, ni, box, cta_m, cta_n)
-                pipeline(ov_body if st.overlap else body, ctx, wis, ni, box)(
-                    *args, allocations=allocs
-                )
-                if st.overlap:
-
-                    @pl.when(wg == 2)
-                    def _wait_drained():
-                        plgpu.barrier_wait(drained)
+                _, args = _specs_and_args(st, gm_refs, wis, ni, box, cta_m, cta_n)
+                pipeline(body, ctx, wis, ni, box)(*args, allocations=allocs)
 
             @pl.when((g < 0) & (wg < 2))
             def _zero_fill():
@@ -461,14 +373,11 @@ _SMEM_BYTES = 232448
 _SMEM_SLACK = 2048  # barriers and alignment
 
 
-def _fit_steps(
-    steps: int, box_m: int, cta_n: int, n_w: int, fp8: bool, out_bytes: int, k_blocks: int = 1
-) -> int:
-    """``steps`` lowered until the K pipeline's SMEM buffers fit (at least 2); a step holds
-    ``k_blocks`` K blocks (2 in the overlap loop)."""
+def _fit_steps(steps: int, box_m: int, cta_n: int, n_w: int, fp8: bool, out_bytes: int) -> int:
+    """``steps`` lowered until the K pipeline's SMEM buffers fit (at least 2)."""
     item = 1 if fp8 else 2
     bk = SCALE_BLOCK if fp8 else 64
-    per_step = k_blocks * ((box_m + n_w * cta_n) * bk * item + (4 * box_m if fp8 else 0))
+    per_step = (box_m + n_w * cta_n) * bk * item + (4 * box_m if fp8 else 0)
     return max(2, min(steps, (_SMEM_BYTES - _SMEM_SLACK - out_bytes) // per_step))
 
 
@@ -489,8 +398,6 @@ def _make_static(
     block_n = config.swiglu_block_n if swiglu else config.block_n
     box_m, cta_n = _cta_shape(config, block_n)
     n_out = config.num_compute_wgs  # one output staging tile per compute warpgroup
-    # The overlap loop takes K blocks in pairs; with an odd count it falls back to the plain one.
-    overlap = config.overlap and fp8 and (k // SCALE_BLOCK) % 2 == 0
     steps = _fit_steps(
         config.max_concurrent_steps,
         box_m,
@@ -498,7 +405,6 @@ def _make_static(
         len(weights),
         fp8,
         out_bytes=n_out * config.block_m * block_n * 2,
-        k_blocks=2 if overlap else 1,
     )
     return _Static(
         m=m,
@@ -515,7 +421,6 @@ def _make_static(
         steps=steps,
         compute_wgs=config.num_compute_wgs,
         wg_dim=config.wg_dim,
-        overlap=overlap,
     )
 
 
