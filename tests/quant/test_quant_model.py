@@ -18,15 +18,15 @@ per-position rule a K/V boundary flip needs). The FP8 effect itself (fp8 vs bf16
 ~0.3 here, 60x the tolerance, and the test asserts that gap, so a reference that forgot a
 quantization step (or a model that skipped one) fails.
 
-Matmul precision: every test here runs under ``jax.default_matmul_precision("highest")``. The
-tolerances above assume float32 arithmetic, but a float32 dot at JAX's DEFAULT precision may run
-with TF32 operands on an A100/H100 (10 mantissa bits, relative rounding 2**-11, documented in
-`jax.lax.Precision`). In the FP8 modes that rounding moves ~1% of the activations across an e4m3
-rounding boundary before the next layer's quantization, each a whole e4m3 step (2**-4): the
-cause of the H100 failure of the fp8 case (90.7% of logits off, up to 0.18). A CPU emulation
-(float32 operands rounded to TF32 in every einsum) reproduces it: 90.8% of logits off, every
-`test_project_matches_numpy` case over its bound; with "highest" all pass. The library itself
-keeps DEFAULT: its real compute dtype is bf16, which TF32 represents exactly.
+Matmul precision: every test here runs under ``jax.default_matmul_precision("highest")``: the
+tolerances above assume float32 arithmetic, and a float32 dot at JAX's DEFAULT precision may
+run with TF32 operands on an A100/H100 (documented in `jax.lax.Precision`). The library keeps
+DEFAULT: its real compute dtype is bf16, which TF32 represents exactly.
+
+GPU history (H100, jax 0.11.2): 7 of these comparisons (the e4m3 cache BYTES among them) failed
+on the GPU until ``quant._cast_fp8`` rounded to the e4m3 grid in float32 before converting; the
+"highest" fixture alone did not fix them. With the explicit rounding all 28 pass there
+(docs/LOG.md, third session).
 """
 
 from __future__ import annotations
@@ -45,15 +45,6 @@ from step3_jax.config import Step3Config
 from step3_jax.layers.linear import project
 from step3_jax.model import Step3Model
 from step3_jax.quant_model import Fp8Weight, Precision, quantize_model, weight_bytes
-
-# Known gap (2026-11-22, H100, jax 0.11.2): 7 of these NumPy-reference comparisons failed on the
-# GPU at DEFAULT matmul precision (TF32, see the module docstring). The fix (the autouse
-# float32-precision fixture below) is verified on CPU by emulation only, so the GPU keeps a
-# non-strict xfail until a GPU run shows these as XPASS; never skipped or xfailed on CPU.
-_ON_GPU = any(d.platform == "gpu" for d in jax.devices())
-gpu_known_gap = pytest.mark.xfail(
-    _ON_GPU, reason="TF32 fix awaiting a GPU run (module docstring)", strict=False
-)
 
 
 @pytest.fixture(autouse=True)
@@ -208,7 +199,6 @@ def _cached_logits(model, tokens, precision: Precision):
 
 
 # ---------------------------------------------------------------------- tests
-@gpu_known_gap
 @pytest.mark.parametrize("mode", ["bf16", "fp8", "fp8+kv8"])
 def test_mode_matches_numpy_reference(mode):
     model = _tiny_model()
@@ -237,7 +227,6 @@ def test_mode_matches_numpy_reference(mode):
         assert gap > 10 * 5e-3
 
 
-@gpu_known_gap
 def test_kv8_cache_bytes_match_numpy():
     """Layer 0's FP8 K/V cache bytes vs the NumPy per-token quantization of float64 K/V:
     identical except where float32 and float64 straddle a rounding boundary (one step)."""
@@ -282,7 +271,6 @@ EQNS = [  # (eqn, weight shape, x shape, num_batch, num_contract): every one the
     "gemm,granularity", [("dequant", "block"), ("dequant", "channel"), ("fp8_blocks", "block")]
 )
 @pytest.mark.parametrize("eqn,wshape,xshape,nb,nc", EQNS)
-@gpu_known_gap
 def test_project_matches_numpy(eqn, wshape, xshape, nb, nc, gemm, granularity):
     # crc32, not hash(): str hashes are salted per process, so the data changed per run.
     kw, kx = jax.random.split(jax.random.key(zlib.crc32(eqn.encode()) % 1000))
