@@ -21,8 +21,8 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 print({k: v for k, v in d.items() if k != "rows"})
 for r in d["rows"]:
-    name = f'{r["batch"]}x{r["context"]} {r["mode"]} {r.get("gemm", "")}/{r["granularity"]}'
-    name += f' attn={r["attention"]}'
+    name = f'{r["batch"]}x{r["context"]} {r.get("name", r["mode"])}'
+    name += f' ({r["mode"]} {r.get("gemm", "")}/{r["granularity"]}, attn={r["attention"]})'
     if "error" in r:
         print(name, "ERROR", r["error"][:200])
         continue
