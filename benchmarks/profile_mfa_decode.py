@@ -85,7 +85,9 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--space", type=int, default=1024, help="profiler events per warpgroup")
-    ap.add_argument("--variants", default="q_in_kernel]|q_tma,ring_epi]", help="'|'-separated suffixes")
+    ap.add_argument(
+        "--variants", default="q_in_kernel]|q_tma,ring_epi]", help="'|'-separated suffixes"
+    )
     args = ap.parse_args()
     wanted = [v for v in args.variants.split("|") if v]
     rows = []
