@@ -281,7 +281,9 @@ def test_fused_model_forward_and_cached_decode_equal_unfused():
     cfg = dataclasses.replace(SMALL, num_layers=1, moe_layer_ids=())
     plain, fused = _model(8, cfg), fuse_qkv(_model(8, cfg))
     tokens = jax.random.randint(jax.random.key(9), (2, 5), 0, cfg.vocab_size, jnp.int32)
-    _assert_same(fused(tokens), plain(tokens))
+    _assert_same(fused(tokens), plain(tokens), exact=ON_CPU)  # see the module docstring
+    if not ON_CPU:  # greedy tokens may flip on a near-tie when the summation order differs
+        return
     from step3_jax.decode import generate
 
     assert (
