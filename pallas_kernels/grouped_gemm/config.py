@@ -67,14 +67,16 @@ class TuningConfig:
 #   vs one warpgroup 2.715, vs split-N 2.971.
 # * M = 6144 and 24576: 2 compute warpgroups splitting N (CTA 64x256): gate/up 456 and 762
 #   TFLOP/s vs 344 and 485 with one warpgroup and 429 and 572 split-M (4 steps).
-# H200: NOT measured (no device time left); the H100 table is the starting point. The sweep
-# that would tune it is ready: benchmarks/gpu_h200_tune.sh (plan: docs/log/h200_tuning.md).
+# H200 (2026-11-22, benchmarks/results/moe_h200_tune.json, one run of
+# benchmarks/gpu_h200_tune.sh): 2 compute warpgroups splitting N (CTA 64x256, 4 steps) won at
+# every T swept (64, 512, 2048, 8192), e.g. gate/up at T=64 0.884 ms (3.90 TB/s) vs 0.941 with
+# one warpgroup, at T=2048 1.508 ms vs 1.734 split-M; T=1024 (M=3072) was not swept.
 _SMALL = TuningConfig(block_m=64, block_n=128, max_concurrent_steps=4)
 _MID = TuningConfig(block_m=64, block_n=128, num_compute_wgs=2, wg_dim="m", max_concurrent_steps=6)
 _LARGE = TuningConfig(block_m=64, block_n=128, num_compute_wgs=2, wg_dim="n")
 TUNED: dict[str, list[tuple[int, TuningConfig]]] = {
     "H100": [(1536, _SMALL), (4096, _MID), (1 << 62, _LARGE)],
-    "H200": [(1536, _SMALL), (4096, _MID), (1 << 62, _LARGE)],
+    "H200": [(1 << 62, _LARGE)],
 }
 
 DEFAULT = TuningConfig()

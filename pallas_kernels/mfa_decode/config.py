@@ -108,10 +108,11 @@ class TuningConfig:
 # H100, B=128, 4K context, FP8 cache (us, whole call incl. the 8 us XLA q quantization):
 #   head split, 4 stages: 124.1 | seq split, 4 stages: 109.3 (8-bit V loads) / 110.0 (16-bit)
 #   | seq split, 2 stages: 116.6. bf16 cache: head 182.3 vs seq 184.2 (both ~97% of copy BW).
-# H200: not tuned (no device time left); it reuses the H100 entries. One earlier H200 run
-# with the seq/4-stage FP8 config and q quantized in XLA: 92.1 us at B=128 4K (3.0 TB/s;
-# benchmarks/results/mfa_decode_H200_ffbe27e.json). Tuning sweep ready:
-# benchmarks/gpu_h200_tune.sh (plan: docs/log/h200_tuning.md).
+# H200 (2026-11-22, benchmarks/results/mfa_decode_h200_tune.json, same run): the H100 choices
+# win there too: FP8 q_tma + ring epilogue 88.1 us at B=128 4K vs 90.5 without (3.14 vs 3.06
+# TB/s; copy 4.29 TB/s), bf16 head split 123.7 us vs seq 126.1 (4.38 TB/s, ~102% of copy).
+# The FP8 kernel is not memory-bound on H200: it reads half the bytes of bf16 in 71% of the
+# time (the per-token SM work, not HBM, sets its pace; docs/LOG.md).
 # q quantized inside the kernel (2026-11-22, H100, B=128 4K, same run): 106.8 us vs 109.1 us
 # with the three XLA q-quantization kernels (benchmarks/results/mfa_decode_H100_qkernel.json);
 # its GPU suite (TestPallasGPUQInKernel) passes.
