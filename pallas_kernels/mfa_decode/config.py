@@ -54,6 +54,13 @@ class TuningConfig:
     # and the output staging use ring slots the finished loop no longer needs: one handshake
     # instead of four and four output TMA stores in flight at once, and no separate tiles.
     ring_epilogue: bool = False
+    # FP8 cache, wg_split="seq": who converts the e4m3 V tile to the f16 P.V operand.
+    # "compute" (default): each compute warpgroup, in registers, between its softmax and its
+    # P.V. "memory": the (otherwise idle) memory warpgroup converts each whole [64, 256] tile
+    # into one of two f16 buffers (block i -> buffer i % 2, i.e. one per compute warpgroup),
+    # so the compute warpgroups run QK, softmax and one N=256 P.V wgmma only. Costs 32 KiB
+    # more shared memory (a second f16 tile): at 4 stages it needs ring_epilogue.
+    v_convert: str = "compute"
 
     def __post_init__(self):
         if self.q_quant not in ("xla", "kernel"):
@@ -68,6 +75,14 @@ class TuningConfig:
             self.wg_split != "seq" or self.num_stages < 4 or self.block_s != 64
         ):
             raise ValueError("ring_epilogue=True needs wg_split='seq', num_stages >= 4, block_s=64")
+        if self.v_convert not in ("compute", "memory"):
+            raise ValueError(f"v_convert={self.v_convert!r} must be 'compute' or 'memory'")
+        if self.v_convert == "memory" and (self.wg_split != "seq" or self.block_s != 64):
+            raise ValueError(
+                "v_convert='memory' needs wg_split='seq' and block_s=64 (one f16 [64, 256] "
+                f"buffer per compute warpgroup), got wg_split={self.wg_split!r}, "
+                f"block_s={self.block_s}"
+            )
         if self.v_load not in ("8bit", "wgmma"):
             raise ValueError(f"v_load={self.v_load!r} must be '8bit' or 'wgmma'")
         if self.block_s not in (64, 128):
@@ -84,7 +99,10 @@ class TuningConfig:
         q = num_heads * head_dim * kv_b  # q is FP8 when the cache is (FP8 wgmma), else bf16
         ring = self.num_stages * 2 * self.block_s * head_dim * kv_b
         scales = self.num_stages * 2 * self.block_s * 4 if fp8 else 0
-        v16 = self.block_s * head_dim * 2 if fp8 else 0  # two halves of converted V, f16
+        # Converted V, f16: one [block_s, head_dim] tile (two halves, one per compute warpgroup)
+        # or, with v_convert="memory", one whole tile per compute warpgroup.
+        n_v16 = 2 if self.v_convert == "memory" else 1
+        v16 = n_v16 * self.block_s * head_dim * 2 if fp8 else 0
         seq = self.wg_split == "seq"
         # Output staging: one 64-column tile per wg ("head") or one for wg 0 plus the f32
         # exchange tile and max/sum vectors ("seq").
@@ -95,6 +113,12 @@ class TuningConfig:
         return q + ring + scales + v16 + out + xchg + num_heads * 4 * 2 + SMEM_SLACK_BYTES
 
     def validate_smem(self, kv_dtype, out_dtype) -> None:
+        """ValueError if this config cannot run with these dtypes (shared memory, or a mode
+        that only exists for an FP8 cache)."""
+        if self.v_convert == "memory" and jnp.dtype(kv_dtype) != jnp.float8_e4m3fn:
+            raise ValueError(
+                f"v_convert='memory' needs a float8_e4m3fn cache, got {jnp.dtype(kv_dtype).name}"
+            )
         need = self.smem_bytes(kv_dtype, out_dtype)
         if need > SMEM_LIMIT_BYTES:
             raise ValueError(

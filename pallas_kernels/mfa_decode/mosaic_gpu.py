@@ -68,6 +68,7 @@ class KernelShape:
     page_offsets: bool = False
     q_tma: bool = False  # q_in_kernel: bf16 q staged in shared memory by TMA (config.py)
     ring_epilogue: bool = False  # "seq": exchange + output staging in freed ring slots
+    v_convert: str = "compute"  # FP8 "seq": "memory" = wg 2 converts V to f16 (config.py)
 
 
 def _transforms(dtype) -> tuple:
@@ -103,9 +104,17 @@ def _kv_index(ks: KernelShape, table_ref, b, blk):
     return page, pl.ds(lax.rem(tok, ks.page_size), ks.block_s)
 
 
-def _memory_wg(ks, refs, smem, bars, b, t, first, my_n):
-    """Issue the q copy and the K/V ring; waits on `consumed` before refilling a slot."""
-    plgpu.set_max_registers(40, action="decrease")
+# Registers per thread (setmaxnreg) of (compute, memory) warpgroups; 2 * compute + memory must
+# stay <= 512 (64K registers / 128 threads). With v_convert="memory" the memory warpgroup holds
+# a [64, 128] e4m3 half-tile (16 registers) and its f16 copy (32) at once, and the compute
+# warpgroups no longer do the conversion.
+REGS = {"compute": (232, 40), "memory": (224, 64)}
+
+
+def _memory_wg(ks, refs, smem, bars, b, t, first, my_n, kv_end):
+    """Issue the q copy and the K/V ring; waits on `consumed` before refilling a slot.
+    With ``v_convert="memory"`` it also converts every V tile to f16 (mosaic_gpu_seq.py)."""
+    plgpu.set_max_registers(REGS[ks.v_convert][1], action="decrease")
     if ks.q_tma:
         plgpu.copy_gmem_to_smem(refs["q"].at[b, t], smem["q16"], bars["q16"].at[0])
     if not ks.q_in_kernel:
@@ -124,6 +133,11 @@ def _memory_wg(ks, refs, smem, bars, b, t, first, my_n):
 
     for i in range(ks.num_stages):
         pl.when(i < my_n)(functools.partial(issue, i, i))
+    if ks.v_convert == "memory":
+        from pallas_kernels.mfa_decode.mosaic_gpu_seq import memory_convert_loop
+
+        memory_convert_loop(ks, smem, bars, issue, kv_end, first, my_n)
+        return
 
     @pl.loop(ks.num_stages, my_n)
     def _refill(i):
@@ -255,7 +269,7 @@ def _softmax_step(ks, s, carry, valid, v_col):
 
 def _compute_wg(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
     """Warpgroup w: scores + softmax for all 64 heads, P.V for head-dim columns of half w."""
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(REGS[ks.v_convert][0], action="increase")
     half = HEAD_DIM // 2
     q_row_scale = q_operand(ks, refs, smem, bars, w, b, t)
     vec = lambda x: plgpu.layout_cast(
@@ -377,7 +391,13 @@ def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
         smem["qs"] = plgpu.SMEM((NUM_HEADS,), jnp.float32)
         smem["ks"] = plgpu.SMEM((st, bs), jnp.float32)
         smem["vs"] = plgpu.SMEM((st, bs), jnp.float32)
-        smem["v16"] = plgpu.SMEM((2, bs, half), jnp.float16, transforms=_transforms(jnp.float16))
+        # "compute": two 128-column halves (one per warpgroup) of one converted tile;
+        # "memory": one whole converted tile per compute warpgroup (block i -> buffer i % 2).
+        v16_shape = (2, bs, HEAD_DIM) if ks.v_convert == "memory" else (2, bs, half)
+        smem["v16"] = plgpu.SMEM(v16_shape, jnp.float16, transforms=_transforms(jnp.float16))
+        if ks.v_convert == "memory":  # wg 2 -> wg w: "buffer w holds block i"; and back
+            bars["v16full"] = plgpu.Barrier(num_barriers=2)
+            bars["v16free"] = plgpu.Barrier(num_barriers=2)
         if ks.q_tma:  # bf16 q [64, 256] (32 KiB = the f16 V tile at block_s=64) before any V
             q16 = plgpu.SMEM(
                 (NUM_HEADS, HEAD_DIM), jnp.bfloat16, transforms=_transforms(jnp.bfloat16)
@@ -418,7 +438,7 @@ def _kernel(ks: KernelShape, kv_dtype, *all_refs):
         t, split, b = lax.axis_index("t"), lax.axis_index("split"), lax.axis_index("b")
         wg = lax.axis_index("wg")
         kv_end, first, my_n = _block_range(ks, refs["lengths"][b], t, split)
-        pl.when(wg == 2)(lambda: _memory_wg(ks, refs, smem, bars, b, t, first, my_n))
+        pl.when(wg == 2)(lambda: _memory_wg(ks, refs, smem, bars, b, t, first, my_n, kv_end))
         compute = _compute_wg
         if ks.wg_split == "seq":
             from pallas_kernels.mfa_decode.mosaic_gpu_seq import compute_wg_seq as compute

@@ -4,11 +4,14 @@ In the default "head" split both compute warpgroups run QK and the online softma
 (each then does P.V for one half of the head dim), so the softmax work is done twice. Here
 warpgroup w handles blocks i = w, w+2, ... of the CTA's range alone: QK, softmax and P.V over all
 256 columns (two 64 x 128 f32 accumulators; with an FP8 cache V is converted to f16 one 128-column
-half at a time through the warpgroup's f16 tile). At the end warpgroup 1 passes its normalised
-output, max and sum to warpgroup 0 through shared memory in [64, EPI_COLS] f32 chunks, and
-warpgroup 0 merges the two online-softmax states (the split-K combine, inside the CTA) and writes
-the output. The ring has an even number of slots, so slot i % num_stages always belongs to
-warpgroup i % 2 and each barrier is waited on by one warpgroup only, phase after phase.
+half at a time through the warpgroup's f16 tile). With ``v_convert="memory"`` the memory
+warpgroup converts each whole V tile into f16 buffer i % 2 = w instead (``memory_convert_loop``)
+and warpgroup w runs one N=256 P.V wgmma on it (one [64, 256] f32 accumulator). At the end
+warpgroup 1 passes its normalised output, max and sum to warpgroup 0 through shared memory in
+[64, EPI_COLS] f32 chunks, and warpgroup 0 merges the two online-softmax states (the split-K
+combine, inside the CTA) and writes the output. The ring has an even number of slots, so slot
+i % num_stages always belongs to warpgroup i % 2 and each barrier is waited on by one
+warpgroup only, phase after phase.
 """
 
 from __future__ import annotations
@@ -51,11 +54,75 @@ def _pv_halves(ks, smem, bars, slot, w, accs, p16, rescale, valid_rows):
     return tuple(new)
 
 
+def memory_convert_loop(ks, smem, bars, issue, kv_end, first, my_n):
+    """wg 2, ``v_convert="memory"``: V tile of block i (e4m3, ring slot i % num_stages) -> f16
+    buffer i % 2 ([64, 256], rows at or past the visible end zeroed on the CTA's last block),
+    then the ring refill. The first ``num_stages`` blocks are already issued.
+
+    Order per block i: wait for V(i) and for buffer i % 2 to be free (its warpgroup's P.V of
+    block i - 2), convert, signal ``v16full``; then refill the slot of block i - 1 (not i) with
+    block i - 1 + num_stages once its warpgroup has released it (``consumed``: arrived after
+    its softmax, K and the scales read; V was read here). Waiting for the block before keeps
+    this warpgroup from stalling on the softmax of the block it just converted. No deadlock:
+    every wait here is on a compute-warpgroup event that needs only copies already issued and
+    conversions already done.
+    """
+    st = ks.num_stages
+    if ks.q_tma:  # bf16 q is staged in buffer 0's memory: wg 0 must have quantized it
+        plgpu.barrier_wait(bars["q"].at[0])
+
+    def step(i, masked):
+        slot, buf = lax.rem(i, st), lax.rem(i, 2)
+
+        @pl.when(i >= 2)
+        def _wait_free():
+            plgpu.barrier_wait(bars["v16free"].at[buf])
+
+        valid_rows = kv_end - (first + i) * ks.block_s if masked else None
+        with jax.named_scope("v_cvt"):
+            for h in range(2):  # one 128-column half at a time: 48 registers of values
+                dst = smem["v16"].at[buf, :, pl.ds(h * HALF, HALF)]
+                mg._v_operand_fp8(
+                    ks, smem, bars, slot, h, valid_rows, wait=h == 0, dst=dst, commit=False
+                )
+            plgpu.commit_smem()  # fence + warpgroup barrier before the other warpgroup's wgmma
+        plgpu.barrier_arrive(bars["v16full"].at[buf])
+
+        @pl.when((i >= 1) & (i - 1 + st < my_n))
+        def _refill():
+            prev = lax.rem(i - 1, st)
+            with jax.named_scope("mem_wait"):
+                plgpu.barrier_wait(bars["consumed"].at[prev])
+            issue(i - 1 + st, prev)
+
+    n_full = jnp.maximum(my_n - 1, 0)  # only the CTA's last block can need the row mask
+    pl.loop(0, n_full)(functools.partial(step, masked=False))
+    pl.loop(n_full, my_n)(functools.partial(step, masked=True))
+
+
+def _pv_from_buffer(smem, bars, w, acc, p16, rescale):
+    """``v_convert="memory"``: acc = acc * rescale + P @ V16 with the f16 V tile that the
+    memory warpgroup wrote into buffer w (one N=256 wgmma); then hand the buffer back."""
+    with jax.named_scope("v_wait"):
+        plgpu.barrier_wait(bars["v16full"].at[w])
+    acc = acc * mg._row(rescale, acc.shape)
+
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, smem["v16"].at[w])
+
+    with jax.named_scope("pv"):
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))  # reading the ACC waits for the wgmma
+    plgpu.barrier_arrive(bars["v16free"].at[w])
+    return acc
+
+
 def compute_wg_seq(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
     """Warpgroup w: blocks w, w+2, ... of this CTA's range, all 256 output columns."""
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(mg.REGS[ks.v_convert][0], action="increase")
     q_row_scale = mg.q_operand(ks, refs, smem, bars, w, b, t)
-    zero = plgpu.layout_cast(jnp.zeros((mg.NUM_HEADS, HALF), jnp.float32), plgpu.Layout.WGMMA)
+    v_mem = ks.v_convert == "memory"
+    acc_cols = mg.HEAD_DIM if v_mem else HALF
+    zero = plgpu.layout_cast(jnp.zeros((mg.NUM_HEADS, acc_cols), jnp.float32), plgpu.Layout.WGMMA)
     wg_iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA)
 
     def step(j, carry, masked):
@@ -71,6 +138,9 @@ def compute_wg_seq(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
             plgpu.barrier_wait(bars["vs"].at[slot])
             v_col = plgpu.load(smem["vs"].at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
         p16, rescale, soft = mg._softmax_step(ks, s, soft, valid, v_col)
+        if v_mem:  # K and the scales are read; V is the memory warpgroup's: free the slot now
+            plgpu.barrier_arrive(bars["consumed"].at[slot])
+            return _pv_from_buffer(smem, bars, w, accs, p16, rescale), soft
         accs = _pv_halves(ks, smem, bars, slot, w, accs, p16, rescale, valid_rows)
         plgpu.barrier_arrive(bars["consumed"].at[slot])
         return accs, soft
@@ -78,10 +148,12 @@ def compute_wg_seq(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
     # Blocks of this warpgroup: i = 2j + w < my_n; only the CTA's last block needs masks.
     n_mine = lax.div(jnp.maximum(my_n - w, 0) + 1, 2)
     n_full = lax.div(jnp.maximum(my_n - 1 - w, 0) + 1, 2)
-    carry = ((zero, zero), (_vec(-jnp.inf), _vec(0.0), _vec(1.0)))
+    carry = (zero if v_mem else (zero, zero), (_vec(-jnp.inf), _vec(0.0), _vec(1.0)))
     carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
     carry = lax.fori_loop(n_full, n_mine, functools.partial(step, masked=True), carry)
     accs, (m, lsum, c) = carry
+    if v_mem:  # the epilogue works on 128-column halves
+        accs = (accs[:, :HALF], accs[:, HALF:])
     with jax.named_scope("epilogue"):
         if w == 1:
             _send(ks, smem, bars, accs, m, lsum, c)
