@@ -222,6 +222,35 @@ class TestPallasGPURingEpilogue(TestPallasGPU):
     }
 
 
+# The tuned FP8 default with the V conversion moved to the memory warpgroup.
+V_CONVERT_MEMORY = TuningConfig(
+    wg_split="seq",
+    num_stages=4,
+    q_quant="kernel",
+    q_tma=True,
+    ring_epilogue=True,
+    v_convert="memory",
+)
+
+
+@pytest.mark.gpu
+class TestPallasGPUVConvertMemory(TestPallasGPU):
+    """FP8 cache, tuned default with v_convert="memory" (wg 2 converts V to f16 buffers)."""
+
+    configs = {True: V_CONVERT_MEMORY}  # noqa: RUF012
+
+    def test_config_reaches_the_kernel(self):
+        """Guard against timing/testing the default by mistake: api.py must hand v_convert
+        to the KernelShape."""
+        from pallas_kernels.mfa_decode import api
+
+        case = make_case(12, [100], 128, fp8=True)
+        ks = api._kernel_shape(
+            case["q"], case["k"], case["lengths"], None, H**-0.5, V_CONVERT_MEMORY
+        )
+        assert ks.v_convert == "memory", "api._kernel_shape drops TuningConfig.v_convert"
+
+
 def test_combine_splits_matches_single_pass():
     """Partials over disjoint key ranges, merged by lse, equal one pass over all keys."""
     case = make_case(7, [384, 0, 130], 384, fp8=False)
@@ -322,6 +351,54 @@ def test_config_validation():
         TuningConfig(wg_split="rows")
     with pytest.raises(ValueError, match="shared memory"):
         TuningConfig(num_stages=4).validate_smem(jnp.bfloat16, jnp.float32)
+
+
+def test_v_convert_memory_config_rules():
+    """v_convert="memory": "seq" split, block_s=64, an FP8 cache; one more f16 [64, 256] tile
+    (32 KiB) than the default, which fits at 4 stages only with the ring epilogue."""
+    with pytest.raises(ValueError, match="v_convert"):
+        TuningConfig(v_convert="wg2")
+    with pytest.raises(ValueError, match="wg_split='seq'"):
+        TuningConfig(wg_split="head", num_stages=4, v_convert="memory")
+    with pytest.raises(ValueError, match="block_s=64"):
+        TuningConfig(wg_split="seq", block_s=128, num_stages=2, v_convert="memory")
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        TuningConfig(wg_split="seq", num_stages=2, v_convert="memory").validate_smem(
+            jnp.bfloat16, jnp.float32
+        )
+    fp8 = jnp.float8_e4m3fn
+    base = dataclasses.replace(V_CONVERT_MEMORY, v_convert="compute")
+    extra = V_CONVERT_MEMORY.smem_bytes(fp8, jnp.float32) - base.smem_bytes(fp8, jnp.float32)
+    assert extra == 64 * H * 2
+    for cfg in (V_CONVERT_MEMORY, dataclasses.replace(V_CONVERT_MEMORY, q_tma=False)):
+        cfg.validate_smem(fp8, jnp.float32)
+    with pytest.raises(ValueError, match="shared memory"):
+        dataclasses.replace(V_CONVERT_MEMORY, ring_epilogue=False).validate_smem(fp8, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "t,paged,splits,q_tma",
+    [(1, False, 1, True), (2, True, 3, True), (1, False, 2, False)],
+)
+def test_gpu_lowering_on_cpu_v_convert_memory(t, paged, splits, q_tma):
+    """v_convert="memory" lowers for CUDA (barriers, the N=256 P.V wgmma, smem budget). The
+    KernelShape gets v_convert set here directly, so this checks the kernel whether or not
+    api.py passes the config field on (TestPallasGPUVConvertMemory checks that)."""
+    from pallas_kernels.mfa_decode import api
+
+    sd = jax.ShapeDtypeStruct
+    b, s_cap, page = 4, 1024, 128
+    kv_shape = (b * s_cap // page, page, H) if paged else (b, s_cap, H)
+    kv = sd(kv_shape, jnp.float8_e4m3fn)
+    scale = sd(kv_shape[:2], jnp.float32)
+    table = sd((b, s_cap // page), jnp.int32) if paged else None
+    q, lengths = sd((b, t, N, H), jnp.bfloat16), sd((b,), jnp.int32)
+    cfg = dataclasses.replace(V_CONVERT_MEMORY, num_splits=splits, q_tma=q_tma)
+    ks = api._kernel_shape(q, kv, lengths, table, H**-0.5, cfg, 132)
+    ks = dataclasses.replace(ks, v_convert="memory")
+    traced = api._pallas_jit.trace(ks, q, kv, kv, lengths, scale, scale, table)
+    lowered = traced.lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()[:20000]
 
 
 def test_default_implementation_falls_back_to_xla_with_warning():
