@@ -148,6 +148,25 @@ EXTRA_VARIANTS = {
     ),
     "pallas_fp8[head,8bit,stages=4,q_in_kernel]": (True, dict(num_stages=4, q_quant="kernel")),
     "pallas_fp8[head,8bit,stages=3,q_in_kernel]": (True, dict(num_stages=3, q_quant="kernel")),
+    # The tuned FP8 default with the e4m3 -> f16 V conversion done by the memory warpgroup
+    # (v_convert="memory"), with and without q staged by TMA (benchmarks/gpu_vconvert_check.sh).
+    "pallas_fp8[seq,8bit,stages=4,q_in_kernel,q_tma,ring_epi,vcvt_mem]": (
+        True,
+        dict(
+            wg_split="seq",
+            num_stages=4,
+            q_quant="kernel",
+            q_tma=True,
+            ring_epilogue=True,
+            v_convert="memory",
+        ),
+    ),
+    "pallas_fp8[seq,8bit,stages=4,q_in_kernel,ring_epi,vcvt_mem]": (
+        True,
+        dict(
+            wg_split="seq", num_stages=4, q_quant="kernel", ring_epilogue=True, v_convert="memory"
+        ),
+    ),
 }
 FP8_CONFIG = {}  # TuningConfig kwargs for the sweep's pallas_fp8 rows (--fp8-split)
 BF16_CONFIG = {}  # same for pallas_bf16 rows; set only by --config-from-variants
