@@ -104,11 +104,13 @@ def _kv_index(ks: KernelShape, table_ref, b, blk):
     return page, pl.ds(lax.rem(tok, ks.page_size), ks.block_s)
 
 
-# Registers per thread (setmaxnreg) of (compute, memory) warpgroups; 2 * compute + memory must
-# stay <= 512 (64K registers / 128 threads). With v_convert="memory" the memory warpgroup holds
-# a [64, 128] e4m3 half-tile (16 registers) and its f16 copy (32) at once, and the compute
-# warpgroups no longer do the conversion.
-REGS = {"compute": (232, 40), "memory": (224, 64)}
+# Registers per thread (setmaxnreg) of (compute, memory) warpgroups. setmaxnreg only moves
+# registers between the CTA's warpgroups: the CTA launches with 168 a thread (64K / 384
+# threads, rounded down to a multiple of 8), so 2 * compute + memory must stay <= 3 * 168 =
+# 504, or the compute warpgroups' increase waits forever. With v_convert="memory" the memory
+# warpgroup holds an e4m3 [64, 128] half-tile (16 registers) and a [64, 64] f16 chunk (16) at
+# a time, and the compute warpgroups no longer convert anything.
+REGS = {"compute": (232, 40), "memory": (224, 56)}
 
 
 def _memory_wg(ks, refs, smem, bars, b, t, first, my_n, kv_end):

@@ -79,13 +79,8 @@ def memory_convert_loop(ks, smem, bars, issue, kv_end, first, my_n):
             plgpu.barrier_wait(bars["v16free"].at[buf])
 
         valid_rows = kv_end - (first + i) * ks.block_s if masked else None
-        with jax.named_scope("v_cvt"):
-            for h in range(2):  # one 128-column half at a time: 48 registers of values
-                dst = smem["v16"].at[buf, :, pl.ds(h * HALF, HALF)]
-                mg._v_operand_fp8(
-                    ks, smem, bars, slot, h, valid_rows, wait=h == 0, dst=dst, commit=False
-                )
-            plgpu.commit_smem()  # fence + warpgroup barrier before the other warpgroup's wgmma
+        plgpu.barrier_wait(bars["v"].at[slot])
+        _convert_v_tile(ks, smem, slot, buf, valid_rows)
         plgpu.barrier_arrive(bars["v16full"].at[buf])
 
         @pl.when((i >= 1) & (i - 1 + st < my_n))
@@ -98,6 +93,28 @@ def memory_convert_loop(ks, smem, bars, issue, kv_end, first, my_n):
     n_full = jnp.maximum(my_n - 1, 0)  # only the CTA's last block can need the row mask
     pl.loop(0, n_full)(functools.partial(step, masked=False))
     pl.loop(n_full, my_n)(functools.partial(step, masked=True))
+
+
+CVT_COLS = 64  # f16 columns converted and stored at a time by the memory warpgroup
+
+
+@jax.named_scope("v_cvt")
+def _convert_v_tile(ks, smem, slot, buf, valid_rows):
+    """e4m3 V tile of ring ``slot`` -> f16 ``v16[buf]`` (rows >= ``valid_rows`` zeroed when
+    given), for the memory warpgroup's few registers: each 128-column half is loaded once (16
+    registers a thread) and converted and stored CVT_COLS columns at a time (16 more), not
+    the whole half at once (32 more)."""
+    layout = plgpu.Layout.WGMMA_8BIT if ks.v_load == "8bit" else plgpu.Layout.WGMMA
+    for h in range(2):
+        v8 = plgpu.load(smem["v"].at[slot, :, pl.ds(h * HALF, HALF)], (), layout=layout)
+        for c in range(0, HALF, CVT_COLS):
+            v16 = v8[:, c : c + CVT_COLS].astype(jnp.float16)
+            if valid_rows is not None:
+                shape = (ks.block_s, CVT_COLS)
+                rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
+                v16 = jnp.where(rows < valid_rows, v16, jnp.float16(0))
+            smem["v16"].at[buf, :, pl.ds(h * HALF + c, CVT_COLS)][...] = v16
+    plgpu.commit_smem()  # fence + warpgroup barrier: the compute warpgroup's wgmma reads it
 
 
 def _pv_from_buffer(smem, bars, w, acc, p16, rescale):
