@@ -348,7 +348,7 @@ def smem_o_spec(ks: KernelShape):
 
 def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
     q_dtype = kv_dtype  # FP8 cache: FP8 q for the FP8 wgmma; bf16 cache: bf16 q
-    half, st, bs = HEAD_DIM // 2, ks.num_stages, ks.block_s
+    st, bs = ks.num_stages, ks.block_s
     seq = ks.wg_split == "seq"
     ring = plgpu.SMEM((st, bs, HEAD_DIM), kv_dtype, transforms=_transforms(kv_dtype))
     smem = {
@@ -390,25 +390,30 @@ def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
         bars["xfull"] = plgpu.Barrier(num_barriers=1)
         bars["xfree"] = plgpu.Barrier(num_barriers=1)
     if ks.fp8:
-        smem["qs"] = plgpu.SMEM((NUM_HEADS,), jnp.float32)
-        smem["ks"] = plgpu.SMEM((st, bs), jnp.float32)
-        smem["vs"] = plgpu.SMEM((st, bs), jnp.float32)
-        # "compute": two 128-column halves (one per warpgroup) of one converted tile;
-        # "memory": one whole converted tile per compute warpgroup (block i -> buffer i % 2).
-        v16_shape = (2, bs, HEAD_DIM) if ks.v_convert == "memory" else (2, bs, half)
-        smem["v16"] = plgpu.SMEM(v16_shape, jnp.float16, transforms=_transforms(jnp.float16))
-        if ks.v_convert == "memory":  # wg 2 -> wg w: "buffer w holds block i"; and back
-            bars["v16full"] = plgpu.Barrier(num_barriers=2)
-            bars["v16free"] = plgpu.Barrier(num_barriers=2)
-        if ks.q_tma:  # bf16 q [64, 256] (32 KiB = the f16 V tile at block_s=64) before any V
-            q16 = plgpu.SMEM(
-                (NUM_HEADS, HEAD_DIM), jnp.bfloat16, transforms=_transforms(jnp.bfloat16)
-            )
-            smem["v16"] = plgpu.RefUnion(smem["v16"], q16)
-            bars["q16"] = plgpu.Barrier(num_barriers=1)
-        bars["ks"] = plgpu.Barrier(num_barriers=st)
-        bars["vs"] = plgpu.Barrier(num_barriers=st)
+        _scratch_fp8(ks, smem, bars)
     return smem, bars
+
+
+def _scratch_fp8(ks: KernelShape, smem: dict, bars: dict) -> None:
+    """FP8 cache only (in place): q row scales, the K/V scale rings, the f16 V tile(s), the
+    bf16 q staging (q_tma) and their barriers."""
+    half, st, bs = HEAD_DIM // 2, ks.num_stages, ks.block_s
+    smem["qs"] = plgpu.SMEM((NUM_HEADS,), jnp.float32)
+    smem["ks"] = plgpu.SMEM((st, bs), jnp.float32)
+    smem["vs"] = plgpu.SMEM((st, bs), jnp.float32)
+    # "compute": two 128-column halves (one per warpgroup) of one converted tile;
+    # "memory": one whole converted tile per compute warpgroup (block i -> buffer i % 2).
+    v16_shape = (2, bs, HEAD_DIM) if ks.v_convert == "memory" else (2, bs, half)
+    smem["v16"] = plgpu.SMEM(v16_shape, jnp.float16, transforms=_transforms(jnp.float16))
+    if ks.v_convert == "memory":  # wg 2 -> wg w: "buffer w holds block i"; and back
+        bars["v16full"] = plgpu.Barrier(num_barriers=2)
+        bars["v16free"] = plgpu.Barrier(num_barriers=2)
+    if ks.q_tma:  # bf16 q [64, 256] (32 KiB = the f16 V tile at block_s=64) before any V
+        q16 = plgpu.SMEM((NUM_HEADS, HEAD_DIM), jnp.bfloat16, transforms=_transforms(jnp.bfloat16))
+        smem["v16"] = plgpu.RefUnion(smem["v16"], q16)
+        bars["q16"] = plgpu.Barrier(num_barriers=1)
+    bars["ks"] = plgpu.Barrier(num_barriers=st)
+    bars["vs"] = plgpu.Barrier(num_barriers=st)
 
 
 def _unpack_unions(ks: KernelShape, smem: dict) -> None:
