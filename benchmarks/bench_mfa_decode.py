@@ -322,7 +322,8 @@ def main():
     ap.add_argument(
         "--extra-variants",
         default="",
-        help=f"'all' or a comma list of further variants to time: {','.join(EXTRA_VARIANTS)}",
+        help="'all' or a '|'-separated list of further variants to time (names contain "
+        f"commas): {' | '.join(EXTRA_VARIANTS)}",
     )
     ap.add_argument(
         "--config-from-variants",
@@ -339,7 +340,7 @@ def main():
     table = dict(VARIANTS)
     if args.extra_variants:
         names = list(EXTRA_VARIANTS) if args.extra_variants == "all" else args.extra_variants
-        names = names.split(",") if isinstance(names, str) else names
+        names = [n for n in names.split("|") if n] if isinstance(names, str) else names
         unknown = [n for n in names if n not in EXTRA_VARIANTS]
         if unknown:
             raise SystemExit(

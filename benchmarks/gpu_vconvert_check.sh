@@ -30,8 +30,8 @@ PY=${PYTHON:-python3}
 START=$(date +%s)
 stamp() { echo "[$(($(date +%s) - START)) s] $*"; }
 
-# --extra-variants splits its names at commas, which the names themselves contain: take "all"
-# and keep the tuned default (...,q_tma,ring_epi]) and the two vcvt_mem variants by substring.
+# Time all extra variants' candidates but keep only the tuned default (...,q_tma,ring_epi]) and
+# the two vcvt_mem variants, by substring.
 ONLY="q_tma,ring_epi]|vcvt_mem]"
 SHAPES=128x4096,32x32768 IMPLS=pallas_fp8 PYTEST_EXTRA=""
 if [ "$DRY" = 1 ]; then

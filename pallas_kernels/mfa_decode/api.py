@@ -223,6 +223,7 @@ def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None):
         q_in_kernel=config.q_quant == "kernel" and k.dtype == FP8,
         q_tma=config.q_tma and k.dtype == FP8,
         ring_epilogue=config.ring_epilogue,
+        v_convert=config.v_convert,
     )
 
 
