@@ -145,6 +145,12 @@ class TuningConfig:
 # epilogue alone 107.1); 32 x 32K and 64 x 8K unchanged (~200 and ~111 us): the two trim the
 # fixed per-CTA cost, which matters at short contexts
 # (benchmarks/results/mfa_decode_H100_ring_epilogue.json).
+# V converted to f16 by the memory warpgroup (v_convert="memory"; 2026-11-22, commit 42aea3d,
+# benchmarks/gpu_vconvert_check.sh, one run per device, benchmarks/results/
+# mfa_decode_{H100,H200}_vconvert.json): H200 B=128 4K 88.9 -> 82.2 us (3.12 -> 3.37 TB/s),
+# 32 x 32K 170.8 -> 164.2 us; H100 102.1 -> 101.3 us and 199.5 -> 196.3 us (within noise at
+# 4K, +1.6% at 32K). ptxas: the compute-converts form spills 56 bytes, this one none. The
+# GPU suite passes with it on both devices.
 _FP8 = TuningConfig(
     block_s=64,
     num_stages=4,
@@ -153,6 +159,7 @@ _FP8 = TuningConfig(
     q_quant="kernel",
     q_tma=True,
     ring_epilogue=True,
+    v_convert="memory",
 )
 _BF16 = TuningConfig(block_s=64, num_stages=2, wg_split="head")
 TUNED: dict[str, dict[str, TuningConfig]] = {
