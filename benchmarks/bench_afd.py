@@ -20,7 +20,6 @@ import datetime
 import gc
 import json
 import statistics
-import subprocess
 import time
 import traceback
 
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.provenance import git_commit
 from sharding.afd import AfdConfig, AfdExecutor
 from sharding.baseline import BaselineExecutor
 from sharding.layout import AfdLayout, ArenaDtypes
@@ -320,14 +320,14 @@ def main(argv=None) -> dict:
     cfg = bench_config(args.layers, args.tiny, args.full)
     runs: list[dict] = []
     base: list[dict] = []
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    commit = git_commit()
 
     def save() -> dict:  # after every config: a timeout still leaves the finished ones
         result = {
             "device": devices[0].device_kind,
             "num_devices": len(devices),
             "jax_version": jax.__version__,
-            "commit": commit.strip() or "unknown",
+            "commit": commit,
             "date": datetime.date.today().isoformat(),
             "config": vars(args),
             "runs": [r for r in runs if "error" not in r],

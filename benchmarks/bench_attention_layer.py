@@ -24,15 +24,14 @@ import dataclasses
 import datetime
 import functools
 import json
-import os
 import statistics
-import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks.provenance import git_commit
 from step3_jax import KVCache, Step3Config
 from step3_jax.model import DecoderLayer
 from step3_jax.quant_model import quantize_model, weight_bytes
@@ -204,12 +203,7 @@ def main():
             )
         variants = [v for v in variants if v[0] in names]
     copy = copy_bandwidth_gbs(64 << 20 if args.tiny else 2 << 30)
-    commit = os.environ.get("GIT_COMMIT", "")  # the GPU copy of the tree has no .git
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = ""
+    commit = git_commit()
     res = {
         "bench": "attention_layer",
         "device": jax.devices()[0].device_kind,

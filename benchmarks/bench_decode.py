@@ -32,7 +32,6 @@ import functools
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -43,6 +42,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.provenance import git_commit  # noqa: E402
 from step3_jax.cache import KVCache  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
 from step3_jax.model import Step3Model  # noqa: E402
@@ -331,12 +331,7 @@ def gemm_forms(m: int = 128, reps: int = 20, full: bool = True) -> list[dict]:
 
 
 def _meta() -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = git_commit(short=True)
     dev = jax.devices()[0]
     return {
         "device": getattr(dev, "device_kind", str(dev)),

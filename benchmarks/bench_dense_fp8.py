@@ -10,11 +10,11 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.provenance import git_commit
 from pallas_kernels.grouped_gemm import TuningConfig, grouped_matmul
 from step3_jax import quant
 
@@ -77,7 +77,7 @@ def main():
         "bench": "dense_fp8",
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
-        "commit": os.environ.get("GIT_COMMIT", ""),
+        "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
         "m": args.m,
         "configs": {k: dataclasses.asdict(v) for k, v in CONFIGS.items()},

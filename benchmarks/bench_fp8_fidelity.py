@@ -25,7 +25,6 @@ import dataclasses
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -36,6 +35,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.provenance import git_commit  # noqa: E402
 from step3_jax.cache import KVCache  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
 from step3_jax.model import Step3Model  # noqa: E402
@@ -184,9 +184,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="float32", help="reference/compute dtype of random models")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = git_commit(short=True)
     dev = jax.devices()[0]
     result = {
         "device": getattr(dev, "device_kind", str(dev)),

@@ -20,7 +20,6 @@ import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.provenance import git_commit
 from pallas_kernels.mfa_decode import mfa_decode_attention
 from step3_jax.quant import quantize_kv
 
@@ -355,7 +355,7 @@ def main():
     dev = jax.devices()[0]
     copy_gbs = copy_bandwidth_gbs()
     print(json.dumps({"copy_GBps": round(copy_gbs, 1), "device": dev.device_kind}), flush=True)
-    commit = os.environ.get("GIT_COMMIT") or _git_commit()
+    commit = git_commit()
     result = {
         "bench": "mfa_decode",
         "device": dev.device_kind,
@@ -407,13 +407,6 @@ TIMER_NOTE = (
     "split-K combine included), median over reps x rotated input sets (>= 3x L2 bytes). torch: "
     "CUDA events around a loop of calls (includes launch gaps)."
 )
-
-
-def _git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:  # noqa: BLE001 - the GPU copy of the tree may have no .git
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import dataclasses
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -30,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.provenance import git_commit  # noqa: E402
 from pallas_kernels.grouped_gemm import api, moe  # noqa: E402
 from pallas_kernels.grouped_gemm.config import TuningConfig  # noqa: E402
 
@@ -372,15 +372,6 @@ def pick_config(sweeps, t):
 def short(r):
     """One compact stdout line of a result dict (floats to 4 significant digits)."""
     return json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in r.items()})
-
-
-def git_commit():
-    if os.environ.get("BENCH_COMMIT"):
-        return os.environ["BENCH_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def main():

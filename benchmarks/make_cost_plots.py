@@ -13,11 +13,11 @@ from __future__ import annotations
 import datetime
 import glob
 import json
-import subprocess
 from pathlib import Path
 
 import jax
 
+from benchmarks.provenance import git_commit
 from step3_jax import cost
 from step3_jax.cost import plots
 from step3_jax.cost import simulator as sim
@@ -25,14 +25,6 @@ from step3_jax.cost import simulator as sim
 ROOT = Path(__file__).resolve().parents[1]
 FIG = ROOT / "docs" / "figures"
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def make_figures() -> list[str]:
@@ -83,7 +75,7 @@ def main() -> None:
     result = dict(
         device="cpu (analytic model, no accelerator)",
         jax_version=jax.__version__,
-        commit=_commit(),
+        commit=git_commit(),
         date=datetime.date.today().isoformat(),
         command="python benchmarks/make_cost_plots.py",
         paper_runs=paper_runs(),
