@@ -19,20 +19,9 @@
 # TEST_TIMEOUT (100), MOE_TIMEOUT (175), MFA_TIMEOUT (200) seconds; MOE_TOKENS, MOE_CONFIGS,
 # MFA_SHAPES, MFA_BATCHES, MFA_CONTEXTS, MFA_ONLY, MFA_EXTRA override the sweep sets.
 set -u
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
-DRY=0
-case "${1:-}" in
-  -h | --help) usage; exit 0 ;;
-  --dry) DRY=1; shift ;;
-esac
-if [ $# -ne 1 ]; then usage >&2; exit 2; fi
-OUT=$1
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
-export BENCH_COMMIT=${GIT_COMMIT:-unknown} GIT_COMMIT=${GIT_COMMIT:-unknown}
-PY=${PYTHON:-python3}
-START=$(date +%s)
-stamp() { echo "[$(($(date +%s) - START)) s] $*"; }
+USAGE_LINES=2,19
+# shellcheck source=benchmarks/gpu_script_setup.sh
+source "$(dirname "$0")/gpu_script_setup.sh"
 
 MOE_TOKENS=${MOE_TOKENS:-64,512,2048,8192}
 MOE_CONFIGS=${MOE_CONFIGS:-wg1_64x128_s3,wg1_64x128_s4,wg1_64x128_s6,wg2n_64x256_s4,wg2m_128x128_s4,wg2m_128x128_s6}

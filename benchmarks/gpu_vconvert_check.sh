@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the MFA decode kernel's experimental v_convert="memory" mode in ONE bounded call.
+# GPU check of the MFA decode kernel's v_convert="memory" mode (the FP8 default) in ONE call.
 #
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_vconvert_check.sh OUT_DIR
 #   bash benchmarks/gpu_vconvert_check.sh --dry OUT_DIR   # CPU plumbing check (XLA rows only)
@@ -15,20 +15,9 @@
 # Files in OUT_DIR: probe.txt, ptxas.txt, tests.txt, bench.txt, mfa_decode_<device>.json.
 # Env: GIT_COMMIT (recorded in the JSON: the GPU copy of the tree has no .git).
 set -u
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
-DRY=0
-case "${1:-}" in
-  -h | --help) usage; exit 0 ;;
-  --dry) DRY=1; shift ;;
-esac
-if [ $# -ne 1 ]; then usage >&2; exit 2; fi
-OUT=$1
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
-export GIT_COMMIT=${GIT_COMMIT:-unknown}
-PY=${PYTHON:-python3}
-START=$(date +%s)
-stamp() { echo "[$(($(date +%s) - START)) s] $*"; }
+USAGE_LINES=2,16
+# shellcheck source=benchmarks/gpu_script_setup.sh
+source "$(dirname "$0")/gpu_script_setup.sh"
 
 # Time all extra variants' candidates but keep only the tuned default (...,q_tma,ring_epi]) and
 # the two vcvt_mem variants, by substring.
