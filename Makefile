@@ -2,14 +2,16 @@
 #   make demo   -> generate text with the embedded demo model, plus a throughput line
 #   make test   -> lint + the test suite
 # If the machine already has every dependency importable (the offline GPU machines), the system
-# python3 is used with PYTHONPATH=.; otherwise a .venv is created and the package installed.
+# python3 is used and the tree installed into it editable with --no-deps (no network needed);
+# otherwise a .venv is created and the package installed with its dependencies. Either way the
+# tree is installed: `sharding/`, `checkpoints/`, `pallas_kernels/` import as `step3_jax.*`.
 SHELL := /bin/bash
 PY_IMPORTS := jax,flax,orbax.checkpoint,optax,chex,jaxtyping,safetensors,tokenizers,tqdm,matplotlib,pytest
 VENV := .venv
 HAVE_DEPS := $(shell python3 -c "import $(PY_IMPORTS)" >/dev/null 2>&1 && echo yes)
 ifeq ($(HAVE_DEPS),yes)
-  PY := PYTHONPATH=$(CURDIR) python3
-  SETUP :=
+  PY := python3
+  SETUP := .installed-editable
 else
   PY := $(VENV)/bin/python
   SETUP := $(VENV)/.installed
@@ -26,6 +28,10 @@ test: $(SETUP)
 	$(PY) -m pytest -n 2 -q tests
 
 setup: $(SETUP)
+
+.installed-editable: pyproject.toml
+	python3 -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

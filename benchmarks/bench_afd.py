@@ -7,7 +7,7 @@ difference), per-layer attention time, FFN time and transfer time (the same comp
 with only one stage switched on), tokens/s/GPU; then the DP+EP baseline on the same GPUs at
 several batches, and the baseline batch whose TPOT is closest to AFD's.
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_afd.py --layout 1A1F --layers 12 --out r.json
+    python3 benchmarks/bench_afd.py --layout 1A1F --layers 12 --out r.json
 
 Last stdout line: the JSON (schema of `step3_jax.cost.simulator.load_measured`, plus extras).
 """
@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.provenance import git_commit
-from sharding.afd import AfdConfig, AfdExecutor
-from sharding.baseline import BaselineExecutor
-from sharding.layout import AfdLayout, ArenaDtypes
 from step3_jax.config import Step3Config
 from step3_jax.quant_model import Fp8Weight
+from step3_jax.sharding.afd import AfdConfig, AfdExecutor
+from step3_jax.sharding.baseline import BaselineExecutor
+from step3_jax.sharding.layout import AfdLayout, ArenaDtypes
 
 
 def bench_config(layers: int, tiny: bool = False, full: bool = False) -> Step3Config:
@@ -130,8 +130,8 @@ def _plain_ffn_us(args, cfg, layout, device, microbatch: int) -> float:
     """Control: one MoE layer's FFN-device work (the same `protocol.ffn_partial`) on plain
     arrays instead of arena views, same token count; the gap to ``ffn_us_per_layer`` is the
     arena's cost."""
-    from sharding import protocol
-    from sharding.layout import ffn_local_dims
+    from step3_jax.sharding import protocol
+    from step3_jax.sharding.layout import ffn_local_dims
 
     loc = ffn_local_dims(cfg, layout)
     d, e, f, fs = cfg.hidden_size, loc["experts"], loc["moe_f"], loc["shared_f"]
@@ -171,7 +171,7 @@ def _plain_ffn_us(args, cfg, layout, device, microbatch: int) -> float:
 
 def _baseline_weights(cfg, n: int, weights: str, mesh_dp, mesh_rep):
     """Random DP+EP parameters: attention stacked [L, ...] replicated; FFN [n, Lk, ...]."""
-    from sharding.layout import ffn_local_dims
+    from step3_jax.sharding.layout import ffn_local_dims
 
     d, r, nh, h, e = (
         cfg.hidden_size,

@@ -13,8 +13,8 @@ Variants (``name`` in each row): ``fp8_pallas_fused_qkv`` stores q/k/v as ONE FP
 ``fp8_pallas_fused_qkv_percall`` keeps three weights and concatenates them into one GEMM on
 every call (the form measured as 281.2 us on an H100); the others run the three projections.
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_attention_layer.py --out results.json
-    PYTHONPATH=$PWD python3 benchmarks/bench_attention_layer.py --tiny   # CPU smoke run
+    python3 benchmarks/bench_attention_layer.py --out results.json
+    python3 benchmarks/bench_attention_layer.py --tiny   # CPU smoke run
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Dense FP8 block-scaled GEMMs of the Step-3 attention half (M = B*T rows) through the
 grouped-GEMM kernel with one group, per tuning config: CUPTI kernel time and weight GB/s.
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_dense_fp8.py --m 128 --out dense.json
+    python3 benchmarks/bench_dense_fp8.py --m 128 --out dense.json
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.provenance import git_commit
-from pallas_kernels.grouped_gemm import TuningConfig, grouped_matmul
 from step3_jax import quant
+from step3_jax.kernels.grouped_gemm import TuningConfig, grouped_matmul
 
 SHAPES = {  # name: (N, K) of the [N, K] weight view
     "q_proj": (2048, 7168),

@@ -10,7 +10,7 @@ Per mode (``fp8``, ``fp8+kv8``) against the reference (the model before `quantiz
 
 All forwards go through the KV cache (prefill) so ``fp8+kv8`` really reads an FP8 cache.
 
-Models: ``demo`` (``checkpoints.load_demo()``, scored on its own corpus text when the tokenizer
+Models: ``demo`` (``step3_jax.checkpoints.load_demo()``, scored on its own corpus text when the tokenizer
 is there) and ``random-step3`` (random weights with Step-3's attention and FFN widths: D 7168,
 R 2048, 64 heads x 256, dense F 18432 and 5120-wide experts; a dense and an MoE layer, few
 experts and a small vocab so it runs on a CPU). ``tiny`` is the CI-sized config.
@@ -58,7 +58,7 @@ def random_step3_config() -> Step3Config:
 def load_model(name: str, dtype):
     """``(model, token batch [B, T] int32, description)``."""
     if name == "demo":
-        import checkpoints
+        from step3_jax import checkpoints
 
         model, tok = checkpoints.load_demo()
         tokens = _demo_tokens(model, tok)

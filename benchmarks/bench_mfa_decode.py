@@ -7,7 +7,7 @@ our Pallas kernel (FP8 and bf16 cache), the XLA implementation (FP8 and bf16), t
 decode-attention example (bf16), torch SDPA (bf16, CUDA events) and cuDNN through
 jax.nn.dot_product_attention (bf16) when it runs.
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_mfa_decode.py --out /tmp/res [--quick]
+    python3 benchmarks/bench_mfa_decode.py --out /tmp/res [--quick]
 
 Last stdout line: one JSON object (also written to --out/mfa_decode_<device>.json).
 """
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.provenance import git_commit
-from pallas_kernels.mfa_decode import mfa_decode_attention
+from step3_jax.kernels.mfa_decode import mfa_decode_attention
 from step3_jax.quant import quantize_kv
 
 N, H = 64, 256
@@ -174,7 +174,7 @@ BF16_CONFIG = {}  # same for pallas_bf16 rows; set only by --config-from-variant
 
 def variants(shapes, copy_gbs, table=None):
     """Time every variant of ``table`` (default VARIANTS) at each (B, S) of ``shapes``."""
-    from pallas_kernels.mfa_decode import TuningConfig
+    from step3_jax.kernels.mfa_decode import TuningConfig
 
     rows = []
     for b, s in shapes:
@@ -284,13 +284,13 @@ def sweep(batches, contexts, impls, copy_gbs, rows, flush):
 
 
 def _fp8_config():
-    from pallas_kernels.mfa_decode import TuningConfig
+    from step3_jax.kernels.mfa_decode import TuningConfig
 
     return TuningConfig(**FP8_CONFIG) if FP8_CONFIG else None
 
 
 def _bf16_config():
-    from pallas_kernels.mfa_decode import TuningConfig
+    from step3_jax.kernels.mfa_decode import TuningConfig
 
     return TuningConfig(**BF16_CONFIG) if BF16_CONFIG else None
 

@@ -9,7 +9,7 @@ the measured dense FP8 GEMM rate (torch._scaled_mm), and side by side the baseli
 XLA ``lax.ragged_dot`` (bf16 and FP8), the JAX ``ragged_dot_mgpu`` example (bf16) and torch
 grouped GEMMs where present.
 
-Usage (GPU): ``PYTHONPATH=$PWD python3 benchmarks/bench_moe.py --out results.json``
+Usage (GPU): ``python3 benchmarks/bench_moe.py --out results.json``
 The last stdout line is a one-line JSON summary.
 """
 
@@ -30,8 +30,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.provenance import git_commit  # noqa: E402
-from pallas_kernels.grouped_gemm import api, moe  # noqa: E402
-from pallas_kernels.grouped_gemm.config import TuningConfig  # noqa: E402
+from step3_jax.kernels.grouped_gemm import api, moe  # noqa: E402
+from step3_jax.kernels.grouped_gemm.config import TuningConfig  # noqa: E402
 
 D, F, E, TOPK = 7168, 5120, 48, 3
 # BENCH_DRY=1: tiny shapes and the XLA path, to test this script's plumbing on a CPU.

@@ -5,7 +5,7 @@ random values, exact midpoints between e4m3 neighbours and their float32 neighbo
 two double-rounding hypotheses (through float16 / bfloat16 first); then the same for
 ``step3_jax.quant._cast_fp8``, which rounds to the e4m3 grid in float32 before converting.
 
-    PYTHONPATH=$PWD python3 benchmarks/check_fp8_convert.py [--out DIR]
+    python3 benchmarks/check_fp8_convert.py [--out DIR]
 """
 
 from __future__ import annotations

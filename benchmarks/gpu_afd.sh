@@ -4,7 +4,8 @@
 set -u
 OUT=${1:-/tmp/afd_out}; LAYOUT=${2:-1A1F}; LAYERS=${LAYERS:-10}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1  # step3_jax.* namespace (pyproject package-dir)
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
 timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_afd.py --layout "$LAYOUT" --layers "$LAYERS" \
   --microbatch 128 --micro-batches "${MBS:-3,2}" --context 4096 --weights float8_e4m3fn \

@@ -4,7 +4,8 @@
 # Env: RUNS (MxBm list), BASE (per-GPU baseline batches), BENCH_TIMEOUT.
 set -u
 OUT=${1:-/tmp/afd_full}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1  # step3_jax.* namespace (pyproject package-dir)
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
 # The two in-place kernel paths, checked on two GPUs at once before they are relied on.
 CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \

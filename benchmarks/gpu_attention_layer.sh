@@ -7,7 +7,8 @@
 # Budgets (seconds, env): TEST_TIMEOUT=100, BENCH_TIMEOUT=290 (fits a 420 s call), PAIRS=128:4096,64:8192.
 set -u
 OUT=${1:-/tmp/attention_layer}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false GIT_COMMIT=${GIT_COMMIT:-unknown}
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1  # step3_jax.* namespace (pyproject package-dir)
+export XLA_PYTHON_CLIENT_PREALLOCATE=false GIT_COMMIT=${GIT_COMMIT:-unknown}
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout "${TEST_TIMEOUT:-100}" python3 -m pytest -q -rfE -p no:cacheprovider -n 4 --runxfail \
   tests/quant > "$OUT/tests_quant.txt" 2>&1

@@ -7,7 +7,8 @@
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_decode}}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.94
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1  # step3_jax.* namespace (pyproject package-dir)
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.94
 nvidia-smi --query-gpu=name,memory.total,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 python3 benchmarks/bench_decode.py --config step3 --layers 5 --gemm-forms \
   --pairs 128:4096,1:4096,32:4096,256:4096,128:8192,128:1024 \

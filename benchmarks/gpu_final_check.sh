@@ -3,7 +3,8 @@
 # CUPTI per-kernel times. Usage: bash benchmarks/gpu_final_check.sh OUT
 set -u
 OUT=${1:-/tmp/final}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1  # step3_jax.* namespace (pyproject package-dir)
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -rfE -p no:cacheprovider -n 8 tests \
   > "$OUT/tests_gpu.txt" 2>&1

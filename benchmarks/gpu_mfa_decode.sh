@@ -7,7 +7,8 @@
 set -u
 OUT=${1:-/tmp/mfa_out}; MODE=${2:-quick}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1  # step3_jax.* namespace (pyproject package-dir)
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 T=tests/pallas_kernels/test_mfa_decode.py
 python3 -c "import jax; print(jax.__version__, jax.devices())" > "$OUT/probe.txt" 2>&1
 # Each suite has its own timeout: a hung kernel must not eat the whole call.

@@ -6,7 +6,8 @@
 set -u
 OUT=${OUT:-/tmp/moe_out}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1  # step3_jax.* namespace (pyproject package-dir)
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout "${TEST_TIMEOUT:-110}" python3 -m pytest -q -m gpu tests/pallas_kernels/test_grouped_gemm.py \
   > "$OUT/pytest_gpu.txt" 2>&1

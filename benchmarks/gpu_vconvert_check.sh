@@ -36,7 +36,7 @@ timeout -k 5 60 $PY - <<'EOF'
 import sys
 import jax
 import jax.numpy as jnp
-from pallas_kernels.mfa_decode import TuningConfig, api
+from step3_jax.kernels.mfa_decode import TuningConfig, api
 
 sd = jax.ShapeDtypeStruct
 cfg = TuningConfig(wg_split="seq", num_stages=4, q_quant="kernel", q_tma=True,
@@ -59,7 +59,7 @@ ptxas_report() {
 import dataclasses
 import jax
 import jax.numpy as jnp
-from pallas_kernels.mfa_decode import TuningConfig, mfa_decode_attention
+from step3_jax.kernels.mfa_decode import TuningConfig, mfa_decode_attention
 from step3_jax.quant import quantize_kv
 
 base = TuningConfig(wg_split="seq", num_stages=4, q_quant="kernel", q_tma=True,

@@ -1,6 +1,6 @@
 """Regenerates docs/figures/*.png and the simulator-vs-paper JSON (CPU only, a few seconds).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/make_cost_plots.py
+    .venv/bin/python benchmarks/make_cost_plots.py
 
 Writes docs/figures/{roofline_8k,roofline_32k,cost_vs_context,cost_vs_context_modern,
 afd_timeline_2a2f}.png and benchmarks/results/cost_sim_paper_runs.json; any

@@ -7,7 +7,7 @@ cycles-equivalent nanoseconds per KV block and per warpgroup, plus the share of 
 wall time each region takes. The profiler adds ~12 cycles per event, so the kernel runs slower
 than in ``bench_mfa_decode.py``; compare regions, not totals.
 
-    PYTHONPATH=$PWD python3 benchmarks/profile_mfa_decode.py --out $OUT --batch 128 --ctx 4096
+    python3 benchmarks/profile_mfa_decode.py --out $OUT --batch 128 --ctx 4096
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import tempfile
 import jax
 
 from benchmarks.bench_mfa_decode import VARIANTS, make_inputs
-from pallas_kernels.mfa_decode import TuningConfig, mfa_decode_attention
-from pallas_kernels.mfa_decode import mosaic_gpu as mg
+from step3_jax.kernels.mfa_decode import TuningConfig, mfa_decode_attention
+from step3_jax.kernels.mfa_decode import mosaic_gpu as mg
 
 
 def summarise(trace: dict, n_blocks: int) -> dict:

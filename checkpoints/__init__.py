@@ -8,17 +8,17 @@
 * `load_tokenizer`: a ``tokenizer.json`` (the demo's or a real Step-3 one).
 """
 
-from checkpoints.demo import load_demo
-from checkpoints.hf import CheckpointMismatchError, dequantize_blocks, load_hf, save_hf
-from checkpoints.orbax_io import (
+from step3_jax.checkpoints.demo import load_demo
+from step3_jax.checkpoints.hf import CheckpointMismatchError, dequantize_blocks, load_hf, save_hf
+from step3_jax.checkpoints.orbax_io import (
     CheckpointManager,
     abstract_like,
     abstract_state,
     restore_orbax,
     save_orbax,
 )
-from checkpoints.safetensors_io import CheckpointFormatError
-from checkpoints.tokenizer import Tokenizer, load_tokenizer
+from step3_jax.checkpoints.safetensors_io import CheckpointFormatError
+from step3_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "CheckpointFormatError",

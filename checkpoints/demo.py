@@ -11,8 +11,8 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from checkpoints.hf import load_hf
-from checkpoints.tokenizer import Tokenizer, load_tokenizer
+from step3_jax.checkpoints.hf import load_hf
+from step3_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer
 from step3_jax.model import Step3Model
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"

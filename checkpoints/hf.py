@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from checkpoints import hf_mapping
-from checkpoints.hf_mapping import Entry
-from checkpoints.safetensors_io import (
+from step3_jax.checkpoints import hf_mapping
+from step3_jax.checkpoints.hf_mapping import Entry
+from step3_jax.checkpoints.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
     ShardWriter,

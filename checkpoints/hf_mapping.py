@@ -15,8 +15,8 @@ split_heads_in     o_proj ``[D, N*H]``          ``[D, N, H]``               self
 Fused parameters (`FUSED_PARAMS`): a model may store several of the table's tensors as ONE
 leaf, e.g. ``self_attn.qkv_proj [R + 2H, D]`` after `step3_jax.layers.MFAttention.fuse_qkv`
 (the rows of q_proj, k_proj, v_proj). The table always names the separate HF tensors:
-`checkpoints.hf.save_hf` cuts a fused leaf back into them (bitwise, FP8 scales included) and
-``load_hf(..., fuse_qkv=True)`` fills the separate leaves, then fuses.
+`step3_jax.checkpoints.hf.save_hf` cuts a fused leaf back into them (bitwise, FP8 scales included)
+and ``load_hf(..., fuse_qkv=True)`` fills the separate leaves, then fuses.
 
 Block-FP8 checkpoints add ``<name>_scale_inv`` (float32 ``[*batch, ceil(N/128), ceil(K/128)]``)
 beside each quantizable ``*.weight``: ``Entry.quantizable`` marks them, ``Entry.num_batch`` /

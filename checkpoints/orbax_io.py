@@ -25,14 +25,15 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from checkpoints.safetensors_io import CheckpointFormatError
+from step3_jax.checkpoints.safetensors_io import CheckpointFormatError
 
 PARAMS, OPT_STATE = "params", "opt_state"
 
 
 def path_name(path) -> str:
     """``layers.3.ffn.up_proj`` from a pytree key path of an NNX state (the Variable's
-    ``.value`` attribute key is dropped, so names match `checkpoints.hf_mapping` paths)."""
+    ``.value`` attribute key is dropped, so names match `step3_jax.checkpoints.hf_mapping`
+    paths)."""
     parts = [k for k in path if not isinstance(k, jax.tree_util.GetAttrKey)]
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in parts)
 

@@ -33,7 +33,7 @@ from flax import nnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from checkpoints.tokenizer import Tokenizer, load_tokenizer, train_bpe  # noqa: E402
+from step3_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer, train_bpe  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
 from step3_jax.model import Step3Model  # noqa: E402
 
@@ -230,11 +230,11 @@ def export(args, cfg, tok: Tokenizer, history: dict, windows: np.ndarray) -> Non
     samples) by loading it back through the public loader."""
     import importlib
 
-    import checkpoints
+    from step3_jax import checkpoints
 
     importlib.reload(checkpoints)  # the package may have grown since this process imported it
-    from checkpoints import load_hf, save_hf
-    from checkpoints.demo import sample_texts
+    from step3_jax.checkpoints import load_hf, save_hf
+    from step3_jax.checkpoints.demo import sample_texts
 
     out = Path(args.out)
     model = Step3Model(

@@ -1,9 +1,9 @@
 """Attention-FFN Disaggregation: layouts, memory layout, executors (see docs/afd.md)."""
 
-from sharding.afd import AfdConfig, AfdExecutor, exchange_rounds, pipeline_schedule
-from sharding.baseline import BaselineExecutor
-from sharding.layout import AfdLayout, ArenaDtypes, ArenaLayout
-from sharding.reference import ReferenceExecutor
+from step3_jax.sharding.afd import AfdConfig, AfdExecutor, exchange_rounds, pipeline_schedule
+from step3_jax.sharding.baseline import BaselineExecutor
+from step3_jax.sharding.layout import AfdLayout, ArenaDtypes, ArenaLayout
+from step3_jax.sharding.reference import ReferenceExecutor
 
 __all__ = [
     "AfdConfig",

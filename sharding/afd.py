@@ -1,7 +1,7 @@
 """The compiled AFD executor: ONE program per decode step over all devices.
 
 ``jax.jit(shard_map(body))`` over the 1-D ``afd`` mesh; each device holds only its role's
-tensors in its arenas (memory layout: `sharding.layout`). The body is a `lax.scan` over
+tensors in its arenas (memory layout: `step3_jax.sharding.layout`). The body is a `lax.scan` over
 *ticks* of a static software-pipeline schedule (`pipeline_schedule`): at each tick an
 attention device runs the attention half of one (layer, micro-batch) item while the FFN
 devices run the FFN half of an earlier item; a `lax.switch` on the device's role picks the
@@ -28,12 +28,12 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sharding import arena_io, protocol
-from sharding.layout import ALIGN, DEFAULT_DTYPES, AfdLayout, ArenaDtypes, ArenaLayout
-from sharding.schedule import exchange_rounds, pipeline_schedule
 from step3_jax import quant
 from step3_jax.cache import KVCache
 from step3_jax.model import MAX_KERNEL_QUERY_TOKENS
+from step3_jax.sharding import arena_io, protocol
+from step3_jax.sharding.layout import ALIGN, DEFAULT_DTYPES, AfdLayout, ArenaDtypes, ArenaLayout
+from step3_jax.sharding.schedule import exchange_rounds, pipeline_schedule
 
 STAGES = ("attention", "ffn", "exchange")
 
@@ -225,7 +225,7 @@ class AfdExecutor:
         """The decode kernel reading this item's cache where it is: each cache region's arena
         viewed as pages of one sequence (``[*, S, H]``, scales ``[*, S]``), the block table
         ``[Bm, 1]`` and per-operand page offsets (no slice, so no copy of the cache)."""
-        from pallas_kernels.mfa_decode import mfa_decode_attention
+        from step3_jax.kernels.mfa_decode import mfa_decode_attention
 
         regs, pools, offsets = self.arena.attention, [], []
         for name in _CACHE:

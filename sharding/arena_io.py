@@ -1,4 +1,4 @@
-"""Reading and writing tensors in the per-device role arenas (layout: `sharding.layout`).
+"""Reading and writing tensors in the per-device role arenas (layout: `step3_jax.sharding.layout`).
 
 Inside the compiled AFD step each device holds its arenas ``{dtype: [rows, ALIGN]}``. Plain
 tensors are read as views (`view`: one dynamic slice of whole rows + reshape; XLA copies it
@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sharding import protocol
-from sharding.layout import ALIGN, Region
 from step3_jax.quant_model import Fp8Weight
+from step3_jax.sharding import protocol
+from step3_jax.sharding.layout import ALIGN, Region
 
 _NUM_CONTRACT = {"o_proj": 2}  # contracted trailing dims of each weight (default 1)
 

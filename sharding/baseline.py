@@ -18,9 +18,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sharding import protocol
-from sharding.layout import AfdLayout
 from step3_jax.cache import KVCache
+from step3_jax.sharding import protocol
+from step3_jax.sharding.layout import AfdLayout
 
 
 class BaselineExecutor:

@@ -13,10 +13,10 @@ expert's F) on a list of devices: attention devices first, then FFN devices (row
 ALL ``y`` FFN devices, their F padded with zero rows/columns to a multiple of ``y`` (a zero
 gate/up row and a zero down column contribute exactly 0, so padding changes no result).
 
-Meshes and specs. The readable executor (`sharding.reference`) uses two meshes with role-named
-axes, ``attn_dp`` and ``(ffn_ep, ffn_tp)``, so a spec cannot land on the wrong role
-(`AttentionSpecs`, `FfnSpecs`). The compiled executor (`sharding.afd`) runs ONE program over a
-1-D mesh ``afd`` holding every device; a device's role is ``axis_index('afd') < x``.
+Meshes and specs. The readable executor (`step3_jax.sharding.reference`) uses two meshes with
+role-named axes, ``attn_dp`` and ``(ffn_ep, ffn_tp)``, so a spec cannot land on the wrong role
+(`AttentionSpecs`, `FfnSpecs`). The compiled executor (`step3_jax.sharding.afd`) runs ONE program
+over a 1-D mesh ``afd`` holding every device; a device's role is ``axis_index('afd') < x``.
 
 The memory catch, and the role arena
 ------------------------------------

@@ -151,9 +151,9 @@ def final_logits(g: dict, x: Float[Array, "B D"], eps) -> Float[Array, "B V"]:
 
 # ----------------------------------------------------------------------------- FFN role
 def _grouped_routed(x, ids, weights, p: dict, first_expert):
-    """The routed experts through the grouped GEMM (`pallas_kernels.grouped_gemm.moe_ffn`);
+    """The routed experts through the grouped GEMM (`step3_jax.kernels.grouped_gemm.moe_ffn`);
     `ExpertPool` weights are read in place at their offsets."""
-    from pallas_kernels.grouped_gemm import moe_ffn
+    from step3_jax.kernels.grouped_gemm import moe_ffn
     from step3_jax.quant_model import split_fp8
 
     names = ("gate", "up", "down")

@@ -1,7 +1,7 @@
 """The readable AFD executor: two meshes and a `jax.device_put` per layer each way.
 
 Slow by design (every layer crosses from Python: ~110-180 us per `device_put` on H200, see
-docs/afd.md), it is the debugging path and the test oracle for `sharding.afd`. Per layer:
+docs/afd.md), it is the debugging path and the test oracle for `step3_jax.sharding.afd`. Per layer:
 
 1. attention mesh (``attn_dp``, batch-sharded activations and cache, replicated weights): one
    jitted attention half -> `protocol.Packet` (FP8 tokens + scales + expert ids + weights);
@@ -21,9 +21,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sharding import protocol
-from sharding.layout import AfdLayout, AttentionSpecs, FfnSpecs
 from step3_jax.cache import KVCache
+from step3_jax.sharding import protocol
+from step3_jax.sharding.layout import AfdLayout, AttentionSpecs, FfnSpecs
 
 
 class ReferenceExecutor:

@@ -19,7 +19,7 @@ DEFAULT_PROMPTS = (  # the demo model was trained on Jane Austen's novels
 
 
 def _load(args):
-    import checkpoints
+    from step3_jax import checkpoints
 
     if args.checkpoint:
         model = checkpoints.load_hf(args.checkpoint)

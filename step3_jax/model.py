@@ -1,7 +1,7 @@
 """The Step-3 text decoder as a Flax NNX module.
 
-Each decoder layer is written as two halves so the disaggregated runtime (`sharding.afd`) can
-run them on different devices without rewriting the model:
+Each decoder layer is written as two halves so the disaggregated runtime (`step3_jax.sharding.afd`)
+can run them on different devices without rewriting the model:
 
 * ``attention_half``: input norm, MFA (with the KV-cache write), residual add, post-attention
   norm and, for MoE layers, the router's top-k. Returns the residual stream ``x_mid``, the
@@ -36,7 +36,7 @@ MAX_KERNEL_QUERY_TOKENS = 8
 def default_attention_impl(num_heads: int = 64, head_dim: int = 256, dtype=jnp.bfloat16) -> str:
     """ "pallas" where the Mosaic GPU decode kernel applies (an H100/H200, Step-3's 64 heads of
     256, a bf16 model), else "xla"."""
-    from pallas_kernels.mfa_decode.api import _on_hopper
+    from step3_jax.kernels.mfa_decode.api import _on_hopper
 
     fits = (num_heads, head_dim) == (64, 256) and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
     return "pallas" if fits and _on_hopper() else "xla"
@@ -51,7 +51,7 @@ def cached_attention(
 ) -> Float[Array, "B T N H"]:
     """Attention of the new tokens' queries against layer ``layer`` of the (updated) cache.
 
-    Decode-sized T goes through `pallas_kernels.mfa_decode_attention` (Pallas on Hopper, XLA
+    Decode-sized T goes through `step3_jax.kernels.mfa_decode_attention` (Pallas on Hopper, XLA
     elsewhere); long prefills use the plain XLA path over the dequantized cache. Both assume
     the new tokens of a sequence sit at consecutive positions ending at ``lengths - 1``.
     """
@@ -59,7 +59,7 @@ def cached_attention(
     lengths = positions[:, -1] + 1
     implementation = implementation or default_attention_impl(q.shape[2], q.shape[3], q.dtype)
     if implementation != "xla" and t <= MAX_KERNEL_QUERY_TOKENS:
-        from pallas_kernels.mfa_decode import mfa_decode_attention
+        from step3_jax.kernels.mfa_decode import mfa_decode_attention
 
         k, v, ks, vs = cache.layer(layer)
         out = mfa_decode_attention(

@@ -50,7 +50,7 @@ stored as ONE ``[sum N_i, K]`` weight (`concat_rows`, `split_rows`; `fuse_qkv`, 
 exact for per-channel scales and for 128x128 block scales whose parts are 128-row aligned.
 
 And one kernel form, ``"pallas"``: FP8 x FP8 with the 128x128 block scales applied per K block
-inside the Mosaic GPU grouped GEMM (`pallas_kernels.grouped_gemm`, one group = a dense GEMM),
+inside the Mosaic GPU grouped GEMM (`step3_jax.kernels.grouped_gemm`, one group = a dense GEMM),
 streaming the FP8 weight once and never materializing a dequantized copy. It needs a Hopper
 GPU, block scales, no batch axes, N and K multiples of 128 and an equation of the form
 ``x[rest, contract] , w[out, contract] -> [rest, out]``; anywhere else it computes the
@@ -339,7 +339,7 @@ def _project_fp8_blocks(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
 
 def _pallas_gemm_applies(x: Array, w: Fp8Weight, spec: _Spec) -> bool:
     """Whether the ``"pallas"`` form can run this projection here (see the module docstring)."""
-    from pallas_kernels.grouped_gemm import api
+    from step3_jax.kernels.grouped_gemm import api
 
     w_rest = spec.w[: len(spec.w) - w.num_contract]
     layout_ok = spec.x == spec.x_rest + spec.contract and spec.out == spec.x_rest + w_rest
@@ -352,8 +352,8 @@ def _pallas_gemm_applies(x: Array, w: Fp8Weight, spec: _Spec) -> bool:
 
 def _project_pallas(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
     """x [*rest, *contract] @ w[N, K]^T through the Pallas grouped GEMM with one group."""
-    from pallas_kernels.grouped_gemm import grouped_matmul
-    from pallas_kernels.grouped_gemm.config import dense_config
+    from step3_jax.kernels.grouped_gemm import grouped_matmul
+    from step3_jax.kernels.grouped_gemm.config import dense_config
 
     n, k = _view_2d(w.shape, 0, w.num_contract)
     lead = x.shape[: len(spec.x_rest)]

@@ -287,13 +287,15 @@ def test_moe_external_routing_equals_internal(moe):
 
 def _grouped_available() -> bool:
     try:
-        from pallas_kernels.grouped_gemm import moe_ffn  # noqa: F401
+        from step3_jax.kernels.grouped_gemm import moe_ffn  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-@pytest.mark.skipif(not _grouped_available(), reason="pallas_kernels.grouped_gemm.moe_ffn missing")
+@pytest.mark.skipif(
+    not _grouped_available(), reason="step3_jax.kernels.grouped_gemm.moe_ffn missing"
+)
 def test_moe_dense_and_grouped_agree(moe):
     """Same weights, both paths. The grouped path runs the routed experts in bf16 (bf16
     operands, float32 accumulation, bf16 output), so its error is up to 5 bf16 roundings of the

@@ -15,7 +15,7 @@ Tolerance derivation (normwise, relative to max|reference logit|):
 
   tol = u * sqrt(K) * DEPTH = 6.0e-8 * 16 * 29 ~ 2.8e-5.
 
-The "grouped" MoE (`pallas_kernels.grouped_gemm.moe_ffn`) computes the routed experts in
+The "grouped" MoE (`step3_jax.kernels.grouped_gemm.moe_ffn`) computes the routed experts in
 bfloat16 by design (bf16 operands, float32 accumulation, bf16 output: the BF16 F->A return of
 AFD), even in a float32 model. Its routed output carries up to 5 bf16 roundings (x, W_gate/W_up,
 the SwiGLU hidden, W_down, the output), each <= u_bf16 = 2^-8 relative, so elementwise
@@ -58,7 +58,7 @@ SEED = 1234
 
 def _grouped_available() -> bool:
     try:
-        from pallas_kernels.grouped_gemm import moe_ffn  # noqa: F401
+        from step3_jax.kernels.grouped_gemm import moe_ffn  # noqa: F401
     except ImportError:
         return False
     return True
@@ -67,7 +67,7 @@ def _grouped_available() -> bool:
 GROUPED = pytest.param(
     "grouped",
     marks=pytest.mark.skipif(
-        not _grouped_available(), reason="pallas_kernels.grouped_gemm.moe_ffn not importable yet"
+        not _grouped_available(), reason="step3_jax.kernels.grouped_gemm.moe_ffn not importable yet"
     ),
 )
 

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.grouped_gemm import mosaic_gpu
-from pallas_kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig, tuned_config
 from step3_jax import quant
+from step3_jax.kernels.grouped_gemm import mosaic_gpu
+from step3_jax.kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig, tuned_config
 
 XLA_TILE = 64  # rows per scan step of the "xla" path
 _IMPLS = ("pallas", "xla", None)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.grouped_gemm.api import grouped
-from pallas_kernels.grouped_gemm.config import TuningConfig
 from step3_jax import quant
+from step3_jax.kernels.grouped_gemm.api import grouped
+from step3_jax.kernels.grouped_gemm.config import TuningConfig
 
 
 def _dispatch(expert_ids, first_expert: int, e_local: int):

@@ -35,7 +35,7 @@ try:  # Mosaic GPU is importable on CPU-only installs too (lowering works withou
 except ImportError:  # pragma: no cover - very old jax
     plgpu = None
 
-from pallas_kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig
+from step3_jax.kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig
 
 H100_SMS = 132
 

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.mfa_decode import config as cfg_lib
-from pallas_kernels.mfa_decode.xla import mfa_decode_xla
+from step3_jax.kernels.mfa_decode import config as cfg_lib
+from step3_jax.kernels.mfa_decode.xla import mfa_decode_xla
 from step3_jax.quant import quantize_kv
 
 FP8 = jnp.dtype(jnp.float8_e4m3fn)
@@ -195,7 +195,7 @@ def _resolve_config(config, kv_dtype, num_ctas: int, max_len: int, page_size, nu
 
 def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None):
     """Static KernelShape for these (possibly abstract) inputs; validates the config."""
-    from pallas_kernels.mfa_decode import mosaic_gpu  # GPU-only imports stay off the xla path
+    from step3_jax.kernels.mfa_decode import mosaic_gpu  # GPU-only imports stay off the xla path
 
     b, t, n, h = q.shape
     if (n, h) != (mosaic_gpu.NUM_HEADS, mosaic_gpu.HEAD_DIM):
@@ -258,7 +258,7 @@ def lower_pallas_for_gpu(
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _pallas_jit(ks, q, k, v, lengths, k_scale, v_scale, block_table, page_offsets=None):
-    from pallas_kernels.mfa_decode import mosaic_gpu
+    from step3_jax.kernels.mfa_decode import mosaic_gpu
 
     q_scale = None
     if ks.fp8 and not ks.q_in_kernel:

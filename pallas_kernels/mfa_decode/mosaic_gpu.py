@@ -136,7 +136,7 @@ def _memory_wg(ks, refs, smem, bars, b, t, first, my_n, kv_end):
     for i in range(ks.num_stages):
         pl.when(i < my_n)(functools.partial(issue, i, i))
     if ks.v_convert == "memory":
-        from pallas_kernels.mfa_decode.mosaic_gpu_seq import memory_convert_loop
+        from step3_jax.kernels.mfa_decode.mosaic_gpu_seq import memory_convert_loop
 
         memory_convert_loop(ks, smem, bars, issue, kv_end, first, my_n)
         return
@@ -448,7 +448,7 @@ def _kernel(ks: KernelShape, kv_dtype, *all_refs):
         pl.when(wg == 2)(lambda: _memory_wg(ks, refs, smem, bars, b, t, first, my_n, kv_end))
         compute = _compute_wg
         if ks.wg_split == "seq":
-            from pallas_kernels.mfa_decode.mosaic_gpu_seq import compute_wg_seq as compute
+            from step3_jax.kernels.mfa_decode.mosaic_gpu_seq import compute_wg_seq as compute
         for w in range(2):  # static w: smem slices along the swizzled dim stay static
             run = functools.partial(
                 compute, ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.mfa_decode.reference import gather_pages, visible_mask
+from step3_jax.kernels.mfa_decode.reference import gather_pages, visible_mask
 
 
 def mfa_decode_xla(

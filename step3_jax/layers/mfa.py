@@ -183,7 +183,7 @@ class MFAttention(nnx.Module):
         """Cache-free causal self-attention over the T tokens of ``x`` (prefill/training).
 
         For decoding against a KV cache use `step3_jax.Step3Model` (or `qkv`, a cache write
-        and `mfa_attention_xla` / `pallas_kernels.mfa_decode_attention`, then `output`).
+        and `mfa_attention_xla` / `step3_jax.kernels.mfa_decode_attention`, then `output`).
         """
         b, t, _ = x.shape
         if positions is None:

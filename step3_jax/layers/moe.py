@@ -9,7 +9,7 @@ Two implementations behind one signature (``implementation=``):
 * ``"dense"``: the readable oracle: every expert runs on every token and a one-hot routing
   matrix combines them. Cost grows with E; use it for tests and tiny models.
 * ``"grouped"`` (default): (token, k) pairs are sorted by expert and each expert multiplies
-  only its own rows (`pallas_kernels.grouped_gemm.moe_ffn`: a Mosaic GPU FP8/bf16 grouped GEMM
+  only its own rows (`step3_jax.kernels.grouped_gemm.moe_ffn`: a Mosaic GPU FP8/bf16 grouped GEMM
   on Hopper, an XLA tile loop elsewhere). Cost grows with routed tokens, not with E.
 """
 
@@ -63,8 +63,8 @@ def experts_grouped(
     w_down,
     implementation: str | None = None,
 ) -> Float[Array, "M D"]:
-    """Sorted, grouped expert computation (see `pallas_kernels.grouped_gemm.moe_ffn`)."""
-    from pallas_kernels.grouped_gemm import moe_ffn  # lazy: kernels import step3_jax.quant
+    """Sorted, grouped expert computation (see `step3_jax.kernels.grouped_gemm.moe_ffn`)."""
+    from step3_jax.kernels.grouped_gemm import moe_ffn  # lazy: kernels import step3_jax.quant
     from step3_jax.quant_model import split_fp8  # FP8 experts: (values, block scales)
 
     (wg, sg), (wu, su), (wd, sd) = split_fp8(w_gate), split_fp8(w_up), split_fp8(w_down)

@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.flax import save_file
 
-from checkpoints import hf_mapping
+from step3_jax.checkpoints import hf_mapping
 from step3_jax.config import Step3Config
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -79,7 +79,7 @@ def write_hf(path: Path, cfg: Step3Config, tensors: dict, num_shards: int = 3) -
 
 def read_all(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a checkpoint directory (our reader; fp8-capable)."""
-    from checkpoints.safetensors_io import index_checkpoint, read_tensor
+    from step3_jax.checkpoints.safetensors_io import index_checkpoint, read_tensor
 
     return {n: read_tensor(i) for n, i in index_checkpoint(path).items()}
 

@@ -7,8 +7,8 @@ import json
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints import load_demo, load_tokenizer
-from checkpoints.demo import DEMO_DIR
+from step3_jax.checkpoints import load_demo, load_tokenizer
+from step3_jax.checkpoints.demo import DEMO_DIR
 from step3_jax.decode import generate
 
 

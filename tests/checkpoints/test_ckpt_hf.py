@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors import safe_open
 
-from checkpoints import (
+from step3_jax.checkpoints import (
     CheckpointFormatError,
     CheckpointMismatchError,
     dequantize_blocks,

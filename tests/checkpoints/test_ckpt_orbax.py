@@ -10,9 +10,14 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from checkpoints import CheckpointFormatError, CheckpointManager, abstract_like, restore_orbax
-from checkpoints.orbax_io import path_name
 from step3_jax import Step3Config, Step3Model
+from step3_jax.checkpoints import (
+    CheckpointFormatError,
+    CheckpointManager,
+    abstract_like,
+    restore_orbax,
+)
+from step3_jax.checkpoints.orbax_io import path_name
 
 CFG = Step3Config.tiny()
 

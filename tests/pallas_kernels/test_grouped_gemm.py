@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_gemm import api, moe
-from pallas_kernels.grouped_gemm import reference as ref
 from step3_jax import quant
+from step3_jax.kernels.grouped_gemm import api, moe
+from step3_jax.kernels.grouped_gemm import reference as ref
 
 
 def _has_hopper() -> bool:

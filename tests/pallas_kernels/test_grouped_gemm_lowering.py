@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_gemm import mosaic_gpu
-from pallas_kernels.grouped_gemm.config import TuningConfig, tuned_config
+from step3_jax.kernels.grouped_gemm import mosaic_gpu
+from step3_jax.kernels.grouped_gemm.config import TuningConfig, tuned_config
 
 pytestmark = pytest.mark.skipif(not mosaic_gpu.available(), reason="no Mosaic GPU Pallas API")
 

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.mfa_decode import TuningConfig, mfa_decode_attention, mfa_decode_reference
-from pallas_kernels.mfa_decode.api import combine_splits, lower_pallas_for_gpu
+from step3_jax.kernels.mfa_decode import TuningConfig, mfa_decode_attention, mfa_decode_reference
+from step3_jax.kernels.mfa_decode.api import combine_splits, lower_pallas_for_gpu
 from step3_jax.quant import dequantize_kv, quantize_kv
 
 N, H = 64, 256
@@ -324,7 +324,7 @@ def test_default_sm_scale_is_inverse_sqrt_head_dim():
 @pytest.mark.parametrize("s_cap", [1024, 4096, 32768])
 def test_num_splits_fill_one_wave(b, s_cap):
     """Split-K never spills into a second partial wave and never splits below 512 tokens."""
-    from pallas_kernels.mfa_decode.config import MIN_TOKENS_PER_SPLIT, choose_num_splits
+    from step3_jax.kernels.mfa_decode.config import MIN_TOKENS_PER_SPLIT, choose_num_splits
 
     j = choose_num_splits(b, s_cap, 64, 132)
     assert j >= 1
@@ -374,7 +374,7 @@ def test_gpu_lowering_on_cpu_v_convert_memory(t, paged, splits, q_tma):
     """v_convert="memory" reaches the kernel through api._kernel_shape (else the GPU suite
     and the benchmark would test and time the default) and lowers for CUDA (barriers, the
     N=256 P.V wgmma, smem budget)."""
-    from pallas_kernels.mfa_decode import api
+    from step3_jax.kernels.mfa_decode import api
 
     sd = jax.ShapeDtypeStruct
     b, s_cap, page = 4, 1024, 128
@@ -413,7 +413,7 @@ def test_paged_block_table_must_be_integer():
 
 def test_gpu_lowering_on_cpu_with_page_offsets():
     """The in-place pool path (page offsets per operand, scales in their own pool) lowers."""
-    from pallas_kernels.mfa_decode import api
+    from step3_jax.kernels.mfa_decode import api
 
     sd = jax.ShapeDtypeStruct
     b, page = 4, 1024

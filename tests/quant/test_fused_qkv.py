@@ -201,7 +201,7 @@ def _model(seed=0, cfg=SMALL, dtype=jnp.float32) -> Step3Model:
 def test_demo_model_fused_fp8_decode_equals_unfused():
     """The shipped demo model (R = 64: per-channel FP8 is the exact fusable form) decodes the
     same greedy tokens fused and unfused (logits bitwise: test_fused_model_forward_...)."""
-    from checkpoints.demo import load_demo
+    from step3_jax.checkpoints.demo import load_demo
     from step3_jax.decode import generate
 
     plain, tok = load_demo()
@@ -222,8 +222,8 @@ def test_demo_model_fused_fp8_decode_equals_unfused():
 def test_hf_round_trip_of_a_fused_model(tmp_path):
     """Save fused -> the unfused model's tensors, bitwise (float and block-FP8); load with
     ``fuse_qkv=True`` -> a fused model equal to the original."""
-    from checkpoints import load_hf, save_hf
-    from checkpoints.safetensors_io import index_checkpoint, read_tensor
+    from step3_jax.checkpoints import load_hf, save_hf
+    from step3_jax.checkpoints.safetensors_io import index_checkpoint, read_tensor
 
     def tensors(path):  # our reader: the safetensors package's numpy one has no float8
         return {n: read_tensor(i) for n, i in index_checkpoint(path).items()}
@@ -250,7 +250,7 @@ def test_hf_round_trip_of_a_fused_model(tmp_path):
 def test_orbax_round_trip_of_a_fused_model(tmp_path):
     """Orbax saves the fused leaf as is; the restore target is built the same way (fused).
     An unfused target does not match: a clear CheckpointFormatError."""
-    from checkpoints import CheckpointFormatError, restore_orbax, save_orbax
+    from step3_jax.checkpoints import CheckpointFormatError, restore_orbax, save_orbax
 
     for name, build in (
         ("f32", lambda: fuse_qkv(_model(6))),
@@ -268,7 +268,7 @@ def test_orbax_round_trip_of_a_fused_model(tmp_path):
 def test_afd_attention_params_of_a_fused_model_are_the_unfused_ones():
     """The AFD runtimes read ``protocol.attention_params``: a fused model gives the same
     separate q_proj/k_proj/v_proj, so AFD runs from either."""
-    from sharding import protocol
+    from step3_jax.sharding import protocol
 
     want = protocol.attention_params(_model(7))
     got = protocol.attention_params(fuse_qkv(_model(7)))

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sharding import afd as afd_lib
-from sharding import arena_io, protocol
-from sharding.afd import AfdConfig, AfdExecutor
-from sharding.baseline import BaselineExecutor
-from sharding.layout import ALIGN, AfdLayout, ArenaDtypes
-from sharding.reference import ReferenceExecutor
 from step3_jax.config import Step3Config
 from step3_jax.decode import generate
 from step3_jax.model import Step3Model
+from step3_jax.sharding import afd as afd_lib
+from step3_jax.sharding import arena_io, protocol
+from step3_jax.sharding.afd import AfdConfig, AfdExecutor
+from step3_jax.sharding.baseline import BaselineExecutor
+from step3_jax.sharding.layout import ALIGN, AfdLayout, ArenaDtypes
+from step3_jax.sharding.reference import ReferenceExecutor
 
 pytestmark = pytest.mark.multi_device
 MAX_LEN, NEW = 64, 4
@@ -272,7 +272,7 @@ def test_attention_reads_the_cache_in_place():
     }
     q = jax.random.normal(jax.random.key(9), (2, 1, 4, 32)).astype(jnp.bfloat16)
     qpos = jnp.asarray([[5], [40]], jnp.int32)
-    from pallas_kernels.mfa_decode import mfa_decode_attention
+    from step3_jax.kernels.mfa_decode import mfa_decode_attention
 
     for item in (0, 3, 5):
         with warnings.catch_warnings():

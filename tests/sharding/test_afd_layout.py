@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from sharding.afd import exchange_rounds, pipeline_schedule
-from sharding.layout import ALIGN, AfdLayout, ArenaDtypes, ArenaLayout, ffn_local_dims
 from step3_jax.config import Step3Config
+from step3_jax.sharding.afd import exchange_rounds, pipeline_schedule
+from step3_jax.sharding.layout import ALIGN, AfdLayout, ArenaDtypes, ArenaLayout, ffn_local_dims
 
 FP8 = ArenaDtypes(weight="float8_e4m3fn", cache="float8_e4m3fn")
 H200_BYTES = 141 * 10**9

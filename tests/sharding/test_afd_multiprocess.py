@@ -24,9 +24,9 @@ jax.distributed.initialize(f"127.0.0.1:{port}", nproc, pid)
 import jax.numpy as jnp, numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from sharding import protocol
-from sharding.afd import AfdConfig, AfdExecutor
-from sharding.layout import AfdLayout, ArenaDtypes
+from step3_jax.sharding import protocol
+from step3_jax.sharding.afd import AfdConfig, AfdExecutor
+from step3_jax.sharding.layout import AfdLayout, ArenaDtypes
 from step3_jax.config import Step3Config
 from step3_jax.model import Step3Model
 cfg = Step3Config.tiny()
