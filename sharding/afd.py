@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from step3_jax import quant
@@ -45,6 +45,7 @@ from step3_jax.sharding.layout import (
 from step3_jax.sharding.schedule import exchange_rounds, pipeline_schedule
 
 STAGES = ("attention", "ffn", "exchange")
+ROLES = ("attention", "ffn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +95,25 @@ class AfdExecutor:
         dtypes: ArenaDtypes = DEFAULT_DTYPES,
         act_dtype=jnp.bfloat16,
         stages: tuple[str, ...] = STAGES,
+        role: str | None = None,
     ):
+        """``role`` ("attention" | "ffn"): ONE device runs that role's side of this layout's
+        step (attention device 0, or FFN device 0) as the same compiled program, with the
+        exchange replaced by local buffers (the FFN side reads a fixed random inbox with
+        uniform routing): what `benchmarks/bench_afd.py --role` times on one GPU. Its arena
+        holds only that role's regions."""
         if any(s not in STAGES for s in stages):
             raise ValueError(f"stages must be a subset of {STAGES}, got {stages}")
+        if role not in (None, *ROLES):
+            raise ValueError(f"role must be None or one of {ROLES}, got {role!r}")
         self.config, self.layout, self.afd, self.dtypes = config, layout, afd, dtypes
-        self.act_dtype, self.stages = jnp.dtype(act_dtype), tuple(stages)
-        self.mesh = layout.afd_mesh(devices)
+        self.role = role
+        self.act_dtype = jnp.dtype(act_dtype)
+        self.stages = tuple(stages) if role is None else (role,)
+        if role is None:
+            self.mesh = layout.afd_mesh(devices)
+        else:
+            self.mesh = Mesh(np.array(list(devices)[:1]), ("afd",))
         self.arena = ArenaLayout.build(
             config,
             layout,
@@ -107,6 +121,7 @@ class AfdExecutor:
             num_microbatches=afd.num_microbatches,
             max_len=afd.max_len,
             dtypes=dtypes,
+            roles=ROLES if role is None else (role,),
         )
         self.schedule = pipeline_schedule(config.num_layers, afd.num_microbatches)
         # The model's own layer on each role: graphdef + template + the parameters held.
@@ -132,8 +147,20 @@ class AfdExecutor:
         return layer_state.merge_layer(graphdef, tmpl, values)
 
     @property
+    def num_mesh_devices(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def num_attention_devices(self) -> int:
+        """Attention devices in this program (1 in the attention role, 0 in the FFN role)."""
+        if self.role is None:
+            return self.layout.num_attention
+        return 1 if self.role == "attention" else 0
+
+    @property
     def batch(self) -> int:
-        return self.layout.num_attention * self.afd.num_microbatches * self.afd.microbatch
+        n_a = self.layout.num_attention if self.role != "attention" else 1
+        return n_a * self.afd.num_microbatches * self.afd.microbatch
 
     # ------------------------------------------------------------------ arenas
     def _device_buffers(self, d: int, sources) -> dict[str, np.ndarray]:
@@ -156,7 +183,7 @@ class AfdExecutor:
 
     def _arrays_from(self, device_buffers) -> dict:
         """Global arena arrays; each process builds only its addressable devices' rows."""
-        n = self.layout.num_devices
+        n = self.num_mesh_devices
         pos = {dev: i for i, dev in enumerate(self.mesh.devices.flat)}
         cache: dict[int, dict] = {}
 
@@ -205,7 +232,7 @@ class AfdExecutor:
 
         @functools.partial(jax.jit, static_argnums=(1, 2), out_shardings=self.sharding)
         def make(key, t, size):
-            rows = self.layout.num_devices * size // ALIGN
+            rows = self.num_mesh_devices * size // ALIGN
             x = jax.random.normal(key, (rows, ALIGN), jnp.float32)
             if t == "float32":  # FP8 block / KV scales: ~2e-4 x e4m3 values ~64 -> ~0.013
                 return (jnp.abs(x) * 0.5 + 0.5) * 2e-4
@@ -330,16 +357,25 @@ class AfdExecutor:
         _, bd, t = tokens.shape
         is_moe_t, kind_t, rounds, src, dst = self._tables()
         dev = lax.axis_index("afd")
-        is_attn = dev < lay.num_attention
         e_local = c.num_experts // lay.ffn_ep
-        first_expert = ((dev - lay.num_attention) // lay.ffn_tp) * e_local
-        embed_w = arena_io.view(arenas, self.arena.attention["embed_tokens"], 0)
+        if self.role is None:
+            is_attn = dev < lay.num_attention
+            first_expert = ((dev - lay.num_attention) // lay.ffn_tp) * e_local
+        else:  # one device playing attention device 0 or FFN device 0
+            is_attn, first_expert = jnp.asarray(self.role == "attention"), 0
         d = c.hidden_size
 
         def embed():
+            embed_w = arena_io.view(arenas, self.arena.attention["embed_tokens"], 0)
             return jnp.take(embed_w, tokens[0], axis=0).astype(self.act_dtype)
 
-        x0 = lax.cond(is_attn, embed, lambda: jnp.zeros((bd, t, d), self.act_dtype))
+        x0 = (
+            embed()
+            if self.role == "attention"
+            else lax.cond(is_attn, embed, lambda: jnp.zeros((bd, t, d), self.act_dtype))
+            if self.role is None
+            else jnp.zeros((bd, t, d), self.act_dtype)
+        )
         trash = jnp.zeros((1, bm, t, d), self.act_dtype)
         x = jnp.concatenate([x0.reshape(m_count, bm, t, d), trash])
         pos = jnp.concatenate(
@@ -389,7 +425,16 @@ class AfdExecutor:
                 return x_mid, zero_packet, zero_result
 
             branch = jnp.where(act_a, 0, jnp.where(~is_attn & (f_ok > 0) & do_f, 1, 2))
-            x_mid, packet, result = lax.switch(branch, (attn, ffn, idle))
+            # A one-role program traces only its own branch (the other role's regions are not
+            # in its arena).
+            branches = (
+                (attn, ffn, idle)
+                if self.role is None
+                else (attn, idle, idle)
+                if self.role == "attention"
+                else (idle, ffn, idle)
+            )
+            x_mid, packet, result = lax.switch(branch, branches)
             if do_x:
                 got, total = self._exchange(packet, result, dev, rounds, src, dst)
                 if do_a:
@@ -413,7 +458,10 @@ class AfdExecutor:
             return head_logits(last, norm_w, head, c.rms_norm_eps)
 
         zeros = jnp.zeros((bd, c.vocab_size), jnp.float32)
-        logits = lax.cond(is_attn & do_a, head, lambda: zeros)
+        if self.role == "ffn":
+            logits = zeros
+        else:
+            logits = lax.cond(is_attn & do_a, head, lambda: zeros)
         if self.stages != STAGES:  # stage timing: x must stay live on every device
             logits = logits + 1e-30 * jnp.sum(x.astype(jnp.float32))
         return logits[None], arenas
@@ -433,7 +481,7 @@ class AfdExecutor:
     # -------------------------------------------------------------------- step
     def _per_device(self, a: np.ndarray) -> jax.Array:
         """``[B, ...]`` (attention devices' sequences) -> ``[N, B/x, ...]``, FFN rows 0."""
-        n_a, n = self.layout.num_attention, self.layout.num_devices
+        n_a, n = max(self.num_attention_devices, 1), self.num_mesh_devices
         a = np.asarray(a).reshape(n_a, -1, *np.shape(a)[1:])
         full = np.concatenate([a, np.zeros((n - n_a, *a.shape[1:]), a.dtype)])
         return jax.make_array_from_callback(full.shape, self.sharding, lambda i: full[i])
@@ -451,4 +499,4 @@ class AfdExecutor:
             for a in (tokens, np.asarray(positions, np.int32), np.asarray(select, np.int32))
         ]
         logits, self.arenas = self._program(self.arenas, *args)
-        return logits[: self.layout.num_attention].reshape(self.batch, -1)
+        return logits[: max(self.num_attention_devices, 1)].reshape(self.batch, -1)

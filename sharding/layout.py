@@ -372,13 +372,20 @@ class ArenaLayout:
         num_microbatches: int,
         max_len: int,
         dtypes: ArenaDtypes = DEFAULT_DTYPES,
+        roles: tuple[str, ...] = ("attention", "ffn"),
     ) -> ArenaLayout:
+        """``roles``: the roles whose regions the arena must hold (one role: a one-device
+        program of that role, `AfdExecutor(role=...)`; its size ignores the other role)."""
         layout.check_config(config)
         att = _place(attention_specs(config, dtypes, microbatch, num_microbatches, max_len))
         ffn = _place(ffn_specs(config, layout, dtypes))
         sizes: dict[str, int] = {}
         unit: dict[str, int] = {}  # arena length multiple: every pool view must tile it
-        for reg in (*att.values(), *ffn.values()):
+        held = [
+            *(att.values() if "attention" in roles else ()),
+            *(ffn.values() if "ffn" in roles else ()),
+        ]
+        for reg in held:
             sizes[reg.dtype] = max(sizes.get(reg.dtype, 0), reg.end)
             unit[reg.dtype] = math.lcm(unit.get(reg.dtype, ALIGN), reg.align)
         sizes = {t: -(-n // unit[t]) * unit[t] for t, n in sizes.items()}
