@@ -16,23 +16,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import json
-import statistics
+import os
+import sys
 import time
 import traceback
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.provenance import git_commit
-from step3_jax.config import Step3Config
-from step3_jax.quant_model import Fp8Weight
-from step3_jax.sharding.afd import AfdConfig, AfdExecutor
-from step3_jax.sharding.baseline import BaselineExecutor
-from step3_jax.sharding.layout import AfdLayout, ArenaDtypes
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from step3_jax.config import Step3Config  # noqa: E402
+from step3_jax.quant_model import Fp8Weight  # noqa: E402
+from step3_jax.sharding.afd import AfdConfig, AfdExecutor  # noqa: E402
+from step3_jax.sharding.baseline import BaselineExecutor  # noqa: E402
+from step3_jax.sharding.layout import AfdLayout, ArenaDtypes  # noqa: E402
 
 
 def bench_config(layers: int, tiny: bool = False, full: bool = False) -> Step3Config:
@@ -53,18 +56,10 @@ def _inputs(batch: int, context: int, seed=0):
 
 
 def _time(fn, reps: int) -> tuple[float, float]:
-    """(median blocked seconds per call, pipelined seconds per call)."""
-    for _ in range(2):
-        jax.block_until_ready(fn())
-    blocked = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        blocked.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    outs = [fn() for _ in range(reps)]
-    jax.block_until_ready(outs)
-    return statistics.median(blocked), (time.perf_counter() - t0) / reps
+    """(median blocked seconds per call, pipelined seconds per call): the harness's host
+    times (no CUPTI: a multi-GPU step's kernels on several devices do not sum to a time)."""
+    t = harness.time_calls(fn, reps=reps, warmup=2, device_time=False)
+    return t.host_us * 1e-6, t.host_loop_us * 1e-6
 
 
 def run_afd(args, cfg, layout, devices, num_mb: int, microbatch: int, stages: bool) -> dict:
@@ -320,24 +315,21 @@ def main(argv=None) -> dict:
     cfg = bench_config(args.layers, args.tiny, args.full)
     runs: list[dict] = []
     base: list[dict] = []
-    commit = git_commit()
+    harness.copy_probe()  # before any arena fills the device memory
 
     def save() -> dict:  # after every config: a timeout still leaves the finished ones
-        result = {
-            "device": devices[0].device_kind,
-            "num_devices": len(devices),
-            "jax_version": jax.__version__,
-            "commit": commit,
-            "date": datetime.date.today().isoformat(),
-            "config": vars(args),
-            "runs": [r for r in runs if "error" not in r],
-            "baseline": base,
-            "errors": [r for r in runs if "error" in r],
-        }
+        # Harness provenance + the `step3_jax.cost.simulator.load_measured` schema ("runs").
+        extra = dict(
+            jax_version=jax.__version__,
+            devices_used=len(devices),
+            config=vars(args),
+            runs=[r for r in runs if "error" not in r],
+            baseline=base,
+            errors=[r for r in runs if "error" in r],
+        )
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-        return result
+            return harness.write_results(args.out, [], bench="afd", **extra)
+        return harness.results("afd", [], **extra)
 
     plan = [tuple(int(v) for v in r.split("x")) for r in args.runs.split(",") if r]
     plan = plan or [(int(m), args.microbatch) for m in args.micro_batches.split(",") if m]
