@@ -406,11 +406,13 @@ class AfdExecutor:
                 mod = self._attention_module(arenas, a_l)
                 return mod.attention_qkv(x[a_m], pos[a_m], a.policy)
 
-            q, k, v = lax.cond(act_a, qkv, lambda: zq)
-            item = a_l * m_count + a_m
-            cache = arena_io.ArenaKVCache(arenas, self.arena.attention, item, bm, act_a)
-            cache = cache.write(0, k, v, pos[a_m])
-            arenas = cache.arenas
+            cache = q = None
+            if self.role != "ffn":  # an FFN-only program holds no attention regions
+                q, k, v = lax.cond(act_a, qkv, lambda: zq)
+                item = a_l * m_count + a_m
+                cache = arena_io.ArenaKVCache(arenas, self.arena.attention, item, bm, act_a)
+                cache = cache.write(0, k, v, pos[a_m])
+                arenas = cache.arenas
 
             def attn():
                 xm, pk = self._attention_rest(cache, x[a_m], q, pos[a_m], a_l, is_moe_t[a_l])

@@ -238,7 +238,7 @@ def test_grouped_ffn_reads_experts_in_place_exactly():
 
 
 def test_attention_reads_the_cache_in_place():
-    """``attention_implementation=None`` reads the FP8 KV cache in place (paged kernel API
+    """``KernelPolicy(attention=None)`` reads the FP8 KV cache in place (paged kernel API
     with per-operand page offsets into the arena; on CPU its XLA reference gathers those
     pages): the logits match the sliced-cache XLA attention. Both see the same bf16
     activations and FP8 cache; they differ in attention code (kernel reference vs the model's
@@ -288,7 +288,12 @@ def test_attention_reads_the_cache_in_place():
     for item in (0, 3, 5):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            got = jax.jit(ex._attend_in_place, static_argnums=3)(arenas, q, qpos, item)
+
+            def attend(arenas, q, qpos, item=item):
+                cache = arena_io.ArenaKVCache(arenas, ex.arena.attention, item, 2)
+                return cache.attend(0, q, qpos, None)
+
+            got = jax.jit(attend)(arenas, q, qpos)
             regs = ex.arena.attention
             k, v, ks, vs = (arena_io.view(arenas, regs[n], item) for n in arena_io.CACHE_REGIONS)
             want = mfa_decode_attention(
