@@ -64,14 +64,22 @@ def predict_us(
 
 
 def choose_num_splits(
-    batch_t: int, max_len: int, block_s: int, num_sms: int, costs: SplitCosts | None = None
+    batch_t: int,
+    max_len: int,
+    block_s: int,
+    num_sms: int,
+    costs: SplitCosts | None = None,
+    candidates: Iterable[int] | None = None,
 ) -> int:
-    """The split factor with the lowest modelled time, among 1 .. (one block per split);
-    ties go to fewer splits (less partial traffic, no combine)."""
+    """The split factor with the lowest modelled time among ``candidates`` (default 1 .. one
+    block per split; factors above that are dropped); ties go to fewer splits (less partial
+    traffic, no combine)."""
     costs = costs or SplitCosts()
     n_blocks = _cdiv(max_len, block_s)
-    best, best_t = 1, predict_us(1, batch_t, max_len, block_s, num_sms, costs)
-    for j in range(2, min(n_blocks, 1024) + 1):
+    pool = sorted({int(j) for j in (candidates or range(1, min(n_blocks, 1024) + 1))})
+    pool = [j for j in pool if 1 <= j <= n_blocks] or [1]
+    best, best_t = pool[0], predict_us(pool[0], batch_t, max_len, block_s, num_sms, costs)
+    for j in pool[1:]:
         t = predict_us(j, batch_t, max_len, block_s, num_sms, costs)
         if t < best_t - 1e-9:
             best, best_t = j, t
@@ -105,3 +113,40 @@ def fit_costs(rows: Iterable[dict], num_sms: int, block_s: int = 64) -> SplitCos
     coef, *_ = np.linalg.lstsq(x, y, rcond=None)
     fixed, combine, per_split, block = (max(0.0, float(c)) for c in coef)
     return SplitCosts(fixed=fixed, combine=combine, combine_per_split=per_split, block=block)
+
+
+def sweep_report(rows: list[dict], num_sms: int, impl: str = "pallas_fp8", xla: str = "xla_fp8"):
+    """Per (B, S) of a ``bench_mfa_decode.py --splits`` run: the XLA time, the current rule's
+    split and time (the ``impl`` row), the fastest forced split, and the split the fitted model
+    picks among the swept factors with its measured time. Returns
+    ``(costs, [dict per shape])``; ``model_us <= xla_us`` everywhere is the issue's target."""
+    ok = [r for r in rows if "error" not in r and "time_us" in r]
+    mine = [r for r in ok if r["name"] == impl or r["name"].startswith(impl + "[splits=")]
+    costs = fit_costs(mine, num_sms)
+    out = []
+    for b, s in sorted({(r["shape"]["B"], r["shape"]["ctx"]) for r in mine}):
+        at = [r for r in mine if (r["shape"]["B"], r["shape"]["ctx"]) == (b, s)]
+        forced = {int(r["splits"]): r["time_us"] for r in at if "[splits=" in r["name"]}
+        auto = next((r for r in at if r["name"] == impl), None)
+        ref = [r["time_us"] for r in ok if r["name"] == xla and r["shape"] == at[0]["shape"]]
+        j = choose_num_splits(b, s, 64, num_sms, costs, candidates=forced or None)
+        best = min(forced, key=forced.get) if forced else None
+        out.append({
+            "B": b, "ctx": s, "xla_us": ref[0] if ref else None,
+            "auto_splits": auto and auto.get("splits"), "auto_us": auto and auto["time_us"],
+            "best_splits": best, "best_us": forced.get(best),
+            "model_splits": j, "model_us": forced.get(j),
+        })  # fmt: skip
+    return costs, out
+
+
+if __name__ == "__main__":  # python3 -m step3_jax.kernels.mfa_decode.splitk RESULTS.json [SMS]
+    import json
+    import sys
+
+    if len(sys.argv) not in (2, 3):
+        raise SystemExit("usage: python3 -m step3_jax.kernels.mfa_decode.splitk RESULTS.json [SMS]")
+    with open(sys.argv[1]) as f:
+        doc = json.load(f)
+    fitted, table = sweep_report(doc["rows"], int(sys.argv[2]) if len(sys.argv) == 3 else 132)
+    print(json.dumps({"costs": dataclasses.asdict(fitted), "shapes": table}, indent=1))

@@ -18,6 +18,9 @@ def test_predict_by_hand():
     assert splitk.predict_us(4, 1, 1024, 64, 132, COSTS) == pytest.approx(5 + 2 + 0.4 + 4 * 1.5)
     # No split: no combine. B=200 > 132 SMs: two waves of 16 blocks.
     assert splitk.predict_us(1, 200, 1024, 64, 132, COSTS) == pytest.approx(5 + 2 * 16 * 1.5)
+    # Candidates: only those given, none above one block per split (16 blocks at 1K).
+    assert splitk.choose_num_splits(1, 1024, 64, 132, COSTS, candidates=(1, 2)) == 2
+    assert splitk.choose_num_splits(1, 1024, 64, 132, COSTS, candidates=(64, 128)) == 1
     with pytest.raises(ValueError, match="splits=0"):
         splitk.predict_us(0, 1, 1024, 64, 132, COSTS)
     with pytest.raises(ValueError, match="block"):
@@ -72,3 +75,25 @@ def test_defaults_match_the_recorded_h100_sweep():
         j = cfg_lib.choose_num_splits(r["B"], r["ctx"], 64, 132)
         pred = splitk.predict_us(j, r["B"], r["ctx"], 64, 132, splitk.SplitCosts())
         assert pred == pytest.approx(r["us"], rel=0.15), (r, j, pred)
+
+
+def test_sweep_report_on_synthetic_rows():
+    rows = []
+    for b in (1, 8):
+        for s in (1024, 4096, 32768):
+            shape = {"B": b, "ctx": s, "kv": "fp8"}
+            auto = cfg_lib.choose_num_splits(b, s, 64, 132)
+            t = lambda j, b=b, s=s: splitk.predict_us(j, b, s, 64, 132, COSTS)  # noqa: E731
+            rows.append({"name": "pallas_fp8", "shape": shape, "splits": auto, "time_us": t(auto)})
+            rows.append({"name": "xla_fp8", "shape": shape, "time_us": 13.0})
+            for j in (1, 2, 4, 8, 16, 32, 64):
+                if j * 64 <= s:
+                    rows.append({"name": f"pallas_fp8[splits={j}]", "shape": shape, "splits": j,
+                                 "time_us": t(j)})  # fmt: skip
+    rows.append({"name": "pallas_fp8[splits=2]", "shape": {"B": 1, "ctx": 1024}, "error": "x"})
+    costs, table = splitk.sweep_report(rows, 132)
+    assert costs.block == pytest.approx(COSTS.block, rel=1e-6)
+    assert len(table) == 6 and all(r["xla_us"] == 13.0 for r in table)
+    for r in table:  # noiseless rows: the model's pick is the fastest swept factor
+        assert r["model_us"] == pytest.approx(r["best_us"])
+        assert r["auto_us"] >= r["best_us"]
