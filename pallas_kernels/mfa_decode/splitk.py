@@ -140,13 +140,19 @@ def sweep_report(rows: list[dict], num_sms: int, impl: str = "pallas_fp8", xla: 
     return costs, out
 
 
-if __name__ == "__main__":  # python3 -m step3_jax.kernels.mfa_decode.splitk RESULTS.json [SMS]
+if __name__ == "__main__":  # python3 -m step3_jax.kernels.mfa_decode.splitk RESULTS.json...
+    import argparse
     import json
-    import sys
 
-    if len(sys.argv) not in (2, 3):
-        raise SystemExit("usage: python3 -m step3_jax.kernels.mfa_decode.splitk RESULTS.json [SMS]")
-    with open(sys.argv[1]) as f:
-        doc = json.load(f)
-    fitted, table = sweep_report(doc["rows"], int(sys.argv[2]) if len(sys.argv) == 3 else 132)
+    ap = argparse.ArgumentParser(description="Fit SplitCosts to bench_mfa_decode --splits runs")
+    ap.add_argument("results", nargs="+", help="mfa_decode_<device>.json files (rows pooled)")
+    ap.add_argument("--sms", type=int, default=132, help="SM count (H100 / H200 SXM: 132)")
+    ap.add_argument("--impl", default="pallas_fp8")
+    ap.add_argument("--xla", default="xla_fp8")
+    cli = ap.parse_args()
+    pooled = []
+    for path in cli.results:
+        with open(path) as f:
+            pooled += json.load(f)["rows"]
+    fitted, table = sweep_report(pooled, cli.sms, cli.impl, cli.xla)
     print(json.dumps({"costs": dataclasses.asdict(fitted), "shapes": table}, indent=1))
