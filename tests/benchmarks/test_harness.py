@@ -133,3 +133,28 @@ def test_mfa_tiny_run_last_line_is_json(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert {r["name"] for r in rows} == {"xla_fp8", "xla_bf16"}
     assert all(r["time_us"] > 0 and r["bytes"] > 0 for r in rows)
+
+
+class _FakeCupti:
+    """Stands in for Mosaic GPU's CUPTI hooks: each call 'launches' two kernels (ms)."""
+
+    def __init__(self):
+        self.inits = 0
+
+    def _cupti_init(self):
+        self.inits += 1
+
+    def _cupti_get_timings(self, finalize):
+        assert finalize
+        return [("fusion_1", 0.002), ("mosaic_kernel", 0.0035)]
+
+
+def test_device_time_sums_kernels_in_us(monkeypatch):
+    fake = _FakeCupti()
+    monkeypatch.setattr(harness, "_cupti_ext", lambda: fake)
+    t = harness.time_calls(lambda: jnp.ones(()), reps=3, warmup=0)
+    assert t.timer == "cupti" and t.time_us == pytest.approx(5.5) and fake.inits == 3
+    assert t.host_us > 0 and t.host_loop_us > 0  # host times still beside it
+    assert harness.kernel_times(lambda: jnp.ones(())) == [("fusion_1", 2.0), ("mosaic_kernel", 3.5)]
+    off = harness.time_calls(lambda: jnp.ones(()), reps=2, warmup=0, device_time=False)
+    assert off.timer == "host_loop" and fake.inits == 4  # kernel_times: one more; off: none
