@@ -12,9 +12,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import harness
-
+# `benchmarks` is a folder of the repository, not an installed package: import it from the root
+# whether pytest runs as `python -m pytest` (root on sys.path) or as `pytest` (it is not).
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from benchmarks import harness  # noqa: E402
+
 SCRIPTS = [
     "bench_afd.py",
     "bench_attention_layer.py",
