@@ -62,7 +62,8 @@ class Step3VisionConfig:
         for name in ("image_size", "crop_size"):
             if getattr(self, name) % self.patch_size:
                 raise ValueError(
-                    f"{name}={getattr(self, name)} must be a multiple of patch_size={self.patch_size}"
+                    f"{name}={getattr(self, name)} must be a multiple of "
+                    f"patch_size={self.patch_size}"
                 )
         if self.image_token_id < 0:
             raise ValueError(f"image_token_id must be >= 0, got {self.image_token_id}")
@@ -175,7 +176,7 @@ class Step3VisionConfig:
         return self.feature_grid(pixels) ** 2
 
     def param_count(self) -> int:
-        d, f, o, m = self.hidden_size, self.intermediate_size, self.output_hidden_size, 0
+        d, f, o = self.hidden_size, self.intermediate_size, self.output_hidden_size
         m = self.text_hidden_size
         layer = (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
         embed = (
