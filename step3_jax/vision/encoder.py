@@ -14,16 +14,18 @@ Shapes for the release (``Step3VisionConfig.step3()``) and one 728 x 728 view::
 
 A 504 x 504 crop gives a 36 x 36 grid: the position table's 52 x 52 patch part is resized to
 36 x 36 (bicubic, antialiased, in float32, then cast back: torch's
-``F.interpolate(mode="bicubic", antialias=True, align_corners=False)``, here
-`jax.image.resize(method="cubic", antialias=True)`, the same Keys a=-0.5 kernel widened by the
-scale, out-of-range taps dropped and the weights renormalized); the class token's position
-row is used as is. Output: 81 tokens.
+``F.interpolate(mode="bicubic", antialias=True, align_corners=False)``, here the same
+separable weights computed on the host, `antialiased_bicubic_weights`); the class token's
+position row is used as is. Output: 81 tokens.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -32,13 +34,43 @@ from step3_jax.vision.config import NUM_PREFIX_TOKENS, Step3VisionConfig
 from step3_jax.vision.layers import ATTENTION_IMPLEMENTATIONS, Conv2d, Linear, VisionEncoderLayer
 
 
+def _keys_cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    x = np.abs(x)
+    inner = ((a + 2) * x - (a + 3)) * x * x + 1
+    outer = a * (((x - 5) * x + 8) * x - 4)
+    return np.where(x < 1, inner, np.where(x < 2, outer, 0.0))
+
+
+@functools.lru_cache(maxsize=32)
+def antialiased_bicubic_weights(n_in: int, n_out: int) -> np.ndarray:
+    """``[n_out, n_in]`` float32 resampling weights along one axis, as Pillow's and torch's
+    ``antialias=True`` bicubic compute them: output pixel i is centred at ``(i + 0.5) * s``
+    (``s = n_in / n_out``), the Keys a = -0.5 kernel is stretched by ``max(s, 1)``, taps are
+    input pixels ``int(c - support + 0.5) .. int(c + support + 0.5) - 1`` clipped to the input
+    (``support = 2 max(s, 1)``), and each row is renormalized to sum to 1. (Computed on the host
+    in float64: `jax.image.resize`'s antialiased cubic differs from torch by ~1e-5 relative
+    because it does not cut the taps at the support the same way.)"""
+    s = n_in / n_out
+    stretch = max(s, 1.0)
+    support = 2.0 * stretch
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        c = (i + 0.5) * s
+        lo, hi = max(int(c - support + 0.5), 0), min(int(c + support + 0.5), n_in)
+        taps = _keys_cubic((np.arange(lo, hi) + 0.5 - c) / stretch)
+        w[i, lo:hi] = taps / taps.sum()
+    return w.astype(np.float32)
+
+
 def resize_positions(pos: Float[Array, "G G D"], grid: int) -> Float[Array, "g g D"]:
-    """The learned patch-position grid resized to ``grid`` x ``grid`` (bicubic, antialiased,
-    float32), cast back to ``pos.dtype``. Identity when the size already matches."""
+    """The learned patch-position grid resized to ``grid`` x ``grid`` (antialiased bicubic in
+    float32, `antialiased_bicubic_weights`), cast back to ``pos.dtype``. Identity when the size
+    already matches."""
     if pos.shape[0] == grid:
         return pos
-    out = jax.image.resize(
-        pos.astype(jnp.float32), (grid, grid, pos.shape[-1]), method="cubic", antialias=True
+    w = jnp.asarray(antialiased_bicubic_weights(pos.shape[0], grid))
+    out = jnp.einsum(
+        "yY,xX,YXD->yxD", w, w, pos.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
     )
     return out.astype(pos.dtype)
 
@@ -181,6 +213,7 @@ def default_attention_impl(dtype) -> str:
 
 __all__ = [
     "Step3VisionModel",
+    "antialiased_bicubic_weights",
     "VisionEmbeddings",
     "VisionTransformer",
     "check_pixels",
