@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import nnx
 
 from step3_jax.checkpoints import vision_mapping
 from step3_jax.vision.config import Step3VisionConfig
@@ -41,3 +42,11 @@ def random_pixels(n: int, size: int, seed: int) -> np.ndarray:
 
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def embed(model, pixels) -> np.ndarray:
+    """``model(pixels)`` jitted (one compile per shape beats op-by-op dispatch on CPU)."""
+    from step3_jax.vision.model import _embed_images
+
+    graphdef, state = nnx.split(model)
+    return np.asarray(_embed_images(graphdef, state, jnp.asarray(pixels)).astype(jnp.float32))
