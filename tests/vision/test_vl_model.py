@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from vision_fixtures import load_tiny, random_vision_tensors
 
 from step3_jax.config import Step3Config
+from step3_jax.model import Step3Model
 from step3_jax.vision import generate as vgen
 from step3_jax.vision.config import Step3VisionConfig
 from step3_jax.vision.model import Step3VLModel
@@ -22,10 +27,25 @@ SPECIAL = ImageSpecialTokens(
 
 @pytest.fixture(scope="module")
 def model():
-    return Step3VLModel.create(
-        TEXT, VIS, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
+    text = Step3Model(
+        TEXT, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
         moe_implementation="dense", attention_implementation="xla",
     )  # fmt: skip
+    return Step3VLModel(text, load_tiny(VIS, random_vision_tensors(VIS, seed=0)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens, features):
+    return nnx.merge(graphdef, state)(tokens, features=features)
+
+
+def forward(m, tokens, features=None) -> np.ndarray:
+    """``m(tokens, features=features)`` jitted (a Step3VLModel or, without features, a
+    Step3Model)."""
+    graphdef, state = nnx.split(m)
+    if features is None:
+        return np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens))
+    return np.asarray(_forward(graphdef, state, tokens, features))
 
 
 def _image(w, h, seed):
@@ -34,7 +54,7 @@ def _image(w, h, seed):
 
 def test_no_image_equals_text_model(model):
     tokens = jnp.asarray(np.random.default_rng(0).integers(8, TEXT.vocab_size, (2, 9)), jnp.int32)
-    np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(model.text(tokens)))
+    np.testing.assert_array_equal(forward(model, tokens), forward(model.text, tokens))
 
 
 def test_placeholder_without_image_is_an_error(model):
@@ -82,7 +102,7 @@ def test_generate_with_images_matches_teacher_forcing(model, monkeypatch):
     for b, (ids, new) in enumerate(zip(expanded, res.tokens, strict=True)):
         assert len(new) == 5
         full = jnp.asarray([ids + new[:-1]], jnp.int32)
-        logits = np.asarray(model(full, features=jnp.asarray(next(rows))))
+        logits = forward(model, full, jnp.asarray(next(rows)))
         greedy = logits[0, len(ids) - 1 :].argmax(-1)
         assert greedy.tolist() == new, f"prompt {b}"
 
