@@ -79,6 +79,7 @@ def generate(
     if int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = SamplingConfig(temperature, top_k, top_p)
+    t0 = time.perf_counter()  # prefill time includes the vision tower
     expanded, features = prepare(model, list(prompts), images, special)
     tokens, lengths = decode._prepare_prompts(expanded, cfg.vocab_size)
     needed = int(lengths.max()) + int(max_new_tokens)
@@ -95,7 +96,6 @@ def generate(
     cache = KVCache.for_config(cfg, tokens.shape[0], cache_len, cache_dtype or model.dtype)
     stops = jnp.asarray(list(stop_tokens) or [decode.PAD_OUTPUT], jnp.int32)
 
-    t0 = time.perf_counter()
     graphdef, state = nnx.split(model)
     logits, cache = _prefill(
         graphdef, state, jnp.asarray(tokens), features, jnp.asarray(lengths), cache

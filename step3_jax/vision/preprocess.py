@@ -1,7 +1,8 @@
 """Host-side image preprocessing for Step3-VL (Pillow + NumPy), as the release's processor does.
 
-The rule (vLLM ``Step3VLProcessor`` / ``ImagePatcher``, current version; SGLang's processor is
-the same code):
+The rule (vLLM's ``Step3VLProcessor`` / ``ImagePatcher`` in
+vllm/model_executor/models/step3_vl.py, current version; SGLang's processor is the same code
+except for the window threshold of rule 3):
 
 1. Very thin small images (shorter side < 32 px and aspect ratio > 4) are zero-padded to a
    square (image at the top-left, black elsewhere).
@@ -9,8 +10,10 @@ the same code):
    with ``s = 3024 / long``); every image then goes through ``resize(..., BILINEAR)``.
 3. The crop window: for ``long < 728`` it is the shorter side if ``long / short > 1.5``, else no
    crops; for ``long >= 728`` it is ``min(short, 504)`` if ``long / short > 4``, else 504.
-   (An older vLLM used ``long <= 728``; we follow the current ``<``: a 728 px image with a
-   ratio in (1.5, 4] now gets 504 px crops.)
+   vLLM and SGLang DISAGREE here: SGLang's processor (and older vLLM) test ``long <= 728``,
+   current vLLM ``long < 728``. We follow current vLLM, so an image whose longer side is
+   exactly 728 px is cut into 504 px windows (a 728 x 728 image: 4 crops + the global view,
+   504 prompt tokens; SGLang: the global view alone, 171 tokens).
 4. With a window ``w``: each side ``L >= w`` is rounded to a multiple of ``w`` (up when the
    fractional part of ``L / w`` exceeds 0.2, else down); a side ``L < w`` is kept. The image is
    resized (BILINEAR) to that size and cut into ``w x w`` windows, row-major; the last window
