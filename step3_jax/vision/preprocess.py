@@ -188,8 +188,8 @@ class PreprocessedImages:
 
 def load_image(image) -> Image.Image:
     """An 8-bit RGB Pillow image from a path, bytes, a Pillow image or a uint8 array
-    (``[H, W]``, ``[H, W, 3]`` or ``[H, W, 4]``). Transparent images are composited on white
-    (vLLM's RGBA -> RGB conversion)."""
+    (``[H, W]``, ``[H, W, 3]`` or ``[H, W, 4]``). As vLLM's media loader: RGBA is composited on
+    white, every other accepted mode goes through Pillow's ``convert("RGB")``."""
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
@@ -210,12 +210,9 @@ def load_image(image) -> Image.Image:
         )
     if image.width == 0 or image.height == 0:
         raise ValueError(f"image is empty ({image.width} x {image.height} px)")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode == "RGBA":  # as vLLM's convert_image_mode: only RGBA is composited
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image).convert("RGB")
     return image.convert("RGB")
 
 
