@@ -3,6 +3,7 @@ errors from the vision table."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -118,7 +119,7 @@ def test_table_errors_list_every_problem():
 def test_wrong_config_shape_is_reported(tmp_path):
     tensors = release_tensors(4)
     write_release(tmp_path / "ck", tensors)
-    wrong = Step3VisionConfig(**{**VIS.__dict__, "output_hidden_size": 24})
+    wrong = dataclasses.replace(VIS, output_hidden_size=24)
     with pytest.raises(VisionCheckpointError, match="mis-shaped: vit_downsampler.weight"):
         vision_mapping.load_vision(tmp_path / "ck", wrong, dtype=jnp.float32)
 

@@ -3,6 +3,7 @@ pixel values against NumPy, and clear errors for bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -162,6 +163,6 @@ def test_bad_inputs_have_clear_errors(tmp_path):
 
 
 def test_enable_patch_false_gives_no_crops():
-    cfg = Step3VisionConfig.tiny().__class__(**{**CFG.__dict__, "enable_patch": False})
+    cfg = dataclasses.replace(CFG, enable_patch=False)
     pre = preprocess_images([Image.new("RGB", (2000, 900))], cfg)
     assert pre.crop_pixel_values.shape[0] == 0 and pre.layouts[0].num_crops == 0
