@@ -37,10 +37,8 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.provenance import git_commit  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
-from step3_jax.quant_model import Fp8Weight  # noqa: E402
 from step3_jax.vision.config import NUM_PREFIX_TOKENS, Step3VisionConfig  # noqa: E402
-from step3_jax.vision.encoder import Step3VisionModel  # noqa: E402
-from step3_jax.vision.layers import Linear  # noqa: E402
+from step3_jax.vision.encoder import Step3VisionModel, quantize_linears  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s; FP8 is twice these on Hopper.
 BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "H100 PCIe": 756.0e12}
@@ -97,16 +95,6 @@ def build(c: Step3VisionConfig, seed: int = 0) -> Step3VisionModel:
             scale, shift = 1.0 / np.sqrt(np.prod(shape[1:])), 0.0
         leaf.set_value(fill(sub, scale, shift, shape))
     return nnx.merge(graphdef, state)
-
-
-def quantize_linears(model: Step3VisionModel, gemm: str) -> int:
-    """Replaces every `Linear` weight (ViT qkv/out/fc1/fc2, projector) by an `Fp8Weight`."""
-    count = 0
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, Linear):
-            node.weight.set_value(Fp8Weight.quantize(node.weight[...], gemm=gemm))
-            count += 1
-    return count
 
 
 def time_fn(fn, args, iters: int, warmup: int = 2) -> list[float]:
@@ -272,7 +260,7 @@ def main():
             record("torch_bf16", got[0])
             res["torch_vs_jax_cosine"] = round(cosine(got[1], out_bf16), 6)
     if not args.no_fp8:
-        res["fp8_linears"] = quantize_linears(model, args.fp8_gemm)
+        res["fp8_linears"] = quantize_linears(model, gemm=args.fp8_gemm)
         res["fp8_gemm"] = args.fp8_gemm
         secs, out_fp8 = run_jax(model, pixels, args.iters)
         record("jax_fp8", secs)

@@ -205,6 +205,24 @@ class Step3VisionModel(nnx.Module):
         return self.project(self.features(pixel_values))
 
 
+def quantize_linears(model: nnx.Module, *, gemm: str = "dequant") -> int:
+    """Replaces (in place) every vision `Linear` weight (the ViT's qkv/out/fc1/fc2 and the
+    projector) by a block-scaled `step3_jax.quant_model.Fp8Weight` (activations quantized per
+    token per 128 at run time); convolutions, norms and embeddings stay as they are. Weights
+    that already are FP8 are kept. Returns the number of linears."""
+    from step3_jax.quant_model import Fp8Weight
+
+    count = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Linear):
+            if not isinstance(node.weight[...], Fp8Weight):
+                node.weight.set_value(Fp8Weight.quantize(node.weight[...], gemm=gemm))
+            count += 1
+    if count == 0:
+        raise ValueError("quantize_linears found no vision Linear layers")
+    return count
+
+
 def default_attention_impl(dtype) -> str:
     """``"cudnn"`` (fused attention) on a GPU with a 16-bit compute dtype, else ``"xla"``."""
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -218,5 +236,6 @@ __all__ = [
     "VisionTransformer",
     "check_pixels",
     "default_attention_impl",
+    "quantize_linears",
     "resize_positions",
 ]
