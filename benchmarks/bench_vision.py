@@ -182,7 +182,7 @@ def cosine(a, b) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="Step3VisionConfig.tiny() (CPU smoke run)")
     p.add_argument("--size", type=int, default=728, help="view side in pixels (728 or 504)")
@@ -192,23 +192,16 @@ def main():
     p.add_argument("--no-fp8", action="store_true")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--out", default=None, help="JSON file (its folder is created)")
-    args = p.parse_args()
+    return p.parse_args()
 
-    c = Step3VisionConfig.tiny() if args.tiny else Step3VisionConfig.step3()
+
+def header(c: Step3VisionConfig, args, model, fl: dict, peak) -> dict:
     dev = jax.devices()[0]
-    kind = dev.device_kind
-    peak = next((v for k, v in sorted(BF16_PEAK.items(), key=lambda kv: -len(kv[0]))
-                 if k in kind), None)  # fmt: skip
-    fl = flops(c, args.size)
-    total = sum(fl.values()) * args.images
-    model = build(c)
-    pixels = jax.random.normal(jax.random.key(1), (args.images, 3, args.size, args.size))
-    pixels = pixels.astype(jnp.bfloat16)
-
-    res = {
+    per_view = sum(fl.values())
+    return {
         "bench": "vision_tower",
         "config": "tiny" if args.tiny else "step3",
-        "device": kind,
+        "device": dev.device_kind,
         "platform": dev.platform,
         "jax": jax.__version__,
         "commit": git_commit(),
@@ -220,11 +213,62 @@ def main():
         "params": c.param_count(),
         "attention_implementation": model.attention_implementation,
         "gflop": {k: round(v * args.images / 1e9, 3) for k, v in fl.items()},
-        "gflop_total": round(total / 1e9, 3),
+        "gflop_total": round(per_view * args.images / 1e9, 3),
         "bf16_peak_tflops": None if peak is None else peak / 1e12,
+        # one view's FLOPs over a 4K-token Step-3 text prefill's (real size only)
+        "share_of_4k_prefill_flops": None
+        if args.tiny
+        else round(per_view / text_prefill_flops(Step3Config.step3(), 4096), 4),
     }
-    text = Step3Config.step3()
-    res["share_of_4k_prefill_flops"] = round(sum(fl.values()) / text_prefill_flops(text, 4096), 4)
+
+
+def bf16_runs(model, pixels, iters: int, res: dict, record):
+    """JAX bf16 with the default attention (cuDNN on a GPU; XLA if that fails), then XLA
+    attention beside it; keeps the faster for what follows. Returns the first output."""
+    try:
+        secs, out = run_jax(model, pixels, iters)
+    except Exception as e:  # noqa: BLE001 - e.g. no cuDNN attention for this shape: use XLA's
+        if model.attention_implementation == "xla":
+            raise
+        res["cudnn_attention_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        model.attention_implementation = res["attention_implementation"] = "xla"
+        secs, out = run_jax(model, pixels, iters)
+    record("jax_bf16", secs)
+    if model.attention_implementation != "xla":
+        model.attention_implementation = "xla"
+        xla_secs, out_xla = run_jax(model, pixels, iters)
+        record("jax_bf16_xla_attention", xla_secs)
+        res["xla_vs_cudnn_attention_cosine"] = round(cosine(out_xla, out), 6)
+        if xla_secs > secs:
+            model.attention_implementation = res["attention_implementation"]
+    return out
+
+
+def torch_run(model, pixels, iters: int, res: dict, record, out_bf16) -> None:
+    try:
+        got = torch_reference(model, pixels, iters)
+    except ImportError:
+        return
+    except Exception as e:  # noqa: BLE001 - the JAX numbers stand without the twin
+        res["torch_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        return
+    if got is not None:
+        record("torch_bf16", got[0])
+        res["torch_vs_jax_cosine"] = round(cosine(got[1], out_bf16), 6)
+
+
+def main():
+    args = parse_args()
+    c = Step3VisionConfig.tiny() if args.tiny else Step3VisionConfig.step3()
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in sorted(BF16_PEAK.items(), key=lambda kv: -len(kv[0]))
+                 if k in kind), None)  # fmt: skip
+    fl = flops(c, args.size)
+    total = sum(fl.values()) * args.images
+    model = build(c)
+    pixels = jax.random.normal(jax.random.key(1), (args.images, 3, args.size, args.size))
+    pixels = pixels.astype(jnp.bfloat16)
+    res = header(c, args, model, fl, peak)
 
     def record(name, secs):
         res[f"{name}_ms"] = round(secs * 1e3, 3)
@@ -233,32 +277,9 @@ def main():
             res[f"{name}_pct_bf16_peak"] = round(100 * total / secs / peak, 1)
         print(json.dumps({k: v for k, v in res.items() if k.startswith(name)}), flush=True)
 
-    try:
-        secs, out_bf16 = run_jax(model, pixels, args.iters)
-    except Exception as e:  # noqa: BLE001 - e.g. no cuDNN attention for this shape: use XLA's
-        if model.attention_implementation == "xla":
-            raise
-        res["cudnn_attention_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        model.attention_implementation = res["attention_implementation"] = "xla"
-        secs, out_bf16 = run_jax(model, pixels, args.iters)
-    record("jax_bf16", secs)
-    if model.attention_implementation != "xla":  # the plain XLA attention beside it
-        model.attention_implementation = "xla"
-        xla_secs, out_xla = run_jax(model, pixels, args.iters)
-        record("jax_bf16_xla_attention", xla_secs)
-        res["xla_vs_cudnn_attention_cosine"] = round(cosine(out_xla, out_bf16), 6)
-        if xla_secs > secs:
-            model.attention_implementation = res["attention_implementation"]
+    out_bf16 = bf16_runs(model, pixels, args.iters, res, record)
     if not args.no_torch:
-        try:
-            got = torch_reference(model, pixels, args.iters)
-        except ImportError:
-            got = None
-        except Exception as e:  # noqa: BLE001 - the JAX numbers stand without the twin
-            got, res["torch_error"] = None, f"{type(e).__name__}: {str(e)[:300]}"
-        if got is not None:
-            record("torch_bf16", got[0])
-            res["torch_vs_jax_cosine"] = round(cosine(got[1], out_bf16), 6)
+        torch_run(model, pixels, args.iters, res, record, out_bf16)
     if not args.no_fp8:
         res["fp8_linears"] = quantize_linears(model, gemm=args.fp8_gemm)
         res["fp8_gemm"] = args.fp8_gemm
