@@ -6,9 +6,9 @@
 Runs the real-size model (random bf16 weights; ``--tiny``: `Step3VisionConfig.tiny()`) on
 ``--images`` views of ``--size`` px (default one 728 x 728 image): bf16 linears, then FP8
 linears (`step3_jax.quant_model.Fp8Weight`, 128x128 block scales, activations per token per 128,
-``--fp8-gemm`` form) where the project's FP8 path applies (the ViT's qkv/out/fc1/fc2 and the
-projector; convolutions and attention stay bf16). FLOPs are counted analytically: every
-linear, the patch-embedding and both downsampler convolutions, attention (QK^T and PV over
+``--fp8-gemm``: the `KernelPolicy.gemm` of that run) where the project's FP8 path
+applies (the ViT's qkv/out/fc1/fc2 and the projector; convolutions and attention stay bf16).
+FLOPs are counted analytically: every linear, the patch-embedding and both downsampler convolutions, attention (QK^T and PV over
 all 4 + G^2 tokens). With torch (and a GPU) importable, the same tower in torch/cuDNN (SDPA,
 cuDNN convs) runs on the SAME weights (shared through DLPack) beside it, and its output is
 compared with ours (cosine). The share of a 4K-token request's prefill is an analytic FLOP
@@ -37,6 +37,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.provenance import git_commit  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
+from step3_jax.policy import KernelPolicy  # noqa: E402
 from step3_jax.vision.config import NUM_PREFIX_TOKENS, Step3VisionConfig  # noqa: E402
 from step3_jax.vision.encoder import Step3VisionModel, quantize_linears  # noqa: E402
 
@@ -188,7 +189,10 @@ def parse_args():
     p.add_argument("--size", type=int, default=728, help="view side in pixels (728 or 504)")
     p.add_argument("--images", type=int, default=1, help="views per call")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--fp8-gemm", default="pallas", choices=("dequant", "fp8_blocks", "pallas"))
+    p.add_argument(
+        "--fp8-gemm", default="auto", choices=("auto", "pallas", "xla", "xla_fp8"),
+        help="KernelPolicy.gemm of the FP8 run (auto: Pallas where it applies, else XLA)",
+    )  # fmt: skip
     p.add_argument("--no-fp8", action="store_true")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--out", default=None, help="JSON file (its folder is created)")
@@ -281,7 +285,8 @@ def main():
     if not args.no_torch:
         torch_run(model, pixels, args.iters, res, record, out_bf16)
     if not args.no_fp8:
-        res["fp8_linears"] = quantize_linears(model, gemm=args.fp8_gemm)
+        model.policy = KernelPolicy(gemm=None if args.fp8_gemm == "auto" else args.fp8_gemm)
+        res["fp8_linears"] = quantize_linears(model)
         res["fp8_gemm"] = args.fp8_gemm
         secs, out_fp8 = run_jax(model, pixels, args.iters)
         record("jax_fp8", secs)

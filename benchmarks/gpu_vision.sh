@@ -6,10 +6,11 @@
 #
 # Steps, each under its own `timeout`:
 #  (1) the vision tests on the GPU (tests/vision, incl. the torch position-resize check).
-#  (2) bench_vision.py, real size, one 728 x 728 view: JAX bf16, the torch/cuDNN twin on the
-#      same weights (time + output cosine), JAX FP8 linears (pallas GEMM form).
-#  (3) the same with the "dequant" FP8 form, and one 504 x 504 crop (bf16 + pallas FP8).
-# Files in OUT_DIR: probe.txt, tests.txt, vision_728.json, vision_728_dequant.json,
+#  (2) bench_vision.py, real size, one 728 x 728 view: JAX bf16 (cuDNN and XLA attention), the
+#      torch/cuDNN twin on the same weights (time + output cosine), JAX FP8 linears (default
+#      policy: the Pallas FP8 GEMM where it applies).
+#  (3) the same with the XLA (dequantize) FP8 GEMM, and one 504 x 504 crop (bf16 + FP8).
+# Files in OUT_DIR: probe.txt, tests.txt, vision_728.json, vision_728_xla_fp8.json,
 # vision_504.json, bench.txt.
 set -u
 USAGE_LINES=2,13
@@ -32,6 +33,6 @@ run() {  # name, args...
     >> "$OUT/bench.txt" 2>&1
   stamp "$name rc=$? $(tail -1 "$OUT/bench.txt" | cut -c1-300)"
 }
-run vision_728 --size 728 --fp8-gemm pallas
-run vision_728_dequant --size 728 --fp8-gemm dequant --no-torch
-run vision_504 --size 504 --fp8-gemm pallas --no-torch
+run vision_728 --size 728 --fp8-gemm auto
+run vision_728_xla_fp8 --size 728 --fp8-gemm xla --no-torch
+run vision_504 --size 504 --fp8-gemm auto --no-torch

@@ -426,7 +426,8 @@ def load_hf_vl(path: str | Path, config: Step3Config | None = None, vision_confi
 
     text = load_hf(path, config, **kwargs)
     dtypes = {k: kwargs[k] for k in ("dtype", "param_dtype") if k in kwargs}
-    return Step3VLModel(text, vision_mapping.load_vision(path, vision_config, **dtypes))
+    vision = vision_mapping.load_vision(path, vision_config, policy=text.policy, **dtypes)
+    return Step3VLModel(text, vision)
 
 
 def save_hf_vl(model, path: str | Path, *, dtype=None, **kwargs) -> dict:

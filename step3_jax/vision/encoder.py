@@ -30,6 +30,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from step3_jax.layers.linear import init_weight
+from step3_jax.policy import KernelPolicy
 from step3_jax.vision.config import NUM_PREFIX_TOKENS, Step3VisionConfig
 from step3_jax.vision.layers import ATTENTION_IMPLEMENTATIONS, Conv2d, Linear, VisionEncoderLayer
 
@@ -153,10 +154,10 @@ class VisionTransformer(nnx.Module):
             ]
         )
 
-    def __call__(self, pixel_values, *, dtype, implementation: str = "xla"):
+    def __call__(self, pixel_values, *, dtype, implementation: str = "xla", gemm=None):
         x = self.embeddings(pixel_values, dtype)
         for layer in self.layers:
-            x = layer(x, implementation)
+            x = layer(x, implementation, gemm)
         return x[:, NUM_PREFIX_TOKENS:]
 
 
@@ -164,12 +165,15 @@ class Step3VisionModel(nnx.Module):
     """Tower + ``vit_downsampler`` + ``vit_downsampler2`` + ``vit_large_projector``.
 
     ``model(pixel_values [B, 3, P, P])`` -> ``[B, tokens, M]`` image embeddings in the text
-    model's width (169 tokens at P = 728, 81 at P = 504), in ``dtype``.
+    model's width (169 tokens at P = 728, 81 at P = 504), in ``dtype``. Attention runs
+    ``attention_implementation`` ("cudnn" | "xla"; None: cuDNN on a GPU in 16-bit, else XLA);
+    FP8 linears run ``policy.gemm`` (`step3_jax.KernelPolicy`).
     """
 
     def __init__(
         self, config: Step3VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16,
         param_dtype=jnp.bfloat16, attention_implementation: str | None = None,
+        policy: KernelPolicy | None = None,
     ):  # fmt: skip
         c = self.config = config
         impl = attention_implementation or default_attention_impl(dtype)
@@ -178,7 +182,11 @@ class Step3VisionModel(nnx.Module):
                 f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS} or None, "
                 f"got {impl!r}"
             )
+        if policy is not None and not isinstance(policy, KernelPolicy):
+            raise TypeError(f"policy must be a step3_jax.KernelPolicy, got {type(policy)}")
         self.dtype, self.attention_implementation = dtype, impl
+        # Its ``gemm`` field picks the FP8 GEMM of quantized linears (`quantize_linears`).
+        self.policy = policy or KernelPolicy()
         o = c.output_hidden_size
         kw = dict(param_dtype=param_dtype, rngs=rngs)
         self.vision_model = VisionTransformer(c, **kw)
@@ -190,7 +198,10 @@ class Step3VisionModel(nnx.Module):
         """The tower's patch tokens on their grid, ``[B, G, G, D]``."""
         check_pixels(pixel_values, self.config)
         x = self.vision_model(
-            pixel_values, dtype=self.dtype, implementation=self.attention_implementation
+            pixel_values,
+            dtype=self.dtype,
+            implementation=self.attention_implementation,
+            gemm=self.policy.gemm,
         )
         g = self.config.grid(pixel_values.shape[-1])
         return x.reshape(x.shape[0], g, g, x.shape[-1])
@@ -199,24 +210,25 @@ class Step3VisionModel(nnx.Module):
         """Downsamplers + projector: ``[B, G, G, D] -> [B, g*g, M]`` (row-major grid)."""
         y = self.vit_downsampler2(self.vit_downsampler(features))
         b, gy, gx, ch = y.shape
-        return self.vit_large_projector(y.reshape(b, gy * gx, ch))
+        return self.vit_large_projector(y.reshape(b, gy * gx, ch), self.policy.gemm)
 
     def __call__(self, pixel_values: Float[Array, "B C P P"]) -> Float[Array, "B T M"]:
         return self.project(self.features(pixel_values))
 
 
-def quantize_linears(model: nnx.Module, *, gemm: str = "dequant") -> int:
+def quantize_linears(model: nnx.Module) -> int:
     """Replaces (in place) every vision `Linear` weight (the ViT's qkv/out/fc1/fc2 and the
     projector) by a block-scaled `step3_jax.quant_model.Fp8Weight` (activations quantized per
-    token per 128 at run time); convolutions, norms and embeddings stay as they are. Weights
-    that already are FP8 are kept. Returns the number of linears."""
+    token per 128 at run time; the GEMM is the model's ``policy.gemm``); convolutions, norms
+    and embeddings stay as they are. Weights that already are FP8 are kept. Returns the number
+    of linears."""
     from step3_jax.quant_model import Fp8Weight
 
     count = 0
     for _, node in nnx.iter_graph(model):
         if isinstance(node, Linear):
             if not isinstance(node.weight[...], Fp8Weight):
-                node.weight.set_value(Fp8Weight.quantize(node.weight[...], gemm=gemm))
+                node.weight.set_value(Fp8Weight.quantize(node.weight[...]))
             count += 1
     if count == 0:
         raise ValueError("quantize_linears found no vision Linear layers")

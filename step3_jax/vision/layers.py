@@ -58,10 +58,11 @@ class Linear(nnx.Module):
         self.weight = nnx.Param(init_weight(rngs.params(), (d_out, d_in), d_in, param_dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
 
-    def __call__(self, x: Float[Array, "... I"]) -> Float[Array, "... O"]:
+    def __call__(self, x: Float[Array, "... I"], gemm: str | None = None) -> Float[Array, "... O"]:
+        """``gemm``: the FP8 GEMM implementation (`KernelPolicy.gemm`) when ``weight`` is FP8."""
         # float32 accumulation, output (and bias add) in x's dtype: a bf16 GEMM output that XLA
         # can fuse the bias into, instead of a float32 intermediate twice the bytes.
-        y = project(x, self.weight[...], "...i,oi->...o", out_dtype=x.dtype)
+        y = project(x, self.weight[...], "...i,oi->...o", out_dtype=x.dtype, implementation=gemm)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -133,13 +134,13 @@ class VisionAttention(nnx.Module):
         self.out_proj = Linear(dim, dim, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(
-        self, x: Float[Array, "B T D"], implementation: str = "xla"
+        self, x: Float[Array, "B T D"], implementation: str = "xla", gemm: str | None = None
     ) -> Float[Array, "B T D"]:
         b, t, d = x.shape
-        q, k, v = jnp.split(self.qkv_proj(x), 3, axis=-1)
+        q, k, v = jnp.split(self.qkv_proj(x, gemm), 3, axis=-1)
         heads = (b, t, self.num_heads, d // self.num_heads)
         o = attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), implementation)
-        return self.out_proj(o.reshape(b, t, d))
+        return self.out_proj(o.reshape(b, t, d), gemm)
 
 
 class VisionMLP(nnx.Module):
@@ -147,10 +148,10 @@ class VisionMLP(nnx.Module):
         self.fc1 = Linear(dim, hidden, param_dtype=param_dtype, rngs=rngs)
         self.fc2 = Linear(hidden, dim, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+    def __call__(self, x: Float[Array, "B T D"], gemm: str | None = None) -> Float[Array, "B T D"]:
         # quick_gelu evaluated in float32 on the compute-dtype fc1 output (one fused pass).
-        h = self.fc1(x)
-        return self.fc2(quick_gelu(h.astype(jnp.float32)).astype(h.dtype))
+        h = self.fc1(x, gemm)
+        return self.fc2(quick_gelu(h.astype(jnp.float32)).astype(h.dtype), gemm)
 
 
 class VisionEncoderLayer(nnx.Module):
@@ -165,10 +166,10 @@ class VisionEncoderLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(dim, eps=eps, param_dtype=param_dtype)
 
     def __call__(
-        self, x: Float[Array, "B T D"], implementation: str = "xla"
+        self, x: Float[Array, "B T D"], implementation: str = "xla", gemm: str | None = None
     ) -> Float[Array, "B T D"]:
-        x = x + self.layer_norm1(self.self_attn(x, implementation))
-        return x + self.layer_norm2(self.mlp(x))
+        x = x + self.layer_norm1(self.self_attn(x, implementation, gemm))
+        return x + self.layer_norm2(self.mlp(x, gemm))
 
 
 __all__ = [

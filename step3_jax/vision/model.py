@@ -52,9 +52,12 @@ class Step3VLModel(nnx.Module):
         cls, config: Step3Config, vision_config: Step3VisionConfig, *, rngs: nnx.Rngs,
         dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, **text_kwargs,
     ) -> Step3VLModel:  # fmt: skip
-        """Random weights (tests, benchmarks); ``text_kwargs`` go to `Step3Model`."""
+        """Random weights (tests, benchmarks); ``text_kwargs`` (e.g. ``policy=``) go to
+        `Step3Model`, whose policy the vision half shares."""
         text = Step3Model(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, **text_kwargs)
-        vision = Step3VisionModel(vision_config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        vision = Step3VisionModel(
+            vision_config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, policy=text.policy
+        )
         return cls(text, vision)
 
     @property
@@ -125,7 +128,7 @@ class Step3VLModel(nnx.Module):
         """The text model on embeddings: its layers, final norm and lm_head (float32 logits)."""
         text = self.text
         for layer in text.layers:
-            x, cache = layer(x, positions, cache, text.attention_implementation)
+            x, cache = layer(x, positions, cache, text.policy)
         return text.logits(x), cache
 
     def __call__(

@@ -18,6 +18,7 @@ from step3_jax.checkpoints import hf_mapping, vision_mapping
 from step3_jax.checkpoints.hf import load_hf, load_hf_vl, save_hf_vl
 from step3_jax.checkpoints.vision_mapping import VisionCheckpointError
 from step3_jax.config import Step3Config
+from step3_jax.policy import KernelPolicy
 from step3_jax.vision.config import Step3VisionConfig
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -65,7 +66,7 @@ def read_all(path) -> dict[str, np.ndarray]:
 def test_release_checkpoint_round_trips_bitwise(tmp_path):
     tensors = release_tensors(0)
     write_release(tmp_path / "in", tensors)
-    model = load_hf_vl(tmp_path / "in", moe_implementation="dense")
+    model = load_hf_vl(tmp_path / "in", policy=KernelPolicy.reference())
     assert model.vision_config == VIS and model.config == TEXT
     save_hf_vl(model, tmp_path / "out", max_shard_bytes=2**20)
     back = read_all(tmp_path / "out")
@@ -85,7 +86,7 @@ def test_transformers_layout_prefix_and_text_only_loader(tmp_path):
     leaf = np.asarray(vis.vit_downsampler2.weight[...])
     assert leaf.tobytes() == tensors["vit_downsampler2.weight"].tobytes()
     # The text loader skips every vision tensor (vit_downsampler* included).
-    text = load_hf(tmp_path / "ck", moe_implementation="dense")
+    text = load_hf(tmp_path / "ck", policy=KernelPolicy.reference())
     assert text.config == TEXT
 
 

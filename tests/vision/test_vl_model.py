@@ -13,6 +13,7 @@ from vision_fixtures import load_tiny, random_vision_tensors
 
 from step3_jax.config import Step3Config
 from step3_jax.model import Step3Model
+from step3_jax.policy import KernelPolicy
 from step3_jax.vision import generate as vgen
 from step3_jax.vision.config import Step3VisionConfig
 from step3_jax.vision.model import Step3VLModel
@@ -29,7 +30,7 @@ SPECIAL = ImageSpecialTokens(
 def model():
     text = Step3Model(
         TEXT, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
-        moe_implementation="dense", attention_implementation="xla",
+        policy=KernelPolicy.reference(),
     )  # fmt: skip
     return Step3VLModel(text, load_tiny(VIS, random_vision_tensors(VIS, seed=0)))
 
