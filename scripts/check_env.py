@@ -24,9 +24,12 @@ CHECKED = ("jax", "jaxlib", "flax")  # jaxlib shares jax's range (it is jax[cpu]
 try:
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
-except ImportError:  # pip ships a copy; every environment we set up has pip
-    from pip._vendor.packaging.requirements import Requirement
-    from pip._vendor.packaging.specifiers import SpecifierSet
+except ImportError:  # pip ships a copy
+    try:
+        from pip._vendor.packaging.requirements import Requirement
+        from pip._vendor.packaging.specifiers import SpecifierSet
+    except ImportError:  # a bare interpreter (no pip yet): only --python-only can get here
+        Requirement = SpecifierSet = None
 
 
 def _pyproject_text() -> str:
@@ -65,6 +68,8 @@ def _fail(lines: list[str]) -> None:
 
 def check_python() -> str:
     version = ".".join(map(str, sys.version_info[:3]))
+    if SpecifierSet is None:  # pip's own requires-python check still applies when installing
+        return f"python {version} at {sys.executable} (not checked: no `packaging` module here)"
     spec = python_range()
     line = f"python {version} at {sys.executable} (supported: {spec})"
     if version not in spec:
