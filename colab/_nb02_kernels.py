@@ -131,7 +131,7 @@ def gemm_inputs(m, g, n, k, seed=0):
 
 
 gemm_shapes = [(64, 8, 512, 1024), (256, 8, 512, 1024)] if not HOPPER else [
-    (64 * 3, 48, 10240, 7168), (512 * 3, 48, 10240, 7168)]  # Step-3's gate/up at T=64, 512
+    (64 * 3, 16, 10240, 7168), (512 * 3, 16, 10240, 7168)]  # Step-3's gate/up, a 16-expert shard
 gemm_rows = []
 for m, g, n, k in gemm_shapes:
     x, x_scale, w, w_scale, sizes = gemm_inputs(m, g, n, k)
