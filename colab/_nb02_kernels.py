@@ -194,7 +194,8 @@ def results_dir() -> pathlib.Path | None:
 
 
 RESULTS = results_dir()
-print("results:", RESULTS)
+assert RESULTS, "benchmarks/results/ not found: set STEP3_JAX_SOURCE to a checkout or git URL"
+print(f"{len(list(RESULTS.glob('*.json')))} recorded runs in benchmarks/results/")
 load = lambda name: json.loads((RESULTS / name).read_text())
 runs = {"H100": load("mfa_decode_H100_sweep_98b0a31.json"), "H200": load("mfa_decode_h200_tune.json")}
 styles = {"pallas_fp8": "o-", "pallas_bf16": "s-", "xla_fp8": "x--", "xla_bf16": "+--",
