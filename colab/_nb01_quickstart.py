@@ -132,9 +132,10 @@ print(f"tiny : {cfg.param_count():,} parameters, MoE layers {cfg.moe_layer_ids}"
 print(f"step3: {big.param_count() / 1e9:.2f}B total, {big.activated_param_count() / 1e9:.2f}B "
       f"active per token, {big.kv_bytes_per_token(1, per_layer=True):.0f} B of FP8 KV per token per layer")
 
-# Random (seeded) float32 weights; "dense" runs every expert: the readable MoE oracle.
+# Random (seeded) float32 weights. KernelPolicy picks the kernels in one place; reference():
+# XLA attention and linears, and the dense MoE oracle (every expert on every token).
 tiny = s3.Step3Model(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
-                     moe_implementation="dense")
+                     policy=s3.KernelPolicy.reference())
 tiny_prompts = [[11, 42, 7], [5, 6, 7, 8, 9]]
 out = s3.generate(tiny, tiny_prompts, max_new_tokens=12)  # temperature 0: greedy
 seq = tiny_prompts[1] + out.tokens[1]

@@ -141,8 +141,8 @@ token for token (with it on, they agree with an oracle that applies the same rou
     (
         "code",
         """\
-model = s3.Step3Model(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
-                      moe_implementation="dense")
+REF = s3.KernelPolicy.reference()  # XLA attention and linears, the dense MoE oracle
+model = s3.Step3Model(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, policy=REF)
 rng = np.random.default_rng(0)
 prompts = [list(map(int, rng.integers(0, cfg.vocab_size, n))) for n in rng.integers(1, 9, batch)]
 NEW = 6
@@ -150,7 +150,7 @@ single = np.array(s3.generate(model, prompts, NEW, max_cache_len=MAX_LEN).tokens
 
 afd = AfdExecutor(
     cfg, layout, devices[: layout.num_devices],
-    AfdConfig(MICROBATCH, NUM_MB, MAX_LEN, fp8_transfer=False,
+    AfdConfig(MICROBATCH, NUM_MB, MAX_LEN, fp8_transfer=False, policy=REF,
               compiler_options=(("xla_backend_optimization_level", 0),)),  # faster CPU compile
     dtypes=ArenaDtypes("float32", "float32", "float32", "float32"), act_dtype=jnp.float32,
 )
