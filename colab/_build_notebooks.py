@@ -51,7 +51,22 @@ if importlib.util.find_spec("step3_jax") is None:
         except importlib.metadata.PackageNotFoundError:
             pass
     pip = [sys.executable, "-m", "pip", "install", "-q"]
-    if "jax" in pins:  # keep it: pip fails (rather than replaces it) if it is out of range
+    if "jax" in pins:  # keep it, if step3_jax supports it (pyproject.toml's range)
+        import tomllib
+
+        try:
+            from packaging.requirements import Requirement
+        except ImportError:
+            from pip._vendor.packaging.requirements import Requirement
+
+        deps = tomllib.loads((src / "pyproject.toml").read_text())["project"]["dependencies"]
+        jax_range = next(Requirement(d).specifier for d in deps if Requirement(d).name == "jax")
+        if pins["jax"] not in jax_range:
+            raise RuntimeError(
+                f"this runtime has jax {{pins['jax']}}; step3_jax needs jax{{jax_range}}. Install "
+                "a jax in that range for your accelerator (e.g. pip install -U 'jax[cuda12]'), "
+                "restart the runtime and run this cell again."
+            )
         pathlib.Path("jax_pins.txt").write_text("".join(f"{{n}}=={{v}}\\n" for n, v in pins.items()))
         subprocess.run([*pip, str(src.resolve()), "-c", "jax_pins.txt"], check=True)
     else:
