@@ -190,9 +190,10 @@ def _resolve_config(config, kv_dtype, num_ctas: int, max_len: int, page_size, nu
             config = dataclasses.replace(config, num_stages=stages, ring_epilogue=ring_epi)
     splits = 1 if config.ragged else config.num_splits
     if splits is None:
-        sms = num_sms or getattr(jax.devices()[0], "core_count", 132) or 132
         costs = cfg_lib.split_costs(kind)
-        splits = cfg_lib.choose_num_splits(num_ctas, max_len, config.block_s, sms, costs)
+        splits = cfg_lib.choose_num_splits(
+            num_ctas, max_len, config.block_s, _num_sms(num_sms), costs
+        )
     out_dtype = jnp.float32 if splits > 1 or config.ragged else jnp.bfloat16
     config.validate_smem(kv_dtype, out_dtype)
     if page_size is not None and page_size % config.block_s:
@@ -233,13 +234,17 @@ def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None):
         v_convert=config.v_convert,
         ragged_target=_ragged_target(config, num_sms) if config.ragged else 0,
         ragged_max_splits=config.ragged_max_splits if config.ragged else 0,
+        ragged_sms=_num_sms(num_sms) if config.ragged else 0,
     )
+
+
+def _num_sms(num_sms=None) -> int:
+    return num_sms or getattr(jax.devices()[0], "core_count", 132) or 132
 
 
 def _ragged_target(config, num_sms=None) -> int:
     """Pieces a ragged call aims for: SMs x ``ragged_items_per_sm``."""
-    sms = num_sms or getattr(jax.devices()[0], "core_count", 132) or 132
-    return max(1, int(sms * config.ragged_items_per_sm))
+    return max(1, int(_num_sms(num_sms) * config.ragged_items_per_sm))
 
 
 def _pallas(q, k, v, lengths, k_scale, v_scale, block_table, sm_scale, config):
@@ -291,6 +296,7 @@ def _pallas_jit(ks, q, k, v, lengths, k_scale, v_scale, block_table, page_offset
         block_s=ks.block_s,
         target=ks.ragged_target,
         max_splits=ks.ragged_max_splits,
+        num_sms=ks.ragged_sms,
     )
     out, lse = mosaic_gpu.mfa_decode_mosaic(
         ks, lengths, table, q, q_scale, k, v, k_scale, v_scale, page_offsets, work=work

@@ -73,6 +73,7 @@ class KernelShape:
     # (sequence, first block, number of blocks), writing partial c of out [items, 1, T, ...].
     ragged_target: int = 0
     ragged_max_splits: int = 0
+    ragged_sms: int = 0  # SMs the plan balances over (its "already balanced" test)
 
     def num_items(self) -> int:
         """CTAs per query token along the grid's "split" axis (the split factor, or the

@@ -13,8 +13,9 @@ Static bound on the number of pieces: with ``cap = max(ceil(total / target), cei
 max_splits), 1)`` blocks a piece, ``J_b = ceil(n_b / cap) <= n_b / cap + 1``, so
 ``sum_b J_b <= target + B`` and ``J_b <= max_splits``; the grid has
 ``min(target + B, max_splits * B)`` CTAs, the unused ones (``b = -1``) exit at once.
-Both functions are pure jnp (traceable, CPU-testable); across the layers of one decode step the
-plan depends only on ``lengths``, so XLA can compute it once.
+No split at all when the batch is already balanced (``num_sms``). Both functions are pure
+jnp (traceable, CPU-testable); across the layers of one decode step the plan depends only on
+``lengths``, so XLA can compute it once.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def plan_ragged_work(
     block_s: int,
     target: int,
     max_splits: int,
+    num_sms: int = 0,
 ) -> tuple[Int[Array, "C 3"], Int[Array, " B"], Int[Array, " B"]]:
     """Work list of a ragged call.
 
@@ -49,12 +51,19 @@ def plan_ragged_work(
     of blocks), C = ``num_items(B, target, max_splits)``, and per sequence ``start`` [B] (row of
     its first piece) and ``count`` [B] (its pieces, 0 for an empty sequence; its rows are
     ``start .. start + count - 1``). The pieces of every sequence cover its blocks
-    ``0 .. ceil(len / block_s) - 1`` exactly once, in order.
+    ``0 .. ceil(len / block_s) - 1`` exactly once, in order. ``num_sms`` > 0: no splitting
+    when the longest sequence is within 10% + 1 block of ``total / num_sms`` (nothing to
+    balance; splitting would only add partials and start-ups).
     """
     b = lengths.shape[0]
     c = num_items(b, target, max_splits)
     n = _cdiv(jnp.clip(lengths.astype(jnp.int32), 0, max_len), block_s)  # [B] visible blocks
-    cap = jnp.maximum(jnp.maximum(_cdiv(jnp.sum(n), target), _cdiv(jnp.max(n), max_splits)), 1)
+    tot, nmax = jnp.sum(n), jnp.max(n)
+    cap = jnp.maximum(jnp.maximum(_cdiv(tot, target), _cdiv(nmax, max_splits)), 1)
+    # Already balanced (the longest sequence within 10% + 1 block of an even share per SM,
+    # e.g. a full batch of B >= SMs): one piece a sequence, no partials to merge.
+    if num_sms:
+        cap = jnp.where(10 * nmax * num_sms <= 11 * tot + 10 * num_sms, jnp.maximum(nmax, 1), cap)
     count = _cdiv(n, cap)  # pieces per sequence, <= max_splits
     piece = _cdiv(n, jnp.maximum(count, 1))  # its largest piece
     order = jnp.argsort(-piece, stable=True)  # longest pieces first

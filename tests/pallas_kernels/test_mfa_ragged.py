@@ -70,6 +70,24 @@ def test_work_list_covers_every_visible_block_once(b, max_len, target, max_split
     assert all(a >= b_ for a, b_ in zip(largest, largest[1:], strict=False))
 
 
+def test_balanced_batches_are_not_split():
+    """With ``num_sms``: a full batch of B >= SMs keeps one piece a sequence (nothing to
+    balance); lengths uniform in [S/2, S] get split (the longest is ~1.4x the even share)."""
+    full = _plan_sms(np.full(128, 4096), 4096)
+    assert (full[2] == 1).all() and (full[0][:128, 2] == 64).all()
+    rng = np.random.default_rng(3)
+    work, start, count = _plan_sms(rng.integers(2048, 4097, 128), 4096)
+    assert count.max() == 2 and work[work[:, 0] >= 0, 2].max() <= 32
+
+
+def _plan_sms(lengths, max_len):
+    out = ragged.plan_ragged_work(
+        jnp.asarray(lengths, jnp.int32), max_len=max_len, block_s=BS, target=198,
+        max_splits=4, num_sms=SMS,
+    )  # fmt: skip
+    return tuple(np.asarray(x) for x in out)
+
+
 def test_num_items_bounds():
     assert ragged.num_items(128, 198, 4) == 326
     assert ragged.num_items(1, 198, 8) == 8
