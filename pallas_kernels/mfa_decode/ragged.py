@@ -66,23 +66,27 @@ def plan_ragged_work(
         cap = jnp.where(10 * nmax * num_sms <= 11 * tot + 10 * num_sms, jnp.maximum(nmax, 1), cap)
     count = _cdiv(n, cap)  # pieces per sequence, <= max_splits
     piece = _cdiv(n, jnp.maximum(count, 1))  # its largest piece
-    order = jnp.argsort(-piece, stable=True)  # longest pieces first
-    ends = jnp.cumsum(count[order])  # [B], inclusive, in `order`
-    starts_sorted = ends - count[order]
-    rows = jnp.arange(c, dtype=jnp.int32)
-    rank = jnp.sum(ends[None, :] <= rows[:, None], axis=1)  # [C] position in `order`
-    live = rows < ends[-1]
-    rank = jnp.minimum(rank, b - 1)
-    seq = order[rank]
-    j = rows - starts_sorted[rank]
+    # Longest pieces first, ties by index (a stable descending sort), without a sort or a
+    # scatter kernel: sequence b' goes before b iff it wins this comparison, and b's first row
+    # is the number of pieces of all that go before it ([B, B] and [C, B] compare-and-sum
+    # fusions; B is at most a few hundred).
+    idx = jnp.arange(b, dtype=jnp.int32)
+    before = (piece[:, None] > piece[None, :]) | (
+        (piece[:, None] == piece[None, :]) & (idx[:, None] < idx[None, :])
+    )  # [b', b]
+    start = jnp.sum(jnp.where(before, count[:, None], 0), axis=0)  # [B]
+    rows = jnp.arange(c, dtype=jnp.int32)[:, None]
+    mine = (start[None, :] <= rows) & (rows < (start + count)[None, :])  # [C, B], <= 1 a row
+    live = jnp.any(mine, axis=1)
+    seq = jnp.sum(jnp.where(mine, idx[None, :], 0), axis=1)
+    j = rows[:, 0] - start[seq]
     n_s, k_s = n[seq], jnp.maximum(count[seq], 1)
     first = (j * n_s) // k_s  # near-equal pieces: sizes differ by at most one block
     size = ((j + 1) * n_s) // k_s - first
     work = jnp.stack(
         [jnp.where(live, seq, -1), jnp.where(live, first, 0), jnp.where(live, size, 0)], axis=1
     ).astype(jnp.int32)
-    start = jnp.zeros((b,), jnp.int32).at[order].set(starts_sorted.astype(jnp.int32))
-    return work, start, count.astype(jnp.int32)
+    return work, start.astype(jnp.int32), count.astype(jnp.int32)
 
 
 def combine_ragged(

@@ -260,8 +260,6 @@ def test_gpu_lowering_on_cpu_ragged_and_auto_splits(fp8, t, paged, cfg, b, s_cap
     traced = api._pallas_jit.trace(ks, q, kv, kv, lengths, scale, scale, table)
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text[:20000]
-    if cfg is not None:
-        assert "sort" in text  # the work list's longest-first order is computed on device
 
 
 def test_gpu_lowering_on_cpu_ragged_page_offsets():
