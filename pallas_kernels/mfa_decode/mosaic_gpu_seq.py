@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from step3_jax.kernels.mfa_decode import mosaic_gpu as mg
+from step3_jax.kernels.mfa_decode import mosaic_gpu_parts as mg
 
 HALF = mg.HEAD_DIM // 2
 
