@@ -37,6 +37,7 @@ from step3_jax.model import Step3Model
 FP8_MODES = ("dequantize", "keep")
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 BLOCK = 128  # block-FP8 checkpoints: one scale per 128x128 block of the 2-D weight
+HOST_CAST_BYTES = 16 * 2**20  # dtype changes of tensors up to this size happen on the host
 ShardingSpec = Callable[[str], Sharding | None] | None
 
 
@@ -175,6 +176,11 @@ def _load_entry(e: Entry, ckpt: dict, target: Sharding, param_dtype, fp8: str):
     info = ckpt[e.hf_name]
     host = read_tensor(info)
     if info.dtype != FP8:
+        if info.dtype != np.dtype(param_dtype) and info.nbytes <= HOST_CAST_BYTES:
+            # Small tensors: cast on the host (same IEEE round-to-nearest-even as XLA's
+            # convert) instead of compiling one device convert per distinct shape, which
+            # dominated the demo model's start-up on CPU.
+            host = host.astype(np.dtype(param_dtype))
         value = jax.device_put(e.transform.to_model(host, e.model_shape), target)
         return (value if value.dtype == param_dtype else value.astype(param_dtype)), info.nbytes
     sinfo = ckpt[e.scale_name]

@@ -209,6 +209,7 @@ def chat_generate(
     on_text: Callable[[str], None] | None = None,
     first_chunk: int = 4,
     chunk: int = 16,
+    max_cache_len: int | None = None,
     chat_template: str | None = None,
     **template_kwargs,
 ) -> ChatResult:
@@ -218,6 +219,9 @@ def chat_generate(
     <think>\\n``); generation stops on `stop_ids` or after ``max_new_tokens`` (fewer if the
     context ``max_position_embeddings`` is reached). Sampling as `step3_jax.decode.generate`
     (``temperature=0``: greedy, equal to one unchunked `generate` call).
+    ``max_cache_len`` fixes the KV-cache length (default: the prompt + reply rounded up to a
+    power of two); a REPL passes one value for the whole conversation so the decode loop
+    compiles once.
     """
     from step3_jax.decode import generate
 
@@ -237,7 +241,7 @@ def chat_generate(
         )
     stops = stop_ids(tokenizer, chat_template)
     # One cache length for the whole reply: every chunk reuses one compiled decode loop.
-    cache_len = min(limit, _pow2(len(ids) + budget, 64))
+    cache_len = max_cache_len or min(limit, _pow2(len(ids) + budget, 64))
     stream, out, first, reason = _StreamDecoder(tokenizer), [], None, "length"
     while len(out) < budget:
         n = min(first_chunk if not out else chunk, budget - len(out))

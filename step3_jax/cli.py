@@ -1,6 +1,7 @@
 """The ``step3-jax`` command.
 
 step3-jax generate [--prompt TEXT ...]   # the embedded demo model (default command)
+step3-jax chat [--checkpoint DIR]        # multi-turn chat, the release's template, streamed
 step3-jax info [--config step3|tiny]     # parameter counts and KV-cache bytes
 step3-jax cost ...                        # the paper's cost model (step3_jax.cost.cli)
 """
@@ -37,8 +38,8 @@ def cmd_generate(args) -> int:
 
     model, tok = _load(args)
     prompts = args.prompt or list(DEFAULT_PROMPTS)
-    ids = [tok.encode(p) for p in prompts]
-    stops = [tok.eos_id] if getattr(tok, "eos_id", None) is not None else []
+    ids = [tok.encode(p, add_bos=True) for p in prompts]  # BOS if tokenizer_config says so
+    stops = list(tok.eos_ids)
     kwargs = dict(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -66,6 +67,116 @@ def cmd_generate(args) -> int:
         f"on {summary['device']}"
     )
     print(json.dumps(summary))
+    return 0
+
+
+def _enable_compile_cache() -> None:
+    """Persists XLA executables across runs (jax's compilation cache), so a second
+    ``step3-jax chat`` starts answering without recompiling. ``JAX_COMPILATION_CACHE_DIR``
+    wins; default ``$XDG_CACHE_HOME/step3_jax/xla`` (``~/.cache/...``)."""
+    import os
+    from pathlib import Path
+
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    jax.config.update("jax_compilation_cache_dir", str(base / "step3_jax" / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def cmd_chat(args, stdin=None, stdout=None, stderr=None) -> int:
+    """Multi-turn chat on stdin/stdout: each reply streams as it is generated.
+
+    Lines starting with ``/`` are commands: ``/reset`` forgets the conversation, ``/exit``
+    (or end of input) quits. Reasoning (``<think>`` ... ``</think>``) and tool-call tokens
+    are printed as the model writes them.
+    """
+    import threading
+    import time
+
+    from step3_jax.chat import chat_generate, split_reasoning
+
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    if not args.no_compile_cache:
+        _enable_compile_cache()
+    t0 = time.perf_counter()
+    model, tok = _load(args)
+    limit = model.config.max_position_embeddings
+    # One cache length for the session when it is small (the demo: 1024): one compiled decode
+    # loop for every reply. Long-context models size the cache per reply instead.
+    cache_len = limit if limit <= 4096 else None
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    interactive = stdin.isatty()
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    # Compile while the user types: a 2-token reply to a short message builds the decode loop
+    # (and the prefill of short prompts) with the session's cache length and sampling.
+    probe = [*system, {"role": "user", "content": "Hello."}]
+    warm = threading.Thread(
+        target=chat_generate,
+        args=(model, tok, probe),
+        kwargs=dict(max_new_tokens=2, max_cache_len=cache_len, **sampling),
+        daemon=True,
+    )
+    warm.start()
+    name = args.checkpoint or "the demo model (Jane Austen, not instruction-tuned)"
+    print(
+        f"step3-jax chat: {name}, ready in {time.perf_counter() - t0:.1f} s. "
+        "/reset clears, /exit or Ctrl-D quits.",
+        file=stderr,
+    )
+    turn = 0
+    while True:
+        if interactive:
+            print("you> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = list(system)
+            print("(conversation cleared)", file=stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        warm.join()  # never compile the same program twice at once
+        print("assistant> ", end="", file=stdout, flush=True)
+
+        def emit(text):
+            print(text, end="", file=stdout, flush=True)
+
+        try:
+            res = chat_generate(
+                model,
+                tok,
+                messages,
+                max_new_tokens=args.max_new_tokens,
+                seed=args.seed + 1000 * turn,
+                **sampling,
+                on_text=emit,
+                max_cache_len=cache_len,
+            )
+        except ValueError as e:  # e.g. the conversation outgrew the context
+            print(f"\n[error: {e}]", file=stderr)
+            messages.pop()
+            continue
+        print(file=stdout, flush=True)
+        reasoning, content = split_reasoning(res.text)
+        # What a vLLM client sends back: the answer, without the reasoning (if it ended).
+        messages.append({"role": "assistant", "content": content if content else res.text})
+        turn += 1
+        if args.timing:
+            rate = len(res.token_ids) / max(res.seconds, 1e-9)
+            print(
+                f"[{len(res.token_ids)} tokens, first after {res.first_token_seconds:.2f} s, "
+                f"{rate:.1f} tokens/s, finish: {res.finish_reason}]",
+                file=stderr,
+            )
     return 0
 
 
@@ -97,6 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--checkpoint", help="HF-layout checkpoint folder (default: the demo model)")
     g.add_argument("--tokenizer", help="tokenizer.json (default: <checkpoint>/tokenizer.json)")
+    c = sub.add_parser("chat", help="multi-turn chat (the release's chat template), streamed")
+    c.add_argument("--checkpoint", help="HF-layout checkpoint folder (default: the demo model)")
+    c.add_argument("--tokenizer", help="tokenizer.json (default: <checkpoint>/tokenizer.json)")
+    c.add_argument("--system", help="system prompt")
+    c.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--timing", action="store_true", help="tokens/s and first-token latency")
+    c.add_argument(
+        "--no-compile-cache", action="store_true", help="do not persist compiled XLA programs"
+    )
     i = sub.add_parser("info", help="parameter counts and KV bytes of a preset")
     i.add_argument("--config", choices=("step3", "tiny"), default="step3")
     sub.add_parser(
@@ -116,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             args = build_parser().parse_args(["generate"])
         return cmd_generate(args)
+    if args.command == "chat":
+        return cmd_chat(args)
     return cmd_info(args)
 
 
