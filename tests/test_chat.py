@@ -43,6 +43,21 @@ def test_generation_prompt_in_the_release_format(tok):
     )
 
 
+def test_same_prompt_as_vllms_step3_example(tok):
+    """vLLM's offline vision-language example builds Step-3 prompts by hand; the demo's
+    template renders the identical string from messages."""
+    q = "What is in the image?"
+    msgs = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
+    ]
+    vllm_prompt = (
+        "<｜begin▁of▁sentence｜> You are a helpful assistant. <|BOT|>user\n "
+        f"<im_patch>{q} <|EOT|><|BOT|>assistant\n<think>\n"
+    )
+    assert render_chat(tok, msgs) == vllm_prompt
+
+
 def test_multi_turn_with_reasoning_tool_calls_and_results(tok):
     msgs = [
         USER,

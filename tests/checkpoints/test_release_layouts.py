@@ -228,3 +228,32 @@ def test_text_subconfig_with_only_non_default_keys_loads(tmp_path):
         json.dumps({"model_type": "step3_vl", "text_config": diff})
     )
     assert load_hf(tmp_path, moe_implementation="dense").config == CFG
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("norm_expert_weight", True, "norm_expert_weight=True"),
+        ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "rope_scaling="),
+    ],
+)
+def test_load_refuses_a_config_the_model_would_silently_ignore(tmp_path, key, value, match):
+    """Until Step3Model wires rope_scaling / moe_renormalize into its layers, a checkpoint
+    asking for them is refused at load instead of running plain Step-3 math; once wired,
+    it loads with the layers set."""
+    from step3_jax.config import Step3Config
+    from step3_jax.model import Step3Model
+
+    write_hf(tmp_path, CFG, random_tensors(CFG, seed=0), num_shards=2)
+    hf = {**CFG.to_hf_config(), key: value}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    want = Step3Config.from_hf_config(hf)
+    probe = nnx.eval_shape(lambda: Step3Model(want, rngs=nnx.Rngs(0)))
+    moe, attn = probe.layers[CFG.moe_layer_ids[0]].ffn, probe.layers[0].self_attn
+    wired = (moe.renormalize, attn.rope_scaling) == (want.moe_renormalize, want.rope_scaling)
+    if not wired:
+        with pytest.raises(NotImplementedError, match=match):
+            load_hf(tmp_path, moe_implementation="dense")
+        return
+    model = load_hf(tmp_path, moe_implementation="dense")
+    assert model.layers[0].self_attn.rope_scaling == want.rope_scaling
