@@ -73,12 +73,6 @@ class Tokenizer:
         return tuple(dict.fromkeys(ids))
 
     @property
-    def special_ids(self) -> frozenset[int]:
-        """Ids of the added tokens marked ``special`` (what ``decode`` drops by default)."""
-        decoder = self.hf.get_added_tokens_decoder()
-        return frozenset(i for i, t in decoder.items() if t.special)
-
-    @property
     def vocab_size(self) -> int:
         """Number of ids, added (special) tokens included."""
         return self.hf.get_vocab_size(with_added_tokens=True)

@@ -89,6 +89,23 @@ def test_tools_schema_is_json_not_html_escaped(tok):
     assert text.startswith(f"{BOS}# Tools\n") and text.endswith("<|BOT|>assistant\n<think>\n")
 
 
+def test_constructs_release_templates_use(tok):
+    """Release-style templates rely on transformers' environment: ``namespace``,
+    ``tojson(ensure_ascii=False)``, ``is defined`` defaults, loop controls, a macro whose body
+    keeps its surrounding spaces, and the special tokens as variables."""
+    template = (
+        "{% macro body(c) %} {% if c is string %}{{- c }}{% endif %} {% endmacro %}"
+        "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
+        "{% endif %}{{ bos_token }}{% set ns = namespace(n=0) %}"
+        "{% for m in messages %}{% if m.role == 'skip' %}{% continue %}{% endif %}"
+        "{% set ns.n = ns.n + 1 %}{{ m.role }}:{{ body(m.content) }}|{% endfor %}"
+        "{{ tools[0] | tojson(ensure_ascii=False) }}#{{ ns.n }}{{ eos_token }}"
+    )
+    msgs = [{"role": "skip", "content": "x"}, {"role": "user", "content": "Émma"}]
+    text = render_chat(tok, msgs, tools=[{"name": "é<"}], chat_template=template)
+    assert text == f'{BOS}user: Émma |{{"name": "é<"}}#1{EOS}'
+
+
 def test_content_parts_and_image_placeholder(tok):
     msg = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}
     assert render_chat(tok, [msg]) == (
