@@ -123,10 +123,16 @@ def end_of_turn_id(tokenizer, chat_template: str | None = None) -> int | None:
     """The added token the template closes an assistant turn with (Step-3: ``<|EOT|>``).
 
     Renders a probe conversation and takes the first token after the assistant's text, if
-    it is an added (special) token; None if the template closes turns with plain text.
+    it is an added (special) token; None if the template closes turns with plain text or
+    refuses to render the probe.
     """
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
-    text = render_chat(tokenizer, probe, add_generation_prompt=False, chat_template=chat_template)
+    try:
+        text = render_chat(
+            tokenizer, probe, add_generation_prompt=False, chat_template=chat_template
+        )
+    except ChatTemplateError:  # a template that refuses the probe (e.g. wants a system turn)
+        return None
     if _PROBE not in text:
         return None
     tail = text.split(_PROBE, 1)[1].lstrip()

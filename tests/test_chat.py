@@ -160,6 +160,8 @@ def test_stop_ids_are_every_eos_plus_the_end_of_turn(tok):
     assert chat.end_of_turn_id(tok) == eot
     plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     assert chat.end_of_turn_id(tok, plain) is None  # turns closed by plain text
+    picky = "{{ raise_exception('a system turn first') if messages[0].role != 'system' }}"
+    assert chat.end_of_turn_id(tok, picky) is None
 
 
 def test_reasoning_and_tool_tokens_survive_decoding(tok):
