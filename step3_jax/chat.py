@@ -239,11 +239,15 @@ def chat_generate(
     )
     ids = tokenizer.encode(prompt)  # the template wrote the BOS
     limit = model.config.max_position_embeddings
-    budget = min(int(max_new_tokens), limit - len(ids))
+    if max_cache_len is not None and not 0 < max_cache_len <= limit:
+        raise ValueError(f"max_cache_len={max_cache_len} must be in [1, {limit}]")
+    room = max_cache_len or limit
+    budget = min(int(max_new_tokens), room - len(ids))
     if budget < 1:
         raise ValueError(
             f"the conversation is {len(ids)} tokens: no room for a reply within "
-            f"max_position_embeddings={limit}; start a new conversation"
+            f"{room} tokens (max_cache_len={max_cache_len}, max_position_embeddings={limit}); "
+            "start a new conversation"
         )
     stops = stop_ids(tokenizer, chat_template)
     # One cache length for the whole reply: every chunk reuses one compiled decode loop.

@@ -103,10 +103,9 @@ def cmd_chat(args, stdin=None, stdout=None, stderr=None) -> int:
         _enable_compile_cache()
     t0 = time.perf_counter()
     model, tok = _load(args)
-    limit = model.config.max_position_embeddings
-    # One cache length for the session when it is small (the demo: 1024): one compiled decode
-    # loop for every reply. Long-context models size the cache per reply instead.
-    cache_len = limit if limit <= 4096 else None
+    # One KV-cache length for the whole session: one compiled decode loop for every reply
+    # (and the warm-up compiles exactly it). The demo's whole context is 1024 tokens.
+    cache_len = min(model.config.max_position_embeddings, args.max_context)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = stdin.isatty()
@@ -131,7 +130,10 @@ def cmd_chat(args, stdin=None, stdout=None, stderr=None) -> int:
     while True:
         if interactive:
             print("you> ", end="", file=stdout, flush=True)
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            break
         if not line:
             break
         line = line.rstrip("\n")
@@ -165,8 +167,12 @@ def cmd_chat(args, stdin=None, stdout=None, stderr=None) -> int:
             print(f"\n[error: {e}]", file=stderr)
             messages.pop()
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+            print("\n(reply interrupted)", file=stderr)
+            messages.pop()
+            continue
         print(file=stdout, flush=True)
-        reasoning, content = split_reasoning(res.text)
+        _, content = split_reasoning(res.text)
         # What a vLLM client sends back: the answer, without the reasoning (if it ended).
         messages.append({"role": "assistant", "content": content if content else res.text})
         turn += 1
@@ -217,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-k", type=int, default=0)
     c.add_argument("--top-p", type=float, default=0.9)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--max-context",
+        type=int,
+        default=4096,
+        help="KV-cache length of the session (capped at the model's context); /reset when full",
+    )
     c.add_argument("--timing", action="store_true", help="tokens/s and first-token latency")
     c.add_argument(
         "--no-compile-cache", action="store_true", help="do not persist compiled XLA programs"

@@ -214,6 +214,9 @@ def test_conversation_longer_than_the_context_is_refused(demo):
     long = {"role": "user", "content": "Emma " * model.config.max_position_embeddings}
     with pytest.raises(ValueError, match="no room for a reply"):
         chat_generate(model, tok, [long], max_new_tokens=4)
+    short = {"role": "user", "content": "Emma " * 40}
+    with pytest.raises(ValueError, match="no room for a reply within 32 tokens"):
+        chat_generate(model, tok, [short], max_new_tokens=4, max_cache_len=32)
 
 
 def test_cli_chat_repl_is_multi_turn(monkeypatch):
