@@ -229,6 +229,11 @@ def check_quantization_config(hf: Mapping) -> None:
                 f"{where}quantization_config.quant_method={method!r} is not supported "
                 "(step3_jax loads bf16/f32 and block-FP8 'fp8' checkpoints)"
             )
+        fmt = q.get("fmt", "e4m3")
+        if fmt not in ("e4m3", "float8_e4m3fn"):
+            raise ValueError(
+                f"{where}quantization_config.fmt={fmt!r} is not supported (float8 e4m3 only)"
+            )
         block = q.get("weight_block_size")
         if block is not None and [int(b) for b in block] != [BLOCK, BLOCK]:
             raise ValueError(

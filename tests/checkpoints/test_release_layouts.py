@@ -202,6 +202,7 @@ def test_mixed_layouts_are_reported_as_duplicates(tmp_path):
         ({**QCFG, "weight_block_size": [128, 64]}, r"weight_block_size=\[128, 64\]"),
         ({"quant_method": "awq", "bits": 4}, "quant_method='awq'"),
         ({**QCFG, "activation_scheme": "static"}, "activation_scheme='static'"),
+        ({**QCFG, "fmt": "e5m2"}, "fmt='e5m2'"),
     ],
 )
 def test_unsupported_quantization_config_is_refused_by_name(tmp_path, quant, match):
