@@ -254,3 +254,23 @@ def test_cli_chat_repl_is_multi_turn(monkeypatch):
         {"role": "user", "content": "Hello"},
     ]
     assert "conversation cleared" in err.getvalue()
+
+
+def test_tokenizer_files_are_read_where_transformers_looks(tmp_path, tok):
+    tok.save(tmp_path / "tokenizer.json")
+    cfg = {"bos_token": {"content": BOS}, "eos_token": EOS, "add_bos_token": False}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": "A"}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))
+    t = load_tokenizer(tmp_path)
+    assert (t.chat_template, t.bos_id, t.eos_ids) == ("A", 2048, (2049, 0))
+    assert t.encode("Emma", add_bos=True) == t.encode("Emma")  # add_bos_token: false
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": named}))
+    assert load_tokenizer(tmp_path).chat_template == "D"
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "B"}))
+    assert load_tokenizer(tmp_path).chat_template == "B"  # the release keeps it here
+    (tmp_path / "chat_template.jinja").write_text("C")
+    assert load_tokenizer(tmp_path).chat_template == "C"
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 99999]}))
+    with pytest.raises(ValueError, match=r"eos_token_id \[99999\]"):
+        load_tokenizer(tmp_path)
