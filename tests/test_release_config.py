@@ -68,11 +68,11 @@ def test_moe_layer_renormalize_matches_reference():
     # The dense oracle; the grouped path shares `route` (where renormalize acts) with it.
     d, e, k, f = 32, 6, 2, 24
     moe = MoE(
-        d, e, k, f, 16, renormalize=True, implementation="dense",
+        d, e, k, f, 16, renormalize=True,
         dtype=jnp.float32, param_dtype=jnp.float32, rngs=__import__("flax").nnx.Rngs(3),
     )  # fmt: skip
     h = np.random.default_rng(1).standard_normal((2, 5, d)).astype(np.float32)
-    got = np.asarray(moe(jnp.asarray(h)), np.float64)
+    got = np.asarray(moe(jnp.asarray(h), implementation="dense"), np.float64)
     w = {
         f"model.layers.0.moe.{n}.weight": np.asarray(getattr(moe, n)[...], np.float64)
         for n in ("gate_proj", "up_proj", "down_proj")

@@ -27,9 +27,11 @@ from flax import nnx
 
 from step3_jax.checkpoints import CheckpointMismatchError, hf_mapping, load_hf
 from step3_jax.checkpoints.safetensors_io import read_tensor
+from step3_jax.policy import KernelPolicy
 from step3_jax.quant_model import Fp8Weight
 
 CFG = small_config()
+REF = KernelPolicy.reference()  # XLA attention and linears, the dense MoE oracle
 LAYOUTS = ("text", "vl", "hf_transformers")
 QCFG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
 # Relative error budget of the issue: float32 model vs float64 reference, max-abs normalized.
@@ -119,7 +121,7 @@ def test_release_layout_dequantized_logits_match_float64_reference(tmp_path, lay
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         fp8="dequantize",
-        moe_implementation="dense",
+        policy=REF,
     )
     assert model.config == CFG
     tokens = np.random.default_rng(7).integers(0, CFG.vocab_size, (2, 9))
@@ -138,7 +140,7 @@ def test_release_layout_dequantized_logits_match_float64_reference(tmp_path, lay
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_release_layout_fp8_keep_holds_the_checkpoint_bits(tmp_path, layout):
     text, _ = write_release(tmp_path, layout, fp8=True, seed=4)
-    model = load_hf(tmp_path, fp8="keep", moe_implementation="dense")
+    model = load_hf(tmp_path, fp8="keep", policy=REF)
     leaves, kept = _leaves(model), 0
     for e in hf_mapping.entries(CFG):
         leaf = leaves[e.path]
@@ -166,11 +168,11 @@ def test_release_layout_fp8_keep_holds_the_checkpoint_bits(tmp_path, layout):
 @pytest.mark.parametrize("layout", ["vl", "hf_transformers"])
 def test_vision_half_is_skipped_or_handed_to_the_callback(tmp_path, layout):
     _, vision = write_release(tmp_path, layout, fp8=False, seed=5)
-    load_hf(tmp_path, moe_implementation="dense")  # skipped by default: no error
+    load_hf(tmp_path, policy=REF)  # skipped by default: no error
     got = {}
     load_hf(
         tmp_path,
-        moe_implementation="dense",
+        policy=REF,
         vision=lambda tensors: got.update({n: read_tensor(i) for n, i in tensors.items()}),
     )
     assert set(got) == set(vision)  # on-disk names whatever the layout
@@ -183,7 +185,7 @@ def test_unknown_tensor_beside_the_vision_half_is_still_unexpected(tmp_path):
     extra = {**vision_tensors(6), "vit_downsampler3.weight": np.ones((2, 2), np.float32)}
     write_hf(tmp_path, CFG, {**text, **extra}, num_shards=2)
     with pytest.raises(CheckpointMismatchError, match="1 unexpected") as err:
-        load_hf(tmp_path, moe_implementation="dense")
+        load_hf(tmp_path, policy=REF)
     assert "vit_downsampler3.weight" in str(err.value)
 
 
@@ -192,7 +194,7 @@ def test_mixed_layouts_are_reported_as_duplicates(tmp_path):
     both = {**text, "model.language_model.norm.weight": text["model.norm.weight"]}
     write_hf(tmp_path, CFG, both, num_shards=2)
     with pytest.raises(CheckpointMismatchError, match="duplicates"):
-        load_hf(tmp_path, moe_implementation="dense")
+        load_hf(tmp_path, policy=REF)
 
 
 @pytest.mark.parametrize(
@@ -208,7 +210,7 @@ def test_mixed_layouts_are_reported_as_duplicates(tmp_path):
 def test_unsupported_quantization_config_is_refused_by_name(tmp_path, quant, match):
     write_release(tmp_path, "vl", fp8=True, seed=9, quant=quant)
     with pytest.raises(ValueError, match=match):
-        load_hf(tmp_path, moe_implementation="dense")
+        load_hf(tmp_path, policy=REF)
 
 
 def test_text_subconfig_with_only_non_default_keys_loads(tmp_path):
@@ -228,7 +230,7 @@ def test_text_subconfig_with_only_non_default_keys_loads(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "step3_vl", "text_config": diff})
     )
-    assert load_hf(tmp_path, moe_implementation="dense").config == CFG
+    assert load_hf(tmp_path, policy=REF).config == CFG
 
 
 @pytest.mark.parametrize(
@@ -254,7 +256,7 @@ def test_load_refuses_a_config_the_model_would_silently_ignore(tmp_path, key, va
     wired = (moe.renormalize, attn.rope_scaling) == (want.moe_renormalize, want.rope_scaling)
     if not wired:
         with pytest.raises(NotImplementedError, match=match):
-            load_hf(tmp_path, moe_implementation="dense")
+            load_hf(tmp_path, policy=REF)
         return
-    model = load_hf(tmp_path, moe_implementation="dense")
+    model = load_hf(tmp_path, policy=REF)
     assert model.layers[0].self_attn.rope_scaling == want.rope_scaling
