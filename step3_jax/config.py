@@ -12,7 +12,29 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from step3_jax.layers.rope import RopeScaling
+ROPE_SCALING_TYPES = ("linear",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """A RoPE scaling rule (frozen, hashable: it lives in `Step3Config`).
+
+    ``rope_type``: ``"linear"`` (the only one implemented); ``factor`` > 0: positions are
+    divided by it, so a model trained at context C attends over ``factor * C``.
+    """
+
+    rope_type: str
+    factor: float = 1.0
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_SCALING_TYPES:
+            raise ValueError(
+                f"rope_scaling type {self.rope_type!r} is not supported: step3_jax implements "
+                f"{ROPE_SCALING_TYPES} (the Step-3 release uses no scaling)"
+            )
+        if not self.factor > 0:
+            raise ValueError(f"rope_scaling factor must be > 0, got {self.factor}")
+
 
 # vLLM's / SGLang's Step3TextConfig defaults (the released model): a text sub-config saved with
 # only its non-default keys (transformers' ``to_diff_dict``) gets these for the missing ones.

@@ -169,3 +169,13 @@ def test_model_honours_rope_scaling_and_renormalize():
         pytest.xfail("model.py does not pass rope_scaling / moe_renormalize yet (lead's merge)")
     assert attn.rope_scaling == c.rope_scaling and moe.renormalize
     jax.block_until_ready(model(jnp.arange(4, dtype=jnp.int32)[None]))
+
+
+def test_config_stays_a_light_leaf():
+    """RopeScaling lives in step3_jax.config so parsing a config imports no jax or layers."""
+    import subprocess
+    import sys
+
+    code = "import sys, step3_jax.config; print(sorted(m for m in sys.modules if 'jax' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['step3_jax', 'step3_jax.config']"

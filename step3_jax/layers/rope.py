@@ -9,33 +9,13 @@ are refused by name in `RopeScaling.__post_init__` rather than silently ignored.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-ROPE_SCALING_TYPES = ("linear",)
+# Defined beside Step3Config (a leaf module without jax) so the config stays light to import.
+from step3_jax.config import ROPE_SCALING_TYPES, RopeScaling
 
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """A RoPE scaling rule (frozen, hashable: it lives in `Step3Config`).
-
-    ``rope_type``: ``"linear"`` (the only one implemented); ``factor`` > 0: positions are
-    divided by it, so a model trained at context C attends over ``factor * C``.
-    """
-
-    rope_type: str
-    factor: float = 1.0
-
-    def __post_init__(self):
-        if self.rope_type not in ROPE_SCALING_TYPES:
-            raise ValueError(
-                f"rope_scaling type {self.rope_type!r} is not supported: step3_jax implements "
-                f"{ROPE_SCALING_TYPES} (the Step-3 release uses no scaling)"
-            )
-        if not self.factor > 0:
-            raise ValueError(f"rope_scaling factor must be > 0, got {self.factor}")
+__all__ = ["ROPE_SCALING_TYPES", "RopeScaling", "apply_rope", "rope_frequencies"]
 
 
 def rope_frequencies(
