@@ -1,45 +1,184 @@
-"""The ``step3-jax`` command.
+"""step3-jax: the command line of step3_jax, a JAX / Flax NNX implementation of StepFun's
+Step-3 decoder (MFA attention, FP8, Attention-FFN Disaggregation) with Pallas GPU kernels.
 
-step3-jax generate [--prompt TEXT ...]   # the embedded demo model (default command)
-step3-jax chat [--checkpoint DIR]        # multi-turn chat, the release's template, streamed
-step3-jax info [--config step3|tiny]     # parameter counts and KV-cache bytes
-step3-jax cost ...                        # the paper's cost model (step3_jax.cost.cli)
+  step3-jax generate [--prompt TEXT ...]   generate text with the shipped demo model (default)
+  step3-jax chat [--system TEXT]           multi-turn chat (the release's template), streamed
+  step3-jax info [--config step3|tiny]     parameter counts and KV-cache bytes of a preset
+  step3-jax cost ...                       the paper's cost model (`step3-jax cost --help`)
+
+Adding a subcommand: write `_NAME_args(parser)` (its flags) and `cmd_NAME(args) -> int`, and
+register it with `@subcommand("NAME", "one-line help", _NAME_args)` above `cmd_NAME`. Raise
+`UsageError` (or ValueError / FileNotFoundError) for bad input: `main` prints it as one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
+from step3_jax.cli_common import (
+    Parser,
+    UsageError,
+    debug_requested,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    run_guarded,
+)
+
+PROG = "step3-jax"
 DEFAULT_PROMPTS = (  # the demo model was trained on Jane Austen's novels
     "It is a truth universally acknowledged, that",
     '"My dear Emma," said Mr. Knightley,',
     "The next morning",
 )
+EPILOG = (
+    "Errors print one line and exit with code 2 (bad input) or 1; add --debug or set "
+    "STEP3_JAX_DEBUG=1 for the Python traceback."
+)
 
 
-def _load(args):
+@dataclasses.dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}  # filled by @subcommand, in definition order
+
+
+def subcommand(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    """Registers ``cmd_NAME(args) -> int`` as ``step3-jax NAME``."""
+
+    def register(run: Callable[[argparse.Namespace], int]):
+        SUBCOMMANDS[name] = Subcommand(name, help, add_arguments, run)
+        return run
+
+    return register
+
+
+# --- loading a model: shared by every subcommand that runs one ----------------------------
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a Hugging Face-layout checkpoint folder (config.json + *.safetensors) "
+        "(default: the demo model shipped in the package)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="FILE",
+        help="a tokenizer.json, or a folder holding one (default: DIR/tokenizer.json)",
+    )
+
+
+def load_model(args: argparse.Namespace):
+    """``(model, tokenizer)`` named by --checkpoint / --tokenizer, or the demo model."""
     from step3_jax import checkpoints
 
-    if args.checkpoint:
-        model = checkpoints.load_hf(args.checkpoint)
-        tokenizer = checkpoints.load_tokenizer(
-            args.tokenizer or f"{args.checkpoint}/tokenizer.json"
+    if not args.checkpoint:
+        if args.tokenizer:
+            raise UsageError("--tokenizer needs --checkpoint (the demo model has its own)")
+        return checkpoints.load_demo()
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise UsageError(f"--checkpoint {ckpt}: no such directory")
+    if not (ckpt / "config.json").is_file():
+        raise UsageError(
+            f"--checkpoint {ckpt}: no config.json there (expected a Hugging Face checkpoint "
+            "folder with config.json and *.safetensors)"
         )
-        return model, tokenizer
-    return checkpoints.load_demo()
+    tok_path = Path(args.tokenizer) if args.tokenizer else ckpt / "tokenizer.json"
+    if not (tok_path.is_file() or (tok_path / "tokenizer.json").is_file()):
+        flag = "--tokenizer" if args.tokenizer else "--checkpoint"
+        raise UsageError(f"{flag}: no tokenizer.json at {tok_path}; pass --tokenizer FILE")
+    return checkpoints.load_hf(ckpt), checkpoints.load_tokenizer(tok_path)
 
 
-def cmd_generate(args) -> int:
-    import jax
+def check_prompts(prompts: list[str]) -> None:
+    for i, text in enumerate(prompts):
+        if not text.strip():
+            raise UsageError(f"--prompt number {i + 1} is empty; give some text to continue")
 
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    check_prompts(prompts)
+    # A BOS first when tokenizer_config.json's add_bos_token asks for it (the release's does).
+    bos = getattr(tokenizer, "add_bos_token", False)
+    ids = [
+        tokenizer.encode(text, add_bos=True) if bos else tokenizer.encode(text) for text in prompts
+    ]
+    for text, row in zip(prompts, ids, strict=True):
+        if not row:
+            raise UsageError(f"--prompt {text!r} encodes to no tokens")
+    return ids
+
+
+# --- generate -----------------------------------------------------------------------------
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="text to continue; repeat the flag for a batch (default: three Austen openings)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=48,
+        metavar="N",
+        help="tokens to generate per prompt, >= 1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=0.8,
+        metavar="T",
+        help="sampling temperature, >= 0; 0 means greedy (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=non_negative_int,
+        default=0,
+        metavar="K",
+        help="sample among the K most likely tokens; 0 means no limit (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=fraction,
+        default=0.9,
+        metavar="P",
+        help="nucleus sampling: keep the smallest set of tokens with probability >= P, "
+        "in (0, 1]; 1 turns it off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, metavar="INT", help="sampling seed (default: %(default)s)"
+    )
+    add_model_args(p)
+
+
+@subcommand("generate", "generate text with the demo model (or --checkpoint)", _generate_args)
+def cmd_generate(args: argparse.Namespace) -> int:
     from step3_jax.decode import generate
 
-    model, tok = _load(args)
     prompts = args.prompt or list(DEFAULT_PROMPTS)
-    ids = [tok.encode(p, add_bos=True) for p in prompts]  # BOS if tokenizer_config says so
-    stops = list(tok.eos_ids)
+    check_prompts(prompts)  # before the (slow) model load
+    model, tok = load_model(args)
+    ids = encode_prompts(tok, prompts)
+    stops = list(getattr(tok, "eos_ids", ()))  # eos + generation_config.json's eos ids
+    if not stops and getattr(tok, "eos_id", None) is not None:
+        stops = [tok.eos_id]
     kwargs = dict(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -47,35 +186,106 @@ def cmd_generate(args) -> int:
         stop_tokens=stops,
         seed=args.seed,
     )
-    result = generate(model, ids, args.max_new_tokens, **kwargs)  # first call compiles
-    for prompt, new in zip(prompts, result.tokens, strict=True):
+    first = generate(model, ids, args.max_new_tokens, **kwargs)  # compiles on first use
+    for prompt, new in zip(prompts, first.tokens, strict=True):
         print(f"\n>>> {prompt}{tok.decode(new)}")
-    warm = generate(model, ids, args.max_new_tokens, **kwargs)  # timed warm call
-    summary = {
-        "device": jax.devices()[0].device_kind,
-        "batch": len(ids),
-        "decode_steps": warm.decode_steps,
-        "decode_tokens_per_s": round(warm.decode_tokens_per_second, 1),
-        "decode_ms_per_step": round(1e3 * warm.decode_seconds / max(warm.decode_steps, 1), 3),
-        "prefill_ms": round(1e3 * warm.prefill_seconds, 2),
-        "first_call_s_incl_compile": round(result.prefill_seconds + result.decode_seconds, 2),
-    }
+    summary = _timing_summary(first, lambda: generate(model, ids, args.max_new_tokens, **kwargs))
     print(
-        f"\nthroughput: {summary['decode_tokens_per_s']} tokens/s decode "
-        f"(batch {summary['batch']}, {summary['decode_steps']} steps, "
-        f"{summary['decode_ms_per_step']} ms/step, prefill {summary['prefill_ms']} ms) "
-        f"on {summary['device']}"
+        f"\ncompile: {summary['compile_s']} s (first call only; later calls with the same "
+        "shapes reuse the compiled program)"
+    )
+    print(
+        f"decode:  {summary['decode_tokens_per_s']} tokens/s (batch {summary['batch']}, "
+        f"{summary['decode_steps']} steps, {summary['decode_ms_per_step']} ms/step), "
+        f"prefill {summary['prefill_ms']} ms, on {summary['device']}"
     )
     print(json.dumps(summary))
     return 0
 
 
+def _timing_summary(first, rerun: Callable) -> dict:
+    """Compile and decode time, separately.
+
+    Decode figures come from a second (warm) call, which reuses the compiled program. Compile
+    time is the first call's ``compile_seconds`` where the result reports it, else the first
+    call's time minus the warm call's.
+    """
+    import jax
+
+    warm = rerun()
+    compile_s = getattr(first, "compile_seconds", None)
+    source = "GenerationResult.compile_seconds"
+    if compile_s is None:
+        total = lambda r: r.prefill_seconds + r.decode_seconds
+        compile_s, source = max(total(first) - total(warm), 0.0), "first call - warm call"
+    return {
+        "device": jax.devices()[0].device_kind,
+        "batch": len(warm.tokens),
+        "compile_s": round(compile_s, 2),
+        "compile_source": source,
+        "decode_steps": warm.decode_steps,
+        "decode_tokens_per_s": round(warm.decode_tokens_per_second, 1),
+        "decode_ms_per_step": round(1e3 * warm.decode_seconds / max(warm.decode_steps, 1), 3),
+        "prefill_ms": round(1e3 * warm.prefill_seconds, 2),
+    }
+
+
+# --- chat ---------------------------------------------------------------------------------
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", metavar="TEXT", help="system prompt (default: none)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=128,
+        metavar="N",
+        help="longest reply in tokens, >= 1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=0.7,
+        metavar="T",
+        help="sampling temperature, >= 0; 0 means greedy (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=non_negative_int,
+        default=0,
+        metavar="K",
+        help="sample among the K most likely tokens; 0 means no limit (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=fraction,
+        default=0.9,
+        metavar="P",
+        help="nucleus sampling mass in (0, 1]; 1 turns it off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, metavar="INT", help="sampling seed (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-context",
+        type=positive_int,
+        default=4096,
+        metavar="N",
+        help="KV-cache length of the session, capped at the model's context; /reset when "
+        "full (default: %(default)s)",
+    )
+    p.add_argument("--timing", action="store_true", help="print tokens/s and first-token time")
+    p.add_argument(
+        "--no-compile-cache", action="store_true", help="do not persist compiled XLA programs"
+    )
+    add_model_args(p)
+
+
 def _enable_compile_cache() -> None:
     """Persists XLA executables across runs (jax's compilation cache), so a second
-    ``step3-jax chat`` starts answering without recompiling. ``JAX_COMPILATION_CACHE_DIR``
-    wins; default ``$XDG_CACHE_HOME/step3_jax/xla`` (``~/.cache/...``)."""
+    ``step3-jax chat`` answers without recompiling. ``JAX_COMPILATION_CACHE_DIR`` wins;
+    default ``$XDG_CACHE_HOME/step3_jax/xla`` (``~/.cache/...``)."""
     import os
-    from pathlib import Path
 
     import jax
 
@@ -86,107 +296,125 @@ def _enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def cmd_chat(args, stdin=None, stdout=None, stderr=None) -> int:
-    """Multi-turn chat on stdin/stdout: each reply streams as it is generated.
+def _chat_reply(args, model, tok, messages, turn: int, cache_len: int, stdout, stderr):
+    """Streams one reply to ``stdout``; returns the `ChatResult`, or None if it failed."""
+    from step3_jax.chat import chat_generate
 
-    Lines starting with ``/`` are commands: ``/reset`` forgets the conversation, ``/exit``
-    (or end of input) quits. Reasoning (``<think>`` ... ``</think>``) and tool-call tokens
-    are printed as the model writes them.
-    """
+    print("assistant> ", end="", file=stdout, flush=True)
+    try:
+        res = chat_generate(
+            model,
+            tok,
+            messages,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed + 1000 * turn,
+            on_text=lambda text: print(text, end="", file=stdout, flush=True),
+            max_cache_len=cache_len,
+        )
+    except ValueError as e:  # e.g. the conversation outgrew the session's cache
+        print(f"\n[error: {e}]", file=stderr)
+        return None
+    except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+        print("\n(reply interrupted)", file=stderr)
+        return None
+    print(file=stdout, flush=True)
+    if args.timing:
+        rate = len(res.token_ids) / max(res.seconds, 1e-9)
+        print(
+            f"[{len(res.token_ids)} tokens, first after {res.first_token_seconds:.2f} s, "
+            f"{rate:.1f} tokens/s, finish: {res.finish_reason}]",
+            file=stderr,
+        )
+    return res
+
+
+def _chat_warmup(args, model, tok, system: list, cache_len: int):
+    """Compiles while the user types: a 2-token reply to a short message builds the decode
+    loop (and the prefill of short prompts) with the session's cache length and sampling."""
     import threading
+
+    from step3_jax.chat import chat_generate
+
+    kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    probe = [*system, {"role": "user", "content": "Hello."}]
+    warm = threading.Thread(
+        target=chat_generate,
+        args=(model, tok, probe),
+        kwargs=dict(max_new_tokens=2, max_cache_len=cache_len, **kwargs),
+        daemon=True,
+    )
+    warm.start()
+    return warm
+
+
+@subcommand("chat", "multi-turn chat with the release's chat template, streamed", _chat_args)
+def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None, stderr=None) -> int:
+    """Reads user turns from stdin, streams each reply. ``/reset`` forgets the conversation,
+    ``/exit`` (or end of input) quits. Reasoning (``<think>`` ... ``</think>``) and tool-call
+    tokens are printed as the model writes them."""
     import time
 
-    from step3_jax.chat import chat_generate, split_reasoning
+    from step3_jax.chat import split_reasoning
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     if not args.no_compile_cache:
         _enable_compile_cache()
     t0 = time.perf_counter()
-    model, tok = _load(args)
-    # One KV-cache length for the whole session: one compiled decode loop for every reply
-    # (and the warm-up compiles exactly it). The demo's whole context is 1024 tokens.
+    model, tok = load_model(args)
+    # One KV-cache length for the session: one compiled decode loop, the one warmed up.
     cache_len = min(model.config.max_position_embeddings, args.max_context)
     system = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(system)
-    interactive = stdin.isatty()
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    # Compile while the user types: a 2-token reply to a short message builds the decode loop
-    # (and the prefill of short prompts) with the session's cache length and sampling.
-    probe = [*system, {"role": "user", "content": "Hello."}]
-    warm = threading.Thread(
-        target=chat_generate,
-        args=(model, tok, probe),
-        kwargs=dict(max_new_tokens=2, max_cache_len=cache_len, **sampling),
-        daemon=True,
-    )
-    warm.start()
+    warm, messages, turn = _chat_warmup(args, model, tok, system, cache_len), list(system), 0
     name = args.checkpoint or "the demo model (Jane Austen, not instruction-tuned)"
     print(
         f"step3-jax chat: {name}, ready in {time.perf_counter() - t0:.1f} s. "
         "/reset clears, /exit or Ctrl-D quits.",
         file=stderr,
     )
-    turn = 0
     while True:
-        if interactive:
+        if stdin.isatty():
             print("you> ", end="", file=stdout, flush=True)
         try:
             line = stdin.readline()
         except KeyboardInterrupt:
             break
-        if not line:
-            break
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        if line.strip() in ("/exit", "/quit"):
+        if not line or line.strip() in ("/exit", "/quit"):
             break
         if line.strip() == "/reset":
             messages = list(system)
             print("(conversation cleared)", file=stderr)
-            continue
-        messages.append({"role": "user", "content": line})
-        warm.join()  # never compile the same program twice at once
-        print("assistant> ", end="", file=stdout, flush=True)
-
-        def emit(text):
-            print(text, end="", file=stdout, flush=True)
-
-        try:
-            res = chat_generate(
-                model,
-                tok,
-                messages,
-                max_new_tokens=args.max_new_tokens,
-                seed=args.seed + 1000 * turn,
-                **sampling,
-                on_text=emit,
-                max_cache_len=cache_len,
-            )
-        except ValueError as e:  # e.g. the conversation outgrew the context
-            print(f"\n[error: {e}]", file=stderr)
-            messages.pop()
-            continue
-        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
-            print("\n(reply interrupted)", file=stderr)
-            messages.pop()
-            continue
-        print(file=stdout, flush=True)
-        _, content = split_reasoning(res.text)
-        # What a vLLM client sends back: the answer, without the reasoning (if it ended).
-        messages.append({"role": "assistant", "content": content if content else res.text})
-        turn += 1
-        if args.timing:
-            rate = len(res.token_ids) / max(res.seconds, 1e-9)
-            print(
-                f"[{len(res.token_ids)} tokens, first after {res.first_token_seconds:.2f} s, "
-                f"{rate:.1f} tokens/s, finish: {res.finish_reason}]",
-                file=stderr,
-            )
+        elif line.strip():
+            warm.join()  # never compile the same program twice at once
+            messages.append({"role": "user", "content": line.rstrip("\n")})
+            res = _chat_reply(args, model, tok, messages, turn, cache_len, stdout, stderr)
+            if res is None:
+                messages.pop()
+                continue
+            # What a vLLM client sends back: the answer without its reasoning (if it ended).
+            _, content = split_reasoning(res.text)
+            messages.append({"role": "assistant", "content": content or res.text})
+            turn += 1
     return 0
 
 
-def cmd_info(args) -> int:
+# --- info ---------------------------------------------------------------------------------
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        choices=("step3", "tiny"),
+        default="step3",
+        help="step3: the real 316B model; tiny: the small test configuration "
+        "(default: %(default)s)",
+    )
+
+
+@subcommand("info", "parameter counts and KV-cache bytes of a preset config", _info_args)
+def cmd_info(args: argparse.Namespace) -> int:
     from step3_jax.config import Step3Config
 
     cfg = getattr(Step3Config, args.config)()
@@ -202,59 +430,45 @@ def cmd_info(args) -> int:
     return 0
 
 
+# --- the parser and the entry point --------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="step3-jax", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command")
-    g = sub.add_parser("generate", help="generate text with the demo (or a given) model")
-    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    g.add_argument("--max-new-tokens", type=int, default=48)
-    g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--checkpoint", help="HF-layout checkpoint folder (default: the demo model)")
-    g.add_argument("--tokenizer", help="tokenizer.json (default: <checkpoint>/tokenizer.json)")
-    c = sub.add_parser("chat", help="multi-turn chat (the release's chat template), streamed")
-    c.add_argument("--checkpoint", help="HF-layout checkpoint folder (default: the demo model)")
-    c.add_argument("--tokenizer", help="tokenizer.json (default: <checkpoint>/tokenizer.json)")
-    c.add_argument("--system", help="system prompt")
-    c.add_argument("--max-new-tokens", type=int, default=128)
-    c.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    c.add_argument("--top-k", type=int, default=0)
-    c.add_argument("--top-p", type=float, default=0.9)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument(
-        "--max-context",
-        type=int,
-        default=4096,
-        help="KV-cache length of the session (capped at the model's context); /reset when full",
+    p = Parser(
+        prog=PROG,
+        description=__doc__.split("\n\nAdding")[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    c.add_argument("--timing", action="store_true", help="tokens/s and first-token latency")
-    c.add_argument(
-        "--no-compile-cache", action="store_true", help="do not persist compiled XLA programs"
+    p.add_argument(
+        "--debug", action="store_true", help="show the Python traceback on errors (any position)"
     )
-    i = sub.add_parser("info", help="parameter counts and KV bytes of a preset")
-    i.add_argument("--config", choices=("step3", "tiny"), default="step3")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in SUBCOMMANDS.values():
+        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, epilog=EPILOG)
+        cmd.add_arguments(sp)
+    # `cost` has its own parser (step3_jax.cost.cli); listed here for --help only.
     sub.add_parser(
-        "cost", help="the paper's cost model; see `step3-jax cost --help`", add_help=False
+        "cost", help="the paper's cost model: tables, plots, AFD simulator", add_help=False
     )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``step3-jax``; returns the exit code (0, 1 failed run, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "cost":
+    debug = debug_requested("--debug" in argv)
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
+    if argv[:1] == ["cost"]:
         from step3_jax.cost.cli import main as cost_main
 
-        return cost_main(argv[1:])
-    args = build_parser().parse_args(argv or ["generate"])
-    if args.command in (None, "generate"):
-        if args.command is None:
-            args = build_parser().parse_args(["generate"])
-        return cmd_generate(args)
-    if args.command == "chat":
-        return cmd_chat(args)
-    return cmd_info(args)
+        return cost_main(argv[1:], debug=debug)
+
+    def run() -> int:
+        args = build_parser().parse_args(argv or ["generate"])
+        return SUBCOMMANDS[args.command].run(args)
+
+    return run_guarded(run, PROG, debug)
 
 
 if __name__ == "__main__":
