@@ -110,12 +110,13 @@ class Engine:
             raise ValueError(
                 f"prompt token ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]"
             )
-        need, limit = ids.size + params.max_tokens, self.executor.max_len
-        if need > limit:
+        need = ids.size + params.max_tokens
+        try:
+            self.executor.check_fits(need)
+        except ValueError as e:
             raise ValueError(
-                f"prompt ({ids.size} tokens) + max_tokens ({params.max_tokens}) = {need} "
-                f"exceeds the engine's max_len={limit}"
-            )
+                f"prompt ({ids.size} tokens) + max_tokens ({params.max_tokens}) = {need} {e}"
+            ) from None
         return [int(t) for t in ids]
 
     def cancel(self, request_id: int) -> None:

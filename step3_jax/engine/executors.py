@@ -5,6 +5,7 @@ Interface (duck-typed; both executors below implement it):
 
 * ``max_batch``, ``max_len`` (tokens one request may hold: prompt + generated),
   ``prefill_chunk``, ``prefill_rows``, ``vocab_size``.
+* ``check_fits(num_tokens)``: ValueError (the reason) if such a request could never run.
 * ``admit(slot, num_tokens)``: reserve KV memory for a request of up to ``num_tokens``;
   raises `PoolExhausted` (try again later, nothing taken) or ValueError (can never fit).
 * ``release(slot)``: give it back.
@@ -92,14 +93,22 @@ class ModelExecutor:
         self._pages: dict[int, list[int]] = {}
         self.graphdef, self.state = nnx.split(model)
 
+    def check_fits(self, num_tokens: int) -> None:
+        """ValueError if a request of ``num_tokens`` could never be admitted."""
+        if num_tokens > self.max_len:
+            raise ValueError(f"exceeds the engine's max_len={self.max_len}")
+        need = pages_for(num_tokens, self.page_size)
+        if need > self.allocator.capacity:
+            raise ValueError(
+                f"needs {need} pages of {self.page_size} tokens: more than the whole pool "
+                f"({self.allocator.capacity} pages)"
+            )
+
     def admit(self, slot: int, num_tokens: int) -> None:
         if slot in self._pages:
             raise ValueError(f"slot {slot} is already in use")
-        if num_tokens > self.max_len:
-            raise ValueError(f"{num_tokens} tokens exceed max_len={self.max_len}")
+        self.check_fits(num_tokens)
         need = pages_for(num_tokens, self.page_size)
-        if need > self.allocator.capacity:
-            raise ValueError(f"{need} pages exceed the pool ({self.allocator.capacity} pages)")
         pages = self.allocator.allocate(need)  # PoolExhausted: nothing taken
         self._pages[slot] = pages
         self.tables[slot, :need] = pages
