@@ -3,6 +3,7 @@
 step3-jax generate [--prompt TEXT ...]   # the embedded demo model (default command)
 step3-jax info [--config step3|tiny]     # parameter counts and KV-cache bytes
 step3-jax cost ...                        # the paper's cost model (step3_jax.cost.cli)
+step3-jax serve ...                       # OpenAI-compatible server (step3_jax.server.main)
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "cost", help="the paper's cost model; see `step3-jax cost --help`", add_help=False
     )
+    sub.add_parser("serve", help="OpenAI-compatible HTTP server", add_help=False)
     return p
 
 
@@ -111,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         from step3_jax.cost.cli import main as cost_main
 
         return cost_main(argv[1:])
+    if argv and argv[0] == "serve":
+        from step3_jax.server.main import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv or ["generate"])
     if args.command in (None, "generate"):
         if args.command is None:
