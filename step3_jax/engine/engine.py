@@ -136,6 +136,10 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def compile_count(self) -> int:
+        """Compilations of the engine's programs (the executor's and the sampler's)."""
+        return self.executor.compile_count() + sample_rows._cache_size()
+
     def has_work(self) -> bool:
         return bool(self.waiting) or self.num_running > 0
 

@@ -49,6 +49,7 @@ class ServerMetrics:
             "step3_waiting_requests": ("requests queued", lambda: engine.num_waiting),
             "step3_engine_decode_steps": ("decode steps run", lambda: engine.stats["decode_steps"]),
             "step3_xla_compilations": ("XLA compilations in the process", compile_count),
+            "step3_engine_compilations": ("engine programs compiled", engine.compile_count),
         }
         free = getattr(getattr(engine.executor, "allocator", None), "num_free", None)
         if free is not None:

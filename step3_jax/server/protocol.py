@@ -66,7 +66,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] = Field(min_length=1)
+    prompt: str | list[int] | list[str]
     echo: Literal[False] = False
     logprobs: None = None
     suffix: None = None
@@ -75,6 +75,8 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v):
+        if len(v) == 0:
+            raise ValueError("prompt is empty")
         if isinstance(v, list) and v and isinstance(v[0], str):
             if len(v) != 1:
                 raise ValueError("a batch of prompts is not supported: send one per request")
