@@ -29,13 +29,20 @@ from flax import nnx
 from step3_jax.engine.paged_cache import NULL_PAGE, PageAllocator, PagedKVCache, pages_for
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def _forward_select(graphdef, state, cache, tokens, positions, select):
     """The model over ``tokens [R, T]`` at ``positions``; logits ``[R, V]`` of token
     ``select [R]`` of each row, and the cache."""
     model = nnx.merge(graphdef, state)
     logits, cache = model(tokens, cache=cache, positions=positions)
     return jnp.take_along_axis(logits, select[:, None, None], axis=1)[:, 0], cache
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_forward(graphdef):
+    """`_forward_select` compiled for one model structure. The graphdef is closed over rather
+    than a static argument (hashing it costs ~ms per call); executors of the same model
+    structure share the compiled programs."""
+    return jax.jit(functools.partial(_forward_select, graphdef), donate_argnames=("cache",))
 
 
 class ModelExecutor:
@@ -92,6 +99,7 @@ class ModelExecutor:
         self.tables = np.full((self.max_batch, self.max_pages), NULL_PAGE, np.int32)
         self._pages: dict[int, list[int]] = {}
         self.graphdef, self.state = nnx.split(model)
+        self._forward = _jitted_forward(self.graphdef)
 
     def check_fits(self, num_tokens: int) -> None:
         """ValueError if a request of ``num_tokens`` could never be admitted."""
@@ -121,8 +129,7 @@ class ModelExecutor:
         cache = self.cache.replace(
             block_table=jnp.asarray(tables), lengths=jnp.asarray(positions[:, -1] + 1)
         )
-        logits, cache = _forward_select(
-            self.graphdef,
+        logits, cache = self._forward(
             self.state,
             cache,
             jnp.asarray(tokens, jnp.int32),
@@ -146,7 +153,8 @@ class ModelExecutor:
         return self._run(tables, tokens, positions, last)
 
     def compile_count(self) -> int:
-        return _forward_select._cache_size()
+        """Programs compiled for this model structure (shared by its executors)."""
+        return self._forward._cache_size()
 
 
 __all__ = ["ModelExecutor"]
