@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--output-len", type=_range, default=(16, 64))
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--page-size", type=int, default=64, help="a multiple of 64 on Hopper")
     p.add_argument("--prefill-chunk", type=int, default=64)
     p.add_argument("--bare-steps", type=int, default=20, help="engine mode: bare-step timing")
     p.add_argument("--port", type=int, default=8765)
@@ -241,7 +241,8 @@ def main(argv=None) -> dict:
     levels += [("clients", int(x)) for x in a.concurrency.split(",") if x]
     extra = {"mode": a.mode, "model": "step3" if a.step3 else "tiny" if a.tiny else "demo",
              "prompt_len": a.prompt_len, "output_len": a.output_len, "max_batch": a.max_batch,
-             "duration_s": a.duration}  # fmt: skip
+             "max_len": a.max_len, "page_size": a.page_size, "prefill_chunk": a.prefill_chunk,
+             "duration_s": a.duration, "loadavg_start": os.getloadavg()}  # fmt: skip
     rows = []
     if a.mode == "engine":
         from step3_jax.engine import SamplingParams
@@ -274,6 +275,7 @@ def main(argv=None) -> dict:
                 harness.print_json(rows[-1])
         finally:
             extra["server"] = stop_server(server)
+    extra["loadavg_end"] = os.getloadavg()  # a shared machine's load bends CPU timings
     doc = harness.results("serving", rows, copy=False, **extra)
     if a.out:
         os.makedirs(a.out, exist_ok=True)

@@ -52,6 +52,8 @@ class ModelExecutor:
     so a running request never runs out of pages; one that does not fit now waits
     (`PoolExhausted`). ``num_pages`` defaults to enough for every slot at ``max_len`` (+ the
     null page); fewer pages let more slots share a smaller pool of mostly-short requests.
+    ``page_size`` must be a multiple of the Pallas kernel's ``block_s`` (64) where the kernel
+    runs (Hopper, Step-3 head shapes); the XLA path takes any size.
     """
 
     def __init__(
@@ -60,7 +62,7 @@ class ModelExecutor:
         *,
         max_batch: int,
         max_len: int,
-        page_size: int = 16,
+        page_size: int = 64,
         num_pages: int | None = None,
         prefill_chunk: int = 32,
         prefill_rows: int = 1,

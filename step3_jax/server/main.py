@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the id /v1/models reports")
     p.add_argument("--max-batch", type=int, default=32, help="decode slots")
     p.add_argument("--max-len", type=int, default=1024, help="prompt + output tokens at most")
-    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--page-size", type=int, default=64, help="a multiple of 64 on Hopper")
     p.add_argument("--num-pages", type=int, default=None, help="default: max-batch x max-len")
     p.add_argument("--prefill-chunk", type=int, default=64)
     p.add_argument("--cache-dtype", choices=("model", "bfloat16", "fp8"), default="model")

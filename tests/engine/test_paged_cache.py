@@ -53,15 +53,17 @@ def nan_paged(table, num_layers, num_pages, head, dtype):
 _fwd = nnx.jit(lambda m, t, p, c: m(t, cache=c, positions=p))
 
 
-def test_model_logits_equal_contiguous_cache():
-    """Prefill ragged prompts (right-padded) then decode 6 steps: paged == contiguous."""
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.float8_e4m3fn])
+def test_model_logits_equal_contiguous_cache(cache_dtype):
+    """Prefill ragged prompts (right-padded) then decode 6 steps: paged == contiguous (an FP8
+    cache quantizes each token the same way in both, so the same tolerance holds)."""
     model = build_model()
     lengths, new, max_len = np.array([3, 9, 6]), 6, 16
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, CFG.vocab_size, (3, max_len)).astype(np.int32)
     table = shuffled_tables(lengths + new, max_len // PAGE, 16)
-    paged = nan_paged(table, CFG.num_layers, 16, CFG.head_dim, jnp.float32)
-    contig = s3.KVCache.for_config(CFG, 3, max_len, jnp.float32)
+    paged = nan_paged(table, CFG.num_layers, 16, CFG.head_dim, cache_dtype)
+    contig = s3.KVCache.for_config(CFG, 3, max_len, cache_dtype)
     pos = np.broadcast_to(np.arange(9, dtype=np.int32), (3, 9))
     lp, paged = _fwd(model, tokens[:, :9], pos, paged)
     lc, contig = _fwd(model, tokens[:, :9], pos, contig)
