@@ -157,6 +157,13 @@ def test_cancel_mid_stream(served):
     assert served.engine.num_running == 0
     ex = served.engine.executor
     assert ex.allocator.num_free == ex.allocator.capacity  # its pages came back
+    # A non-streaming client that gives up is noticed too (its request is cancelled).
+    body = {"prompt": PROMPTS[2], "max_tokens": 200, "ignore_eos": True, "temperature": 0.8}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served.url + "/v1/completions", json=body, timeout=0.3)
+    while served.engine.stats["requests_cancelled"] == before + 1 and time.time() < deadline + 10:
+        time.sleep(0.05)
+    assert served.engine.stats["requests_cancelled"] == before + 2
 
 
 def test_malformed_requests(served):
