@@ -89,14 +89,19 @@ class ModelExecutor:
         self.vocab_size = cfg.vocab_size
         num_pages = num_pages or max_batch * self.max_pages + 1
         self.allocator = PageAllocator(num_pages)
-        self.cache = PagedKVCache.create(
-            cfg.num_layers,
-            self.max_batch,
-            num_pages,
-            page_size,
-            self.max_pages,
-            cfg.head_dim,
-            cache_dtype or model.dtype,
+        # Committed to the device like the step's outputs, so the first call compiles the
+        # same program as every later one (an uncommitted input is a different signature).
+        self.cache = jax.device_put(
+            PagedKVCache.create(
+                cfg.num_layers,
+                self.max_batch,
+                num_pages,
+                page_size,
+                self.max_pages,
+                cfg.head_dim,
+                cache_dtype or model.dtype,
+            ),
+            jax.devices()[0],
         )
         self.tables = np.full((self.max_batch, self.max_pages), NULL_PAGE, np.int32)
         self._pages: dict[int, list[int]] = {}

@@ -47,8 +47,10 @@ def test_greedy_equals_alone_and_no_recompiles(model):
     pool of 12 pages (so some wait for memory): each equals its own `generate`. A second wave
     of different requests compiles nothing."""
     eng = make_engine(model, num_pages=13)
+    programs = eng.executor.compile_count()
     wave1, new1 = prompts(7, seed=1), [5, 9, 3, 12, 7, 10, 4]
     out = eng.generate(wave1, [SamplingParams(max_tokens=n) for n in new1])
+    assert eng.executor.compile_count() == programs + 2  # the decode and the prefill step
     assert eng.stats["admissions_deferred"] > 0
     for req, p, n in zip(out, wave1, new1, strict=True):
         assert req.finish_reason == "length" and req.output == alone(model, p, n)
