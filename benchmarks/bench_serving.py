@@ -56,10 +56,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     m = p.add_mutually_exclusive_group()
     m.add_argument("--demo", action="store_true", help="the shipped demo model (default)")
-    m.add_argument("--tiny", action="store_true", help="the tiny config, random weights")
+    m.add_argument("--tiny", action="store_true", help="tiny config, random weights (--precision)")
     m.add_argument("--step3", action="store_true", help="Step-3 layer shapes, random weights")
     p.add_argument("--layers", type=int, default=4, help="--step3: decoder layers")
-    p.add_argument("--precision", default="fp8+kv8", help="--step3: bf16 | fp8 | fp8+kv8")
+    p.add_argument("--precision", default="fp8+kv8", help="--step3/--tiny: bf16|fp8|fp8+kv8")
     p.add_argument("--mode", choices=("engine", "http"), default="engine")
     p.add_argument("--rates", default="", help="Poisson arrival rates, requests/s")
     p.add_argument("--concurrency", default="", help="closed-loop client counts")
@@ -123,21 +123,14 @@ def build_engine(a):
     from step3_jax.engine import Engine, ModelExecutor
 
     cache_dtype = None
-    if a.step3:
+    if a.step3 or a.tiny:  # --tiny: a CPU dry run of the --step3 code path (same precision)
         from benchmarks.bench_decode import bench_config, random_model
         from step3_jax.quant_model import Precision
 
         prec = Precision(a.precision)
-        cfg = bench_config("step3", a.layers, None)
+        cfg = bench_config("step3" if a.step3 else "tiny", a.layers, None)
         model = random_model(cfg, prec, "grouped", None, jnp.bfloat16)
         cache_dtype = prec.cache_dtype
-    elif a.tiny:
-        from flax import nnx
-
-        from step3_jax import Step3Config, Step3Model
-
-        model = Step3Model(Step3Config.tiny(), rngs=nnx.Rngs(0), dtype=jnp.float32,
-                           param_dtype=jnp.float32)  # fmt: skip
     else:
         from step3_jax.checkpoints import load_demo
 
@@ -259,7 +252,7 @@ def main(argv=None) -> dict:
             harness.print_json(rows[-1])
         engine.shutdown()
         extra["engine_compiles"] = {"after_warmup": warm, "end": engine.compile_count()}
-        if a.step3:
+        if a.step3 or a.tiny:
             extra["layers"], extra["precision"] = a.layers, a.precision
     else:
         from benchmarks.serving_http import http_level, start_server, stop_server
