@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=64, help="a multiple of 64 on Hopper")
     p.add_argument("--num-pages", type=int, default=None, help="default: max-batch x max-len")
     p.add_argument("--prefill-chunk", type=int, default=64)
+    p.add_argument("--prefill-rows", type=int, default=1, help="requests per prefill call")
     p.add_argument("--cache-dtype", choices=("model", "bfloat16", "fp8"), default="model")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests (429 beyond)")
     p.add_argument("--default-max-tokens", type=int, default=16)
@@ -58,6 +59,7 @@ def build_engine(args):
         page_size=args.page_size,
         num_pages=args.num_pages,
         prefill_chunk=args.prefill_chunk,
+        prefill_rows=args.prefill_rows,
         cache_dtype=cache_dtype[args.cache_dtype],
     )
     engine = Engine(executor, tok, eos_id=tok.eos_id, max_queue=args.max_queue)

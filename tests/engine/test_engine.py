@@ -33,7 +33,7 @@ def prompts(n, seed=0, lo=1, hi=17):  # <= 16 tokens: `generate` pads to 8 or 16
 def make_engine(model, num_pages=None, **kw):
     ex = ModelExecutor(
         model, max_batch=3, max_len=MAX_LEN, page_size=PAGE, prefill_chunk=CHUNK,
-        num_pages=num_pages,
+        prefill_rows=2, num_pages=num_pages,
     )  # fmt: skip
     return Engine(ex, **kw)
 
