@@ -1,6 +1,7 @@
 """``step3-jax serve [options]``: load a model, build the engine, run uvicorn.
 
-With no ``--checkpoint`` it serves the shipped demo model (CPU friendly, float32). Example::
+Registered in `step3_jax.cli` (``add_serve_args`` gives the flags, ``serve`` runs it). With no
+``--checkpoint`` it serves the shipped demo model (CPU friendly, float32). Example::
 
     step3-jax serve --port 8000
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
@@ -11,46 +12,89 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
+
+from step3_jax.cli_common import UsageError, non_negative_float, positive_int
 
 log = logging.getLogger("step3_jax.server")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="step3-jax serve", description=__doc__.split("\n")[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--checkpoint", help="HF-layout checkpoint folder (default: the demo model)")
-    p.add_argument("--tokenizer", help="tokenizer.json (default: <checkpoint>/tokenizer.json)")
-    p.add_argument("--model-name", default=None, help="the id /v1/models reports")
-    p.add_argument("--max-batch", type=int, default=32, help="decode slots")
-    p.add_argument("--max-len", type=int, default=1024, help="prompt + output tokens at most")
-    p.add_argument("--page-size", type=int, default=64, help="a multiple of 64 on Hopper")
-    p.add_argument("--num-pages", type=int, default=None, help="default: max-batch x max-len")
-    p.add_argument("--prefill-chunk", type=int, default=64)
-    p.add_argument("--prefill-rows", type=int, default=1, help="requests per prefill call")
-    p.add_argument("--cache-dtype", choices=("model", "bfloat16", "fp8"), default="model")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests (429 beyond)")
-    p.add_argument("--default-max-tokens", type=int, default=16)
-    p.add_argument("--shutdown-timeout", type=float, default=30.0)
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The server's and engine's flags (the model flags come from `step3_jax.cli`)."""
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=positive_int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--model-name", help="the model id /v1/models reports")
+    p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=32,
+        help="decode slots of the engine (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-len",
+        type=positive_int,
+        default=1024,
+        help="prompt + output tokens per request at most (default: %(default)s)",
+    )
+    p.add_argument(
+        "--page-size",
+        type=positive_int,
+        default=64,
+        help="KV-cache page, tokens; a multiple of 64 on Hopper (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num-pages",
+        type=positive_int,
+        help="KV-cache pages (default: enough for every slot at --max-len)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=positive_int,
+        default=64,
+        help="prompt tokens per prefill call (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prefill-rows",
+        type=positive_int,
+        default=1,
+        help="requests prefilled per call (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache-dtype",
+        choices=("model", "bfloat16", "fp8"),
+        default="model",
+        help="KV-cache dtype (default: the model's)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=256,
+        help="waiting requests before 429 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--default-max-tokens",
+        type=positive_int,
+        default=16,
+        help="max_tokens of a request that gives none (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=non_negative_float,
+        default=30.0,
+        help="seconds in-flight requests get to finish at shutdown (default: %(default)s)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="skip compiling before serving")
-    p.add_argument("--log-level", default="info")
-    return p
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
-def build_engine(args):
-    """``(engine, tokenizer, model_name)`` from parsed arguments (warm unless --no-warmup)."""
+def build_engine(args, load_model):
+    """``(engine, tokenizer, model_name)`` (warm unless --no-warmup); ``load_model(args)``
+    returns ``(model, tokenizer)`` (`step3_jax.cli.load_model`)."""
     import jax.numpy as jnp
 
-    from step3_jax import checkpoints
     from step3_jax.engine import Engine, ModelExecutor, SamplingParams
 
-    if args.checkpoint:
-        model = checkpoints.load_hf(args.checkpoint)
-        tok = checkpoints.load_tokenizer(args.tokenizer or f"{args.checkpoint}/tokenizer.json")
-    else:
-        model, tok = checkpoints.load_demo()
+    model, tok = load_model(args)
     cache_dtype = {"model": None, "bfloat16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn}
     executor = ModelExecutor(
         model,
@@ -65,19 +109,24 @@ def build_engine(args):
     engine = Engine(executor, tok, eos_id=tok.eos_id, max_queue=args.max_queue)
     if not args.no_warmup:
         t0 = time.perf_counter()
-        engine.generate([[1] * (args.prefill_chunk + 1)], SamplingParams(max_tokens=2))
+        warm = [[1] * (args.prefill_chunk + 1)]  # compiles the prefill and the decode step
+        engine.generate(warm, SamplingParams(max_tokens=2))
         log.info("warm-up (compilation) took %.1f s", time.perf_counter() - t0)
-    name = args.model_name or ("step3-demo" if not args.checkpoint else args.checkpoint)
+    name = args.model_name or (args.checkpoint or "step3-demo")
     return engine, tok, name
 
 
-def serve(args) -> int:
-    import uvicorn
+def serve(args, load_model) -> int:
+    try:
+        import uvicorn
 
-    from step3_jax.server.app import create_app
-
+        from step3_jax.server.app import create_app
+    except ImportError as e:
+        raise UsageError(
+            f"step3-jax serve needs FastAPI and uvicorn ({e}): pip install 'step3-jax[serve]'"
+        ) from None
     logging.basicConfig(level=args.log_level.upper())
-    engine, tok, name = build_engine(args)
+    engine, tok, name = build_engine(args, load_model)
     app = create_app(
         engine,
         tok,
@@ -95,15 +144,4 @@ def serve(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        print("step3-jax serve needs FastAPI and uvicorn: pip install 'step3-jax[serve]'")
-        return 1
-    return serve(args)
-
-
-__all__ = ["build_engine", "build_parser", "main", "serve"]
+__all__ = ["add_serve_args", "build_engine", "serve"]
