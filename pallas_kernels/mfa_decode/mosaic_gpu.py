@@ -69,6 +69,20 @@ class KernelShape:
     q_tma: bool = False  # q_in_kernel: bf16 q staged in shared memory by TMA (config.py)
     ring_epilogue: bool = False  # "seq": exchange + output staging in freed ring slots
     v_convert: str = "compute"  # FP8 "seq": "memory" = wg 2 converts V to f16 (config.py)
+    # Ragged work list (ragged.py; 0 = off): the grid is (T, items) and CTA c runs work row c
+    # (sequence, first block, number of blocks), writing partial c of out [items, 1, T, ...].
+    ragged_target: int = 0
+    ragged_max_splits: int = 0
+    ragged_sms: int = 0  # SMs the plan balances over (its "already balanced" test)
+
+    def num_items(self) -> int:
+        """CTAs per query token along the grid's "split" axis (the split factor, or the
+        ragged work list's static length)."""
+        if not self.ragged_target:
+            return self.num_splits
+        from step3_jax.kernels.mfa_decode.ragged import num_items
+
+        return num_items(self.batch, self.ragged_target, self.ragged_max_splits)
 
 
 def _transforms(dtype) -> tuple:
@@ -93,6 +107,15 @@ def _block_range(ks: KernelShape, length, t, split):
     first = split * per_split
     my_n = jnp.clip(n_blocks - first, 0, per_split)
     return kv_end, first, my_n
+
+
+def _item_range(ks: KernelShape, length, t, first, n):
+    """Ragged: (visible end, first block, number of blocks) of work row (first, n) for query
+    t; the row was cut from the LAST query's visible blocks, so earlier queries may see fewer
+    (the causal tail of T > 1) or none of it."""
+    kv_end = jnp.clip(length - ks.t + 1 + t, 0, ks.max_len)
+    n_vis = lax.div(kv_end + (ks.block_s - 1), ks.block_s)
+    return kv_end, first, jnp.clip(n_vis - first, 0, n)
 
 
 def _kv_index(ks: KernelShape, table_ref, b, blk):
@@ -269,7 +292,7 @@ def _softmax_step(ks, s, carry, valid, v_col):
     return p16, alpha * (c / c_new), (m_new, l_new, c_new)
 
 
-def _compute_wg(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
+def _compute_wg(ks, refs, smem, bars, w, b, t, oi, kv_end, first, my_n):
     """Warpgroup w: scores + softmax for all 64 heads, P.V for head-dim columns of half w."""
     plgpu.set_max_registers(REGS[ks.v_convert][0], action="increase")
     half = HEAD_DIM // 2
@@ -311,11 +334,12 @@ def _compute_wg(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
     carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
     carry = lax.fori_loop(n_full, my_n, functools.partial(step, masked=True), carry)
     acc, (m, lsum, c) = carry
-    _epilogue(ks, refs, smem, w, b, t, split, acc, m, lsum, c)
+    _epilogue(ks, refs, smem, w, oi, t, acc, m, lsum, c)
 
 
-def _epilogue(ks, refs, smem, w, b, t, split, acc, m, lsum, c):
+def _epilogue(ks, refs, smem, w, oi, t, acc, m, lsum, c):
     """Normalise, write this half of out (and lse from wg 0); empty rows give 0 and -inf.
+    ``oi``: this CTA's (split, sequence) index pair of out and lse.
 
     The half is written in EPI_COLS-wide chunks through one reused smem tile, which keeps the
     f32 split-K partial output small enough to leave the TMA ring its depth.
@@ -334,9 +358,9 @@ def _epilogue(ks, refs, smem, w, b, t, split, acc, m, lsum, c):
         o_smem[...] = out[:, j * EPI_COLS : (j + 1) * EPI_COLS].astype(ks.out_dtype)
         plgpu.commit_smem()
         cols = pl.ds(w * half + j * EPI_COLS, EPI_COLS)
-        plgpu.copy_smem_to_gmem(o_smem, refs["out"].at[split, b, t, :, cols])
+        plgpu.copy_smem_to_gmem(o_smem, refs["out"].at[oi[0], oi[1], t, :, cols])
         if w == 0 and j == 0:
-            plgpu.copy_smem_to_gmem(smem["lse"], refs["lse"].at[split, b, t])
+            plgpu.copy_smem_to_gmem(smem["lse"], refs["lse"].at[oi[0], oi[1], t])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -426,7 +450,8 @@ def _unpack_unions(ks: KernelShape, smem: dict) -> None:
 
 
 def _input_names(ks: KernelShape) -> list[str]:
-    names = ["lengths"] + (["table"] if ks.paged else []) + (["poff"] if ks.page_offsets else [])
+    names = ["lengths"] + (["work"] if ks.ragged_target else [])
+    names += (["table"] if ks.paged else []) + (["poff"] if ks.page_offsets else [])
     names += ["q"]
     names += ["qs"] if ks.fp8 and not ks.q_in_kernel else []
     names += ["k", "v"] + (["ks", "vs"] if ks.fp8 else [])
@@ -444,16 +469,27 @@ def _kernel(ks: KernelShape, kv_dtype, *all_refs):
         _unpack_unions(ks, smem)
         t, split, b = lax.axis_index("t"), lax.axis_index("split"), lax.axis_index("b")
         wg = lax.axis_index("wg")
-        kv_end, first, my_n = _block_range(ks, refs["lengths"][b], t, split)
-        pl.when(wg == 2)(lambda: _memory_wg(ks, refs, smem, bars, b, t, first, my_n, kv_end))
+        live = True
+        if ks.ragged_target:  # split = work row; b (grid size 1) = 0: out[split, 0, t]
+            oi, seq = (split, b), refs["work"][split, 0]
+            live, b = seq >= 0, jnp.maximum(seq, 0)
+            row = (refs["work"][split, 1], refs["work"][split, 2])
+            kv_end, first, my_n = _item_range(ks, refs["lengths"][b], t, *row)
+        else:
+            oi = (split, b)
+            kv_end, first, my_n = _block_range(ks, refs["lengths"][b], t, split)
         compute = _compute_wg
         if ks.wg_split == "seq":
             from step3_jax.kernels.mfa_decode.mosaic_gpu_seq import compute_wg_seq as compute
-        for w in range(2):  # static w: smem slices along the swizzled dim stay static
-            run = functools.partial(
-                compute, ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n
-            )
-            pl.when(wg == w)(run)
+
+        @pl.when(live)  # unused work rows (ragged) do nothing, not even the q load
+        def _run():
+            pl.when(wg == 2)(lambda: _memory_wg(ks, refs, smem, bars, b, t, first, my_n, kv_end))
+            for w in range(2):  # static w: smem slices along the swizzled dim stay static
+                run = functools.partial(
+                    compute, ks, refs, smem, bars, w, b, t, oi, kv_end, first, my_n
+                )
+                pl.when(wg == w)(run)
 
     pl.run_scoped(body, *smem_spec.values(), *bar_spec.values(), collective_axes="wg")
 
@@ -476,12 +512,24 @@ def _compiler_params():
 
 
 def mfa_decode_mosaic(
-    ks: KernelShape, lengths, table, q, q_scale, k, v, k_scale, v_scale, page_offsets=None
+    ks: KernelShape,
+    lengths,
+    table,
+    q,
+    q_scale,
+    k,
+    v,
+    k_scale,
+    v_scale,
+    page_offsets=None,
+    work=None,
 ):
     """Runs the kernel; returns (out [splits, B, T, 64, 256] out_dtype, lse [splits, B, T, 64]).
     ``page_offsets`` ([4] int32, paged only, iff ``ks.page_offsets``): added to the page ids
-    of k, v, k_scale, v_scale."""
-    shape = (ks.num_splits, ks.batch, ks.t, NUM_HEADS)
+    of k, v, k_scale, v_scale. ``work`` ([C, 3] int32, iff ``ks.ragged_target``): the ragged
+    work list; out and lse are then [C, 1, T, 64(, 256)]."""
+    ragged = bool(ks.ragged_target)
+    shape = (ks.num_items(), 1 if ragged else ks.batch, ks.t, NUM_HEADS)
     out_type = (
         jax.ShapeDtypeStruct((*shape, HEAD_DIM), ks.out_dtype),
         jax.ShapeDtypeStruct(shape, jnp.float32),
@@ -489,13 +537,16 @@ def mfa_decode_mosaic(
     call = plgpu.kernel(
         functools.partial(_kernel, ks, k.dtype),
         out_type=out_type,
-        grid=(ks.t, ks.num_splits, ks.batch),
+        grid=(ks.t, ks.num_items(), 1 if ragged else ks.batch),
         grid_names=("t", "split", "b"),
         num_threads=3,
         thread_name="wg",
         compiler_params=_compiler_params(),
     )
-    args = [lengths] + ([table] if ks.paged else []) + ([page_offsets] if ks.page_offsets else [])
+    if ragged != (work is not None):
+        raise ValueError("a work list (ragged.plan_ragged_work) goes with ks.ragged_target > 0")
+    args = [lengths] + ([work] if ragged else []) + ([table] if ks.paged else [])
+    args += [page_offsets] if ks.page_offsets else []
     args += [q]
     args += [q_scale] if ks.fp8 and not ks.q_in_kernel else []
     args += [k, v] + ([k_scale, v_scale] if ks.fp8 else [])
