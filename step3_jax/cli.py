@@ -5,6 +5,7 @@ Step-3 decoder (MFA attention, FP8, Attention-FFN Disaggregation) with Pallas GP
   step3-jax chat [--system TEXT]           multi-turn chat (the release's template), streamed
   step3-jax info [--config step3|tiny]     parameter counts and KV-cache bytes of a preset
   step3-jax cost ...                       the paper's cost model (`step3-jax cost --help`)
+  step3-jax serve [--port N ...]           OpenAI-compatible HTTP server (the demo model)
 
 Adding a subcommand: write `_NAME_args(parser)` (its flags) and `cmd_NAME(args) -> int`, and
 register it with `@subcommand("NAME", "one-line help", _NAME_args)` above `cmd_NAME`. Raise
@@ -428,6 +429,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     }
     print(json.dumps(info, indent=2))
     return 0
+
+
+# --- serve --------------------------------------------------------------------------------
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from step3_jax.server.main import add_serve_args
+
+    add_model_args(p)
+    add_serve_args(p)
+
+
+@subcommand("serve", "OpenAI-compatible HTTP server (needs the serve extra)", _serve_args)
+def cmd_serve(args: argparse.Namespace) -> int:
+    from step3_jax.server.main import serve
+
+    return serve(args, load_model)
 
 
 # --- the parser and the entry point --------------------------------------------------------

@@ -170,7 +170,8 @@ class Step3Model(nnx.Module):
     positions 0..T-1 (no cache). ``model(tokens, cache=cache, positions=positions)`` writes the
     tokens' K/V at ``positions [B, T]`` (default: each sequence's current length onward),
     attends causally over the cache and returns ``(logits, cache)`` with
-    ``cache.lengths = positions[:, -1] + 1``.
+    ``cache.lengths = positions[:, -1] + 1`` (``cache.advance``: any cache with ``write``,
+    ``attend``, ``advance``, ``batch`` and ``num_layers``, e.g. `step3_jax.engine.PagedKVCache`).
     """
 
     def __init__(
@@ -236,4 +237,4 @@ class Step3Model(nnx.Module):
         logits = self.logits(x)
         if cache is None:
             return logits
-        return logits, cache.replace(lengths=positions[:, -1] + 1)
+        return logits, cache.advance(positions)
