@@ -319,7 +319,6 @@ def load_hf(
             policy=policy,
         )
     )
-    _check_model_honours_config(abstract, cfg)
     graphdef, state = nnx.split(abstract)
     leaves = dict(nnx.to_flat_state(state))
     _check_table_covers_model(table, leaves)
@@ -338,23 +337,6 @@ def load_hf(
     if vision is not None:
         vision(vision_tensors)
     return model
-
-
-def _check_model_honours_config(model: Step3Model, cfg: Step3Config) -> None:
-    """A checkpoint whose config changes the math (``norm_expert_weight: true``, a
-    ``rope_scaling``) must not load into a model that would silently ignore it."""
-    for layer in model.layers:
-        attn_scaling = getattr(layer.self_attn, "rope_scaling", None)
-        if attn_scaling != cfg.rope_scaling:
-            raise NotImplementedError(
-                f"config rope_scaling={cfg.rope_scaling} but layer {layer.layer_id}'s attention "
-                f"uses {attn_scaling}: Step3Model does not pass rope_scaling to MFAttention"
-            )
-        if layer.is_moe and getattr(layer.ffn, "renormalize", False) != cfg.moe_renormalize:
-            raise NotImplementedError(
-                f"config norm_expert_weight={cfg.moe_renormalize} but layer {layer.layer_id}'s "
-                "MoE differs: Step3Model does not pass moe_renormalize to MoE"
-            )
 
 
 def _check_table_covers_model(table: list[Entry], leaves: dict) -> None:

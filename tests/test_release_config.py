@@ -165,8 +165,6 @@ def test_model_honours_rope_scaling_and_renormalize():
     )
     model = Step3Model(c, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
     attn, moe = model.layers[0].self_attn, model.layers[c.moe_layer_ids[0]].ffn
-    if attn.rope_scaling is None or not moe.renormalize:
-        pytest.xfail("model.py does not pass rope_scaling / moe_renormalize yet (lead's merge)")
     assert attn.rope_scaling == c.rope_scaling and moe.renormalize
     jax.block_until_ready(model(jnp.arange(4, dtype=jnp.int32)[None]))
 

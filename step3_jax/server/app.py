@@ -114,11 +114,17 @@ def create_app(
     async def chat(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        text, stops = format_chat(messages, tokenizer)
+        try:
+            prompt = format_chat(messages, tokenizer)
+        except ValueError as e:  # bad messages, or a template that refuses them
+            raise ApiError(400, str(e), "invalid_request_error", "messages") from None
         params = body.sampling_params(default_max_tokens)
-        if stops:
-            params = dataclasses.replace(params, stop=(*params.stop, *stops))
-        stream = submit(encode(text), params)
+        params = dataclasses.replace(
+            params,
+            stop=(*params.stop, *prompt.stop),
+            stop_token_ids=(*params.stop_token_ids, *prompt.stop_token_ids),
+        )
+        stream = submit(prompt.token_ids, params)
         return await _respond(request, body, stream, "chat.completion", metrics, model_name)
 
     @app.get("/v1/models")

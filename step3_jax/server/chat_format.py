@@ -1,9 +1,9 @@
-"""Chat messages -> prompt text: the one function the server calls (swap it for the release's
-chat template in `step3_jax.chat` once that lands).
+"""Chat messages -> prompt: the one function the server calls, on `step3_jax.chat`.
 
-A tokenizer that carries a Jinja ``chat_template`` (the Hugging Face convention, e.g. read from
-``tokenizer_config.json``) is rendered with jinja2 in a sandbox. Otherwise (the demo model has
-no chat template) a plain transcript::
+A tokenizer with a chat template (the release's, or the demo's in the release format) is
+rendered by `step3_jax.chat.render_chat` (jinja2's sandbox, as transformers does), and the reply
+stops on every eos id plus the template's end-of-turn token (`step3_jax.chat.stop_ids`), as
+`step3-jax chat` does. A tokenizer without one gets a plain transcript::
 
     System: <text>
 
@@ -11,31 +11,35 @@ no chat template) a plain transcript::
 
     Assistant:
 
-with ``"\\nUser:"`` added as a stop string so the model does not write the user's next turn.
+with ``"\\nUser:"`` as a stop string so the model does not write the user's next turn.
 """
 
 from __future__ import annotations
+
+import dataclasses
+
+from step3_jax import chat
 
 PLAIN_STOP = "\nUser:"
 _ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 
 
-def format_chat(messages: list[dict], tokenizer) -> tuple[str, tuple[str, ...]]:
-    """``(prompt text, extra stop strings)`` for ``messages`` ([{"role", "content"}])."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str) and template:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        text = env.from_string(template).render(
-            messages=messages,
-            add_generation_prompt=True,
-            eos_token=getattr(tokenizer, "eos_token", None) or "",
-            bos_token=getattr(tokenizer, "bos_token", None) or "",
-        )
-        return text, ()
-    turns = [f"{_ROLE_NAMES[m['role']]}: {m['content']}" for m in messages]
-    return "\n\n".join([*turns, "Assistant:"]), (PLAIN_STOP,)
+@dataclasses.dataclass(frozen=True)
+class ChatPrompt:
+    token_ids: list[int]
+    stop: tuple[str, ...] = ()  # extra stop strings
+    stop_token_ids: tuple[int, ...] = ()  # extra stop ids (end of turn)
 
 
-__all__ = ["PLAIN_STOP", "format_chat"]
+def format_chat(messages: list[dict], tokenizer) -> ChatPrompt:
+    """The prompt ids and extra stops for ``messages`` ([{"role", "content"}])."""
+    if getattr(tokenizer, "chat_template", None):
+        text = chat.render_chat(tokenizer, messages)
+        return ChatPrompt(tokenizer.encode(text, add_bos=True), (), chat.stop_ids(tokenizer))
+    chat.check_messages(messages)
+    turns = [f"{_ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
+    text = "\n\n".join([*turns, "Assistant:"])
+    return ChatPrompt(tokenizer.encode(text), (PLAIN_STOP,), ())
+
+
+__all__ = ["PLAIN_STOP", "ChatPrompt", "format_chat"]
