@@ -14,6 +14,9 @@
   hook, so the reply is produced in chunks (a short first chunk for a fast first token): each
   chunk re-prefills prompt + reply so far, which costs little next to decoding on the models
   this runs on a CPU, and every chunk shares one compiled decode loop (fixed cache length).
+  With a `step3_jax.vision.Step3VLModel` and ``images=``, the image parts of the messages
+  (rendered as ``<im_patch>``) are expanded and the vision tower runs once per call; every
+  chunk reuses the features (`step3_jax.vision.generate.generate_prepared`).
   Output is decoded WITHOUT skipping special tokens: the reasoning block (``<think>`` ...
   ``</think>``) and tool-call tokens reach the caller verbatim; only the stop token is cut.
 """
