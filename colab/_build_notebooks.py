@@ -80,12 +80,14 @@ def notebooks() -> dict[str, list[tuple[str, str]]]:
     from _nb02_kernels import CELLS as KERNELS
     from _nb03_cost_model import CELLS as COST_MODEL
     from _nb04_afd import CELLS as AFD
+    from _nb05_vision import CELLS as VISION
 
     return {
         "01_quickstart.ipynb": QUICKSTART,
         "02_kernels.ipynb": KERNELS,
         "03_cost_model.ipynb": COST_MODEL,
         "04_afd.ipynb": AFD,
+        "05_vision.ipynb": VISION,
     }
 
 

@@ -14,6 +14,9 @@
   hook, so the reply is produced in chunks (a short first chunk for a fast first token): each
   chunk re-prefills prompt + reply so far, which costs little next to decoding on the models
   this runs on a CPU, and every chunk shares one compiled decode loop (fixed cache length).
+  With a `step3_jax.vision.Step3VLModel` and ``images=``, the image parts of the messages
+  (rendered as ``<im_patch>``) are expanded and the vision tower runs once per call; every
+  chunk reuses the features (`step3_jax.vision.generate.generate_prepared`).
   Output is decoded WITHOUT skipping special tokens: the reasoning block (``<think>`` ...
   ``</think>``) and tool-call tokens reach the caller verbatim; only the stop token is cut.
 """
@@ -201,6 +204,36 @@ def _pow2(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
+def _prompt_generator(model, tokenizer, ids: list[int], images):
+    """``(prompt ids, gen)``: ``gen(prompts, n, **sampling)`` continues the prompt.
+
+    A `Step3VLModel` expands each ``<im_patch>`` of ``ids`` to its image's layout and runs
+    the vision tower here, once; ``gen`` then only prefills with those features (a reply
+    token that happens to be ``<im_patch>`` keeps its text embedding). A text model gets
+    `step3_jax.decode.generate`."""
+    from step3_jax.decode import generate
+
+    if getattr(model, "vision_config", None) is None:
+        if images:
+            raise ValueError(
+                "images= needs a Step3-VL model (step3_jax.checkpoints.load_hf_vl); this "
+                "model is text-only"
+            )
+        return ids, functools.partial(generate, model)
+    from step3_jax.vision.generate import generate_prepared, prepare
+    from step3_jax.vision.preprocess import ImageSpecialTokens
+
+    special = ImageSpecialTokens.from_tokenizer(tokenizer)
+    (expanded,), features = prepare(model, [ids], [list(images or ())], special)
+
+    def gen(prompts, n, **kwargs):
+        return generate_prepared(
+            model, prompts, features, n, image_lengths=[len(expanded)], **kwargs
+        )
+
+    return expanded, gen
+
+
 def chat_generate(
     model,
     tokenizer,
@@ -217,6 +250,7 @@ def chat_generate(
     chunk: int = 16,
     max_cache_len: int | None = None,
     chat_template: str | None = None,
+    images: Sequence | None = None,
     **template_kwargs,
 ) -> ChatResult:
     """One assistant reply to ``messages``, streamed to ``on_text`` as it is produced.
@@ -228,8 +262,13 @@ def chat_generate(
     ``max_cache_len`` fixes the KV-cache length (default: the prompt + reply rounded up to a
     power of two); a REPL passes one value for the whole conversation so the decode loop
     compiles once.
+
+    ``images`` (a `step3_jax.vision.Step3VLModel` only): the conversation's images in order,
+    one per image content part (``{"type": "image"}`` / ``{"type": "image_url"}``, which the
+    template renders as ``<im_patch>``); paths, bytes, PIL images or uint8 arrays. They are
+    preprocessed and run through the vision tower ONCE; every chunk reuses the features.
+    ``prompt_tokens`` counts the image tokens.
     """
-    from step3_jax.decode import generate
 
     if first_chunk < 1 or chunk < 1:
         raise ValueError(f"first_chunk and chunk must be >= 1, got {first_chunk}, {chunk}")
@@ -238,6 +277,7 @@ def chat_generate(
         tokenizer, messages, tools=tools, chat_template=chat_template, **template_kwargs
     )
     ids = tokenizer.encode(prompt)  # the template wrote the BOS
+    ids, gen = _prompt_generator(model, tokenizer, ids, images)
     limit = model.config.max_position_embeddings
     if max_cache_len is not None and not 0 < max_cache_len <= limit:
         raise ValueError(f"max_cache_len={max_cache_len} must be in [1, {limit}]")
@@ -255,8 +295,7 @@ def chat_generate(
     stream, out, first, reason = _StreamDecoder(tokenizer), [], None, "length"
     while len(out) < budget:
         n = min(first_chunk if not out else chunk, budget - len(out))
-        res = generate(
-            model,
+        res = gen(
             [ids + out],
             n,
             temperature=temperature,

@@ -2,7 +2,9 @@
 Step-3 decoder (MFA attention, FP8, Attention-FFN Disaggregation) with Pallas GPU kernels.
 
   step3-jax generate [--prompt TEXT ...]   generate text with the shipped demo model (default)
+                     [--image PATH ...]    ... about images (a Step3-VL --checkpoint)
   step3-jax chat [--system TEXT]           multi-turn chat (the release's template), streamed
+                 [--image PATH]            (/image PATH attaches an image to the next turn)
   step3-jax info [--config step3|tiny]     parameter counts and KV-cache bytes of a preset
   step3-jax cost ...                       the paper's cost model (`step3-jax cost --help`)
   step3-jax serve [--port N ...]           OpenAI-compatible HTTP server (the demo model)
@@ -38,6 +40,8 @@ DEFAULT_PROMPTS = (  # the demo model was trained on Jane Austen's novels
     '"My dear Emma," said Mr. Knightley,',
     "The next morning",
 )
+DEFAULT_IMAGE_PROMPT = "Describe this image."
+IMAGE_MARKER = "<im_patch>"  # one per image in a prompt (the chat template writes it too)
 EPILOG = (
     "Errors print one line and exit with code 2 (bad input) or 1; add --debug or set "
     "STEP3_JAX_DEBUG=1 for the Python traceback."
@@ -82,13 +86,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model(args: argparse.Namespace):
-    """``(model, tokenizer)`` named by --checkpoint / --tokenizer, or the demo model."""
+def load_model(args: argparse.Namespace, vision: bool | None = False):
+    """``(model, tokenizer)`` named by --checkpoint / --tokenizer, or the demo model.
+
+    ``vision``: True loads a `step3_jax.vision.Step3VLModel` (--image given: the checkpoint
+    must be a Step3-VL one), None does where the checkpoint has a ``vision_config``, False
+    loads the text model alone."""
     from step3_jax import checkpoints
 
     if not args.checkpoint:
         if args.tokenizer:
             raise UsageError("--tokenizer needs --checkpoint (the demo model has its own)")
+        if vision:
+            raise UsageError(_TEXT_ONLY.format(name="the demo model"))
         return checkpoints.load_demo()
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
@@ -102,7 +112,62 @@ def load_model(args: argparse.Namespace):
     if not (tok_path.is_file() or (tok_path / "tokenizer.json").is_file()):
         flag = "--tokenizer" if args.tokenizer else "--checkpoint"
         raise UsageError(f"{flag}: no tokenizer.json at {tok_path}; pass --tokenizer FILE")
+    if vision is not False and "vision_config" in json.loads((ckpt / "config.json").read_text()):
+        tok = checkpoints.load_tokenizer(tok_path)
+        _check_image_tokens(tok)
+        return checkpoints.load_hf_vl(ckpt), tok
+    if vision:
+        raise UsageError(_TEXT_ONLY.format(name=f"--checkpoint {ckpt}"))
     return checkpoints.load_hf(ckpt), checkpoints.load_tokenizer(tok_path)
+
+
+_TEXT_ONLY = (
+    "--image: {name} is text-only (its config.json has no vision_config); images need a "
+    "Step3-VL checkpoint"
+)
+
+
+def _check_image_tokens(tok) -> None:
+    from step3_jax.vision.preprocess import ImageSpecialTokens
+
+    try:
+        ImageSpecialTokens.from_tokenizer(tok)
+    except ValueError as e:
+        raise UsageError(f"--tokenizer: a Step3-VL checkpoint needs its image tokens; {e}") from e
+
+
+def add_image_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--image", action="append", metavar="PATH", default=[], help=help)
+
+
+def read_images(paths: list[str], flag: str = "--image") -> list:
+    """The images at ``paths`` as Pillow RGB images; an unreadable one is a UsageError."""
+    from step3_jax.vision.preprocess import load_image
+
+    out = []
+    for path in paths:
+        try:
+            out.append(load_image(path))
+        except (ValueError, TypeError, OSError) as e:
+            raise UsageError(f"{flag} {path}: {e}") from e
+    return out
+
+
+def attach_images(prompts: list[str], count: int) -> list[str]:
+    """Each prompt with ``count`` image markers: as written (exactly ``count`` of them), or
+    prepended when it has none."""
+    out = []
+    for i, text in enumerate(prompts):
+        found = text.count(IMAGE_MARKER)
+        if found == 0:
+            text = IMAGE_MARKER * count + text
+        elif found != count:
+            raise UsageError(
+                f"--prompt number {i + 1} has {found} {IMAGE_MARKER} marker(s) but {count} "
+                f"--image(s) were given (write one per image, or none to put them first)"
+            )
+        out.append(text)
+    return out
 
 
 def check_prompts(prompts: list[str]) -> None:
@@ -132,7 +197,13 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
         "--prompt",
         action="append",
         metavar="TEXT",
-        help="text to continue; repeat the flag for a batch (default: three Austen openings)",
+        help="text to continue; repeat the flag for a batch (default: three Austen openings; "
+        f"with --image: {DEFAULT_IMAGE_PROMPT!r})",
+    )
+    add_image_arg(
+        p,
+        "an image file every prompt sees (a Step3-VL --checkpoint); repeat for several. A "
+        f"prompt holds one {IMAGE_MARKER} per image where it goes, or none: images first",
     )
     p.add_argument(
         "--max-new-tokens",
@@ -173,10 +244,13 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from step3_jax.decode import generate
 
-    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    prompts = args.prompt or ([DEFAULT_IMAGE_PROMPT] if args.image else list(DEFAULT_PROMPTS))
     check_prompts(prompts)  # before the (slow) model load
-    model, tok = load_model(args)
-    ids = encode_prompts(tok, prompts)
+    images = read_images(args.image)
+    model, tok = load_model(args, vision=True) if images else load_model(args)
+    if images:
+        generate = _image_generate(tok, images, len(prompts))
+    ids = encode_prompts(tok, attach_images(prompts, len(images)) if images else prompts)
     stops = list(getattr(tok, "eos_ids", ()))  # eos + generation_config.json's eos ids
     if not stops and getattr(tok, "eos_id", None) is not None:
         stops = [tok.eos_id]
@@ -202,6 +276,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     print(json.dumps(summary))
     return 0
+
+
+def _image_generate(tok, images: list, batch: int) -> Callable:
+    """`step3_jax.vision.generate.generate` with ``images`` for each of ``batch`` prompts."""
+    import functools
+
+    from step3_jax.vision.generate import generate
+    from step3_jax.vision.preprocess import ImageSpecialTokens
+
+    special = ImageSpecialTokens.from_tokenizer(tok)
+    return functools.partial(generate, images=[images] * batch, special=special)
 
 
 def _timing_summary(first, rerun: Callable) -> dict:
@@ -275,6 +360,11 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
         help="KV-cache length of the session, capped at the model's context; /reset when "
         "full (default: %(default)s)",
     )
+    add_image_arg(
+        p,
+        "an image for the first user turn (a Step3-VL --checkpoint); repeat for several. "
+        "In the session, '/image PATH' attaches one to the next turn",
+    )
     p.add_argument("--timing", action="store_true", help="print tokens/s and first-token time")
     p.add_argument(
         "--no-compile-cache", action="store_true", help="do not persist compiled XLA programs"
@@ -297,7 +387,7 @@ def _enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def _chat_reply(args, model, tok, messages, turn: int, cache_len: int, stdout, stderr):
+def _chat_reply(args, model, tok, messages, images, turn: int, cache_len, stdout, stderr):
     """Streams one reply to ``stdout``; returns the `ChatResult`, or None if it failed."""
     from step3_jax.chat import chat_generate
 
@@ -314,6 +404,7 @@ def _chat_reply(args, model, tok, messages, turn: int, cache_len: int, stdout, s
             seed=args.seed + 1000 * turn,
             on_text=lambda text: print(text, end="", file=stdout, flush=True),
             max_cache_len=cache_len,
+            images=images or None,
         )
     except ValueError as e:  # e.g. the conversation outgrew the session's cache
         print(f"\n[error: {e}]", file=stderr)
@@ -351,11 +442,42 @@ def _chat_warmup(args, model, tok, system: list, cache_len: int):
     return warm
 
 
+def _user_content(line: str, num_images: int):
+    """A user turn's content: the text, after one image part per attached image."""
+    text = line.rstrip("\n")
+    if not num_images:
+        return text
+    return [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+
+
+def _count_images(message: dict) -> int:
+    content = message.get("content")
+    return sum(1 for p in content if p.get("type") == "image") if isinstance(content, list) else 0
+
+
+def _chat_image(model, path: str, stderr) -> list:
+    """``/image PATH``: the image as a one-item list, or [] after one error line."""
+    if getattr(model, "vision_config", None) is None:
+        print("[error: /image needs a Step3-VL checkpoint; this model is text-only]", file=stderr)
+        return []
+    if not path:
+        print("[error: /image needs a path: /image PATH]", file=stderr)
+        return []
+    try:
+        image = read_images([path], flag="/image")
+    except UsageError as e:
+        print(f"[error: {e}]", file=stderr)
+        return []
+    print(f"(image {path} attached to your next message)", file=stderr)
+    return image
+
+
 @subcommand("chat", "multi-turn chat with the release's chat template, streamed", _chat_args)
 def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None, stderr=None) -> int:
     """Reads user turns from stdin, streams each reply. ``/reset`` forgets the conversation,
-    ``/exit`` (or end of input) quits. Reasoning (``<think>`` ... ``</think>``) and tool-call
-    tokens are printed as the model writes them."""
+    ``/image PATH`` attaches an image to the next turn, ``/exit`` (or end of input) quits.
+    Reasoning (``<think>`` ... ``</think>``) and tool-call tokens are printed as the model
+    writes them."""
     import time
 
     from step3_jax.chat import split_reasoning
@@ -364,15 +486,17 @@ def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None, stderr=None) -> 
     if not args.no_compile_cache:
         _enable_compile_cache()
     t0 = time.perf_counter()
-    model, tok = load_model(args)
+    pending = read_images(args.image)  # for the first user turn
+    model, tok = load_model(args, vision=True if pending else None)
     # One KV-cache length for the session: one compiled decode loop, the one warmed up.
     cache_len = min(model.config.max_position_embeddings, args.max_context)
     system = [{"role": "system", "content": args.system}] if args.system else []
     warm, messages, turn = _chat_warmup(args, model, tok, system, cache_len), list(system), 0
+    images: list = []  # the conversation's images, in order of their content parts
     name = args.checkpoint or "the demo model (Jane Austen, not instruction-tuned)"
     print(
         f"step3-jax chat: {name}, ready in {time.perf_counter() - t0:.1f} s. "
-        "/reset clears, /exit or Ctrl-D quits.",
+        "/reset clears, /image PATH attaches an image, /exit or Ctrl-D quits.",
         file=stderr,
     )
     while True:
@@ -385,14 +509,18 @@ def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None, stderr=None) -> 
         if not line or line.strip() in ("/exit", "/quit"):
             break
         if line.strip() == "/reset":
-            messages = list(system)
+            messages, images, pending = list(system), [], []
             print("(conversation cleared)", file=stderr)
+        elif line.strip().split(maxsplit=1)[:1] == ["/image"]:
+            pending += _chat_image(model, line.strip()[len("/image") :].strip(), stderr)
         elif line.strip():
             warm.join()  # never compile the same program twice at once
-            messages.append({"role": "user", "content": line.rstrip("\n")})
-            res = _chat_reply(args, model, tok, messages, turn, cache_len, stdout, stderr)
-            if res is None:
-                messages.pop()
+            messages.append({"role": "user", "content": _user_content(line, len(pending))})
+            images, pending = images + pending, []
+            res = _chat_reply(args, model, tok, messages, images, turn, cache_len, stdout, stderr)
+            if res is None:  # the turn is dropped; its images wait for the next one
+                pending = images[len(images) - _count_images(messages.pop()) :]
+                images = images[: len(images) - len(pending)]
                 continue
             # What a vLLM client sends back: the answer without its reasoning (if it ended).
             _, content = split_reasoning(res.text)

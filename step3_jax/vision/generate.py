@@ -8,6 +8,7 @@ collection are `step3_jax.decode`'s own (`_decode_loop`, `_collect`): only the p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Sequence
@@ -25,10 +26,13 @@ from step3_jax.vision.preprocess import ImageSpecialTokens, expand_prompt, prepr
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _prefill(graphdef, state, tokens, features, prompt_lengths, cache):
+def _prefill(graphdef, state, tokens, features, prompt_lengths, image_lengths, cache):
     model = nnx.merge(graphdef, state)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    x = model.embed(tokens, features, prompt_lengths)
+    # Placeholders count only in the first ``image_lengths`` tokens: past them (a reply being
+    # continued) an ``<im_patch>`` id is a generated token with its text embedding, as the
+    # decode loop embeds it.
+    x = model.embed(tokens, features, image_lengths)
     logits, cache = model.forward_embeds(x, positions, cache)
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     return last, cache.replace(lengths=prompt_lengths)
@@ -62,6 +66,28 @@ def generate(
     *,
     images: Sequence[Sequence] | None = None,
     special: ImageSpecialTokens,
+    **kwargs,
+) -> decode.GenerationResult:
+    """Generates for each prompt; ``images[b]`` lists prompt b's images (paths, bytes, PIL
+    images or uint8 arrays; any sizes), one ``special.image`` token per image in the prompt.
+
+    Same sampling, stopping and cache sizing as `step3_jax.generate` (``kwargs``: those of
+    `generate_prepared`).
+    """
+    t0 = time.perf_counter()
+    expanded, features = prepare(model, list(prompts), images, special)
+    res = generate_prepared(model, expanded, features, max_new_tokens, **kwargs)
+    # prefill time includes preprocessing and the vision tower
+    return dataclasses.replace(res, prefill_seconds=time.perf_counter() - t0 - res.decode_seconds)
+
+
+def generate_prepared(
+    model: Step3VLModel,
+    prompts: Sequence[Sequence[int]],
+    features: jax.Array | None,
+    max_new_tokens: int,
+    *,
+    image_lengths: Sequence[int] | None = None,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -70,18 +96,26 @@ def generate(
     max_cache_len: int | None = None,
     cache_dtype=None,
 ) -> decode.GenerationResult:
-    """Generates for each prompt; ``images[b]`` lists prompt b's images (paths, bytes, PIL
-    images or uint8 arrays; any sizes), one ``special.image`` token per image in the prompt.
+    """`generate` on prompts already expanded by `prepare` and their feature rows ``[I, M]``
+    (None without images): no preprocessing and no vision tower here, so a caller that
+    continues the same prompt several times (chat's chunked replies) runs the tower once.
 
-    Same sampling, stopping and cache sizing as `step3_jax.generate`.
+    ``image_lengths[b]``: only the first ``image_lengths[b]`` tokens of prompt b may hold
+    placeholders (default: all of it); later ``<im_patch>`` ids (a generated reply fed back)
+    keep their text embedding, as in the decode loop.
     """
     cfg = model.config
     if int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = SamplingConfig(temperature, top_k, top_p)
-    t0 = time.perf_counter()  # prefill time includes the vision tower
-    expanded, features = prepare(model, list(prompts), images, special)
-    tokens, lengths = decode._prepare_prompts(expanded, cfg.vocab_size)
+    t0 = time.perf_counter()
+    tokens, lengths = decode._prepare_prompts([list(p) for p in prompts], cfg.vocab_size)
+    limits = lengths if image_lengths is None else np.asarray(image_lengths, np.int32)
+    if limits.shape != lengths.shape or np.any(limits > lengths):
+        raise ValueError(
+            f"image_lengths={list(limits)} must give one length <= the prompt's per prompt "
+            f"(prompt lengths {list(lengths)})"
+        )
     needed = int(lengths.max()) + int(max_new_tokens)
     limit = cfg.max_position_embeddings
     cache_len = max_cache_len or min(max(decode._bucket(needed, 64), tokens.shape[1]), limit)
@@ -98,8 +132,9 @@ def generate(
 
     graphdef, state = nnx.split(model)
     logits, cache = _prefill(
-        graphdef, state, jnp.asarray(tokens), features, jnp.asarray(lengths), cache
-    )
+        graphdef, state, jnp.asarray(tokens), features, jnp.asarray(lengths),
+        jnp.asarray(limits), cache,
+    )  # fmt: skip
     first = sample(logits, jax.random.key(seed), sampling)
     first.block_until_ready()
     t1 = time.perf_counter()
@@ -113,4 +148,4 @@ def generate(
     return decode._collect(out, int(steps), max_new_tokens, set(stop_tokens), t1 - t0, t2 - t1)
 
 
-__all__ = ["generate", "prepare"]
+__all__ = ["generate", "generate_prepared", "prepare"]

@@ -81,7 +81,7 @@ class ImageSpecialTokens:
     def from_tokenizer(cls, tokenizer) -> ImageSpecialTokens:
         """From a `step3_jax.checkpoints.Tokenizer` or a ``tokenizers.Tokenizer`` that knows the
         release's special tokens (``<im_patch>``, ``<im_start>``, ...)."""
-        tok = getattr(tokenizer, "tokenizer", tokenizer)
+        tok = getattr(tokenizer, "hf", None) or getattr(tokenizer, "tokenizer", tokenizer)
         ids = {k: tok.token_to_id(name) for k, name in SPECIAL_TOKEN_NAMES.items()}
         missing = [SPECIAL_TOKEN_NAMES[k] for k, v in ids.items() if v is None]
         if missing:

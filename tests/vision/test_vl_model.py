@@ -111,3 +111,17 @@ def test_generate_with_images_matches_teacher_forcing(model, monkeypatch):
 def test_generate_checks_image_count(model):
     with pytest.raises(ValueError, match="2 image placeholder token"):
         vgen.generate(model, [[9, 7, 7]], 2, images=[[_image(50, 50, 1)]], special=SPECIAL)
+
+
+def test_generate_prepared_image_lengths(model):
+    """Past ``image_lengths`` an ``<im_patch>`` id (a generated reply token fed back) keeps
+    its text embedding; the feature rows stay with the prompt's placeholders."""
+    (ids,), feats = vgen.prepare(model, [[9, 7, 11]], [[_image(64, 48, 7)]], SPECIAL)
+    res = vgen.generate_prepared(model, [ids + [7]], feats, 1, image_lengths=[len(ids)])
+    x = jnp.concatenate(
+        [model.embed(jnp.asarray([ids]), feats), model.text.embed(jnp.asarray([[7]]))], axis=1
+    )
+    logits, _ = model.forward_embeds(x, jnp.arange(len(ids) + 1)[None])
+    assert res.tokens[0] == [int(np.argmax(logits[0, -1]))]
+    with pytest.raises(ValueError, match="image_lengths"):
+        vgen.generate_prepared(model, [ids], feats, 1, image_lengths=[len(ids) + 1])
