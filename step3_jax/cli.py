@@ -57,7 +57,10 @@ def cmd_generate(args) -> int:
         "decode_tokens_per_s": round(warm.decode_tokens_per_second, 1),
         "decode_ms_per_step": round(1e3 * warm.decode_seconds / max(warm.decode_steps, 1), 3),
         "prefill_ms": round(1e3 * warm.prefill_seconds, 2),
-        "first_call_s_incl_compile": round(result.prefill_seconds + result.decode_seconds, 2),
+        "first_call_compile_s": round(result.compile_seconds, 2),
+        "first_call_s_incl_compile": round(
+            result.prefill_seconds + result.decode_seconds + result.compile_seconds, 2
+        ),
     }
     print(
         f"\nthroughput: {summary['decode_tokens_per_s']} tokens/s decode "
@@ -115,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in (None, "generate"):
         if args.command is None:
             args = build_parser().parse_args(["generate"])
-        return cmd_generate(args)
+        try:
+            return cmd_generate(args)
+        except ValueError as e:  # bad arguments (e.g. --temperature nan): no traceback, exit 2
+            print(f"step3-jax: error: {e}", file=sys.stderr)
+            return 2
     return cmd_info(args)
 
 
