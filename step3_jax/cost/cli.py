@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from step3_jax.cost import plots, simulator, tables
@@ -20,11 +21,38 @@ from step3_jax.cost.hardware import H800, PAPER_HARDWARE, get_hardware
 _COMMANDS = ("tables", "plots", "simulate", "paper-runs")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (a context, batch or micro-batch count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {value}")
+    return value
+
+
+def _positive_float(text: str, upper: float = math.inf) -> float:
+    """argparse type: a finite number in (0, upper] (rejects 0, negatives, nan, inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= upper):
+        bound = "" if upper == math.inf else f" and <= {upper:g}"
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0{bound}, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    return _positive_float(text, 1.0)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="step3-jax cost", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("tables", help="Tables 2/3/5/6/7 at one context")
-    t.add_argument("--context", type=int, default=8192)
+    t.add_argument("--context", type=_positive_int, default=8192)
     t.add_argument("--hardware", nargs="+", default=[h.name for h in PAPER_HARDWARE])
     t.add_argument("--json", action="store_true", help="print rows as JSON instead of text")
     pl = sub.add_parser("plots", help="roofline, cost-vs-context and AFD timeline PNGs")
@@ -32,14 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--hardware", nargs="+", default=[h.name for h in PAPER_HARDWARE])
     s = sub.add_parser("simulate", help="AFD pipeline: TPOT and tokens/s/GPU")
     s.add_argument("--layout", default="2A2F")
-    s.add_argument("--context", type=int, default=4096)
-    s.add_argument("--micro-batches", type=int, default=3)
+    s.add_argument("--context", type=_positive_int, default=4096)
+    s.add_argument("--micro-batches", type=_positive_int, default=3)
     s.add_argument("--hardware", default="H800", help="attention-side hardware")
     s.add_argument("--ffn-hardware", default=None)
-    s.add_argument("--efficiency", type=float, default=1.0, help="uniform fraction of peak")
-    s.add_argument("--kv-bytes", type=float, default=1.0, help="1: FP8 KV, 2: BF16")
-    s.add_argument("--tpot-ms", type=float, default=50.0)
-    s.add_argument("--batch", type=int, default=None, help="fixed batch instead of the SLA max")
+    s.add_argument("--efficiency", type=_fraction, default=1.0, help="uniform fraction of peak")
+    s.add_argument("--kv-bytes", type=_positive_float, default=1.0, help="1: FP8 KV, 2: BF16")
+    s.add_argument("--tpot-ms", type=_positive_float, default=50.0)
+    s.add_argument(
+        "--batch", type=_positive_int, default=None, help="fixed batch instead of the SLA max"
+    )
     s.add_argument("--measured", default=None, help="benchmark JSON with per-layer times")
     sub.add_parser("paper-runs", help="calibrate on 2A2F, predict the paper's three runs")
     return p
