@@ -34,7 +34,9 @@ def cmd_generate(args) -> int:
     import jax
 
     from step3_jax.decode import generate
+    from step3_jax.sampling import sampling_params
 
+    sampling_params(args.temperature, args.top_k, args.top_p, 1)  # fail before loading
     model, tok = _load(args)
     prompts = args.prompt or list(DEFAULT_PROMPTS)
     ids = [tok.encode(p) for p in prompts]
