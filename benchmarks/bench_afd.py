@@ -9,6 +9,17 @@ several batches, and the baseline batch whose TPOT is closest to AFD's.
 
     python3 benchmarks/bench_afd.py --layout 1A1F --layers 12 --out r.json
 
+``--role attention|ffn|both`` (one GPU): one device's side of the layout's step (attention
+device 0, or FFN device 0) as the same compiled program the AFD step uses
+(`AfdExecutor(role=...)`), the exchange replaced by local buffers (the FFN side reads a fixed
+random inbox with uniform routing), timed with the harness (CUPTI device time) against the bytes
+that side must move and the same-run copy probe; ``both`` also writes a ``runs`` entry per
+batch (per-layer times of both roles) for ``step3-jax cost simulate --measured`` and the
+simulator's prediction of the whole layout at 1-3 micro-batches:
+
+    python3 benchmarks/bench_afd.py --role both --layout 1A3F --full --runs 1x256,1x512 \\
+        --cache float8_e4m3fn --out afd_roles.json
+
 Last stdout line: the JSON (schema of `step3_jax.cost.simulator.load_measured`, plus extras).
 """
 
@@ -16,23 +27,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import json
-import statistics
+import os
+import sys
 import time
 import traceback
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.provenance import git_commit
-from step3_jax.config import Step3Config
-from step3_jax.quant_model import Fp8Weight
-from step3_jax.sharding.afd import AfdConfig, AfdExecutor
-from step3_jax.sharding.baseline import BaselineExecutor
-from step3_jax.sharding.layout import AfdLayout, ArenaDtypes
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from step3_jax.config import Step3Config  # noqa: E402
+from step3_jax.cost import simulator  # noqa: E402
+from step3_jax.policy import KernelPolicy  # noqa: E402
+from step3_jax.sharding.afd import AfdConfig, AfdExecutor  # noqa: E402
+from step3_jax.sharding.baseline import BaselineExecutor  # noqa: E402
+from step3_jax.sharding.layout import AfdLayout, ArenaDtypes  # noqa: E402
 
 
 def bench_config(layers: int, tiny: bool = False, full: bool = False) -> Step3Config:
@@ -53,18 +68,10 @@ def _inputs(batch: int, context: int, seed=0):
 
 
 def _time(fn, reps: int) -> tuple[float, float]:
-    """(median blocked seconds per call, pipelined seconds per call)."""
-    for _ in range(2):
-        jax.block_until_ready(fn())
-    blocked = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        blocked.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    outs = [fn() for _ in range(reps)]
-    jax.block_until_ready(outs)
-    return statistics.median(blocked), (time.perf_counter() - t0) / reps
+    """(median blocked seconds per call, pipelined seconds per call): the harness's host
+    times (no CUPTI: a multi-GPU step's kernels on several devices do not sum to a time)."""
+    t = harness.time_calls(fn, reps=reps, warmup=2, device_time=False)
+    return t.host_us * 1e-6, t.host_loop_us * 1e-6
 
 
 def run_afd(args, cfg, layout, devices, num_mb: int, microbatch: int, stages: bool) -> dict:
@@ -74,8 +81,7 @@ def run_afd(args, cfg, layout, devices, num_mb: int, microbatch: int, stages: bo
         num_mb,
         args.context,
         fp8_transfer=True,
-        ffn_implementation=args.ffn_impl,
-        attention_implementation=args.attention_impl,
+        policy=_policy(args),
         experts_in_place=not args.experts_copied,
     )
     ex = AfdExecutor(cfg, layout, devices, afd, dtypes=dtypes)
@@ -101,7 +107,7 @@ def run_afd(args, cfg, layout, devices, num_mb: int, microbatch: int, stages: bo
     return {
         "name": f"afd_{layout.name}_mb{num_mb}x{microbatch}",
         "cache": args.cache,
-        "attention_impl": str(args.attention_impl),
+        "policy": str(_policy(args)),
         "experts_in_place": not args.experts_copied,
         "layout": layout.name,
         "gpus_per_instance": 1,
@@ -120,132 +126,124 @@ def run_afd(args, cfg, layout, devices, num_mb: int, microbatch: int, stages: bo
         "arena_gib_per_device": ex.arena.bytes_per_device() / 2**30,
         "arena": ex.arena.report(),
         "xla_temp_gib": temp_gib,
-        "ffn_plain_arrays_us_per_layer": (
-            _plain_ffn_us(args, cfg, layout, devices[-1], microbatch) if stages else float("nan")
-        ),
     }
 
 
-def _plain_ffn_us(args, cfg, layout, device, microbatch: int) -> float:
-    """Control: one MoE layer's FFN-device work (the same `protocol.ffn_partial`) on plain
-    arrays instead of arena views, same token count; the gap to ``ffn_us_per_layer`` is the
-    arena's cost."""
-    from step3_jax.sharding import protocol
-    from step3_jax.sharding.layout import ffn_local_dims
-
-    loc = ffn_local_dims(cfg, layout)
-    d, e, f, fs = cfg.hidden_size, loc["experts"], loc["moe_f"], loc["shared_f"]
-    t = layout.num_attention * microbatch
-    key = iter(jax.random.split(jax.random.key(5), 16))
-    with jax.default_device(device):
-        fp8 = args.weights == "float8_e4m3fn"
-
-        def w(shape, nb):
-            if fp8:
-                return _random_fp8(next(key), shape, 1, nb)
-            return (jax.random.normal(next(key), shape) * 0.02).astype(jnp.bfloat16)
-
-        p = {
-            "gate": w((e, f, d), 1),
-            "up": w((e, f, d), 1),
-            "down": w((e, d, f), 1),
-            "shared_gate": w((fs, d), 0),
-            "shared_up": w((fs, d), 0),
-            "shared_down": w((d, fs), 0),
-        }
-        x = jax.random.normal(next(key), (t, d), jnp.float32)
-        from step3_jax import quant
-
-        vals, scales = quant.quantize_activations(x)
-        ids = jax.random.randint(next(key), (t, cfg.top_k), 0, cfg.num_experts)
-        wts = jax.random.uniform(next(key), (t, cfg.top_k))
-        packet = protocol.Packet(vals, scales, ids.astype(jnp.int32), wts)
-        fn = jax.jit(
-            lambda pk, p: protocol.ffn_partial(
-                pk, p, is_moe=True, first_expert=0, dtype=jnp.bfloat16, implementation=args.ffn_impl
-            )
-        )
-        med, _ = _time(lambda: fn(packet, p), args.reps)
-    return med * 1e6
+def _policy(args) -> KernelPolicy:
+    auto = lambda v: None if v == "auto" else v
+    return KernelPolicy(auto(args.attention_impl), auto(args.gemm_impl), auto(args.moe_impl))
 
 
-def _baseline_weights(cfg, n: int, weights: str, mesh_dp, mesh_rep):
-    """Random DP+EP parameters: attention stacked [L, ...] replicated; FFN [n, Lk, ...]."""
-    from step3_jax.sharding.layout import ffn_local_dims
-
-    d, r, nh, h, e = (
-        cfg.hidden_size,
-        cfg.share_q_dim,
-        cfg.num_heads,
-        cfg.head_dim,
-        cfg.num_experts,
+# ------------------------------------------------------------------- one role on one GPU
+def attention_role_bytes(ex: AfdExecutor, positions: np.ndarray) -> int:
+    """What the attention device must move per step: every layer's attention weights (FP8
+    values + scales) once per micro-batch, the KV cache actually read (each sequence's
+    ``position + 1`` tokens: K and V rows plus their per-token scales), the embedding rows
+    gathered and the final norm + lm_head once."""
+    regs, c, m = ex.arena.attention, ex.config, ex.afd.num_microbatches
+    once = ("embed_tokens", "lm_head", "norm.weight")
+    cache = [n for n in regs if n.startswith("cache_")]
+    weights = sum(r.nbytes for n, r in regs.items() if n not in once and n not in cache)
+    per_token = sum(
+        np.dtype(regs[n].dtype).itemsize * int(np.prod(regs[n].shape[2:])) for n in cache
     )
-    L, nm, nd = cfg.num_layers, len(cfg.moe_layer_ids), len(cfg.dense_layer_ids)
-    loc = ffn_local_dims(cfg, AfdLayout(1, n, 1))
-    el, f, fs, fd = loc["experts"], loc["moe_f"], loc["shared_f"], loc["dense_f"]
-    lin = {
-        "q_proj": ((L, r, d), 1, 1),
-        "k_proj": ((L, h, d), 1, 1),
-        "v_proj": ((L, h, d), 1, 1),
-        "wq": ((L, nh, h, r), 1, 1),
-        "o_proj": ((L, d, nh, h), 2, 1),
-    }
-    norms = {"input_norm": (L, d), "inter_norm": (L, r), "post_norm": (L, d), "router": (L, e, d)}
-    ffn = {
-        "gate": ((n, nm, el, f, d), 1, 3),
-        "up": ((n, nm, el, f, d), 1, 3),
-        "down": ((n, nm, el, d, f), 1, 3),
-        "shared_gate": ((n, nm, fs, d), 1, 2),
-        "shared_up": ((n, nm, fs, d), 1, 2),
-        "shared_down": ((n, nm, d, fs), 1, 2),
-        "dense_gate": ((n, nd, fd, d), 1, 2),
-        "dense_up": ((n, nd, fd, d), 1, 2),
-        "dense_down": ((n, nd, d, fd), 1, 2),
-    }
-    key = iter(jax.random.split(jax.random.key(3), 64))
-
-    def make(shape, nc, nb, sh):
-        if weights != "float8_e4m3fn":
-            return jax.jit(
-                lambda k: (jax.random.normal(k, shape) * 0.02).astype(jnp.bfloat16),
-                out_shardings=sh,
-            )(next(key))
-        return jax.jit(lambda k: _random_fp8(k, shape, nc, nb), out_shardings=sh)(next(key))
-
-    attn = {k: make(s, nc, nb, mesh_rep) for k, (s, nc, nb) in lin.items()}
-    attn |= {
-        k: jax.jit(
-            lambda k_, s=s: (
-                jnp.ones(s, jnp.bfloat16) + 0.01 * jax.random.normal(k_, s, jnp.bfloat16)
-            ),
-            out_shardings=mesh_rep,
-        )(next(key))
-        for k, s in norms.items()
-    }
-    ffn_w = {
-        k: make(s, nc, nb, mesh_dp)
-        for k, (s, nc, nb) in ffn.items()
-        if s[1] > 0 and s[-1] > 0 and s[-2] > 0
-    }
-    v = cfg.vocab_size
-    glob = {
-        k: jax.jit(
-            lambda k_, s=s: (0.02 * jax.random.normal(k_, s)).astype(jnp.bfloat16),
-            out_shardings=mesh_rep,
-        )(next(key))
-        for k, s in (("embed", (v, d)), ("lm_head", (v, d)), ("final_norm", (d,)))
-    }
-    return glob, attn, ffn_w
+    kv = int(np.sum(positions.astype(np.int64) + 1)) * c.num_layers * per_token
+    embed = positions.size * c.hidden_size * np.dtype(regs["embed_tokens"].dtype).itemsize
+    head = regs["lm_head"].nbytes + regs["norm.weight"].nbytes
+    return m * weights + kv + embed + head
 
 
-def _random_fp8(key, shape, num_contract, num_batch):
-    """Random block-FP8 weight: e4m3 values ~N(0, 64^2), every block scale 2e-4 (so the
-    dequantized weight is ~N(0, 0.013^2), about 1/sqrt(7168): activations stay O(1))."""
-    vals = jnp.clip(jax.random.normal(key, shape) * 64, -448, 448).astype(jnp.float8_e4m3fn)
-    lead, rest = shape[:num_batch], shape[num_batch:]
-    n, k = int(np.prod(rest[: len(rest) - num_contract])), int(np.prod(rest[-num_contract:]))
-    scales = jnp.full((*lead, -(-n // 128), -(-k // 128)), 2e-4, jnp.float32)
-    return Fp8Weight(vals, scales, num_contract=num_contract)
+def ffn_role_bytes(ex: AfdExecutor, tokens_per_tick: int) -> int:
+    """What FFN device 0 must move per step: per layer and micro-batch its share of the
+    shared/dense SwiGLU and each LOCAL expert that receives a pair (uniform routing of
+    ``tokens_per_tick * top_k`` pairs over all experts: the expected touched fraction)."""
+    regs, c, m = ex.arena.ffn, ex.config, ex.afd.num_microbatches
+    touched = 1.0 - (1.0 - 1.0 / c.num_experts) ** (tokens_per_tick * c.top_k)
+    total = 0.0
+    for name, reg in regs.items():
+        values = regs[name.removesuffix(":scale")]
+        total += reg.nbytes * (touched if values.pooled else 1.0)
+    return int(m * total)
+
+
+def run_role(args, cfg, layout, device, role: str, num_mb: int, microbatch: int) -> dict:
+    dtypes = ArenaDtypes(weight=args.weights, cache=args.cache)
+    afd = AfdConfig(
+        microbatch,
+        num_mb,
+        args.context,
+        fp8_transfer=True,
+        policy=_policy(args),
+        experts_in_place=not args.experts_copied,
+    )
+    ex = AfdExecutor(cfg, layout, [device], afd, dtypes=dtypes, role=role)
+    ex.load_random(seed=1)
+    tokens, pos, sel = _inputs(ex.batch, args.context)
+    if role == "attention":
+        nbytes = attention_role_bytes(ex, pos)
+    else:
+        nbytes = ffn_role_bytes(ex, layout.num_attention * microbatch)
+    shape = dict(
+        role=role, layout=layout.name, layers=cfg.num_layers, micro_batches=num_mb,
+        microbatch=microbatch, batch=ex.batch, context=args.context,
+    )  # fmt: skip
+    row = harness.measure(
+        lambda: ex.step(tokens, pos, sel),
+        bytes=nbytes,
+        name=f"{role}_{layout.name}_mb{num_mb}x{microbatch}",
+        shape=shape,
+        reps=args.reps,
+        warmup=2,
+        policy=str(_policy(args)),
+        weights=args.weights,
+        cache=args.cache,
+        arena_gib=ex.arena.bytes_per_device() / 2**30,
+    )
+    out = row.to_dict()
+    out["us_per_layer_item"] = out["time_us"] / (cfg.num_layers * num_mb)
+    ex.arenas = None
+    return out
+
+
+def role_runs(args, cfg, layout, device, plan) -> tuple[list[dict], list[dict]]:
+    """The role(s) at each (micro-batches, micro-batch) of ``plan``: harness rows and, for
+    ``--role both``, the ``runs`` the simulator reads (per-layer times; the exchange cannot be
+    measured on one GPU: ``--transfer-us`` stands in) with its predicted step for the layout."""
+    rows, runs = [], []
+    roles = ("attention", "ffn") if args.role == "both" else (args.role,)
+    for m, bm in plan:
+        got = {}
+        for role in roles:
+            _guard(
+                rows,
+                f"{role}_mb{m}x{bm}",
+                lambda r=role, m=m, bm=bm: run_role(args, cfg, layout, device, r, m, bm),
+            )
+            if "error" not in rows[-1]:
+                got[role] = rows[-1]["us_per_layer_item"]
+        if len(got) < 2:
+            continue
+        run = {
+            "name": f"roles_{layout.name}_mb{m}x{bm}",
+            "layout": layout.name,
+            "num_layers": cfg.num_layers,
+            "micro_batches": m,
+            "batch": layout.num_attention * m * bm,
+            "attn_us_per_layer": got["attention"],
+            "ffn_us_per_layer": got["ffn"],
+            "transfer_us_per_layer": args.transfer_us,
+            "source": "one-GPU role benchmarks (bench_afd.py --role both)",
+        }
+        run["simulated"] = [
+            simulator.compare_measured(
+                simulator.parse_run({**run, "micro_batches": mm, "batch": mm * run["batch"]})
+            )
+            | {"micro_batches": mm}
+            for mm in (1, 2, 3)
+        ]
+        runs.append(run)
+        print(json.dumps(run), flush=True)
+    return rows, runs
 
 
 def run_baseline(args, cfg, devices, per_device: int) -> dict:
@@ -258,10 +256,10 @@ def run_baseline(args, cfg, devices, per_device: int) -> dict:
         fp8_transfer=True,
         act_dtype=jnp.bfloat16,
         cache_dtype=jnp.dtype(args.cache),
-        ffn_implementation=args.ffn_impl,
-        attention_implementation=args.attention_impl,
+        policy=_policy(args),
+        dtypes=ArenaDtypes(weight=args.weights, cache=args.cache),
     )
-    ex.glob, ex.attn, ex.ffn = _baseline_weights(cfg, n, args.weights, ex.dp, ex.rep)
+    ex.load_random(seed=1)
     tokens, pos, sel = _inputs(per_device * n, args.context)
     tpot, pipelined = _time(lambda: ex.step(tokens, pos, sel), args.reps)
     ex.glob = ex.attn = ex.ffn = ex.cache = None  # free the device memory
@@ -300,14 +298,42 @@ def main(argv=None) -> dict:
     p.add_argument("--micro-batches", default="3,2,1")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--weights", default="float8_e4m3fn", choices=["float8_e4m3fn", "bfloat16"])
-    p.add_argument("--ffn-impl", default="grouped", choices=["grouped", "dense"])
+    p.add_argument(
+        "--moe-impl",
+        default="auto",
+        choices=["auto", "pallas", "xla", "dense"],
+        help="KernelPolicy.moe (auto: the kernels' dispatch rule)",
+    )
+    p.add_argument(
+        "--gemm-impl",
+        default="auto",
+        choices=["auto", "pallas", "xla", "xla_fp8"],
+        help="KernelPolicy.gemm",
+    )
     p.add_argument("--baseline-batches", default="128,256,512")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test)")
     p.add_argument("--full", action="store_true", help="the real 61-layer Step-3")
     p.add_argument("--cache", default="bfloat16", choices=["bfloat16", "float8_e4m3fn"])
-    p.add_argument("--attention-impl", default="xla", choices=["xla", "pallas"])
+    p.add_argument(
+        "--attention-impl",
+        default="auto",
+        choices=["auto", "xla", "pallas"],
+        help="KernelPolicy.attention",
+    )
+    p.add_argument(
+        "--role",
+        default=None,
+        choices=["attention", "ffn", "both"],
+        help="one device's side of the layout on ONE GPU (see the module docstring)",
+    )
+    p.add_argument(
+        "--transfer-us",
+        type=float,
+        default=0.0,
+        help="--role both: exchange time per layer for the simulator's prediction",
+    )
     p.add_argument("--experts-copied", action="store_true", help="control: slice experts")
     p.add_argument(
         "--runs", default="", help="'MxBm,...' (micro-batches x sequences each); overrides "
@@ -316,31 +342,37 @@ def main(argv=None) -> dict:
     p.add_argument("--stage-runs", type=int, default=99, help="stage breakdown for the first N")
     args = p.parse_args(argv)
     layout = AfdLayout.parse(args.layout, ffn_ep=args.ffn_ep)
-    devices = jax.devices()[: layout.num_devices]
+    devices = jax.devices()[: 1 if args.role else layout.num_devices]
     cfg = bench_config(args.layers, args.tiny, args.full)
     runs: list[dict] = []
     base: list[dict] = []
-    commit = git_commit()
+    harness.copy_probe()  # before any arena fills the device memory
 
     def save() -> dict:  # after every config: a timeout still leaves the finished ones
-        result = {
-            "device": devices[0].device_kind,
-            "num_devices": len(devices),
-            "jax_version": jax.__version__,
-            "commit": commit,
-            "date": datetime.date.today().isoformat(),
-            "config": vars(args),
-            "runs": [r for r in runs if "error" not in r],
-            "baseline": base,
-            "errors": [r for r in runs if "error" in r],
-        }
+        # Harness provenance + the `step3_jax.cost.simulator.load_measured` schema ("runs").
+        extra = dict(
+            jax_version=jax.__version__,
+            devices_used=len(devices),
+            config=vars(args),
+            runs=[r for r in runs if "error" not in r],
+            baseline=base,
+            errors=[r for r in runs if "error" in r],
+        )
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-        return result
+            return harness.write_results(args.out, [], bench="afd", **extra)
+        return harness.results("afd", [], **extra)
 
     plan = [tuple(int(v) for v in r.split("x")) for r in args.runs.split(",") if r]
     plan = plan or [(int(m), args.microbatch) for m in args.micro_batches.split(",") if m]
+    if args.role:
+        rows, runs = role_runs(args, cfg, layout, jax.devices()[0], plan)
+        extra = dict(jax_version=jax.__version__, config=vars(args), runs=runs)
+        if args.out:
+            result = harness.write_results(args.out, rows, bench="afd_roles", **extra)
+        else:
+            result = harness.results("afd_roles", rows, **extra)
+        print(json.dumps(result))
+        return result
     for i, (m, bm) in enumerate(plan):
         stages = i < args.stage_runs
         _guard(

@@ -21,33 +21,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
-import json
-import statistics
-import time
+import os
+import sys
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.provenance import git_commit
-from step3_jax import KVCache, Step3Config
-from step3_jax.model import DecoderLayer
-from step3_jax.quant_model import quantize_model, weight_bytes
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
 
-
-def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: a * 1.0000001)
-    f(x).block_until_ready()
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times) / 1e9
-
+from benchmarks import harness  # noqa: E402
+from step3_jax import KVCache, Step3Config  # noqa: E402
+from step3_jax.model import DecoderLayer  # noqa: E402
+from step3_jax.quant_model import quantize_model, weight_bytes  # noqa: E402
 
 # (name, precision mode, gemm form, weight granularity, attention implementation, fuse_qkv)
 VARIANTS = [
@@ -116,81 +104,45 @@ def time_mode(variant, batch, ctx, reps=30, tiny=False):
         )
         return x_mid, h2, routing, cache.replace(lengths=cache.lengths)  # keep length fixed
 
-    out = step(state, x, cache)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        cache = out[3]
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(step(state, x, cache))
-        times.append(time.perf_counter() - t0)
-    us = 1e6 * statistics.median(times)
-    try:
-        device_us, kernels = _cupti(step, state, x, out[3])
-    except Exception as e:  # noqa: BLE001 - private CUPTI hooks: keep the wall-clock row
-        device_us, kernels = None, [("cupti error", f"{type(e).__name__}: {str(e)[:200]}")]
+    carry = [cache]
+
+    def one():  # the donated cache threads through the calls
+        out = step(state, x, carry[0])
+        carry[0] = out[3]
+        return out
+
     kv_per_tok = 2 * cfg.head_dim * (1 if mode == "fp8+kv8" else 2) + (
         8 if mode == "fp8+kv8" else 0
     )
-    total = attn_bytes + batch * ctx * kv_per_tok
-    return {
-        "name": name,
-        "mode": mode,
-        "gemm": gemm,
-        "qkv": "fused" if fuse else ("percall" if gemm == "pallas" else "separate"),
-        "granularity": granularity,
-        "attention": attention,
-        "batch": batch,
-        "context": ctx,
-        "us": round(us, 1),
-        "device_us": device_us,
-        "kernels_us": kernels,
-        "weight_bytes": int(attn_bytes),
-        "kv_bytes": int(batch * ctx * kv_per_tok),
-        "GBps": round(total / us / 1e3, 1),
-        "paper_h800_us": 281,
-    }
+    shape = {"batch": batch, "context": ctx}
+    row = harness.measure(
+        one, reps=reps, bytes=attn_bytes + batch * ctx * kv_per_tok, name=name, shape=shape,
+        mode=mode, gemm=gemm, qkv="fused" if fuse else ("percall" if gemm == "pallas" else "separate"),
+        granularity=granularity, attention=attention, batch=batch, context=ctx,
+        kernels_us=_kernels(one), weight_bytes=int(attn_bytes),
+        kv_bytes=int(batch * ctx * kv_per_tok), paper_h800_us=281,
+    )  # fmt: skip
+    return row.to_dict()
 
 
-def _cupti(step, state, x, cache, reps: int = 5):
-    """Device time of one call (CUPTI: sum of every kernel, mean over reps) and the kernels
-    taking >= 1 us, largest first: where the attention half spends its time, without the
-    dispatch that the wall-clock figure includes.
-
-    ``profiler.measure`` calls its function twice with the same arguments, which the donated
-    cache does not survive, so this drives the same CUPTI hooks over ``reps`` calls, each on
-    its own copy of the cache made before profiling starts."""
-    try:
-        from jax.experimental.mosaic.gpu import profiler
-
-        ext = profiler.mosaic_gpu_lib._mosaic_gpu_ext
-    except (ImportError, AttributeError):
-        return None, []
-    caches = [jax.tree.map(jnp.copy, cache) for _ in range(reps)]
-    jax.block_until_ready(caches)
-    ext._cupti_init()
-    try:
-        outs = [step(state, x, c) for c in caches]
-        jax.block_until_ready(outs)
-    finally:
-        timings = ext._cupti_get_timings(True) or []
+def _kernels(one):
+    """Per-kernel device times (us) of one call, summed by name, those >= 1 us, largest first:
+    where the attention half spends its time, without the dispatch the host time includes."""
     per: dict[str, float] = {}
-    for name, ms in timings:
-        per[name[:60]] = per.get(name[:60], 0.0) + ms * 1e3 / reps
-    top = sorted(per.items(), key=lambda kv: -kv[1])
-    total = sum(per.values())
-    return round(total, 1), [(n, round(t, 1)) for n, t in top if t >= 1]
+    for name, us in harness.kernel_times(one):
+        per[name[:60]] = per.get(name[:60], 0.0) + us
+    return [(n, round(t, 1)) for n, t in sorted(per.items(), key=lambda kv: -kv[1]) if t >= 1]
 
 
-def main():
-    p = argparse.ArgumentParser()
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", default="128:4096,64:8192")
     p.add_argument("--out", default=None)
     p.add_argument("--first", type=int, default=99, help="run only the first N variants")
     p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     p.add_argument("--tiny", action="store_true", help="small layer, small pairs: CPU smoke")
     p.add_argument("--reps", type=int, default=30)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.tiny and args.pairs == p.get_default("pairs"):
         args.pairs = "4:256"
     variants = VARIANTS[: args.first]
@@ -202,18 +154,8 @@ def main():
                 f"unknown --only variants {unknown}; known: {[v[0] for v in VARIANTS]}"
             )
         variants = [v for v in variants if v[0] in names]
-    copy = copy_bandwidth_gbs(64 << 20 if args.tiny else 2 << 30)
-    commit = git_commit()
-    res = {
-        "bench": "attention_layer",
-        "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
-        "commit": commit,
-        "date": datetime.date.today().isoformat(),
-        "copy_GBps": round(copy, 1),
-        "tiny": args.tiny,
-        "rows": [],
-    }
+    harness.print_json({"copy_probe": harness.copy_probe()})
+    rows = []
     for pair in args.pairs.split(","):
         b, s = (int(v) for v in pair.split(":"))
         for variant in variants:
@@ -221,23 +163,16 @@ def main():
             try:
                 row = time_mode(variant, b, s, args.reps, args.tiny)
             except Exception as e:  # noqa: BLE001 - record and keep going
-                row = {
-                    "name": name,
-                    "mode": mode,
-                    "gemm": gemm,
-                    "granularity": gran,
-                    "attention": attn,
-                    "batch": b,
-                    "context": s,
-                    "error": f"{type(e).__name__}: {str(e)[:300]}",
-                }
-            row["copy_fraction"] = round(row.get("GBps", 0) / copy, 3)
-            res["rows"].append(row)
-            print(json.dumps(row), flush=True)
+                row = harness.error_row(
+                    name, {"batch": b, "context": s}, e, mode=mode, gemm=gemm, granularity=gran,
+                    attention=attn,
+                )  # fmt: skip
+            rows.append(row)
+            harness.print_json(row)
+    doc = harness.results("attention_layer", rows, tiny=args.tiny)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-    print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
+        harness.write_results(args.out, rows, bench="attention_layer", tiny=args.tiny)
+    harness.print_json({k: v for k, v in doc.items() if k != "rows"})
 
 
 if __name__ == "__main__":

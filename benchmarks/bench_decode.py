@@ -3,8 +3,8 @@
 One decode step = every sequence of the batch appends one token at context ``ctx``: embedding,
 ``L`` decoder layers (MFA with the cache write and attention over ``ctx`` cached tokens, MoE or
 dense FFN), final norm, lm_head, greedy argmax. The step is ``jax.jit`` of a pure function of
-(params, tokens, cache) with the cache donated, timed with ``block_until_ready`` (median of
-``--steps`` steps after warm-up).
+(params, tokens, cache) with the cache donated, timed by ``benchmarks.harness`` (device time
+of ``--steps`` steps after warm-up, host times beside it).
 
 Bytes the step must read (the memory roofline): every weight byte a token batch touches
 (attention linears, norms, router, shared expert, dense FFN, the routed experts it selects,
@@ -12,7 +12,7 @@ lm_head; the embedding rows are negligible) plus the KV cache (values + per-toke
 ``ctx`` tokens per sequence per layer. Routed experts touched: the expected number of distinct
 experts among ``B * top_k`` uniform draws, ``E * (1 - (1 - K/E)^B)``; the dense MoE oracle reads
 all ``E`` anyway (reported as ``bytes_all``). The device ceiling is a measured device-to-device
-copy (read + write) in the same run.
+copy (read + write): the harness's copy probe, same process.
 
     # CPU, tiny config
     python benchmarks/bench_decode.py --config tiny
@@ -27,22 +27,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
-import json
 import math
 import os
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from benchmarks.provenance import git_commit  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from step3_jax.cache import KVCache  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
 from step3_jax.model import Step3Model  # noqa: E402
@@ -171,19 +170,6 @@ def step_bytes(model, cfg: Step3Config, cache: KVCache, batch: int, ctx: int) ->
 
 
 # ---------------------------------------------------------------------- timing
-def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
-    """Device copy bandwidth in B/s: (read + write) bytes of ``y = x + 1`` per second."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: a + 1.0)
-    f(x).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / float(np.median(times))
-
-
 def make_step(graphdef):
     @functools.partial(jax.jit, donate_argnums=(2,))
     def step(state, tokens, cache):
@@ -200,15 +186,6 @@ def make_head(graphdef):
         return nnx.merge(graphdef, state).logits(x)
 
     return head
-
-
-def _median_time(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def cache_copies(hlo: str, batch: int, max_len: int, head_dim: int) -> list[str]:
@@ -230,11 +207,13 @@ def cache_copies(hlo: str, batch: int, max_len: int, head_dim: int) -> list[str]
 
 
 def measure(model, cfg, precision: Precision, batch: int, ctx: int, steps: int, dump_hlo=None):
-    """Times one decode-step configuration; returns a result dict."""
+    """Times one decode-step configuration; returns its harness row (as a dict)."""
     graphdef, state = nnx.split(model)
     step = make_step(graphdef)
     warm = 2
-    extra = -(-(warm + steps + 1) // 64) * 64  # keeps S a multiple of 64 (kernel block_s)
+    # Every timed call appends one token: the harness makes warm + 3 * steps calls (device,
+    # blocked and loop passes); S stays a multiple of 64 (kernel block_s).
+    extra = -(-(warm + 3 * steps + 1) // 64) * 64
     cache = random_cache(cfg, batch, ctx, extra, precision.cache_dtype or model.dtype)
     tokens = jax.random.randint(jax.random.key(2), (batch,), 0, cfg.vocab_size, jnp.int32)
     bytes_ = step_bytes(model, cfg, cache, batch, ctx)
@@ -248,43 +227,51 @@ def measure(model, cfg, precision: Precision, batch: int, ctx: int, steps: int, 
             f.write(hlo)
     carry = [tokens, cache]
 
-    def one():
+    def one():  # the donated cache threads through the calls
         carry[0], carry[1] = compiled(state, carry[0], carry[1])
         return carry[0]
 
-    for _ in range(warm):
-        one()
-    step_s = _median_time(one, steps)
+    shape = {"batch": batch, "context": ctx, "layers": cfg.num_layers}
+    row = harness.measure(
+        one, reps=steps, warmup=warm, bytes=bytes_["bytes_min"], name=precision.name, shape=shape
+    )
     # lm_head + final norm alone, to separate the per-layer time from the head.
     head = make_head(graphdef)
     x = jax.random.normal(jax.random.key(3), (batch, 1, cfg.hidden_size), model.dtype)
-    head(state, x).block_until_ready()
-    head_s = _median_time(lambda: head(state, x), steps)
+    head_us = harness.time_calls(head, [(state, x)], reps=steps).time_us
     carry.clear()
-    return {
-        "precision": precision.name,
-        "batch": batch,
-        "context": ctx,
-        "layers": cfg.num_layers,
-        "step_ms": step_s * 1e3,
-        "head_ms": head_s * 1e3,
-        "per_layer_us": (step_s - head_s) / cfg.num_layers * 1e6,
-        "tokens_per_s": batch / step_s,
-        "compile_s": compile_s,
-        "cache_copies_in_hlo": len(copies),
-        "cache_copy_examples": copies[:3],
+    step_us = row.time_us
+    out = row.to_dict()
+    out.update(
+        precision=precision.name,
+        batch=batch,
+        context=ctx,
+        step_ms=step_us / 1e3,
+        head_ms=head_us / 1e3,
+        per_layer_us=(step_us - head_us) / cfg.num_layers,
+        tokens_per_s=batch / step_us * 1e6,
+        compile_s=compile_s,
+        cache_copies_in_hlo=len(copies),
+        cache_copy_examples=copies[:3],
         **bytes_,
-        "achieved_GBps": bytes_["bytes_min"] / step_s / 1e9,
-    }
+    )
+    return out
 
 
-def gemm_forms(m: int = 128, reps: int = 20, full: bool = True) -> list[dict]:
+def gemm_forms(m: int = 128, reps: int = 20) -> list[dict]:
     """XLA forms of one FP8 GEMM at decode shapes vs bf16: time and weight-read GB/s."""
+    from step3_jax.layers.linear import project
+
     out = []
     shapes = [
         ("dense_ffn", "MD,FD->MF", (18432, 7168)),
         ("experts", "MD,EFD->MEF", (48, 5120, 7168)),
     ]
+
+    def raw_fp8(x, wv, eqn):
+        xq = x.astype(jnp.float8_e4m3fn)
+        return jnp.einsum(eqn, xq, wv, preferred_element_type=jnp.float32).astype(x.dtype)
+
     for name, eqn, wshape in shapes:
         key = jax.random.key(0)
         w = _random_float(key, wshape, 0.01)
@@ -298,57 +285,34 @@ def gemm_forms(m: int = 128, reps: int = 20, full: bool = True) -> list[dict]:
         cands["fp8_channel_dequant"] = Fp8Weight.quantize(w, num_batch=nb, granularity="channel")
         # XLA's own FP8 x FP8 dot (per-tensor scaling only): the ceiling of XLA-alone FP8.
         cands["xla_fp8_dot_pertensor"] = cands["fp8_channel_dequant"].values
-        from step3_jax.layers.linear import project
-
-        def raw_fp8(x, wv, eqn):
-            xq = x.astype(jnp.float8_e4m3fn)
-            return jnp.einsum(eqn, xq, wv, preferred_element_type=jnp.float32).astype(x.dtype)
-
         for label, wt in cands.items():
             if label.startswith("xla_fp8_dot"):
                 f = jax.jit(lambda x, wt, eqn=eqn: raw_fp8(x, wt, eqn))
             else:
                 f = jax.jit(lambda x, wt, eqn=eqn: project(x, wt, eqn))
-            try:
-                f(x, wt).block_until_ready()
-                t = _median_time(lambda f=f, wt=wt, x=x: f(x, wt), reps)
+            shape = {"gemm": name, "form": label, "m": m}
+            try:  # weights >> L2: one input set
+                wbytes = _leaf_bytes(wt)
+                row = harness.measure(
+                    f, [(x, wt)], reps=reps, bytes=wbytes, flops=2 * m * wbytes, name=label,
+                    shape=shape, gemm=name, form=label,
+                ).to_dict()  # fmt: skip
             except Exception as e:  # noqa: BLE001 - report and go on
-                out.append({"gemm": name, "form": label, "error": repr(e)[:200]})
-                continue
-            wbytes = _leaf_bytes(wt)
-            out.append(
-                {
-                    "gemm": name,
-                    "form": label,
-                    "m": m,
-                    "us": t * 1e6,
-                    "weight_GBps": wbytes / t / 1e9,
-                }
-            )
-            print(json.dumps(out[-1]), flush=True)
+                row = harness.error_row(label, shape, e, gemm=name, form=label)
+            out.append(row)
+            harness.print_json(row)
         del cands, w
     return out
-
-
-def _meta() -> dict:
-    commit = git_commit(short=True)
-    dev = jax.devices()[0]
-    return {
-        "device": getattr(dev, "device_kind", str(dev)),
-        "platform": dev.platform,
-        "jax": jax.__version__,
-        "commit": commit,
-        "date": datetime.date.today().isoformat(),
-    }
 
 
 def _ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v]
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=("tiny", "step3"), default="tiny")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny config, B=1, ctx 64")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--vocab", type=int, default=None, help="step3 only; default the real vocab")
     p.add_argument("--precision", default="bf16,fp8,fp8+kv8")
@@ -370,6 +334,17 @@ def main(argv=None) -> dict:
     p.add_argument("--hlo-dir", default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    if a.tiny:
+        a.config, a.pairs, a.precision, a.steps = "tiny", "1:64", "bf16,fp8+kv8", 3
+    return a
+
+
+SUMMARY_KEYS = ("name", "batch", "context", "per_layer_us", "tokens_per_s", "GBps",
+                "pct_of_copy", "bytes_min", "error")  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
     t_start = time.perf_counter()
     cfg = bench_config(a.config, a.layers, a.vocab)
     pairs = (
@@ -378,21 +353,22 @@ def main(argv=None) -> dict:
         else [(b, c) for b in _ints(a.batch) for c in _ints(a.context)]
     )
     attention = None if a.attention == "auto" else a.attention
-    result = {**_meta(), "config": a.config, "layers": cfg.num_layers, "moe": a.moe}
-    result["attention"], result["granularity"] = a.attention, a.granularity
-    result["copy_GBps"] = copy_bandwidth(256 << 20 if a.config == "tiny" else 2 << 30) / 1e9
-    print(f"copy bandwidth {result['copy_GBps']:.0f} GB/s", flush=True)
+    extra = {"config": a.config, "layers": cfg.num_layers, "moe": a.moe}
+    extra.update(attention=a.attention, granularity=a.granularity)
+    harness.print_json({"copy_probe": harness.copy_probe()})
     if a.gemm_forms:
-        result["gemm_forms"] = gemm_forms()
-    runs = result["runs"] = []
-    dtype = jnp.dtype(a.dtype or ("bfloat16" if result["platform"] == "gpu" else "float32"))
-    result["dtype"] = dtype.name
+        extra["gemm_forms"] = gemm_forms()
+    runs = []
+    gpu = jax.default_backend() == "gpu"
+    dtype = jnp.dtype(a.dtype or ("bfloat16" if gpu else "float32"))
+    extra["dtype"] = dtype.name
     # Pairs outer, precisions inner: the must-have pair runs in every mode before the budget
     # can cut anything; one model is alive at a time (a Step-3 layer stack fills the GPU).
     for b, c in pairs:
         for name in a.precision.split(","):
+            shape = {"batch": b, "context": c, "layers": cfg.num_layers}
             if time.perf_counter() - t_start > a.budget_s:
-                runs.append({"precision": name, "batch": b, "context": c, "skipped": "budget"})
+                runs.append({"name": name, "shape": shape, "skipped": "budget"})
                 continue
             hlo = None
             if a.hlo_dir and (b, c) == pairs[0] and name != "fp8":
@@ -403,41 +379,19 @@ def main(argv=None) -> dict:
                 )
                 r = measure(model, cfg, Precision(name), b, c, a.steps, hlo)
             except Exception as e:  # noqa: BLE001 - keep the sweep going, report the failure
-                r = {"precision": name, "batch": b, "context": c, "error": repr(e)[:300]}
+                r = harness.error_row(name, shape, e, batch=b, context=c)
             model = None  # free the weights before the next model is built
-            r["copy_fraction"] = r.get("achieved_GBps", 0.0) / result["copy_GBps"]
             runs.append(r)
-            print(json.dumps(r), flush=True)
+            harness.print_json(r)
             if a.out:
-                _write(a.out, result)
+                harness.write_results(a.out, runs, bench="decode", **extra)
+    doc = harness.results("decode", runs, **extra)
     if a.out:
-        _write(a.out, result)
-    summary = {k: result[k] for k in ("device", "jax", "commit", "config", "layers", "copy_GBps")}
-    summary["runs"] = [
-        {
-            k: r.get(k)
-            for k in (
-                "precision",
-                "batch",
-                "context",
-                "per_layer_us",
-                "tokens_per_s",
-                "achieved_GBps",
-                "copy_fraction",
-                "bytes_min",
-                "error",
-            )
-        }
-        for r in runs
-    ]
-    print(json.dumps(summary))
-    return result
-
-
-def _write(path: str, result: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+        harness.write_results(a.out, runs, bench="decode", **extra)
+    summary = {k: doc[k] for k in ("device", "jax", "commit", "config", "layers", "copy_GBps")}
+    summary["runs"] = [{k: r.get(k) for k in SUMMARY_KEYS} for r in runs]
+    harness.print_json(summary)
+    return doc
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Dense FP8 block-scaled GEMMs of the Step-3 attention half (M = B*T rows) through the
-grouped-GEMM kernel with one group, per tuning config: CUPTI kernel time and weight GB/s.
+grouped-GEMM kernel with one group, per tuning config: harness device time and weight GB/s.
 
     python3 benchmarks/bench_dense_fp8.py --m 128 --out dense.json
 """
@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
+import os
+import sys
 
-import jax
-import jax.numpy as jnp
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.provenance import git_commit
-from step3_jax import quant
-from step3_jax.kernels.grouped_gemm import TuningConfig, grouped_matmul
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from step3_jax import quant  # noqa: E402
+from step3_jax.kernels.grouped_gemm import TuningConfig, grouped_matmul  # noqa: E402
 
 SHAPES = {  # name: (N, K) of the [N, K] weight view
     "q_proj": (2048, 7168),
@@ -37,9 +40,9 @@ CONFIGS = {
 }
 
 
-def measure(m: int, n: int, k: int, cfg: TuningConfig) -> float:
-    from jax.experimental.mosaic.gpu import profiler
-
+def measure(m: int, n: int, k: int, cfg: TuningConfig, impl: str, name: str) -> dict:
+    """One GEMM [M, K] x [N, K]^T through the grouped kernel (one group); bytes: the FP8
+    weight and its 128 x 128 block scales."""
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
     xq, xs = quant.quantize_activations(x)
@@ -47,45 +50,41 @@ def measure(m: int, n: int, k: int, cfg: TuningConfig) -> float:
     gs = jnp.asarray([m], jnp.int32)
     fn = jax.jit(
         lambda xq, xs, w, s: grouped_matmul(
-            xq, w[None], gs, x_scale=xs, w_scale=s[None], implementation="pallas", config=cfg
+            xq, w[None], gs, x_scale=xs, w_scale=s[None], implementation=impl, config=cfg
         )
     )
-    times = []
-    for _ in range(5):
-        _, t = profiler.measure(fn)(xq, xs, wq, ws)
-        times.append(t * 1e3)
-    return sorted(times)[len(times) // 2]
+    wbytes = n * k + ws.size * 4
+    sets = [(xq, xs, wq, ws)]  # one weight; the shapes here are L2-sized, as in the layer
+    row = harness.measure(fn, sets, bytes=wbytes, flops=2 * m * n * k, name=name,
+                          shape={"m": m, "n": n, "k": k})  # fmt: skip
+    return row.to_dict()
 
 
-def main():
-    p = argparse.ArgumentParser()
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--m", type=int, default=128)
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: XLA path, one small shape")
+    args = p.parse_args(argv)
+    shapes, configs, impl = SHAPES, CONFIGS, "pallas"
+    if args.tiny:
+        shapes, configs, impl = {"tiny": (256, 512)}, dict(list(CONFIGS.items())[:1]), "xla"
+        args.m = 16
     rows = []
-    for name, (n, k) in SHAPES.items():
-        for cname, cfg in CONFIGS.items():
+    for name, (n, k) in shapes.items():
+        for cname, cfg in configs.items():
             try:
-                us = measure(args.m, n, k, cfg)
-                row = dict(shape=name, n=n, k=k, config=cname, us=round(us, 1))
-                row["weight_GBps"] = round(n * k * (1 + 4 / 128 / 128) / us / 1e3, 1)
+                row = measure(args.m, n, k, cfg, impl, name)
+                row["config"] = cname
             except Exception as e:  # noqa: BLE001 - a config that does not fit is a data point
-                row = dict(shape=name, config=cname, error=f"{type(e).__name__}: {str(e)[:200]}")
+                row = harness.error_row(name, {"m": args.m, "n": n, "k": k}, e, config=cname)
             rows.append(row)
-            print(json.dumps(row), flush=True)
-    res = {
-        "bench": "dense_fp8",
-        "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
-        "commit": git_commit(),
-        "date": datetime.date.today().isoformat(),
-        "m": args.m,
-        "configs": {k: dataclasses.asdict(v) for k, v in CONFIGS.items()},
-        "rows": rows,
-    }
+            harness.print_json(row)
+    extra = {"m": args.m, "configs": {k: dataclasses.asdict(v) for k, v in configs.items()}}
+    doc = harness.results("dense_fp8", rows, **extra)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+        harness.write_results(args.out, rows, bench="dense_fp8", **extra)
+    harness.print_json({k: v for k, v in doc.items() if k != "rows"})
 
 
 if __name__ == "__main__":

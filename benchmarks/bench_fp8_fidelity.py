@@ -22,20 +22,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from benchmarks.provenance import git_commit  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from step3_jax.cache import KVCache  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
 from step3_jax.model import Step3Model  # noqa: E402
@@ -183,16 +183,11 @@ def main(argv=None) -> dict:
     p.add_argument("--granularity", default="block", help="weight scales: block or channel")
     p.add_argument("--dtype", default="float32", help="reference/compute dtype of random models")
     p.add_argument("--out", default=None)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: the tiny model, 4 tokens")
     a = p.parse_args(argv)
-    commit = git_commit(short=True)
-    dev = jax.devices()[0]
-    result = {
-        "device": getattr(dev, "device_kind", str(dev)),
-        "jax": jax.__version__,
-        "commit": commit,
-        "date": datetime.date.today().isoformat(),
-        "results": [],
-    }
+    if a.tiny:
+        a.model, a.gen = "tiny", 4
+    result = {"results": []}
     for name in a.model.split(","):
         try:
             result["results"].append(
@@ -201,9 +196,10 @@ def main(argv=None) -> dict:
         except (ImportError, AttributeError, FileNotFoundError) as e:  # no demo checkpoint yet
             result["results"].append({"model": name, "skipped": repr(e)[:200]})
             print(f"skipped {name}: {e!r}", flush=True)
+    # No timing here: provenance only (no copy probe); one row per model.
+    doc = harness.results("fp8_fidelity", result["results"], copy=False)
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
+        harness.write_results(a.out, result["results"], bench="fp8_fidelity", copy=False)
     summary = [
         {
             "model": r["model"],
@@ -225,8 +221,8 @@ def main(argv=None) -> dict:
         for r in result["results"]
         if "skipped" not in r
     ]
-    print(json.dumps({"device": result["device"], "commit": commit, "summary": summary}))
-    return result
+    harness.print_json({"device": doc["device"], "commit": doc["commit"], "summary": summary})
+    return doc
 
 
 if __name__ == "__main__":

@@ -1,73 +1,39 @@
 """Benchmark MFA decode attention (64 heads, one 256-wide K/V head) against its baselines.
 
-For each B x context: us per call (kernel time from CUPTI via mosaic profiler.measure, median
-over rotated input sets larger than L2), effective GB/s over all bytes the kernel must read
-(KV + scales + q), and % of the device copy bandwidth measured in the same run. Side by side:
-our Pallas kernel (FP8 and bf16 cache), the XLA implementation (FP8 and bf16), the JAX Triton
-decode-attention example (bf16), torch SDPA (bf16, CUDA events) and cuDNN through
-jax.nn.dot_product_attention (bf16) when it runs.
+For each B x context (timed by ``benchmarks.harness``: device time, host times beside it,
+rotated input sets larger than L2): effective GB/s over all bytes the kernel must read
+(KV + scales + q), and % of the copy probe of the same process. Side by side: our Pallas kernel
+(FP8 and bf16 cache), the XLA implementation (FP8 and bf16), the JAX Triton decode-attention
+example (bf16), torch SDPA (bf16) and cuDNN through jax.nn.dot_product_attention (bf16) when it
+runs. ``--splits`` adds Pallas rows at fixed split-K factors (the small-batch sweep of issue
+16); ``--breakdown`` records the per-kernel times of chosen shapes.
 
-    python3 benchmarks/bench_mfa_decode.py --out /tmp/res [--quick]
+    python3 benchmarks/bench_mfa_decode.py --out /tmp/res
+    python3 benchmarks/bench_mfa_decode.py --tiny --out /tmp/res   # CPU smoke run (XLA rows)
 
-Last stdout line: one JSON object (also written to --out/mfa_decode_<device>.json).
+Last stdout line: one JSON object (the file is --out/mfa_decode_<device>.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import dataclasses
 import functools
-import json
 import os
-import statistics
 import sys
-import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.provenance import git_commit
-from step3_jax.kernels.mfa_decode import mfa_decode_attention
-from step3_jax.quant import quantize_kv
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from step3_jax.kernels.mfa_decode import config as cfg_lib  # noqa: E402
+from step3_jax.kernels.mfa_decode import mfa_decode_attention  # noqa: E402
+from step3_jax.quant import quantize_kv  # noqa: E402
 
 N, H = 64, 256
-L2_BYTES = 50 * 2**20
-
-
-def _measure_us(fn, arg_sets, reps=5):
-    """Median kernel time (us) over reps x rotated arg sets; CUPTI when available."""
-    try:
-        from jax.experimental.mosaic.gpu import profiler
-
-        meas = profiler.measure(fn)
-        for a in arg_sets[:2]:
-            jax.block_until_ready(meas(*a)[0])
-        times = []
-        for _ in range(reps):
-            for a in arg_sets:
-                out, t_ms = meas(*a)
-                if t_ms is not None:
-                    times.append(t_ms * 1e3)
-        if times:
-            return statistics.median(times), "cupti"
-    except Exception as e:  # noqa: BLE001 - fall back to wall clock
-        print("cupti measure failed:", type(e).__name__, str(e)[:200], file=sys.stderr)
-    jax.block_until_ready(fn(*arg_sets[0]))
-    n = reps * len(arg_sets)
-    t0 = time.perf_counter()
-    for i in range(n):
-        out = fn(*arg_sets[i % len(arg_sets)])
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / n * 1e6, "wall"
-
-
-def copy_bandwidth_gbs(nbytes=2 * 2**30):
-    """Device-to-device copy (read + write) of a large f32 array, GB/s."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: a + 1.0)
-    us, _ = _measure_us(f, [(x,)], reps=10)
-    return 2 * nbytes / (us * 1e-6) / 1e9
 
 
 def make_inputs(seed, b, s, fp8):
@@ -89,26 +55,33 @@ def bytes_read(b, s, fp8):
     return kv + scales + b * N * H * 2
 
 
-def _arg_sets(b, s, fp8, nbytes):
-    n = int(min(8, max(1, -(-3 * L2_BYTES // nbytes))))
-    return [make_inputs(i, b, s, fp8) for i in range(n)]
+def flops(b, s):
+    """QK and P.V: 2 * 2 * B * N * S * H."""
+    return 4 * b * N * s * H
+
+
+def _arg_sets(b, s, fp8):
+    return [(make_inputs(i, b, s, fp8),) for i in range(harness.num_sets(bytes_read(b, s, fp8)))]
+
+
+def auto_splits(b, s, block_s=64):
+    """The split-K factor the api picks for B x S on this device (T = 1)."""
+    sms = getattr(jax.devices()[0], "core_count", 132) or 132
+    return cfg_lib.choose_num_splits(b, s, block_s, sms)
+
+
+def _ours(impl, config=None):
+    return jax.jit(lambda d: mfa_decode_attention(**d, implementation=impl, config=config))
 
 
 def bench_ours(b, s, fp8, impl, config=None):
-    sets = _arg_sets(b, s, fp8, bytes_read(b, s, fp8))
-    fn = jax.jit(lambda d: mfa_decode_attention(**d, implementation=impl, config=config))
-    return _measure_us(fn, [(d,) for d in sets])
+    return _ours(impl, config), _arg_sets(b, s, fp8)
 
 
-def kernel_breakdown(b, s, fp8):
-    """Per-kernel CUPTI times (us) of one pallas call: the Mosaic kernel, q quantization, etc."""
-    from jax.experimental.mosaic.gpu import profiler
-
-    d = make_inputs(0, b, s, fp8)
-    fn = jax.jit(lambda d: mfa_decode_attention(**d, implementation="pallas"))
-    jax.block_until_ready(fn(d))
-    _, per_kernel = profiler.measure(fn, aggregate=False)(d)
-    return [(name[:80], round(t * 1e3, 2)) for name, t in per_kernel or []]
+def kernel_breakdown(b, s, fp8, config=None):
+    """Per-kernel device times (us) of one Pallas call: the Mosaic kernel, the split-K combine
+    fusions, q quantization, in launch order."""
+    return harness.kernel_times(_ours("pallas", config), (make_inputs(0, b, s, fp8),))
 
 
 VARIANTS = {  # name -> (fp8, TuningConfig kwargs); measured side by side at the target shapes
@@ -172,7 +145,7 @@ FP8_CONFIG = {}  # TuningConfig kwargs for the sweep's pallas_fp8 rows (--fp8-sp
 BF16_CONFIG = {}  # same for pallas_bf16 rows; set only by --config-from-variants
 
 
-def variants(shapes, copy_gbs, table=None):
+def variants(shapes, table=None):
     """Time every variant of ``table`` (default VARIANTS) at each (B, S) of ``shapes``."""
     from step3_jax.kernels.mfa_decode import TuningConfig
 
@@ -181,49 +154,43 @@ def variants(shapes, copy_gbs, table=None):
         for name, (fp8, kw) in (table or VARIANTS).items():
             cfg = TuningConfig(**kw)
             rows.append(
-                _row(
-                    name,
-                    b,
-                    s,
-                    fp8,
-                    functools.partial(bench_ours, b, s, fp8, "pallas", cfg),
-                    copy_gbs,
-                )
+                _row(name, b, s, fp8, functools.partial(bench_ours, b, s, fp8, "pallas", cfg))
             )
     return rows
 
 
+def _shape_key(r):
+    return r["shape"]["B"], r["shape"]["ctx"]
+
+
 def best_variant(rows, table, fp8):
-    """Name of the ``fp8`` variant of ``table`` with the lowest mean of us / (best us at that
-    shape) over the shapes where it ran; only variants that ran at every shape count."""
+    """Name of the ``fp8`` variant of ``table`` with the lowest mean of time / (best time at
+    that shape) over the shapes where it ran; only variants that ran at every shape count."""
     names = [n for n, (f, _) in table.items() if f == fp8]
-    ok = [r for r in rows if r["impl"] in names and "us" in r]
-    shapes = {(r["B"], r["ctx"]) for r in ok}
+    ok = [r for r in rows if r["name"] in names and "time_us" in r]
+    shapes = {_shape_key(r) for r in ok}
     if not shapes:
         return None
-    best = {sh: min(r["us"] for r in ok if (r["B"], r["ctx"]) == sh) for sh in shapes}
+    best = {sh: min(r["time_us"] for r in ok if _shape_key(r) == sh) for sh in shapes}
     score = {}
     for n in names:
-        mine = [r for r in ok if r["impl"] == n]
+        mine = [r for r in ok if r["name"] == n]
         if len(mine) == len(shapes):
-            score[n] = sum(r["us"] / best[(r["B"], r["ctx"])] for r in mine) / len(mine)
+            score[n] = sum(r["time_us"] / best[_shape_key(r)] for r in mine) / len(mine)
     return min(score, key=score.get) if score else None
 
 
 def bench_triton_example(b, s):
     from jax.experimental.pallas.ops.gpu import decode_attention as da
 
-    sets = _arg_sets(b, s, False, bytes_read(b, s, False))
     # block_k=64: the example's default 256 needs 272 KiB of shared memory at head dim 256.
     fn = jax.jit(
         lambda d: da.mqa(d["q"][:, 0], d["k"], d["v"], kv_seq_len=d["lengths"], block_k=64)
     )
-    return _measure_us(fn, [(d,) for d in sets])
+    return fn, _arg_sets(b, s, False)
 
 
 def bench_cudnn(b, s):
-    sets = _arg_sets(b, s, False, bytes_read(b, s, False))
-
     def f(d):
         return jax.nn.dot_product_attention(
             d["q"],
@@ -233,72 +200,87 @@ def bench_cudnn(b, s):
             implementation="cudnn",
         )
 
-    return _measure_us(jax.jit(f), [(d,) for d in sets])
+    return jax.jit(f), _arg_sets(b, s, False)
 
 
-def bench_torch_sdpa(b, s, reps=20):
+def bench_torch_sdpa(b, s):
     import torch
     import torch.nn.functional as F
 
-    nbytes = bytes_read(b, s, False)
-    n_sets = int(min(8, max(1, -(-3 * L2_BYTES // nbytes))))
+    n_sets = harness.num_sets(bytes_read(b, s, False))
     g = torch.Generator(device="cuda").manual_seed(0)
     mk = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
     sets = [(mk(b, N, 1, H), mk(b, 1, s, H), mk(b, 1, s, H)) for _ in range(n_sets)]
     call = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    for qkv in sets:
-        call(*qkv)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for i in range(reps * n_sets):
-        call(*sets[i % n_sets])
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * n_sets), "cuda_events"
+    return call, sets, lambda _: torch.cuda.synchronize()
 
 
-def _row(name, b, s, fp8, fn, copy_gbs):
+def _row(name, b, s, fp8, make, **extra):
+    """Times ``make() -> (fn, arg_sets[, sync])``; a failure is recorded as an error row."""
+    shape = {"B": b, "ctx": s, "kv": "fp8" if fp8 else "bf16"}
     try:
-        us, how = fn()
+        fn, sets, *sync = make()
+        kw = {"sync": sync[0]} if sync else {}
+        row = harness.measure(
+            fn, sets, bytes=bytes_read(b, s, fp8), flops=flops(b, s), name=name, shape=shape,
+            **kw, **extra,
+        ).to_dict()  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a failing baseline is recorded, not fatal
-        return {"impl": name, "B": b, "ctx": s, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-    gbs = bytes_read(b, s, fp8) / (us * 1e-6) / 1e9
-    row = {"impl": name, "B": b, "ctx": s, "us": round(us, 2), "GBps": round(gbs, 1)}
-    row.update(pct_copy=round(100 * gbs / copy_gbs, 1), timer=how)
-    print(json.dumps(row), flush=True)
+        row = harness.error_row(name, shape, e, **extra)
+    harness.print_json(row)
     return row
 
 
-def sweep(batches, contexts, impls, copy_gbs, rows, flush):
+def sweep(batches, contexts, impls, rows, flush, splits=()):
+    """Every impl at every B x S (<= 12 GiB of KV); with ``splits``, also the Pallas kernels at
+    each fixed split-K factor that leaves each split >= one 64-token block."""
     for s in contexts:
         for b in batches:
             if bytes_read(b, s, False) > 12 * 2**30:
                 continue
             plan = _plan(b, s)
             for name in impls:
-                fp8, fn = plan[name]
-                rows.append(_row(name, b, s, fp8, fn, copy_gbs))
+                fp8, make = plan[name]
+                extra = {"splits": auto_splits(b, s)} if name.startswith("pallas") else {}
+                rows.append(_row(name, b, s, fp8, make, **extra))
                 flush()
+                if not name.startswith("pallas") or not splits:
+                    continue
+                for j in splits:
+                    if j * 64 > s:
+                        continue
+                    cfg = forced_splits_config(b, s, fp8, j)
+                    rows.append(
+                        _row(f"{name}[splits={j}]", b, s, fp8,
+                             functools.partial(bench_ours, b, s, fp8, "pallas", cfg), splits=j)
+                    )  # fmt: skip
+                    flush()
     return rows
 
 
-def _fp8_config():
+def forced_splits_config(b, s, fp8, splits):
+    """The config the api would pick for this call (sweep config or tuned table, its ring
+    shrunk to fit f32 partials: ``api._resolve_config``), with ``num_splits`` forced."""
+    from step3_jax.kernels.mfa_decode import api
+
+    kv = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
+    cfg, _, _ = api._resolve_config(_config(fp8), kv, b, s, None)
+    return dataclasses.replace(cfg, num_splits=splits)
+
+
+def _config(fp8):
+    """The sweep's config: None (the api's tuned table) unless --fp8-split or
+    --config-from-variants set one."""
     from step3_jax.kernels.mfa_decode import TuningConfig
 
-    return TuningConfig(**FP8_CONFIG) if FP8_CONFIG else None
-
-
-def _bf16_config():
-    from step3_jax.kernels.mfa_decode import TuningConfig
-
-    return TuningConfig(**BF16_CONFIG) if BF16_CONFIG else None
+    kw = FP8_CONFIG if fp8 else BF16_CONFIG
+    return TuningConfig(**kw) if kw else None
 
 
 def _plan(b, s):
     return {
-        "pallas_fp8": (True, lambda: bench_ours(b, s, True, "pallas", _fp8_config())),
-        "pallas_bf16": (False, lambda: bench_ours(b, s, False, "pallas", _bf16_config())),
+        "pallas_fp8": (True, lambda: bench_ours(b, s, True, "pallas", _config(True))),
+        "pallas_bf16": (False, lambda: bench_ours(b, s, False, "pallas", _config(False))),
         "xla_fp8": (True, lambda: bench_ours(b, s, True, "xla")),
         "xla_bf16": (False, lambda: bench_ours(b, s, False, "xla")),
         "jax_triton_example_bf16": (False, lambda: bench_triton_example(b, s)),
@@ -307,8 +289,12 @@ def _plan(b, s):
     }
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def _ints(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--batches", default="1,8,32,64,128,256")
     ap.add_argument("--contexts", default="1024,4096,8192,32768")
@@ -328,15 +314,33 @@ def main():
     ap.add_argument(
         "--config-from-variants",
         action="store_true",
-        help="sweep pallas_fp8 / pallas_bf16 with the fastest variant (mean of us / best us over "
-        "the --variants shapes) instead of the tuned table",
+        help="sweep pallas_fp8 / pallas_bf16 with the fastest variant (mean of time / best time "
+        "over the --variants shapes) instead of the tuned table",
     )
     ap.add_argument(
         "--only-variants",
         default="",
         help="'|'-separated substrings: time only the variants whose names contain one",
     )
-    args = ap.parse_args()
+    ap.add_argument(
+        "--splits",
+        default="",
+        help="comma list of split-K factors: also time the pallas impls at each (e.g. 1,2,4,8)",
+    )
+    ap.add_argument(
+        "--breakdown",
+        default="128x4096",
+        help="BxS shapes whose per-kernel device times (FP8 pallas call) are recorded",
+    )
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: 2 x 256, XLA rows only")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.batches, args.contexts, args.impls = "2", "256", "xla_fp8,xla_bf16"
+        args.variants = args.breakdown = ""
+    return args
+
+
+def _variant_table(args):
     table = dict(VARIANTS)
     if args.extra_variants:
         names = list(EXTRA_VARIANTS) if args.extra_variants == "all" else args.extra_variants
@@ -350,65 +354,48 @@ def main():
     if args.only_variants:
         keep = [w for w in args.only_variants.split("|") if w]
         table = {n: v for n, v in table.items() if any(w in n for w in keep)}
+    return table
+
+
+def _shapes(text):
+    return [tuple(int(x) for x in v.split("x")) for v in text.split(",") if v]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    table = _variant_table(args)
     if args.fp8_split:
         FP8_CONFIG.update(wg_split=args.fp8_split)
-    dev = jax.devices()[0]
-    copy_gbs = copy_bandwidth_gbs()
-    print(json.dumps({"copy_GBps": round(copy_gbs, 1), "device": dev.device_kind}), flush=True)
-    commit = git_commit()
-    result = {
-        "bench": "mfa_decode",
-        "device": dev.device_kind,
-        "jax": jax.__version__,
-        "commit": commit,
-        "date": datetime.date.today().isoformat(),
-        "copy_GBps": round(copy_gbs, 1),
-        "timer_note": TIMER_NOTE,
-        "rows": [],
-    }
-    tag = dev.device_kind.replace(" ", "_")
+    harness.print_json({"copy_probe": harness.copy_probe(), "device": harness.device_tag()})
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"mfa_decode_{tag}.json")
+    path = os.path.join(args.out, f"mfa_decode_{harness.device_tag()}.json")
+    rows, extra = [], {"variants": [], "breakdown": {}}
 
     def flush():
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        harness.write_results(path, rows, bench="mfa_decode", **extra)
 
-    try:
-        result["breakdown_fp8_B128_4K"] = kernel_breakdown(128, 4096, True)
-        print(json.dumps({"breakdown": result["breakdown_fp8_B128_4K"]}), flush=True)
-    except Exception as e:  # noqa: BLE001
-        result["breakdown_fp8_B128_4K"] = f"{type(e).__name__}: {str(e)[:200]}"
-    shapes = [tuple(int(x) for x in v.split("x")) for v in args.variants.split(",") if v]
-    result["variants"] = variants(shapes, copy_gbs, table)
+    for b, s in _shapes(args.breakdown):
+        try:
+            extra["breakdown"][f"fp8_{b}x{s}"] = kernel_breakdown(b, s, True)
+        except Exception as e:  # noqa: BLE001
+            extra["breakdown"][f"fp8_{b}x{s}"] = f"{type(e).__name__}: {str(e)[:200]}"
+    harness.print_json({"breakdown": extra["breakdown"]})
+    extra["variants"] = variants(_shapes(args.variants), table)
     if args.config_from_variants:
         for fp8, cfg in ((True, FP8_CONFIG), (False, BF16_CONFIG)):
-            name = best_variant(result["variants"], table, fp8)
+            name = best_variant(extra["variants"], table, fp8)
             if name:
                 cfg.clear()
                 cfg.update(table[name][1])
-            result["sweep_config_" + ("fp8" if fp8 else "bf16")] = name
-        print(json.dumps({k: v for k, v in result.items() if k.startswith("sweep_config")}))
+            extra["sweep_config_" + ("fp8" if fp8 else "bf16")] = name
+        harness.print_json({k: v for k, v in extra.items() if k.startswith("sweep_config")})
     flush()
-    sweep(
-        [int(x) for x in args.batches.split(",")],
-        [int(x) for x in args.contexts.split(",")],
-        args.impls.split(","),
-        copy_gbs,
-        result["rows"],
-        flush,
-    )
+    sweep(_ints(args.batches), _ints(args.contexts), args.impls.split(","), rows, flush,
+          _ints(args.splits))  # fmt: skip
     flush()
-    print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "variants")}))
-
-
-TIMER_NOTE = (
-    "JAX rows: CUPTI kernel time summed over every kernel of the call (q quantization and the "
-    "split-K combine included), median over reps x rotated input sets (>= 3x L2 bytes). torch: "
-    "CUDA events around a loop of calls (includes launch gaps)."
-)
+    doc = harness.results("mfa_decode", rows, **extra)
+    harness.print_json({k: v for k, v in doc.items() if k not in ("rows", "variants")})
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()

@@ -9,7 +9,10 @@ the measured dense FP8 GEMM rate (torch._scaled_mm), and side by side the baseli
 XLA ``lax.ragged_dot`` (bf16 and FP8), the JAX ``ragged_dot_mgpu`` example (bf16) and torch
 grouped GEMMs where present.
 
+Timed by ``benchmarks.harness`` (device time, host times beside it; % of its copy probe).
+
 Usage (GPU): ``python3 benchmarks/bench_moe.py --out results.json``
+CPU smoke run: ``python3 benchmarks/bench_moe.py --tiny`` (D = F = 256, the XLA path).
 The last stdout line is a one-line JSON summary.
 """
 
@@ -17,50 +20,39 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.provenance import git_commit  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from step3_jax.kernels.grouped_gemm import api, moe  # noqa: E402
 from step3_jax.kernels.grouped_gemm.config import TuningConfig  # noqa: E402
 
 D, F, E, TOPK = 7168, 5120, 48, 3
-# BENCH_DRY=1: tiny shapes and the XLA path, to test this script's plumbing on a CPU.
-DRY = os.environ.get("BENCH_DRY") == "1"
-if DRY:
-    D, F = 256, 256
-IMPL = "xla" if DRY else "pallas"
+IMPL = "pallas"
 
 
-def timeit(fn, *args, iters=20, warmup=2):
-    """Median-free throughput time (ms): ``iters`` back-to-back async calls, one sync."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    reps = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        reps.append((time.perf_counter() - t0) / iters * 1e3)
-    return float(np.median(reps))
+def set_tiny() -> None:
+    """Tiny shapes and the XLA path (--tiny or BENCH_DRY=1): this script's plumbing on a CPU."""
+    global D, F, IMPL
+    D, F, IMPL = 256, 256, "xla"
 
 
-def copy_bandwidth():
-    """Device copy GB/s (read + write) of a 2 GiB buffer."""
-    a = jnp.ones((1 << 30,), jnp.bfloat16)
-    f = jax.jit(lambda a: a + 1)
-    ms = timeit(f, a, iters=10)
-    return 2 * a.nbytes / (ms * 1e-3) / 1e9
+if os.environ.get("BENCH_DRY") == "1":
+    set_tiny()
+
+
+def ms(fn, *args, reps=10, warmup=2, **kw) -> float:
+    """Device time of ``fn(*args)`` in ms (harness timer)."""
+    return harness.time_calls(fn, [args], reps=reps, warmup=warmup, **kw).time_us / 1e3
 
 
 def torch_dense_fp8_tflops():
@@ -72,15 +64,8 @@ def torch_dense_fp8_tflops():
         b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn).t()
         one = torch.tensor(1.0, device="cuda")
         f = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-        for _ in range(3):
-            f()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(20):
-            f()
-        torch.cuda.synchronize()
-        ms = (time.perf_counter() - t0) / 20 * 1e3
-        return 2 * m * n * k / (ms * 1e-3) / 1e12
+        t = ms(f, reps=20, warmup=3, sync=lambda _: torch.cuda.synchronize())
+        return 2 * m * n * k / (t * 1e-3) / 1e12
     except Exception as e:  # noqa: BLE001 - report, do not fail the sweep
         print("torch dense fp8 failed:", repr(e)[:200])
         return None
@@ -118,8 +103,9 @@ def sorted_rows(ids, first, e_local):
     return gs
 
 
-def bench_case(t, e_local, weights, scales, shared, cfg, baselines, copy_gbs, fp8_tf):
-    """All timings of one (T, E_local) case; returns a dict."""
+def bench_case(t, e_local, weights, scales, shared, cfg, baselines, fp8_tf):
+    """All timings of one (T, E_local) case; returns its row: the whole layer (routed +
+    shared) timed by the harness over the weight bytes it touches, the GEMMs beside it."""
     key = jax.random.key(t)
     x = (jax.random.normal(key, (t, D), jnp.float32)).astype(jnp.bfloat16)
     ids, rw = routing(jax.random.key(t + 1), t)
@@ -129,7 +115,6 @@ def bench_case(t, e_local, weights, scales, shared, cfg, baselines, copy_gbs, fp
     wg, wu, wd = weights
     sg, su, sd = scales
     kw = dict(implementation=IMPL, config=cfg)
-    res = {"T": t, "E_local": e_local, "routed_rows": rows, "active_experts": active}
 
     layer = jax.jit(
         lambda x, ids, rw, wg, wu, wd, sg, su, sd, shw: (
@@ -141,7 +126,16 @@ def bench_case(t, e_local, weights, scales, shared, cfg, baselines, copy_gbs, fp
             )
         )
     )
-    res["layer_ms"] = timeit(layer, x, ids, rw, wg, wu, wd, sg, su, sd, shared)
+    wbytes_expert = 3 * F * D  # FP8
+    flops = 2 * 3 * F * D * (rows + t)
+    row = harness.measure(
+        layer, [(x, ids, rw, wg, wu, wd, sg, su, sd, shared)],
+        bytes=(active + 1) * wbytes_expert, flops=flops, name="moe_layer",
+        shape={"T": t, "E_local": e_local}, T=t, E_local=e_local, routed_rows=rows,
+        active_experts=active,
+    )  # fmt: skip
+    res = row.to_dict()
+    res["layer_ms"] = row.time_us / 1e3
     # Individual GEMMs on already-sorted FP8 rows.
     xq = jax.random.normal(key, (max(rows, 1), D), jnp.float32).astype(jnp.float8_e4m3fn)
     xs = jnp.full((max(rows, 1), D // 128), 1 / 448, jnp.float32)
@@ -153,25 +147,19 @@ def bench_case(t, e_local, weights, scales, shared, cfg, baselines, copy_gbs, fp
         )
     )
     dn = jax.jit(lambda x, a, s, sa: api.grouped_matmul(x, a, gs, x_scale=s, w_scale=sa, **kw))
-    res["gate_up_ms"] = timeit(gu, xq, wg, wu, xs, sg, su)
-    res["down_ms"] = timeit(dn, hq, wd, hs, sd)
-    wbytes_expert = 3 * F * D  # FP8
-    res["weight_bytes"] = (active + 1) * wbytes_expert
-    res["layer_weight_GBs"] = res["weight_bytes"] / (res["layer_ms"] * 1e-3) / 1e9
-    flops = 2 * 3 * F * D * (rows + t)
-    res["layer_TFLOPs"] = flops / (res["layer_ms"] * 1e-3) / 1e12
+    res["gate_up_ms"] = ms(gu, xq, wg, wu, xs, sg, su)
+    res["down_ms"] = ms(dn, hq, wd, hs, sd)
     g_flops = 2 * 2 * F * D * rows
     res["gate_up_TFLOPs"] = g_flops / (res["gate_up_ms"] * 1e-3) / 1e12
     res["gate_up_weight_GBs"] = active * 2 * F * D / (res["gate_up_ms"] * 1e-3) / 1e9
     res["down_weight_GBs"] = active * F * D / (res["down_ms"] * 1e-3) / 1e9
-    res["pct_copy_bw_layer"] = 100 * res["layer_weight_GBs"] / copy_gbs
     if fp8_tf:
-        res["pct_dense_fp8_layer"] = 100 * res["layer_TFLOPs"] / fp8_tf
+        res["pct_dense_fp8_layer"] = 100 * res["TFLOPs"] / fp8_tf
     for name, fn in baselines.items():
         try:
-            ms = fn(t, rows, gs, key)
-            if ms is not None:
-                res[f"{name}_gate_up_ms"] = ms
+            t_ms = fn(t, rows, gs, key)
+            if t_ms is not None:
+                res[f"{name}_gate_up_ms"] = t_ms
         except Exception as e:  # noqa: BLE001
             res[f"{name}_error"] = repr(e)[:160]
     return res
@@ -197,7 +185,7 @@ def make_baselines(e_local, max_xla_t):
             return None
         xr = jax.random.normal(k, (rows, D), jnp.bfloat16)
         f = jax.jit(lambda a, b, g: jax.lax.ragged_dot(a, b, g))
-        return timeit(f, xr, kn(jnp.bfloat16), gs, iters=3, warmup=1)
+        return ms(f, xr, kn(jnp.bfloat16), gs, reps=3, warmup=1)
 
     def xla_fp8(t, rows, gs, k):
         if t > max_xla_t:
@@ -208,7 +196,7 @@ def make_baselines(e_local, max_xla_t):
                 jnp.bfloat16
             )
         )
-        return timeit(f, xr, kn(jnp.float8_e4m3fn), gs, iters=3, warmup=1)
+        return ms(f, xr, kn(jnp.float8_e4m3fn), gs, reps=3, warmup=1)
 
     def jax_example(t, rows, gs, k):
         from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as r
@@ -227,7 +215,7 @@ def make_baselines(e_local, max_xla_t):
                 transpose_rhs=True,
             )
         )
-        return timeit(f, xr, wb, gs)
+        return ms(f, xr, wb, gs)
 
     def torch_grouped(t, rows, gs, k):
         import torch
@@ -238,13 +226,7 @@ def make_baselines(e_local, max_xla_t):
         b = cache["torch_b"].transpose(1, 2)
         offs = torch.tensor(np.cumsum(np.asarray(gs)), device="cuda", dtype=torch.int32)
         f = lambda: torch._grouped_mm(a, b, offs=offs, out_dtype=torch.bfloat16)
-        f()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            f()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / 10 * 1e3
+        return ms(f, sync=lambda _: torch.cuda.synchronize())
 
     out["xla_ragged_dot_bf16"] = xla_bf16
     out["xla_ragged_dot_fp8"] = xla_fp8
@@ -326,8 +308,8 @@ def sweep_gemms(t, weights, scales, check):
             dn = jax.jit(
                 lambda x, a, s, sa, kw=kw: api.grouped_matmul(x, a, gs, x_scale=s, w_scale=sa, **kw)
             )
-            r["gate_up_ms"] = timeit(gu, xq, wg, wu, xs, sg, su)
-            r["down_ms"] = timeit(dn, hq, wd, hs, sd)
+            r["gate_up_ms"] = ms(gu, xq, wg, wu, xs, sg, su)
+            r["down_ms"] = ms(dn, hq, wd, hs, sd)
             r["gate_up_TFLOPs"] = 4 * F * D * rows / (r["gate_up_ms"] * 1e-3) / 1e12
             r["down_TFLOPs"] = 2 * F * D * rows / (r["down_ms"] * 1e-3) / 1e12
             active = int((gs > 0).sum())
@@ -374,8 +356,8 @@ def short(r):
     return json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in r.items()})
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="64,128,256,512,1024,2048,4096,8192")
     ap.add_argument("--shards", default="48,16,24")
     ap.add_argument("--shard-tokens", default="256,2048", help="T values for EP shards < 48")
@@ -389,24 +371,28 @@ def main():
         help=f"comma list of configs to sweep (default: {','.join(SWEEP)}); any of "
         f"{','.join(ALL_SWEEP)}",
     )
-    args = ap.parse_args()
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run (D = F = 256, XLA path)")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        set_tiny()
+        args.tokens, args.shards, args.sweep_tokens, args.baseline_tokens = "64", "48", "64", ""
+        args.sweep_configs = args.sweep_configs or "wg1_64x128_s4"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     select_sweep(args.sweep_configs)
     ints = lambda s: [int(v) for v in s.split(",") if v]
-    dev = jax.devices()[0]
-    meta = {
-        "device": dev.device_kind,
-        "jax": jax.__version__,
-        "commit": git_commit(),
-        "date": datetime.date.today().isoformat(),
-    }
-    meta.update(copy_GBs=copy_bandwidth(), torch_dense_fp8_TFLOPs=torch_dense_fp8_tflops())
-    meta["sweep_configs"] = {n: dataclasses.asdict(c) for n, c in SWEEP.items()}
-    print(json.dumps(meta), flush=True)
-    doc = {"meta": meta, "sweep": [], "results": []}
+    harness.print_json({"copy_probe": harness.copy_probe()})
+    extra = {"torch_dense_fp8_TFLOPs": torch_dense_fp8_tflops() if IMPL == "pallas" else None}
+    extra["sweep_configs"] = {n: dataclasses.asdict(c) for n, c in SWEEP.items()}
+    extra["shapes"] = {"D": D, "F": F, "E": E, "top_k": TOPK, "impl": IMPL}
+    extra["sweep"] = []
+    results = []
 
     def save():
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1)
+        return harness.write_results(args.out, results, bench="moe", **extra)
 
     sh_w, sh_s = make_weights(jax.random.key(1000), 1, jnp.float8_e4m3fn)
     shared = (sh_w[0][0], sh_w[1][0], sh_w[2][0], sh_s[0][0], sh_s[1][0], sh_s[2][0])
@@ -414,35 +400,28 @@ def main():
         weights, scales = make_weights(jax.random.key(e_local), e_local, jnp.float8_e4m3fn)
         if e_local == E:
             for i, t in enumerate(ints(args.sweep_tokens)):
-                doc["sweep"] += sweep_gemms(t, weights, scales, check=i == 0)
+                extra["sweep"] += sweep_gemms(t, weights, scales, check=i == 0)
                 save()
         baselines = make_baselines(e_local, args.max_xla_tokens) if e_local == E else {}
         for t in ints(args.tokens) if e_local == E else ints(args.shard_tokens):
-            name, cfg = pick_config(doc["sweep"], t)
+            name, cfg = pick_config(extra["sweep"], t)
             bl = baselines if t in ints(args.baseline_tokens) else {}
             try:
                 r = bench_case(
-                    t,
-                    e_local,
-                    weights,
-                    scales,
-                    shared,
-                    cfg,
-                    bl,
-                    meta["copy_GBs"],
-                    meta["torch_dense_fp8_TFLOPs"],
+                    t, e_local, weights, scales, shared, cfg, bl, extra["torch_dense_fp8_TFLOPs"]
                 )
             except Exception as e:  # noqa: BLE001
-                r = {"T": t, "E_local": e_local, "error": repr(e)[-300:]}
+                r = harness.error_row("moe_layer", {"T": t, "E_local": e_local}, e, T=t,
+                                      E_local=e_local)  # fmt: skip
             r["config"] = name
-            doc["results"].append(r)
+            results.append(r)
             print(short(r), flush=True)
             save()
         del weights, scales, baselines
-    summary = {
-        f"T{r['T']}_E{r['E_local']}": round(r.get("layer_ms", -1), 3) for r in doc["results"]
-    }
-    print(json.dumps({"meta": meta, "layer_ms": summary}))
+    doc = save()
+    summary = {f"T{r['T']}_E{r['E_local']}": round(r.get("layer_ms", -1), 3) for r in results}
+    keep = ("device", "jax", "commit", "copy_GBps", "torch_dense_fp8_TFLOPs")
+    harness.print_json({**{k: doc[k] for k in keep}, "layer_ms": summary})
 
 
 if __name__ == "__main__":

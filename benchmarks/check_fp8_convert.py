@@ -11,15 +11,19 @@ two double-rounding hypotheses (through float16 / bfloat16 first); then the same
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 
-import jax
-import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from step3_jax import quant
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from step3_jax import quant  # noqa: E402
 
 E4M3 = ml_dtypes.float8_e4m3fn
 
@@ -40,17 +44,15 @@ def test_values(seed: int = 0) -> np.ndarray:
     return np.clip(np.concatenate(x), -448, 448)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     x = test_values()
     want = x.astype(E4M3).view(np.uint8)
     bits = lambda a: np.asarray(a).view(np.uint8)  # noqa: E731
     xs = jnp.asarray(x)
     res = {
-        "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
         "n": int(x.size),
         "astype_mismatch": int((bits(xs.astype(jnp.float8_e4m3fn)) != want).sum()),
         "cast_fp8_mismatch": int((bits(quant._cast_fp8(xs)) != want).sum()),
@@ -70,11 +72,12 @@ def main():
         res[f"astype_equals_double_rounding_via_{name}"] = bool(
             (bits(xs.astype(jnp.float8_e4m3fn)) == twice).all()
         )
-    print(json.dumps(res))
+    # No timing here: provenance only (no copy probe), the checks as top-level fields.
+    doc = harness.results("fp8_convert_check", [], copy=False, **res)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "fp8_convert_check.json"), "w") as f:
-            json.dump(res, f, indent=1)
+        path = os.path.join(args.out, "fp8_convert_check.json")
+        harness.write_results(path, [], bench="fp8_convert_check", copy=False, **res)
+    harness.print_json(doc)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ for path in glob.glob(sys.argv[1] + "/mfa_decode_*.json"):
     res = json.load(open(path))
     print(path, "commit", res.get("commit"), "copy GB/s", res.get("copy_GBps"))
     for r in res.get("variants", []) + res.get("rows", []):
-        print(f"  {r['impl']:70s} {r['B']:4d}x{r['ctx']:<6d}",
-              r.get("us", ""), "us", r.get("GBps", ""), "GB/s", r.get("error", "")[:160])
+        print(f"  {r['name']:70s} {r['shape']['B']:4d}x{r['shape']['ctx']:<6d}",
+              r.get("time_us", ""), "us", r.get("GBps", ""), "GB/s", r.get("error", "")[:160])
 EOF
 stamp done

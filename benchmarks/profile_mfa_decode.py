@@ -17,13 +17,17 @@ import collections
 import glob
 import json
 import os
+import sys
 import tempfile
 
-import jax
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_mfa_decode import VARIANTS, make_inputs
-from step3_jax.kernels.mfa_decode import TuningConfig, mfa_decode_attention
-from step3_jax.kernels.mfa_decode import mosaic_gpu as mg
+import jax  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.bench_mfa_decode import VARIANTS, make_inputs  # noqa: E402
+from step3_jax.kernels.mfa_decode import TuningConfig, mfa_decode_attention  # noqa: E402
 
 
 def summarise(trace: dict, n_blocks: int) -> dict:
@@ -60,6 +64,8 @@ def summarise(trace: dict, n_blocks: int) -> dict:
 
 
 def profile_variant(name: str, kwargs: dict, b: int, s: int, space: int) -> dict:
+    from step3_jax.kernels.mfa_decode import mosaic_gpu as mg  # GPU-only module
+
     d = make_inputs(0, b, s, True)
     with tempfile.TemporaryDirectory() as tmp:
         mg.PROFILE.update(space=space, dir=tmp)
@@ -79,7 +85,7 @@ def profile_variant(name: str, kwargs: dict, b: int, s: int, space: int) -> dict
     return {"variant": name, "B": b, "ctx": s, **summarise(trace, s // kwargs.get("block_s", 64))}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--batch", type=int, default=128)
@@ -88,7 +94,7 @@ def main():
     ap.add_argument(
         "--variants", default="q_in_kernel]|q_tma,ring_epi]", help="'|'-separated suffixes"
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     wanted = [v for v in args.variants.split("|") if v]
     rows = []
     for name, (fp8, kwargs) in VARIANTS.items():
@@ -97,12 +103,11 @@ def main():
                 rows.append(profile_variant(name, kwargs, args.batch, args.ctx, args.space))
             except Exception as err:  # noqa: BLE001 - record and go on to the next variant
                 rows.append({"variant": name, "error": f"{type(err).__name__}: {err}"[:400]})
-            print(json.dumps(rows[-1]), flush=True)
-    result = {"bench": "profile_mfa_decode", "device": jax.devices()[0].device_kind,
-              "jax": jax.__version__, "rows": rows}  # fmt: skip
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "profile_mfa_decode.json"), "w") as f:
-        json.dump(result, f, indent=1)
+            harness.print_json(rows[-1])
+    # In-kernel profiler shares, not timings: provenance only, no copy probe.
+    path = os.path.join(args.out, "profile_mfa_decode.json")
+    doc = harness.write_results(path, rows, bench="profile_mfa_decode", copy=False)
+    harness.print_json({k: v for k, v in doc.items() if k != "rows"})
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from step3_jax.checkpoints.hf import load_hf
 from step3_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer
 from step3_jax.model import Step3Model
+from step3_jax.policy import KernelPolicy
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_PROMPTS = (
@@ -23,18 +24,22 @@ DEMO_PROMPTS = (
 )
 
 
-def load_demo(dtype=jnp.float32, moe_implementation: str = "dense") -> tuple[Step3Model, Tokenizer]:
+def load_demo(
+    dtype=jnp.float32, policy: KernelPolicy | None = None
+) -> tuple[Step3Model, Tokenizer]:
     """``(model, tokenizer)`` of the shipped demo checkpoint.
 
-    Defaults suit a CPU: float32 compute, and the dense MoE path (the model has 8 experts, so
-    running them all costs little and needs no grouped kernels).
+    Defaults suit a CPU: float32 compute, and (``policy=None``) the dense MoE oracle with the
+    device's best attention and GEMMs (the model has 8 experts, so running them all costs
+    little and needs no grouped kernels).
     """
+    policy = policy or KernelPolicy(moe="dense")
     if not (DEMO_DIR / "config.json").is_file():
         raise FileNotFoundError(
             f"the demo checkpoint is missing from {DEMO_DIR}; rebuild it with "
             "`python scripts/train_demo.py`"
         )
-    model = load_hf(DEMO_DIR, dtype=dtype, param_dtype=dtype, moe_implementation=moe_implementation)
+    model = load_hf(DEMO_DIR, dtype=dtype, param_dtype=dtype, policy=policy)
     return model, load_tokenizer(DEMO_DIR / "tokenizer.json")
 
 

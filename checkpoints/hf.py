@@ -35,6 +35,7 @@ from step3_jax.checkpoints.safetensors_io import (
 )
 from step3_jax.config import Step3Config
 from step3_jax.model import Step3Model
+from step3_jax.policy import KernelPolicy
 
 FP8_MODES = ("dequantize", "keep")
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -283,8 +284,7 @@ def load_hf(
     mesh: jax.sharding.Mesh | None = None,
     specs=None,
     fp8: str = "dequantize",
-    moe_implementation: str = "grouped",
-    attention_implementation: str | None = "xla",
+    policy: KernelPolicy | None = None,
     fuse_qkv: bool = False,
     progress: bool | None = None,
     verify: bool = True,
@@ -300,6 +300,9 @@ def load_hf(
         or give ``mesh`` + ``specs`` (see `resolve_sharding`). Default: first device.
       fp8: for block-FP8 tensors, ``"dequantize"`` (float params of ``param_dtype``) or
         ``"keep"`` (`step3_jax.quant_model.Fp8Weight` leaves: fp8 values + f32 block scales).
+      policy: the model's `step3_jax.KernelPolicy` (default: the best kernels for the device,
+        so a block-FP8 checkpoint loaded with ``fp8="keep"`` runs the Pallas FP8 GEMMs on
+        Hopper).
       fuse_qkv: store each layer's q/k/v weights as ONE ``self_attn.qkv_proj`` (loaded
         separately, then fused: `step3_jax.quant_model.fuse_qkv`; with ``fp8="keep"`` the
         block rows must concatenate exactly, i.e. ``share_q_dim`` a multiple of 128).
@@ -333,8 +336,7 @@ def load_hf(
             rngs=nnx.Rngs(0),
             dtype=dtype,
             param_dtype=param_dtype,
-            moe_implementation=moe_implementation,
-            attention_implementation=attention_implementation,
+            policy=policy,
         )
     )
     graphdef, state = nnx.split(abstract)

@@ -73,7 +73,7 @@ print(f"step3: {big.param_count() / 1e9:.2f}B total, "
 
 # Random weights (seeded), bf16. "dense" runs every expert on every token: the readable MoE
 # oracle; the default "grouped" sorts tokens by expert (Pallas grouped GEMM on Hopper GPUs).
-model = s3.Step3Model(cfg, rngs=nnx.Rngs(0), moe_implementation="dense")""",
+model = s3.Step3Model(cfg, rngs=nnx.Rngs(0), policy=s3.KernelPolicy.reference())""",
     ),
     (
         "md",

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from step3_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer, train_bpe  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
 from step3_jax.model import Step3Model  # noqa: E402
+from step3_jax.policy import KernelPolicy  # noqa: E402
 
 STATE_FILE = "train_state_f32.npz"  # full-precision params, kept out of git (re-export source)
 
@@ -147,7 +148,7 @@ def train(args, cfg: Step3Config, train_ids: np.ndarray, windows: np.ndarray, ou
         rngs=nnx.Rngs(args.seed),
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        moe_implementation="dense",  # the autodiff-able oracle; fast grouped path not needed
+        policy=KernelPolicy.reference(),  # the autodiff-able oracle; fast grouped path not needed
     )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.chain(
@@ -242,12 +243,14 @@ def export(args, cfg, tok: Tokenizer, history: dict, windows: np.ndarray) -> Non
         rngs=nnx.Rngs(0),
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        moe_implementation="dense",
+        policy=KernelPolicy.reference(),
     )
     load_state(model, out / STATE_FILE)
     save_hf(model, out, dtype=jnp.bfloat16)
     tok.save(out / "tokenizer.json")
-    shipped = load_hf(out, dtype=jnp.float32, param_dtype=jnp.float32, moe_implementation="dense")
+    shipped = load_hf(
+        out, dtype=jnp.float32, param_dtype=jnp.float32, policy=KernelPolicy.reference()
+    )
     graphdef, params, rest = nnx.split(shipped, nnx.Param, ...)
     _, eval_step = make_steps(graphdef, optax.identity())
     hl = heldout_loss(eval_step, params, rest, windows, args.batch)

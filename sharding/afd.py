@@ -24,18 +24,28 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import lax
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from step3_jax import quant
-from step3_jax.cache import KVCache
-from step3_jax.model import MAX_KERNEL_QUERY_TOKENS
-from step3_jax.sharding import arena_io, protocol
-from step3_jax.sharding.layout import ALIGN, DEFAULT_DTYPES, AfdLayout, ArenaDtypes, ArenaLayout
+from step3_jax.model import head_logits
+from step3_jax.policy import KernelPolicy
+from step3_jax.sharding import arena_io, layer_state, protocol
+from step3_jax.sharding.layout import (
+    ALIGN,
+    DEFAULT_DTYPES,
+    AfdLayout,
+    ArenaDtypes,
+    ArenaLayout,
+    attention_kind,
+    role_template,
+)
 from step3_jax.sharding.schedule import exchange_rounds, pipeline_schedule
 
 STAGES = ("attention", "ffn", "exchange")
+ROLES = ("attention", "ffn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +56,10 @@ class AfdConfig:
     num_microbatches: int  # M: micro-batches in flight (1, 2 or 3)
     max_len: int  # S: KV-cache slots per sequence
     fp8_transfer: bool = True  # FP8 tokens + scales A->F (else the activation dtype)
-    ffn_implementation: str = "dense"  # protocol.FFN_IMPLEMENTATIONS
-    attention_implementation: str | None = "xla"
-    # "grouped" FFN: read the routed experts in place from the arena (`protocol.ExpertPool`)
-    # rather than as a sliced copy per tick (False: the copy, kept as a control).
+    # Kernels of the layers' halves (the model's own `DecoderLayer` methods run on each role).
+    policy: KernelPolicy = KernelPolicy()
+    # Grouped MoE (policy.moe != "dense"): read the routed experts in place from the arena
+    # (`ExpertPool`) rather than as a sliced copy per tick (False: the copy, kept as a control).
     experts_in_place: bool = True
     # XLA debug options for the step's compilation, e.g. {"xla_backend_optimization_level": 0}
     # makes CPU test compiles ~3x faster. A tuple of (name, value) pairs (hashable).
@@ -58,17 +68,13 @@ class AfdConfig:
     def __post_init__(self):
         if self.microbatch < 1 or self.num_microbatches < 1 or self.max_len < 1:
             raise ValueError(f"microbatch, num_microbatches, max_len must be >= 1: {self}")
-        if self.ffn_implementation not in protocol.FFN_IMPLEMENTATIONS:
-            raise ValueError(
-                f"ffn_implementation must be one of "
-                f"{protocol.FFN_IMPLEMENTATIONS}, got {self.ffn_implementation!r}"
-            )
+        if not isinstance(self.policy, KernelPolicy):
+            raise TypeError(f"AfdConfig.policy must be a KernelPolicy, got {self.policy!r}")
 
 
-_MOE = ("gate", "up", "down", "shared_gate", "shared_up", "shared_down")
-_DENSE = ("dense_gate", "dense_up", "dense_down")
-_GLOBAL = ("embed", "final_norm", "lm_head")
-_CACHE = ("cache_k", "cache_v", "cache_k_scale", "cache_v_scale")
+def _stack(per_layer: list[dict]) -> dict[str, np.ndarray]:
+    """``[{path: array}]`` over layers -> ``{path: [L, ...]}``."""
+    return {k: np.stack([p[k] for p in per_layer]) for k in per_layer[0]} if per_layer else {}
 
 
 class AfdExecutor:
@@ -89,12 +95,25 @@ class AfdExecutor:
         dtypes: ArenaDtypes = DEFAULT_DTYPES,
         act_dtype=jnp.bfloat16,
         stages: tuple[str, ...] = STAGES,
+        role: str | None = None,
     ):
+        """``role`` ("attention" | "ffn"): ONE device runs that role's side of this layout's
+        step (attention device 0, or FFN device 0) as the same compiled program, with the
+        exchange replaced by local buffers (the FFN side reads a fixed random inbox with
+        uniform routing): what `benchmarks/bench_afd.py --role` times on one GPU. Its arena
+        holds only that role's regions."""
         if any(s not in STAGES for s in stages):
             raise ValueError(f"stages must be a subset of {STAGES}, got {stages}")
+        if role not in (None, *ROLES):
+            raise ValueError(f"role must be None or one of {ROLES}, got {role!r}")
         self.config, self.layout, self.afd, self.dtypes = config, layout, afd, dtypes
-        self.act_dtype, self.stages = jnp.dtype(act_dtype), tuple(stages)
-        self.mesh = layout.afd_mesh(devices)
+        self.role = role
+        self.act_dtype = jnp.dtype(act_dtype)
+        self.stages = tuple(stages) if role is None else (role,)
+        if role is None:
+            self.mesh = layout.afd_mesh(devices)
+        else:
+            self.mesh = Mesh(np.array(list(devices)[:1]), ("afd",))
         self.arena = ArenaLayout.build(
             config,
             layout,
@@ -102,15 +121,46 @@ class AfdExecutor:
             num_microbatches=afd.num_microbatches,
             max_len=afd.max_len,
             dtypes=dtypes,
+            roles=ROLES if role is None else (role,),
         )
         self.schedule = pipeline_schedule(config.num_layers, afd.num_microbatches)
+        # The model's own layer on each role: graphdef + template + the parameters held.
+        kind = attention_kind(config)
+        self.att_layer = self._role_layer(config, kind, layer_state.ATTENTION)
+        local = layer_state.local_config(config, layout)
+        self.ffn_layers = {
+            k: self._role_layer(local, k, layer_state.FFN)
+            for k, ids in (("moe", config.moe_layer_ids), ("dense", config.dense_layer_ids))
+            if ids
+        }
         self.sharding = NamedSharding(self.mesh, P("afd"))
         self.arenas: dict | None = None
         self._program = self._build()
 
+    def _role_layer(self, config, kind: str, role: str):
+        tmpl = role_template(config, self.dtypes, kind, self.act_dtype)
+        graphdef, _ = nnx.split(tmpl)
+        return graphdef, tmpl, layer_state.role_params(tmpl, role)
+
+    def _merged(self, role_layer, values):
+        graphdef, tmpl, _ = role_layer
+        return layer_state.merge_layer(graphdef, tmpl, values)
+
+    @property
+    def num_mesh_devices(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def num_attention_devices(self) -> int:
+        """Attention devices in this program (1 in the attention role, 0 in the FFN role)."""
+        if self.role is None:
+            return self.layout.num_attention
+        return 1 if self.role == "attention" else 0
+
     @property
     def batch(self) -> int:
-        return self.layout.num_attention * self.afd.num_microbatches * self.afd.microbatch
+        n_a = self.layout.num_attention if self.role != "attention" else 1
+        return n_a * self.afd.num_microbatches * self.afd.microbatch
 
     # ------------------------------------------------------------------ arenas
     def _device_buffers(self, d: int, sources) -> dict[str, np.ndarray]:
@@ -118,7 +168,7 @@ class AfdExecutor:
         src = sources(d)
         bufs = {t: np.zeros((n,), jnp.dtype(t)) for t, n in self.arena.sizes.items()}
         for name, reg in regions.items():
-            if name.startswith("cache_"):
+            if name in arena_io.CACHE_REGIONS:
                 fill = 1.0 if name.endswith("_scale") else 0.0
                 bufs[reg.dtype][reg.offset : reg.end] = fill
                 continue
@@ -133,7 +183,7 @@ class AfdExecutor:
 
     def _arrays_from(self, device_buffers) -> dict:
         """Global arena arrays; each process builds only its addressable devices' rows."""
-        n = self.layout.num_devices
+        n = self.num_mesh_devices
         pos = {dev: i for i, dev in enumerate(self.mesh.devices.flat)}
         cache: dict[int, dict] = {}
 
@@ -156,11 +206,23 @@ class AfdExecutor:
         """Packs ``model``'s weights (and an empty cache) into the arenas."""
         if self.dtypes.fp8_weights:
             raise ValueError("load_model packs float weights; use ArenaDtypes(weight=<float>)")
-        att, full = protocol.attention_params(model), protocol.ffn_params(model)
-        n_a = self.layout.num_attention
+        c, n_a = self.config, self.layout.num_attention
+        att = _stack([layer_state.attention_values(lay, c) for lay in model.layers])
+        att |= {
+            "embed_tokens": np.asarray(model.embed_tokens[...])[None],
+            "norm.weight": np.asarray(model.norm.weight[...])[None],
+            "lm_head": np.asarray(model.lm_head[...])[None],
+        }
 
         def sources(d):
-            return att if d < n_a else protocol.ffn_device_params(full, self.layout, d - n_a)
+            if d < n_a:
+                return att
+            out = {}
+            for kind, ids in (("moe", c.moe_layer_ids), ("dense", c.dense_layer_ids)):
+                per = [layer_state.ffn_values(model.layers[i], self.layout, d - n_a) for i in ids]
+                if per:
+                    out |= {f"{kind}/{k}": v for k, v in _stack(per).items()}
+            return out
 
         self.arenas = self._arrays_from(lambda d: self._device_buffers(d, sources))
 
@@ -170,7 +232,7 @@ class AfdExecutor:
 
         @functools.partial(jax.jit, static_argnums=(1, 2), out_shardings=self.sharding)
         def make(key, t, size):
-            rows = self.layout.num_devices * size // ALIGN
+            rows = self.num_mesh_devices * size // ALIGN
             x = jax.random.normal(key, (rows, ALIGN), jnp.float32)
             if t == "float32":  # FP8 block / KV scales: ~2e-4 x e4m3 values ~64 -> ~0.013
                 return (jnp.abs(x) * 0.5 + 0.5) * 2e-4
@@ -200,99 +262,53 @@ class AfdExecutor:
                 src[r, n_a + f] = dst[r, n_a + f] = a
         return jnp.asarray(is_moe), jnp.asarray(kind_index), rounds, src, dst
 
-    def _attention_qkv(self, arenas, x, pos, layer):
-        c = self.config
-        names = ("input_norm", "q_proj", "k_proj", "v_proj", "inter_norm", "wq")
-        p = arena_io.params(arenas, self.arena.attention, names, layer)
-        return protocol.attention_qkv(
-            p, x, pos, eps=c.rms_norm_eps, rope_theta=c.rope_theta, dtype=self.act_dtype
-        )
+    def _attention_module(self, arenas, layer):
+        """The attention-side `DecoderLayer` of ``layer`` (traced), parameters viewed in place."""
+        values = arena_io.layer_values(arenas, self.arena.attention, self.att_layer[2], "", layer)
+        return self._merged(self.att_layer, values)
 
-    def _cache_write(self, arenas, k, v, pos, layer, m, active):
-        """The new tokens' K/V into the arena (KVCache.write's format, FP8 included)."""
-        a, regs = self.afd, self.arena.attention
-        item, b_idx = layer * a.num_microbatches + m, jnp.arange(a.microbatch)[:, None]
-        for name, new in (("cache_k", k), ("cache_v", v)):
-            if name + "_scale" in regs:  # the same per-token quantization as KVCache.write
-                new, scale = quant.quantize_kv(new)
-                arenas = arena_io.write_rows(
-                    arenas, regs[name + "_scale"], item, b_idx, pos, scale, active
-                )
-            arenas = arena_io.write_rows(arenas, regs[name], item, b_idx, pos, new, active)
-        return arenas
-
-    def _attend_in_place(self, arenas, q, pos, item):
-        """The decode kernel reading this item's cache where it is: each cache region's arena
-        viewed as pages of one sequence (``[*, S, H]``, scales ``[*, S]``), the block table
-        ``[Bm, 1]`` and per-operand page offsets (no slice, so no copy of the cache)."""
-        from step3_jax.kernels.mfa_decode import mfa_decode_attention
-
-        regs, pools, offsets = self.arena.attention, [], []
-        for name in _CACHE:
-            reg = regs.get(name)
-            pools.append(None if reg is None else arenas[reg.dtype].reshape(-1, *reg.shape[1:]))
-            nk = 1 if reg is None else reg.pool_matrix
-            offsets.append(0 if reg is None else reg.offset // nk + item * (reg.stride // nk))
-        table = jnp.arange(self.afd.microbatch, dtype=jnp.int32)[:, None]
-        out = mfa_decode_attention(
-            q,
-            pools[0],
-            pools[1],
-            pos[:, -1] + 1,
-            k_scale=pools[2],
-            v_scale=pools[3],
-            block_table=table,
-            page_offsets=jnp.stack([jnp.asarray(o, jnp.int32) for o in offsets]),
-            implementation=self.afd.attention_implementation,
-        )
-        return out.astype(q.dtype)
-
-    def _attention_rest(self, arenas, x, q, pos, layer, m, is_moe):
-        """Attention over the updated cache, o_proj, residual, norm, router, pack."""
-        c, a, regs = self.config, self.afd, self.arena.attention
-        item = layer * a.num_microbatches + m
-        p = arena_io.params(arenas, regs, ("o_proj", "post_norm", "router"), layer)
-        kw = dict(eps=c.rms_norm_eps, dtype=self.act_dtype, top_k=c.top_k, is_moe=is_moe)
-        if a.attention_implementation != "xla" and q.shape[1] <= MAX_KERNEL_QUERY_TOKENS:
-            o = self._attend_in_place(arenas, q, pos, item)
-            x_mid, h2, routing = protocol.attention_post(p, x, o, **kw)
-        else:  # XLA attention (fuses the cache slices) or a long prefill
-            views = [
-                arena_io.view(arenas, regs[n], item)[None] if n in regs else None for n in _CACHE
-            ]
-            cache = KVCache(views[0], views[1], pos[:, -1] + 1, views[2], views[3])
-            x_mid, h2, routing = protocol.attention_out(
-                p, x, q, cache, pos, implementation=a.attention_implementation, **kw
-            )
+    def _attention_rest(self, cache, x, q, pos, layer, is_moe):
+        """The layer's ``attention_out`` over the updated cache, then the A->F packet. The
+        attention role runs every layer as the MoE kind: a dense layer's (zero) routing is
+        masked by ``is_moe`` (traced) and ignored by the FFN side."""
+        c, a = self.config, self.afd
+        mod = self._attention_module(cache.arenas, layer)
+        o = cache.attend(0, q, pos, a.policy.attention)
+        x_mid, h2, routing = mod.attention_out(x, o, a.policy)
+        if routing is None:  # a model without MoE layers
+            b, t = h2.shape[:2]
+            zeros = jnp.zeros((b, t, c.top_k), jnp.float32)
+            routing = (zeros, zeros.astype(jnp.int32))
+        keep = jnp.asarray(is_moe)
+        routing = (jnp.where(keep, routing[0], 0.0), jnp.where(keep, routing[1], 0))
         b, t, d = h2.shape
         routing = tuple(r.reshape(b * t, -1) for r in routing)
         packet = protocol.pack(h2.reshape(b * t, d), routing, c.top_k, a.fp8_transfer)
         return x_mid, packet
 
     def _ffn_item(self, arenas, packet, is_moe, kind_index, first_expert):
-        c, regs = self.config, self.arena.ffn
+        """The layer's ``ffn_half`` on this FFN device's share (its experts in place)."""
+        regs, policy = self.arena.ffn, self.afd.policy
         n_a, rows = packet.values.shape[:2]
         flat = jax.tree.map(lambda v: v.reshape(n_a * rows, *v.shape[2:]), packet)
+        x = protocol.unpack(flat, self.act_dtype)
+        in_place = policy.moe != "dense" and self.afd.experts_in_place
 
-        def run(moe: bool):
-            names = [k for k in (_MOE if moe else _DENSE) if k in regs]
-            # Only the grouped GEMM can read a pool in place; "dense" would slice it anyway.
-            in_place = self.afd.ffn_implementation == "grouped" and self.afd.experts_in_place
-            p = arena_io.params(arenas, regs, names, kind_index, in_place=in_place)
-            return protocol.ffn_partial(
-                flat,
-                p,
-                is_moe=moe,
-                first_expert=first_expert,
-                dtype=self.act_dtype,
-                implementation=self.afd.ffn_implementation,
+        def run(kind: str):
+            role_layer = self.ffn_layers[kind]
+            values = arena_io.layer_values(
+                arenas, regs, role_layer[2], kind + "/", kind_index, in_place=in_place
             )
+            mod = self._merged(role_layer, values)
+            routing = (flat.weights, flat.ids) if kind == "moe" else None
+            return mod.ffn_half(x, routing, policy, first_expert).astype(self.act_dtype)
 
-        if not c.dense_layer_ids or not c.moe_layer_ids:
-            out = run(bool(c.moe_layer_ids))
+        kinds = tuple(self.ffn_layers)
+        if len(kinds) == 1:
+            out = run(kinds[0])
         else:
-            out = lax.cond(is_moe, lambda: run(True), lambda: run(False))
-        return out.reshape(n_a, rows, -1).astype(self.act_dtype)
+            out = lax.cond(is_moe, lambda: run("moe"), lambda: run("dense"))
+        return out.reshape(n_a, rows, -1)
 
     def _zero_packet(self, t: int, lead=()):
         c, a = self.config, self.afd
@@ -341,16 +357,25 @@ class AfdExecutor:
         _, bd, t = tokens.shape
         is_moe_t, kind_t, rounds, src, dst = self._tables()
         dev = lax.axis_index("afd")
-        is_attn = dev < lay.num_attention
         e_local = c.num_experts // lay.ffn_ep
-        first_expert = ((dev - lay.num_attention) // lay.ffn_tp) * e_local
-        embed_w = arena_io.params(arenas, self.arena.attention, ("embed",), 0)["embed"]
+        if self.role is None:
+            is_attn = dev < lay.num_attention
+            first_expert = ((dev - lay.num_attention) // lay.ffn_tp) * e_local
+        else:  # one device playing attention device 0 or FFN device 0
+            is_attn, first_expert = jnp.asarray(self.role == "attention"), 0
         d = c.hidden_size
 
         def embed():
+            embed_w = arena_io.view(arenas, self.arena.attention["embed_tokens"], 0)
             return jnp.take(embed_w, tokens[0], axis=0).astype(self.act_dtype)
 
-        x0 = lax.cond(is_attn, embed, lambda: jnp.zeros((bd, t, d), self.act_dtype))
+        x0 = (
+            embed()
+            if self.role == "attention"
+            else lax.cond(is_attn, embed, lambda: jnp.zeros((bd, t, d), self.act_dtype))
+            if self.role is None
+            else jnp.zeros((bd, t, d), self.act_dtype)
+        )
         trash = jnp.zeros((1, bm, t, d), self.act_dtype)
         x = jnp.concatenate([x0.reshape(m_count, bm, t, d), trash])
         pos = jnp.concatenate(
@@ -376,13 +401,21 @@ class AfdExecutor:
                 jnp.zeros((bm, t, c.num_heads, c.head_dim), self.act_dtype),
                 *[jnp.zeros((bm, t, c.head_dim), self.act_dtype)] * 2,
             )
-            q, k, v = lax.cond(
-                act_a, lambda: self._attention_qkv(arenas, x[a_m], pos[a_m], a_l), lambda: zq
-            )
-            arenas = self._cache_write(arenas, k, v, pos[a_m], a_l, a_m, act_a)
+
+            def qkv():
+                mod = self._attention_module(arenas, a_l)
+                return mod.attention_qkv(x[a_m], pos[a_m], a.policy)
+
+            cache = q = None
+            if self.role != "ffn":  # an FFN-only program holds no attention regions
+                q, k, v = lax.cond(act_a, qkv, lambda: zq)
+                item = a_l * m_count + a_m
+                cache = arena_io.ArenaKVCache(arenas, self.arena.attention, item, bm, act_a)
+                cache = cache.write(0, k, v, pos[a_m])
+                arenas = cache.arenas
 
             def attn():
-                xm, pk = self._attention_rest(arenas, x[a_m], q, pos[a_m], a_l, a_m, is_moe_t[a_l])
+                xm, pk = self._attention_rest(cache, x[a_m], q, pos[a_m], a_l, is_moe_t[a_l])
                 return x_mid.at[a_m].set(xm), pk, zero_result
 
             def ffn():
@@ -394,7 +427,16 @@ class AfdExecutor:
                 return x_mid, zero_packet, zero_result
 
             branch = jnp.where(act_a, 0, jnp.where(~is_attn & (f_ok > 0) & do_f, 1, 2))
-            x_mid, packet, result = lax.switch(branch, (attn, ffn, idle))
+            # A one-role program traces only its own branch (the other role's regions are not
+            # in its arena).
+            branches = (
+                (attn, ffn, idle)
+                if self.role is None
+                else (attn, idle, idle)
+                if self.role == "attention"
+                else (idle, ffn, idle)
+            )
+            x_mid, packet, result = lax.switch(branch, branches)
             if do_x:
                 got, total = self._exchange(packet, result, dev, rounds, src, dst)
                 if do_a:
@@ -413,11 +455,15 @@ class AfdExecutor:
         def head():
             xs = x[:m_count].reshape(bd, t, d)
             last = jnp.take_along_axis(xs, select[0][:, None, None], axis=1)[:, 0]
-            glob = arena_io.params(arenas, self.arena.attention, ("final_norm", "lm_head"), 0)
-            return protocol.final_logits(glob, last, c.rms_norm_eps)
+            regs = self.arena.attention
+            norm_w, head = (arena_io.view(arenas, regs[n], 0) for n in ("norm.weight", "lm_head"))
+            return head_logits(last, norm_w, head, c.rms_norm_eps)
 
         zeros = jnp.zeros((bd, c.vocab_size), jnp.float32)
-        logits = lax.cond(is_attn & do_a, head, lambda: zeros)
+        if self.role == "ffn":
+            logits = zeros
+        else:
+            logits = lax.cond(is_attn & do_a, head, lambda: zeros)
         if self.stages != STAGES:  # stage timing: x must stay live on every device
             logits = logits + 1e-30 * jnp.sum(x.astype(jnp.float32))
         return logits[None], arenas
@@ -437,7 +483,7 @@ class AfdExecutor:
     # -------------------------------------------------------------------- step
     def _per_device(self, a: np.ndarray) -> jax.Array:
         """``[B, ...]`` (attention devices' sequences) -> ``[N, B/x, ...]``, FFN rows 0."""
-        n_a, n = self.layout.num_attention, self.layout.num_devices
+        n_a, n = max(self.num_attention_devices, 1), self.num_mesh_devices
         a = np.asarray(a).reshape(n_a, -1, *np.shape(a)[1:])
         full = np.concatenate([a, np.zeros((n - n_a, *a.shape[1:]), a.dtype)])
         return jax.make_array_from_callback(full.shape, self.sharding, lambda i: full[i])
@@ -455,4 +501,4 @@ class AfdExecutor:
             for a in (tokens, np.asarray(positions, np.int32), np.asarray(select, np.int32))
         ]
         logits, self.arenas = self._program(self.arenas, *args)
-        return logits[: self.layout.num_attention].reshape(self.batch, -1)
+        return logits[: max(self.num_attention_devices, 1)].reshape(self.batch, -1)

@@ -14,11 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from step3_jax import quant
+from step3_jax.cache import attend_cache
+from step3_jax.kernels.mfa_decode.api import MAX_T
+from step3_jax.layers.moe import ExpertPool
 from step3_jax.quant_model import Fp8Weight
-from step3_jax.sharding import protocol
 from step3_jax.sharding.layout import ALIGN, Region
 
-_NUM_CONTRACT = {"o_proj": 2}  # contracted trailing dims of each weight (default 1)
+CACHE_REGIONS = ("cache_k", "cache_v", "cache_k_scale", "cache_v_scale")
 
 
 def view(arenas: dict, reg: Region, item) -> jax.Array:
@@ -31,35 +34,31 @@ def view(arenas: dict, reg: Region, item) -> jax.Array:
     return flat.reshape(reg.shape)
 
 
-def pool(arenas: dict, reg: Region, item, scale) -> protocol.ExpertPool:
+def pool(arenas: dict, reg: Region, item, scale) -> ExpertPool:
     """Item ``item`` of a pool-aligned region, in place: the arena as ``[P, N, K]`` matrices
     (a bitcast: no copy) and the item's first matrix (computed in matrices, so int32 is
     enough however large the arena)."""
     nk = reg.pool_matrix
     matrices = arenas[reg.dtype].reshape(-1, *reg.shape[1:])
     first = reg.offset // nk + item * (reg.stride // nk)
-    return protocol.ExpertPool(matrices, jnp.asarray(first, jnp.int32), scale, reg.shape[0])
+    return ExpertPool(matrices, jnp.asarray(first, jnp.int32), scale, reg.shape[0])
 
 
-def params(arenas: dict, regions: dict, names, item, in_place: bool = False) -> dict:
-    """Views of ``names`` at ``item``; FP8 values with ``<name>_scale`` become `Fp8Weight`.
-    With ``in_place``, pool-aligned regions (the routed experts) become `ExpertPool`s."""
+def layer_values(arenas: dict, regions: dict, specs, prefix: str, item, in_place=False) -> dict:
+    """``{path: value}`` of one layer's parameters (``specs``: `layer_state.ParamSpec` of the
+    role template) at ``item``, for `layer_state.merge_layer`: views of the arena, FP8 values
+    with their ``":scale"`` region as `Fp8Weight`; with ``in_place``, pool-aligned regions (the
+    routed experts) as `ExpertPool`s read where they are."""
     out = {}
-    for name in names:
-        reg = regions[name]
+    for spec in specs:
+        reg = regions[prefix + spec.path]
+        s_reg = regions.get(prefix + spec.path + ":scale")
+        scale = None if s_reg is None else view(arenas, s_reg, item)
         if in_place and reg.pool_matrix is not None:
-            s_reg = regions.get(name + "_scale")
-            scale = None if s_reg is None else view(arenas, s_reg, item)
-            out[name] = pool(arenas, reg, item, scale)
+            out[spec.path] = pool(arenas, reg, item, scale)
             continue
         v = view(arenas, reg, item)
-        if name + "_scale" in regions:
-            v = Fp8Weight(
-                v,
-                view(arenas, regions[name + "_scale"], item),
-                num_contract=_NUM_CONTRACT.get(name, 1),
-            )
-        out[name] = v
+        out[spec.path] = v if scale is None else Fp8Weight(v, scale, spec.num_contract)
     return out
 
 
@@ -76,3 +75,55 @@ def write_rows(arenas, reg: Region, item, b_idx, positions, values, active):
         arenas[reg.dtype].at[rows.reshape(-1), (local % ALIGN).reshape(-1)].set(vals, mode="drop")
     )
     return {**arenas, reg.dtype: flat}
+
+
+class ArenaKVCache:
+    """One (layer, micro-batch) item of the KV cache in the attention arena, behind the cache
+    interface the decoder layer uses (`step3_jax.cache`): ``write`` scatters the new tokens in
+    place (masked by ``active``: an idle tick or an FFN device writes nothing), ``attend``
+    reads the item in place through the paged kernel (the arena viewed as one page per
+    sequence, per-operand page offsets; no copy) or, on the XLA path, through views that XLA
+    fuses into the attention. ``layer`` arguments are ignored: the item is fixed."""
+
+    def __init__(self, arenas: dict, regions: dict, item, microbatch: int, active=True):
+        self.arenas, self.regions, self.item = arenas, regions, item
+        self.microbatch, self.active = microbatch, active
+
+    def _replace(self, arenas) -> ArenaKVCache:
+        return ArenaKVCache(arenas, self.regions, self.item, self.microbatch, self.active)
+
+    def write(self, layer, k_new, v_new, positions) -> ArenaKVCache:
+        """The new tokens' K/V (`quant.quantize_kv` per token for an FP8 cache, the format of
+        `step3_jax.cache.KVCache.write`)."""
+        arenas, regs = self.arenas, self.regions
+        b_idx = jnp.arange(self.microbatch)[:, None]
+        for name, new in (("cache_k", k_new), ("cache_v", v_new)):
+            if name + "_scale" in regs:
+                new, scale = quant.quantize_kv(new)
+                arenas = write_rows(
+                    arenas, regs[name + "_scale"], self.item, b_idx, positions, scale, self.active
+                )
+            arenas = write_rows(arenas, regs[name], self.item, b_idx, positions, new, self.active)
+        return self._replace(arenas)
+
+    def attend(self, layer, q, positions, implementation=None):
+        regs = self.regions
+        kernel_api = q.shape[1] <= MAX_T and q.dtype == jnp.bfloat16  # the decode API's inputs
+        if implementation == "xla" or (implementation is None and not kernel_api):
+            views = [
+                view(self.arenas, regs[n], self.item) if n in regs else None for n in CACHE_REGIONS
+            ]
+            return attend_cache(q, *views, positions, "xla")
+        pools, offsets = [], []
+        for name in CACHE_REGIONS:
+            reg = regs.get(name)
+            pools.append(
+                None if reg is None else self.arenas[reg.dtype].reshape(-1, *reg.shape[1:])
+            )
+            nk = 1 if reg is None else reg.pool_matrix
+            offsets.append(0 if reg is None else reg.offset // nk + self.item * (reg.stride // nk))
+        table = jnp.arange(self.microbatch, dtype=jnp.int32)[:, None]
+        page_offsets = jnp.stack([jnp.asarray(o, jnp.int32) for o in offsets])
+        return attend_cache(
+            q, *pools, positions, implementation, block_table=table, page_offsets=page_offsets
+        )

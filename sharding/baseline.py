@@ -14,17 +14,31 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from step3_jax.cache import KVCache
-from step3_jax.sharding import protocol
-from step3_jax.sharding.layout import AfdLayout
+from step3_jax.model import head_logits
+from step3_jax.policy import KernelPolicy
+from step3_jax.sharding import layer_state, protocol
+from step3_jax.sharding.layout import (
+    DEFAULT_DTYPES,
+    AfdLayout,
+    ArenaDtypes,
+    attention_kind,
+    role_template,
+)
 
 
 class BaselineExecutor:
-    """``step(tokens [B,T], positions [B,T], select [B]) -> logits [B, V]`` on N devices."""
+    """``step(tokens [B,T], positions [B,T], select [B]) -> logits [B, V]`` on N devices.
+
+    Every device runs the model's own `DecoderLayer` halves: the attention half for its
+    sequences (weights replicated, stacked ``[L, ...]`` by parameter path), the FFN half on
+    its share (``E/N`` experts, ``1/N`` of the shared/dense SwiGLU: a layer of
+    `layer_state.local_config`), stacked ``[N, L_kind, ...]``."""
 
     def __init__(
         self,
@@ -36,8 +50,8 @@ class BaselineExecutor:
         fp8_transfer=True,
         act_dtype=jnp.bfloat16,
         cache_dtype=None,
-        ffn_implementation="dense",
-        attention_implementation="xla",
+        policy: KernelPolicy | None = None,
+        dtypes: ArenaDtypes = DEFAULT_DTYPES,
     ):
         devices = list(devices)
         n = len(devices)
@@ -47,14 +61,17 @@ class BaselineExecutor:
                 f"divide over the {n} devices"
             )
         self.config, self.n, self.fp8 = config, n, fp8_transfer
-        self.act_dtype, self.impl, self.attn_impl = (
-            act_dtype,
-            ffn_implementation,
-            attention_implementation,
-        )
+        self.act_dtype, self.policy, self.dtypes = act_dtype, policy or KernelPolicy(), dtypes
         self.mesh = Mesh(np.array(devices), ("dp",))
         self.ffn_layout = AfdLayout(1, n, 1)  # the FFN split of an N-way EP group
         self.rep, self.dp = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("dp"))
+        self.att_tmpl = role_template(config, dtypes, attention_kind(config), act_dtype)
+        local = layer_state.local_config(config, self.ffn_layout)
+        self.ffn_tmpl = {
+            k: role_template(local, dtypes, k, act_dtype)
+            for k in layer_state.KINDS
+            if layer_state.layer_id_of_kind(config, k) is not None
+        }
         cache = KVCache.for_config(config, batch, max_len, cache_dtype or act_dtype)
         csh = NamedSharding(self.mesh, P(None, "dp"))
         self.cache = jax.tree.map(
@@ -65,80 +82,97 @@ class BaselineExecutor:
 
     # ----------------------------------------------------------------- weights
     def load_model(self, model) -> None:
-        att = protocol.attention_params(model)
+        c = self.config
+        att = [layer_state.attention_values(lay, c) for lay in model.layers]
+        self.attn = {k: jax.device_put(np.stack([a[k] for a in att]), self.rep) for k in att[0]}
         self.glob = {
-            k: jax.device_put(att.pop(k)[0], self.rep) for k in ("embed", "final_norm", "lm_head")
+            "embed": jax.device_put(np.asarray(model.embed_tokens[...]), self.rep),
+            "norm": jax.device_put(np.asarray(model.norm.weight[...]), self.rep),
+            "head": jax.device_put(np.asarray(model.lm_head[...]), self.rep),
         }
-        self.attn = {k: jax.device_put(v, self.rep) for k, v in att.items()}
-        full = protocol.ffn_params(model)
-        shards = [protocol.ffn_device_params(full, self.ffn_layout, j) for j in range(self.n)]
-        self.ffn = {k: jax.device_put(np.stack([s[k] for s in shards]), self.dp) for k in shards[0]}
+        self.ffn = {}
+        for kind, ids in (("moe", c.moe_layer_ids), ("dense", c.dense_layer_ids)):
+            if not ids:
+                continue
+            per = [
+                [layer_state.ffn_values(model.layers[i], self.ffn_layout, j) for i in ids]
+                for j in range(self.n)
+            ]
+            self.ffn[kind] = {
+                k: jax.device_put(np.stack([np.stack([p[k] for p in dev]) for dev in per]), self.dp)
+                for k in per[0][0]
+            }
 
-    def load_random(self, model_shapes: dict, seed: int = 0, scale: float = 0.02) -> None:
-        """Random weights of the given ``{name: (shape, dtype, sharded)}`` (benchmarks)."""
-        out = {}
-        for i, (k, (shape, dtype, sharded)) in enumerate(sorted(model_shapes.items())):
-            sh = self.dp if sharded else self.rep
-            f = jax.jit(
-                lambda key, shape=shape, dtype=dtype: (
-                    jax.random.normal(key, shape, jnp.float32) * scale
-                ).astype(dtype),
-                out_shardings=sh,
+    def load_random(self, seed: int = 0, scale: float = 0.02) -> None:
+        """Random weights of the templates' shapes on device (benchmarks): normal * ``scale``,
+        FP8 values with ~``scale``-sized dequantized weights when ``dtypes`` says FP8."""
+        c = self.config
+        keys = iter(jax.random.split(jax.random.key(seed), 4096))
+
+        def make(spec, lead, sharding, norm_dtype):
+            shape = (*lead, *spec.shape)
+            if spec.scale_shape is None:
+                dt = norm_dtype if len(spec.shape) == 1 else self.dtypes.weight
+                f = lambda k: (jax.random.normal(k, shape, jnp.float32) * scale).astype(dt)
+                return jax.jit(f, out_shardings=sharding)(next(keys))
+            f = lambda k: jnp.clip(jax.random.normal(k, shape) * 64, -448, 448).astype(
+                jnp.float8_e4m3fn
             )
-            out[k] = f(jax.random.key(seed + i))
-        self.glob = {k: out.pop(k) for k in ("embed", "final_norm", "lm_head")}
-        ffn_keys = [k for k, v in model_shapes.items() if v[2]]
-        self.ffn = {k: out.pop(k) for k in ffn_keys}
-        self.attn = out
+            vals = jax.jit(f, out_shardings=sharding)(next(keys))
+            sc = jax.jit(
+                lambda: jnp.full((*lead, *spec.scale_shape), scale / 64, jnp.float32),
+                out_shardings=sharding,
+            )()
+            return layer_state.fp8_value(spec, vals, sc)
+
+        att = layer_state.role_params(self.att_tmpl, layer_state.ATTENTION)
+        self.attn = {s.path: make(s, (c.num_layers,), self.rep, self.dtypes.norm) for s in att}
+        self.ffn = {}
+        for kind, tmpl in self.ffn_tmpl.items():
+            n_k = len(c.moe_layer_ids if kind == "moe" else c.dense_layer_ids)
+            specs = layer_state.role_params(tmpl, layer_state.FFN)
+            self.ffn[kind] = {
+                s.path: make(s, (self.n, n_k), self.dp, self.dtypes.norm) for s in specs
+            }
+        v, d = c.vocab_size, c.hidden_size
+        rnd = lambda shape, dt: jax.jit(
+            lambda k: (jax.random.normal(k, shape) * scale).astype(dt), out_shardings=self.rep
+        )(next(keys))
+        self.glob = {
+            "embed": rnd((v, d), self.dtypes.embed),
+            "norm": rnd((d,), self.dtypes.norm) + 1,
+            "head": rnd((v, d), self.dtypes.embed),
+        }
 
     # ----------------------------------------------------------------- program
-    def _layer(self, glob_unused, attn, ffn, x, pos, cache, layer, is_moe, kind_index, first):
-        c = self.config
-        p = jax.tree.map(lambda a: a[layer], attn)
-        q, k, v = protocol.attention_qkv(
-            p, x, pos, eps=c.rms_norm_eps, rope_theta=c.rope_theta, dtype=self.act_dtype
-        )
-        cache = cache.write(layer, k, v, pos)
-        one = KVCache(
-            *[None if a is None else a[layer][None] for a in (cache.k, cache.v)],
-            cache.lengths,
-            *[None if a is None else a[layer][None] for a in (cache.k_scale, cache.v_scale)],
-        )
-        x_mid, h2, routing = protocol.attention_out(
-            p,
-            x,
-            q,
-            one,
-            pos,
-            eps=c.rms_norm_eps,
-            dtype=self.act_dtype,
-            top_k=c.top_k,
-            is_moe=is_moe,
-            implementation=self.attn_impl,
-        )
+    def _layer(self, attn, ffn, x, pos, cache, layer, is_moe, kind_index, first):
+        c, policy = self.config, self.policy
+        values = jax.tree.map(lambda a: a[layer], attn)
+        mod = layer_state.merge_layer(nnx.split(self.att_tmpl)[0], self.att_tmpl, values)
+        x_mid, h2, routing, cache = mod.attention_half(x, pos, cache, layer, policy)
         b, t, d = h2.shape
-        packet = protocol.pack(
-            h2.reshape(b * t, d), tuple(r.reshape(b * t, -1) for r in routing), c.top_k, self.fp8
-        )
+        if routing is None:
+            z = jnp.zeros((b, t, c.top_k), jnp.float32)
+            routing = (z, z.astype(jnp.int32))
+        keep = jnp.asarray(is_moe)
+        routing = (jnp.where(keep, routing[0], 0.0), jnp.where(keep, routing[1], 0))
+        routing = tuple(r.reshape(b * t, -1) for r in routing)
+        packet = protocol.pack(h2.reshape(b * t, d), routing, c.top_k, self.fp8)
         every = jax.tree.map(lambda a: lax.all_gather(a, "dp", tiled=True), packet)
+        xe = protocol.unpack(every, self.act_dtype)
 
-        def run(moe):
-            keys = [k for k in ffn if k.startswith("dense_") != moe]
-            pl = {k: jax.tree.map(lambda a: a[0, kind_index], ffn[k]) for k in keys}
-            return protocol.ffn_partial(
-                every,
-                pl,
-                is_moe=moe,
-                first_expert=first,
-                dtype=self.act_dtype,
-                implementation=self.impl,
-            )
+        def run(kind):
+            tmpl = self.ffn_tmpl[kind]
+            vals = jax.tree.map(lambda a: a[0, kind_index], ffn[kind])
+            fmod = layer_state.merge_layer(nnx.split(tmpl)[0], tmpl, vals)
+            rt = (every.weights, every.ids) if kind == "moe" else None
+            return fmod.ffn_half(xe, rt, policy, first).astype(self.act_dtype)
 
-        kinds = [m for m in (True, False) if any(k.startswith("dense_") != m for k in ffn)]
+        kinds = tuple(self.ffn_tmpl)
         out = (
             run(kinds[0])
             if len(kinds) == 1
-            else lax.cond(is_moe, lambda: run(True), lambda: run(False))
+            else lax.cond(is_moe, lambda: run("moe"), lambda: run("dense"))
         )
         mine = lax.psum_scatter(out.astype(jnp.float32), "dp", scatter_dimension=0, tiled=True)
         return x_mid + mine.reshape(b, t, d).astype(x.dtype), cache
@@ -159,13 +193,13 @@ class BaselineExecutor:
             def step(carry, layer):
                 x, cache = carry
                 x, cache = self._layer(
-                    None, attn, ffn, x, positions, cache, layer, is_moe[layer], kind[layer], first
+                    attn, ffn, x, positions, cache, layer, is_moe[layer], kind[layer], first
                 )
                 return (x, cache), None
 
             (x, cache), _ = lax.scan(step, (x, cache), jnp.arange(c.num_layers))
             last = jnp.take_along_axis(x, select[:, None, None], axis=1)[:, 0]
-            logits = protocol.final_logits(glob, last, c.rms_norm_eps)
+            logits = head_logits(last, glob["norm"], glob["head"], c.rms_norm_eps)
             return logits, cache.replace(lengths=positions[:, -1] + 1)
 
         cache_spec = KVCache(

@@ -26,15 +26,22 @@ role its own arrays would make every device hold both roles' shards (for full St
 ONE flat buffer (an *arena*, global shape ``[n_devices * P_dtype]`` sharded over ``afd``), and
 each role lays out its own tensors in it:
 
-* attention role: per layer ``input_norm [D]``, ``q_proj [R,D]``, ``k_proj [H,D]``,
-  ``v_proj [H,D]``, ``inter_norm [R]``, ``wq [N,H,R]``, ``o_proj [D,N,H]``, ``post_norm [D]``,
-  ``router [E,D]`` (count L, unused in dense layers: E*D per dense layer); once:
-  ``embed [V,D]``, ``final_norm [D]``, ``lm_head [V,D]``; the KV cache as items
-  ``k, v [Bm,S,H]`` (count L*M: item ``l*M + m`` is micro-batch m of layer l) plus, for an FP8
-  cache, ``k_scale, v_scale [Bm,S]`` float32.
-* FFN role: per MoE layer ``gate, up [E/ep, F/tp, D]``, ``down [E/ep, D, F/tp]``, shared
-  ``shared_gate, shared_up [ceil(Fs/y), D]``, ``shared_down [D, ceil(Fs/y)]``; per dense layer
-  ``dense_gate, dense_up [ceil(Fd/y), D]``, ``dense_down [D, ceil(Fd/y)]``.
+Regions are named by the model's own parameter paths (`step3_jax.sharding.layer_state`), so the
+program rebuilds each layer as the NNX `DecoderLayer` it is and runs its methods:
+
+* attention role: per layer (count L) the attention-side parameters of a `DecoderLayer`:
+  ``input_layernorm.weight [D]``, ``self_attn.q_proj [R,D]``, ``k_proj``/``v_proj [H,D]`` (or
+  ``self_attn.qkv_proj [R+2H, D]`` for FP8 weights whose rows fuse exactly),
+  ``self_attn.inter_norm.weight [R]``, ``self_attn.wq [N,H,R]``, ``self_attn.o_proj [D,N,H]``,
+  ``post_attention_layernorm.weight [D]``, ``ffn.router [E,D]`` (zero in dense layers); FP8
+  weights add ``<path>:scale``; once: ``embed_tokens [V,D]``, ``norm.weight [D]``,
+  ``lm_head [V,D]``; the KV cache as items ``cache_k, cache_v [Bm,S,H]`` (count L*M: item
+  ``l*M + m`` is micro-batch m of layer l) plus, for an FP8 cache, ``cache_k_scale,
+  cache_v_scale [Bm,S]`` float32.
+* FFN role: per MoE layer ``moe/ffn.gate_proj, moe/ffn.up_proj [E/ep, F/tp, D]``,
+  ``moe/ffn.down_proj [E/ep, D, F/tp]``, ``moe/ffn.shared_expert.* `` (``ceil(Fs/y)`` wide);
+  per dense layer ``dense/ffn.gate_proj, dense/ffn.up_proj [ceil(Fd/y), D]``,
+  ``dense/ffn.down_proj [D, ceil(Fd/y)]``.
 
 Each arena is a ``[rows, ALIGN]`` array; each region starts on a row and item i of a region
 sits at element ``offset + i * stride`` (``stride`` = the item size rounded up to a row).
@@ -59,8 +66,12 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
+
+from step3_jax.sharding import layer_state
+from step3_jax.sharding.layer_state import ParamSpec
 
 ALIGN = 512  # elements: every region starts 512-element aligned (>= 512 B: coalesced loads)
 _LAYOUT_RE = re.compile(r"^\s*(\d+)\s*[Aa]\s*(\d+)\s*[Ff]\s*$")
@@ -263,27 +274,48 @@ class ArenaDtypes:
 DEFAULT_DTYPES = ArenaDtypes()
 
 
-def _weight(name, shape, count, dt: ArenaDtypes, num_contract=1, num_batch=0, pooled=False):
-    """A linear weight's region(s): values (pool-aligned if ``pooled``), plus the 128x128
-    block scales when FP8."""
-    out = [(name, dt.weight, shape, count, *([True] if pooled else []))]
-    if dt.fp8_weights:
-        batch, rest = shape[:num_batch], shape[num_batch:]
-        n, k = math.prod(rest[: len(rest) - num_contract]), math.prod(rest[-num_contract:])
-        out.append((name + "_scale", "float32", (*batch, -(-n // 128), -(-k // 128)), count))
+def _param_regions(spec: ParamSpec, prefix: str, count: int, dt: ArenaDtypes) -> list[tuple]:
+    """A parameter's region(s), named by its path: values (pool-aligned for the routed experts,
+    read in place), plus ``":scale"`` (float32 128x128 block scales) when FP8."""
+    if spec.scale_shape is not None:
+        dtype = "float8_e4m3fn"
+    elif len(spec.shape) == 1 or spec.path == layer_state.ROUTER:
+        dtype = dt.norm  # RMSNorm scales and the router (never quantized)
+    else:
+        dtype = dt.weight
+    pooled = spec.path in layer_state.EXPERT_PATHS and len(spec.shape) == 3  # routed experts
+    out = [(prefix + spec.path, dtype, spec.shape, count, *([True] if pooled else []))]
+    if spec.scale_shape is not None:
+        out.append((prefix + spec.path + ":scale", "float32", spec.scale_shape, count))
     return out
 
 
+def role_template(config, dt: ArenaDtypes, kind: str, act_dtype=jnp.bfloat16):
+    """The abstract layer a role's regions are cut from (`layer_state.template`), computing
+    in ``act_dtype``."""
+    param = dt.norm if dt.fp8_weights else dt.weight
+    return layer_state.template(
+        config, kind, dtype=jnp.dtype(act_dtype), param_dtype=jnp.dtype(param), fp8=dt.fp8_weights
+    )
+
+
+def attention_kind(config) -> str:
+    """The layer kind whose template the attention role uses for every layer (MoE if any: its
+    router is the only attention-side difference, zero for dense layers)."""
+    return "moe" if config.moe_layer_ids else "dense"
+
+
 def attention_specs(config, dt: ArenaDtypes, microbatch: int, num_mb: int, max_len: int):
-    """(name, dtype, shape, count) of everything an attention device holds."""
-    c, n_l = config, config.num_layers
-    d, r, n, h = c.hidden_size, c.share_q_dim, c.num_heads, c.head_dim
-    specs = [("input_norm", dt.norm, (d,), n_l)]
-    specs += _weight("q_proj", (r, d), n_l, dt) + _weight("k_proj", (h, d), n_l, dt)
-    specs += _weight("v_proj", (h, d), n_l, dt) + [("inter_norm", dt.norm, (r,), n_l)]
-    specs += _weight("wq", (n, h, r), n_l, dt) + _weight("o_proj", (d, n, h), n_l, dt, 2)
-    specs += [("post_norm", dt.norm, (d,), n_l), ("router", dt.norm, (c.num_experts, d), n_l)]
-    specs += [("embed", dt.embed, (c.vocab_size, d), 1), ("final_norm", dt.norm, (d,), 1)]
+    """(name, dtype, shape, count) of everything an attention device holds: per layer the
+    attention-side parameters of the model's own `DecoderLayer` by path, once the embedding,
+    final norm and lm_head (the model's paths), and the KV cache items."""
+    c, n_l, h = config, config.num_layers, config.head_dim
+    tmpl = role_template(config, dt, attention_kind(config))
+    specs = []
+    for spec in layer_state.role_params(tmpl, layer_state.ATTENTION):
+        specs += _param_regions(spec, "", n_l, dt)
+    d = c.hidden_size
+    specs += [("embed_tokens", dt.embed, (c.vocab_size, d), 1), ("norm.weight", dt.norm, (d,), 1)]
     specs += [("lm_head", dt.embed, (c.vocab_size, d), 1)]
     # Pool-aligned: the arena viewed as [*, S, H] pages (one page per sequence) holds each
     # item's sequences as consecutive pages, read in place by the paged attention kernel.
@@ -308,21 +340,17 @@ def ffn_local_dims(config, layout: AfdLayout) -> dict[str, int]:
 
 
 def ffn_specs(config, layout: AfdLayout, dt: ArenaDtypes):
-    """(name, dtype, shape, count) of everything an FFN device holds."""
-    d, loc = config.hidden_size, ffn_local_dims(config, layout)
-    n_moe, n_dense = len(config.moe_layer_ids), len(config.dense_layer_ids)
-    e, f = loc["experts"], loc["moe_f"]
-    specs = _weight("gate", (e, f, d), n_moe, dt, num_batch=1, pooled=True)
-    specs += _weight("up", (e, f, d), n_moe, dt, num_batch=1, pooled=True)
-    specs += _weight("down", (e, d, f), n_moe, dt, num_batch=1, pooled=True)
-    if loc["shared_f"]:
-        fs = loc["shared_f"]
-        specs += _weight("shared_gate", (fs, d), n_moe, dt)
-        specs += _weight("shared_up", (fs, d), n_moe, dt)
-        specs += _weight("shared_down", (d, fs), n_moe, dt)
-    fd = loc["dense_f"]
-    specs += _weight("dense_gate", (fd, d), n_dense, dt) + _weight("dense_up", (fd, d), n_dense, dt)
-    specs += _weight("dense_down", (d, fd), n_dense, dt)
+    """(name, dtype, shape, count) of everything an FFN device holds: for each layer kind
+    ("moe/..." over the MoE layers, "dense/..." over the dense ones) the FFN-side parameters of
+    a `DecoderLayer` of the device's local config (`layer_state.local_config`), by path."""
+    local = layer_state.local_config(config, layout)
+    specs = []
+    for kind, ids in (("moe", config.moe_layer_ids), ("dense", config.dense_layer_ids)):
+        if not ids:
+            continue
+        tmpl = role_template(local, dt, kind)
+        for spec in layer_state.role_params(tmpl, layer_state.FFN):
+            specs += _param_regions(spec, kind + "/", len(ids), dt)
     return specs
 
 
@@ -344,13 +372,20 @@ class ArenaLayout:
         num_microbatches: int,
         max_len: int,
         dtypes: ArenaDtypes = DEFAULT_DTYPES,
+        roles: tuple[str, ...] = ("attention", "ffn"),
     ) -> ArenaLayout:
+        """``roles``: the roles whose regions the arena must hold (one role: a one-device
+        program of that role, `AfdExecutor(role=...)`; its size ignores the other role)."""
         layout.check_config(config)
         att = _place(attention_specs(config, dtypes, microbatch, num_microbatches, max_len))
         ffn = _place(ffn_specs(config, layout, dtypes))
         sizes: dict[str, int] = {}
         unit: dict[str, int] = {}  # arena length multiple: every pool view must tile it
-        for reg in (*att.values(), *ffn.values()):
+        held = [
+            *(att.values() if "attention" in roles else ()),
+            *(ffn.values() if "ffn" in roles else ()),
+        ]
+        for reg in held:
             sizes[reg.dtype] = max(sizes.get(reg.dtype, 0), reg.end)
             unit[reg.dtype] = math.lcm(unit.get(reg.dtype, ALIGN), reg.align)
         sizes = {t: -(-n // unit[t]) * unit[t] for t, n in sizes.items()}

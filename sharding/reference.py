@@ -18,11 +18,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from step3_jax.cache import KVCache
-from step3_jax.sharding import protocol
+from step3_jax.model import head_logits
+from step3_jax.policy import KernelPolicy
+from step3_jax.sharding import layer_state, protocol
 from step3_jax.sharding.layout import AfdLayout, AttentionSpecs, FfnSpecs
 
 
@@ -42,7 +45,7 @@ class ReferenceExecutor:
         batch: int,
         max_len: int,
         fp8_transfer: bool = True,
-        ffn_implementation: str = "dense",
+        policy: KernelPolicy | None = None,
     ):
         c = self.config = model.config
         layout.check_config(c)
@@ -50,22 +53,37 @@ class ReferenceExecutor:
             raise ValueError(
                 f"batch={batch} must divide over {layout.num_attention} attention devices"
             )
-        self.layout, self.fp8, self.impl = layout, fp8_transfer, ffn_implementation
-        self.dtype, self.attn_impl = model.dtype, model.attention_implementation
+        self.layout, self.fp8 = layout, fp8_transfer
+        self.policy = model.policy if policy is None else policy
+        self.dtype = model.dtype
         self.mesh_a, self.mesh_f = layout.attention_mesh(devices), layout.ffn_mesh(devices)
         sa, sf = AttentionSpecs(), FfnSpecs()
         self.rep_a = NamedSharding(self.mesh_a, sa.weights)
         self.act_a = NamedSharding(self.mesh_a, sa.act_btd)
         self.rep_f = NamedSharding(self.mesh_f, sf.tokens_td)
-        att = protocol.attention_params(model)
-        self.globals = {
-            k: jax.device_put(att.pop(k)[0], self.rep_a) for k in ("embed", "final_norm", "lm_head")
-        }
-        self.attn = [
-            {k: jax.device_put(v[i], self.rep_a) for k, v in att.items()}
-            for i in range(c.num_layers)
+        # The model's own layers: each attention layer whole (replicated), each FFN device's
+        # share of each layer as a layer of the local config (stacked [ep, tp] over the mesh).
+        self.att = [
+            {
+                k: jax.device_put(v, self.rep_a)
+                for k, v in layer_state.attention_values(lay, c).items()
+            }
+            for lay in model.layers
         ]
-        self.ffn = self._place_ffn(protocol.ffn_params(model))
+        self.globals = {
+            "embed": jax.device_put(np.asarray(model.embed_tokens[...]), self.rep_a),
+            "head": jax.device_put(np.asarray(model.lm_head[...]), self.rep_a),
+            "norm": jax.device_put(np.asarray(model.norm.weight[...]), self.rep_a),
+        }
+        self.ffn = [self._place_ffn(lay) for lay in model.layers]
+        local, dt = layer_state.local_config(c, layout), model.dtype
+        kinds = [k for k in layer_state.KINDS if layer_state.layer_id_of_kind(c, k) is not None]
+        self.att_tmpl = {
+            k: layer_state.template(c, k, dtype=dt, param_dtype=dt, fp8=False) for k in kinds
+        }
+        self.ffn_tmpl = {
+            k: layer_state.template(local, k, dtype=dt, param_dtype=dt, fp8=False) for k in kinds
+        }
         cache = KVCache.for_config(c, batch, max_len, model.dtype)
         cache_sh = NamedSharding(self.mesh_a, sa.cache_lbsh)
         self.cache = cache.replace(  # lengths [B] are batch-sharded like the activations
@@ -77,76 +95,43 @@ class ReferenceExecutor:
             lengths=jax.device_put(cache.lengths, self.act_a),
         )
         self._attn_fn = jax.jit(
-            self._attention, static_argnames=("is_moe",), donate_argnames=("cache",)
+            self._attention, static_argnames=("kind",), donate_argnames=("cache",)
         )
-        self._ffn_fns = {m: self._make_ffn(m) for m in (False, True)}
+        self._ffn_fns = {kind: self._make_ffn(kind) for kind in self.ffn_tmpl}
 
-    def _place_ffn(self, full):
-        """Per layer: each tensor stacked ``[ep, tp, ...]`` over the FFN devices."""
+    def _place_ffn(self, layer):
+        """Each FFN device's share of ``layer`` stacked ``[ep, tp, ...]`` over the FFN mesh."""
         lay, sh = self.layout, NamedSharding(self.mesh_f, P("ffn_ep", "ffn_tp"))
-        shards = [protocol.ffn_device_params(full, lay, j) for j in range(lay.num_ffn)]
-        moe_i = {n: i for i, n in enumerate(self.config.moe_layer_ids)}
-        dense_i = {n: i for i, n in enumerate(self.config.dense_layer_ids)}
-        per_layer = []
-        for layer in range(self.config.num_layers):
-            moe = layer in moe_i
-            idx = moe_i[layer] if moe else dense_i[layer]
-            keys = [k for k in full if k.startswith("dense_") != moe]
-            per_layer.append(
-                {
-                    k: jax.device_put(
-                        np.stack([s[k][idx] for s in shards]).reshape(
-                            lay.ffn_ep, lay.ffn_tp, *shards[0][k].shape[1:]
-                        ),
-                        sh,
-                    )
-                    for k in keys
-                }
+        shards = [layer_state.ffn_values(layer, lay, j) for j in range(lay.num_ffn)]
+        return {
+            k: jax.device_put(
+                np.stack([s[k] for s in shards]).reshape(lay.ffn_ep, lay.ffn_tp, *v.shape), sh
             )
-        return per_layer
+            for k, v in shards[0].items()
+        }
 
-    def _attention(self, p, x, positions, cache, layer, is_moe):
-        c = self.config
-        q, k, v = protocol.attention_qkv(
-            p, x, positions, eps=c.rms_norm_eps, rope_theta=c.rope_theta, dtype=self.dtype
-        )
-        cache = cache.write(layer, k, v, positions)
-        one = KVCache(
-            *[None if a is None else a[layer][None] for a in (cache.k, cache.v)],
-            cache.lengths,
-            *[None if a is None else a[layer][None] for a in (cache.k_scale, cache.v_scale)],
-        )
-        x_mid, h2, routing = protocol.attention_out(
-            p,
-            x,
-            q,
-            one,
-            positions,
-            eps=c.rms_norm_eps,
-            dtype=self.dtype,
-            top_k=c.top_k,
-            is_moe=is_moe,
-            implementation=self.attn_impl,
-        )
+    def _attention(self, values, x, positions, cache, layer, kind):
+        """The layer's ``attention_half`` on the attention mesh, then the A->F packet."""
+        c, tmpl = self.config, self.att_tmpl[kind]
+        mod = layer_state.merge_layer(nnx.split(tmpl)[0], tmpl, values)
+        x_mid, h2, routing, cache = mod.attention_half(x, positions, cache, layer, self.policy)
         b, t, d = h2.shape
-        routing = jax.tree.map(lambda a: a.reshape(b * t, -1), routing)
+        if routing is not None:
+            routing = jax.tree.map(lambda a: a.reshape(b * t, -1), routing)
         return x_mid, protocol.pack(h2.reshape(b * t, d), routing, c.top_k, self.fp8), cache
 
-    def _make_ffn(self, is_moe: bool):
+    def _make_ffn(self, kind: str):
         e_local = self.config.num_experts // self.layout.ffn_ep
+        tmpl = self.ffn_tmpl[kind]
+        graphdef, _ = nnx.split(tmpl)
 
-        def per_device(packet, p):
-            p = {k: v[0, 0] for k, v in p.items()}
+        def per_device(packet, values):
+            values = {k: v[0, 0] for k, v in values.items()}
+            mod = layer_state.merge_layer(graphdef, tmpl, values)
             first = jax.lax.axis_index("ffn_ep") * e_local
-            out = protocol.ffn_partial(
-                packet,
-                p,
-                is_moe=is_moe,
-                first_expert=first,
-                dtype=self.dtype,
-                implementation=self.impl,
-            )
-            return out[None, None]
+            x = protocol.unpack(packet, self.dtype)
+            routing = (packet.weights, packet.ids) if kind == "moe" else None
+            return mod.ffn_half(x, routing, self.policy, first)[None, None]
 
         fn = jax.shard_map(
             per_device,
@@ -170,7 +155,7 @@ class ReferenceExecutor:
     @functools.partial(jax.jit, static_argnums=0)
     def _head(self, g, x, select):
         last = jnp.take_along_axis(x, select[:, None, None], axis=1)[:, 0]
-        return protocol.final_logits(g, last, self.config.rms_norm_eps)
+        return head_logits(last, g["norm"], g["head"], self.config.rms_norm_eps)
 
     def step(self, tokens, positions, select) -> jax.Array:
         """One forward over ``tokens [B, T]`` at ``positions``; logits of token ``select``."""
@@ -179,12 +164,12 @@ class ReferenceExecutor:
         x = self._embed(self.globals, tokens)
         cache = self.cache
         for layer in range(self.config.num_layers):
-            is_moe = self.config.is_moe_layer(layer)
+            kind = "moe" if self.config.is_moe_layer(layer) else "dense"
             x_mid, packet, cache = self._attn_fn(
-                self.attn[layer], x, positions, cache, jnp.int32(layer), is_moe
+                self.att[layer], x, positions, cache, jnp.int32(layer), kind
             )
             packet = jax.device_put(packet, self.rep_f)  # A -> F
-            partials = self._ffn_fns[is_moe](packet, self.ffn[layer])
+            partials = self._ffn_fns[kind](packet, self.ffn[layer])
             b, t = positions.shape
             partials = partials.reshape(-1, b, t, partials.shape[-1])
             partials = jax.device_put(partials, NamedSharding(self.mesh_a, P(None, "attn_dp")))

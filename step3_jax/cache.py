@@ -12,6 +12,11 @@ Layout (all arrays on device, a pytree so it flows through jit/scan/shard_map):
 
 Writes are scatters at explicit positions into the stacked buffers, which XLA performs in place
 when the cache is donated.
+
+The cache interface the decoder layer uses (`step3_jax.model.DecoderLayer.attention_half`) is
+two methods: ``write(layer, k, v, positions) -> cache`` and ``attend(layer, q, positions,
+implementation) -> o``. Other caches implement the same two (the AFD arena cache in
+`step3_jax.sharding.arena_io`), so every executor runs the same layer code.
 """
 
 from __future__ import annotations
@@ -25,6 +30,33 @@ from flax import struct
 from jaxtyping import Array, Float, Int
 
 from step3_jax import quant
+from step3_jax.kernels import dispatch
+from step3_jax.kernels.mfa_decode import mfa_decode_attention, supported
+from step3_jax.kernels.mfa_decode.api import MAX_T
+from step3_jax.layers.mfa import mfa_attention_xla
+
+
+def attend_cache(q, k, v, k_scale, v_scale, positions, implementation, **paged):
+    """Attention of the new tokens' queries ``q [B, T, N, H]`` (at ``positions [B, T]``,
+    consecutive, ending at ``lengths - 1``) against one layer's cache (already holding them).
+
+    The Pallas decode kernel (`step3_jax.kernels.mfa_decode`) where the kernels' dispatch rule
+    picks it for ``implementation`` ("pallas" | "xla" | None) and T <= 8; otherwise the XLA
+    path over the dequantized cache (a paged cache through the kernel API's XLA gather).
+    ``paged``: ``block_table`` / ``page_offsets`` of a paged layout."""
+    lengths = positions[:, -1] + 1
+    reason = supported(q, k) if q.shape[1] <= MAX_T else f"T={q.shape[1]} > {MAX_T}"
+    impl = "xla" if implementation == "xla" and not paged else implementation
+    if paged or dispatch.choose("mfa_decode_attention", impl, reason) == "pallas":
+        out = mfa_decode_attention(
+            q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, implementation=impl, **paged
+        )
+        return out.astype(q.dtype)
+    if k_scale is None:
+        kd, vd = k.astype(q.dtype), v.astype(q.dtype)
+    else:
+        kd, vd = quant.dequantize_kv(k, k_scale, q.dtype), quant.dequantize_kv(v, v_scale, q.dtype)
+    return mfa_attention_xla(q, kd, vd, positions, kv_lengths=lengths)
 
 SUPPORTED_DTYPES = ("bfloat16", "float32", "float16", "float8_e4m3fn")
 
@@ -152,6 +184,16 @@ class KVCache:
             k=self.k.at[layer, b_idx, positions].set(k_new.astype(self.k.dtype)),
             v=self.v.at[layer, b_idx, positions].set(v_new.astype(self.v.dtype)),
         )
+
+    def attend(
+        self,
+        layer: int,
+        q: Float[Array, "B T N H"],
+        positions: Int[Array, "B T"],
+        implementation: str | None = None,
+    ) -> Float[Array, "B T N H"]:
+        """Attention of ``q`` against layer ``layer`` (see `attend_cache`)."""
+        return attend_cache(q, *self.layer(layer), positions, implementation)
 
     def layer(self, layer: int) -> tuple[Array, Array, Array | None, Array | None]:
         """``(k [B,S,H], v [B,S,H], k_scale [B,S] | None, v_scale [B,S] | None)``."""

@@ -8,7 +8,11 @@ can run them on different devices without rewriting the model:
   normalized FFN input ``h2`` and the routing.
 * ``ffn_half``: the routed + shared experts (MoE layers) or the dense SwiGLU, on ``h2``.
 
-The layer output is ``x_mid + ffn_half(h2, routing)``.
+The layer output is ``x_mid + ffn_half(h2, routing)``. ``attention_half`` is itself
+``attention_qkv`` -> ``cache.write`` -> ``attention_out``, public so an executor that must
+place the cache write itself (the compiled AFD step writes its arena outside any branch) runs
+the same two pieces. Every executor runs these methods: the layer's math exists once. Kernel
+choices come from one `step3_jax.policy.KernelPolicy` passed down (``policy=``).
 """
 
 from __future__ import annotations
@@ -25,49 +29,11 @@ from step3_jax.layers.linear import init_weight, project
 from step3_jax.layers.mfa import MFAttention, mfa_attention_xla
 from step3_jax.layers.mlp import SwiGLU
 from step3_jax.layers.moe import MoE
-from step3_jax.layers.norms import RMSNorm
+from step3_jax.layers.norms import RMSNorm, rms_norm
+from step3_jax.policy import KernelPolicy
 
+DEFAULT_POLICY = KernelPolicy()
 Routing = tuple[Float[Array, "B T K"], Int[Array, "B T K"]] | None
-ATTENTION_IMPLEMENTATIONS = ("xla", "pallas", None)
-# The decode kernel handles up to this many new tokens per sequence against the cache.
-MAX_KERNEL_QUERY_TOKENS = 8
-
-
-def default_attention_impl(num_heads: int = 64, head_dim: int = 256, dtype=jnp.bfloat16) -> str:
-    """ "pallas" where the Mosaic GPU decode kernel applies (an H100/H200, Step-3's 64 heads of
-    256, a bf16 model), else "xla"."""
-    from step3_jax.kernels.mfa_decode.api import _on_hopper
-
-    fits = (num_heads, head_dim) == (64, 256) and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
-    return "pallas" if fits and _on_hopper() else "xla"
-
-
-def cached_attention(
-    q: Float[Array, "B T N H"],
-    cache: KVCache,
-    layer: int,
-    positions: Int[Array, "B T"],
-    implementation: str | None,
-) -> Float[Array, "B T N H"]:
-    """Attention of the new tokens' queries against layer ``layer`` of the (updated) cache.
-
-    Decode-sized T goes through `step3_jax.kernels.mfa_decode_attention` (Pallas on Hopper, XLA
-    elsewhere); long prefills use the plain XLA path over the dequantized cache. Both assume
-    the new tokens of a sequence sit at consecutive positions ending at ``lengths - 1``.
-    """
-    t = q.shape[1]
-    lengths = positions[:, -1] + 1
-    implementation = implementation or default_attention_impl(q.shape[2], q.shape[3], q.dtype)
-    if implementation != "xla" and t <= MAX_KERNEL_QUERY_TOKENS:
-        from step3_jax.kernels.mfa_decode import mfa_decode_attention
-
-        k, v, ks, vs = cache.layer(layer)
-        out = mfa_decode_attention(
-            q, k, v, lengths, k_scale=ks, v_scale=vs, implementation=implementation
-        )
-        return out.astype(q.dtype)
-    k, v = cache.dequantized_layer(layer, q.dtype)
-    return mfa_attention_xla(q, k, v, positions, kv_lengths=lengths)
 
 
 class DecoderLayer(nnx.Module):
@@ -78,7 +44,6 @@ class DecoderLayer(nnx.Module):
         *,
         dtype,
         param_dtype,
-        moe_implementation: str,
         rngs: nnx.Rngs,
     ):
         c = config
@@ -105,7 +70,6 @@ class DecoderLayer(nnx.Module):
                 c.top_k,
                 c.moe_intermediate_size,
                 c.share_expert_dim,
-                implementation=moe_implementation,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,
@@ -115,38 +79,70 @@ class DecoderLayer(nnx.Module):
                 c.hidden_size, c.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
             )
 
+    def attention_qkv(
+        self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], policy: KernelPolicy
+    ) -> tuple[Array, Array, Array]:
+        """Input norm, q/k/v projections, inter_norm, wq, RoPE: ``(q [B,T,N,H], k, v [B,T,H])``."""
+        return self.self_attn.qkv(self.input_layernorm(x), positions, policy.gemm)
+
+    def attention_out(
+        self,
+        x: Float[Array, "B T D"],
+        o: Float[Array, "B T N H"],
+        policy: KernelPolicy,
+    ) -> tuple[Array, Array, Routing]:
+        """o_proj of the attention output, residual, post-attention norm and (MoE layers) the
+        router's top-k: ``(x_mid, h2, routing)``."""
+        x_mid = x + self.self_attn.output(o, policy.gemm).astype(x.dtype)
+        h2 = self.post_attention_layernorm(x_mid)
+        routing = self.ffn.route(h2) if self.is_moe else None
+        return x_mid, h2, routing
+
     def attention_half(
         self,
         x: Float[Array, "B T D"],
         positions: Int[Array, "B T"],
-        cache: KVCache | None = None,
-        cache_layer: int | None = None,
-        attention_implementation: str | None = None,
-    ) -> tuple[Array, Array, Routing, KVCache | None]:
-        """Returns ``(x_mid, h2, routing, cache)``; ``routing`` is None for dense layers."""
-        attn = self.self_attn
-        q, k, v = attn.qkv(self.input_layernorm(x), positions)
+        cache=None,
+        cache_layer=None,
+        policy: KernelPolicy = DEFAULT_POLICY,
+    ) -> tuple[Array, Array, Routing, object]:
+        """Returns ``(x_mid, h2, routing, cache)``; ``routing`` is None for dense layers.
+        ``cache``: anything with ``write``/``attend`` (`step3_jax.cache`), or None (causal
+        attention over the T tokens alone)."""
+        q, k, v = self.attention_qkv(x, positions, policy)
         if cache is None:
             o = mfa_attention_xla(q, k, v, positions, kv_positions=positions)
         else:
             layer = self.layer_id if cache_layer is None else cache_layer
             cache = cache.write(layer, k, v, positions)
-            o = cached_attention(q, cache, layer, positions, attention_implementation)
-        x_mid = x + attn.output(o).astype(x.dtype)
-        h2 = self.post_attention_layernorm(x_mid)
-        routing = self.ffn.route(h2) if self.is_moe else None
+            o = cache.attend(layer, q, positions, policy.attention)
+        x_mid, h2, routing = self.attention_out(x, o, policy)
         return x_mid, h2, routing, cache
 
-    def ffn_half(self, h2: Float[Array, "B T D"], routing: Routing = None) -> Float[Array, "B T D"]:
+    def ffn_half(
+        self,
+        h2: Float[Array, "B T D"],
+        routing: Routing = None,
+        policy: KernelPolicy = DEFAULT_POLICY,
+        first_expert=0,
+    ) -> Float[Array, "B T D"]:
+        """The FFN on ``h2``. A module holding a slice of the FFN (an FFN device) returns its
+        partial sum: experts from ``first_expert`` on, its F slice of the shared/dense SwiGLU."""
         if self.is_moe:
-            return self.ffn(h2, routing=routing)
-        return self.ffn(h2)
+            return self.ffn(h2, routing, policy.moe, policy.gemm, first_expert)
+        return self.ffn(h2, policy.gemm)
 
-    def __call__(self, x, positions, cache=None, attention_implementation=None):
-        x_mid, h2, routing, cache = self.attention_half(
-            x, positions, cache, attention_implementation=attention_implementation
-        )
-        return x_mid + self.ffn_half(h2, routing).astype(x.dtype), cache
+    def __call__(self, x, positions, cache=None, policy: KernelPolicy = DEFAULT_POLICY):
+        x_mid, h2, routing, cache = self.attention_half(x, positions, cache, policy=policy)
+        return x_mid + self.ffn_half(h2, routing, policy).astype(x.dtype), cache
+
+
+def head_logits(
+    x: Float[Array, "... D"], norm_weight, lm_head, eps: float
+) -> Float[Array, "... V"]:
+    """Final RMSNorm then lm_head, float32 logits (`Step3Model.logits`; executors that hold
+    the head's weights elsewhere call this with them)."""
+    return project(rms_norm(x, norm_weight, eps), lm_head, "...D,VD->...V", out_dtype=jnp.float32)
 
 
 def _check_tokens(tokens, vocab_size: int) -> None:
@@ -184,21 +180,15 @@ class Step3Model(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.bfloat16,
         param_dtype=jnp.bfloat16,
-        moe_implementation: str = "grouped",
-        attention_implementation: str | None = None,
+        policy: KernelPolicy | None = None,
     ):
-        if attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
-                f"got {attention_implementation!r}"
-            )
+        if policy is not None and not isinstance(policy, KernelPolicy):
+            raise TypeError(f"policy must be a step3_jax.KernelPolicy, got {type(policy)}")
         c = self.config = config
         self.dtype = dtype
-        # None: the Pallas decode kernel on a Hopper GPU, the XLA path elsewhere (decided once
-        # here, so CPU runs do not warn on every trace).
-        self.attention_implementation = attention_implementation or default_attention_impl(
-            c.num_heads, c.head_dim, dtype
-        )
+        # Which kernels run (None fields: the best for the device, decided per call by the
+        # kernels' one dispatch rule). Executors may run the same layers with their own policy.
+        self.policy = policy or KernelPolicy()
         v, d = c.vocab_size, c.hidden_size
         self.embed_tokens = nnx.Param(init_weight(rngs.params(), (v, d), 1, param_dtype))
         self.layers = nnx.List(
@@ -208,7 +198,6 @@ class Step3Model(nnx.Module):
                     i,
                     dtype=dtype,
                     param_dtype=param_dtype,
-                    moe_implementation=moe_implementation,
                     rngs=rngs,
                 )
                 for i in range(c.num_layers)
@@ -220,8 +209,8 @@ class Step3Model(nnx.Module):
     def embed(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
         return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
 
-    def logits(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-        return project(self.norm(x), self.lm_head[...], "BTD,VD->BTV", out_dtype=jnp.float32)
+    def logits(self, x: Float[Array, "... D"]) -> Float[Array, "... V"]:
+        return head_logits(x, self.norm.weight[...], self.lm_head[...], self.config.rms_norm_eps)
 
     def __call__(
         self,
@@ -243,7 +232,7 @@ class Step3Model(nnx.Module):
         positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
         x = self.embed(tokens)
         for layer in self.layers:
-            x, cache = layer(x, positions, cache, self.attention_implementation)
+            x, cache = layer(x, positions, cache, self.policy)
         logits = self.logits(x)
         if cache is None:
             return logits

@@ -27,14 +27,15 @@ also the FP8 KV cache (`Precision.cache_dtype`, pass it to ``generate(cache_dtyp
 and the lm_head by default (one matrix, ~0.3% of Step-3's weight bytes, and the logits are what
 sampling sees; ``quantize_lm_head=True`` changes that).
 
-Two XLA forms of the FP8 GEMM (static field ``gemm``), numerically the same contraction of the
-dequantized operands, accumulated in float32:
+The weight holds only data; WHICH GEMM runs is the caller's ``implementation=`` (the model
+passes its `step3_jax.policy.KernelPolicy.gemm`). Two XLA forms, numerically the same
+contraction of the dequantized operands, accumulated in float32:
 
-* ``"dequant"`` (default): dequantize weight and activation to the compute dtype and run one
+* ``"xla"``: dequantize weight and activation to the compute dtype and run one
   ordinary dot. With a bf16 compute dtype each dequantized operand carries one extra bf16
   rounding (relative 2**-9). Per-channel weights skip the weight-side multiply: the dot reads
   a pure fp8 -> bf16 convert and the f32 result is scaled per output channel.
-* ``"fp8_blocks"``: FP8 x FP8 ``dot_general`` per 128-wide K block with float32 results, scaled
+* ``"xla_fp8"``: FP8 x FP8 ``dot_general`` per 128-wide K block with float32 results, scaled
   by ``x_scale[m, kb] * w_scale[n, kb]`` and summed over blocks: exact scale application, but it
   materializes ``[KB, M, N]`` float32 partial sums.
 
@@ -46,16 +47,18 @@ tests do).
 
 Fused rows: weights that share their input (an MFAttention's q_proj, k_proj, v_proj) can be
 stored as ONE ``[sum N_i, K]`` weight (`concat_rows`, `split_rows`; `fuse_qkv`, and
-``quantize_model(gemm="pallas")`` by default): one GEMM instead of three. The concatenation is
-exact for per-channel scales and for 128x128 block scales whose parts are 128-row aligned.
+`quantize_model` by default where the rows concatenate exactly): one GEMM instead of three.
+The concatenation is exact for per-channel scales and for 128x128 block scales whose parts
+are 128-row aligned.
 
-And one kernel form, ``"pallas"``: FP8 x FP8 with the 128x128 block scales applied per K block
+And the kernel, ``"pallas"``: FP8 x FP8 with the 128x128 block scales applied per K block
 inside the Mosaic GPU grouped GEMM (`step3_jax.kernels.grouped_gemm`, one group = a dense GEMM),
 streaming the FP8 weight once and never materializing a dequantized copy. It needs a Hopper
 GPU, block scales, no batch axes, N and K multiples of 128 and an equation of the form
-``x[rest, contract] , w[out, contract] -> [rest, out]``; anywhere else it computes the
-``"dequant"`` form (the numerics contract is the same: activations quantized per token per 128,
-f32 accumulation, a bf16 result).
+``x[rest, contract] , w[out, contract] -> [rest, out]`` (`pallas_gemm_unsupported` says why
+not). ``implementation=None`` takes it where it applies and the ``"xla"`` form elsewhere
+(the numerics contract is the same: activations quantized per token per 128, f32
+accumulation, a bf16 result).
 """
 
 from __future__ import annotations
@@ -71,10 +74,14 @@ from flax import nnx, struct
 from jaxtyping import Array, Float
 
 from step3_jax import quant
+from step3_jax.kernels import dispatch
+from step3_jax.kernels.grouped_gemm import grouped_matmul
+from step3_jax.kernels.grouped_gemm import supported as grouped_gemm_supported
+from step3_jax.kernels.grouped_gemm.config import dense_config
+from step3_jax.policy import GEMM_IMPLEMENTATIONS
 
 PRECISIONS = ("bf16", "fp8", "fp8+kv8")
 GRANULARITIES = ("block", "channel")
-GEMM_FORMS = ("dequant", "fp8_blocks", "pallas")
 
 
 def _is_arraylike(a) -> bool:
@@ -117,15 +124,12 @@ class Fp8Weight:
     scales: Array  # block: [*batch, ceil(N/128), ceil(K/128)] f32; channel: [*batch, N, 1]
     num_contract: int = struct.field(pytree_node=False, default=1)
     granularity: str = struct.field(pytree_node=False, default="block")
-    gemm: str = struct.field(pytree_node=False, default="dequant")
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
             )
-        if self.gemm not in GEMM_FORMS:
-            raise ValueError(f"gemm must be one of {GEMM_FORMS}, got {self.gemm!r}")
         if not (_is_arraylike(self.values) and _is_arraylike(self.scales)):
             return
         vshape, sshape = tuple(self.values.shape), tuple(self.scales.shape)
@@ -185,7 +189,6 @@ class Fp8Weight:
         num_contract: int = 1,
         num_batch: int = 0,
         granularity: str = "block",
-        gemm: str = "dequant",
     ) -> Fp8Weight:
         """Quantizes a float weight of logical shape ``[*batch, *out, *contract]``."""
         w = jnp.asarray(w)
@@ -202,7 +205,7 @@ class Fp8Weight:
             q, s = quant.quantize_weight_channels(w2)
         else:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        return cls(q.reshape(w.shape), s, num_contract, granularity, gemm)
+        return cls(q.reshape(w.shape), s, num_contract, granularity)
 
     def scales_nk(self) -> Float[Array, "... N KB"]:
         """Per (output row, 128-wide K block) scale of the 2-D view: ``[*batch, N, KB]``."""
@@ -219,12 +222,19 @@ class Fp8Weight:
         v2 = self.values.reshape(*self.shape[: self.num_batch], n, k)
         return (v2.astype(jnp.float32) * s).reshape(self.shape).astype(dtype)
 
-    def project(self, x: Array, eqn: str, out_dtype) -> Array:
-        """``einsum(eqn, x, w)`` with x quantized per token per 128-group; f32 accumulation."""
+    def project(self, x: Array, eqn: str, out_dtype, implementation: str | None = None) -> Array:
+        """``einsum(eqn, x, w)`` with x quantized per token per 128-group; f32 accumulation.
+        ``implementation``: "pallas" | "xla" | "xla_fp8" | None (module docstring)."""
+        if implementation not in GEMM_IMPLEMENTATIONS:
+            raise ValueError(
+                f"Fp8Weight.project: implementation must be one of {GEMM_IMPLEMENTATIONS}, "
+                f"got {implementation!r}"
+            )
         spec = _parse_eqn(eqn, x.ndim, self)
-        if self.gemm == "fp8_blocks":
+        if implementation == "xla_fp8":
             return _project_fp8_blocks(x, self, spec).astype(out_dtype)
-        if self.gemm == "pallas" and _pallas_gemm_applies(x, self, spec):
+        reason = None if implementation == "xla" else pallas_gemm_unsupported(x, self, spec)
+        if dispatch.choose("fp8_linear", implementation, reason) == "pallas":
             return _project_pallas(x, self, spec).astype(out_dtype)
         xd = _fake_quant_contract(x, spec)
         if self.granularity == "channel":
@@ -337,24 +347,21 @@ def _project_fp8_blocks(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
     return jnp.einsum(f"{spec.out}{kb},{spec.x_rest}{kb},{w_rest}{kb}->{spec.out}", partial, xs, ws)
 
 
-def _pallas_gemm_applies(x: Array, w: Fp8Weight, spec: _Spec) -> bool:
-    """Whether the ``"pallas"`` form can run this projection here (see the module docstring)."""
-    from step3_jax.kernels.grouped_gemm import api
-
+def pallas_gemm_unsupported(x: Array, w: Fp8Weight, spec: _Spec) -> str | None:
+    """None if the ``"pallas"`` form can run this projection here, else the reason."""
     w_rest = spec.w[: len(spec.w) - w.num_contract]
     layout_ok = spec.x == spec.x_rest + spec.contract and spec.out == spec.x_rest + w_rest
-    if w.granularity != "block" or w.num_batch or not layout_ok:
-        return False
+    if w.granularity != "block":
+        return "needs 128x128 block scales"
+    if w.num_batch or not layout_ok:
+        return f"needs x[rest, contract] @ w[out, contract] with no batch axes, got {spec.explicit}"
     n, k = _view_2d(w.shape, 0, w.num_contract)
     weights = (jax.ShapeDtypeStruct((1, n, k), w.values.dtype),)
-    return api._pallas_supported(x, weights) is None
+    return grouped_gemm_supported(x, weights)
 
 
 def _project_pallas(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
     """x [*rest, *contract] @ w[N, K]^T through the Pallas grouped GEMM with one group."""
-    from step3_jax.kernels.grouped_gemm import grouped_matmul
-    from step3_jax.kernels.grouped_gemm.config import dense_config
-
     n, k = _view_2d(w.shape, 0, w.num_contract)
     lead = x.shape[: len(spec.x_rest)]
     x2 = x.reshape(-1, k)
@@ -381,12 +388,12 @@ def _check_fp8_rows(weights, names) -> None:
     """Raises unless the `Fp8Weight` parts concatenate along rows EXACTLY (see `concat_rows`)."""
     w0 = weights[0]
     for w, name in zip(weights, names, strict=True):
-        same = (w.granularity, w.gemm, w.num_contract) == (w0.granularity, w0.gemm, 1)
+        same = (w.granularity, w.num_contract) == (w0.granularity, 1)
         if w.ndim != 2 or w.num_batch or not same:
             raise ValueError(
                 f"concat_rows: {name} must be a 2-D Fp8Weight [N, K] (num_contract=1, no batch "
-                f"axis) with the granularity/gemm of {names[0]} ({w0.granularity}/{w0.gemm}); "
-                f"got shape {w.shape}, {w.granularity}/{w.gemm}, num_contract={w.num_contract}"
+                f"axis) with the granularity of {names[0]} ({w0.granularity}); "
+                f"got shape {w.shape}, {w.granularity}, num_contract={w.num_contract}"
             )
     if w0.granularity == "block":
         for w, name in zip(weights[:-1], names[:-1], strict=True):
@@ -405,7 +412,7 @@ def concat_rows(
     """ONE ``[sum N_i, K]`` weight from 2-D weights ``[N_i, K]`` that share their input.
 
     Plain arrays (all of one dtype) are concatenated; `Fp8Weight` parts (all of one
-    granularity and gemm form) concatenate their ``values`` and ``scales`` along rows, which is
+    granularity) concatenate their ``values`` and ``scales`` along rows, which is
     EXACT (the fused weight dequantizes to the concatenation of the parts' dequantized values,
     and splits back bitwise with `split_rows`) when the scales are per channel, or when they
     are 128x128 blocks and every part but the last has a multiple of 128 rows (no scale block
@@ -436,7 +443,7 @@ def concat_rows(
     w0 = weights[0]
     values = jnp.concatenate([w.values for w in weights])
     scales = jnp.concatenate([w.scales for w in weights])
-    return Fp8Weight(values, scales, 1, w0.granularity, w0.gemm)
+    return Fp8Weight(values, scales, 1, w0.granularity)
 
 
 def split_rows(w: Float[Array, "M K"] | Fp8Weight, sizes: Sequence[int]) -> tuple:
@@ -461,30 +468,8 @@ def split_rows(w: Float[Array, "M K"] | Fp8Weight, sizes: Sequence[int]) -> tupl
     parts = []
     for a, b in zip(offs[:-1], offs[1:], strict=True):
         s = w.scales[a // blk : -(-b // blk)]
-        parts.append(Fp8Weight(w.values[a:b], s, 1, w.granularity, w.gemm))
+        parts.append(Fp8Weight(w.values[a:b], s, 1, w.granularity))
     return tuple(parts)
-
-
-def fuse_rows(weights) -> Fp8Weight | None:
-    """One ``[sum N_i, K]`` weight from 2-D ``"pallas"``-form block-FP8 weights ``[N_i, K]``
-    that share their input (Step-3's q/k/v projections), or None if any is not such a weight.
-
-    Exact: every N_i is a multiple of 128, so the 128-row scale blocks concatenate as they
-    are. Why: at decode sizes the narrow GEMMs are latency-bound (k_proj [256, 7168] streams at
-    88 GB/s on an H100), one wider GEMM fills more SMs (docs/LOG.md). This is the per-call
-    form (it concatenates on every call); `fuse_qkv` stores the fused weight once."""
-    if not all(
-        isinstance(w, Fp8Weight)
-        and w.gemm == "pallas"
-        and w.granularity == "block"
-        and w.ndim == 2
-        and w.num_batch == 0
-        and w.shape[0] % quant.BLOCK == 0
-        and w.shape[1] == weights[0].shape[1]
-        for w in weights
-    ):
-        return None
-    return concat_rows(weights)
 
 
 def split_fp8(w) -> tuple[Array, Array | None]:
@@ -582,7 +567,6 @@ def quantize_model(
     precision: str | Precision = "fp8",
     *,
     granularity: str = "block",
-    gemm: str = "dequant",
     quantize_lm_head: bool = False,
     fuse_qkv: bool | None = None,
 ) -> nnx.Module:
@@ -593,15 +577,17 @@ def quantize_model(
     the cache with ``Precision("fp8+kv8").cache_dtype``.
 
     ``fuse_qkv``: after quantizing (so the scales are those of the separate weights), store
-    each MFAttention's q/k/v weights as ONE ``qkv_proj`` (`fuse_qkv`). None (default): fuse
-    when ``gemm == "pallas"`` and the rows concatenate exactly, else leave them separate (the
-    behaviour before this option); True: fuse or raise; False: never fuse. An already fused
+    each MFAttention's q/k/v weights as ONE ``qkv_proj`` (`fuse_qkv`): one GEMM instead of
+    three (at decode sizes the narrow k/v GEMMs are latency-bound: k_proj [256, 7168] streamed
+    at 88 GB/s on an H100, docs/LOG.md). None (default): fuse where the rows concatenate
+    exactly (block scales: q/k widths multiples of 128, as in Step-3), else leave them
+    separate; True: fuse or raise; False: never fuse. An already fused
     model stays fused (its float ``qkv_proj`` is quantized part by part).
     """
     prec = precision if isinstance(precision, Precision) else Precision(precision)
     if not prec.fp8_weights:
         return _fuse_all_qkv(model, strict=True) if fuse_qkv else model
-    kw = dict(granularity=granularity, gemm=gemm)
+    kw = dict(granularity=granularity)
     count = 0
     for _, node in nnx.iter_graph(model):
         for (cls_name, attr), (nb, nc) in _LINEARS.items():
@@ -619,7 +605,7 @@ def quantize_model(
         model.lm_head.set_value(Fp8Weight.quantize(model.lm_head[...], **kw))
     if count == 0:
         raise ValueError("quantize_model found no MFAttention/SwiGLU/MoE linear weights")
-    if fuse_qkv or (fuse_qkv is None and gemm == "pallas" and _attention_modules(model)):
+    if fuse_qkv or (fuse_qkv is None and _attention_modules(model)):
         _fuse_all_qkv(model, strict=bool(fuse_qkv))
     return model
 
@@ -631,14 +617,12 @@ def weight_bytes(model: nnx.Module) -> int:
 
 
 __all__ = [
-    "GEMM_FORMS",
     "GRANULARITIES",
     "PRECISIONS",
     "Fp8Weight",
     "Precision",
     "concat_rows",
     "fuse_qkv",
-    "fuse_rows",
     "quantize_model",
     "split_fp8",
     "split_rows",

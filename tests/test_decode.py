@@ -19,6 +19,7 @@ from flax import nnx
 
 import step3_jax as s3
 from step3_jax import decode as decode_mod
+from step3_jax.policy import KernelPolicy
 from step3_jax.sampling import SamplingConfig, filter_logits, sample
 
 CFG = s3.Step3Config.tiny()
@@ -38,7 +39,7 @@ def build_model(seed: int = 7, cfg: s3.Step3Config = CFG) -> s3.Step3Model:
             rngs=nnx.Rngs(0),
             dtype=jnp.float32,
             param_dtype=jnp.float32,
-            moe_implementation="dense",
+            policy=KernelPolicy.reference(),
         )
     )
     graphdef, state = nnx.split(abstract)

@@ -41,7 +41,7 @@ def model() -> s3.Step3Model:
             rngs=nnx.Rngs(0),
             dtype=jnp.float32,
             param_dtype=jnp.float32,
-            moe_implementation="dense",
+            policy=s3.KernelPolicy.reference(),
         )
     )
     graphdef, state = nnx.split(abstract)

@@ -12,14 +12,13 @@ Implementations:
   are cut into 64-row tiles and a ``lax.scan`` over the tiles multiplies each by its own
   group's weights (empty tiles skipped with ``lax.cond``). XLA's ``lax.ragged_dot`` is not used
   because it runs dense over all groups on GPU.
-* ``None``: ``"pallas"`` when it can run here (Hopper GPU, supported shapes), else ``"xla"``
-  with a warning if a GPU was present.
+* ``None``: ``"pallas"`` when it can run here (`supported`), else ``"xla"``, by the one rule
+  of `step3_jax.kernels.dispatch`.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +26,11 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from step3_jax import quant
+from step3_jax.kernels import dispatch
 from step3_jax.kernels.grouped_gemm import mosaic_gpu
 from step3_jax.kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig, tuned_config
 
 XLA_TILE = 64  # rows per scan step of the "xla" path
-_IMPLS = ("pallas", "xla", None)
 
 
 def _is_fp8(a) -> bool:
@@ -47,8 +46,7 @@ def _check_scale(name, scale, shape):
 
 def _validate(x, weights, group_sizes, x_scale, w_scales, implementation, pooled=False):
     """Checks shapes/dtypes; returns (x, x_scale) with x quantized when weights are FP8."""
-    if implementation not in _IMPLS:
-        raise ValueError(f"{implementation=} must be one of {_IMPLS}")
+    dispatch.check_implementation("grouped_gemm", implementation)
     if x.ndim != 2:
         raise ValueError(f"x must be [M, K], got shape {x.shape}")
     m, k = x.shape
@@ -82,33 +80,20 @@ def _validate(x, weights, group_sizes, x_scale, w_scales, implementation, pooled
     return x, x_scale
 
 
-def _pallas_supported(x, weights) -> str | None:
-    """None if the Mosaic GPU kernel can run this call here, else the reason why not."""
+def supported(x, weights) -> str | None:
+    """None if the Mosaic GPU kernel can run this call on the default device, else the reason
+    (shapes may be abstract). The dispatch rule is `step3_jax.kernels.dispatch.choose`."""
     if not mosaic_gpu.available():
         return "this jax has no usable Mosaic GPU Pallas API"
-    try:
-        dev = jax.devices()[0]
-    except RuntimeError:
-        return "no device"
-    if dev.platform != "gpu" or not str(getattr(dev, "compute_capability", "")).startswith("9"):
-        return f"Mosaic GPU kernel needs a Hopper GPU, have {dev.device_kind}"
+    kind = dispatch.hopper_device()
+    if kind is None:
+        return "needs a Hopper GPU (H100/H200)"
+    if x.dtype not in (jnp.bfloat16, jnp.float8_e4m3fn):
+        return f"needs bfloat16 or float8_e4m3fn rows, got {x.dtype}"
     _, n, k = weights[0].shape
     if n % 128 or k % 128:
-        return f"Mosaic GPU kernel needs N and K multiples of 128, got N={n} K={k}"
+        return f"needs N and K multiples of 128, got N={n} K={k}"
     return None
-
-
-def _resolve(implementation, x, weights) -> str:
-    if implementation == "xla":
-        return "xla"
-    reason = _pallas_supported(x, weights)
-    if implementation == "pallas":
-        if reason is not None:
-            raise ValueError(f"implementation='pallas' unavailable: {reason}")
-        return "pallas"
-    if reason is not None and jax.default_backend() == "gpu":
-        warnings.warn(f"grouped GEMM falls back to XLA: {reason}", stacklevel=3)
-    return "xla" if reason is not None else "pallas"
 
 
 def _xla_tiles(group_sizes, m: int, tile: int):
@@ -125,26 +110,34 @@ def _xla_tiles(group_sizes, m: int, tile: int):
     return g, start[g] + j * tile, rows
 
 
-def _dequant_rows(x, x_scale, idx):
-    """Gathered rows of x as bf16 (FP8 values times their per-128 scales)."""
+def compute_dtype(x) -> jnp.dtype:
+    """The XLA path's operand and output dtype: float32 for a float32 ``x`` (a float32 model
+    stays float32 end to end), bfloat16 otherwise (bf16 and FP8 inputs; the kernel's dtype)."""
+    return jnp.dtype(jnp.float32) if x.dtype == jnp.float32 else jnp.dtype(jnp.bfloat16)
+
+
+def _dequant_rows(x, x_scale, idx, dtype):
+    """Gathered rows of x as ``dtype`` (FP8 values times their per-128 scales)."""
     xt = x[idx].astype(jnp.float32)
     if x_scale is not None:
         xt = xt * jnp.repeat(x_scale[idx], SCALE_BLOCK, axis=1)[:, : x.shape[1]]
-    return xt.astype(jnp.bfloat16)
+    return xt.astype(dtype)
 
 
-def _dequant_expert(w, w_scale, g, offset):
-    """Expert g's weight [N, K] (``w[offset + g]``) as bf16 (FP8 values times their 128x128
-    block scales ``w_scale[g]``)."""
+def _dequant_expert(w, w_scale, g, offset, dtype):
+    """Expert g's weight [N, K] (``w[offset + g]``) as ``dtype`` (FP8 values times their
+    128x128 block scales ``w_scale[g]``)."""
     wg = lax.dynamic_index_in_dim(w, offset + g, keepdims=False)
     if w_scale is None:
-        return wg.astype(jnp.bfloat16)
+        return wg.astype(dtype)
     sg = lax.dynamic_index_in_dim(w_scale, g, keepdims=False)
-    return quant.dequantize_weight_blocks(wg, sg, dtype=jnp.bfloat16)
+    return quant.dequantize_weight_blocks(wg, sg, dtype=dtype)
 
 
 def _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offsets):
-    """Tile-scan grouped GEMM (see module docstring); bf16 operands, f32 accumulation."""
+    """Tile-scan grouped GEMM (see module docstring); `compute_dtype` operands and output,
+    f32 accumulation."""
+    cdt = compute_dtype(x)
     m = x.shape[0]
     n = weights[0].shape[1]
     w_scales = w_scales if w_scales else (None,) * len(weights)
@@ -156,12 +149,12 @@ def _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offsets):
 
         def compute(out):
             idx = jnp.minimum(row0 + local, m - 1)
-            xt = _dequant_rows(x, x_scale, idx)
+            xt = _dequant_rows(x, x_scale, idx, cdt)
             ys = [
                 jnp.einsum(
                     "TK,NK->TN",
                     xt,
-                    _dequant_expert(w, s, g, off),
+                    _dequant_expert(w, s, g, off, cdt),
                     preferred_element_type=jnp.float32,
                 )
                 for w, s, off in zip(weights, w_scales, group_offsets, strict=True)
@@ -172,7 +165,7 @@ def _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offsets):
 
         return lax.cond(rows > 0, compute, lambda o: o, out), None
 
-    out0 = jnp.zeros((m, n), jnp.bfloat16)
+    out0 = jnp.zeros((m, n), cdt)
     out, _ = lax.scan(step, out0, (tg, trow, trows))
     return out
 
@@ -232,7 +225,7 @@ def grouped(
         x, weights, group_sizes, x_scale, tuple(w_scales), implementation, group_offset is not None
     )
     w_scales = tuple(w_scales) if _is_fp8(weights[0]) else ()
-    impl = _resolve(implementation, x, weights)
+    impl = dispatch.choose("grouped_gemm", implementation, supported(x, weights))
     cfg = _config_for(config, x.shape[0]) if impl == "pallas" else None
     return _run(
         x,

@@ -89,7 +89,8 @@ def moe_ffn(
     x: [T, D] bf16. expert_ids: [T, K] int (global ids). expert_weights: [T, K] f32.
     Weights bf16, or float8_e4m3fn with 128x128 block scales ([E, F/128, D/128] for gate/up,
     [E, D/128, F/128] for down). quantize_activations (None: iff weights are FP8) runs both
-    GEMMs FP8 x FP8 with per-token per-128 activation scales. Returns [T, D] bf16.
+    GEMMs FP8 x FP8 with per-token per-128 activation scales. Returns [T, D] in x's dtype
+    (a float32 x runs the XLA path in float32 end to end).
     """
     if (num_local_experts is None) != (weight_offset is None):
         raise ValueError(
@@ -152,7 +153,7 @@ def moe_ffn(
     y_tk = jnp.where(valid[:, None], y[inverse], 0).reshape(t, n_k, -1)
     coef = jnp.where(valid.reshape(t, n_k), expert_weights, 0).astype(jnp.float32)
     out = jnp.einsum("TKD,TK->TD", y_tk.astype(jnp.float32), coef)
-    return out.astype(jnp.bfloat16)
+    return out.astype(x.dtype)
 
 
 def shared_expert_ffn(
@@ -170,7 +171,7 @@ def shared_expert_ffn(
     """The always-on shared expert through the same kernels as one group holding every token.
 
     Weights as in ``moe_ffn`` without the expert axis. Returns ``down(silu(gate x) * up x)``
-    as bf16 [T, D] (FP8 x FP8 when the weights are FP8).
+    as [T, D] in x's dtype (FP8 x FP8 when the weights are FP8).
     """
     t = x.shape[0]
     ones = jnp.ones((t, 1), jnp.float32)

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from step3_jax.kernels import dispatch
 from step3_jax.kernels.mfa_decode import config as cfg_lib
 from step3_jax.kernels.mfa_decode.xla import mfa_decode_xla
 from step3_jax.quant import quantize_kv
 
 FP8 = jnp.dtype(jnp.float8_e4m3fn)
-_IMPLEMENTATIONS = ("pallas", "xla", None)
 MAX_T = 8
 
 
@@ -66,23 +65,23 @@ def _validate(q, k, v, lengths, k_scale, v_scale, block_table, pools=False):
             raise ValueError(f"{name} must be float32 {want}, got {sc.dtype} {sc.shape}")
 
 
-def _on_hopper() -> bool:
-    """True when the default device is an H100/H200 (the kernel uses Hopper wgmma and TMA)."""
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and cfg_lib.device_family(dev.device_kind) is not None
-
-
-def _pick_implementation(implementation):
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}"
-        )
-    if implementation is not None:
-        return implementation
-    if _on_hopper():
-        return "pallas"
-    warnings.warn("mfa_decode_attention: no Hopper GPU, using the XLA implementation", stacklevel=3)
-    return "xla"
+def supported(q, k, block_table=None) -> str | None:
+    """None if the Pallas kernel can run this call on the default device, else the reason
+    (shapes may be abstract). The dispatch rule is `step3_jax.kernels.dispatch.choose`."""
+    kind = dispatch.hopper_device()
+    if kind is None:
+        return "needs a Hopper GPU (H100/H200)"
+    if cfg_lib.device_family(kind) is None:
+        return f"no tuning table for {kind}"
+    n, h = q.shape[-2:]
+    if (n, h) != (64, 256):
+        return f"needs N=64 heads of H=256, got q {tuple(q.shape)}"
+    if jnp.dtype(q.dtype) != jnp.dtype(jnp.bfloat16):
+        return f"needs a bfloat16 q, got {q.dtype}"
+    t = 1 if q.ndim == 3 else q.shape[1]
+    if t > MAX_T:
+        return f"handles at most T={MAX_T} new tokens per sequence, got T={t}"
+    return None
 
 
 def mfa_decode_attention(
@@ -115,7 +114,7 @@ def mfa_decode_attention(
             config=config,
         )  # fmt: skip
     _validate(q4, k, v, lengths, k_scale, v_scale, block_table)
-    impl = _pick_implementation(implementation)
+    impl = dispatch.choose("mfa_decode_attention", implementation, supported(q4, k, block_table))
     scale = float(q4.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
     if impl == "xla":
         out, lse = _xla_jit(q4, k, v, lengths, k_scale, v_scale, block_table, scale)
@@ -134,7 +133,7 @@ def _with_page_offsets(q, k, v, lengths, k_scale, v_scale, table, offsets, **kw)
     if offsets.shape != (4,) or not jnp.issubdtype(offsets.dtype, jnp.integer):
         raise ValueError(f"page_offsets must be int32 [4], got {offsets.dtype} {offsets.shape}")
     q4 = q[:, None] if q.ndim == 3 else q
-    impl = _pick_implementation(kw["implementation"])
+    impl = dispatch.choose("mfa_decode_attention", kw["implementation"], supported(q4, k, table))
     if impl == "pallas":
         scale = float(q4.shape[-1] ** -0.5 if kw["sm_scale"] is None else kw["sm_scale"])
         _validate(q4, k, v, lengths, k_scale, v_scale, table, pools=True)

@@ -19,14 +19,19 @@ from jaxtyping import Array
 class ProjectableWeight(Protocol):
     """A weight that contracts itself with an activation (e.g. FP8 values + block scales)."""
 
-    def project(self, x: Array, eqn: str, out_dtype) -> Array: ...
+    def project(
+        self, x: Array, eqn: str, out_dtype, implementation: str | None = None
+    ) -> Array: ...
 
 
-def project(x: Array, w, eqn: str, out_dtype=None) -> Array:
-    """``einsum(eqn, x, w)`` in the activation's dtype with float32 accumulation."""
+def project(x: Array, w, eqn: str, out_dtype=None, implementation: str | None = None) -> Array:
+    """``einsum(eqn, x, w)`` in the activation's dtype with float32 accumulation.
+
+    ``implementation`` picks the GEMM of a quantized weight (`step3_jax.policy.KernelPolicy.gemm`:
+    "pallas" | "xla" | "xla_fp8" | None); a float weight always runs this plain einsum."""
     out_dtype = out_dtype or x.dtype
     if isinstance(w, ProjectableWeight):
-        return w.project(x, eqn, out_dtype)
+        return w.project(x, eqn, out_dtype, implementation)
     w = jnp.asarray(w)
     return jnp.einsum(eqn, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(
         out_dtype

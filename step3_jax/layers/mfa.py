@@ -22,6 +22,7 @@ from jaxtyping import Array, Float, Int
 from step3_jax.layers.linear import init_weight, project
 from step3_jax.layers.norms import RMSNorm
 from step3_jax.layers.rope import apply_rope
+from step3_jax.quant_model import concat_rows, split_rows
 
 _NEG_INF = -1e30  # finite "minus infinity": exp() underflows to 0 without inf - inf = NaN
 
@@ -113,15 +114,13 @@ class MFAttention(nnx.Module):
         """Replaces q_proj, k_proj, v_proj by ONE ``qkv_proj [R + 2H, D]`` param, in place.
 
         Why: the three projections read the same input; one GEMM over the stored fused weight
-        fills more SMs at decode sizes and, unlike `qkv`'s per-call fusion of "pallas"-form
-        FP8 weights, costs no weight concatenation per call (19 us of the 281 us attention
-        half on an H100, docs/LOG.md). Works for float weights and for `Fp8Weight` whose rows
-        concatenate exactly (`quant_model.concat_rows`: per-channel scales, or 128x128 blocks
+        fills more SMs at decode sizes, and storing it costs no weight concatenation per call
+        (the per-call form cost 19 us of the 281 us attention half on an H100, docs/LOG.md).
+        Works for float weights and for `Fp8Weight` whose rows concatenate exactly
+        (`quant_model.concat_rows`: per-channel scales, or 128x128 blocks
         with R a multiple of 128); quantize BEFORE fusing so the block scales are the separate
         weights'. Returns ``self``. Raises ValueError if already fused or on mismatched shapes.
         """
-        from step3_jax.quant_model import concat_rows  # FP8 weights live there
-
         if self.fused_qkv:
             raise ValueError("MFAttention.fuse_qkv: already fused (it has qkv_proj); fuse once")
         ws = (self.q_proj[...], self.k_proj[...], self.v_proj[...])
@@ -140,42 +139,40 @@ class MFAttention(nnx.Module):
         `quant_model.split_rows`). For code that needs the separate weights (HF export, AFD)."""
         if not self.fused_qkv:
             return (self.q_proj[...], self.k_proj[...], self.v_proj[...])
-        from step3_jax.quant_model import split_rows
-
         return split_rows(self.qkv_proj[...], self.qkv_sizes)
 
     # ------------------------------------------------------------------ forward
-    def _projections(self, x: Float[Array, "B T D"]) -> tuple[Array, Array, Array]:
-        """``(q_lo [B,T,R], k [B,T,H], v [B,T,H])``: one projection if fused (stored, or on
-        the fly for "pallas"-form block-FP8 weights), else three."""
-        from step3_jax.quant_model import fuse_rows  # FP8 weights live there
-
-        r, h, _ = self.qkv_sizes
-        if self.fused_qkv:
-            fused = self.qkv_proj[...]
-        else:
+    def _projections(self, x: Float[Array, "B T D"], implementation) -> tuple[Array, Array, Array]:
+        """``(q_lo [B,T,R], k [B,T,H], v [B,T,H])``: one projection over the stored fused
+        ``qkv_proj`` if fused, else three."""
+        kw = dict(implementation=implementation)
+        if not self.fused_qkv:
             ws = (self.q_proj[...], self.k_proj[...], self.v_proj[...])
-            fused = fuse_rows(ws)  # per call: concatenates the FP8 weights every time
-            if fused is None:
-                return tuple(
-                    project(x, w, e)
-                    for w, e in zip(ws, ("BTD,RD->BTR", "BTD,HD->BTH", "BTD,HD->BTH"), strict=True)
-                )
-        return tuple(jnp.split(project(x, fused, "BTD,ND->BTN"), [r, r + h], axis=-1))
+            eqns = ("BTD,RD->BTR", "BTD,HD->BTH", "BTD,HD->BTH")
+            return tuple(project(x, w, e, **kw) for w, e in zip(ws, eqns, strict=True))
+        r, h, _ = self.qkv_sizes
+        fused = project(x, self.qkv_proj[...], "BTD,ND->BTN", **kw)
+        return tuple(jnp.split(fused, [r, r + h], axis=-1))
 
     def qkv(
-        self, x: Float[Array, "B T D"], positions: Int[Array, "B T"]
+        self,
+        x: Float[Array, "B T D"],
+        positions: Int[Array, "B T"],
+        implementation: str | None = None,
     ) -> tuple[Float[Array, "B T N H"], Float[Array, "B T H"], Float[Array, "B T H"]]:
-        """Projections, inter_norm (BEFORE the up-projection) and RoPE on q and k."""
-        q_lo, k, v = self._projections(x.astype(self.dtype))
+        """Projections, inter_norm (BEFORE the up-projection) and RoPE on q and k.
+        ``implementation``: the GEMM of FP8 weights (`KernelPolicy.gemm`)."""
+        q_lo, k, v = self._projections(x.astype(self.dtype), implementation)
         q_lo = self.inter_norm(q_lo)
-        q = project(q_lo, self.wq[...], "BTR,NHR->BTNH")
+        q = project(q_lo, self.wq[...], "BTR,NHR->BTNH", implementation=implementation)
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
         return q, k, v
 
-    def output(self, o: Float[Array, "B T N H"]) -> Float[Array, "B T D"]:
-        return project(o, self.o_proj[...], "BTNH,DNH->BTD")
+    def output(
+        self, o: Float[Array, "B T N H"], implementation: str | None = None
+    ) -> Float[Array, "B T D"]:
+        return project(o, self.o_proj[...], "BTNH,DNH->BTD", implementation=implementation)
 
     def __call__(
         self, x: Float[Array, "B T D"], positions: Int[Array, "B T"] | None = None

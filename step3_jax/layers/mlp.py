@@ -10,12 +10,16 @@ from jaxtyping import Array, Float
 from step3_jax.layers.linear import init_weight, project
 
 
-def swiglu(x: Float[Array, "... D"], w_gate, w_up, w_down) -> Float[Array, "... D"]:
-    """``w_gate, w_up: [F, D]``, ``w_down: [D, F]`` ([out, in] layout)."""
-    gate = project(x, w_gate, "...D,FD->...F", out_dtype=jnp.float32)
-    up = project(x, w_up, "...D,FD->...F", out_dtype=jnp.float32)
+def swiglu(
+    x: Float[Array, "... D"], w_gate, w_up, w_down, implementation: str | None = None
+) -> Float[Array, "... D"]:
+    """``w_gate, w_up: [F, D]``, ``w_down: [D, F]`` ([out, in] layout). ``implementation``:
+    the GEMM of quantized weights (`step3_jax.layers.linear.project`)."""
+    kw = dict(implementation=implementation)
+    gate = project(x, w_gate, "...D,FD->...F", out_dtype=jnp.float32, **kw)
+    up = project(x, w_up, "...D,FD->...F", out_dtype=jnp.float32, **kw)
     hidden = (jax.nn.silu(gate) * up).astype(x.dtype)
-    return project(hidden, w_down, "...F,DF->...D")
+    return project(hidden, w_down, "...F,DF->...D", **kw)
 
 
 class SwiGLU(nnx.Module):
@@ -36,7 +40,8 @@ class SwiGLU(nnx.Module):
         self.up_proj = nnx.Param(init_weight(rngs.params(), (f, d), d, param_dtype))
         self.down_proj = nnx.Param(init_weight(rngs.params(), (d, f), f, param_dtype))
 
-    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
-        return swiglu(
-            x.astype(self.dtype), self.gate_proj[...], self.up_proj[...], self.down_proj[...]
-        )
+    def __call__(
+        self, x: Float[Array, "... D"], implementation: str | None = None
+    ) -> Float[Array, "... D"]:
+        ws = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        return swiglu(x.astype(self.dtype), *ws, implementation=implementation)

@@ -4,26 +4,59 @@ Router: ``p = softmax(float32(h @ gate^T))`` over all E experts, ``w, idx = top_
 renormalization, scaling, bias or group limit. Output: ``sum_k w_k * expert_{idx_k}(h) +
 shared(h)``.
 
-Two implementations behind one signature (``implementation=``):
+Implementations behind one signature (``implementation=``, `step3_jax.policy.KernelPolicy.moe`):
 
 * ``"dense"``: the readable oracle: every expert runs on every token and a one-hot routing
   matrix combines them. Cost grows with E; use it for tests and tiny models.
-* ``"grouped"`` (default): (token, k) pairs are sorted by expert and each expert multiplies
-  only its own rows (`step3_jax.kernels.grouped_gemm.moe_ffn`: a Mosaic GPU FP8/bf16 grouped GEMM
-  on Hopper, an XLA tile loop elsewhere). Cost grows with routed tokens, not with E.
+* ``"pallas"`` / ``"xla"`` / ``None`` (default): (token, k) pairs are sorted by expert and each
+  expert multiplies only its own rows (`step3_jax.kernels.grouped_gemm.moe_ffn`: the Mosaic GPU
+  FP8/bf16 grouped GEMM, or its XLA tile loop; None picks by the kernels' dispatch rule). Cost
+  grows with routed tokens, not with E.
+
+A module may hold only a slice of the experts (an FFN device of the disaggregated runtime):
+``first_expert`` says which global expert its first stacked expert is, and tokens routed to
+other experts contribute exactly 0. Its expert weights may also be an `ExpertPool`: a device's
+experts read in place from a larger stack (the AFD arena), never sliced into a copy.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 from jaxtyping import Array, Float, Int
 
+from step3_jax.kernels.grouped_gemm import moe_ffn
 from step3_jax.layers.linear import init_weight, project
 from step3_jax.layers.mlp import SwiGLU
+from step3_jax.policy import MOE_IMPLEMENTATIONS
+from step3_jax.quant_model import Fp8Weight, split_fp8
 
-MOE_IMPLEMENTATIONS = ("dense", "grouped")
+
+@struct.dataclass
+class ExpertPool:
+    """``count`` experts stored in place inside a larger stack: matrices ``[offset, offset +
+    count)`` of ``values [P, N, K]`` (e.g. the AFD arena viewed as matrices), with their own
+    FP8 128x128 block scales ``[count, N/128, K/128]`` (None for float weights). The grouped
+    GEMM reads them where they are; `materialize` is the sliced copy for the dense oracle."""
+
+    values: Array
+    offset: Array  # int32 scalar (may be traced)
+    scale: Array | None
+    count: int = struct.field(pytree_node=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.count, *self.values.shape[1:])
+
+    def __getitem__(self, index):
+        if index is Ellipsis:  # layers read params as ``param[...]``
+            return self
+        raise TypeError("ExpertPool only supports p[...]; use .materialize()")
+
+    def materialize(self):
+        v = jax.lax.dynamic_slice_in_dim(self.values, self.offset, self.count)
+        return v if self.scale is None else Fp8Weight(v, self.scale, num_contract=1)
 
 
 def route(
@@ -36,6 +69,13 @@ def route(
     return weights, ids.astype(jnp.int32)
 
 
+def _local_routing(weights, ids, first_expert, num_local: int):
+    """Routing restricted to experts ``[first_expert, first_expert + num_local)``: local ids
+    and weights, with pairs routed elsewhere given weight 0 (they then add exactly 0)."""
+    local = (ids >= first_expert) & (ids < first_expert + num_local)
+    return jnp.where(local, weights, 0.0), jnp.where(local, ids - first_expert, 0)
+
+
 def experts_dense(
     x: Float[Array, "M D"],
     weights: Float[Array, "M K"],
@@ -43,14 +83,22 @@ def experts_dense(
     w_gate,
     w_up,
     w_down,
+    first_expert=0,
+    implementation: str | None = None,
 ) -> Float[Array, "M D"]:
-    """Oracle: all experts on all tokens, combined by a one-hot routing matrix [M, E]."""
+    """Oracle: all (local) experts on all tokens, combined by a one-hot routing matrix [M, E].
+    ``implementation``: the GEMM of FP8 expert weights (`KernelPolicy.gemm`)."""
+    w_gate, w_up, w_down = (
+        w.materialize() if isinstance(w, ExpertPool) else w for w in (w_gate, w_up, w_down)
+    )
     num_experts = jnp.shape(w_gate)[0]
+    weights, ids = _local_routing(weights, ids, first_expert, num_experts)
     combine = jnp.sum(jax.nn.one_hot(ids, num_experts, dtype=jnp.float32) * weights[..., None], 1)
-    gate = project(x, w_gate, "MD,EFD->MEF", out_dtype=jnp.float32)
-    up = project(x, w_up, "MD,EFD->MEF", out_dtype=jnp.float32)
+    kw = dict(out_dtype=jnp.float32, implementation=implementation)
+    gate = project(x, w_gate, "MD,EFD->MEF", **kw)
+    up = project(x, w_up, "MD,EFD->MEF", **kw)
     hidden = (jax.nn.silu(gate) * up).astype(x.dtype)
-    out = project(hidden, w_down, "MEF,EDF->MED", out_dtype=jnp.float32)
+    out = project(hidden, w_down, "MEF,EDF->MED", **kw)
     return jnp.einsum("MED,ME->MD", out, combine).astype(x.dtype)
 
 
@@ -61,15 +109,24 @@ def experts_grouped(
     w_gate,
     w_up,
     w_down,
+    first_expert=0,
     implementation: str | None = None,
 ) -> Float[Array, "M D"]:
-    """Sorted, grouped expert computation (see `step3_jax.kernels.grouped_gemm.moe_ffn`)."""
-    from step3_jax.kernels.grouped_gemm import moe_ffn  # lazy: kernels import step3_jax.quant
-    from step3_jax.quant_model import split_fp8  # FP8 experts: (values, block scales)
-
-    (wg, sg), (wu, su), (wd, sd) = split_fp8(w_gate), split_fp8(w_up), split_fp8(w_down)
-    scales = {"w_gate_scale": sg, "w_up_scale": su, "w_down_scale": sd} if sg is not None else {}
-    return moe_ffn(x, ids, weights, wg, wu, wd, implementation=implementation, **scales)
+    """Sorted, grouped expert computation (see `step3_jax.kernels.grouped_gemm.moe_ffn`);
+    `ExpertPool` weights are read in place at their offsets. Returns x's dtype."""
+    kw = {}
+    if isinstance(w_gate, ExpertPool):
+        pools = (w_gate, w_up, w_down)
+        (wg, sg), (wu, su), (wd, sd) = ((p.values, p.scale) for p in pools)
+        kw = dict(num_local_experts=w_gate.count, weight_offset=tuple(p.offset for p in pools))
+    else:
+        (wg, sg), (wu, su), (wd, sd) = split_fp8(w_gate), split_fp8(w_up), split_fp8(w_down)
+    if sg is not None:
+        kw |= {"w_gate_scale": sg, "w_up_scale": su, "w_down_scale": sd}
+    out = moe_ffn(
+        x, ids, weights, wg, wu, wd, first_expert=first_expert, implementation=implementation, **kw
+    )
+    return out.astype(x.dtype)
 
 
 class MoE(nnx.Module):
@@ -87,19 +144,12 @@ class MoE(nnx.Module):
         expert_dim: int,
         shared_dim: int,
         *,
-        implementation: str = "grouped",
-        kernel_implementation: str | None = None,
         dtype=jnp.bfloat16,
         param_dtype=jnp.bfloat16,
         rngs: nnx.Rngs,
     ):
-        if implementation not in MOE_IMPLEMENTATIONS:
-            raise ValueError(
-                f"implementation must be one of {MOE_IMPLEMENTATIONS}, got {implementation!r}"
-            )
         d, e, f = hidden_size, num_experts, expert_dim
         self.top_k, self.dtype = top_k, dtype
-        self.implementation, self.kernel_implementation = implementation, kernel_implementation
         self.router = nnx.Param(init_weight(rngs.params(), (e, d), d, param_dtype))
         self.gate_proj = nnx.Param(init_weight(rngs.params(), (e, f, d), d, param_dtype))
         self.up_proj = nnx.Param(init_weight(rngs.params(), (e, f, d), d, param_dtype))
@@ -118,26 +168,31 @@ class MoE(nnx.Module):
         h: Float[Array, "... D"],
         routing: tuple[Array, Array] | None = None,
         implementation: str | None = None,
+        gemm: str | None = None,
+        first_expert=0,
     ) -> Float[Array, "... D"]:
-        """Routed + shared expert output for ``h`` (already normalized).
+        """Routed + shared expert output for ``h`` (already normalized), in the module dtype.
 
         ``routing=(weights [..., K] f32, ids [..., K] int32)`` skips the router (the
-        disaggregated runtime computes it on the attention side).
+        disaggregated runtime computes it on the attention side). ``implementation``: the
+        routed experts' (`KernelPolicy.moe`); ``gemm``: FP8 linears' (`KernelPolicy.gemm`).
+        ``first_expert`` (may be traced): global id of this module's first stacked expert.
         """
-        impl = implementation or self.implementation
-        if impl not in MOE_IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {MOE_IMPLEMENTATIONS}, got {impl!r}")
+        if implementation not in MOE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"MoE: implementation must be one of {MOE_IMPLEMENTATIONS}, got {implementation!r}"
+            )
         h = h.astype(self.dtype)
         weights, ids = self.route(h) if routing is None else routing
         lead = h.shape[:-1]
         x2 = h.reshape(-1, h.shape[-1])
         w2, i2 = weights.reshape(-1, self.top_k), ids.reshape(-1, self.top_k)
         experts = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
-        if impl == "dense":
-            out = experts_dense(x2, w2, i2, *experts)
+        if implementation == "dense":
+            out = experts_dense(x2, w2, i2, *experts, first_expert, implementation=gemm)
         else:
-            out = experts_grouped(x2, w2, i2, *experts, implementation=self.kernel_implementation)
+            out = experts_grouped(x2, w2, i2, *experts, first_expert, implementation)
         out = out.reshape(*lead, h.shape[-1])
         if self.shared_expert is not None:
-            out = out + self.shared_expert(h)
+            out = out + self.shared_expert(h, implementation=gemm)
         return out

@@ -30,6 +30,7 @@ from step3_jax.checkpoints import (
     load_hf,
     save_hf,
 )
+from step3_jax.policy import KernelPolicy
 from step3_jax.quant_model import Fp8Weight
 
 CFG = small_config()
@@ -43,7 +44,9 @@ def _leaf(model, path):
 def test_hf_model_hf_round_trip_is_bitwise(tmp_path, dtype):
     src = random_tensors(CFG, seed=1, dtype=dtype)
     write_hf(tmp_path / "in", CFG, src)
-    model = load_hf(tmp_path / "in", dtype=dtype, param_dtype=dtype, moe_implementation="dense")
+    model = load_hf(
+        tmp_path / "in", dtype=dtype, param_dtype=dtype, policy=KernelPolicy.reference()
+    )
     # Every reshape transform landed where the table says (wq: [N*H, R] -> [N, H, R]).
     wq = np.asarray(_leaf(model, ("layers", 2, "self_attn", "wq")))
     np.testing.assert_array_equal(
@@ -75,7 +78,7 @@ def test_prefixed_vl_checkpoint_loads_and_skips_vision(tmp_path):
     renamed["vision_model.patch_embed.weight"] = np.ones((4, 4), np.float32)
     renamed["vit_large_projector.weight"] = np.ones((2, 4), np.float32)
     write_hf(tmp_path, CFG, renamed, num_shards=2)
-    model = load_hf(tmp_path, moe_implementation="dense")
+    model = load_hf(tmp_path, policy=KernelPolicy.reference())
     got = np.asarray(_leaf(model, ("lm_head",)))
     np.testing.assert_array_equal(got, src["lm_head.weight"])
 
@@ -88,7 +91,7 @@ def test_block_fp8_dequantize_matches_numpy_reference(tmp_path):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         fp8="dequantize",
-        moe_implementation="dense",
+        policy=KernelPolicy.reference(),
     )
     checked = 0
     for e in hf_mapping.entries(CFG):
@@ -118,7 +121,7 @@ def test_dequantize_blocks_ragged_batched():
 def test_block_fp8_keep_builds_fp8_weights_and_round_trips(tmp_path):
     src = random_tensors(CFG, seed=5, fp8=True)
     write_hf(tmp_path / "in", CFG, src)
-    model = load_hf(tmp_path / "in", fp8="keep", moe_implementation="dense")
+    model = load_hf(tmp_path / "in", fp8="keep", policy=KernelPolicy.reference())
     o = _leaf(model, ("layers", 0, "self_attn", "o_proj"))
     assert isinstance(o, Fp8Weight) and o.num_contract == 2 and o.shape == (192, 2, 32)
     ref = dequantize_reference(
@@ -142,7 +145,7 @@ def _mismatch(tmp_path, edit):
     edit(src)
     write_hf(tmp_path, CFG, src)
     with pytest.raises(CheckpointMismatchError) as info:
-        load_hf(tmp_path, moe_implementation="dense")
+        load_hf(tmp_path, policy=KernelPolicy.reference())
     return info.value
 
 
@@ -187,7 +190,7 @@ def test_fp8_scale_missing_is_listed(tmp_path):
     src.pop("model.layers.0.mlp.down_proj.weight_scale_inv")
     write_hf(tmp_path, CFG, src)
     with pytest.raises(CheckpointMismatchError, match="down_proj.weight_scale_inv") as info:
-        load_hf(tmp_path, moe_implementation="dense")
+        load_hf(tmp_path, policy=KernelPolicy.reference())
     err = info.value
     assert len(err.missing) == 1 and not err.unexpected
 
@@ -198,10 +201,10 @@ def test_truncated_shard_fails_cleanly(tmp_path):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 1000])
     with pytest.raises(CheckpointFormatError, match="model-00002-of-00002.*truncated"):
-        load_hf(tmp_path, moe_implementation="dense")
+        load_hf(tmp_path, policy=KernelPolicy.reference())
     shard.write_bytes(data[:5])  # not even a header length
     with pytest.raises(CheckpointFormatError, match="truncated"):
-        load_hf(tmp_path, moe_implementation="dense")
+        load_hf(tmp_path, policy=KernelPolicy.reference())
 
 
 def test_missing_checkpoint_is_clear(tmp_path):
@@ -225,7 +228,7 @@ def test_save_refuses_to_overwrite(tmp_path):
 def Step3Model_small():
     from step3_jax.model import Step3Model
 
-    return Step3Model(CFG, rngs=nnx.Rngs(0), moe_implementation="dense")
+    return Step3Model(CFG, rngs=nnx.Rngs(0), policy=KernelPolicy.reference())
 
 
 def test_load_streams_with_bounded_host_memory(tmp_path):
@@ -249,10 +252,10 @@ def test_load_streams_with_bounded_host_memory(tmp_path):
     del src
     # Warm-up load: JAX's first trace/compile of each cast allocates tens of MiB of Python
     # objects once per process; the second load measures the loader's own staging.
-    load_hf(tmp_path, dtype=jnp.float32, param_dtype=jnp.float32, moe_implementation="dense")
+    load_hf(tmp_path, dtype=jnp.float32, param_dtype=jnp.float32, policy=KernelPolicy.reference())
     tracemalloc.start()
     model = load_hf(
-        tmp_path, dtype=jnp.float32, param_dtype=jnp.float32, moe_implementation="dense"
+        tmp_path, dtype=jnp.float32, param_dtype=jnp.float32, policy=KernelPolicy.reference()
     )
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -277,7 +280,7 @@ def test_load_onto_a_mesh_with_specs(tmp_path):
         r"layers\.\d+\.self_attn\.wq": PartitionSpec("data", None, None),
         "embed_tokens": PartitionSpec("model", None),
     }
-    model = load_hf(tmp_path, mesh=mesh, specs=specs, moe_implementation="dense")
+    model = load_hf(tmp_path, mesh=mesh, specs=specs, policy=KernelPolicy.reference())
     up = _leaf(model, ("layers", 1, "ffn", "up_proj"))
     assert up.sharding == NamedSharding(mesh, PartitionSpec(None, "model", None))
     assert up.addressable_shards[0].data.shape == (4, 40, 192)

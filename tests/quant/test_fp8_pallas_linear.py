@@ -1,6 +1,7 @@
-"""The ``"pallas"`` FP8 GEMM form of `Fp8Weight.project` (the grouped-GEMM kernel, one group).
+"""``Fp8Weight.project(..., implementation="pallas")``: the grouped-GEMM kernel, one group.
 
-Off Hopper (CI) the form computes the ``"dequant"`` form: checked bitwise. On a Hopper GPU it
+Off Hopper (CI) ``implementation=None`` computes the ``"xla"`` (dequant) form, checked bitwise,
+and an explicit ``"pallas"`` is a clear error. On a Hopper GPU it
 runs the kernel and is compared with the ``"dequant"`` form on the same quantized activations.
 Tolerance (derived): both forms contract the same e4m3 operands; ``"dequant"`` rounds each
 dequantized operand to bf16 (relative 2**-9 each, so <= 2**-8 per product) and the kernel
@@ -44,13 +45,17 @@ def _case(seed, x_shape, w_shape, num_contract):
 
 
 @pytest.mark.parametrize("eqn,x_shape,w_shape,nc", CASES)
-def test_pallas_form_off_hopper_is_the_dequant_form(eqn, x_shape, w_shape, nc):
+def test_default_off_hopper_is_the_xla_form(eqn, x_shape, w_shape, nc):
     if _has_hopper():
         pytest.skip("on Hopper the kernel runs: see test_pallas_form_matches_dequant_on_gpu")
     x, q = _case(1, x_shape, w_shape, nc)
-    got = q.replace(gemm="pallas").project(x, eqn, jnp.bfloat16)
-    want = q.project(x, eqn, jnp.bfloat16)
+    got = q.project(x, eqn, jnp.bfloat16, None)
+    want = q.project(x, eqn, jnp.bfloat16, "xla")
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(ValueError, match="fp8_linear: implementation='pallas' cannot run here"):
+        q.project(x, eqn, jnp.bfloat16, "pallas")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        q.project(x, eqn, jnp.bfloat16, "cuda")
 
 
 @pytest.mark.gpu
@@ -58,41 +63,40 @@ def test_pallas_form_off_hopper_is_the_dequant_form(eqn, x_shape, w_shape, nc):
 @pytest.mark.parametrize("eqn,x_shape,w_shape,nc", CASES)
 def test_pallas_form_matches_dequant_on_gpu(eqn, x_shape, w_shape, nc):
     x, q = _case(2, x_shape, w_shape, nc)
-    got = np.asarray(q.replace(gemm="pallas").project(x, eqn, jnp.bfloat16), np.float32)
-    want = np.asarray(q.project(x, eqn, jnp.bfloat16), np.float32)
+    got = np.asarray(q.project(x, eqn, jnp.bfloat16, "pallas"), np.float32)
+    want = np.asarray(q.project(x, eqn, jnp.bfloat16, "xla"), np.float32)
     assert got.shape == want.shape
     cos = np.sum(got * want) / np.sqrt(np.sum(got * got) * np.sum(want * want))
     assert 1 - cos <= 2e-4, 1 - cos
     np.testing.assert_allclose(got, want, atol=2.0**-6 * np.abs(want).max(), rtol=0)
 
 
-def test_mfa_qkv_fuses_pallas_form_weights():
-    """With "pallas"-form weights MFAttention.qkv runs q/k/v as ONE fused FP8 GEMM
-    (`fuse_rows`: the 128-row scale blocks concatenate exactly). Against the unfused "dequant"
-    projections: off Hopper both are XLA dots over the same dequantized operands (only the
-    summation order can differ: within 1 bf16 rounding, 2**-8 relative); on Hopper the kernel's
-    tolerance above applies (2**-6 of the largest |value|) to k and v. q passes a SECOND FP8
-    GEMM (wq) whose input q_lo is re-quantized per token: a tiny q_lo difference can flip one
-    e4m3 rounding (a 2**-4 step), moving some of that token's q outputs past the bound (seen on
-    an H100: 8 of 6,144 values, one token). So q gets a cosine bound and a 1% outlier budget."""
+def test_mfa_stored_fused_qkv_matches_separate_xla():
+    """The default FP8 layer stores q/k/v as ONE weight (the 128-row scale blocks concatenate
+    exactly) and runs one GEMM with the default implementation (the kernel on Hopper, the XLA
+    form elsewhere). Against separate "xla" projections: off Hopper both are XLA dots over the
+    same dequantized operands (only the summation order can differ: within 1 bf16 rounding,
+    2**-8 relative); on Hopper the kernel's tolerance above applies (2**-6 of the largest
+    |value|) to k and v. q passes a SECOND FP8 GEMM (wq) whose input q_lo is re-quantized per
+    token: a tiny q_lo difference can flip one e4m3 rounding (a 2**-4 step), moving some of
+    that token's q outputs past the bound (seen on an H100: 8 of 6,144 values, one token). So
+    q gets a cosine bound and a 1% outlier budget."""
     from flax import nnx
 
     from step3_jax.layers.mfa import MFAttention
-    from step3_jax.quant_model import fuse_rows, quantize_model
+    from step3_jax.quant_model import quantize_model
 
-    def layer(gemm):
-        m = MFAttention(512, 256, 4, 256, rngs=nnx.Rngs(3))
-        # fuse_qkv=False: the per-call fusion (stored fusion: tests/quant/test_fused_qkv.py)
-        return quantize_model(m, "fp8", gemm=gemm, fuse_qkv=False)
+    def layer(fuse):
+        return quantize_model(MFAttention(512, 256, 4, 256, rngs=nnx.Rngs(3)), "fp8", fuse_qkv=fuse)
 
-    fused, plain = layer("pallas"), layer("dequant")
-    ws = (fused.q_proj[...], fused.k_proj[...], fused.v_proj[...])
-    assert fuse_rows(ws) is not None and fuse_rows(ws).shape == (256 + 2 * 256, 512)
-    assert fuse_rows((plain.q_proj[...], plain.k_proj[...], plain.v_proj[...])) is None
+    fused, plain = layer(None), layer(False)
+    assert fused.fused_qkv and fused.qkv_proj[...].shape == (256 + 2 * 256, 512)
+    assert not plain.fused_qkv
     x = jax.random.normal(jax.random.key(4), (2, 3, 512), jnp.float32).astype(jnp.bfloat16)
     pos = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (2, 3))
     tol = 2.0**-6 if _has_hopper() else 2.0**-8
-    for i, (got, want) in enumerate(zip(fused.qkv(x, pos), plain.qkv(x, pos), strict=True)):
+    pairs = zip(fused.qkv(x, pos, None), plain.qkv(x, pos, "xla"), strict=True)
+    for i, (got, want) in enumerate(pairs):
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         bound = tol * np.abs(want).max()
         if i == 0:  # q: see the docstring

@@ -24,13 +24,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from step3_jax import Step3Config, Step3Model
+from step3_jax import KernelPolicy, Step3Config, Step3Model
 from step3_jax.layers.mfa import MFAttention
 from step3_jax.quant_model import (
     Fp8Weight,
     concat_rows,
     fuse_qkv,
-    fuse_rows,
     quantize_model,
     split_rows,
 )
@@ -77,7 +76,7 @@ def _assert_same(got, want, exact=True):
 
 
 def _assert_fp8_same(a: Fp8Weight, b: Fp8Weight):
-    assert (a.granularity, a.gemm, a.shape) == (b.granularity, b.gemm, b.shape)
+    assert (a.granularity, a.shape) == (b.granularity, b.shape)
     assert np.asarray(a.values).tobytes() == np.asarray(b.values).tobytes()
     assert np.asarray(a.scales).tobytes() == np.asarray(b.scales).tobytes()
 
@@ -96,40 +95,39 @@ def test_fused_float_layer_equals_unfused_bitwise(dtype):
 
 
 @pytest.mark.parametrize(
-    "granularity,gemm",
-    [("block", "dequant"), ("block", "fp8_blocks"), ("channel", "dequant"), ("channel", "pallas")],
+    "granularity,impl",
+    [("block", "xla"), ("block", "xla_fp8"), ("channel", "xla"), ("channel", None)],
 )
-def test_fused_fp8_layer_equals_unfused_bitwise(granularity, gemm):
+def test_fused_fp8_layer_equals_unfused_bitwise(granularity, impl):
     """Quantized, then fused: the parts are the unfused weights and the XLA FP8 forms give the
     same bits (the activation is quantized per token over D either way)."""
-    kw = dict(granularity=granularity, gemm=gemm)
-    plain = quantize_model(_attn(2, jnp.bfloat16), "fp8", fuse_qkv=False, **kw)
-    fused = quantize_model(_attn(2, jnp.bfloat16), "fp8", fuse_qkv=True, **kw)
+    plain = quantize_model(_attn(2, jnp.bfloat16), "fp8", fuse_qkv=False, granularity=granularity)
+    fused = quantize_model(_attn(2, jnp.bfloat16), "fp8", fuse_qkv=True, granularity=granularity)
     assert fused.fused_qkv and not plain.fused_qkv
     for got, want in zip(fused.qkv_weights(), plain.qkv_weights(), strict=True):
         _assert_fp8_same(got, want)
     x, pos = _inputs(jnp.bfloat16)
-    _assert_same(fused.qkv(x, pos), plain.qkv(x, pos), exact=ON_CPU)
+    _assert_same(fused.qkv(x, pos, impl), plain.qkv(x, pos, impl), exact=ON_CPU)
 
 
-def test_pallas_form_fuses_by_default_with_todays_per_call_weight():
-    """``quantize_model(gemm="pallas")`` stores the weight that `MFAttention.qkv` used to
-    concatenate on every call (`fuse_rows`), bit for bit, and computes the same outputs."""
-    percall = quantize_model(_attn(3, jnp.bfloat16), "fp8", gemm="pallas", fuse_qkv=False)
-    fused = quantize_model(_attn(3, jnp.bfloat16), "fp8", gemm="pallas")  # default: fuse
-    assert fused.fused_qkv and not percall.fused_qkv
-    want = fuse_rows((percall.q_proj[...], percall.k_proj[...], percall.v_proj[...]))
+def test_quantize_model_fuses_by_default_where_exact():
+    """``quantize_model`` stores q/k/v as ONE weight by default when the block rows
+    concatenate exactly: the concatenation of the separately quantized weights, bit for bit,
+    computing the same outputs."""
+    separate = quantize_model(_attn(3, jnp.bfloat16), "fp8", fuse_qkv=False)
+    fused = quantize_model(_attn(3, jnp.bfloat16), "fp8")  # default: fuse
+    assert fused.fused_qkv and not separate.fused_qkv
+    want = concat_rows((separate.q_proj[...], separate.k_proj[...], separate.v_proj[...]))
     _assert_fp8_same(fused.qkv_proj[...], want)
-    assert fused.qkv_proj[...].gemm == "pallas"
     x, pos = _inputs(jnp.bfloat16)
-    _assert_same(fused.qkv(x, pos), percall.qkv(x, pos))
+    _assert_same(fused.qkv(x, pos), separate.qkv(x, pos))
 
 
 def test_fusing_a_float_model_then_quantizing_quantizes_each_part():
     """A fused float ``qkv_proj`` is quantized part by part: the same FP8 values and scales
     as quantizing the separate weights, then fusing."""
-    want = quantize_model(_attn(4), "fp8", gemm="pallas").qkv_proj[...]
-    got = quantize_model(_attn(4).fuse_qkv(), "fp8", gemm="pallas").qkv_proj[...]
+    want = quantize_model(_attn(4), "fp8").qkv_proj[...]
+    got = quantize_model(_attn(4).fuse_qkv(), "fp8").qkv_proj[...]
     _assert_fp8_same(got, want)
     bf16 = quantize_model(_attn(4), "bf16", fuse_qkv=True)
     assert bf16.fused_qkv and not isinstance(bf16.qkv_proj[...], Fp8Weight)
@@ -183,18 +181,18 @@ def test_block_fp8_with_unaligned_rows_fuses_only_when_asked():
     """R = 64: q_proj's only scale block would also cover k_proj rows, so block-FP8 rows do
     not concatenate exactly. Default: left unfused (as before); fuse_qkv=True: an error."""
     with pytest.raises(ValueError, match="not a multiple of 128"):
-        quantize_model(_attn(r=64), "fp8", gemm="pallas", fuse_qkv=True)
-    assert not quantize_model(_attn(r=64), "fp8", gemm="pallas").fused_qkv
+        quantize_model(_attn(r=64), "fp8", fuse_qkv=True)
+    assert not quantize_model(_attn(r=64), "fp8").fused_qkv
     with pytest.raises(ValueError, match="not a multiple of 128"):
-        quantize_model(_attn(r=64).fuse_qkv(), "fp8", gemm="pallas")
+        quantize_model(_attn(r=64).fuse_qkv(), "fp8")
     # Per-channel scales concatenate for any row counts.
-    assert quantize_model(_attn(r=64), "fp8", granularity="channel", gemm="pallas").fused_qkv
+    assert quantize_model(_attn(r=64), "fp8", granularity="channel").fused_qkv
 
 
 # ----------------------------------------------------------------------------- whole model
 def _model(seed=0, cfg=SMALL, dtype=jnp.float32) -> Step3Model:
     return Step3Model(
-        cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype, moe_implementation="dense"
+        cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype, policy=KernelPolicy.reference()
     )
 
 
@@ -206,7 +204,7 @@ def test_demo_model_fused_fp8_decode_equals_unfused():
 
     plain, tok = load_demo()
     fused, _ = load_demo()
-    kw = dict(granularity="channel", gemm="pallas")
+    kw = dict(granularity="channel")
     quantize_model(plain, "fp8", fuse_qkv=False, **kw)
     quantize_model(fused, "fp8", **kw)
     assert all(layer.self_attn.fused_qkv for layer in fused.layers)
@@ -254,7 +252,7 @@ def test_orbax_round_trip_of_a_fused_model(tmp_path):
 
     for name, build in (
         ("f32", lambda: fuse_qkv(_model(6))),
-        ("fp8", lambda: quantize_model(_model(6, dtype=jnp.bfloat16), "fp8", gemm="pallas")),
+        ("fp8", lambda: quantize_model(_model(6, dtype=jnp.bfloat16), "fp8")),
     ):
         model = build()
         save_orbax(tmp_path / name, 1, model)
@@ -265,16 +263,18 @@ def test_orbax_round_trip_of_a_fused_model(tmp_path):
         restore_orbax(tmp_path / "f32", nnx.eval_shape(lambda: _model(6)))
 
 
-def test_afd_attention_params_of_a_fused_model_are_the_unfused_ones():
-    """The AFD runtimes read ``protocol.attention_params``: a fused model gives the same
+def test_afd_attention_values_of_a_fused_model_are_the_unfused_ones():
+    """The executors place ``layer_state.attention_values``: a fused model gives the same
     separate q_proj/k_proj/v_proj, so AFD runs from either."""
-    from step3_jax.sharding import protocol
+    from step3_jax.sharding import layer_state
 
-    want = protocol.attention_params(_model(7))
-    got = protocol.attention_params(fuse_qkv(_model(7)))
-    assert got.keys() == want.keys()
-    for k in want:
-        assert got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes(), k
+    plain, fused = _model(7), fuse_qkv(_model(7))
+    for a, b in zip(plain.layers, fused.layers, strict=True):
+        want = layer_state.attention_values(a, plain.config)
+        got = layer_state.attention_values(b, fused.config)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes(), k
 
 
 def test_fused_model_forward_and_cached_decode_equal_unfused():

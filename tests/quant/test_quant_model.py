@@ -44,6 +44,7 @@ from step3_jax.cache import KVCache
 from step3_jax.config import Step3Config
 from step3_jax.layers.linear import project
 from step3_jax.model import Step3Model
+from step3_jax.policy import KernelPolicy
 from step3_jax.quant_model import Fp8Weight, Precision, quantize_model, weight_bytes
 
 
@@ -176,7 +177,7 @@ def _tiny_model(seed=0):
         rngs=nnx.Rngs(seed),
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        moe_implementation="dense",
+        policy=KernelPolicy.reference(),
     )
 
 
@@ -268,7 +269,7 @@ EQNS = [  # (eqn, weight shape, x shape, num_batch, num_contract): every one the
 
 
 @pytest.mark.parametrize(
-    "gemm,granularity", [("dequant", "block"), ("dequant", "channel"), ("fp8_blocks", "block")]
+    "gemm,granularity", [("xla", "block"), ("xla", "channel"), ("xla_fp8", "block")]
 )
 @pytest.mark.parametrize("eqn,wshape,xshape,nb,nc", EQNS)
 def test_project_matches_numpy(eqn, wshape, xshape, nb, nc, gemm, granularity):
@@ -276,8 +277,9 @@ def test_project_matches_numpy(eqn, wshape, xshape, nb, nc, gemm, granularity):
     kw, kx = jax.random.split(jax.random.key(zlib.crc32(eqn.encode()) % 1000))
     w = jax.random.normal(kw, wshape) * 0.05
     x = jax.random.normal(kx, xshape)
-    fw = Fp8Weight.quantize(w, num_batch=nb, num_contract=nc, granularity=granularity, gemm=gemm)
-    got = np.asarray(jax.jit(lambda x, w: project(x, w, eqn, jnp.float32))(x, fw), np.float64)
+    fw = Fp8Weight.quantize(w, num_batch=nb, num_contract=nc, granularity=granularity)
+    fn = jax.jit(lambda x, w: project(x, w, eqn, jnp.float32, implementation=gemm))
+    got = np.asarray(fn(x, fw), np.float64)
     # Reference: float64 einsum of the dequantized weight and the per-(row of the contraction)
     # fake-quantized activation. Contraction letters moved last, flattened, quantized, back.
     lhs, out = eqn.split("->")

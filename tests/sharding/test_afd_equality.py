@@ -1,6 +1,6 @@
 """AFD executors reproduce single-device greedy decode token for token (8 fake CPU devices).
 
-Oracle: `protocol.reference_step_fn`, i.e. `Step3Model` layer by layer with the FFN input
+Oracle: `oracles.reference_step_fn`, i.e. `Step3Model` layer by layer with the FFN input
 passed through the same FP8 transfer quantization (identity when the flag is off); with the
 flag off it is checked against `step3_jax.decode.generate` itself. Float32 params and
 activations, highest matmul precision (tests/conftest.py), ragged prompts of 1-8 tokens.
@@ -12,14 +12,15 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracles
 import pytest
 from flax import nnx
 
 from step3_jax.config import Step3Config
 from step3_jax.decode import generate
 from step3_jax.model import Step3Model
-from step3_jax.sharding import afd as afd_lib
-from step3_jax.sharding import arena_io, protocol
+from step3_jax.policy import KernelPolicy
+from step3_jax.sharding import arena_io
 from step3_jax.sharding.afd import AfdConfig, AfdExecutor
 from step3_jax.sharding.baseline import BaselineExecutor
 from step3_jax.sharding.layout import ALIGN, AfdLayout, ArenaDtypes
@@ -30,6 +31,7 @@ MAX_LEN, NEW = 64, 4
 SEQS_PER_ATTENTION_DEVICE = 6  # divisible by every micro-batch count 1, 2, 3
 F32 = ArenaDtypes("float32", "float32", "float32", "float32")
 FAST_COMPILE = (("xla_backend_optimization_level", 0),)  # ~3x faster CPU compiles
+REF = KernelPolicy.reference()  # XLA attention and linears, the dense MoE oracle
 
 
 @functools.cache
@@ -40,7 +42,7 @@ def tiny_model():
         rngs=nnx.Rngs(0),
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        moe_implementation="dense",
+        policy=REF,
     )
 
 
@@ -51,8 +53,8 @@ def prompts(batch: int, seed: int = 0):
 
 @functools.cache
 def oracle_tokens(batch: int, fp8: bool) -> np.ndarray:
-    step = protocol.reference_step_fn(tiny_model(), batch, MAX_LEN, fp8)
-    return protocol.greedy_generate(step, prompts(batch), NEW)
+    step = oracles.reference_step_fn(tiny_model(), batch, MAX_LEN, fp8)
+    return oracles.greedy_generate(step, prompts(batch), NEW)
 
 
 def test_oracle_without_fp8_is_generate():
@@ -89,6 +91,7 @@ def test_compiled_afd_matches_single_device(name, ep, mbs, fp8):
         mbs,
         MAX_LEN,
         fp8_transfer=fp8,
+        policy=REF,
         compiler_options=FAST_COMPILE,
     )
     ex = AfdExecutor(
@@ -100,7 +103,7 @@ def test_compiled_afd_matches_single_device(name, ep, mbs, fp8):
         act_dtype=jnp.float32,
     )
     ex.load_model(tiny_model())
-    got = protocol.greedy_generate(ex.step, prompts(batch), NEW)
+    got = oracles.greedy_generate(ex.step, prompts(batch), NEW)
     np.testing.assert_array_equal(got, oracle_tokens(batch, fp8))
     assert ex._program._cache_size() == 2  # one program for the prefill, one for all decodes
 
@@ -111,7 +114,7 @@ def test_compiled_afd_logits_close_and_fp8_flag_matters():
     |logit| <~ 2: bound 1e-5 absolute; the FP8 transfer moves logits ~1e-2 (2^-4 relative
     steps on the FFN input), so the flag is visibly live."""
     model, lay = tiny_model(), AfdLayout.parse("2A2F")
-    toks, lengths = protocol.pad_prompts(prompts(12))
+    toks, lengths = oracles.pad_prompts(prompts(12))
     pos = np.broadcast_to(np.arange(toks.shape[1], dtype=np.int32), toks.shape)
     out = {}
     for fp8 in (False, True):
@@ -119,13 +122,13 @@ def test_compiled_afd_logits_close_and_fp8_flag_matters():
             model.config,
             lay,
             jax.devices()[:4],
-            AfdConfig(3, 2, MAX_LEN, fp8_transfer=fp8, compiler_options=FAST_COMPILE),
+            AfdConfig(3, 2, MAX_LEN, fp8_transfer=fp8, policy=REF, compiler_options=FAST_COMPILE),
             dtypes=F32,
             act_dtype=jnp.float32,
         )
         ex.load_model(model)
         out[fp8] = np.asarray(ex.step(toks, pos, lengths - 1))
-        ref = protocol.reference_step_fn(model, 12, MAX_LEN, fp8)(toks, pos, lengths - 1)
+        ref = oracles.reference_step_fn(model, 12, MAX_LEN, fp8)(toks, pos, lengths - 1)
         np.testing.assert_allclose(out[fp8], np.asarray(ref), atol=1e-5, rtol=0)
     assert np.max(np.abs(out[True] - out[False])) > 1e-3
 
@@ -142,7 +145,7 @@ def test_device_put_reference_matches_single_device(name, ep):
         max_len=MAX_LEN,
         fp8_transfer=True,
     )
-    got = protocol.greedy_generate(ex.step, prompts(batch), NEW)
+    got = oracles.greedy_generate(ex.step, prompts(batch), NEW)
     np.testing.assert_array_equal(got, oracle_tokens(batch, True))
 
 
@@ -154,9 +157,11 @@ def test_baseline_matches_single_device():
         max_len=MAX_LEN,
         fp8_transfer=True,
         act_dtype=jnp.float32,
+        policy=REF,
+        dtypes=F32,
     )
     ex.load_model(tiny_model())
-    got = protocol.greedy_generate(ex.step, prompts(12), NEW)
+    got = oracles.greedy_generate(ex.step, prompts(12), NEW)
     np.testing.assert_array_equal(got, oracle_tokens(12, True))
 
 
@@ -171,8 +176,8 @@ def test_bad_inputs_are_clear_errors():
     ex.load_model(tiny_model())
     with pytest.raises(ValueError, match=r"tokens must be \[B=12, T\]"):
         ex.step(np.zeros((8, 1)), np.zeros((8, 1)), np.zeros(8))
-    with pytest.raises(ValueError, match="ffn_implementation"):
-        AfdConfig(3, 2, MAX_LEN, ffn_implementation="magic")
+    with pytest.raises(ValueError, match="KernelPolicy.moe"):
+        AfdConfig(3, 2, MAX_LEN, policy=KernelPolicy(moe="magic"))
 
 
 def test_no_arena_sized_copy_in_compiled_step():
@@ -201,7 +206,7 @@ def test_grouped_ffn_reads_experts_in_place_exactly():
     so logits move ~1e-2 at most on this 4-layer model), and the compiled step holds no copy
     of a layer's experts."""
     model, lay = tiny_model(), AfdLayout.parse("2A2F")  # 2 experts-parallel FFN devices
-    toks, lengths = protocol.pad_prompts(prompts(8))
+    toks, lengths = oracles.pad_prompts(prompts(8))
     pos = np.broadcast_to(np.arange(toks.shape[1], dtype=np.int32), toks.shape)
     out, hlo = {}, {}
     for impl, in_place in (("grouped", True), ("grouped", False), ("dense", True)):
@@ -213,7 +218,7 @@ def test_grouped_ffn_reads_experts_in_place_exactly():
                 2,
                 2,
                 MAX_LEN,
-                ffn_implementation=impl,
+                policy=KernelPolicy(attention="xla", moe="xla" if impl == "grouped" else "dense"),
                 experts_in_place=in_place,
                 compiler_options=FAST_COMPILE,
             ),
@@ -226,20 +231,20 @@ def test_grouped_ffn_reads_experts_in_place_exactly():
         out[impl, in_place] = np.asarray(ex.step(toks, pos, lengths - 1))
     np.testing.assert_array_equal(out["grouped", True], out["grouped", False])
     np.testing.assert_allclose(out["grouped", True], out["dense", True], atol=3e-2)
-    e, f, d = ex.arena.ffn["gate"].shape
+    e, f, d = ex.arena.ffn["moe/ffn.gate_proj"].shape
     layer_experts = f"f32[{e},{f},{d}]"  # a sliced copy of one layer's gate/up experts
     assert layer_experts in hlo["grouped", False]  # the control does copy
     assert layer_experts not in hlo["grouped", True]
 
 
 def test_attention_reads_the_cache_in_place():
-    """``attention_implementation=None`` reads the FP8 KV cache in place (paged kernel API
+    """``KernelPolicy(attention=None)`` reads the FP8 KV cache in place (paged kernel API
     with per-operand page offsets into the arena; on CPU its XLA reference gathers those
     pages): the logits match the sliced-cache XLA attention. Both see the same bf16
     activations and FP8 cache; they differ in attention code (kernel reference vs the model's
     XLA attention, f32 softmax in both), so only bf16-level noise remains."""
     model, lay = tiny_model(), AfdLayout.parse("1A1F")
-    toks, lengths = protocol.pad_prompts(prompts(4, seed=3))
+    toks, lengths = oracles.pad_prompts(prompts(4, seed=3))
     pos = np.broadcast_to(np.arange(toks.shape[1], dtype=np.int32), toks.shape)
     dtypes = ArenaDtypes("float32", "float32", "float32", "float8_e4m3fn")
     out = {}
@@ -248,7 +253,13 @@ def test_attention_reads_the_cache_in_place():
             model.config,
             lay,
             jax.devices()[:2],
-            AfdConfig(2, 2, MAX_LEN, attention_implementation=impl, compiler_options=FAST_COMPILE),
+            AfdConfig(
+                2,
+                2,
+                MAX_LEN,
+                policy=KernelPolicy(attention=impl, moe="dense"),
+                compiler_options=FAST_COMPILE,
+            ),
             dtypes=dtypes,
             act_dtype=jnp.bfloat16,
         )
@@ -277,9 +288,14 @@ def test_attention_reads_the_cache_in_place():
     for item in (0, 3, 5):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            got = jax.jit(ex._attend_in_place, static_argnums=3)(arenas, q, qpos, item)
+
+            def attend(arenas, q, qpos, item=item):
+                cache = arena_io.ArenaKVCache(arenas, ex.arena.attention, item, 2)
+                return cache.attend(0, q, qpos, None)
+
+            got = jax.jit(attend)(arenas, q, qpos)
             regs = ex.arena.attention
-            k, v, ks, vs = (arena_io.view(arenas, regs[n], item) for n in afd_lib._CACHE)
+            k, v, ks, vs = (arena_io.view(arenas, regs[n], item) for n in arena_io.CACHE_REGIONS)
             want = mfa_decode_attention(
                 q, k, v, qpos[:, 0] + 1, k_scale=ks, v_scale=vs, implementation="xla"
             )

@@ -64,13 +64,31 @@ def test_tiny_region_shapes():
     lay = AfdLayout.parse("2A6F", ffn_ep=2)
     arena = ArenaLayout.build(cfg, lay, microbatch=3, num_microbatches=2, max_len=64)
     a, f = arena.attention, arena.ffn
-    assert a["wq"].shape == (4, 32, 64) and a["wq"].count == 4
+    # Regions are named by the model's own parameter paths (no renamed tables).
+    assert a["self_attn.wq"].shape == (4, 32, 64) and a["self_attn.wq"].count == 4
+    assert a["ffn.router"].shape == (8, 128) and "ffn.gate_proj" not in a
     assert a["cache_k"].shape == (3, 64, 32) and a["cache_k"].count == 4 * 2
     # 8 experts over ep=2, F=96 over tp=3; shared F=96 and dense F=256 over all 6 (padded).
-    assert f["gate"].shape == (4, 32, 128) and f["gate"].count == 2
-    assert f["shared_down"].shape == (128, 16)
-    assert f["dense_gate"].shape == (43, 128) and f["dense_gate"].count == 2
+    assert f["moe/ffn.gate_proj"].shape == (4, 32, 128) and f["moe/ffn.gate_proj"].count == 2
+    assert f["moe/ffn.gate_proj"].pooled and not f["dense/ffn.gate_proj"].pooled
+    assert f["moe/ffn.shared_expert.down_proj"].shape == (128, 16)
+    assert f["dense/ffn.gate_proj"].shape == (43, 128) and f["dense/ffn.gate_proj"].count == 2
+    assert "moe/ffn.router" not in f
     assert ffn_local_dims(cfg, lay)["dense_f"] * 6 >= 256
+
+
+def test_fp8_regions_carry_scales_and_fused_qkv():
+    """FP8 weights: every linear gets a float32 ``:scale`` region; q/k/v fuse where the block
+    rows concatenate exactly (Step-3), as `quantize_model` stores them."""
+    cfg, lay = Step3Config.step3(), AfdLayout.parse("1A3F")
+    arena = ArenaLayout.build(cfg, lay, microbatch=1, num_microbatches=1, max_len=128, dtypes=FP8)
+    a, f = arena.attention, arena.ffn
+    assert a["self_attn.qkv_proj"].shape == (2048 + 2 * 256, 7168)
+    assert a["self_attn.qkv_proj:scale"].shape == (20, 56)
+    assert a["self_attn.o_proj:scale"].shape == (56, 128)  # [D, N*H] blocks
+    assert a["ffn.router"].dtype == "bfloat16" and "ffn.router:scale" not in a
+    assert f["moe/ffn.gate_proj"].shape == (16, 5120, 7168)
+    assert f["moe/ffn.gate_proj:scale"].shape == (16, 40, 56)
 
 
 def test_full_step3_1a3f_fp8_memory_fits_with_small_waste():

@@ -24,16 +24,17 @@ jax.distributed.initialize(f"127.0.0.1:{port}", nproc, pid)
 import jax.numpy as jnp, numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from step3_jax.sharding import protocol
+from step3_jax.policy import KernelPolicy
+import oracles
 from step3_jax.sharding.afd import AfdConfig, AfdExecutor
 from step3_jax.sharding.layout import AfdLayout, ArenaDtypes
 from step3_jax.config import Step3Config
 from step3_jax.model import Step3Model
 cfg = Step3Config.tiny()
-model = Step3Model(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, moe_implementation="dense")
+model = Step3Model(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, policy=KernelPolicy.reference())
 lay = AfdLayout.parse(sys.argv[5], ffn_ep=1 if sys.argv[5] == "1A3F" else None)
 f32 = ArenaDtypes("float32", "float32", "float32", "float32")
-ex = AfdExecutor(cfg, lay, jax.devices(), AfdConfig(2, 2, 32, compiler_options=(("xla_backend_optimization_level", 0),)), dtypes=f32, act_dtype=jnp.float32)
+ex = AfdExecutor(cfg, lay, jax.devices(), AfdConfig(2, 2, 32, policy=KernelPolicy.reference(), compiler_options=(("xla_backend_optimization_level", 0),)), dtypes=f32, act_dtype=jnp.float32)
 ex.load_model(model)
 b = ex.batch
 rng = np.random.default_rng(1)
@@ -42,7 +43,7 @@ pos = np.broadcast_to(np.arange(5, dtype=np.int32), (b, 5))
 sel = rng.integers(0, 5, b).astype(np.int32)
 logits = multihost_utils.process_allgather(ex.step(toks, pos, sel), tiled=True)
 with jax.default_device(jax.local_devices()[0]):
-    ref = protocol.reference_step_fn(model, b, 32, True)(toks, pos, sel)
+    ref = oracles.reference_step_fn(model, b, 32, True)(toks, pos, sel)
 err = float(np.max(np.abs(np.asarray(logits) - np.asarray(ref))))
 same = bool((np.argmax(logits, -1) == np.argmax(np.asarray(ref), -1)).all())
 print(f"RESULT pid={pid} err={err:.3e} same={same}", flush=True)
@@ -63,7 +64,7 @@ def test_afd_step_multiprocess(tmp_path, layout, procs, devs):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests" / "sharding")])
     port = str(_free_port())
     runs = [
         subprocess.Popen(
