@@ -15,9 +15,11 @@ from safetensors.numpy import save_file
 
 from step3_jax.checkpoints import hf_mapping
 from step3_jax.config import Step3Config
+from step3_jax.policy import KernelPolicy
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 INDEX = "model.safetensors.index.json"
+REFERENCE = KernelPolicy.reference()  # XLA attention, dense MoE oracle: CPU friendly
 
 
 def tiny_config(**kw) -> Step3Config:
@@ -80,7 +82,7 @@ def build_model(cfg: Step3Config, seed: int = 0):
             rngs=nnx.Rngs(0),
             dtype=jnp.float32,
             param_dtype=jnp.float32,
-            moe_implementation="dense",
+            policy=REFERENCE,
         )
     )
     graphdef, state = nnx.split(abstract)

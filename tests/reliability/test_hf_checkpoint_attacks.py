@@ -12,7 +12,7 @@ import struct
 
 import numpy as np
 import pytest
-from rel_fixtures import INDEX, random_tensors, tiny_config, write_checkpoint
+from rel_fixtures import INDEX, REFERENCE, random_tensors, tiny_config, write_checkpoint
 
 from step3_jax.checkpoints import (
     CheckpointFormatError,
@@ -26,7 +26,7 @@ SECRET = b"root:x:0:0:root:/root:/bin/bash\nSECRET=hunter2\n"
 
 
 def _load(path, **kw):
-    return load_hf(path, moe_implementation="dense", **kw)
+    return load_hf(path, policy=REFERENCE, **kw)
 
 
 def _retarget(path, name: str, target: str) -> None:

@@ -14,7 +14,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from rel_fixtures import build_model, random_tensors, tiny_config, write_checkpoint
+from rel_fixtures import REFERENCE, build_model, random_tensors, tiny_config, write_checkpoint
 
 import step3_jax as s3
 from step3_jax.checkpoints import CheckpointFormatError, load_hf
@@ -47,7 +47,7 @@ def test_config_json_bad_value_names_file_and_key(tmp_path, key, value):
     hf[key] = value
     (tmp_path / "config.json").write_text(json.dumps(hf))
     with pytest.raises(CheckpointFormatError, match=f"config.json.*{key}"):
-        load_hf(tmp_path, moe_implementation="dense")
+        load_hf(tmp_path, policy=REFERENCE)
 
 
 def test_huge_layer_count_fails_fast_before_allocating():

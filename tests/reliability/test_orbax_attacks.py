@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from rel_fixtures import build_model, model_leaf, tiny_config
+from rel_fixtures import REFERENCE, build_model, model_leaf, tiny_config
 
 from step3_jax.checkpoints import CheckpointFormatError, restore_orbax, save_orbax
 from step3_jax.model import Step3Model
@@ -26,7 +26,7 @@ def _abstract():
             rngs=nnx.Rngs(0),
             dtype=jnp.float32,
             param_dtype=jnp.float32,
-            moe_implementation="dense",
+            policy=REFERENCE,
         )
     )
 
