@@ -228,7 +228,10 @@ def test_sigkill_at_each_save_hf_step_leaves_old_or_new(tmp_path, models):
     steps = _steps_of(
         lambda: save_hf(new, tmp_path / "probe", overwrite=True, max_shard_bytes=40_000)
     )
-    for i, step in enumerate(dict.fromkeys(steps)):  # each distinct step, first occurrence
+    # Each distinct step at its first occurrence (shards: the first and the last one).
+    shards = [s for s in dict.fromkeys(steps) if s.startswith("wrote_shard_")]
+    targets = [s for s in dict.fromkeys(steps) if s not in shards[1:-1]]
+    for i, step in enumerate(targets):
         path = tmp_path / f"ck{i}"
         _fresh_old(path, old)
         assert _kill_child("hf", path, step) == -signal.SIGKILL, step
@@ -240,7 +243,7 @@ def test_sigkill_at_each_save_hf_step_leaves_old_or_new(tmp_path, models):
 def test_sigkill_during_save_orbax_keeps_old_steps(tmp_path, models):
     old, _ = models
     cases = [(s, 0.0) for s in ("orbax_save", "orbax_saved", "orbax_wrote_manifest")]
-    cases += [("orbax_save", d) for d in (0.02, 0.1, 0.2, 0.4)]  # inside orbax's own write
+    cases += [("orbax_save", d) for d in (0.05, 0.3)]  # inside orbax's own write
     for i, (step, delay) in enumerate(cases):
         directory = tmp_path / f"o{i}"
         save_orbax(directory, 0, old)
