@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -85,6 +86,8 @@ def main() -> None:
         "verify_over_read": round(verify / read, 2),
         "sha256_in_memory_gb_per_s": round(buf.nbytes / 1e9 / hash_s, 2),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 1),  # a shared host reads slower
         "commit": git_commit(short=True),
     }
     if args.out:
