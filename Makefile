@@ -1,40 +1,58 @@
 # Two entry points, both doing their own set-up on a fresh machine:
-#   make demo   -> generate text with the embedded demo model, plus a throughput line
+#   make demo   -> generate text with the embedded demo model, plus compile and decode times
 #   make test   -> lint + the test suite
-# If the machine already has every dependency importable (the offline GPU machines), the system
-# python3 is used and the tree installed into it editable with --no-deps (no network needed);
+# If $(PYTHON) (default python3) already imports every dependency (the offline GPU machines),
+# it is used and the tree installed into it editable with --no-deps (no network needed);
 # otherwise a .venv is created and the package installed with its dependencies. Either way the
 # tree is installed: `sharding/`, `checkpoints/`, `pallas_kernels/` import as `step3_jax.*`.
+# Every run prints the Python, jax and flax it uses and stops, with a message, on a version
+# outside pyproject.toml's ranges (scripts/check_env.py).
+#   make PYTHON=python3.12 ...   use another interpreter
+#   make USE_VENV=1 ...          always use .venv, even if $(PYTHON) already has jax
 SHELL := /bin/bash
+PYTHON ?= python3
 PY_IMPORTS := jax,flax,orbax.checkpoint,optax,chex,jaxtyping,safetensors,tokenizers,tqdm,matplotlib,pytest
 VENV := .venv
-HAVE_DEPS := $(shell python3 -c "import $(PY_IMPORTS)" >/dev/null 2>&1 && echo yes)
+ifeq ($(USE_VENV),1)
+  HAVE_DEPS :=
+else
+  HAVE_DEPS := $(shell $(PYTHON) -c "import $(PY_IMPORTS)" >/dev/null 2>&1 && echo yes)
+endif
 ifeq ($(HAVE_DEPS),yes)
-  PY := python3
+  PY := $(PYTHON)
   SETUP := .installed-editable
+  WHERE := $(PYTHON) already imports jax and the other dependencies: using it, no .venv
 else
   PY := $(VENV)/bin/python
   SETUP := $(VENV)/.installed
+  WHERE := using $(VENV) (created from $(PYTHON) on first use)
 endif
 
-.PHONY: demo test lint format setup
-demo: $(SETUP)
+.PHONY: demo test lint format setup versions
+demo: versions
 	$(PY) -m step3_jax.cli generate
 
-test: $(SETUP)
+test: versions
 	@if $(PY) -m ruff --version >/dev/null 2>&1; then \
 	  $(PY) -m ruff check . && $(PY) -m ruff format --check . ; \
 	else echo "ruff not installed here: lint skipped"; fi
 	$(PY) -m pytest -n 2 -q tests
 
-setup: $(SETUP)
+setup: versions
+
+# Runs every time (cheap: reads package metadata, imports no jax).
+versions: $(SETUP)
+	@echo "make: $(WHERE)"
+	@$(PY) scripts/check_env.py
 
 .installed-editable: pyproject.toml
-	python3 -m pip install -q --no-deps --no-build-isolation -e .
+	@$(PYTHON) scripts/check_env.py  # refuse before installing into an unsupported interpreter
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 $(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
+	@$(PYTHON) scripts/check_env.py --python-only
+	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e ".[dev,cpu]"
 	touch $@

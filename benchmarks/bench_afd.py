@@ -74,8 +74,7 @@ def _time(fn, reps: int) -> tuple[float, float]:
     return t.host_us * 1e-6, t.host_loop_us * 1e-6
 
 
-def run_afd(args, cfg, layout, devices, num_mb: int, microbatch: int, stages: bool) -> dict:
-    dtypes = ArenaDtypes(weight=args.weights, cache=args.cache)
+def _afd_config(args, num_mb: int, microbatch: int) -> tuple[ArenaDtypes, AfdConfig]:
     afd = AfdConfig(
         microbatch,
         num_mb,
@@ -84,6 +83,11 @@ def run_afd(args, cfg, layout, devices, num_mb: int, microbatch: int, stages: bo
         policy=_policy(args),
         experts_in_place=not args.experts_copied,
     )
+    return ArenaDtypes(weight=args.weights, cache=args.cache), afd
+
+
+def run_afd(args, cfg, layout, devices, num_mb: int, microbatch: int, stages: bool) -> dict:
+    dtypes, afd = _afd_config(args, num_mb, microbatch)
     ex = AfdExecutor(cfg, layout, devices, afd, dtypes=dtypes)
     ex.load_random(seed=1)
     tokens, pos, sel = _inputs(ex.batch, args.context)
@@ -167,15 +171,7 @@ def ffn_role_bytes(ex: AfdExecutor, tokens_per_tick: int) -> int:
 
 
 def run_role(args, cfg, layout, device, role: str, num_mb: int, microbatch: int) -> dict:
-    dtypes = ArenaDtypes(weight=args.weights, cache=args.cache)
-    afd = AfdConfig(
-        microbatch,
-        num_mb,
-        args.context,
-        fp8_transfer=True,
-        policy=_policy(args),
-        experts_in_place=not args.experts_copied,
-    )
+    dtypes, afd = _afd_config(args, num_mb, microbatch)
     ex = AfdExecutor(cfg, layout, [device], afd, dtypes=dtypes, role=role)
     ex.load_random(seed=1)
     tokens, pos, sel = _inputs(ex.batch, args.context)

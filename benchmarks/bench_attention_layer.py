@@ -165,7 +165,7 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001 - record and keep going
                 row = harness.error_row(
                     name, {"batch": b, "context": s}, e, mode=mode, gemm=gemm, granularity=gran,
-                    attention=attn,
+                    attention=attn, batch=b, context=s,
                 )  # fmt: skip
             rows.append(row)
             harness.print_json(row)

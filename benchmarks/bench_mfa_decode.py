@@ -337,6 +337,9 @@ def parse_args(argv=None):
     if args.tiny:
         args.batches, args.contexts, args.impls = "2", "256", "xla_fp8,xla_bf16"
         args.variants = args.breakdown = ""
+    unknown = sorted(set(args.impls.split(",")) - set(_plan(1, 64)))
+    if unknown:
+        ap.error(f"--impls: unknown {unknown}; choose from {sorted(_plan(1, 64))}")
     return args
 
 

@@ -402,7 +402,8 @@ def main(argv=None):
             for i, t in enumerate(ints(args.sweep_tokens)):
                 extra["sweep"] += sweep_gemms(t, weights, scales, check=i == 0)
                 save()
-        baselines = make_baselines(e_local, args.max_xla_tokens) if e_local == E else {}
+        want_bl = e_local == E and ints(args.baseline_tokens)  # their weights: 7 GB bf16
+        baselines = make_baselines(e_local, args.max_xla_tokens) if want_bl else {}
         for t in ints(args.tokens) if e_local == E else ints(args.shard_tokens):
             name, cfg = pick_config(extra["sweep"], t)
             bl = baselines if t in ints(args.baseline_tokens) else {}

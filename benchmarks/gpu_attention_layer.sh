@@ -27,7 +27,8 @@ for r in d["rows"]:
     if "error" in r:
         print(name, "ERROR", r["error"][:200])
         continue
-    print(f'{name}: device {r["device_us"]} us, wall {r["us"]} us, {r["GBps"]} GB/s')
+    print(f'{name}: device {r["time_us"]} us ({r["timer"]}), wall {r["host_us"]} us, '
+          f'{r["GBps"]} GB/s, {r["pct_of_copy"]}% of copy')
     for n, t in r.get("kernels_us", [])[:6]:
         print("    ", t, n)
 PY

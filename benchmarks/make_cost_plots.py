@@ -10,17 +10,23 @@ compared with the simulator too. The last stdout line is the JSON summary.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import glob
 import json
+import os
+import sys
 from pathlib import Path
 
-import jax
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.provenance import git_commit
-from step3_jax import cost
-from step3_jax.cost import plots
-from step3_jax.cost import simulator as sim
+import jax  # noqa: E402
+
+from benchmarks.provenance import git_commit  # noqa: E402
+from step3_jax import cost  # noqa: E402
+from step3_jax.cost import plots  # noqa: E402
+from step3_jax.cost import simulator as sim  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIG = ROOT / "docs" / "figures"
@@ -68,7 +74,10 @@ def measured_runs() -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    # No options: the parser exists so that `--help` prints this usage instead of rewriting
+    # the figures and the results file.
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     FIG.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     figures = make_figures()

@@ -1,7 +1,8 @@
 """Checkpoints: HF safetensors in/out, orbax save/restore, the shipped demo model.
 
 * `load_hf` / `save_hf`: Hugging Face layout (config.json + sharded safetensors + index),
-  bf16/f32 or block-FP8, streamed tensor by tensor onto any sharding.
+  bf16/f32 or block-FP8, streamed tensor by tensor onto any sharding. `load_hf_vl` /
+  `save_hf_vl`: the same plus the Step3-VL vision half (`vision_mapping`).
 * `CheckpointManager` (and `save_orbax` / `restore_orbax`): orbax checkpoints of model (and
   optimizer) state, restorable onto a different mesh.
 * `load_demo`: the small Step-3-architecture model trained on Jane Austen that ships here.
@@ -9,7 +10,14 @@
 """
 
 from step3_jax.checkpoints.demo import load_demo
-from step3_jax.checkpoints.hf import CheckpointMismatchError, dequantize_blocks, load_hf, save_hf
+from step3_jax.checkpoints.hf import (
+    CheckpointMismatchError,
+    dequantize_blocks,
+    load_hf,
+    load_hf_vl,
+    save_hf,
+    save_hf_vl,
+)
 from step3_jax.checkpoints.orbax_io import (
     CheckpointManager,
     abstract_like,
@@ -30,8 +38,10 @@ __all__ = [
     "dequantize_blocks",
     "load_demo",
     "load_hf",
+    "load_hf_vl",
     "load_tokenizer",
     "restore_orbax",
     "save_hf",
+    "save_hf_vl",
     "save_orbax",
 ]

@@ -467,6 +467,8 @@ def save_hf(
     dtype=None,
     max_shard_bytes: int = 4 * 2**30,
     overwrite: bool = False,
+    extra_tensors: Mapping[str, np.ndarray] | None = None,
+    extra_config: Mapping | None = None,
 ) -> dict:
     """Writes ``model`` as an HF checkpoint: sharded safetensors + index + ``config.json`` +
     a SHA-256 manifest (``step3_jax.manifest.json``, verified by `load_hf`).
@@ -476,6 +478,9 @@ def save_hf(
     tensor is on the host at a time. A fused ``qkv_proj`` (`MFAttention.fuse_qkv`) is written
     as the separate q_proj/k_proj/v_proj tensors, so the checkpoint is the same as the unfused
     model's. Refuses to replace an existing checkpoint unless ``overwrite=True``.
+    ``extra_tensors`` (HF name -> host array, written as is after the text model's) and
+    ``extra_config`` (top-level keys; the text keys then nest under ``text_config``) carry the
+    vision half of a VL model (`save_hf_vl`).
 
     Atomic: everything is written to a hidden sibling folder first, then swapped in by
     renames, then the old checkpoint is deleted (other files of the old folder, e.g. a
@@ -503,6 +508,8 @@ def save_hf(
             f"{sorted(map(str, set(values) ^ {e.path for e in table}))}"
         )
     specs = _tensor_specs(table, values, dtype)
+    extra = dict(extra_tensors or {})
+    specs += [(n, a.dtype, tuple(a.shape)) for n, a in extra.items()]
     by_name = {}
     for e in table:
         by_name[e.hf_name] = by_name[e.scale_name] = e
@@ -511,6 +518,8 @@ def save_hf(
 
     def get(name: str) -> np.ndarray:
         # An Fp8Weight yields two tensors from one leaf; keep the second until asked for.
+        if name in extra:
+            return extra.pop(name)
         if name not in cache:
             e = by_name[name]
             cache.update(_host_tensors(e, values[e.path], dtype))
@@ -523,7 +532,7 @@ def save_hf(
     integrity.fault_point("staging_created")
     writer = ShardWriter(staged, max_shard_bytes)
     index = writer.write(specs, get, {"producer": "step3_jax"})
-    integrity.write_json_atomic(staged / "config.json", _hf_config(model, values, specs, dtype))
+    integrity.write_json_atomic(staged / "config.json", _hf_config(model, values, specs, dtype, extra_config))
     integrity.fault_point("wrote_config")
     digests = {**writer.digests, **integrity.digest_files(staged, ["config.json"])}
     integrity.write_manifest(staged, digests)
@@ -532,7 +541,7 @@ def save_hf(
     return index
 
 
-def _hf_config(model, values, specs, dtype) -> dict:
+def _hf_config(model, values, specs, dtype, extra_config=None) -> dict:
     hf_cfg = model.config.to_hf_config()
     stored = dtype or values[("norm", "weight")].dtype
     hf_cfg["torch_dtype"] = np.dtype(stored).name
@@ -543,7 +552,35 @@ def _hf_config(model, values, specs, dtype) -> dict:
             "activation_scheme": "dynamic",
             "weight_block_size": [BLOCK, BLOCK],
         }
+    if extra_config is not None:
+        top = {k: hf_cfg[k] for k in ("torch_dtype", "quantization_config") if k in hf_cfg}
+        hf_cfg = {**extra_config, "text_config": hf_cfg, **top}
     return hf_cfg
+
+
+def load_hf_vl(path: str | Path, config: Step3Config | None = None, vision_config=None, **kwargs):
+    """The Step3-VL release: the text model as `load_hf` loads it (``kwargs`` as there) plus
+    the vision tower, downsamplers and projector (`vision_mapping.load_vision`, bf16), as a
+    `step3_jax.vision.Step3VLModel`."""
+    from step3_jax.checkpoints import vision_mapping
+    from step3_jax.vision.model import Step3VLModel
+
+    text = load_hf(path, config, **kwargs)
+    dtypes = {k: kwargs[k] for k in ("dtype", "param_dtype") if k in kwargs}
+    vision = vision_mapping.load_vision(path, vision_config, policy=text.policy, **dtypes)
+    return Step3VLModel(text, vision)
+
+
+def save_hf_vl(model, path: str | Path, *, dtype=None, **kwargs) -> dict:
+    """Writes a `Step3VLModel` in the release layout: `save_hf` of the text model plus the
+    vision tensors (`vision_mapping.vision_tensors`) and the VL ``config.json`` keys."""
+    from step3_jax.checkpoints import vision_mapping
+
+    tensors = vision_mapping.vision_tensors(model.vision, dtype)
+    vl_cfg = model.vision_config.to_hf_config()
+    return save_hf(
+        model.text, path, dtype=dtype, extra_tensors=tensors, extra_config=vl_cfg, **kwargs
+    )
 
 
 __all__ = [
@@ -551,10 +588,12 @@ __all__ = [
     "FP8_MODES",
     "dequantize_blocks",
     "load_hf",
+    "load_hf_vl",
     "param_values",
     "read_config",
     "resolve_sharding",
     "save_hf",
+    "save_hf_vl",
     "validate",
     "verify_checkpoint",
 ]

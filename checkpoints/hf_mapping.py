@@ -47,6 +47,8 @@ SKIP_PREFIXES = (
     "vit.",
     "vit_large_projector.",
     "model.vit_large_projector.",
+    "vit_downsampler",  # vit_downsampler.* and vit_downsampler2.* (checkpoints/vision_mapping.py)
+    "model.vit_downsampler",
     "multi_modal_projector.",
 )
 SCALE_SUFFIX = "_scale_inv"  # block-FP8: "<...>.weight_scale_inv" beside "<...>.weight"

@@ -1,170 +1,92 @@
-"""Builds the colab/ notebooks from source cells kept here (reviewable diffs, no outputs).
+"""Builds the colab/ notebooks from the source cells in colab/_nb*.py (reviewable diffs).
 
-    .venv/bin/python colab/_build_notebooks.py            # writes colab/01_quickstart.ipynb
+    .venv/bin/python colab/_build_notebooks.py             # write the notebooks, no outputs
+    .venv/bin/python colab/_build_notebooks.py --execute   # ... then run them and save outputs
 
-Each notebook is a list of ("md" | "code", source) cells. Notebooks are written without
-outputs; CI executes them (tests/test_notebooks.py). Other notebooks in colab/ may be built by
-their own scripts; add yours to NOTEBOOKS to build it here.
+Each notebook is a list of ("md" | "code", source) cells and starts with the same install
+cell (`INSTALL`). The committed notebooks carry their outputs (plots), made with --execute on
+CPU; CI re-executes them (tests/test_notebooks.py) and checks their cells match this source.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import pathlib
+import sys
 
 import nbformat
 
 HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
 
-# The install cell: a no-op wherever step3_jax already imports (CI, the GPU machines, a clone),
-# so running the notebook never touches the network there.
-INSTALL = """\
-# Install step3_jax if it is not importable yet (e.g. on a fresh Colab runtime).
-# REPO_URL is a placeholder: set it to the git URL of your copy of this repository.
-REPO_URL = "https://github.com/YOUR-ORG/step3_jax.git"
-
+# One variable says where to install from; CI sets the environment variable to the checkout.
+SOURCE_PLACEHOLDER = "https://github.com/YOUR-ORG/step3_jax.git"
+INSTALL = f"""\
+# Install step3_jax from STEP3_JAX_SOURCE: a git URL or a local checkout. Replace the
+# placeholder with the URL of your copy (README, "Notebooks"); the environment variable of the
+# same name overrides it. Skipped where step3_jax already imports (a clone after `make setup`).
+# A jax that is already installed (Colab's GPU/TPU jax) is kept: it is pinned while the other
+# dependencies install; only where no jax exists does the `cpu` extra bring a CPU jax.
+import importlib.metadata
 import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+STEP3_JAX_SOURCE = os.environ.get("STEP3_JAX_SOURCE", "{SOURCE_PLACEHOLDER}")
 
 if importlib.util.find_spec("step3_jax") is None:
-    get_ipython().run_line_magic("pip", f"install -q 'step3-jax[cpu] @ git+{REPO_URL}'")
+    src = pathlib.Path(STEP3_JAX_SOURCE).expanduser()
+    if not src.is_dir():  # a git URL: shallow clone next to the notebook
+        src = pathlib.Path("step3_jax_src")
+        if not src.is_dir():
+            subprocess.run(["git", "clone", "-q", "--depth", "1", STEP3_JAX_SOURCE, src], check=True)
+    pins = {{}}
+    for name in ("jax", "jaxlib"):
+        try:
+            pins[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    if "jax" in pins:  # keep it, if step3_jax supports it (pyproject.toml's range)
+        import tomllib
+
+        try:
+            from packaging.requirements import Requirement
+        except ImportError:
+            from pip._vendor.packaging.requirements import Requirement
+
+        deps = tomllib.loads((src / "pyproject.toml").read_text())["project"]["dependencies"]
+        jax_range = next(Requirement(d).specifier for d in deps if Requirement(d).name == "jax")
+        if pins["jax"] not in jax_range:
+            raise RuntimeError(
+                f"this runtime has jax {{pins['jax']}}; step3_jax needs jax{{jax_range}}. Install "
+                "a jax in that range for your accelerator (e.g. pip install -U 'jax[cuda12]'), "
+                "restart the runtime and run this cell again."
+            )
+        pathlib.Path("jax_pins.txt").write_text("".join(f"{{n}}=={{v}}\\n" for n, v in pins.items()))
+        subprocess.run([*pip, str(src.resolve()), "-c", "jax_pins.txt"], check=True)
+    else:
+        subprocess.run([*pip, f"{{src.resolve()}}[cpu]"], check=True)
+    importlib.invalidate_caches()
 """
 
-QUICKSTART = [
-    (
-        "md",
-        """\
-# step3_jax quick start
 
-Step-3's text decoder in JAX / Flax NNX, at toy size: build the tiny model, generate tokens
-with the on-device decode loop, drive the KV cache one step at a time, and reuse the
-`MFAttention` layer inside your own Flax model. Runs on CPU in well under a minute.""",
-    ),
-    ("code", INSTALL),
-    (
-        "code",
-        """\
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+def notebooks() -> dict[str, list[tuple[str, str]]]:
+    from _nb01_quickstart import CELLS as QUICKSTART
+    from _nb02_kernels import CELLS as KERNELS
+    from _nb03_cost_model import CELLS as COST_MODEL
+    from _nb04_afd import CELLS as AFD
 
-import step3_jax as s3
-
-print("jax", jax.__version__, "| devices:", jax.devices()[:2], "| step3_jax", s3.__version__)""",
-    ),
-    (
-        "md",
-        """\
-## 1. The tiny model
-
-`Step3Config.tiny()` keeps Step-3's structure (MFA attention with ONE shared K/V head, dense
-first/last layers, MoE layers with a shared expert, top-k routing without renormalization) at a
-size that runs anywhere. `Step3Config.step3()` is the real 316B configuration.""",
-    ),
-    (
-        "code",
-        """\
-cfg = s3.Step3Config.tiny()
-big = s3.Step3Config.step3()
-kv_fp8 = big.kv_bytes_per_token(bytes_per_value=1, per_layer=True)
-print(f"tiny : {cfg.param_count():,} parameters, MoE layers {cfg.moe_layer_ids}")
-print(f"step3: {big.param_count() / 1e9:.2f}B total, "
-      f"{big.activated_param_count() / 1e9:.2f}B activated per token, "
-      f"{kv_fp8:.0f} B of FP8 KV per token per layer")
-
-# Random weights (seeded), bf16. "dense" runs every expert on every token: the readable MoE
-# oracle; the default "grouped" sorts tokens by expert (Pallas grouped GEMM on Hopper GPUs).
-model = s3.Step3Model(cfg, rngs=nnx.Rngs(0), policy=s3.KernelPolicy.reference())""",
-    ),
-    (
-        "md",
-        """\
-## 2. Generate
-
-`generate` takes prompts of different lengths, prefills them in one call and runs every decode
-step inside one jitted `lax.while_loop`. Shapes are bucketed, so a second call with another
-`max_new_tokens` reuses the compiled loop. Sampling: `temperature=`, `top_k=`, `top_p=`, `seed=`;
-`stop_tokens=` ends a sequence early; `cache_dtype=jnp.float8_e4m3fn` stores the KV cache in
-FP8. For step-by-step research loops, `s3.make_decode_step(model)` returns one jitted step
-over a `s3.KVCache`.""",
-    ),
-    (
-        "code",
-        """\
-prompts = [[11, 42, 7], [5, 6, 7, 8, 9]]
-out = s3.generate(model, prompts, max_new_tokens=12)
-print("tokens :", out.tokens)
-print("finish :", out.finish_reasons)""",
-    ),
-    (
-        "md",
-        """\
-Greedy decoding must equal the argmax of one teacher-forced forward over prompt + generated
-tokens (the model without a cache returns logits `[B, T, V]` for every position):""",
-    ),
-    (
-        "code",
-        """\
-forward = nnx.jit(lambda m, tokens: m(tokens))
-seq = prompts[1] + out.tokens[1]
-logits = forward(model, jnp.array([seq], jnp.int32))  # [1, T, V] float32
-teacher = logits[0, len(prompts[1]) - 1 : -1].argmax(-1)
-assert teacher.tolist() == out.tokens[1]
-print("logits", logits.shape, logits.dtype, "| greedy == teacher-forced argmax")""",
-    ),
-    (
-        "md",
-        """\
-## 3. `MFAttention` inside your own Flax model
-
-The layers take explicit arguments (no `Step3Config`), so they drop into any NNX model. Here a
-one-block language model with MFA attention, trained for a few steps to copy a pattern.""",
-    ),
-    (
-        "code",
-        """\
-import optax
-
-from step3_jax.layers import MFAttention, RMSNorm
-
-
-class TinyLM(nnx.Module):
-    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
-        f32 = dict(dtype=jnp.float32, param_dtype=jnp.float32)
-        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
-        self.norm = RMSNorm(dim)
-        # 4 query heads from a 32-wide shared low-rank query, ONE K/V head of width 16.
-        self.attn = MFAttention(dim, share_q_dim=32, num_heads=4, head_dim=16, rngs=rngs, **f32)
-        self.out = nnx.Linear(dim, vocab, rngs=rngs)
-
-    def __call__(self, tokens):
-        x = self.embed(tokens)
-        x = x + self.attn(self.norm(x))  # causal, RoPE positions 0..T-1
-        return self.out(x)
-
-
-lm = TinyLM(vocab=16, dim=32, rngs=nnx.Rngs(0))
-optimizer = nnx.Optimizer(lm, optax.adam(1e-2), wrt=nnx.Param)
-data = jnp.tile(jnp.arange(8, dtype=jnp.int32), (4, 3))  # [4, 24]: 0..7 repeated
-
-
-@nnx.jit
-def train_step(lm, optimizer, batch):
-    def loss_fn(lm):
-        logits = lm(batch[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-
-    loss, grads = nnx.value_and_grad(loss_fn)(lm)
-    optimizer.update(lm, grads)
-    return loss
-
-
-losses = [float(train_step(lm, optimizer, data)) for _ in range(40)]
-print(f"loss: {losses[0]:.3f} -> {losses[-1]:.3f}")
-assert losses[-1] < 0.5 * losses[0]""",
-    ),
-]
-
-NOTEBOOKS = {"01_quickstart.ipynb": QUICKSTART}
+    return {
+        "01_quickstart.ipynb": QUICKSTART,
+        "02_kernels.ipynb": KERNELS,
+        "03_cost_model.ipynb": COST_MODEL,
+        "04_afd.ipynb": AFD,
+    }
 
 
 def build(cells) -> nbformat.NotebookNode:
@@ -181,12 +103,38 @@ def build(cells) -> nbformat.NotebookNode:
         "language": "python",
     }
     nb.metadata["language_info"] = {"name": "python"}
+    nb.metadata["colab"] = {"provenance": []}
     return nb
 
 
+def execute(nb: nbformat.NotebookNode, timeout_s: int = 600) -> None:
+    """Runs ``nb`` in place in the repository root (so step3_jax imports from the tree)."""
+    from nbclient import NotebookClient
+
+    os.environ.setdefault("STEP3_JAX_SOURCE", str(ROOT))
+    NotebookClient(
+        nb, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.metadata.pop("execution", None)  # timestamps: keep rebuilds diff-free
+            # tqdm's "IProgress not found" (no ipywidgets here) names this machine's paths.
+            cell.outputs = [
+                o for o in cell.outputs if "IProgress not found" not in o.get("text", "")
+            ]
+
+
 def main() -> None:
-    for name, cells in NOTEBOOKS.items():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--execute", action="store_true", help="run each notebook, save outputs")
+    ap.add_argument("names", nargs="*", help="only these notebooks (e.g. 02_kernels.ipynb)")
+    args = ap.parse_args()
+    for name, cells in notebooks().items():
+        if args.names and name not in args.names:
+            continue
         nb = build(cells)
+        if args.execute:
+            execute(nb)
         nbformat.validate(nb)
         nbformat.write(nb, HERE / name)
         print("wrote", HERE / name)

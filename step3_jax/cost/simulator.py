@@ -39,9 +39,10 @@ import json
 import re
 from pathlib import Path
 
+from step3_jax.config import Step3Config
 from step3_jax.cost import analytic
 from step3_jax.cost.hardware import HardwareSpec
-from step3_jax.cost.specs import ModelSpec
+from step3_jax.cost.specs import ModelSpec, from_step3_config
 
 _RESOURCES = ("A", "A->F", "F", "F->A")
 
@@ -459,9 +460,6 @@ PAPER_AFD_RUNS = (
 
 def paper_setup(run: PaperRun, hw: HardwareSpec, efficiency: Efficiency, **kw) -> AFDSetup:
     """The AFDSetup of one paper run: Step-3, 8-GPU instances, 3 micro-batches."""
-    from step3_jax.config import Step3Config
-    from step3_jax.cost.specs import from_step3_config
-
     spec = from_step3_config(Step3Config.step3(), kv_bytes=run.kv_bytes)
     return AFDSetup(spec, AFDLayout.parse(run.layout), run.ctx, 3, hw, efficiency=efficiency, **kw)
 

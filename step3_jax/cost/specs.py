@@ -22,6 +22,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from step3_jax.config import Step3Config
+
 AttentionKind = Literal["MHA", "GQA", "MQA", "MLA", "MFA", "linear"]
 _KINDS = ("MHA", "GQA", "MQA", "MLA", "MFA", "linear")
 
@@ -369,8 +371,6 @@ def from_step3_config(cfg: Any, kv_bytes: float = 1.0, weight_bytes: float = 1.0
       kv_bytes: bytes per cached K/V value (1 for FP8, 2 for BF16 attention).
       weight_bytes: bytes per weight (1 for FP8).
     """
-    from step3_jax.config import Step3Config  # lazy: keep this module import-order free
-
     if not isinstance(cfg, Step3Config):
         raise ValueError(f"from_step3_config expects a Step3Config, got {type(cfg).__name__}")
     L, D = cfg.num_layers, cfg.hidden_size
@@ -390,8 +390,6 @@ def from_step3_config(cfg: Any, kv_bytes: float = 1.0, weight_bytes: float = 1.0
 
 def step3(kv_bytes: float = 1.0) -> ModelSpec:
     """Step-3 (316B text model) as the paper costs it: FP8 weights and KV unless told."""
-    from step3_jax.config import Step3Config
-
     return from_step3_config(Step3Config.step3(), kv_bytes=kv_bytes)
 
 

@@ -1,0 +1,186 @@
+"""Flax NNX building blocks of the Step3-VL vision tower, each usable on its own.
+
+Every layer takes explicit sizes (never the config). Weights keep PyTorch's layouts, the
+release's on-disk layout: linear ``weight [out, in]`` (contraction axis last, as
+`step3_jax.layers.linear.project` and Hopper FP8 want), conv ``weight [O, I, kh, kw]``.
+Biases everywhere (the released ViT has them on every linear, conv and norm).
+
+One encoder layer, as vLLM's ``Step3VisionEncoderLayer`` computes it (NOTE the order: the norms
+sit on the branch OUTPUTS, "sandwich/post-branch" style, not on the inputs as in CLIP)::
+
+    x = x + layer_norm1(self_attn(x))
+    x = x + layer_norm2(mlp(x))          # mlp = fc2(quick_gelu(fc1(x)))
+
+Attention is full bidirectional softmax attention, no mask, scale head_dim**-0.5, q/k/v the
+three consecutive ``D``-row blocks of one fused ``qkv_proj`` (each head a contiguous run of H).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from step3_jax.layers.linear import init_weight, project
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def quick_gelu(x: Array) -> Array:
+    """``x * sigmoid(1.702 x)`` (CLIP's activation; HF ``"quick_gelu"``)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def layer_norm(x: Float[Array, "... D"], weight, bias, eps: float) -> Float[Array, "... D"]:
+    """LayerNorm over the last axis in float32 (biased variance, like torch), cast back."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        return layer_norm(x, self.weight[...], self.bias[...], self.eps)
+
+
+class Linear(nnx.Module):
+    """``y = x @ weight.T + bias`` with ``weight [out, in]``; ``weight`` may be an `Fp8Weight`."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool = True, param_dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(init_weight(rngs.params(), (d_out, d_in), d_in, param_dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
+
+    def __call__(self, x: Float[Array, "... I"], gemm: str | None = None) -> Float[Array, "... O"]:
+        """``gemm``: the FP8 GEMM implementation (`KernelPolicy.gemm`) when ``weight`` is FP8."""
+        # float32 accumulation, output (and bias add) in x's dtype: a bf16 GEMM output that XLA
+        # can fuse the bias into, instead of a float32 intermediate twice the bytes.
+        y = project(x, self.weight[...], "...i,oi->...o", out_dtype=x.dtype, implementation=gemm)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class Conv2d(nnx.Module):
+    """A 2-D convolution on channels-last maps: ``[B, Y, X, I] -> [B, Y', X', O]``.
+
+    ``weight [O, I, k, k]`` (PyTorch layout), symmetric zero ``padding``, float32 accumulation.
+    """
+
+    def __init__(
+        self, d_in: int, d_out: int, kernel: int, *, stride: int, padding: int = 0,
+        param_dtype, rngs: nnx.Rngs,
+    ):  # fmt: skip
+        self.stride, self.padding = stride, padding
+        fan_in = d_in * kernel * kernel
+        self.weight = nnx.Param(
+            init_weight(rngs.params(), (d_out, d_in, kernel, kernel), fan_in, param_dtype)
+        )
+        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype))
+
+    def __call__(self, x: Float[Array, "B Y X I"]) -> Float[Array, "B Yo Xo O"]:
+        w = self.weight[...]
+        if x.shape[-1] != w.shape[1]:
+            raise ValueError(f"Conv2d expects {w.shape[1]} input channels, got x {x.shape}")
+        p = self.padding
+        y = jax.lax.conv_general_dilated(
+            x,
+            w.astype(x.dtype),
+            window_strides=(self.stride, self.stride),
+            padding=((p, p), (p, p)),
+            dimension_numbers=("NHWC", "OIHW", "NHWC"),
+            preferred_element_type=jnp.float32,
+        )
+        return (y + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B T N H"],
+    v: Float[Array, "B T N H"],
+    implementation: str = "xla",
+) -> Float[Array, "B T N H"]:
+    """Unmasked softmax attention, scale H**-0.5. ``"xla"``: explicit float32 logits and
+    softmax (the reference path); ``"cudnn"``: `jax.nn.dot_product_attention`'s fused cuDNN
+    kernel (GPU, bf16/f16)."""
+    scale = q.shape[-1] ** -0.5
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    if implementation != "xla":
+        raise ValueError(
+            f"implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}"
+        )
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum(
+        "BNTS,BSNH->BTNH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    return out.astype(q.dtype)
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, dim: int, num_heads: int, *, param_dtype, rngs: nnx.Rngs):
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must divide by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv_proj = Linear(dim, 3 * dim, param_dtype=param_dtype, rngs=rngs)
+        self.out_proj = Linear(dim, dim, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(
+        self, x: Float[Array, "B T D"], implementation: str = "xla", gemm: str | None = None
+    ) -> Float[Array, "B T D"]:
+        b, t, d = x.shape
+        q, k, v = jnp.split(self.qkv_proj(x, gemm), 3, axis=-1)
+        heads = (b, t, self.num_heads, d // self.num_heads)
+        o = attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), implementation)
+        return self.out_proj(o.reshape(b, t, d), gemm)
+
+
+class VisionMLP(nnx.Module):
+    def __init__(self, dim: int, hidden: int, *, param_dtype, rngs: nnx.Rngs):
+        self.fc1 = Linear(dim, hidden, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = Linear(hidden, dim, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "B T D"], gemm: str | None = None) -> Float[Array, "B T D"]:
+        # quick_gelu evaluated in float32 on the compute-dtype fc1 output (one fused pass).
+        h = self.fc1(x, gemm)
+        return self.fc2(quick_gelu(h.astype(jnp.float32)).astype(h.dtype), gemm)
+
+
+class VisionEncoderLayer(nnx.Module):
+    """One ViT layer: ``x + LN1(attn(x))``, then ``+ LN2(mlp(.))`` (norms on branch outputs)."""
+
+    def __init__(
+        self, dim: int, num_heads: int, hidden: int, *, eps: float, param_dtype, rngs: nnx.Rngs
+    ):
+        self.self_attn = VisionAttention(dim, num_heads, param_dtype=param_dtype, rngs=rngs)
+        self.layer_norm1 = LayerNorm(dim, eps=eps, param_dtype=param_dtype)
+        self.mlp = VisionMLP(dim, hidden, param_dtype=param_dtype, rngs=rngs)
+        self.layer_norm2 = LayerNorm(dim, eps=eps, param_dtype=param_dtype)
+
+    def __call__(
+        self, x: Float[Array, "B T D"], implementation: str = "xla", gemm: str | None = None
+    ) -> Float[Array, "B T D"]:
+        x = x + self.layer_norm1(self.self_attn(x, implementation, gemm))
+        return x + self.layer_norm2(self.mlp(x, gemm))
+
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "Conv2d",
+    "LayerNorm",
+    "Linear",
+    "VisionAttention",
+    "VisionEncoderLayer",
+    "VisionMLP",
+    "attention",
+    "layer_norm",
+    "quick_gelu",
+]

@@ -1,0 +1,161 @@
+"""`Step3VLModel`: the vision half's image embeddings merged into the text model's prompt.
+
+As vLLM's ``Step3VLForConditionalGeneration`` does: the prompt's token embeddings are looked up
+as usual, then every position holding ``image_token_id`` (``<im_patch>``) is REPLACED by the next
+image-feature row (row-major over the batch, features in prompt order); the other image markup
+tokens (``<im_start>``, ``<patch_start>``, ...) keep their text embeddings. The text model then
+runs on these embeddings exactly as `Step3Model.__call__` runs on its own (its public `embed`,
+``layers`` and `logits`), so a prompt without images gives the text-only model's logits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from step3_jax.cache import KVCache
+from step3_jax.config import Step3Config
+from step3_jax.model import Step3Model, _check_tokens
+from step3_jax.vision.config import Step3VisionConfig
+from step3_jax.vision.encoder import Step3VisionModel
+from step3_jax.vision.preprocess import PreprocessedImages
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _embed_images(graphdef, state, pixel_values):
+    return nnx.merge(graphdef, state)(pixel_values)
+
+
+class Step3VLModel(nnx.Module):
+    """``text`` (a `Step3Model`) + ``vision`` (a `Step3VisionModel`)."""
+
+    def __init__(self, text: Step3Model, vision: Step3VisionModel):
+        tc, vc = text.config, vision.config
+        if vc.text_hidden_size != tc.hidden_size:
+            raise ValueError(
+                f"vision projector outputs {vc.text_hidden_size} but the text model is "
+                f"{tc.hidden_size} wide"
+            )
+        if not 0 <= vc.image_token_id < tc.vocab_size:
+            raise ValueError(
+                f"image_token_id={vc.image_token_id} outside the vocab {tc.vocab_size}"
+            )
+        self.text, self.vision = text, vision
+
+    @classmethod
+    def create(
+        cls, config: Step3Config, vision_config: Step3VisionConfig, *, rngs: nnx.Rngs,
+        dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, **text_kwargs,
+    ) -> Step3VLModel:  # fmt: skip
+        """Random weights (tests, benchmarks); ``text_kwargs`` (e.g. ``policy=``) go to
+        `Step3Model`, whose policy the vision half shares."""
+        text = Step3Model(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, **text_kwargs)
+        vision = Step3VisionModel(
+            vision_config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, policy=text.policy
+        )
+        return cls(text, vision)
+
+    @property
+    def config(self) -> Step3Config:
+        return self.text.config
+
+    @property
+    def vision_config(self) -> Step3VisionConfig:
+        return self.vision.config
+
+    @property
+    def dtype(self):
+        return self.text.dtype
+
+    # ------------------------------------------------------------------ images
+    def embed_images(self, pixel_values: Float[Array, "B C P P"]) -> Float[Array, "B T M"]:
+        """Normalized pixels ``[N, 3, P, P]`` -> projector output ``[N, tokens, M]`` (jitted)."""
+        graphdef, state = nnx.split(self.vision)
+        return _embed_images(graphdef, state, jnp.asarray(pixel_values))
+
+    def image_features(self, images: PreprocessedImages) -> Float[Array, "I M"]:
+        """All images' feature rows in prompt order: per image its crops' rows, then its global
+        view's. The tower runs once per view: one batched call per resolution."""
+        views = self.embed_images(images.pixel_values)
+        crops = None
+        if images.crop_pixel_values.shape[0]:
+            crops = self.embed_images(images.crop_pixel_values)
+        rows, start = [], 0
+        for i, n in enumerate(images.num_crops):
+            if n:
+                rows.append(crops[start : start + n].reshape(-1, crops.shape[-1]))
+            rows.append(views[i])
+            start += n
+        return jnp.concatenate(rows, axis=0)
+
+    # ------------------------------------------------------------------ prompt
+    def image_mask(self, tokens: Int[Array, "B T"], lengths=None) -> Bool[Array, "B T"]:
+        """Placeholder positions (``image_token_id``), ignoring padding past ``lengths``."""
+        mask = tokens == self.vision_config.image_token_id
+        if lengths is not None:
+            mask &= jnp.arange(tokens.shape[1])[None, :] < jnp.asarray(lengths)[:, None]
+        return mask
+
+    def embed(
+        self, tokens: Int[Array, "B T"], features: Float[Array, "I M"] | None = None, lengths=None
+    ) -> Float[Array, "B T M"]:
+        """Token embeddings with the k-th placeholder position replaced by ``features[k]``."""
+        x = self.text.embed(tokens)
+        mask = self.image_mask(tokens, lengths)
+        count = None if isinstance(mask, jax.core.Tracer) else int(np.sum(np.asarray(mask)))
+        num = 0 if features is None else features.shape[0]
+        if count is not None and count != num:
+            raise ValueError(
+                f"the prompt has {count} image placeholder positions (id "
+                f"{self.vision_config.image_token_id}) but {num} image feature rows were given"
+            )
+        if features is None:
+            return x
+        idx = jnp.clip(jnp.cumsum(mask.reshape(-1)) - 1, 0, num - 1).reshape(mask.shape)
+        return jnp.where(mask[..., None], features.astype(x.dtype)[idx], x)
+
+    def forward_embeds(
+        self,
+        x: Float[Array, "B T M"],
+        positions: Int[Array, "B T"],
+        cache: KVCache | None = None,
+    ):
+        """The text model on embeddings: its layers, final norm and lm_head (float32 logits)."""
+        text = self.text
+        for layer in text.layers:
+            x, cache = layer(x, positions, cache, text.policy)
+        return text.logits(x), cache
+
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        images: PreprocessedImages | None = None,
+        *,
+        features: Float[Array, "I M"] | None = None,
+        cache: KVCache | None = None,
+        positions: Int[Array, "B T"] | None = None,
+    ):
+        """Like `Step3Model.__call__`, with ``images`` (or precomputed ``features``) merged at
+        the placeholder positions of ``tokens`` (already expanded: `expand_prompt`)."""
+        _check_tokens(tokens, self.config.vocab_size)
+        if images is not None:
+            if features is not None:
+                raise ValueError("pass images= or features=, not both")
+            features = self.image_features(images)
+        b, t = tokens.shape
+        if positions is None:
+            start = 0 if cache is None else cache.lengths[:, None]
+            positions = start + jnp.arange(t, dtype=jnp.int32)[None, :]
+        positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
+        logits, cache = self.forward_embeds(self.embed(tokens, features), positions, cache)
+        if cache is None:
+            return logits
+        return logits, cache.replace(lengths=positions[:, -1] + 1)
+
+
+__all__ = ["Step3VLModel"]

@@ -1,0 +1,164 @@
+"""The benchmark harness (CPU): row schema, the % of copy arithmetic, the timer on a function
+of known cost, the results file, and that every benchmark script starts (--help) and one runs
+end to end (--tiny)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+# `benchmarks` is a folder of the repository, not an installed package: import it from the root
+# whether pytest runs as `python -m pytest` (root on sys.path) or as `pytest` (it is not).
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from benchmarks import harness  # noqa: E402
+
+SCRIPTS = [
+    "bench_afd.py",
+    "bench_attention_layer.py",
+    "bench_decode.py",
+    "bench_dense_fp8.py",
+    "bench_fp8_fidelity.py",
+    "bench_mfa_decode.py",
+    "bench_moe.py",
+    "check_fp8_convert.py",
+    "harness.py",
+    "make_cost_plots.py",
+    "profile_mfa_decode.py",
+]
+ROW_KEYS = {"name", "shape", "time_us", "host_us", "host_loop_us", "timer", "bytes", "flops",
+            "GBps", "TFLOPs", "copy_GBps", "pct_of_copy"}  # fmt: skip
+
+
+def _timing(us):
+    return harness.Timing(time_us=us, host_us=us + 5, host_loop_us=us, timer="cupti", calls=10)
+
+
+def test_row_math_and_schema():
+    # 3 MB in 1.5 us = 2000 GB/s; 6e9 flop in 1.5 us = 4000 TFLOP/s; 2000 / 2500 = 80 %.
+    row = harness.Row("r", {"B": 2}, _timing(1.5), bytes=3_000_000, flops=6_000_000_000,
+                      copy_GBps=2500.0, extra={"impl": "x"})  # fmt: skip
+    d = row.to_dict()
+    assert ROW_KEYS <= set(d) and d["impl"] == "x" and d["shape"] == {"B": 2}
+    assert d["GBps"] == pytest.approx(2000.0)
+    assert d["TFLOPs"] == pytest.approx(4000.0)
+    assert d["pct_of_copy"] == pytest.approx(80.0)
+    assert harness.pct_of_copy(4250.0, 4250.0) == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="copy rate"):
+        harness.pct_of_copy(1.0, 0.0)
+    with pytest.raises(ValueError, match="overwrite"):
+        harness.Row("r", {}, _timing(1.0), extra={"GBps": 1}).to_dict()
+    assert harness.Row("r", {}, _timing(1.0), bytes=10).to_dict()["pct_of_copy"] is None
+
+
+def test_num_sets_exceeds_l2():
+    assert harness.num_sets(harness.ROTATE_BYTES) == 1
+    assert harness.num_sets(harness.ROTATE_BYTES // 3 + 1) == 3
+    assert harness.num_sets(1) == harness.MAX_SETS
+    with pytest.raises(ValueError, match="nbytes_per_set"):
+        harness.num_sets(0)
+
+
+def test_time_calls_measures_a_known_delay_and_rotates_sets():
+    seen = []
+
+    def f(i):
+        seen.append(i)
+        time.sleep(0.002)
+        return jnp.zeros(())
+
+    t = harness.time_calls(f, [(0,), (1,), (2,)], reps=4, warmup=1)
+    assert t.timer == "host_loop" and t.calls == 6  # rounded up to whole passes over 3 sets
+    assert 2000 <= t.host_us < 50_000 and 2000 <= t.time_us < 50_000
+    assert seen[1:] == [0, 1, 2, 3 % 3, 4 % 3, 5 % 3] * 2  # blocked pass, then loop pass
+    with pytest.raises(ValueError, match="at least one"):
+        harness.time_calls(f, [])
+
+
+def test_copy_probe_and_results_file(tmp_path):
+    probe = harness.copy_probe()
+    assert probe is harness.copy_probe()  # cached: one probe per process
+    ok = {k: v for k, v in probe["candidates"].items() if isinstance(v, float)}
+    assert probe["GBps"] == max(ok.values()) > 0 and probe["best"] in ok
+    x = jax.random.normal(jax.random.key(0), (1 << 16,), jnp.float32)
+    f = jax.jit(lambda a: a * 2.0)
+    row = harness.measure(f, [(x,)], bytes=2 * x.nbytes, name="double", shape={"n": x.size},
+                          reps=3, tag="t")  # fmt: skip
+    assert row.copy_GBps == probe["GBps"] and row.extra == {"tag": "t"}
+    path = tmp_path / "sub" / "r.json"
+    doc = harness.write_results(str(path), [row, {"name": "bad", "error": "E"}], bench="unit",
+                                note="n")  # fmt: skip
+    back = json.loads(path.read_text())
+    assert back == json.loads(json.dumps(doc))
+    for key in ("schema", "bench", "device", "jax", "jaxlib", "flax", "python", "commit", "date",
+                "copy_GBps", "copy_probe", "timer_note", "rows", "note"):  # fmt: skip
+        assert key in back, key
+    assert ROW_KEYS <= set(back["rows"][0]) and back["rows"][1]["error"] == "E"
+    r0 = back["rows"][0]
+    want = 100 * r0["bytes"] / r0["time_us"] / 1e3 / back["copy_GBps"]
+    assert r0["pct_of_copy"] == pytest.approx(want, rel=1e-3)
+    with pytest.raises(ValueError, match="overwrite"):
+        harness.results("unit", [], device="x")
+
+
+def _run(args, timeout):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_every_script_help():
+    """Each script imports and parses --help when run as `python3 benchmarks/x.py`."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = {  # all at once: each spends its time importing jax
+        s: subprocess.Popen([sys.executable, f"benchmarks/{s}", "--help"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for s in SCRIPTS
+    }  # fmt: skip
+    for script, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "usage" in out, (script, err[-2000:])
+
+
+@pytest.mark.slow
+def test_mfa_tiny_run_last_line_is_json(tmp_path):
+    res = _run(["benchmarks/bench_mfa_decode.py", "--tiny", "--out", str(tmp_path)], 300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    last = json.loads(res.stdout.strip().splitlines()[-1])
+    assert last["schema"] == harness.SCHEMA and last["bench"] == "mfa_decode"
+    (path,) = tmp_path.glob("mfa_decode_*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["name"] for r in rows} == {"xla_fp8", "xla_bf16"}
+    assert all(r["time_us"] > 0 and r["bytes"] > 0 for r in rows)
+
+
+class _FakeCupti:
+    """Stands in for Mosaic GPU's CUPTI hooks: each call 'launches' two kernels (ms)."""
+
+    def __init__(self):
+        self.inits = 0
+
+    def _cupti_init(self):
+        self.inits += 1
+
+    def _cupti_get_timings(self, finalize):
+        assert finalize
+        return [("fusion_1", 0.002), ("mosaic_kernel", 0.0035)]
+
+
+def test_device_time_sums_kernels_in_us(monkeypatch):
+    fake = _FakeCupti()
+    monkeypatch.setattr(harness, "_cupti_ext", lambda: fake)
+    t = harness.time_calls(lambda: jnp.ones(()), reps=3, warmup=0)
+    assert t.timer == "cupti" and t.time_us == pytest.approx(5.5) and fake.inits == 3
+    assert t.host_us > 0 and t.host_loop_us > 0  # host times still beside it
+    assert harness.kernel_times(lambda: jnp.ones(())) == [("fusion_1", 2.0), ("mosaic_kernel", 3.5)]
+    off = harness.time_calls(lambda: jnp.ones(()), reps=2, warmup=0, device_time=False)
+    assert off.timer == "host_loop" and fake.inits == 4  # kernel_times: one more; off: none
