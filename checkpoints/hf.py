@@ -532,7 +532,9 @@ def save_hf(
     integrity.fault_point("staging_created")
     writer = ShardWriter(staged, max_shard_bytes)
     index = writer.write(specs, get, {"producer": "step3_jax"})
-    integrity.write_json_atomic(staged / "config.json", _hf_config(model, values, specs, dtype, extra_config))
+    integrity.write_json_atomic(
+        staged / "config.json", _hf_config(model, values, specs, dtype, extra_config)
+    )
     integrity.fault_point("wrote_config")
     digests = {**writer.digests, **integrity.digest_files(staged, ["config.json"])}
     integrity.write_manifest(staged, digests)

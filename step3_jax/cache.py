@@ -58,6 +58,7 @@ def attend_cache(q, k, v, k_scale, v_scale, positions, implementation, **paged):
         kd, vd = quant.dequantize_kv(k, k_scale, q.dtype), quant.dequantize_kv(v, v_scale, q.dtype)
     return mfa_attention_xla(q, kd, vd, positions, kv_lengths=lengths)
 
+
 SUPPORTED_DTYPES = ("bfloat16", "float32", "float16", "float8_e4m3fn")
 
 
