@@ -172,4 +172,4 @@ def test_cost_cli_rejects_zero_negative_and_nan(argv, capsys):
     except SystemExit as e:  # argparse's own exit
         code = e.code
     assert code == 2
-    assert "expected" in capsys.readouterr().err
+    assert "error: argument" in capsys.readouterr().err  # names the argument, no traceback
