@@ -225,42 +225,59 @@ def generate(
     cfg = model.config
     stops = _check_args(cfg, max_new_tokens, stop_tokens, seed, max_cache_len)
     tokens, lengths = _prepare_prompts(prompts, cfg.vocab_size)
+    plan = _plan(cfg, tokens, lengths, max_new_tokens, (temperature, top_k, top_p), stops,
+                 max_cache_len, cache_dtype or model.dtype)  # fmt: skip
+    graphdef, state = nnx.split(model)
+    clock = (_compile_clock["seconds"], time.perf_counter())
+    first, cache = _prefill(
+        graphdef, state, plan.tokens, plan.lengths, plan.cache, jax.random.key(seed), plan.params
+    )
+    return _decode_and_collect(graphdef, state, plan, cache, first, seed, max_new_tokens, clock)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """A validated request, padded to its buckets (shared with `step3_jax.vision.generate`)."""
+
+    tokens: np.ndarray  # [B_bucket, T_bucket] int32
+    lengths: np.ndarray  # [B_bucket] int32; padding rows hold 1 token
+    batch: int  # real prompts (rows past it only pad the bucket)
+    params: SamplingParams  # [B_bucket] each
+    stops: list[int]
+    stop_arr: np.ndarray  # [stop bucket] int32, padded with PAD_OUTPUT
+    cache: KVCache
+
+
+def _plan(cfg, tokens, lengths, max_new_tokens, sampling, stops, max_cache_len, dtype) -> _Plan:
+    """Sampling arrays, cache and stop array for prompts from `_prepare_prompts`."""
     batch, padded_batch = len(lengths), tokens.shape[0]
-    params = sampling_params(temperature, top_k, top_p, batch, cfg.vocab_size)
+    params = sampling_params(*sampling, batch, cfg.vocab_size)
     params = SamplingParams(*(np.resize(np.asarray(a), padded_batch) for a in params))
     cache_len, tokens = _cache_len(
         tokens, lengths, max_new_tokens, max_cache_len, cfg.max_position_embeddings
     )
-    cache = KVCache.for_config(cfg, padded_batch, cache_len, cache_dtype or model.dtype)
+    cache = KVCache.for_config(cfg, padded_batch, cache_len, dtype)
     all_lengths = np.ones(padded_batch, np.int32)
     all_lengths[:batch] = lengths
     stop_arr = np.full(_bucket(len(stops), 4), PAD_OUTPUT, np.int32)
     stop_arr[: len(stops)] = stops
-    active = np.arange(padded_batch) < batch
-    graphdef, state = nnx.split(model)
+    return _Plan(tokens, all_lengths, batch, params, stops, stop_arr, cache)
 
-    c0, t0 = _compile_clock["seconds"], time.perf_counter()
-    first, cache = _prefill(
-        graphdef, state, tokens, all_lengths, cache, jax.random.key(seed), params
-    )
+
+def _decode_and_collect(graphdef, state, plan, cache, first, seed, max_new_tokens, clock):
+    """Runs the decode loop after a prefill started at ``clock = (compile s, wall s)``."""
+    c0, t0 = clock
     first.block_until_ready()
     c1, t1 = _compile_clock["seconds"], time.perf_counter()
+    active = np.arange(len(plan.lengths)) < plan.batch
     out, steps, cache = _decode_loop(
-        graphdef,
-        state,
-        cache,
-        first,
-        active,
-        jax.random.key(seed + 1),
-        np.int32(max_new_tokens),
-        stop_arr,
-        params,
-        _bucket(max_new_tokens, 16),
-    )
-    out = np.asarray(out)[:batch]
+        graphdef, state, cache, first, active, jax.random.key(seed + 1),
+        np.int32(max_new_tokens), plan.stop_arr, plan.params, _bucket(max_new_tokens, 16),
+    )  # fmt: skip
+    out = np.asarray(out)[: plan.batch]
     c2, t2 = _compile_clock["seconds"], time.perf_counter()
     times = (t1 - t0 - (c1 - c0), t2 - t1 - (c2 - c1), c2 - c0)
-    return _collect(out, int(steps), max_new_tokens, set(stops), *times)
+    return _collect(out, int(steps), max_new_tokens, set(plan.stops), *times)
 
 
 def _collect(out, steps, max_new, stops, prefill_s, decode_s, compile_s) -> GenerationResult:
