@@ -45,6 +45,7 @@ from benchmarks import harness  # noqa: E402
 from step3_jax.cache import KVCache  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
 from step3_jax.model import Step3Model  # noqa: E402
+from step3_jax.policy import KernelPolicy  # noqa: E402
 from step3_jax.quant_model import _LINEARS, Fp8Weight, Precision  # noqa: E402
 
 
@@ -101,8 +102,7 @@ def random_model(
             rngs=nnx.Rngs(seed),
             dtype=dtype,
             param_dtype=dtype,
-            moe_implementation=moe,
-            attention_implementation=attention,
+            policy=KernelPolicy(attention=attention, moe=None if moe == "grouped" else moe),
         )
     )
     fp8 = _fp8_layout(model) if precision.fp8_weights else {}

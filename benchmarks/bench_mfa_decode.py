@@ -6,7 +6,9 @@ rotated input sets larger than L2): effective GB/s over all bytes the kernel mus
 (FP8 and bf16 cache), the XLA implementation (FP8 and bf16), the JAX Triton decode-attention
 example (bf16), torch SDPA (bf16) and cuDNN through jax.nn.dot_product_attention (bf16) when it
 runs. ``--splits`` adds Pallas rows at fixed split-K factors (the small-batch sweep of issue
-16); ``--breakdown`` records the per-kernel times of chosen shapes.
+16); ``--breakdown`` records the per-kernel times of chosen shapes. ``--ragged on|both`` times
+ragged batches (lengths uniform in [S/2, S], seeded per shape, bytes over the KV actually
+needed) and adds the ``pallas_*_ragged`` impls (the api's config with ``ragged=True``).
 
     python3 benchmarks/bench_mfa_decode.py --out /tmp/res
     python3 benchmarks/bench_mfa_decode.py --tiny --out /tmp/res   # CPU smoke run (XLA rows)
@@ -27,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 from step3_jax.kernels.mfa_decode import config as cfg_lib  # noqa: E402
@@ -36,52 +39,71 @@ from step3_jax.quant import quantize_kv  # noqa: E402
 N, H = 64, 256
 
 
-def make_inputs(seed, b, s, fp8):
+def ragged_lengths(b, s):
+    """Lengths uniform in [S/2, S], the same for every input set of a shape (seeded by it)."""
+    return np.random.default_rng(1000 * b + s).integers(s // 2, s + 1, b).astype(np.int32)
+
+
+def make_inputs(seed, b, s, fp8, lengths=None):
     key = jax.random.key(seed)
-    kq, kk, kv, kl = jax.random.split(key, 4)
+    kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (b, 1, N, H), jnp.bfloat16)
     k = jax.random.normal(kk, (b, s, H), jnp.bfloat16)
     v = jax.random.normal(kv, (b, s, H), jnp.bfloat16)
-    lengths = jnp.full((b,), s, jnp.int32)  # full contexts: every byte is read
+    # Default: full contexts, every byte is read.
+    lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.asarray(lengths)
     if fp8:
         (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
         return dict(q=q, k=k, v=v, lengths=lengths, k_scale=ks, v_scale=vs)
     return dict(q=q, k=k, v=v, lengths=lengths)
 
 
-def bytes_read(b, s, fp8):
-    kv = 2 * b * s * H * (1 if fp8 else 2)
-    scales = 2 * b * s * 4 if fp8 else 0
+def bytes_read(b, s, fp8, lengths=None):
+    """Bytes the call must read: K, V (+ scales) of the VISIBLE tokens, and q."""
+    tokens = b * s if lengths is None else int(np.sum(lengths))
+    kv = 2 * tokens * H * (1 if fp8 else 2)
+    scales = 2 * tokens * 4 if fp8 else 0
     return kv + scales + b * N * H * 2
 
 
-def flops(b, s):
-    """QK and P.V: 2 * 2 * B * N * S * H."""
-    return 4 * b * N * s * H
+def flops(b, s, lengths=None):
+    """QK and P.V: 2 * 2 * N * H per visible token."""
+    return 4 * N * H * (b * s if lengths is None else int(np.sum(lengths)))
 
 
-def _arg_sets(b, s, fp8):
-    return [(make_inputs(i, b, s, fp8),) for i in range(harness.num_sets(bytes_read(b, s, fp8)))]
+def _arg_sets(b, s, fp8, lengths=None):
+    n = harness.num_sets(bytes_read(b, s, fp8))  # the whole cache rotates, read or not
+    return [(make_inputs(i, b, s, fp8, lengths),) for i in range(n)]
 
 
 def auto_splits(b, s, block_s=64):
     """The split-K factor the api picks for B x S on this device (T = 1)."""
-    sms = getattr(jax.devices()[0], "core_count", 132) or 132
-    return cfg_lib.choose_num_splits(b, s, block_s, sms)
+    dev = jax.devices()[0]
+    sms = getattr(dev, "core_count", 132) or 132
+    return cfg_lib.choose_num_splits(b, s, block_s, sms, cfg_lib.split_costs(dev.device_kind))
 
 
 def _ours(impl, config=None):
     return jax.jit(lambda d: mfa_decode_attention(**d, implementation=impl, config=config))
 
 
-def bench_ours(b, s, fp8, impl, config=None):
-    return _ours(impl, config), _arg_sets(b, s, fp8)
+def bench_ours(b, s, fp8, impl, config=None, lengths=None):
+    return _ours(impl, config), _arg_sets(b, s, fp8, lengths)
 
 
-def kernel_breakdown(b, s, fp8, config=None):
+def ragged_config(b, s, fp8):
+    """The config the api would pick for this call, with the ragged work list on."""
+    from step3_jax.kernels.mfa_decode import api
+
+    kv = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
+    cfg, _, _ = api._resolve_config(_config(fp8), kv, b, s, None)
+    return dataclasses.replace(cfg, ragged=True)
+
+
+def kernel_breakdown(b, s, fp8, config=None, lengths=None):
     """Per-kernel device times (us) of one Pallas call: the Mosaic kernel, the split-K combine
-    fusions, q quantization, in launch order."""
-    return harness.kernel_times(_ours("pallas", config), (make_inputs(0, b, s, fp8),))
+    fusions, q quantization (with a ragged config: the work-list pre-pass), in launch order."""
+    return harness.kernel_times(_ours("pallas", config), (make_inputs(0, b, s, fp8, lengths),))
 
 
 VARIANTS = {  # name -> (fp8, TuningConfig kwargs); measured side by side at the target shapes
@@ -180,17 +202,17 @@ def best_variant(rows, table, fp8):
     return min(score, key=score.get) if score else None
 
 
-def bench_triton_example(b, s):
+def bench_triton_example(b, s, lengths=None):
     from jax.experimental.pallas.ops.gpu import decode_attention as da
 
     # block_k=64: the example's default 256 needs 272 KiB of shared memory at head dim 256.
     fn = jax.jit(
         lambda d: da.mqa(d["q"][:, 0], d["k"], d["v"], kv_seq_len=d["lengths"], block_k=64)
     )
-    return fn, _arg_sets(b, s, False)
+    return fn, _arg_sets(b, s, False, lengths)
 
 
-def bench_cudnn(b, s):
+def bench_cudnn(b, s, lengths=None):
     def f(d):
         return jax.nn.dot_product_attention(
             d["q"],
@@ -200,10 +222,12 @@ def bench_cudnn(b, s):
             implementation="cudnn",
         )
 
-    return jax.jit(f), _arg_sets(b, s, False)
+    return jax.jit(f), _arg_sets(b, s, False, lengths)
 
 
-def bench_torch_sdpa(b, s):
+def bench_torch_sdpa(b, s, lengths=None):
+    if lengths is not None:
+        raise NotImplementedError("the torch SDPA baseline reads full contexts only")
     import torch
     import torch.nn.functional as F
 
@@ -215,15 +239,18 @@ def bench_torch_sdpa(b, s):
     return call, sets, lambda _: torch.cuda.synchronize()
 
 
-def _row(name, b, s, fp8, make, **extra):
-    """Times ``make() -> (fn, arg_sets[, sync])``; a failure is recorded as an error row."""
+def _row(name, b, s, fp8, make, lengths=None, **extra):
+    """Times ``make() -> (fn, arg_sets[, sync])``; a failure is recorded as an error row.
+    ``lengths``: a ragged batch (bytes and flops over the visible tokens only)."""
     shape = {"B": b, "ctx": s, "kv": "fp8" if fp8 else "bf16"}
+    if lengths is not None:
+        shape.update(lengths="ragged", mean_len=round(float(np.mean(lengths)), 1))
     try:
         fn, sets, *sync = make()
         kw = {"sync": sync[0]} if sync else {}
         row = harness.measure(
-            fn, sets, bytes=bytes_read(b, s, fp8), flops=flops(b, s), name=name, shape=shape,
-            **kw, **extra,
+            fn, sets, bytes=bytes_read(b, s, fp8, lengths), flops=flops(b, s, lengths),
+            name=name, shape=shape, **kw, **extra,
         ).to_dict()  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a failing baseline is recorded, not fatal
         row = harness.error_row(name, shape, e, **extra)
@@ -231,31 +258,37 @@ def _row(name, b, s, fp8, make, **extra):
     return row
 
 
-def sweep(batches, contexts, impls, rows, flush, splits=()):
+def sweep(batches, contexts, impls, rows, flush, splits=(), ragged="off"):
     """Every impl at every B x S (<= 12 GiB of KV); with ``splits``, also the Pallas kernels at
-    each fixed split-K factor that leaves each split >= one 64-token block."""
+    each fixed split-K factor that leaves each split >= one 64-token block. ``ragged``: "off"
+    (full contexts), "on" (lengths uniform in [S/2, S]) or "both"."""
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[ragged]
     for s in contexts:
         for b in batches:
             if bytes_read(b, s, False) > 12 * 2**30:
                 continue
-            plan = _plan(b, s)
-            for name in impls:
-                fp8, make = plan[name]
-                extra = {"splits": auto_splits(b, s)} if name.startswith("pallas") else {}
-                rows.append(_row(name, b, s, fp8, make, **extra))
-                flush()
-                if not name.startswith("pallas") or not splits:
-                    continue
-                for j in splits:
-                    if j * 64 > s:
-                        continue
-                    cfg = forced_splits_config(b, s, fp8, j)
-                    rows.append(
-                        _row(f"{name}[splits={j}]", b, s, fp8,
-                             functools.partial(bench_ours, b, s, fp8, "pallas", cfg), splits=j)
-                    )  # fmt: skip
-                    flush()
+            for rag in modes:
+                lens = ragged_lengths(b, s) if rag else None
+                _sweep_shape(b, s, lens, impls, rows, flush, splits)
     return rows
+
+
+def _sweep_shape(b, s, lens, impls, rows, flush, splits):
+    plan = _plan(b, s, lens)
+    for name in impls:
+        fp8, make = plan[name]
+        extra = {"splits": auto_splits(b, s)} if name in ("pallas_fp8", "pallas_bf16") else {}
+        rows.append(_row(name, b, s, fp8, make, lens, **extra))
+        flush()
+        if name not in ("pallas_fp8", "pallas_bf16") or not splits:
+            continue
+        for j in splits:
+            if j * 64 > s:
+                continue
+            cfg = forced_splits_config(b, s, fp8, j)
+            make_j = functools.partial(bench_ours, b, s, fp8, "pallas", cfg, lens)
+            rows.append(_row(f"{name}[splits={j}]", b, s, fp8, make_j, lens, splits=j))
+            flush()
 
 
 def forced_splits_config(b, s, fp8, splits):
@@ -277,15 +310,20 @@ def _config(fp8):
     return TuningConfig(**kw) if kw else None
 
 
-def _plan(b, s):
+def _plan(b, s, lens=None):
+    def ours(fp8, impl, cfg=None):
+        return lambda: bench_ours(b, s, fp8, impl, cfg() if cfg else None, lens)
+
     return {
-        "pallas_fp8": (True, lambda: bench_ours(b, s, True, "pallas", _config(True))),
-        "pallas_bf16": (False, lambda: bench_ours(b, s, False, "pallas", _config(False))),
-        "xla_fp8": (True, lambda: bench_ours(b, s, True, "xla")),
-        "xla_bf16": (False, lambda: bench_ours(b, s, False, "xla")),
-        "jax_triton_example_bf16": (False, lambda: bench_triton_example(b, s)),
-        "torch_sdpa_bf16": (False, lambda: bench_torch_sdpa(b, s)),
-        "cudnn_bf16": (False, lambda: bench_cudnn(b, s)),
+        "pallas_fp8": (True, ours(True, "pallas", lambda: _config(True))),
+        "pallas_bf16": (False, ours(False, "pallas", lambda: _config(False))),
+        "pallas_fp8_ragged": (True, ours(True, "pallas", lambda: ragged_config(b, s, True))),
+        "pallas_bf16_ragged": (False, ours(False, "pallas", lambda: ragged_config(b, s, False))),
+        "xla_fp8": (True, ours(True, "xla")),
+        "xla_bf16": (False, ours(False, "xla")),
+        "jax_triton_example_bf16": (False, lambda: bench_triton_example(b, s, lens)),
+        "torch_sdpa_bf16": (False, lambda: bench_torch_sdpa(b, s, lens)),
+        "cudnn_bf16": (False, lambda: bench_cudnn(b, s, lens)),
     }
 
 
@@ -331,6 +369,12 @@ def parse_args(argv=None):
         "--breakdown",
         default="128x4096",
         help="BxS shapes whose per-kernel device times (FP8 pallas call) are recorded",
+    )
+    ap.add_argument(
+        "--ragged",
+        default="off",
+        choices=("off", "on", "both"),
+        help="lengths uniform in [S/2, S] ('on'), full contexts ('off') or each in turn",
     )
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: 2 x 256, XLA rows only")
     args = ap.parse_args(argv)
@@ -382,6 +426,13 @@ def main(argv=None):
             extra["breakdown"][f"fp8_{b}x{s}"] = kernel_breakdown(b, s, True)
         except Exception as e:  # noqa: BLE001
             extra["breakdown"][f"fp8_{b}x{s}"] = f"{type(e).__name__}: {str(e)[:200]}"
+        if args.ragged != "off":  # the ragged work list on ragged lengths: plan, kernel, merge
+            key = f"fp8_ragged_{b}x{s}"
+            try:
+                cfg = ragged_config(b, s, True)
+                extra["breakdown"][key] = kernel_breakdown(b, s, True, cfg, ragged_lengths(b, s))
+            except Exception as e:  # noqa: BLE001
+                extra["breakdown"][key] = f"{type(e).__name__}: {str(e)[:200]}"
     harness.print_json({"breakdown": extra["breakdown"]})
     extra["variants"] = variants(_shapes(args.variants), table)
     if args.config_from_variants:
@@ -394,7 +445,7 @@ def main(argv=None):
         harness.print_json({k: v for k, v in extra.items() if k.startswith("sweep_config")})
     flush()
     sweep(_ints(args.batches), _ints(args.contexts), args.impls.split(","), rows, flush,
-          _ints(args.splits))  # fmt: skip
+          _ints(args.splits), args.ragged)  # fmt: skip
     flush()
     doc = harness.results("mfa_decode", rows, **extra)
     harness.print_json({k: v for k, v in doc.items() if k not in ("rows", "variants")})

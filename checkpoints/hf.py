@@ -43,6 +43,7 @@ FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 # would be cast to float silently and is refused.
 FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float32, ml_dtypes.bfloat16, np.float16, np.float64))
 BLOCK = 128  # block-FP8 checkpoints: one scale per 128x128 block of the 2-D weight
+HOST_CAST_BYTES = 16 * 2**20  # dtype changes of tensors up to this size happen on the host
 ShardingSpec = Callable[[str], Sharding | None] | None
 
 
@@ -64,18 +65,24 @@ class CheckpointMismatchError(ValueError):
 
 
 # ----------------------------------------------------------------------------- validation
-def _canonical_tensors(tensors: Mapping[str, TensorInfo]) -> tuple[dict, list[str]]:
-    """Checkpoint tensors by text-model name (prefixes rewritten, vision skipped) and the
-    names that collide after rewriting (reported as unexpected)."""
-    out, dupes = {}, []
+def _canonical_tensors(tensors: Mapping[str, TensorInfo]) -> tuple[dict, list[str], dict]:
+    """Splits a checkpoint's tensors into the text model's, by text-model name (layout
+    prefixes rewritten, `hf_mapping.PREFIX_ALIASES`), and the vision half's, by on-disk name
+    (`hf_mapping.VISION_PREFIXES`). Also returns the names that collide after rewriting
+    (reported as unexpected), e.g. a checkpoint mixing two layouts."""
+    out, dupes, vision = {}, [], {}
     for name, info in tensors.items():
-        canon = hf_mapping.canonical_name(name)
-        if canon is None:
+        vname = hf_mapping.vision_name(name)
+        if vname is not None:
+            if vname in vision:
+                dupes.append(f"{name} (duplicates {vision[vname].name})")
+            vision[vname] = info
             continue
+        canon = hf_mapping.canonical_name(name)
         if canon in out:
             dupes.append(f"{name} (duplicates {out[canon].name})")
         out[canon] = info
-    return out, dupes
+    return out, dupes, vision
 
 
 def _check_entry(e: Entry, ckpt: dict, misshaped: list, missing: list) -> None:
@@ -195,6 +202,11 @@ def _load_entry(e: Entry, ckpt: dict, target: Sharding, param_dtype, fp8: str, c
     host = read_tensor(info)
     finite = "contains NaN or inf"
     if info.dtype != FP8:
+        if info.dtype != np.dtype(param_dtype) and info.nbytes <= HOST_CAST_BYTES:
+            # Small tensors: cast on the host (same IEEE round-to-nearest-even as XLA's
+            # convert) instead of compiling one device convert per distinct shape, which
+            # dominated the demo model's start-up on CPU.
+            host = host.astype(np.dtype(param_dtype))
         value = jax.device_put(e.transform.to_model(host, e.model_shape), target)
         if checks is not None:
             checks.append((info, finite, _all_finite(value)))
@@ -237,13 +249,21 @@ def read_config(path: str | Path) -> Step3Config:
     """`Step3Config` from a checkpoint directory's ``config.json``.
 
     Raises `CheckpointFormatError` naming the file (and, from `Step3Config`, the key) for
-    malformed JSON, missing keys and out-of-range values."""
+    malformed JSON, wrong types and out-of-range values."""
+    return _config_from_hf(_read_hf_config(path), Path(path) / "config.json")
+
+
+def _read_hf_config(path: str | Path) -> dict:
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no config.json in {path}; pass config= explicitly")
     hf = integrity.load_json(cfg_path)
     if not isinstance(hf, dict):
         raise CheckpointFormatError(f"{cfg_path}: must hold a JSON object")
+    return hf
+
+
+def _config_from_hf(hf: dict, cfg_path: Path) -> Step3Config:
     try:
         return Step3Config.from_hf_config(hf)
     except KeyError as e:
@@ -274,6 +294,46 @@ def verify_checkpoint(path: str | Path) -> bool:
     return True
 
 
+def check_quantization_config(hf: Mapping) -> None:
+    """Refuses, by name, a ``quantization_config`` this loader would misread.
+
+    Supported: none, or block-FP8 as the release ships it (``quant_method: "fp8"``, dynamic
+    activation scales, ``weight_block_size: [128, 128]``: one float32 ``weight_scale_inv`` per
+    128x128 block). Other block shapes would silently mis-scale every weight, so they raise.
+    The VL config keeps it at the top level; a text sub-config may carry its own.
+    """
+    for where, sub in (("", hf), ("text_config.", hf.get("text_config") or {})):
+        q = sub.get("quantization_config")
+        if q is None:
+            continue
+        method = q.get("quant_method", "fp8")
+        if method != "fp8":
+            raise ValueError(
+                f"{where}quantization_config.quant_method={method!r} is not supported "
+                "(step3_jax loads bf16/f32 and block-FP8 'fp8' checkpoints)"
+            )
+        fmt = q.get("fmt", "e4m3")
+        if fmt not in ("e4m3", "float8_e4m3fn"):
+            raise ValueError(
+                f"{where}quantization_config.fmt={fmt!r} is not supported (float8 e4m3 only)"
+            )
+        block = q.get("weight_block_size")
+        if block is not None and [int(b) for b in block] != [BLOCK, BLOCK]:
+            raise ValueError(
+                f"{where}quantization_config.weight_block_size={list(block)} is not supported: "
+                f"step3_jax's block-FP8 weights use [{BLOCK}, {BLOCK}] blocks"
+            )
+        scheme = q.get("activation_scheme", "dynamic")
+        if scheme != "dynamic":
+            raise ValueError(
+                f"{where}quantization_config.activation_scheme={scheme!r} is not supported "
+                "(step3_jax computes activation scales dynamically)"
+            )
+
+
+VisionLoader = Callable[[dict[str, TensorInfo]], object]
+
+
 def load_hf(
     path: str | Path,
     config: Step3Config | None = None,
@@ -289,6 +349,7 @@ def load_hf(
     progress: bool | None = None,
     verify: bool = True,
     check_finite: bool = True,
+    vision: VisionLoader | None = None,
 ) -> Step3Model:
     """Loads a Step-3 HF checkpoint (bf16/f32 or block-FP8 safetensors) into a `Step3Model`.
 
@@ -312,6 +373,16 @@ def load_hf(
         docs/checkpoints.md for the measured rate).
       check_finite: check on device that every tensor is finite and every FP8 scale is
         finite and > 0 (all flags read back in one transfer at the end).
+      vision: the VL release's vision half (`hf_mapping.VISION_PREFIXES`) is skipped unless
+        this callback is given; it is called once, after the text model is loaded, with
+        ``{on-disk name: TensorInfo}`` of every vision tensor (read one with
+        `step3_jax.checkpoints.safetensors_io.read_tensor`), whatever the checkpoint's layout.
+
+    Layouts (detected from the names, `hf_mapping.detect_layout`): the text-only checkpoint,
+    the VL release on disk (``model.*``, ``lm_head.*`` beside ``vision_model.*``,
+    ``vit_downsampler.*``, ``vit_downsampler2.*``, ``vit_large_projector.*``) and the
+    HF-transformers in-memory layout (``model.language_model.*``, ``model.vision_model.*``,
+    ``model.vit_*``). ``quantization_config`` is checked (`check_quantization_config`).
 
     Raises:
       CheckpointMismatchError: missing / unexpected / mis-shaped / wrongly typed tensors, all
@@ -325,9 +396,11 @@ def load_hf(
     integrity.recover(path)  # a save killed between its two renames leaves `.<name>.old`
     if verify:
         verify_checkpoint(path)
-    cfg = config or read_config(path)
+    hf_cfg = _read_hf_config(path) if config is None or (path / "config.json").is_file() else {}
+    check_quantization_config(hf_cfg)
+    cfg = config or _config_from_hf(hf_cfg, path / "config.json")
     target_of = resolve_sharding(sharding, mesh, specs)
-    ckpt, dupes = _canonical_tensors(index_checkpoint(path))
+    ckpt, dupes, vision_tensors = _canonical_tensors(index_checkpoint(path))
     table = hf_mapping.entries(cfg)
     validate(table, ckpt, dupes, path)
     abstract = nnx.eval_shape(
@@ -357,6 +430,8 @@ def load_hf(
         from step3_jax.quant_model import fuse_qkv as fuse
 
         fuse(model)
+    if vision is not None:
+        vision(vision_tensors)
     return model
 
 
@@ -567,9 +642,13 @@ def load_hf_vl(path: str | Path, config: Step3Config | None = None, vision_confi
     from step3_jax.checkpoints import vision_mapping
     from step3_jax.vision.model import Step3VLModel
 
-    text = load_hf(path, config, **kwargs)
+    found: dict[str, TensorInfo] = {}
+    text = load_hf(path, config, vision=found.update, **kwargs)  # one pass over the index
+    tensors = {name: read_tensor(info) for name, info in found.items()}
     dtypes = {k: kwargs[k] for k in ("dtype", "param_dtype") if k in kwargs}
-    vision = vision_mapping.load_vision(path, vision_config, policy=text.policy, **dtypes)
+    vision = vision_mapping.load_vision(
+        path, vision_config, tensors=tensors, policy=text.policy, **dtypes
+    )
     return Step3VLModel(text, vision)
 
 
@@ -588,6 +667,8 @@ def save_hf_vl(model, path: str | Path, *, dtype=None, **kwargs) -> dict:
 __all__ = [
     "CheckpointMismatchError",
     "FP8_MODES",
+    "VisionLoader",
+    "check_quantization_config",
     "dequantize_blocks",
     "load_hf",
     "load_hf_vl",

@@ -32,24 +32,23 @@ import numpy as np
 
 from step3_jax.config import Step3Config
 
-# Prefixes some Step-3 (VL) checkpoints put before the text model's names, rewritten to the
-# plain text-model names of STEP3.md section 3. Checked in order; the first match wins.
+# Where the text model's tensors sit in each published layout (STEP3.md section 3), rewritten
+# to the plain text-model names of the table. Checked in order; the first match wins.
+#   text-only / VL on disk (Step3VLForConditionalGeneration, vLLM, SGLang): model.*, lm_head.*
+#   HF-transformers in memory (the model card's key_mapping): model.language_model.*, lm_head.*
+#   vLLM's internal names after its WeightsMapper: language_model.model.*, language_model.lm_head.*
 PREFIX_ALIASES = (
     ("model.language_model.", "model."),
     ("language_model.model.", "model."),
     ("language_model.lm_head.", "lm_head."),
-    ("language_model.", ""),
 )
-# Tensors of the vision encoder and projector: not part of the text model, skipped on load.
-SKIP_PREFIXES = (
-    "vision_model.",
-    "model.vision_model.",
-    "vit.",
-    "vit_large_projector.",
-    "model.vit_large_projector.",
-    "vit_downsampler",  # vit_downsampler.* and vit_downsampler2.* (checkpoints/vision_mapping.py)
-    "model.vit_downsampler",
-    "multi_modal_projector.",
+# The vision half of the VL release (ViT, its two convolutional downsamplers, the projector
+# into the 7168-wide embeddings), in BOTH layouts: on disk at the top level, in memory under
+# ``model.``. `vision_name` strips the ``model.`` so a vision sub-loader sees one naming.
+# The load skips these unless given a ``vision=`` callback (`step3_jax.checkpoints.hf.load_hf`).
+VISION_MODULES = ("vision_model", "vit_downsampler", "vit_downsampler2", "vit_large_projector")
+VISION_PREFIXES = tuple(f"{m}." for m in VISION_MODULES) + tuple(
+    f"model.{m}." for m in VISION_MODULES
 )
 SCALE_SUFFIX = "_scale_inv"  # block-FP8: "<...>.weight_scale_inv" beside "<...>.weight"
 # Fused model leaf -> the table leaves (same module) whose rows it holds, in row order.
@@ -166,9 +165,17 @@ def entries(config: Step3Config) -> list[Entry]:
     return out
 
 
+def vision_name(name: str) -> str | None:
+    """The on-disk name of a vision-half tensor (``vision_model.*``, ``vit_downsampler.*``,
+    ``vit_downsampler2.*``, ``vit_large_projector.*``, with or without ``model.``), else None."""
+    if not name.startswith(VISION_PREFIXES):
+        return None
+    return name[len("model.") :] if name.startswith("model.") else name
+
+
 def canonical_name(name: str) -> str | None:
-    """The text-model name of a checkpoint tensor, or None for a tensor to skip (vision)."""
-    if name.startswith(SKIP_PREFIXES):
+    """The text-model name of a checkpoint tensor, or None for a vision tensor."""
+    if vision_name(name) is not None:
         return None
     for prefix, repl in PREFIX_ALIASES:
         if name.startswith(prefix):
@@ -176,14 +183,29 @@ def canonical_name(name: str) -> str | None:
     return name
 
 
+def detect_layout(names) -> str:
+    """Which published layout a checkpoint's tensor names follow (for messages and tests):
+    ``"hf_transformers"`` (``model.language_model.*``), ``"vl"`` (text names plus a vision
+    half on disk) or ``"text"`` (the text model alone)."""
+    names = list(names)
+    if any(n.startswith(("model.language_model.", "language_model.")) for n in names):
+        return "hf_transformers"
+    if any(vision_name(n) is not None for n in names):
+        return "vl"
+    return "text"
+
+
 __all__ = [
     "FUSED_PARAMS",
     "Entry",
     "PREFIX_ALIASES",
     "SCALE_SUFFIX",
-    "SKIP_PREFIXES",
     "TRANSFORMS",
     "Transform",
+    "VISION_MODULES",
+    "VISION_PREFIXES",
     "canonical_name",
+    "detect_layout",
     "entries",
+    "vision_name",
 ]

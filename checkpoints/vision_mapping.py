@@ -35,14 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from step3_jax.checkpoints.hf_mapping import IDENTITY, Entry
+from step3_jax.checkpoints.hf_mapping import IDENTITY, VISION_PREFIXES, Entry, vision_name
 from step3_jax.checkpoints.safetensors_io import index_checkpoint, read_tensor
 from step3_jax.vision.config import Step3VisionConfig
 
-VISION_PREFIXES = ("vision_model.", "vit_downsampler.", "vit_downsampler2.", "vit_large_projector.")
 FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
-# The HF-transformers in-memory layout (the model card's key_mapping) puts "model." in front.
-ALIASES = tuple(("model." + p, p) for p in VISION_PREFIXES)
 
 
 class VisionCheckpointError(ValueError):
@@ -50,11 +47,10 @@ class VisionCheckpointError(ValueError):
 
 
 def canonical_name(name: str) -> str | None:
-    """The release-layout name of a vision tensor, or None for a tensor of the text model."""
-    for alias, repl in ALIASES:
-        if name.startswith(alias):
-            return repl + name[len(alias) :]
-    return name if name.startswith(VISION_PREFIXES) else None
+    """The release-layout name of a vision tensor (``model.``-prefixed in-memory names
+    included), or None for a tensor of the text model: `hf_mapping.vision_name`, the one
+    list of vision prefixes (`hf_mapping.VISION_PREFIXES`)."""
+    return vision_name(name)
 
 
 def _e(hf: str, path: tuple, shape: tuple[int, ...]) -> Entry:

@@ -103,16 +103,20 @@ print(f"fp8 vs bf16 over {seq.shape[1]} positions: top-1 agreement {agree:.1%}, 
         """\
 ## 3. Chat
 
-A chat template and a `chat` helper are being added to step3_jax; this cell runs once the
-installed version has them.""",
+The demo tokenizer carries a chat template in the release's format, so the same call works on
+the real Step-3 checkpoint: `chat_generate` renders it (jinja2's sandbox), stops on every eos
+id plus the end-of-turn token, and streams text to `on_text` as it is produced. The demo model
+was trained on novels, not on conversations: expect prose, not answers.""",
     ),
     (
         "code",
         """\
-if hasattr(s3, "chat"):
-    print(s3.chat(model, tok, [{"role": "user", "content": "Who is Mr. Knightley?"}]))
-else:
-    print("this step3_jax version has no chat helper yet")""",
+reply = s3.chat_generate(
+    model, tok, [{"role": "user", "content": "Who is Mr. Knightley?"}],
+    max_new_tokens=40, temperature=0.0,
+)
+print(repr(reply.text))
+print(f"{reply.finish_reason}, first text after {reply.first_token_seconds:.2f} s")""",
     ),
     (
         "md",

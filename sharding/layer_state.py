@@ -24,7 +24,6 @@ import dataclasses
 import numpy as np
 from flax import nnx
 
-from step3_jax.layers.moe import ExpertPool
 from step3_jax.model import DecoderLayer
 from step3_jax.quant_model import Fp8Weight, quantize_model
 
@@ -185,11 +184,6 @@ def ffn_values(layer: DecoderLayer, layout, j: int) -> dict[str, np.ndarray]:
             w = _tp_slice(w, 0, j, y)
         out[path] = w
     return out
-
-
-def with_pools(values: dict, pools: dict) -> dict:
-    """``values`` with the expert paths replaced by their `ExpertPool`s (in-place reads)."""
-    return {**values, **{k: v for k, v in pools.items() if isinstance(v, ExpertPool)}}
 
 
 __all__ = [

@@ -5,7 +5,8 @@ The public names below load on first use (PEP 562), so importing a leaf module s
 package has no import cycles to dodge.
 
 Subpackages: `step3_jax.layers`, `step3_jax.kernels` (Pallas kernels), `step3_jax.sharding`
-(AFD), `step3_jax.checkpoints` (HF safetensors, orbax, the demo model), `step3_jax.cost`.
+(AFD), `step3_jax.checkpoints` (HF safetensors, orbax, the demo model), `step3_jax.cost`;
+module `step3_jax.chat` (chat templates, `chat_generate`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _EXPORTS = {
     "Step3Config": "step3_jax.config",
     "Step3Model": "step3_jax.model",
     "SwiGLU": "step3_jax.layers",
+    "chat_generate": "step3_jax.chat",
     "decode_step": "step3_jax.decode",
     "generate": "step3_jax.decode",
     "make_decode_step": "step3_jax.decode",

@@ -186,6 +186,10 @@ class KVCache:
             v=self.v.at[layer, b_idx, positions].set(v_new.astype(self.v.dtype)),
         )
 
+    def advance(self, positions: Int[Array, "B T"]) -> KVCache:
+        """After a forward over ``positions``: each sequence ends at its last position."""
+        return self.replace(lengths=positions[:, -1] + 1)
+
     def attend(
         self,
         layer: int,

@@ -2,8 +2,10 @@
 Step-3 decoder (MFA attention, FP8, Attention-FFN Disaggregation) with Pallas GPU kernels.
 
   step3-jax generate [--prompt TEXT ...]   generate text with the shipped demo model (default)
+  step3-jax chat [--system TEXT]           multi-turn chat (the release's template), streamed
   step3-jax info [--config step3|tiny]     parameter counts and KV-cache bytes of a preset
   step3-jax cost ...                       the paper's cost model (`step3-jax cost --help`)
+  step3-jax serve [--port N ...]           OpenAI-compatible HTTP server (the demo model)
 
 Adding a subcommand: write `_NAME_args(parser)` (its flags) and `cmd_NAME(args) -> int`, and
 register it with `@subcommand("NAME", "one-line help", _NAME_args)` above `cmd_NAME`. Raise
@@ -111,7 +113,11 @@ def check_prompts(prompts: list[str]) -> None:
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     check_prompts(prompts)
-    ids = [tokenizer.encode(text) for text in prompts]
+    # A BOS first when tokenizer_config.json's add_bos_token asks for it (the release's does).
+    bos = getattr(tokenizer, "add_bos_token", False)
+    ids = [
+        tokenizer.encode(text, add_bos=True) if bos else tokenizer.encode(text) for text in prompts
+    ]
     for text, row in zip(prompts, ids, strict=True):
         if not row:
             raise UsageError(f"--prompt {text!r} encodes to no tokens")
@@ -171,7 +177,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_prompts(prompts)  # before the (slow) model load
     model, tok = load_model(args)
     ids = encode_prompts(tok, prompts)
-    stops = [tok.eos_id] if getattr(tok, "eos_id", None) is not None else []
+    stops = list(getattr(tok, "eos_ids", ()))  # eos + generation_config.json's eos ids
+    if not stops and getattr(tok, "eos_id", None) is not None:
+        stops = [tok.eos_id]
     kwargs = dict(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -223,6 +231,176 @@ def _timing_summary(first, rerun: Callable) -> dict:
     }
 
 
+# --- chat ---------------------------------------------------------------------------------
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", metavar="TEXT", help="system prompt (default: none)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=128,
+        metavar="N",
+        help="longest reply in tokens, >= 1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=0.7,
+        metavar="T",
+        help="sampling temperature, >= 0; 0 means greedy (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=non_negative_int,
+        default=0,
+        metavar="K",
+        help="sample among the K most likely tokens; 0 means no limit (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=fraction,
+        default=0.9,
+        metavar="P",
+        help="nucleus sampling mass in (0, 1]; 1 turns it off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, metavar="INT", help="sampling seed (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-context",
+        type=positive_int,
+        default=4096,
+        metavar="N",
+        help="KV-cache length of the session, capped at the model's context; /reset when "
+        "full (default: %(default)s)",
+    )
+    p.add_argument("--timing", action="store_true", help="print tokens/s and first-token time")
+    p.add_argument(
+        "--no-compile-cache", action="store_true", help="do not persist compiled XLA programs"
+    )
+    add_model_args(p)
+
+
+def _enable_compile_cache() -> None:
+    """Persists XLA executables across runs (jax's compilation cache), so a second
+    ``step3-jax chat`` answers without recompiling. ``JAX_COMPILATION_CACHE_DIR`` wins;
+    default ``$XDG_CACHE_HOME/step3_jax/xla`` (``~/.cache/...``)."""
+    import os
+
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    jax.config.update("jax_compilation_cache_dir", str(base / "step3_jax" / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def _chat_reply(args, model, tok, messages, turn: int, cache_len: int, stdout, stderr):
+    """Streams one reply to ``stdout``; returns the `ChatResult`, or None if it failed."""
+    from step3_jax.chat import chat_generate
+
+    print("assistant> ", end="", file=stdout, flush=True)
+    try:
+        res = chat_generate(
+            model,
+            tok,
+            messages,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed + 1000 * turn,
+            on_text=lambda text: print(text, end="", file=stdout, flush=True),
+            max_cache_len=cache_len,
+        )
+    except ValueError as e:  # e.g. the conversation outgrew the session's cache
+        print(f"\n[error: {e}]", file=stderr)
+        return None
+    except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+        print("\n(reply interrupted)", file=stderr)
+        return None
+    print(file=stdout, flush=True)
+    if args.timing:
+        rate = len(res.token_ids) / max(res.seconds, 1e-9)
+        print(
+            f"[{len(res.token_ids)} tokens, first after {res.first_token_seconds:.2f} s, "
+            f"{rate:.1f} tokens/s, finish: {res.finish_reason}]",
+            file=stderr,
+        )
+    return res
+
+
+def _chat_warmup(args, model, tok, system: list, cache_len: int):
+    """Compiles while the user types: a 2-token reply to a short message builds the decode
+    loop (and the prefill of short prompts) with the session's cache length and sampling."""
+    import threading
+
+    from step3_jax.chat import chat_generate
+
+    kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    probe = [*system, {"role": "user", "content": "Hello."}]
+    warm = threading.Thread(
+        target=chat_generate,
+        args=(model, tok, probe),
+        kwargs=dict(max_new_tokens=2, max_cache_len=cache_len, **kwargs),
+        daemon=True,
+    )
+    warm.start()
+    return warm
+
+
+@subcommand("chat", "multi-turn chat with the release's chat template, streamed", _chat_args)
+def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None, stderr=None) -> int:
+    """Reads user turns from stdin, streams each reply. ``/reset`` forgets the conversation,
+    ``/exit`` (or end of input) quits. Reasoning (``<think>`` ... ``</think>``) and tool-call
+    tokens are printed as the model writes them."""
+    import time
+
+    from step3_jax.chat import split_reasoning
+
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    if not args.no_compile_cache:
+        _enable_compile_cache()
+    t0 = time.perf_counter()
+    model, tok = load_model(args)
+    # One KV-cache length for the session: one compiled decode loop, the one warmed up.
+    cache_len = min(model.config.max_position_embeddings, args.max_context)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    warm, messages, turn = _chat_warmup(args, model, tok, system, cache_len), list(system), 0
+    name = args.checkpoint or "the demo model (Jane Austen, not instruction-tuned)"
+    print(
+        f"step3-jax chat: {name}, ready in {time.perf_counter() - t0:.1f} s. "
+        "/reset clears, /exit or Ctrl-D quits.",
+        file=stderr,
+    )
+    while True:
+        if stdin.isatty():
+            print("you> ", end="", file=stdout, flush=True)
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            break
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = list(system)
+            print("(conversation cleared)", file=stderr)
+        elif line.strip():
+            warm.join()  # never compile the same program twice at once
+            messages.append({"role": "user", "content": line.rstrip("\n")})
+            res = _chat_reply(args, model, tok, messages, turn, cache_len, stdout, stderr)
+            if res is None:
+                messages.pop()
+                continue
+            # What a vLLM client sends back: the answer without its reasoning (if it ended).
+            _, content = split_reasoning(res.text)
+            messages.append({"role": "assistant", "content": content or res.text})
+            turn += 1
+    return 0
+
+
 # --- info ---------------------------------------------------------------------------------
 
 
@@ -251,6 +429,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     }
     print(json.dumps(info, indent=2))
     return 0
+
+
+# --- serve --------------------------------------------------------------------------------
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from step3_jax.server.main import add_serve_args
+
+    add_model_args(p)
+    add_serve_args(p)
+
+
+@subcommand("serve", "OpenAI-compatible HTTP server (needs the serve extra)", _serve_args)
+def cmd_serve(args: argparse.Namespace) -> int:
+    from step3_jax.server.main import serve
+
+    return serve(args, load_model)
 
 
 # --- the parser and the entry point --------------------------------------------------------

@@ -63,6 +63,55 @@ def _check_hf_values(hf: Mapping[str, Any]) -> None:
         )
 
 
+ROPE_SCALING_TYPES = ("linear",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """A RoPE scaling rule (frozen, hashable: it lives in `Step3Config`).
+
+    ``rope_type``: ``"linear"`` (the only one implemented); ``factor`` > 0: positions are
+    divided by it, so a model trained at context C attends over ``factor * C``.
+    """
+
+    rope_type: str
+    factor: float = 1.0
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_SCALING_TYPES:
+            raise ValueError(
+                f"rope_scaling type {self.rope_type!r} is not supported: step3_jax implements "
+                f"{ROPE_SCALING_TYPES} (the Step-3 release uses no scaling)"
+            )
+        if not self.factor > 0:
+            raise ValueError(f"rope_scaling factor must be > 0, got {self.factor}")
+
+
+# vLLM's / SGLang's Step3TextConfig defaults (the released model): a text sub-config saved with
+# only its non-default keys (transformers' ``to_diff_dict``) gets these for the missing ones.
+HF_TEXT_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "num_attention_heads": 64,
+    "num_attention_groups": 1,
+    "num_hidden_layers": 61,
+    "max_seq_len": 65536,
+    "vocab_size": 128815,
+    "rms_norm_eps": 1e-5,
+    "moe_intermediate_size": 5120,
+    "moe_num_experts": 48,
+    "moe_top_k": 3,
+    "rope_theta": 500000.0,
+    "rope_scaling": None,
+    "max_position_embedding": 65536,
+    "share_expert_dim": 5120,
+    "share_q_dim": 2048,
+    "head_dim": 256,
+    "norm_expert_weight": False,
+    "moe_layers_enum": tuple(range(4, 60)),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Step3Config:
     vocab_size: int = 128815  # V: untied embedding and lm_head rows
@@ -80,6 +129,8 @@ class Step3Config:
     rms_norm_eps: float = 1e-5  # RMSNorm epsilon, all norms
     rope_theta: float = 500000.0  # NeoX rotate-half RoPE over all H dims
     max_position_embeddings: int = 65536  # longest supported context
+    moe_renormalize: bool = False  # divide the top-k routing weights by their sum (not Step-3)
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE (the release)
 
     def __post_init__(self):
         for name, hi in _MAX.items():
@@ -142,26 +193,19 @@ class Step3Config:
     def from_hf_config(cls, hf: Mapping[str, Any]) -> Step3Config:
         """Builds a config from a Step-3 HF ``config.json`` dict (text part).
 
-        Accepts the VL checkpoint's nesting (``text_config``), ``moe_layers_enum`` as the
-        comma-separated string HF uses (or a list), and ``max_position_embedding`` with or
-        without the trailing "s".
+        Accepts the VL checkpoint's nesting (``text_config``, absent or partial: missing keys
+        take `HF_TEXT_DEFAULTS`, the reference implementations' Step3TextConfig defaults),
+        ``moe_layers_enum`` as the comma-separated string HF uses (or a list), and
+        ``max_position_embedding`` with or without the trailing "s". Keys that change the math
+        are implemented (``norm_expert_weight``, ``rope_scaling`` "linear") or refused by name.
         """
-        hf = dict(hf.get("text_config", hf))
+        if "text_config" in hf or hf.get("model_type") == "step3_vl":
+            hf = hf.get("text_config") or {}
+        hf = {**HF_TEXT_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
         _check_hf_values(hf)
         num_layers = int(hf["num_hidden_layers"])
-        enum = hf.get("moe_layers_enum")
-        if enum is None:
-            moe_ids: tuple[int, ...] = tuple(range(4, num_layers - 1))
-        else:
-            parts = enum.replace(" ", "").split(",") if isinstance(enum, str) else list(enum)
-            try:
-                moe_ids = tuple(int(p) for p in parts if p != "")
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"moe_layers_enum must list integer layer ids (e.g. '4,5,6'), got {enum!r}"
-                ) from None
-        max_pos = hf.get("max_position_embedding", hf.get("max_position_embeddings", 65536))
-        if int(hf.get("num_attention_groups", 1)) != 1:
+        max_pos = hf.get("max_position_embeddings", hf["max_position_embedding"])
+        if int(hf["num_attention_groups"]) != 1:
             raise ValueError(
                 "num_attention_groups must be 1 (Step-3 MFA has one K/V head), got "
                 f"{hf['num_attention_groups']}"
@@ -171,17 +215,19 @@ class Step3Config:
             hidden_size=int(hf["hidden_size"]),
             num_layers=num_layers,
             num_heads=int(hf["num_attention_heads"]),
-            head_dim=int(hf.get("head_dim", 256)),
+            head_dim=int(hf["head_dim"]),
             share_q_dim=int(hf["share_q_dim"]),
             intermediate_size=int(hf["intermediate_size"]),
-            moe_layer_ids=moe_ids,
+            moe_layer_ids=_moe_layer_ids(hf["moe_layers_enum"], num_layers),
             num_experts=int(hf["moe_num_experts"]),
             top_k=int(hf["moe_top_k"]),
             moe_intermediate_size=int(hf["moe_intermediate_size"]),
-            share_expert_dim=int(hf.get("share_expert_dim", hf["moe_intermediate_size"])),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(hf.get("rope_theta", 500000.0)),
+            share_expert_dim=int(hf["share_expert_dim"]),
+            rms_norm_eps=float(hf["rms_norm_eps"]),
+            rope_theta=float(_rope_params(hf).get("rope_theta", hf["rope_theta"])),
             max_position_embeddings=int(max_pos),
+            moe_renormalize=_strict_bool(hf["norm_expert_weight"], "norm_expert_weight"),
+            rope_scaling=_rope_scaling(hf),
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -205,6 +251,10 @@ class Step3Config:
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "max_position_embedding": self.max_position_embeddings,
+            "norm_expert_weight": self.moe_renormalize,
+            "rope_scaling": None
+            if self.rope_scaling is None
+            else {"rope_type": self.rope_scaling.rope_type, "factor": self.rope_scaling.factor},
             "tie_word_embeddings": False,
         }
 
@@ -275,3 +325,49 @@ class Step3Config:
         """
         per = 2 * self.head_dim * bytes_per_value
         return per if per_layer else per * self.num_layers
+
+
+# --------------------------------------------------------------------------- HF key helpers
+def _moe_layer_ids(enum, num_layers: int) -> tuple[int, ...]:
+    parts = enum.replace(" ", "").split(",") if isinstance(enum, str) else list(enum)
+    try:
+        ids = tuple(int(p) for p in parts if p != "")
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"moe_layers_enum must list integer layer ids (e.g. '4,5,6'), got {enum!r}"
+        ) from None
+    if enum is HF_TEXT_DEFAULTS["moe_layers_enum"] and max(ids) >= num_layers:
+        raise ValueError(
+            f"moe_layers_enum is absent and its default (layers 4..59) does not fit "
+            f"num_hidden_layers={num_layers}: give moe_layers_enum explicitly"
+        )
+    return ids
+
+
+def _strict_bool(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _rope_params(hf: Mapping[str, Any]) -> dict:
+    """transformers >= 5 nests rope_theta and the scaling type in ``rope_parameters``."""
+    params = hf.get("rope_parameters") or {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"rope_parameters must be a mapping, got {params!r}")
+    return dict(params)
+
+
+def _rope_scaling(hf: Mapping[str, Any]) -> RopeScaling | None:
+    """``rope_scaling`` (or ``rope_parameters``) -> `RopeScaling`; None/"default" -> None."""
+    scaling = hf.get("rope_scaling") or _rope_params(hf)
+    if not scaling:
+        return None
+    if not isinstance(scaling, Mapping):
+        raise ValueError(f"rope_scaling must be null or a mapping, got {scaling!r}")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if "factor" not in scaling:
+        raise ValueError(f"rope_scaling {rope_type!r} needs a 'factor', got {dict(scaling)}")
+    return RopeScaling(str(rope_type), float(scaling["factor"]))

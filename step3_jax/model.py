@@ -55,6 +55,7 @@ class DecoderLayer(nnx.Module):
             c.num_heads,
             c.head_dim,
             rope_theta=c.rope_theta,
+            rope_scaling=c.rope_scaling,
             eps=c.rms_norm_eps,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -70,6 +71,7 @@ class DecoderLayer(nnx.Module):
                 c.top_k,
                 c.moe_intermediate_size,
                 c.share_expert_dim,
+                renormalize=c.moe_renormalize,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,
@@ -170,7 +172,8 @@ class Step3Model(nnx.Module):
     positions 0..T-1 (no cache). ``model(tokens, cache=cache, positions=positions)`` writes the
     tokens' K/V at ``positions [B, T]`` (default: each sequence's current length onward),
     attends causally over the cache and returns ``(logits, cache)`` with
-    ``cache.lengths = positions[:, -1] + 1``.
+    ``cache.lengths = positions[:, -1] + 1`` (``cache.advance``: any cache with ``write``,
+    ``attend``, ``advance``, ``batch`` and ``num_layers``, e.g. `step3_jax.engine.PagedKVCache`).
     """
 
     def __init__(
@@ -236,4 +239,4 @@ class Step3Model(nnx.Module):
         logits = self.logits(x)
         if cache is None:
             return logits
-        return logits, cache.replace(lengths=positions[:, -1] + 1)
+        return logits, cache.advance(positions)

@@ -24,6 +24,7 @@ from jaxtyping import Array, Float, Int
 
 from step3_jax.kernels import dispatch
 from step3_jax.kernels.mfa_decode import config as cfg_lib
+from step3_jax.kernels.mfa_decode import ragged
 from step3_jax.kernels.mfa_decode.xla import mfa_decode_xla
 from step3_jax.quant import quantize_kv
 
@@ -169,10 +170,17 @@ def _xla_jit(q, k, v, lengths, k_scale, v_scale, block_table, sm_scale):
 
 
 def _resolve_config(config, kv_dtype, num_ctas: int, max_len: int, page_size, num_sms=None):
-    """Config for this call: tuned table (fitted to smem) or the caller's (validated)."""
+    """Config for this call: tuned table (fitted to smem) or the caller's (validated).
+
+    Returns (config, num_splits, partial dtype). num_splits: the config's, else
+    ``config.choose_num_splits`` (the cost model where this device family's ``SPLIT_COSTS`` are
+    fitted, the measured min-tokens rule elsewhere);
+    1 with ``config.ragged`` (the work list replaces the split grid; partials stay f32).
+    """
     out_f32 = jnp.float32
+    kind = jax.devices()[0].device_kind
     if config is None:
-        config = cfg_lib.get_config(jax.devices()[0].device_kind, kv_dtype)
+        config = cfg_lib.get_config(kind, kv_dtype)
         if page_size is not None and page_size < config.block_s:
             config = dataclasses.replace(config, block_s=64)
         # Partials of a split-K run are f32: shrink the ring until it fits.
@@ -181,11 +189,13 @@ def _resolve_config(config, kv_dtype, num_ctas: int, max_len: int, page_size, nu
             stages = config.num_stages - step
             ring_epi = config.ring_epilogue and stages >= 4  # it needs 4 slots
             config = dataclasses.replace(config, num_stages=stages, ring_epilogue=ring_epi)
-    splits = config.num_splits
+    splits = 1 if config.ragged else config.num_splits
     if splits is None:
-        sms = num_sms or getattr(jax.devices()[0], "core_count", 132) or 132
-        splits = cfg_lib.choose_num_splits(num_ctas, max_len, config.block_s, sms)
-    out_dtype = jnp.float32 if splits > 1 else jnp.bfloat16
+        costs = cfg_lib.split_costs(kind)
+        splits = cfg_lib.choose_num_splits(
+            num_ctas, max_len, config.block_s, _num_sms(num_sms), costs
+        )
+    out_dtype = jnp.float32 if splits > 1 or config.ragged else jnp.bfloat16
     config.validate_smem(kv_dtype, out_dtype)
     if page_size is not None and page_size % config.block_s:
         raise ValueError(f"page_size={page_size} must be a multiple of block_s={config.block_s}")
@@ -223,7 +233,19 @@ def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None):
         q_tma=config.q_tma and k.dtype == FP8,
         ring_epilogue=config.ring_epilogue,
         v_convert=config.v_convert,
+        ragged_target=_ragged_target(config, num_sms) if config.ragged else 0,
+        ragged_max_splits=config.ragged_max_splits if config.ragged else 0,
+        ragged_sms=_num_sms(num_sms) if config.ragged else 0,
     )
+
+
+def _num_sms(num_sms=None) -> int:
+    return num_sms or getattr(jax.devices()[0], "core_count", 132) or 132
+
+
+def _ragged_target(config, num_sms=None) -> int:
+    """Pieces a ragged call aims for: SMs x ``ragged_items_per_sm``."""
+    return max(1, int(_num_sms(num_sms) * config.ragged_items_per_sm))
 
 
 def _pallas(q, k, v, lengths, k_scale, v_scale, block_table, sm_scale, config):
@@ -264,10 +286,23 @@ def _pallas_jit(ks, q, k, v, lengths, k_scale, v_scale, block_table, page_offset
         # Per (b, t, head) row FP8 q: the row scale is folded into the score multiply.
         q, q_scale = quantize_kv(q)
     table = None if block_table is None else block_table.astype(jnp.int32)
-    out, lse = mosaic_gpu.mfa_decode_mosaic(
-        ks, lengths, table, q, q_scale, k, v, k_scale, v_scale, page_offsets
+    if not ks.ragged_target:
+        out, lse = mosaic_gpu.mfa_decode_mosaic(
+            ks, lengths, table, q, q_scale, k, v, k_scale, v_scale, page_offsets
+        )
+        return combine_splits(out, lse)
+    work, start, count = ragged.plan_ragged_work(
+        lengths,
+        max_len=ks.max_len,
+        block_s=ks.block_s,
+        target=ks.ragged_target,
+        max_splits=ks.ragged_max_splits,
+        num_sms=ks.ragged_sms,
     )
-    return combine_splits(out, lse)
+    out, lse = mosaic_gpu.mfa_decode_mosaic(
+        ks, lengths, table, q, q_scale, k, v, k_scale, v_scale, page_offsets, work=work
+    )  # [C, 1, T, N, H], [C, 1, T, N]
+    return ragged.combine_ragged(out[:, 0], lse[:, 0], start, count, ks.ragged_max_splits)
 
 
 def combine_splits(
@@ -280,12 +315,14 @@ def combine_splits(
     """
     if out.shape[0] == 1:
         return out[0].astype(jnp.bfloat16), lse[0]
+    # Elementwise + reductions over J only (no einsum: a [J] contraction per (b, t, n) row
+    # can become a batched matmul), so XLA fuses the merge into few, small kernels.
     m = jnp.max(lse, axis=0)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     w = jnp.exp(lse - m_safe)  # [J, B, T, N]; exp(-inf) = 0 for empty splits
     tot = jnp.sum(w, axis=0)
     pos = tot > 0
-    o = jnp.einsum("JBTN,JBTNH->BTNH", w, out.astype(jnp.float32))
+    o = jnp.sum(w[..., None] * out.astype(jnp.float32), axis=0)
     o = o * jnp.where(pos, 1.0 / jnp.where(pos, tot, 1.0), 0.0)[..., None]
     lse_all = jnp.where(pos, jnp.log(jnp.where(pos, tot, 1.0)) + m_safe, -jnp.inf)
     return o.astype(jnp.bfloat16), lse_all

@@ -14,12 +14,14 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from step3_jax.kernels.mfa_decode import splitk
+
 # Hopper has 227 KiB of shared memory per block (opt-in maximum).
 SMEM_LIMIT_BYTES = 227 * 1024
 # Alignment padding between allocations and the barriers (measured: ~2.6 KiB on jax 0.10.2).
 SMEM_SLACK_BYTES = 4 * 1024
-# Minimum number of KV tokens a split should own: below this the fixed per-CTA cost (q load,
-# epilogue, the XLA combine of f32 partials) dominates.
+# The split-K rule before the cost model (``min_tokens_num_splits``): every split kept at least
+# this many KV tokens. Kept to read the sweeps taken under it (98b0a31).
 MIN_TOKENS_PER_SPLIT = 512
 
 
@@ -61,6 +63,14 @@ class TuningConfig:
     # so the compute warpgroups run QK, softmax and one N=256 P.V wgmma only. Costs 32 KiB
     # more shared memory (a second f16 tile): at 4 stages it needs ring_epilogue.
     v_convert: str = "compute"
+    # Ragged batches: instead of the (split, sequence) grid sized from the cache capacity, an
+    # XLA pre-pass cuts each sequence's VISIBLE blocks into pieces of about the same size
+    # (at most ``ragged_max_splits`` a sequence, about ``ragged_items_per_sm`` pieces an SM in
+    # all), longest pieces first, one CTA each; their partials are merged per sequence
+    # (ragged.py). Off by default until measured; num_splits is ignored when on.
+    ragged: bool = False
+    ragged_items_per_sm: float = 1.5
+    ragged_max_splits: int = 4
 
     def __post_init__(self):
         if self.q_quant not in ("xla", "kernel"):
@@ -89,6 +99,11 @@ class TuningConfig:
             raise ValueError(f"block_s={self.block_s} must be 64 or 128")
         if not 2 <= self.num_stages <= 8:
             raise ValueError(f"num_stages={self.num_stages} must be in [2, 8]")
+        if not (0.25 <= self.ragged_items_per_sm <= 8 and 1 <= self.ragged_max_splits <= 64):
+            raise ValueError(
+                f"ragged_items_per_sm={self.ragged_items_per_sm} must be in [0.25, 8] and "
+                f"ragged_max_splits={self.ragged_max_splits} in [1, 64]"
+            )
         if self.num_splits is not None and not 1 <= self.num_splits <= 1024:
             raise ValueError(f"num_splits={self.num_splits} must be None or in [1, 1024]")
 
@@ -186,14 +201,41 @@ def get_config(device_kind: str, kv_dtype) -> TuningConfig:
     return table.get(name, DEFAULT.get(name, TuningConfig()))
 
 
-def choose_num_splits(num_ctas: int, max_len: int, block_s: int, num_sms: int) -> int:
-    """Split-K factor: as many CTAs as fit in ONE wave on ``num_sms`` SMs, each split keeping
-    at least MIN_TOKENS_PER_SPLIT tokens.
+# Split-K cost constants (``splitk.SplitCosts``, us) per device family, FITTED ONLY: a family
+# listed here gets the cost-model split rule (``choose_num_splits`` with its costs); every other
+# device keeps ``min_tokens_num_splits``, the rule the 98b0a31 sweep measured. Empty until the
+# forced-split sweep (docs/LOG.md, "MFA decode kernel") runs on a GPU; enter the constants
+# ``python3 -m step3_jax.kernels.mfa_decode.splitk mfa_decode_<device>.json --sms 132`` prints.
+SPLIT_COSTS: dict[str, splitk.SplitCosts] = {}
 
-    ``num_ctas`` is B * T (CTAs before splitting). One wave of B*T CTAs that already covers
-    most SMs gets no split (a second partial wave and the f32 combine would cost more). The
-    factor rounds DOWN (B=64 -> 2 splits = 128 CTAs, not 3 = 192 CTAs in two waves): the first
-    sweep used ceil and lost ~35% at B=64 and B=32 to the second wave.
+
+def split_costs(device_kind: str) -> splitk.SplitCosts | None:
+    """The fitted split-K cost constants of a device kind string, or None (not fitted)."""
+    fam = device_family(device_kind)
+    return SPLIT_COSTS.get(fam) if fam else None
+
+
+def choose_num_splits(
+    num_ctas: int, max_len: int, block_s: int, num_sms: int, costs: splitk.SplitCosts | None = None
+) -> int:
+    """Split-K factor from the shape. With fitted ``costs``: the lowest modelled call time
+    (``splitk.predict_us``: fixed cost, the combine, waves x blocks a CTA) over J = 1 .. one
+    block a split, restricted to ONE wave (B * T * J <= num_sms: the model charges no per-CTA
+    start-up, and the first sweep lost ~35% at B=64 and B=32 to a second partial wave). Without
+    (``None``): the measured ``min_tokens_num_splits``."""
+    if costs is None:
+        return min_tokens_num_splits(num_ctas, max_len, block_s, num_sms)
+    one_wave = max(1, num_sms // max(num_ctas, 1))
+    return splitk.choose_num_splits(
+        num_ctas, max_len, block_s, num_sms, costs, candidates=range(1, one_wave + 1)
+    )
+
+
+def min_tokens_num_splits(num_ctas: int, max_len: int, block_s: int, num_sms: int) -> int:
+    """The measured rule (the 98b0a31 sweep ran under it; the default until ``SPLIT_COSTS``
+    holds a device's fitted constants): as many CTAs as fit in
+    ONE wave on ``num_sms`` SMs, each split keeping at least MIN_TOKENS_PER_SPLIT tokens, no
+    split once B * T covers 3/4 of the SMs; the factor rounds DOWN (no second partial wave).
     """
     if num_ctas >= num_sms * 3 // 4:
         return 1

@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from step3_jax.kernels.mfa_decode import mosaic_gpu as mg
+from step3_jax.kernels.mfa_decode import mosaic_gpu_parts as mg
 
 HALF = mg.HEAD_DIM // 2
 
@@ -133,7 +133,7 @@ def _pv_from_buffer(smem, bars, w, acc, p16, rescale):
     return acc
 
 
-def compute_wg_seq(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
+def compute_wg_seq(ks, refs, smem, bars, w, b, t, oi, kv_end, first, my_n):
     """Warpgroup w: blocks w, w+2, ... of this CTA's range, all 256 output columns."""
     plgpu.set_max_registers(mg.REGS[ks.v_convert][0], action="increase")
     q_row_scale = mg.q_operand(ks, refs, smem, bars, w, b, t)
@@ -175,7 +175,7 @@ def compute_wg_seq(ks, refs, smem, bars, w, b, t, split, kv_end, first, my_n):
         if w == 1:
             _send(ks, smem, bars, accs, m, lsum, c)
         else:
-            _merge_and_store(ks, refs, smem, bars, b, t, split, accs, m, lsum, c)
+            _merge_and_store(ks, refs, smem, bars, oi, t, accs, m, lsum, c)
 
 
 def _ring_chunk(ks, smem, name: str, j: int, odd: bool):
@@ -227,7 +227,7 @@ def _merge_weights(smem, m0, l0, c0):
     return e0 * c0 * inv, e1 * l1 * inv, jnp.where(pos, lse, -jnp.inf)
 
 
-def _merge_and_store_ring(ks, refs, smem, bars, b, t, split, accs, m0, l0, c0):
+def _merge_and_store_ring(ks, refs, smem, bars, oi, t, accs, m0, l0, c0):
     """``ring_epilogue``: one wait for all of wg 1's chunks, the four output chunks staged in
     wg 0's freed ring slots and their TMA stores in flight together."""
     per_half = HALF // mg.EPI_COLS
@@ -244,16 +244,16 @@ def _merge_and_store_ring(ks, refs, smem, bars, b, t, split, accs, m0, l0, c0):
     for j in range(2 * per_half):
         cols = pl.ds(j * mg.EPI_COLS, mg.EPI_COLS)
         plgpu.copy_smem_to_gmem(
-            _ring_chunk(ks, smem, "o", j, odd=False), refs["out"].at[split, b, t, :, cols]
+            _ring_chunk(ks, smem, "o", j, odd=False), refs["out"].at[oi[0], oi[1], t, :, cols]
         )
-    plgpu.copy_smem_to_gmem(smem["lse"], refs["lse"].at[split, b, t])
+    plgpu.copy_smem_to_gmem(smem["lse"], refs["lse"].at[oi[0], oi[1], t])
     plgpu.wait_smem_to_gmem(0)
 
 
-def _merge_and_store(ks, refs, smem, bars, b, t, split, accs, m0, l0, c0):
+def _merge_and_store(ks, refs, smem, bars, oi, t, accs, m0, l0, c0):
     """wg 0: merge its state with wg 1's (online-softmax combine) and write out and lse."""
     if ks.ring_epilogue:
-        return _merge_and_store_ring(ks, refs, smem, bars, b, t, split, accs, m0, l0, c0)
+        return _merge_and_store_ring(ks, refs, smem, bars, oi, t, accs, m0, l0, c0)
     per_half = HALF // mg.EPI_COLS
     o_smem = smem["o"].at[0]
     for j in range(2 * per_half):
@@ -272,7 +272,7 @@ def _merge_and_store(ks, refs, smem, bars, b, t, split, accs, m0, l0, c0):
         o_smem[...] = out.astype(ks.out_dtype)
         plgpu.commit_smem()
         cols = pl.ds(j * mg.EPI_COLS, mg.EPI_COLS)
-        plgpu.copy_smem_to_gmem(o_smem, refs["out"].at[split, b, t, :, cols])
+        plgpu.copy_smem_to_gmem(o_smem, refs["out"].at[oi[0], oi[1], t, :, cols])
         if j == 0:
-            plgpu.copy_smem_to_gmem(smem["lse"], refs["lse"].at[split, b, t])
+            plgpu.copy_smem_to_gmem(smem["lse"], refs["lse"].at[oi[0], oi[1], t])
     plgpu.wait_smem_to_gmem(0)

@@ -1,10 +1,12 @@
-"""Split-K from the shape: a per-call cost model of the MFA decode kernel (PROPOSAL).
+"""Split-K from the shape: a per-call cost model of the MFA decode kernel.
 
-Not wired into ``api.py`` (``config.choose_num_splits`` still decides). It exists to be fitted
-to the small-batch sweep (``bench_mfa_decode.py --splits ...``, rows of forced split factors)
-and then replace that rule, which keeps every split >= ``MIN_TOKENS_PER_SPLIT`` = 512 tokens:
-at B <= 8 and S <= 66K that is exactly 8 blocks of 64 tokens per CTA, a serial chain of
-~8 x 1.45 us that makes most of the ~17 us B=1 floor (docs/LOG.md, "MFA decode: small batch").
+``config.choose_num_splits`` (what ``api.py`` uses when a config leaves ``num_splits=None``)
+minimises this model with the per-device constants of ``config.SPLIT_COSTS``. The defaults
+below are UNFITTED guesses; fit them to the small-batch sweep (``bench_mfa_decode.py --splits
+...``, rows of forced split factors) with ``fit_costs`` / this module's CLI. The rule it
+replaced kept every split >= 512 tokens: at B <= 8 and S <= 66K that is exactly 8 blocks of
+64 tokens per CTA, a serial chain of ~8 x 1.45 us that made most of the ~17 us B=1 floor
+(docs/LOG.md, "MFA decode: small batch").
 
 Model of one call with T = 1, ``J`` splits, ``B * J`` CTAs on ``num_sms`` SMs::
 

@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, Int
 
 from step3_jax.layers.linear import init_weight, project
 from step3_jax.layers.norms import RMSNorm
-from step3_jax.layers.rope import apply_rope
+from step3_jax.layers.rope import RopeScaling, apply_rope
 from step3_jax.quant_model import concat_rows, split_rows
 
 _NEG_INF = -1e30  # finite "minus infinity": exp() underflows to 0 without inf - inf = NaN
@@ -85,6 +85,7 @@ class MFAttention(nnx.Module):
         head_dim: int,
         *,
         rope_theta: float = 500000.0,
+        rope_scaling: RopeScaling | None = None,
         eps: float = 1e-5,
         dtype=jnp.bfloat16,
         param_dtype=jnp.bfloat16,
@@ -92,6 +93,7 @@ class MFAttention(nnx.Module):
     ):
         d, r, n, h = hidden_size, share_q_dim, num_heads, head_dim
         self.num_heads, self.head_dim, self.rope_theta, self.dtype = n, h, rope_theta, dtype
+        self.rope_scaling = rope_scaling
         self.q_proj = nnx.Param(init_weight(rngs.params(), (r, d), d, param_dtype))
         self.k_proj = nnx.Param(init_weight(rngs.params(), (h, d), d, param_dtype))
         self.v_proj = nnx.Param(init_weight(rngs.params(), (h, d), d, param_dtype))
@@ -165,8 +167,8 @@ class MFAttention(nnx.Module):
         q_lo, k, v = self._projections(x.astype(self.dtype), implementation)
         q_lo = self.inter_norm(q_lo)
         q = project(q_lo, self.wq[...], "BTR,NHR->BTNH", implementation=implementation)
-        q = apply_rope(q, positions, self.rope_theta)
-        k = apply_rope(k, positions, self.rope_theta)
+        q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+        k = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
         return q, k, v
 
     def output(

@@ -60,12 +60,19 @@ class ExpertPool:
 
 
 def route(
-    h: Float[Array, "... D"], router_weight: Float[Array, "E D"], top_k: int
+    h: Float[Array, "... D"],
+    router_weight: Float[Array, "E D"],
+    top_k: int,
+    renormalize: bool = False,
 ) -> tuple[Float[Array, "... K"], Int[Array, "... K"]]:
-    """Top-k of the float32 softmax over all experts; weights are NOT renormalized."""
+    """Top-k of the float32 softmax over all experts. Step-3 does NOT renormalize; with
+    ``renormalize`` (HF ``norm_expert_weight: true``, vLLM's ``renormalize=``) the k weights
+    are divided by their sum."""
     logits = project(h, router_weight, "...D,ED->...E", out_dtype=jnp.float32)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, ids = jax.lax.top_k(probs, top_k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights, ids.astype(jnp.int32)
 
 
@@ -134,6 +141,7 @@ class MoE(nnx.Module):
 
     Weights: ``router [E, D]`` (never quantized), ``gate_proj, up_proj [E, F, D]``,
     ``down_proj [E, D, F]``, ``shared_expert`` a `SwiGLU` of width ``shared_dim`` (0: none).
+    ``renormalize``: divide the top-k routing weights by their sum (see `route`).
     """
 
     def __init__(
@@ -144,12 +152,13 @@ class MoE(nnx.Module):
         expert_dim: int,
         shared_dim: int,
         *,
+        renormalize: bool = False,
         dtype=jnp.bfloat16,
         param_dtype=jnp.bfloat16,
         rngs: nnx.Rngs,
     ):
         d, e, f = hidden_size, num_experts, expert_dim
-        self.top_k, self.dtype = top_k, dtype
+        self.top_k, self.dtype, self.renormalize = top_k, dtype, renormalize
         self.router = nnx.Param(init_weight(rngs.params(), (e, d), d, param_dtype))
         self.gate_proj = nnx.Param(init_weight(rngs.params(), (e, f, d), d, param_dtype))
         self.up_proj = nnx.Param(init_weight(rngs.params(), (e, f, d), d, param_dtype))
@@ -161,7 +170,7 @@ class MoE(nnx.Module):
         )
 
     def route(self, h: Float[Array, "... D"]) -> tuple[Float[Array, "... K"], Int[Array, "... K"]]:
-        return route(h.astype(self.dtype), self.router[...], self.top_k)
+        return route(h.astype(self.dtype), self.router[...], self.top_k, self.renormalize)
 
     def __call__(
         self,

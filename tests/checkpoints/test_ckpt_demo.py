@@ -14,7 +14,9 @@ from step3_jax.decode import generate
 
 def test_demo_loads_and_beats_its_unigram_floor():
     model, tok = load_demo()
-    assert tok.vocab_size == model.config.vocab_size == 2048
+    # 2048 trained BPE ids + 12 chat tokens of the release's format (ids 2048..2059, whose
+    # rows copy <|endoftext|>'s: scripts/add_demo_chat_tokens.py).
+    assert tok.vocab_size == model.config.vocab_size == 2060
     text = 'Mr. Darcy said, "It is a truth universally acknowledged."'
     assert tok.decode(tok.encode(text)) == text
     ids = tok.encode(
@@ -44,5 +46,6 @@ def test_user_tokenizer_json_with_config_eos(tmp_path):
     tok.save(tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     user = load_tokenizer(tmp_path)
-    assert user.eos_id == tok.eos_id == 0
+    assert user.eos_id == 0  # the user's config wins over the demo's (<｜end▁of▁sentence｜>)
+    assert tok.eos_id == tok.hf.token_to_id("<｜end▁of▁sentence｜>") == 2049
     assert user.encode("Emma Woodhouse") == tok.encode("Emma Woodhouse")

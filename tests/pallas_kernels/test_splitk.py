@@ -1,4 +1,5 @@
-"""The proposed shape-based split-K rule (pallas_kernels/mfa_decode/splitk.py), on CPU."""
+"""The shape-based split-K cost model (pallas_kernels/mfa_decode/splitk.py), on CPU; the old
+>= 512-token rule (``config.min_tokens_num_splits``) only to read the sweep taken under it."""
 
 import json
 import os
@@ -42,7 +43,7 @@ def test_small_batches_use_shorter_splits_than_the_current_rule():
     # The current rule keeps >= 512 tokens a split (8 blocks a CTA at B=1); the model, with
     # any per-block cost well above the combine cost per split, spreads B=1 wider.
     for s in (1024, 4096, 32768):
-        old = cfg_lib.choose_num_splits(1, s, 64, 132)
+        old = cfg_lib.min_tokens_num_splits(1, s, 64, 132)
         new = splitk.choose_num_splits(1, s, 64, 132)
         assert new > old
         assert splitk.predict_us(new, 1, s, 64, 132, splitk.SplitCosts()) < splitk.predict_us(
@@ -72,7 +73,7 @@ def test_defaults_match_the_recorded_h100_sweep():
     rows = [r for r in json.load(open(path))["rows"] if r["impl"] == "pallas_fp8" and r["B"] <= 8]
     assert len(rows) == 8
     for r in rows:
-        j = cfg_lib.choose_num_splits(r["B"], r["ctx"], 64, 132)
+        j = cfg_lib.min_tokens_num_splits(r["B"], r["ctx"], 64, 132)
         pred = splitk.predict_us(j, r["B"], r["ctx"], 64, 132, splitk.SplitCosts())
         assert pred == pytest.approx(r["us"], rel=0.15), (r, j, pred)
 
@@ -82,7 +83,7 @@ def test_sweep_report_on_synthetic_rows():
     for b in (1, 8):
         for s in (1024, 4096, 32768):
             shape = {"B": b, "ctx": s, "kv": "fp8"}
-            auto = cfg_lib.choose_num_splits(b, s, 64, 132)
+            auto = cfg_lib.min_tokens_num_splits(b, s, 64, 132)
             t = lambda j, b=b, s=s: splitk.predict_us(j, b, s, 64, 132, COSTS)  # noqa: E731
             rows.append({"name": "pallas_fp8", "shape": shape, "splits": auto, "time_us": t(auto)})
             rows.append({"name": "xla_fp8", "shape": shape, "time_us": 13.0})

@@ -1,0 +1,167 @@
+"""What the `Engine` drives: a fixed-shape decode step over ``max_batch`` slots and a prefill
+step over ``prefill_rows`` chunks of ``prefill_chunk`` tokens, with KV memory per slot.
+
+Interface (duck-typed; both executors below implement it):
+
+* ``max_batch``, ``max_len`` (tokens one request may hold: prompt + generated),
+  ``prefill_chunk``, ``prefill_rows``, ``vocab_size``.
+* ``check_fits(num_tokens)``: ValueError (the reason) if such a request could never run.
+* ``admit(slot, num_tokens)``: reserve KV memory for a request of up to ``num_tokens``;
+  raises `PoolExhausted` (try again later, nothing taken) or ValueError (can never fit).
+* ``release(slot)``: give it back.
+* ``decode(tokens [B], positions [B], active [B]) -> logits [B, V]`` (device, float32): one
+  token per slot; inactive slots (free, or mid-prefill) must not disturb any cache content
+  their owner will read. ``positions`` of an inactive slot is its current fill (0 if free).
+* ``prefill(slots [R], tokens [R, C], starts [R], last [R]) -> logits [R, V]``: chunk rows
+  (``slots`` -1: padding row); the logits of token ``last[r]`` of each row.
+* ``compile_count()``: compilations of its programs so far.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from step3_jax.engine.paged_cache import NULL_PAGE, PageAllocator, PagedKVCache, pages_for
+
+
+def _forward_select(graphdef, state, cache, tokens, positions, select):
+    """The model over ``tokens [R, T]`` at ``positions``; logits ``[R, V]`` of token
+    ``select [R]`` of each row, and the cache."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens, cache=cache, positions=positions)
+    return jnp.take_along_axis(logits, select[:, None, None], axis=1)[:, 0], cache
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_forward(graphdef):
+    """`_forward_select` compiled for one model structure. The graphdef is closed over rather
+    than a static argument (hashing it costs ~ms per call); executors of the same model
+    structure share the compiled programs."""
+    return jax.jit(functools.partial(_forward_select, graphdef), donate_argnames=("cache",))
+
+
+class ModelExecutor:
+    """The single-device `Step3Model` over a `PagedKVCache`.
+
+    Pages are reserved for a request's whole budget (prompt + max_tokens) when it is admitted,
+    so a running request never runs out of pages; one that does not fit now waits
+    (`PoolExhausted`). ``num_pages`` defaults to enough for every slot at ``max_len`` (+ the
+    null page); fewer pages let more slots share a smaller pool of mostly-short requests.
+    ``page_size`` must be a multiple of the Pallas kernel's ``block_s`` (64) where the kernel
+    runs (Hopper, Step-3 head shapes); the XLA path takes any size.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch: int,
+        max_len: int,
+        page_size: int = 64,
+        num_pages: int | None = None,
+        prefill_chunk: int = 32,
+        prefill_rows: int = 1,
+        cache_dtype=None,
+    ):
+        cfg = model.config
+        for name, val in (
+            ("max_batch", max_batch),
+            ("max_len", max_len),
+            ("page_size", page_size),
+            ("prefill_chunk", prefill_chunk),
+            ("prefill_rows", prefill_rows),
+        ):
+            if int(val) < 1:
+                raise ValueError(f"ModelExecutor: {name} must be >= 1, got {val}")
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_len={max_len} exceeds max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        self.max_batch, self.page_size = int(max_batch), int(page_size)
+        self.max_pages = pages_for(max_len, page_size)
+        self.max_len = int(max_len)
+        self.prefill_chunk, self.prefill_rows = int(prefill_chunk), int(prefill_rows)
+        self.vocab_size = cfg.vocab_size
+        num_pages = num_pages or max_batch * self.max_pages + 1
+        self.allocator = PageAllocator(num_pages)
+        # Committed to the device like the step's outputs, so the first call compiles the
+        # same program as every later one (an uncommitted input is a different signature).
+        self.cache = jax.device_put(
+            PagedKVCache.create(
+                cfg.num_layers,
+                self.max_batch,
+                num_pages,
+                page_size,
+                self.max_pages,
+                cfg.head_dim,
+                cache_dtype or model.dtype,
+            ),
+            jax.devices()[0],
+        )
+        self.tables = np.full((self.max_batch, self.max_pages), NULL_PAGE, np.int32)
+        self._pages: dict[int, list[int]] = {}
+        self.graphdef, self.state = nnx.split(model)
+        self._forward = _jitted_forward(self.graphdef)
+
+    def check_fits(self, num_tokens: int) -> None:
+        """ValueError if a request of ``num_tokens`` could never be admitted."""
+        if num_tokens > self.max_len:
+            raise ValueError(f"exceeds the engine's max_len={self.max_len}")
+        need = pages_for(num_tokens, self.page_size)
+        if need > self.allocator.capacity:
+            raise ValueError(
+                f"needs {need} pages of {self.page_size} tokens: more than the whole pool "
+                f"({self.allocator.capacity} pages)"
+            )
+
+    def admit(self, slot: int, num_tokens: int) -> None:
+        if slot in self._pages:
+            raise ValueError(f"slot {slot} is already in use")
+        self.check_fits(num_tokens)
+        need = pages_for(num_tokens, self.page_size)
+        pages = self.allocator.allocate(need)  # PoolExhausted: nothing taken
+        self._pages[slot] = pages
+        self.tables[slot, :need] = pages
+
+    def release(self, slot: int) -> None:
+        self.allocator.free(self._pages.pop(slot))
+        self.tables[slot] = NULL_PAGE
+
+    def _run(self, tables, tokens, positions, select):
+        cache = self.cache.replace(
+            block_table=jnp.asarray(tables), lengths=jnp.asarray(positions[:, -1] + 1)
+        )
+        logits, cache = self._forward(
+            self.state,
+            cache,
+            jnp.asarray(tokens, jnp.int32),
+            jnp.asarray(positions, jnp.int32),
+            jnp.asarray(select, jnp.int32),
+        )
+        self.cache = cache
+        return logits
+
+    def decode(self, tokens, positions, active):
+        # Inactive rows see only the null page: a free or mid-prefill slot's pages stay intact.
+        tables = np.where(np.asarray(active)[:, None], self.tables, NULL_PAGE)
+        pos = np.asarray(positions, np.int32)[:, None]
+        return self._run(tables, np.asarray(tokens)[:, None], pos, np.zeros(len(pos), np.int32))
+
+    def prefill(self, slots, tokens, starts, last):
+        slots = np.asarray(slots)
+        tables = np.where((slots >= 0)[:, None], self.tables[np.maximum(slots, 0)], NULL_PAGE)
+        c = np.shape(tokens)[1]
+        positions = np.asarray(starts, np.int32)[:, None] + np.arange(c, dtype=np.int32)
+        return self._run(tables, tokens, positions, last)
+
+    def compile_count(self) -> int:
+        """Programs compiled for this model structure (shared by its executors)."""
+        return self._forward._cache_size()
+
+
+__all__ = ["ModelExecutor"]
