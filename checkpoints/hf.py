@@ -9,8 +9,8 @@ runs on device).
 
 from __future__ import annotations
 
-import json
 import re
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -21,8 +21,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from step3_jax.checkpoints import hf_mapping
+from step3_jax.checkpoints import hf_mapping, integrity
 from step3_jax.checkpoints.hf_mapping import Entry
+from step3_jax.checkpoints.integrity import MANIFEST_FILE, CheckpointFormatError
 from step3_jax.checkpoints.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -30,6 +31,7 @@ from step3_jax.checkpoints.safetensors_io import (
     TensorInfo,
     index_checkpoint,
     read_tensor,
+    shard_files,
 )
 from step3_jax.config import Step3Config
 from step3_jax.model import Step3Model
@@ -37,6 +39,9 @@ from step3_jax.policy import KernelPolicy
 
 FP8_MODES = ("dequantize", "keep")
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+# Dtypes a float parameter may be stored in; anything else (int8, bool, int64, float8_e5m2)
+# would be cast to float silently and is refused.
+FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float32, ml_dtypes.bfloat16, np.float16, np.float64))
 BLOCK = 128  # block-FP8 checkpoints: one scale per 128x128 block of the 2-D weight
 HOST_CAST_BYTES = 16 * 2**20  # dtype changes of tensors up to this size happen on the host
 ShardingSpec = Callable[[str], Sharding | None] | None
@@ -89,6 +94,11 @@ def _check_entry(e: Entry, ckpt: dict, misshaped: list, missing: list) -> None:
         misshaped.append(
             f"{e.hf_name}: checkpoint {list(info.shape)}, model expects "
             f"{list(e.hf_shape)} (-> {e.path_str})"
+        )
+    if info.dtype not in (*FLOAT_DTYPES, FP8):
+        misshaped.append(
+            f"{e.hf_name}: dtype {info.dtype} in the checkpoint, expected a float dtype "
+            f"({', '.join(map(str, FLOAT_DTYPES))}) or block-FP8 float8_e4m3fn"
         )
     if info.dtype != FP8:
         return
@@ -172,10 +182,25 @@ def dequantize_blocks(values: jax.Array, scale_inv: jax.Array, dtype=jnp.float32
     return (values.astype(jnp.float32) * s).astype(dtype)
 
 
-def _load_entry(e: Entry, ckpt: dict, target: Sharding, param_dtype, fp8: str):
-    """One parameter from disk to ``target``; returns ``(value, bytes read)``."""
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x.astype(jnp.float32)))
+
+
+@jax.jit
+def _valid_scales(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x) & (x > 0))
+
+
+def _load_entry(e: Entry, ckpt: dict, target: Sharding, param_dtype, fp8: str, checks: list):
+    """One parameter from disk to ``target``; returns ``(value, bytes read)``.
+
+    With a ``checks`` list, appends ``(tensor name, problem, on-device bool)`` per tensor read:
+    the values are checked where they land, and all flags come back in one transfer.
+    """
     info = ckpt[e.hf_name]
     host = read_tensor(info)
+    finite = "contains NaN or inf"
     if info.dtype != FP8:
         if info.dtype != np.dtype(param_dtype) and info.nbytes <= HOST_CAST_BYTES:
             # Small tensors: cast on the host (same IEEE round-to-nearest-even as XLA's
@@ -183,33 +208,90 @@ def _load_entry(e: Entry, ckpt: dict, target: Sharding, param_dtype, fp8: str):
             # dominated the demo model's start-up on CPU.
             host = host.astype(np.dtype(param_dtype))
         value = jax.device_put(e.transform.to_model(host, e.model_shape), target)
+        if checks is not None:
+            checks.append((info, finite, _all_finite(value)))
         return (value if value.dtype == param_dtype else value.astype(param_dtype)), info.nbytes
     sinfo = ckpt[e.scale_name]
     scale = jax.device_put(read_tensor(sinfo))
     nbytes = info.nbytes + sinfo.nbytes
-    if fp8 == "dequantize":
+    keep = fp8 == "keep"
+    raw = jax.device_put(host.reshape(e.model_shape), target) if keep else jax.device_put(host)
+    if checks is not None:
+        checks.append((info, finite, _all_finite(raw)))
+        checks.append((sinfo, "has a NaN, inf, zero or negative scale", _valid_scales(scale)))
+    if not keep:
         fn = jax.jit(
             lambda v, s: dequantize_blocks(v, s, param_dtype).reshape(e.model_shape),
             out_shardings=target,
         )
-        return fn(jax.device_put(host), scale), nbytes
+        return fn(raw, scale), nbytes
     from step3_jax.quant_model import Fp8Weight
 
-    values = jax.device_put(host.reshape(e.model_shape), target)
     scales = jax.device_put(scale, _scale_sharding(target))
-    return Fp8Weight(values, scales, num_contract=e.num_contract), nbytes
+    return Fp8Weight(raw, scales, num_contract=e.num_contract), nbytes
+
+
+def _raise_if_not_finite(checks: list) -> None:
+    flags = jax.device_get([c[2] for c in checks])
+    bad = [
+        f"{info.name} ({info.file.name}) {problem}"
+        for (info, problem, _), ok in zip(checks, flags, strict=True)
+        if not ok
+    ]
+    if bad:
+        raise CheckpointFormatError(
+            f"{len(bad)} tensor(s) hold invalid values (pass check_finite=False to load "
+            "anyway):\n  " + "\n  ".join(bad[:20])
+        )
 
 
 def read_config(path: str | Path) -> Step3Config:
-    """`Step3Config` from a checkpoint directory's ``config.json``."""
-    return Step3Config.from_hf_config(_read_hf_config(path))
+    """`Step3Config` from a checkpoint directory's ``config.json``.
+
+    Raises `CheckpointFormatError` naming the file (and, from `Step3Config`, the key) for
+    malformed JSON, wrong types and out-of-range values."""
+    return _config_from_hf(_read_hf_config(path), Path(path) / "config.json")
 
 
 def _read_hf_config(path: str | Path) -> dict:
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no config.json in {path}; pass config= explicitly")
-    return json.loads(cfg_path.read_text())
+    hf = integrity.load_json(cfg_path)
+    if not isinstance(hf, dict):
+        raise CheckpointFormatError(f"{cfg_path}: must hold a JSON object")
+    return hf
+
+
+def _config_from_hf(hf: dict, cfg_path: Path) -> Step3Config:
+    try:
+        return Step3Config.from_hf_config(hf)
+    except KeyError as e:
+        raise CheckpointFormatError(f"{cfg_path}: missing key {e}") from e
+    except (TypeError, ValueError, OverflowError) as e:
+        raise CheckpointFormatError(f"{cfg_path}: {e}") from e
+
+
+def verify_checkpoint(path: str | Path) -> bool:
+    """Checks every file listed in the checkpoint's SHA-256 manifest (`save_hf` writes one).
+
+    Returns False when the checkpoint has no manifest (nothing to verify); raises
+    `CheckpointFormatError` naming the first file whose size or hash differs, or a shard the
+    index names that the manifest does not cover."""
+    path = Path(path)
+    files = integrity.read_manifest(path)
+    if files is None:
+        return False
+    named = {
+        *shard_files(path)[1],
+        *(n for n in (INDEX_FILE, "config.json") if (path / n).is_file()),
+    }
+    if unlisted := sorted(named - set(files)):
+        raise CheckpointFormatError(
+            f"{path / MANIFEST_FILE}: does not cover {unlisted} (files changed after saving?)"
+        )
+    integrity.verify_manifest(path, files)
+    return True
 
 
 def check_quantization_config(hf: Mapping) -> None:
@@ -265,6 +347,8 @@ def load_hf(
     policy: KernelPolicy | None = None,
     fuse_qkv: bool = False,
     progress: bool | None = None,
+    verify: bool = True,
+    check_finite: bool = True,
     vision: VisionLoader | None = None,
 ) -> Step3Model:
     """Loads a Step-3 HF checkpoint (bf16/f32 or block-FP8 safetensors) into a `Step3Model`.
@@ -284,6 +368,11 @@ def load_hf(
         separately, then fused: `step3_jax.quant_model.fuse_qkv`; with ``fp8="keep"`` the
         block rows must concatenate exactly, i.e. ``share_q_dim`` a multiple of 128).
       progress: tqdm bar in bytes (default: on for checkpoints over 1 GiB).
+      verify: when the checkpoint has a SHA-256 manifest (`save_hf` writes one), check every
+        file against it first (costs one extra read of the checkpoint: see
+        docs/checkpoints.md for the measured rate).
+      check_finite: check on device that every tensor is finite and every FP8 scale is
+        finite and > 0 (all flags read back in one transfer at the end).
       vision: the VL release's vision half (`hf_mapping.VISION_PREFIXES`) is skipped unless
         this callback is given; it is called once, after the text model is loaded, with
         ``{on-disk name: TensorInfo}`` of every vision tensor (read one with
@@ -296,16 +385,20 @@ def load_hf(
     ``model.vit_*``). ``quantization_config`` is checked (`check_quantization_config`).
 
     Raises:
-      CheckpointMismatchError: missing / unexpected / mis-shaped tensors, all listed at once.
-      CheckpointFormatError: a truncated or malformed file.
+      CheckpointMismatchError: missing / unexpected / mis-shaped / wrongly typed tensors, all
+        listed at once.
+      CheckpointFormatError: a truncated, malformed or corrupt file, a path that leaves the
+        checkpoint directory, or non-finite values (the message names the file / tensor).
     """
     if fp8 not in FP8_MODES:
         raise ValueError(f"fp8 must be one of {FP8_MODES}, got {fp8!r}")
-    hf_cfg = (
-        _read_hf_config(path) if config is None or (Path(path) / "config.json").is_file() else {}
-    )
+    path = Path(path)
+    integrity.recover(path)  # a save killed between its two renames leaves `.<name>.old`
+    if verify:
+        verify_checkpoint(path)
+    hf_cfg = _read_hf_config(path) if config is None or (path / "config.json").is_file() else {}
     check_quantization_config(hf_cfg)
-    cfg = config or Step3Config.from_hf_config(hf_cfg)
+    cfg = config or _config_from_hf(hf_cfg, path / "config.json")
     target_of = resolve_sharding(sharding, mesh, specs)
     ckpt, dupes, vision_tensors = _canonical_tensors(index_checkpoint(path))
     table = hf_mapping.entries(cfg)
@@ -324,11 +417,14 @@ def load_hf(
     _check_table_covers_model(table, leaves)
     total = sum(ckpt[e.hf_name].nbytes for e in table)
     bar = _progress(total, progress)
+    checks = [] if check_finite else None
     for e in table:
-        value, nbytes = _load_entry(e, ckpt, target_of(e.path_str), param_dtype, fp8)
+        value, nbytes = _load_entry(e, ckpt, target_of(e.path_str), param_dtype, fp8, checks)
         leaves[e.path].set_value(value)
         bar.update(nbytes)
     bar.close()
+    if checks:
+        _raise_if_not_finite(checks)
     model = nnx.merge(graphdef, state)
     if fuse_qkv:
         from step3_jax.quant_model import fuse_qkv as fuse
@@ -416,6 +512,29 @@ def _tensor_specs(table, values, dtype) -> list[tuple[str, np.dtype, tuple[int, 
     return specs
 
 
+def _is_checkpoint_file(name: str) -> bool:
+    """Files a save replaces (the rest of an existing directory is carried over)."""
+    base = name.removesuffix(".tmp")
+    return base in (INDEX_FILE, SINGLE_FILE, "config.json", MANIFEST_FILE) or (
+        base.startswith("model") and base.endswith(".safetensors")
+    )
+
+
+def _check_save_dtype(dtype) -> np.dtype | None:
+    if dtype is None:
+        return None
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"save_hf: dtype={dtype!r} is not a dtype") from e
+    if dt not in FLOAT_DTYPES:
+        raise ValueError(
+            f"save_hf: dtype={dt} would round the float weights; use one of "
+            f"{', '.join(map(str, FLOAT_DTYPES))} (block-FP8 comes from Fp8Weight leaves)"
+        )
+    return dt
+
+
 def save_hf(
     model: Step3Model,
     path: str | Path,
@@ -426,26 +545,36 @@ def save_hf(
     extra_tensors: Mapping[str, np.ndarray] | None = None,
     extra_config: Mapping | None = None,
 ) -> dict:
-    """Writes ``model`` as an HF checkpoint: sharded safetensors + index + ``config.json``.
+    """Writes ``model`` as an HF checkpoint: sharded safetensors + index + ``config.json`` +
+    a SHA-256 manifest (``step3_jax.manifest.json``, verified by `load_hf`).
 
-    Float params are cast to ``dtype`` (default: as stored); `Fp8Weight` leaves are written
-    as block-FP8 (``weight`` float8_e4m3fn + ``weight_scale_inv`` f32). One tensor is on the
-    host at a time. A fused ``qkv_proj`` (`MFAttention.fuse_qkv`) is written as the separate
-    q_proj/k_proj/v_proj tensors, so the checkpoint is the same as the unfused model's.
-    Refuses to replace an existing checkpoint unless ``overwrite=True``.
+    Float params are cast to ``dtype`` (a float dtype; default: as stored); `Fp8Weight`
+    leaves are written as block-FP8 (``weight`` float8_e4m3fn + ``weight_scale_inv`` f32). One
+    tensor is on the host at a time. A fused ``qkv_proj`` (`MFAttention.fuse_qkv`) is written
+    as the separate q_proj/k_proj/v_proj tensors, so the checkpoint is the same as the unfused
+    model's. Refuses to replace an existing checkpoint unless ``overwrite=True``.
     ``extra_tensors`` (HF name -> host array, written as is after the text model's) and
     ``extra_config`` (top-level keys; the text keys then nest under ``text_config``) carry the
-    vision half of a VL model (`save_hf_vl`). Returns the index dict.
+    vision half of a VL model (`save_hf_vl`).
+
+    Atomic: everything is written to a hidden sibling folder first, then swapped in by
+    renames, then the old checkpoint is deleted (other files of the old folder, e.g. a
+    tokenizer, are kept). A crash at any point leaves the old or the new checkpoint
+    loadable by `load_hf`, never a mix. Returns the index dict.
     """
-    path = Path(path)
-    old = [*path.glob("model*.safetensors"), path / INDEX_FILE, path / SINGLE_FILE]
-    old = [p for p in old if p.exists()]
+    dtype = _check_save_dtype(dtype)
+    path = integrity.recover(Path(path).absolute())
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"save_hf: {path} exists and is not a directory")
+    old = (
+        sorted(p.name for p in path.iterdir() if _is_checkpoint_file(p.name))
+        if path.is_dir()
+        else []
+    )
     if old and not overwrite:
         raise FileExistsError(
-            f"{path} already holds a checkpoint ({old[0].name}); pass overwrite=True to replace it"
+            f"{path} already holds a checkpoint ({old[0]}); pass overwrite=True to replace it"
         )
-    for p in old:
-        p.unlink()
     table = hf_mapping.entries(model.config)
     values = param_values(model)
     if set(values) != {e.path for e in table}:
@@ -471,12 +600,29 @@ def save_hf(
             cache.update(_host_tensors(e, values[e.path], dtype))
         return cache.pop(name)
 
-    fp8 = any(s[1] == FP8 for s in specs)
-    index = ShardWriter(path, max_shard_bytes).write(specs, get, {"producer": "step3_jax"})
+    staged = integrity.staging_dir(path)
+    if staged.exists():
+        shutil.rmtree(staged)  # left by an earlier save that died before its swap
+    staged.mkdir(parents=True)
+    integrity.fault_point("staging_created")
+    writer = ShardWriter(staged, max_shard_bytes)
+    index = writer.write(specs, get, {"producer": "step3_jax"})
+    integrity.write_json_atomic(
+        staged / "config.json", _hf_config(model, values, specs, dtype, extra_config)
+    )
+    integrity.fault_point("wrote_config")
+    digests = {**writer.digests, **integrity.digest_files(staged, ["config.json"])}
+    integrity.write_manifest(staged, digests)
+    integrity.fault_point("wrote_manifest")
+    integrity.replace_directory(staged, path, keep=lambda n: not _is_checkpoint_file(n))
+    return index
+
+
+def _hf_config(model, values, specs, dtype, extra_config=None) -> dict:
     hf_cfg = model.config.to_hf_config()
     stored = dtype or values[("norm", "weight")].dtype
     hf_cfg["torch_dtype"] = np.dtype(stored).name
-    if fp8:
+    if any(s[1] == FP8 for s in specs):
         hf_cfg["quantization_config"] = {
             "quant_method": "fp8",
             "fmt": "e4m3",
@@ -486,8 +632,7 @@ def save_hf(
     if extra_config is not None:
         top = {k: hf_cfg[k] for k in ("torch_dtype", "quantization_config") if k in hf_cfg}
         hf_cfg = {**extra_config, "text_config": hf_cfg, **top}
-    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    return index
+    return hf_cfg
 
 
 def load_hf_vl(path: str | Path, config: Step3Config | None = None, vision_config=None, **kwargs):
@@ -533,4 +678,5 @@ __all__ = [
     "save_hf",
     "save_hf_vl",
     "validate",
+    "verify_checkpoint",
 ]

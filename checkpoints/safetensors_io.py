@@ -1,21 +1,30 @@
-"""Streaming safetensors reading and writing, one tensor at a time.
+"""Safetensors reading (the ``safetensors`` package's validating reader) and streaming writing.
 
 A safetensors file is ``u64 little-endian header length | JSON header | raw data``; the header
 maps each name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the
-data section) plus an optional ``"__metadata__"``. We parse the header ourselves so a load can
-(a) validate every name and shape before reading any data, (b) read exactly one tensor into
-host memory at a time (peak host memory about the largest tensor, never the checkpoint), and
-(c) name the file and tensor when a file is truncated or malformed. Files written here load
-with the ``safetensors`` package and vice versa (tests check both directions).
+data section) plus an optional ``"__metadata__"``.
+
+Reading goes through ``safetensors.safe_open``, which validates the whole header before any
+data is touched: duplicate names, negative, overlapping or out-of-order offsets, gaps, bytes
+past the last tensor, a length word larger than the file, shape overflow. Its errors are
+re-raised as `CheckpointFormatError` naming the file. Each tensor is then read on its own
+(`read_tensor`: peak host memory about one tensor, never the checkpoint).
+
+FP8 exception (measured with safetensors 0.8.0): ``safe_open(..., "numpy").get_tensor`` of an
+``F8_E4M3`` tensor raises ``AttributeError: module 'numpy' has no attribute 'float8_e4m3fn'``
+(the "flax"/"jax" frameworks go through the same numpy step). For FP8 tensors only, the bytes
+are read at the offsets of the header that ``safe_open`` has just validated.
 
 A sharded checkpoint is a directory with ``model.safetensors.index.json``
 (``{"metadata": {"total_size": ...}, "weight_map": {name: file}}``) and its shards; an
-unsharded one has a single ``model.safetensors``.
+unsharded one has a single ``model.safetensors``. Every shard named by the index must lie
+inside the directory (`step3_jax.checkpoints.integrity.confined`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import struct
@@ -24,10 +33,18 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from step3_jax.checkpoints.integrity import (
+    CheckpointFormatError,
+    confined,
+    fault_point,
+    load_json,
+    parse_json,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-MAX_HEADER_BYTES = 100 * 2**20  # a corrupt length word must not make us allocate gigabytes
 
 DTYPES = {
     "F64": np.dtype(np.float64),
@@ -44,10 +61,7 @@ DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class CheckpointFormatError(ValueError):
-    """A checkpoint file is missing, truncated or malformed (the message names the file)."""
+_RAW_READ = {"F8_E4M3", "F8_E5M2"}  # safe_open's numpy path cannot build these (see above)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,45 +76,66 @@ class TensorInfo:
     nbytes: int
 
 
+def _open(path: Path):
+    """``safe_open`` with its errors turned into `CheckpointFormatError` naming ``path``."""
+    try:
+        return safe_open(str(path), "numpy")
+    except SafetensorError as e:
+        hint = " (truncated, or not a safetensors file)" if "covered" in str(e) else ""
+        raise CheckpointFormatError(f"{path}: invalid safetensors file: {e}{hint}") from e
+    except OSError as e:
+        raise CheckpointFormatError(f"{path}: cannot read as a safetensors file ({e})") from e
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parses one safetensors file's header; checks every tensor's bytes lie in the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointFormatError(f"{path}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(MAX_HEADER_BYTES, size - 8):
-            raise CheckpointFormatError(
-                f"{path}: header length {n} exceeds the file ({size} bytes): truncated or "
-                "not a safetensors file"
-            )
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointFormatError(f"{path}: unreadable safetensors header ({e})") from e
+    """Every tensor of one safetensors file, after ``safe_open`` has validated the header."""
+    path = Path(path)
+    with _open(path) as f:
+        names = set(f.keys())
+    with open(path, "rb") as f:  # validated above: length and JSON are sound
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = parse_json(f.read(n), path)
     out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if meta.get("dtype") not in DTYPES:
+    for name in names:
+        meta = header[name]
+        if meta["dtype"] not in DTYPES:
             raise CheckpointFormatError(
-                f"{path}: tensor {name!r} has unsupported dtype {meta.get('dtype')!r}"
+                f"{path}: tensor {name!r} has dtype {meta['dtype']}, which step3_jax does not "
+                f"load (supported: {sorted(DTYPES)})"
             )
-        dtype, shape = DTYPES[meta["dtype"]], tuple(int(s) for s in meta["shape"])
-        begin, end = (int(o) for o in meta["data_offsets"])
-        if end - begin != int(np.prod(shape)) * dtype.itemsize or end < begin:
-            raise CheckpointFormatError(
-                f"{path}: tensor {name!r} {meta['dtype']}{list(shape)} has data_offsets "
-                f"[{begin}, {end}] of the wrong length"
-            )
-        if 8 + n + end > size:
-            raise CheckpointFormatError(
-                f"{path}: tensor {name!r} ends at byte {8 + n + end} but the file has {size} "
-                "bytes: the file is truncated"
-            )
-        out[name] = TensorInfo(name, path, dtype, shape, 8 + n + begin, end - begin)
+        begin, end = meta["data_offsets"]
+        info = TensorInfo(
+            name, path, DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + begin, end - begin
+        )
+        out[name] = info
     return out
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    data = load_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointFormatError(
+            f"{index}: not a safetensors index (needs a 'weight_map' object of name -> file)"
+        )
+    return weight_map
+
+
+def shard_files(path: Path) -> tuple[dict[str, str] | None, list[str]]:
+    """``(weight_map or None, shard file names)`` of a checkpoint directory; every name is
+    confined to the directory."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = _weight_map(index)
+        files = sorted(set(weight_map.values()))
+        for file in files:
+            confined(path, file, str(index))
+        return weight_map, files
+    if (path / SINGLE_FILE).is_file():
+        return None, [SINGLE_FILE]
+    raise FileNotFoundError(f"{path} has neither {INDEX_FILE} nor {SINGLE_FILE}")
 
 
 def index_checkpoint(path: str | Path) -> dict[str, TensorInfo]:
@@ -110,25 +145,17 @@ def index_checkpoint(path: str | Path) -> dict[str, TensorInfo]:
         return read_header(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    weight_map, files = shard_files(path)
     index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointFormatError(f"{index}: not a safetensors index ({e!r})") from e
-        files = sorted(set(weight_map.values()))
-    elif (path / SINGLE_FILE).is_file():
-        weight_map, files = None, [SINGLE_FILE]
-    else:
-        raise FileNotFoundError(f"{path} has neither {INDEX_FILE} nor {SINGLE_FILE}")
     tensors: dict[str, TensorInfo] = {}
     for file in files:
-        if not (path / file).is_file():
+        shard = path / file
+        if not shard.is_file():
             raise CheckpointFormatError(f"{index}: shard {file} is missing from {path}")
-        for name, info in read_header(path / file).items():
+        for name, info in read_header(shard).items():
             if weight_map is not None and weight_map.get(name) != file:
                 raise CheckpointFormatError(
-                    f"{path / file}: tensor {name!r} is not mapped to this shard by {INDEX_FILE}"
+                    f"{shard}: tensor {name!r} is not mapped to this shard by {INDEX_FILE}"
                 )
             tensors[name] = info
     if weight_map is not None and set(weight_map) - set(tensors):
@@ -138,14 +165,24 @@ def index_checkpoint(path: str | Path) -> dict[str, TensorInfo]:
 
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
-    """Reads exactly one tensor into a fresh host array (the only host copy made)."""
-    out = np.empty(info.shape, info.dtype)
-    with open(info.file, "rb") as f:
-        f.seek(info.start)
-        got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
-    if got != info.nbytes:
+    """Reads exactly one tensor into host memory (``safe_open``; FP8 at validated offsets)."""
+    if DTYPE_NAMES[info.dtype] not in _RAW_READ:
+        with _open(info.file) as f:
+            out = f.get_tensor(info.name)
+    else:
+        out = np.empty(info.shape, info.dtype)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        if got != info.nbytes:
+            raise CheckpointFormatError(
+                f"{info.file}: tensor {info.name!r} is truncated (read {got} of {info.nbytes} "
+                "bytes): the file changed after its header was read"
+            )
+    if out.dtype != info.dtype or out.shape != info.shape:
         raise CheckpointFormatError(
-            f"{info.file}: tensor {info.name!r} is truncated (read {got} of {info.nbytes} bytes)"
+            f"{info.file}: tensor {info.name!r} read as {out.dtype}{list(out.shape)}, header "
+            f"says {info.dtype}{list(info.shape)}"
         )
     return out
 
@@ -179,25 +216,36 @@ class ShardWriter:
     def write(self, specs, get_tensor, metadata: dict[str, str] | None = None) -> dict:
         """Writes all tensors; ``get_tensor(name) -> np.ndarray`` is called once per name.
 
-        Returns the index dict (also written to ``model.safetensors.index.json``).
+        Returns the index dict (also written to ``model.safetensors.index.json``). After the
+        call ``self.digests`` holds ``{file: {"sha256", "bytes"}}`` for every shard and the
+        index, hashed while writing (no second read).
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         shards = self.plan(specs)
-        weight_map, total = {}, 0
+        weight_map, total, self.digests = {}, 0, {}
         for s, shard in enumerate(shards):
             fname = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
-            self._write_shard(self.directory / fname, shard, get_tensor, metadata)
+            self.digests[fname] = self._write_shard(
+                self.directory / fname, shard, get_tensor, metadata
+            )
+            fault_point(f"wrote_shard_{s + 1}")
             for name, _, _, nbytes in shard:
                 weight_map[name] = fname
                 total += nbytes
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        text = (json.dumps(index, indent=2) + "\n").encode()
         tmp = self.directory / (INDEX_FILE + ".tmp")
-        tmp.write_text(json.dumps(index, indent=2) + "\n")
+        with open(tmp, "wb") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.directory / INDEX_FILE)
+        self.digests[INDEX_FILE] = {"sha256": hashlib.sha256(text).hexdigest(), "bytes": len(text)}
+        fault_point("wrote_index")
         return index
 
     @staticmethod
-    def _write_shard(path: Path, shard, get_tensor, metadata) -> None:
+    def _write_shard(path: Path, shard, get_tensor, metadata) -> dict:
         header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
         offset = 0
         for name, dtype, shape, nbytes in shard:
@@ -209,9 +257,11 @@ class ShardWriter:
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # data section 8-byte aligned, as safetensors writes
+        blob = struct.pack("<Q", len(blob)) + blob
+        digest, size = hashlib.sha256(blob), len(blob)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
+            f.write(blob)
             for name, dtype, shape, _ in shard:
                 arr = np.ascontiguousarray(get_tensor(name))
                 if arr.dtype != dtype or arr.shape != shape:
@@ -219,8 +269,15 @@ class ShardWriter:
                         f"tensor {name!r}: planned {dtype}{list(shape)}, got "
                         f"{arr.dtype}{list(arr.shape)}"
                     )
-                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+                data = memoryview(arr.reshape(-1).view(np.uint8))
+                f.write(data)
+                digest.update(data)
+                size += arr.nbytes
+                fault_point("wrote_tensor")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        return {"sha256": digest.hexdigest(), "bytes": size}
 
 
 __all__ = [
@@ -232,4 +289,5 @@ __all__ = [
     "index_checkpoint",
     "read_header",
     "read_tensor",
+    "shard_files",
 ]

@@ -21,6 +21,10 @@ implementation) -> o``. Other caches implement the same two (the AFD arena cache
 
 from __future__ import annotations
 
+import numbers
+import os
+
+import jax
 import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Float, Int
@@ -55,6 +59,48 @@ def attend_cache(q, k, v, k_scale, v_scale, positions, implementation, **paged):
     return mfa_attention_xla(q, kd, vd, positions, kv_lengths=lengths)
 
 
+SUPPORTED_DTYPES = ("bfloat16", "float32", "float16", "float8_e4m3fn")
+
+
+def _check_cache_request(shape: tuple, dtype) -> bool:
+    """Validates `KVCache.create` arguments before allocation; returns whether it is FP8.
+
+    The estimate (k + v, plus two float32 scales per token for FP8) must fit the free
+    memory of the default device (``memory_stats`` on GPU; ``MemAvailable`` on a CPU host),
+    so an absurd request raises instead of aborting the process.
+    """
+    names = ("num_layers", "batch", "max_len", "head_dim")
+    for name, val in zip(names, shape, strict=True):
+        if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val <= 0:
+            raise ValueError(f"KVCache.create: {name} must be an integer > 0, got {val!r}")
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"KVCache.create: dtype={dtype!r} is not a dtype") from e
+    if dt.name not in SUPPORTED_DTYPES:
+        raise ValueError(f"KVCache.create: dtype {dt.name} not in {SUPPORTED_DTYPES}")
+    fp8 = dt == jnp.dtype(quant.FP8_DTYPE)
+    tokens = shape[0] * shape[1] * shape[2]  # python ints: no overflow
+    need = 2 * tokens * (shape[3] * dt.itemsize + (4 if fp8 else 0))
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                free = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable"))
+        except (OSError, StopIteration):
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > free:
+        raise ValueError(
+            f"KVCache.create: a [L, B, S, H] = {list(shape)} {dt.name} cache needs "
+            f"{need / 2**30:.3g} GiB, more than the {free / 2**30:.3g} GiB free on "
+            f"{device.device_kind}: lower batch or max_len"
+        )
+    return fp8
+
+
 @struct.dataclass
 class KVCache:
     k: Array  # [L, B, S, H]
@@ -67,12 +113,12 @@ class KVCache:
     def create(
         cls, num_layers: int, batch: int, max_len: int, head_dim: int, dtype=jnp.bfloat16
     ) -> KVCache:
-        """An empty cache (zeros, lengths 0). ``dtype=jnp.float8_e4m3fn`` makes an FP8 cache."""
-        for name, val in (("num_layers", num_layers), ("batch", batch), ("max_len", max_len)):
-            if int(val) <= 0:
-                raise ValueError(f"KVCache.create: {name} must be > 0, got {val}")
+        """An empty cache (zeros, lengths 0). ``dtype=jnp.float8_e4m3fn`` makes an FP8 cache.
+
+        Validated before anything is allocated: positive integer sizes, a supported dtype
+        (`SUPPORTED_DTYPES`) and a size that fits the device's free memory."""
         shape = (num_layers, batch, max_len, head_dim)
-        fp8 = jnp.dtype(dtype) == jnp.dtype(quant.FP8_DTYPE)
+        fp8 = _check_cache_request(shape, dtype)
         scales = jnp.ones(shape[:3], jnp.float32) if fp8 else None
         return cls(
             k=jnp.zeros(shape, dtype),
@@ -84,7 +130,7 @@ class KVCache:
 
     @classmethod
     def for_config(cls, config, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
-        if max_len > config.max_position_embeddings:
+        if isinstance(max_len, numbers.Integral) and max_len > config.max_position_embeddings:
             raise ValueError(
                 f"max_len={max_len} exceeds max_position_embeddings="
                 f"{config.max_position_embeddings}"
@@ -167,4 +213,4 @@ class KVCache:
         return quant.dequantize_kv(k, ks, dtype), quant.dequantize_kv(v, vs, dtype)
 
 
-__all__ = ["KVCache"]
+__all__ = ["SUPPORTED_DTYPES", "KVCache"]

@@ -9,8 +9,59 @@ E experts, K top-k, F FFN hidden, V vocab, L layers.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
+
+# Upper bounds, far above any real model, checked before anything is sized from the config (a
+# corrupt config.json must raise, not spend minutes allocating). Step-3 is 61 layers, D 7168,
+# V 128815, 48 experts, 64K context.
+_MAX = {
+    "vocab_size": 2**24,
+    "hidden_size": 2**17,
+    "num_layers": 2**12,
+    "num_heads": 2**12,
+    "head_dim": 2**12,
+    "share_q_dim": 2**17,
+    "intermediate_size": 2**20,
+    "num_experts": 2**14,
+    "top_k": 2**14,
+    "moe_intermediate_size": 2**20,
+    "share_expert_dim": 2**20,
+    "max_position_embeddings": 2**24,
+}
+# HF config.json keys read by `Step3Config.from_hf_config`, checked for type before use.
+_HF_INT_KEYS = (
+    "vocab_size hidden_size num_hidden_layers num_attention_heads head_dim share_q_dim "
+    "intermediate_size moe_num_experts moe_top_k moe_intermediate_size share_expert_dim "
+    "max_position_embedding max_position_embeddings num_attention_groups"
+).split()
+_HF_FLOAT_KEYS = ("rms_norm_eps", "rope_theta")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_hf_values(hf: Mapping[str, Any]) -> None:
+    """Types and sizes of the HF keys, before any is used to size anything (names the key)."""
+    for key in _HF_INT_KEYS:
+        if key in hf and not _is_int(hf[key]):
+            raise ValueError(f"config key {key!r} must be an integer, got {hf[key]!r}")
+    for key in _HF_FLOAT_KEYS:
+        if key in hf and not (_is_real(hf[key]) and math.isfinite(hf[key])):
+            raise ValueError(f"config key {key!r} must be a finite number, got {hf[key]!r}")
+    layers = hf.get("num_hidden_layers")
+    if _is_int(layers) and not 0 < layers <= _MAX["num_layers"]:
+        raise ValueError(
+            f"config key 'num_hidden_layers' must be in [1, {_MAX['num_layers']}], got {layers}"
+        )
+
 
 ROPE_SCALING_TYPES = ("linear",)
 
@@ -82,16 +133,19 @@ class Step3Config:
     rope_scaling: RopeScaling | None = None  # None: plain RoPE (the release)
 
     def __post_init__(self):
-        positive = (
-            "vocab_size hidden_size num_layers num_heads head_dim share_q_dim "
-            "intermediate_size num_experts top_k moe_intermediate_size max_position_embeddings"
-        ).split()
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"Step3Config.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("rms_norm_eps", "rope_theta"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"Step3Config.{name} must be > 0, got {getattr(self, name)}")
+        for name, hi in _MAX.items():
+            value = getattr(self, name)
+            low = 0 if name == "share_expert_dim" else 1
+            if not _is_int(value) or not low <= value <= hi:
+                raise ValueError(
+                    f"Step3Config.{name} must be an integer in [{low}, {hi}], got {value!r}"
+                )
+        for name, hi in (("rms_norm_eps", 1.0), ("rope_theta", 1e12)):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 < value <= hi:  # NaN fails too
+                raise ValueError(
+                    f"Step3Config.{name} must be a finite number in (0, {hi:g}], got {value!r}"
+                )
         if self.share_expert_dim < 0:
             raise ValueError(
                 f"Step3Config.share_expert_dim must be >= 0 (0: none), got {self.share_expert_dim}"
@@ -100,9 +154,11 @@ class Step3Config:
             raise ValueError(f"Step3Config.head_dim must be even for RoPE, got {self.head_dim}")
         if not 0 < self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if isinstance(self.moe_layer_ids, (str, bytes)):
+            raise ValueError(f"moe_layer_ids must be a tuple of ints, got {self.moe_layer_ids!r}")
         ids = tuple(self.moe_layer_ids)
         object.__setattr__(self, "moe_layer_ids", ids)
-        bad = [i for i in ids if not 0 <= i < self.num_layers]
+        bad = [i for i in ids if not _is_int(i) or not 0 <= i < self.num_layers]
         if bad or len(set(ids)) != len(ids):
             raise ValueError(
                 f"moe_layer_ids must be distinct layer indices in [0, {self.num_layers}), got {ids}"
@@ -146,6 +202,7 @@ class Step3Config:
         if "text_config" in hf or hf.get("model_type") == "step3_vl":
             hf = hf.get("text_config") or {}
         hf = {**HF_TEXT_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+        _check_hf_values(hf)
         num_layers = int(hf["num_hidden_layers"])
         max_pos = hf.get("max_position_embeddings", hf["max_position_embedding"])
         if int(hf["num_attention_groups"]) != 1:

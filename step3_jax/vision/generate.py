@@ -19,8 +19,7 @@ import numpy as np
 from flax import nnx
 
 from step3_jax import decode
-from step3_jax.cache import KVCache
-from step3_jax.sampling import SamplingConfig, sample
+from step3_jax.sampling import sample
 from step3_jax.vision.model import Step3VLModel
 from step3_jax.vision.preprocess import ImageSpecialTokens, expand_prompt, preprocess_images
 
@@ -88,9 +87,9 @@ def generate_prepared(
     max_new_tokens: int,
     *,
     image_lengths: Sequence[int] | None = None,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    temperature: float | Sequence[float] = 0.0,
+    top_k: int | Sequence[int] = 0,
+    top_p: float | Sequence[float] = 1.0,
     stop_tokens: Sequence[int] = (),
     seed: int = 0,
     max_cache_len: int | None = None,
@@ -105,10 +104,8 @@ def generate_prepared(
     keep their text embedding, as in the decode loop.
     """
     cfg = model.config
-    if int(max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    sampling = SamplingConfig(temperature, top_k, top_p)
-    t0 = time.perf_counter()
+    stops = decode._check_args(cfg, max_new_tokens, stop_tokens, seed, max_cache_len)
+    clock = (decode._compile_clock["seconds"], time.perf_counter())
     tokens, lengths = decode._prepare_prompts([list(p) for p in prompts], cfg.vocab_size)
     limits = lengths if image_lengths is None else np.asarray(image_lengths, np.int32)
     if limits.shape != lengths.shape or np.any(limits > lengths):
@@ -116,36 +113,19 @@ def generate_prepared(
             f"image_lengths={list(limits)} must give one length <= the prompt's per prompt "
             f"(prompt lengths {list(lengths)})"
         )
-    needed = int(lengths.max()) + int(max_new_tokens)
-    limit = cfg.max_position_embeddings
-    cache_len = max_cache_len or min(max(decode._bucket(needed, 64), tokens.shape[1]), limit)
-    if tokens.shape[1] > cache_len >= lengths.max():
-        tokens = tokens[:, :cache_len]
-    if needed > cache_len or cache_len > limit:
-        raise ValueError(
-            f"longest prompt with its image tokens ({lengths.max()}) + max_new_tokens "
-            f"({max_new_tokens}) = {needed} tokens do not fit a cache of {cache_len} slots "
-            f"(max_cache_len={max_cache_len}, max_position_embeddings={limit})"
-        )
-    cache = KVCache.for_config(cfg, tokens.shape[0], cache_len, cache_dtype or model.dtype)
-    stops = jnp.asarray(list(stop_tokens) or [decode.PAD_OUTPUT], jnp.int32)
-
+    plan = decode._plan(cfg, tokens, lengths, max_new_tokens, (temperature, top_k, top_p), stops,
+                        max_cache_len, cache_dtype or model.dtype)  # fmt: skip
+    all_limits = np.zeros(len(plan.lengths), np.int32)  # padding rows: no placeholders
+    all_limits[: len(limits)] = limits
     graphdef, state = nnx.split(model)
     logits, cache = _prefill(
-        graphdef, state, jnp.asarray(tokens), features, jnp.asarray(lengths),
-        jnp.asarray(limits), cache,
-    )  # fmt: skip
-    first = sample(logits, jax.random.key(seed), sampling)
-    first.block_until_ready()
-    t1 = time.perf_counter()
+        graphdef, state, plan.tokens, features, plan.lengths, all_limits, plan.cache
+    )
+    first = sample(logits, jax.random.key(seed), plan.params)
     text_def, text_state = nnx.split(model.text)
-    out, steps, cache = decode._decode_loop(
-        text_def, text_state, cache, first, jax.random.key(seed + 1),
-        jnp.int32(max_new_tokens), stops, sampling, decode._bucket(max_new_tokens, 16),
-    )  # fmt: skip
-    out = np.asarray(out)
-    t2 = time.perf_counter()
-    return decode._collect(out, int(steps), max_new_tokens, set(stop_tokens), t1 - t0, t2 - t1)
+    return decode._decode_and_collect(
+        text_def, text_state, plan, cache, first, seed, max_new_tokens, clock
+    )
 
 
 __all__ = ["generate", "generate_prepared", "prepare"]

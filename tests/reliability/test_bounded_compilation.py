@@ -1,0 +1,159 @@
+"""Issue 15, recompile storms: sampling settings are traced, shapes are bucketed.
+
+At b4ff9dc every new temperature / top_p / stop-token count recompiled the decode loop
+(~1.8 s and +14.5 MB per call, a segfault after ~125 calls) and every batch size was its own
+compilation (64 sizes -> 443 compiles). Here compiles are counted with JAX's own monitoring
+events (one ``backend_compile`` event per XLA compilation, whatever triggered it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+
+import jax
+import numpy as np
+import pytest
+from rel_fixtures import build_model, tiny_config
+
+import step3_jax as s3
+from step3_jax import decode as decode_mod
+
+psutil = pytest.importorskip("psutil")  # dev extra; absent from the offline GPU image
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Yields a one-element list holding the number of XLA compilations so far."""
+    count = [0]
+
+    def listener(event, duration, **_):
+        if event == BACKEND_COMPILE:
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _random_call(rng, model, max_batch, max_prompt, max_new):
+    """One generate call with a random batch, prompt lengths and per-request sampling."""
+    batch = int(rng.integers(1, max_batch + 1))
+    vocab = model.config.vocab_size
+    prompts = [
+        rng.integers(0, vocab, int(rng.integers(1, max_prompt + 1))).tolist() for _ in range(batch)
+    ]
+    greedy = rng.random(batch) < 0.3
+    kwargs = dict(
+        temperature=np.where(greedy, 0.0, rng.uniform(0.1, 2.0, batch)).tolist(),
+        top_k=rng.integers(0, vocab + 1, batch).tolist(),
+        top_p=rng.uniform(0.05, 1.0, batch).tolist(),
+        stop_tokens=rng.integers(0, vocab, int(rng.integers(0, 5))).tolist(),
+        seed=int(rng.integers(0, 2**31)),
+    )
+    return s3.generate(model, prompts, max_new, **kwargs), (batch, max(map(len, prompts)))
+
+
+def _bucket_key(batch, longest):
+    return decode_mod._bucket(batch, 1), decode_mod._bucket(longest, 8)
+
+
+def _warm_up(model, batches, prompt_lengths, max_new):
+    keys = set()
+    for b in batches:
+        for t in prompt_lengths:
+            s3.generate(model, [[1] * t] * b, max_new, temperature=0.7, stop_tokens=[3])
+            keys.add(_bucket_key(b, t))
+    return keys
+
+
+def _run(model, calls, max_batch, max_prompt, max_new, seed):
+    """Warm every bucket up, then ``calls`` random calls: returns (compiles during the
+    random calls, RSS growth in bytes, number of buckets).
+
+    RSS is sampled after every call. A single sample swings by tens of MB with what the
+    allocator keeps of the last call's buffers (measured: -4 to +30 MB around a flat trend on
+    Step3Config.tiny(), batches up to 64), so growth is the median of the last quarter of the
+    samples minus the median of the first quarter: a leak moves it, one large call does not.
+    """
+    batches = [2**i for i in range(max_batch.bit_length())]
+    prompts = sorted({min(decode_mod._bucket(t, 8), max_prompt) for t in range(1, max_prompt + 1)})
+    with count_compiles() as warm_count:
+        keys = _warm_up(model, batches, prompts, max_new)
+    # Prefill, decode loop, cache zeros and the first-call helpers: a few programs per bucket.
+    assert warm_count[0] <= 4 * len(keys) + 10
+    rng = np.random.default_rng(seed)
+    process, rss = psutil.Process(), []
+    with count_compiles() as count:
+        for _ in range(calls):
+            _, shape = _random_call(rng, model, max_batch, max_prompt, max_new)
+            assert _bucket_key(*shape) in keys
+            gc.collect()
+            rss.append(process.memory_info().rss)
+    quarter = max(1, calls // 4)
+    growth = np.median(rss[-quarter:]) - np.median(rss[:quarter])
+    return count[0], growth, len(keys)
+
+
+# A config no other test module builds, so this module's first call really compiles.
+CFG = tiny_config(vocab_size=96)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(CFG, seed=2)
+
+
+def test_random_sampling_settings_share_one_compilation_fast(model):
+    """Fast version (default run): one bucket (batch 3-4, prompts 1-8), 40 random calls with
+    random temperature / top-k / top-p per request and 0-4 stop tokens: no compile after the
+    first call, whose compile time is reported apart from its decode time."""
+    first = s3.generate(model, [[1, 2]] * 3, 4, temperature=0.5, stop_tokens=[7])
+    assert first.compile_seconds > 0.1 and first.decode_seconds < first.compile_seconds
+    gc.collect()
+    rss0 = psutil.Process().memory_info().rss
+    rng = np.random.default_rng(0)
+    with count_compiles() as count:
+        for _ in range(40):
+            batch = int(rng.integers(3, 5))
+            prompts = [rng.integers(0, 96, int(rng.integers(1, 9))).tolist() for _ in range(batch)]
+            out = s3.generate(
+                model,
+                prompts,
+                4,
+                temperature=rng.uniform(0.0, 2.0, batch).tolist(),
+                top_k=rng.integers(0, 97, batch).tolist(),
+                top_p=rng.uniform(0.05, 1.0, batch).tolist(),
+                stop_tokens=rng.integers(0, 96, int(rng.integers(0, 5))).tolist(),
+                seed=int(rng.integers(0, 2**31)),
+            )
+            assert out.compile_seconds == 0.0
+    gc.collect()
+    assert count[0] == 0
+    assert psutil.Process().memory_info().rss - rss0 < 50 * 2**20
+
+
+@pytest.mark.slow
+def test_200_random_calls_compile_once_per_bucket_and_memory_stays_flat():
+    """The issue's target: 200 calls, batch 1-64, prompt 1-200, on Step3Config.tiny()."""
+    big = build_model(s3.Step3Config.tiny(), seed=2)
+    compiles, growth, buckets = _run(big, 200, 64, 200, 4, seed=1)
+    assert buckets == 7 * 6
+    assert compiles == 0
+    assert growth < 50 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB"
+
+
+def test_mixed_batch_rows_follow_their_own_settings(model):
+    """A greedy row in a batch with sampled rows equals that prompt decoded greedily (in the
+    same bucket, so no extra compile); the sampled rows change with the seed."""
+    prompts = [[5, 9, 2], [7, 1], [3, 3, 3, 4]]
+    alone = s3.generate(model, [prompts[1]] * 3, 4)
+    kw = dict(temperature=[1.5, 0.0, 1.0], top_k=[0, 0, 5], top_p=[0.9, 1.0, 1.0])
+    runs = [s3.generate(model, prompts, 4, seed=seed, **kw) for seed in (0, 11, 12)]
+    for run in runs:
+        assert run.tokens[1] == alone.tokens[0]
+    sampled = {(tuple(r.tokens[0]), tuple(r.tokens[2])) for r in runs}
+    assert len(sampled) > 1
