@@ -82,7 +82,7 @@ def _check_cache_request(shape: tuple, dtype) -> bool:
     fp8 = dt == jnp.dtype(quant.FP8_DTYPE)
     tokens = shape[0] * shape[1] * shape[2]  # python ints: no overflow
     need = 2 * tokens * (shape[3] * dt.itemsize + (4 if fp8 else 0))
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # addressable (multi-process runs see remote devices too)
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
