@@ -9,8 +9,9 @@ Bytes the step must read: attention weights (bf16 2 B/param, or FP8 1 B/param + 
 the KV cache of B x S tokens (512 B FP8 + 8 B scales, or 1024 B bf16). Last stdout line: JSON.
 
 Variants (``name`` in each row): ``fp8_pallas_fused_qkv`` stores q/k/v as ONE FP8 weight
-(`MFAttention.fuse_qkv`, what ``quantize_model(gemm="pallas")`` does by default);
-``fp8_pallas_fused_qkv_percall`` keeps three weights and concatenates them into one GEMM on
+(`MFAttention.fuse_qkv`, what ``quantize_model`` does by default where the rows fuse exactly);
+``fp8_pallas_separate_qkv`` keeps three weights and runs three GEMMs (the per-call fusion that
+used to concatenate them into one GEMM on
 every call (the form measured as 281.2 us on an H100); the others run the three projections.
 
     python3 benchmarks/bench_attention_layer.py --out results.json
@@ -35,16 +36,18 @@ from flax import nnx  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from step3_jax import KVCache, Step3Config  # noqa: E402
 from step3_jax.model import DecoderLayer  # noqa: E402
+from step3_jax.policy import KernelPolicy  # noqa: E402
 from step3_jax.quant_model import quantize_model, weight_bytes  # noqa: E402
 
-# (name, precision mode, gemm form, weight granularity, attention implementation, fuse_qkv)
+# (name, precision mode, KernelPolicy.gemm, weight granularity, KernelPolicy.attention,
+# fuse_qkv)
 VARIANTS = [
     ("fp8_pallas_fused_qkv", "fp8+kv8", "pallas", "block", "pallas", True),
-    ("fp8_pallas_fused_qkv_percall", "fp8+kv8", "pallas", "block", "pallas", False),
-    ("bf16", "bf16", "dequant", "block", "pallas", False),
-    ("fp8_dequant_block", "fp8+kv8", "dequant", "block", "pallas", False),
-    ("fp8_dequant_channel", "fp8+kv8", "dequant", "channel", "pallas", False),
-    ("bf16_xla_attention", "bf16", "dequant", "block", "xla", False),
+    ("fp8_pallas_separate_qkv", "fp8+kv8", "pallas", "block", "pallas", False),
+    ("bf16", "bf16", "xla", "block", "pallas", False),
+    ("fp8_xla_block", "fp8+kv8", "xla", "block", "pallas", False),
+    ("fp8_xla_channel", "fp8+kv8", "xla", "channel", "pallas", False),
+    ("bf16_xla_attention", "bf16", "xla", "block", "xla", False),
 ]
 # --tiny: Step-3's layer shrunk for a CPU smoke run (R and H stay multiples of 128 so the
 # fused FP8 weight is exact; 4 heads, so attention runs the XLA path).
@@ -65,11 +68,10 @@ def build_layer(mode, gemm, granularity, fuse, tiny=False) -> tuple[DecoderLayer
         0,
         dtype=jnp.bfloat16,
         param_dtype=jnp.bfloat16,
-        moe_implementation="dense",
         rngs=nnx.Rngs(0),
     )
     if mode != "bf16":
-        quantize_model(layer, "fp8", granularity=granularity, gemm=gemm, fuse_qkv=fuse)
+        quantize_model(layer, "fp8", granularity=granularity, fuse_qkv=fuse)
     elif fuse:
         layer.self_attn.fuse_qkv()
     if layer.self_attn.fused_qkv != fuse:
@@ -81,7 +83,9 @@ def time_mode(variant, batch, ctx, reps=30, tiny=False):
     name, mode, gemm, granularity, attention, fuse = variant
     if tiny:  # the Pallas decode kernel needs Step-3's 64 heads of 256: not the tiny layer
         attention = "xla"
+        gemm = None if gemm == "pallas" else gemm  # a CPU smoke run: the kernels' rule picks
     layer, cfg = build_layer(mode, gemm, granularity, fuse, tiny)
+    policy = KernelPolicy(attention=attention, gemm=gemm, moe="dense")
     attn_bytes = weight_bytes(layer.self_attn) + 4 * cfg.hidden_size  # + the two norms (bf16)
     kv_dtype = jnp.float8_e4m3fn if mode == "fp8+kv8" else jnp.bfloat16
     cache = KVCache.create(1, batch, ctx + 64, cfg.head_dim, kv_dtype)
@@ -99,9 +103,7 @@ def time_mode(variant, batch, ctx, reps=30, tiny=False):
     def step(state, x, cache):
         lay = nnx.merge(graphdef, state)
         positions = cache.lengths[:, None]
-        x_mid, h2, routing, cache = lay.attention_half(
-            x, positions, cache, 0, attention_implementation=attention
-        )
+        x_mid, h2, routing, cache = lay.attention_half(x, positions, cache, 0, policy)
         return x_mid, h2, routing, cache.replace(lengths=cache.lengths)  # keep length fixed
 
     carry = [cache]
@@ -117,7 +119,7 @@ def time_mode(variant, batch, ctx, reps=30, tiny=False):
     shape = {"batch": batch, "context": ctx}
     row = harness.measure(
         one, reps=reps, bytes=attn_bytes + batch * ctx * kv_per_tok, name=name, shape=shape,
-        mode=mode, gemm=gemm, qkv="fused" if fuse else ("percall" if gemm == "pallas" else "separate"),
+        mode=mode, gemm=gemm, qkv="fused" if fuse else "separate",
         granularity=granularity, attention=attention, batch=batch, context=ctx,
         kernels_us=_kernels(one), weight_bytes=int(attn_bytes),
         kv_bytes=int(batch * ctx * kv_per_tok), paper_h800_us=281,

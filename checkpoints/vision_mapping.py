@@ -170,7 +170,6 @@ def load_vision(
     tensors: Mapping[str, np.ndarray] | None = None,
     dtype=jnp.bfloat16,
     param_dtype=jnp.bfloat16,
-    attention_implementation: str | None = None,
     policy=None,
 ):
     """A `Step3VisionModel` from a checkpoint directory (or from ``tensors`` already read).
@@ -183,7 +182,7 @@ def load_vision(
     abstract = nnx.eval_shape(
         lambda: Step3VisionModel(
             c, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-            attention_implementation=attention_implementation, policy=policy,
+            policy=policy,
         )
     )  # fmt: skip
     graphdef, state = nnx.split(abstract)

@@ -22,6 +22,9 @@ GEMM_IMPLEMENTATIONS = (*IMPLEMENTATIONS, "xla_fp8")
 # Routed experts: "pallas"/"xla" run the sorted grouped GEMM (`kernels.grouped_gemm.moe_ffn`);
 # "dense" is the readable oracle (every expert on every token, one-hot combine).
 MOE_IMPLEMENTATIONS = (*IMPLEMENTATIONS, "dense")
+# The vision tower's attention (`step3_jax.vision`): jax.nn.dot_product_attention's cuDNN
+# flash kernel or its XLA form; None: cuDNN on a GPU in 16-bit, else XLA.
+VISION_ATTENTION_IMPLEMENTATIONS = ("cudnn", "xla", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +34,14 @@ class KernelPolicy:
     attention: str | None = None  # MFA over the KV cache for T <= 8 new tokens per sequence
     gemm: str | None = None  # FP8 linears (float weights always run a plain XLA einsum)
     moe: str | None = None  # routed experts
+    vision_attention: str | None = None  # the Step3-VL vision tower's attention
 
     def __post_init__(self):
         for name, allowed in (
             ("attention", IMPLEMENTATIONS),
             ("gemm", GEMM_IMPLEMENTATIONS),
             ("moe", MOE_IMPLEMENTATIONS),
+            ("vision_attention", VISION_ATTENTION_IMPLEMENTATIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -46,12 +51,17 @@ class KernelPolicy:
     @classmethod
     def xla(cls) -> KernelPolicy:
         """Portable XLA everywhere (the grouped XLA MoE path, not the dense oracle)."""
-        return cls(attention="xla", gemm="xla", moe="xla")
+        return cls(attention="xla", gemm="xla", moe="xla", vision_attention="xla")
 
     @classmethod
     def reference(cls) -> KernelPolicy:
         """The readable oracles: XLA attention and linears, the dense MoE."""
-        return cls(attention="xla", gemm="xla", moe="dense")
+        return cls(attention="xla", gemm="xla", moe="dense", vision_attention="xla")
 
 
-__all__ = ["GEMM_IMPLEMENTATIONS", "MOE_IMPLEMENTATIONS", "KernelPolicy"]
+__all__ = [
+    "GEMM_IMPLEMENTATIONS",
+    "MOE_IMPLEMENTATIONS",
+    "VISION_ATTENTION_IMPLEMENTATIONS",
+    "KernelPolicy",
+]

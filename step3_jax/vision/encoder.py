@@ -32,7 +32,7 @@ from jaxtyping import Array, Float
 from step3_jax.layers.linear import init_weight
 from step3_jax.policy import KernelPolicy
 from step3_jax.vision.config import NUM_PREFIX_TOKENS, Step3VisionConfig
-from step3_jax.vision.layers import ATTENTION_IMPLEMENTATIONS, Conv2d, Linear, VisionEncoderLayer
+from step3_jax.vision.layers import Conv2d, Linear, VisionEncoderLayer
 
 
 def _keys_cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
@@ -165,28 +165,24 @@ class Step3VisionModel(nnx.Module):
     """Tower + ``vit_downsampler`` + ``vit_downsampler2`` + ``vit_large_projector``.
 
     ``model(pixel_values [B, 3, P, P])`` -> ``[B, tokens, M]`` image embeddings in the text
-    model's width (169 tokens at P = 728, 81 at P = 504), in ``dtype``. Attention runs
-    ``attention_implementation`` ("cudnn" | "xla"; None: cuDNN on a GPU in 16-bit, else XLA);
-    FP8 linears run ``policy.gemm`` (`step3_jax.KernelPolicy`).
+    model's width (169 tokens at P = 728, 81 at P = 504), in ``dtype``. Kernels come from
+    ``policy`` (`step3_jax.KernelPolicy`): attention runs ``policy.vision_attention`` ("cudnn" |
+    "xla"; None: cuDNN on a GPU in 16-bit, else XLA), FP8 linears ``policy.gemm``.
     """
 
     def __init__(
         self, config: Step3VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16,
-        param_dtype=jnp.bfloat16, attention_implementation: str | None = None,
-        policy: KernelPolicy | None = None,
+        param_dtype=jnp.bfloat16, policy: KernelPolicy | None = None,
     ):  # fmt: skip
         c = self.config = config
-        impl = attention_implementation or default_attention_impl(dtype)
-        if impl not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS} or None, "
-                f"got {impl!r}"
-            )
         if policy is not None and not isinstance(policy, KernelPolicy):
             raise TypeError(f"policy must be a step3_jax.KernelPolicy, got {type(policy)}")
-        self.dtype, self.attention_implementation = dtype, impl
-        # Its ``gemm`` field picks the FP8 GEMM of quantized linears (`quantize_linears`).
         self.policy = policy or KernelPolicy()
+        # Resolved once here (the attribute a benchmark may switch to compare both).
+        self.dtype = dtype
+        self.attention_implementation = self.policy.vision_attention or default_attention_impl(
+            dtype
+        )
         o = c.output_hidden_size
         kw = dict(param_dtype=param_dtype, rngs=rngs)
         self.vision_model = VisionTransformer(c, **kw)

@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from step3_jax.checkpoints import vision_mapping
+from step3_jax.policy import KernelPolicy
 from step3_jax.vision.config import Step3VisionConfig
 
 
@@ -31,7 +32,12 @@ def random_vision_tensors(cfg: Step3VisionConfig, seed: int, dtype=np.float32) -
 
 def load_tiny(cfg: Step3VisionConfig, tensors: dict, dtype=jnp.float32):
     return vision_mapping.load_vision(
-        None, cfg, tensors=tensors, dtype=dtype, param_dtype=dtype, attention_implementation="xla"
+        None,
+        cfg,
+        tensors=tensors,
+        dtype=dtype,
+        param_dtype=dtype,
+        policy=KernelPolicy(vision_attention="xla"),
     )
 
 
