@@ -101,6 +101,33 @@ def _check_cache_request(shape: tuple, dtype) -> bool:
     return fp8
 
 
+def write_kv(cache, index: tuple, k_new, v_new):
+    """``cache`` (any pytree with ``k, v`` and optional per-token ``k_scale, v_scale``) with
+    the new tokens' K/V stored at ``index`` (e.g. ``(layer, b, positions)`` for `KVCache`,
+    ``(layer, page, offset)`` for a paged cache): quantized per token (`quant.quantize_kv`)
+    for an FP8 cache, cast to the cache dtype otherwise."""
+    if cache.k_scale is not None:
+        kq, ks = quant.quantize_kv(k_new)
+        vq, vs = quant.quantize_kv(v_new)
+        return cache.replace(
+            k=cache.k.at[index].set(kq),
+            v=cache.v.at[index].set(vq),
+            k_scale=cache.k_scale.at[index].set(ks),
+            v_scale=cache.v_scale.at[index].set(vs),
+        )
+    return cache.replace(
+        k=cache.k.at[index].set(k_new.astype(cache.k.dtype)),
+        v=cache.v.at[index].set(v_new.astype(cache.v.dtype)),
+    )
+
+
+def layer_arrays(cache, layer) -> tuple[Array, Array, Array | None, Array | None]:
+    """``(k, v, k_scale | None, v_scale | None)`` of one layer of a layer-stacked cache."""
+    ks = None if cache.k_scale is None else cache.k_scale[layer]
+    vs = None if cache.v_scale is None else cache.v_scale[layer]
+    return cache.k[layer], cache.v[layer], ks, vs
+
+
 @struct.dataclass
 class KVCache:
     k: Array  # [L, B, S, H]
@@ -172,19 +199,7 @@ class KVCache:
         before tracing, because a scatter would silently drop them.
         """
         b_idx = jnp.arange(k_new.shape[0])[:, None]
-        if self.is_fp8:
-            kq, ks = quant.quantize_kv(k_new)
-            vq, vs = quant.quantize_kv(v_new)
-            return self.replace(
-                k=self.k.at[layer, b_idx, positions].set(kq),
-                v=self.v.at[layer, b_idx, positions].set(vq),
-                k_scale=self.k_scale.at[layer, b_idx, positions].set(ks),
-                v_scale=self.v_scale.at[layer, b_idx, positions].set(vs),
-            )
-        return self.replace(
-            k=self.k.at[layer, b_idx, positions].set(k_new.astype(self.k.dtype)),
-            v=self.v.at[layer, b_idx, positions].set(v_new.astype(self.v.dtype)),
-        )
+        return write_kv(self, (layer, b_idx, positions), k_new, v_new)
 
     def advance(self, positions: Int[Array, "B T"]) -> KVCache:
         """After a forward over ``positions``: each sequence ends at its last position."""
@@ -202,9 +217,7 @@ class KVCache:
 
     def layer(self, layer: int) -> tuple[Array, Array, Array | None, Array | None]:
         """``(k [B,S,H], v [B,S,H], k_scale [B,S] | None, v_scale [B,S] | None)``."""
-        ks = None if self.k_scale is None else self.k_scale[layer]
-        vs = None if self.v_scale is None else self.v_scale[layer]
-        return self.k[layer], self.v[layer], ks, vs
+        return layer_arrays(self, layer)
 
     def dequantized_layer(self, layer: int, dtype) -> tuple[Array, Array]:
         k, v, ks, vs = self.layer(layer)

@@ -192,6 +192,32 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
 # --- generate -----------------------------------------------------------------------------
 
 
+def add_sampling_args(p: argparse.ArgumentParser, *, temperature: float) -> None:
+    """``--temperature``, ``--top-k``, ``--top-p`` (one definition for every subcommand)."""
+    p.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=temperature,
+        metavar="T",
+        help="sampling temperature, >= 0; 0 means greedy (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=non_negative_int,
+        default=0,
+        metavar="K",
+        help="sample among the K most likely tokens; 0 means no limit (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=fraction,
+        default=0.9,
+        metavar="P",
+        help="nucleus sampling: keep the smallest set of tokens with probability >= P, "
+        "in (0, 1]; 1 turns it off (default: %(default)s)",
+    )
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompt",
@@ -212,28 +238,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="tokens to generate per prompt, >= 1 (default: %(default)s)",
     )
-    p.add_argument(
-        "--temperature",
-        type=non_negative_float,
-        default=0.8,
-        metavar="T",
-        help="sampling temperature, >= 0; 0 means greedy (default: %(default)s)",
-    )
-    p.add_argument(
-        "--top-k",
-        type=non_negative_int,
-        default=0,
-        metavar="K",
-        help="sample among the K most likely tokens; 0 means no limit (default: %(default)s)",
-    )
-    p.add_argument(
-        "--top-p",
-        type=fraction,
-        default=0.9,
-        metavar="P",
-        help="nucleus sampling: keep the smallest set of tokens with probability >= P, "
-        "in (0, 1]; 1 turns it off (default: %(default)s)",
-    )
+    add_sampling_args(p, temperature=0.8)
     p.add_argument(
         "--seed", type=int, default=0, metavar="INT", help="sampling seed (default: %(default)s)"
     )
@@ -328,27 +333,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="longest reply in tokens, >= 1 (default: %(default)s)",
     )
-    p.add_argument(
-        "--temperature",
-        type=non_negative_float,
-        default=0.7,
-        metavar="T",
-        help="sampling temperature, >= 0; 0 means greedy (default: %(default)s)",
-    )
-    p.add_argument(
-        "--top-k",
-        type=non_negative_int,
-        default=0,
-        metavar="K",
-        help="sample among the K most likely tokens; 0 means no limit (default: %(default)s)",
-    )
-    p.add_argument(
-        "--top-p",
-        type=fraction,
-        default=0.9,
-        metavar="P",
-        help="nucleus sampling mass in (0, 1]; 1 turns it off (default: %(default)s)",
-    )
+    add_sampling_args(p, temperature=0.7)
     p.add_argument(
         "--seed", type=int, default=0, metavar="INT", help="sampling seed (default: %(default)s)"
     )

@@ -30,7 +30,7 @@ from flax import struct
 from jaxtyping import Array, Float, Int
 
 from step3_jax import quant
-from step3_jax.cache import attend_cache
+from step3_jax.cache import attend_cache, layer_arrays, write_kv
 from step3_jax.kernels.mfa_decode.api import MAX_T
 
 NULL_PAGE = 0
@@ -178,19 +178,7 @@ class PagedKVCache:
     ) -> PagedKVCache:
         """Stores token t of sequence b at ``positions[b, t]`` (through its block table)."""
         page, off = self._slots(positions)
-        if self.is_fp8:
-            kq, ks = quant.quantize_kv(k_new)
-            vq, vs = quant.quantize_kv(v_new)
-            return self.replace(
-                k=self.k.at[layer, page, off].set(kq),
-                v=self.v.at[layer, page, off].set(vq),
-                k_scale=self.k_scale.at[layer, page, off].set(ks),
-                v_scale=self.v_scale.at[layer, page, off].set(vs),
-            )
-        return self.replace(
-            k=self.k.at[layer, page, off].set(k_new.astype(self.k.dtype)),
-            v=self.v.at[layer, page, off].set(v_new.astype(self.v.dtype)),
-        )
+        return write_kv(self, (layer, page, off), k_new, v_new)
 
     def attend(
         self,
@@ -201,8 +189,6 @@ class PagedKVCache:
     ) -> Float[Array, "B T N H"]:
         """Attention of ``q`` (at ``positions``, consecutive, the cache already holding them)
         against this layer's pages (see the module docstring for which path runs)."""
-        ks = None if self.k_scale is None else self.k_scale[layer]
-        vs = None if self.v_scale is None else self.v_scale[layer]
         kernel_api = (
             q.shape[1] <= MAX_T
             and q.dtype == jnp.bfloat16
@@ -210,7 +196,7 @@ class PagedKVCache:
         )
         if kernel_api:
             return attend_cache(
-                q, self.k[layer], self.v[layer], ks, vs, positions, implementation,
+                q, *layer_arrays(self, layer), positions, implementation,
                 block_table=self.block_table,
             )  # fmt: skip
         return attend_cache(q, *self.gathered(layer), positions, "xla")

@@ -446,7 +446,15 @@ def test_paged_block_table_must_be_integer():
         )
 
 
-def test_gpu_lowering_on_cpu_with_page_offsets():
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        TuningConfig(wg_split="seq", num_stages=4, q_quant="kernel"),
+        dataclasses.replace(V_CONVERT_MEMORY, ragged=True),  # with the ragged work list
+    ],
+    ids=["seq_qkernel", "ragged"],
+)
+def test_gpu_lowering_on_cpu_with_page_offsets(cfg):
     """The in-place pool path (page offsets per operand, scales in their own pool) lowers."""
     from step3_jax.kernels.mfa_decode import api
 
@@ -462,7 +470,6 @@ def test_gpu_lowering_on_cpu_with_page_offsets():
         sd((b, 1), jnp.int32),
         sd((4,), jnp.int32),
     )
-    cfg = TuningConfig(wg_split="seq", num_stages=4, q_quant="kernel")
     ks = api._kernel_shape(args[0], args[1], args[3], args[6], H**-0.5, cfg, 132)
     ks = dataclasses.replace(ks, page_offsets=True)
     lowered = api._pallas_jit.trace(ks, *args).lower(lowering_platforms=("cuda",))

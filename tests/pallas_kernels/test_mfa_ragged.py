@@ -270,24 +270,3 @@ def test_gpu_lowering_on_cpu_ragged_and_auto_splits(fp8, t, paged, cfg, b, s_cap
     traced = api._pallas_jit.trace(ks, q, kv, kv, lengths, scale, scale, table)
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text[:20000]
-
-
-def test_gpu_lowering_on_cpu_ragged_page_offsets():
-    """The in-place pool path (per-operand page offsets) with the ragged work list."""
-    sd = jax.ShapeDtypeStruct
-    b, page = 4, 1024
-    args = (
-        sd((b, 1, N, H), jnp.bfloat16),
-        sd((12, page, H), jnp.float8_e4m3fn),
-        sd((12, page, H), jnp.float8_e4m3fn),
-        sd((b,), jnp.int32),
-        sd((30, page), jnp.float32),
-        sd((30, page), jnp.float32),
-        sd((b, 1), jnp.int32),
-        sd((4,), jnp.int32),
-    )
-    cfg = dataclasses.replace(V_CONVERT_MEMORY, ragged=True)
-    ks = api._kernel_shape(args[0], args[1], args[3], args[6], H**-0.5, cfg, SMS)
-    ks = dataclasses.replace(ks, page_offsets=True)
-    lowered = api._pallas_jit.trace(ks, *args).lower(lowering_platforms=("cuda",))
-    assert "mosaic_gpu" in lowered.as_text()[:20000]
