@@ -11,6 +11,10 @@ Layouts (Step-3 names: B batch, T new tokens, N=64 heads, H=256 head dim, S cach
 * page_offsets [4] int32 (paged only, optional): added to the page ids of k, v, k_scale and
   v_scale respectively, so the four can live at different places of shared page pools (the
   AFD arena reads its KV cache in place this way).
+* v_transposed (FP8 cache only): v is stored transposed, [B, H, S] (paged: [P_total, H,
+  page_size]), each of the 256 value dims' tokens contiguous. That is the layout an FP8 wgmma
+  reads for P.V (the kernel then quantizes P per row to e4m3 instead of converting V to f16);
+  the bytes per token, and v_scale's layout, are unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +36,14 @@ FP8 = jnp.dtype(jnp.float8_e4m3fn)
 MAX_T = 8
 
 
-def _validate(q, k, v, lengths, k_scale, v_scale, block_table, pools=False):
+def _validate(q, k, v, lengths, k_scale, v_scale, block_table, pools=False, v_transposed=False):
+    if v_transposed:  # validated as the token-major view it stands for
+        if v.ndim != 3 or v.dtype != FP8:
+            raise ValueError(
+                "v_transposed=True (the FP8 P.V layout) needs a float8_e4m3fn v of [*, H, *], "
+                f"got {v.dtype} {v.shape}"
+            )
+        v = jax.ShapeDtypeStruct((v.shape[0], v.shape[2], v.shape[1]), v.dtype)
     if q.ndim != 4 or not 1 <= q.shape[1] <= MAX_T:
         raise ValueError(
             f"q must be [B, T, N, H] with T in 1..{MAX_T} (or [B, N, H]), got {q.shape}"
@@ -42,7 +53,8 @@ def _validate(q, k, v, lengths, k_scale, v_scale, block_table, pools=False):
         raise ValueError(f"q must be bfloat16, got {q.dtype}")
     same = k.shape[1:] == v.shape[1:] if pools else k.shape == v.shape  # pools: any page count
     if not same or k.ndim != 3 or k.shape[-1] != h:
-        raise ValueError(f"k and v must both be [*, *, H={h}], got {k.shape} and {v.shape}")
+        what = " (v given transposed, shown token-major)" if v_transposed else ""
+        raise ValueError(f"k and v must both be [*, *, H={h}]{what}, got {k.shape} and {v.shape}")
     if k.dtype != v.dtype or k.dtype not in (jnp.dtype(jnp.bfloat16), FP8):
         raise ValueError(f"k, v must both be bfloat16 or float8_e4m3fn, got {k.dtype}, {v.dtype}")
     if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
@@ -99,6 +111,7 @@ def mfa_decode_attention(
     implementation: str | None = None,
     config: cfg_lib.TuningConfig | None = None,
     page_offsets: Int[Array, " 4"] | None = None,
+    v_transposed: bool = False,
 ):
     """MFA decode attention; returns out bf16 like q (and lse float32 [B, T, N], natural log).
 
@@ -112,15 +125,16 @@ def mfa_decode_attention(
         return _with_page_offsets(
             q, k, v, lengths, k_scale, v_scale, block_table, page_offsets,
             sm_scale=sm_scale, return_lse=return_lse, implementation=implementation,
-            config=config,
+            config=config, v_transposed=v_transposed,
         )  # fmt: skip
-    _validate(q4, k, v, lengths, k_scale, v_scale, block_table)
+    _validate(q4, k, v, lengths, k_scale, v_scale, block_table, v_transposed=v_transposed)
     impl = dispatch.choose("mfa_decode_attention", implementation, supported(q4, k, block_table))
     scale = float(q4.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+    args = (q4, k, v, lengths, k_scale, v_scale, block_table, scale)
     if impl == "xla":
-        out, lse = _xla_jit(q4, k, v, lengths, k_scale, v_scale, block_table, scale)
+        out, lse = _xla_jit(*args, v_transposed)
     else:
-        out, lse = _pallas(q4, k, v, lengths, k_scale, v_scale, block_table, scale, config)
+        out, lse = _pallas(*args, config, v_transposed)
     if squeeze:
         out, lse = out[:, 0], lse[:, 0]
     return (out, lse) if return_lse else out
@@ -137,16 +151,17 @@ def _with_page_offsets(q, k, v, lengths, k_scale, v_scale, table, offsets, **kw)
     impl = dispatch.choose("mfa_decode_attention", kw["implementation"], supported(q4, k, table))
     if impl == "pallas":
         scale = float(q4.shape[-1] ** -0.5 if kw["sm_scale"] is None else kw["sm_scale"])
-        _validate(q4, k, v, lengths, k_scale, v_scale, table, pools=True)
-        ks = dataclasses.replace(
-            _kernel_shape(q4, k, lengths, table, scale, kw["config"]), page_offsets=True
-        )
+        vt = kw["v_transposed"]
+        _validate(q4, k, v, lengths, k_scale, v_scale, table, pools=True, v_transposed=vt)
+        ks = _kernel_shape(q4, k, lengths, table, scale, kw["config"], v_transposed=vt)
+        ks = dataclasses.replace(ks, page_offsets=True)
         args = (q4, k, v, lengths.astype(jnp.int32), k_scale, v_scale, table)
         out, lse = _pallas_jit(ks, *args, offsets.astype(jnp.int32))
         if q.ndim == 3:
             out, lse = out[:, 0], lse[:, 0]
         return (out, lse) if kw["return_lse"] else out
-    ops = [k, v, k_scale, v_scale]
+    # The reference path: token-major V, each operand's pages gathered.
+    ops = [k, jnp.swapaxes(v, 1, 2) if kw.pop("v_transposed") else v, k_scale, v_scale]
     b = table.shape[0]
     for i, a in enumerate(ops):
         if a is not None:  # [B, P, page, ...] -> [B, P * page, ...]
@@ -155,12 +170,12 @@ def _with_page_offsets(q, k, v, lengths, k_scale, v_scale, table, offsets, **kw)
     return mfa_decode_attention(q, *ops[:2], lengths, k_scale=ops[2], v_scale=ops[3], **kw)
 
 
-@functools.partial(jax.jit, static_argnums=(7,))
-def _xla_jit(q, k, v, lengths, k_scale, v_scale, block_table, sm_scale):
+@functools.partial(jax.jit, static_argnums=(7, 8))
+def _xla_jit(q, k, v, lengths, k_scale, v_scale, block_table, sm_scale, v_transposed=False):
     return mfa_decode_xla(
         q,
         k,
-        v,
+        jnp.swapaxes(v, 1, 2) if v_transposed else v,  # token-major: [B, S, H] / [P, page, H]
         lengths,
         k_scale=k_scale,
         v_scale=v_scale,
@@ -169,8 +184,11 @@ def _xla_jit(q, k, v, lengths, k_scale, v_scale, block_table, sm_scale):
     )
 
 
-def _resolve_config(config, kv_dtype, num_ctas: int, max_len: int, page_size, num_sms=None):
-    """Config for this call: tuned table (fitted to smem) or the caller's (validated).
+def _resolve_config(
+    config, kv_dtype, num_ctas: int, max_len: int, page_size, num_sms=None, v_transposed=False
+):
+    """Config for this call: tuned table (fitted to smem) or the caller's (validated);
+    ``v_transposed``: its FP8 P.V form (`TuningConfig.for_transposed_v`).
 
     Returns (config, num_splits, partial dtype). num_splits: the config's, else
     ``config.choose_num_splits`` (the cost model where this device family's ``SPLIT_COSTS`` are
@@ -183,12 +201,17 @@ def _resolve_config(config, kv_dtype, num_ctas: int, max_len: int, page_size, nu
         config = cfg_lib.get_config(kind, kv_dtype)
         if page_size is not None and page_size < config.block_s:
             config = dataclasses.replace(config, block_s=64)
+        config = config.for_transposed_v() if v_transposed else config
         # Partials of a split-K run are f32: shrink the ring until it fits.
         step = 2 if config.wg_split == "seq" else 1
-        while config.smem_bytes(kv_dtype, out_f32) > cfg_lib.SMEM_LIMIT_BYTES:
+        while config.smem_bytes(kv_dtype, out_f32, v_transposed=v_transposed) > (
+            cfg_lib.SMEM_LIMIT_BYTES
+        ):
             stages = config.num_stages - step
             ring_epi = config.ring_epilogue and stages >= 4  # it needs 4 slots
             config = dataclasses.replace(config, num_stages=stages, ring_epilogue=ring_epi)
+    elif v_transposed:
+        config = config.for_transposed_v()
     splits = 1 if config.ragged else config.num_splits
     if splits is None:
         costs = cfg_lib.split_costs(kind)
@@ -196,13 +219,13 @@ def _resolve_config(config, kv_dtype, num_ctas: int, max_len: int, page_size, nu
             num_ctas, max_len, config.block_s, _num_sms(num_sms), costs
         )
     out_dtype = jnp.float32 if splits > 1 or config.ragged else jnp.bfloat16
-    config.validate_smem(kv_dtype, out_dtype)
+    config.validate_smem(kv_dtype, out_dtype, v_transposed)
     if page_size is not None and page_size % config.block_s:
         raise ValueError(f"page_size={page_size} must be a multiple of block_s={config.block_s}")
     return config, splits, out_dtype
 
 
-def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None):
+def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None, v_transposed=False):
     """Static KernelShape for these (possibly abstract) inputs; validates the config."""
     from step3_jax.kernels.mfa_decode import mosaic_gpu  # GPU-only imports stay off the xla path
 
@@ -212,7 +235,9 @@ def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None):
     paged = block_table is not None
     page_size = k.shape[1] if paged else None
     max_len = block_table.shape[1] * page_size if paged else k.shape[1]
-    config, splits, out_dtype = _resolve_config(config, k.dtype, b * t, max_len, page_size, num_sms)
+    config, splits, out_dtype = _resolve_config(
+        config, k.dtype, b * t, max_len, page_size, num_sms, v_transposed
+    )
     if not paged and max_len % config.block_s:
         raise ValueError(f"cache length S={max_len} must be a multiple of block_s={config.block_s}")
     return mosaic_gpu.KernelShape(
@@ -236,6 +261,7 @@ def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None):
         ragged_target=_ragged_target(config, num_sms) if config.ragged else 0,
         ragged_max_splits=config.ragged_max_splits if config.ragged else 0,
         ragged_sms=_num_sms(num_sms) if config.ragged else 0,
+        v_transposed=v_transposed,
     )
 
 
@@ -248,8 +274,8 @@ def _ragged_target(config, num_sms=None) -> int:
     return max(1, int(_num_sms(num_sms) * config.ragged_items_per_sm))
 
 
-def _pallas(q, k, v, lengths, k_scale, v_scale, block_table, sm_scale, config):
-    ks = _kernel_shape(q, k, lengths, block_table, sm_scale, config)
+def _pallas(q, k, v, lengths, k_scale, v_scale, block_table, sm_scale, config, v_transposed):
+    ks = _kernel_shape(q, k, lengths, block_table, sm_scale, config, v_transposed=v_transposed)
     return _pallas_jit(ks, q, k, v, lengths.astype(jnp.int32), k_scale, v_scale, block_table)
 
 
@@ -265,6 +291,7 @@ def lower_pallas_for_gpu(
     sm_scale=None,
     config=None,
     num_sms: int = 132,
+    v_transposed: bool = False,
 ):
     """Lower the Pallas path for CUDA on any host (CI check of the Mosaic GPU lowering).
 
@@ -272,7 +299,7 @@ def lower_pallas_for_gpu(
     """
     q4 = jax.ShapeDtypeStruct((q.shape[0], 1, *q.shape[1:]), q.dtype) if len(q.shape) == 3 else q
     scale = float(q4.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
-    ks = _kernel_shape(q4, k, lengths, block_table, scale, config, num_sms)
+    ks = _kernel_shape(q4, k, lengths, block_table, scale, config, num_sms, v_transposed)
     traced = _pallas_jit.trace(ks, q4, k, v, lengths, k_scale, v_scale, block_table)
     return traced.lower(lowering_platforms=("cuda",))
 

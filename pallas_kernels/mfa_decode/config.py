@@ -107,17 +107,24 @@ class TuningConfig:
         if self.num_splits is not None and not 1 <= self.num_splits <= 1024:
             raise ValueError(f"num_splits={self.num_splits} must be None or in [1, 1024]")
 
-    def smem_bytes(self, kv_dtype, out_dtype, num_heads: int = 64, head_dim: int = 256) -> int:
-        """Shared memory the kernel allocates for this config (barriers ignored: < 1 KiB)."""
+    def smem_bytes(
+        self, kv_dtype, out_dtype, num_heads: int = 64, head_dim: int = 256, v_transposed=False
+    ) -> int:
+        """Shared memory the kernel allocates for this config (barriers ignored: < 1 KiB).
+        ``v_transposed``: the FP8 P.V form (a transposed V cache; `for_transposed_v`)."""
         kv_b = jnp.dtype(kv_dtype).itemsize
         fp8 = kv_b == 1
         q = num_heads * head_dim * kv_b  # q is FP8 when the cache is (FP8 wgmma), else bf16
         ring = self.num_stages * 2 * self.block_s * head_dim * kv_b
         scales = self.num_stages * 2 * self.block_s * 4 if fp8 else 0
         # Converted V, f16: one [block_s, head_dim] tile (two halves, one per compute warpgroup)
-        # or, with v_convert="memory", one whole tile per compute warpgroup.
+        # or, with v_convert="memory", one whole tile per compute warpgroup. FP8 P.V converts
+        # nothing: one e4m3 P tile per compute warpgroup, and the bf16 q staging (q_tma) that
+        # otherwise borrows the f16 tile's memory.
         n_v16 = 2 if self.v_convert == "memory" else 1
         v16 = n_v16 * self.block_s * head_dim * 2 if fp8 else 0
+        if fp8 and v_transposed:
+            v16 = 2 * num_heads * self.block_s + (num_heads * head_dim * 2 if self.q_tma else 0)
         seq = self.wg_split == "seq"
         # Output staging: one 64-column tile per wg ("head") or one for wg 0 plus the f32
         # exchange tile and max/sum vectors ("seq").
@@ -127,14 +134,29 @@ class TuningConfig:
             out, xchg = 0, 2 * num_heads * 4
         return q + ring + scales + v16 + out + xchg + num_heads * 4 * 2 + SMEM_SLACK_BYTES
 
-    def validate_smem(self, kv_dtype, out_dtype) -> None:
+    def for_transposed_v(self) -> TuningConfig:
+        """This config for a transposed-V FP8 cache (P.V as an FP8 wgmma): V needs no
+        conversion, so ``v_convert`` is moot ("compute" is the form without conversion
+        buffers); only the "seq" split runs it (one N=256 P.V a block)."""
+        if self.wg_split != "seq":
+            raise ValueError(
+                f"a transposed V cache (FP8 P.V) needs wg_split='seq', got {self.wg_split!r}"
+            )
+        return dataclasses.replace(self, v_convert="compute")
+
+    def validate_smem(self, kv_dtype, out_dtype, v_transposed: bool = False) -> None:
         """ValueError if this config cannot run with these dtypes (shared memory, or a mode
         that only exists for an FP8 cache)."""
         if self.v_convert == "memory" and jnp.dtype(kv_dtype) != jnp.float8_e4m3fn:
             raise ValueError(
                 f"v_convert='memory' needs a float8_e4m3fn cache, got {jnp.dtype(kv_dtype).name}"
             )
-        need = self.smem_bytes(kv_dtype, out_dtype)
+        if v_transposed and jnp.dtype(kv_dtype) != jnp.float8_e4m3fn:
+            raise ValueError(
+                "a transposed V cache is the FP8 P.V layout: it needs a float8_e4m3fn cache, "
+                f"got {jnp.dtype(kv_dtype).name}"
+            )
+        need = self.smem_bytes(kv_dtype, out_dtype, v_transposed=v_transposed)
         if need > SMEM_LIMIT_BYTES:
             raise ValueError(
                 f"{self} needs {need} bytes of shared memory for kv dtype "

@@ -77,7 +77,10 @@ def _memory_wg(ks, refs, smem, bars, b, t, first, my_n, kv_end):
         for j, name in enumerate(names):
             lead = page + refs["poff"][j] if ks.page_offsets else page
             dst = smem[name].at[slot]
-            plgpu.copy_gmem_to_smem(refs[name].at[lead, rows], dst, bars[name].at[slot])
+            # Transposed V: all 256 rows of the page, this block's token columns.
+            src = refs[name].at[lead, :, rows] if name == "v" and ks.v_transposed else None
+            src = refs[name].at[lead, rows] if src is None else src
+            plgpu.copy_gmem_to_smem(src, dst, bars[name].at[slot])
 
     for i in range(ks.num_stages):
         pl.when(i < my_n)(functools.partial(issue, i, i))
@@ -176,10 +179,13 @@ def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
     st, bs = ks.num_stages, ks.block_s
     seq = ks.wg_split == "seq"
     ring = plgpu.SMEM((st, bs, HEAD_DIM), kv_dtype, transforms=_transforms(kv_dtype))
+    ring_v = ring
+    if ks.v_transposed:  # V^T tiles [256, block_s]: rows of block_s bytes
+        ring_v = plgpu.SMEM((st, HEAD_DIM, bs), kv_dtype, transforms=_transforms(kv_dtype, bs))
     smem = {
         "q": plgpu.SMEM((NUM_HEADS, HEAD_DIM), q_dtype, transforms=_transforms(q_dtype)),
         "k": ring,
-        "v": ring,
+        "v": ring_v,
         "o": smem_o_spec(ks),
         "lse": plgpu.SMEM((NUM_HEADS,), jnp.float32),
     }
@@ -196,7 +202,7 @@ def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
             (st * r_out, NUM_HEADS, EPI_COLS), ks.out_dtype, transforms=_transforms(ks.out_dtype)
         )
         smem["k"] = plgpu.RefUnion(ring, xv, ov)
-        smem["v"] = plgpu.RefUnion(ring, xv, ov)
+        smem["v"] = plgpu.RefUnion(ring_v, xv, ov)  # same bytes a slot either way
     bars = {
         "q": plgpu.Barrier(num_barriers=2),
         "k": plgpu.Barrier(num_barriers=st),
@@ -226,17 +232,24 @@ def _scratch_fp8(ks: KernelShape, smem: dict, bars: dict) -> None:
     smem["qs"] = plgpu.SMEM((NUM_HEADS,), jnp.float32)
     smem["ks"] = plgpu.SMEM((st, bs), jnp.float32)
     smem["vs"] = plgpu.SMEM((st, bs), jnp.float32)
-    # "compute": two 128-column halves (one per warpgroup) of one converted tile;
-    # "memory": one whole converted tile per compute warpgroup (block i -> buffer i % 2).
-    v16_shape = (2, bs, HEAD_DIM) if ks.v_convert == "memory" else (2, bs, half)
-    smem["v16"] = plgpu.SMEM(v16_shape, jnp.float16, transforms=_transforms(jnp.float16))
-    if ks.v_convert == "memory":  # wg 2 -> wg w: "buffer w holds block i"; and back
-        bars["v16full"] = plgpu.Barrier(num_barriers=2)
-        bars["v16free"] = plgpu.Barrier(num_barriers=2)
-    if ks.q_tma:  # bf16 q [64, 256] (32 KiB = the f16 V tile at block_s=64) before any V
-        q16 = plgpu.SMEM((NUM_HEADS, HEAD_DIM), jnp.bfloat16, transforms=_transforms(jnp.bfloat16))
-        smem["v16"] = plgpu.RefUnion(smem["v16"], q16)
-        bars["q16"] = plgpu.Barrier(num_barriers=1)
+    q16 = plgpu.SMEM((NUM_HEADS, HEAD_DIM), jnp.bfloat16, transforms=_transforms(jnp.bfloat16))
+    if ks.v_transposed:  # FP8 P.V: no converted V; one e4m3 P tile per compute warpgroup
+        fp8 = jnp.float8_e4m3fn
+        smem["p8"] = plgpu.SMEM((2, NUM_HEADS, bs), fp8, transforms=_transforms(fp8, bs))
+        if ks.q_tma:  # bf16 q staging of its own (there is no f16 V tile to lend it)
+            smem["q16"] = q16
+            bars["q16"] = plgpu.Barrier(num_barriers=1)
+    else:
+        # "compute": two 128-column halves (one per warpgroup) of one converted tile;
+        # "memory": one whole converted tile per compute warpgroup (block i -> buffer i % 2).
+        v16_shape = (2, bs, HEAD_DIM) if ks.v_convert == "memory" else (2, bs, half)
+        smem["v16"] = plgpu.SMEM(v16_shape, jnp.float16, transforms=_transforms(jnp.float16))
+        if ks.v_convert == "memory":  # wg 2 -> wg w: "buffer w holds block i"; and back
+            bars["v16full"] = plgpu.Barrier(num_barriers=2)
+            bars["v16free"] = plgpu.Barrier(num_barriers=2)
+        if ks.q_tma:  # bf16 q [64, 256] (32 KiB = the f16 V tile at block_s=64) before any V
+            smem["v16"] = plgpu.RefUnion(smem["v16"], q16)
+            bars["q16"] = plgpu.Barrier(num_barriers=1)
     bars["ks"] = plgpu.Barrier(num_barriers=st)
     bars["vs"] = plgpu.Barrier(num_barriers=st)
 
@@ -246,7 +259,7 @@ def _unpack_unions(ks: KernelShape, smem: dict) -> None:
     if ks.ring_epilogue:
         smem["k"], smem["xk"], smem["ok"] = smem["k"]
         smem["v"], smem["xv"], smem["ov"] = smem["v"]
-    if ks.fp8 and ks.q_tma:
+    if ks.fp8 and ks.q_tma and not ks.v_transposed:
         smem["v16"], smem["q16"] = smem["v16"]
 
 

@@ -21,6 +21,7 @@ LN2 = math.log(2.0)
 NUM_HEADS = 64  # wgmma M: one warpgroup tile of 64 query heads
 HEAD_DIM = 256
 EPI_COLS = 64  # output columns per epilogue store
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn (step3_jax.quant.FP8_MAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,9 @@ class KernelShape:
     ragged_target: int = 0
     ragged_max_splits: int = 0
     ragged_sms: int = 0  # SMs the plan balances over (its "already balanced" test)
+    # FP8 cache only: V is stored transposed ([.., H, S] / pages [P, H, page]), so P.V runs as
+    # an FP8 wgmma (V^T is K-major over tokens) on P quantized per row (`_softmax_step`).
+    v_transposed: bool = False
 
     def num_items(self) -> int:
         """CTAs per query token along the grid's "split" axis (the split factor, or the
@@ -62,10 +66,13 @@ class KernelShape:
         return ragged_num_items(self.batch, self.ragged_target, self.ragged_max_splits)
 
 
-def _transforms(dtype) -> tuple:
-    """128-byte swizzle with the matching tile: what TMA and wgmma both want."""
-    elems = 128 // jnp.dtype(dtype).itemsize
-    return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(128))
+def _transforms(dtype, minor: int | None = None) -> tuple:
+    """128-byte swizzle with the matching tile: what TMA and wgmma both want. ``minor``: the
+    tile's minor dim when its rows are narrower than 128 bytes (the transposed FP8 V tile
+    [256, 64] and the FP8 P tile [64, 64] at block_s=64: a 64-byte swizzle)."""
+    size = jnp.dtype(dtype).itemsize
+    swizzle = 128 if minor is None else min(128, minor * size)
+    return (plgpu.TilingTransform((8, swizzle // size)), plgpu.SwizzleTransform(swizzle))
 
 
 def _row(x, shape):
@@ -227,7 +234,41 @@ def _softmax_step(ks, s, carry, valid, v_col):
     pv = p * _col(v_col, shape)
     if valid is not None:  # masked v_scale slots may be NaN: 0 * NaN = NaN
         pv = jnp.where(valid, pv, 0.0)
-    c_blk = pv.max(axis=1)
+    # P' = P * v_scale / c with c = max_s(P * v_scale) / top: each row's largest entry maps to
+    # top, 1 for the f16 operand (well inside its range) and 448 (e4m3's largest finite) for
+    # the FP8 one, which is then P quantized per row exactly like q and the cache.
+    top = E4M3_MAX if ks.v_transposed else 1.0
+    c_blk = pv.max(axis=1) * (1.0 / top)
     c_new = jnp.where(c_blk > 0, c_blk, c)
-    p16 = (pv * _row(1.0 / c_new, shape)).astype(jnp.float16)
-    return p16, alpha * (c / c_new), (m_new, l_new, c_new)
+    p_dtype = jnp.float8_e4m3fn if ks.v_transposed else jnp.float16
+    p_op = (pv * _row(1.0 / c_new, shape)).astype(p_dtype)
+    return p_op, alpha * (c / c_new), (m_new, l_new, c_new)
+
+
+@jax.named_scope("pv_fp8")
+def pv_fp8(ks, smem, bars, slot, w, acc, p8, rescale, valid_rows):
+    """``v_transposed``: acc = acc * rescale + P8 @ V with V^T [256, block_s] e4m3 read in
+    place from ring ``slot`` (K-major over tokens: an FP8 wgmma operand as it lands) and P8
+    [64, block_s] e4m3 staged in warpgroup w's shared tile. On a masked block the V^T columns
+    at or past ``valid_rows`` are zeroed first (0 * NaN = NaN inside the wgmma); the slot is
+    this warpgroup's alone ("seq" split), so nobody else reads it meanwhile."""
+    plgpu.barrier_wait(bars["v"].at[slot])
+    vt = smem["v"].at[slot]
+    if valid_rows is not None:
+
+        @pl.when(valid_rows < ks.block_s)
+        def _zero_tail():
+            layout = plgpu.Layout.WGMMA_8BIT
+            x = plgpu.load(vt, (), layout=layout).astype(jnp.float16)  # e4m3 is exact in f16
+            cols = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=layout)
+            vt[...] = jnp.where(cols < valid_rows, x, jnp.float16(0)).astype(vt.dtype)
+
+    p_ref = smem["p8"].at[w]
+    p_ref[...] = p8
+    plgpu.commit_smem()  # fence + warpgroup barrier: the wgmma reads what all 4 warps wrote
+    acc = acc * _row(rescale, acc.shape)
+
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p_ref, plgpu.transpose_ref(vt, (1, 0)))
+
+    return pl.run_state(pv)(plgpu.ACC.init(acc))  # reading the ACC waits for the wgmma

@@ -6,11 +6,13 @@ warpgroup w handles blocks i = w, w+2, ... of the CTA's range alone: QK, softmax
 256 columns (two 64 x 128 f32 accumulators; with an FP8 cache V is converted to f16 one 128-column
 half at a time through the warpgroup's f16 tile). With ``v_convert="memory"`` the memory
 warpgroup converts each whole V tile into f16 buffer i % 2 = w instead (``memory_convert_loop``)
-and warpgroup w runs one N=256 P.V wgmma on it (one [64, 256] f32 accumulator). At the end
-warpgroup 1 passes its normalised output, max and sum to warpgroup 0 through shared memory in
-[64, EPI_COLS] f32 chunks, and warpgroup 0 merges the two online-softmax states (the split-K
-combine, inside the CTA) and writes the output. The ring has an even number of slots, so slot
-i % num_stages always belongs to warpgroup i % 2 and each barrier is waited on by one
+and warpgroup w runs one N=256 P.V wgmma on it (one [64, 256] f32 accumulator). With a
+transposed V cache (``v_transposed``) nothing is converted: P is quantized to e4m3 per row and
+the N=256 P.V is an FP8 wgmma on the V^T tile as TMA delivered it (``mosaic_gpu_parts.pv_fp8``).
+At the end warpgroup 1 passes its normalised output, max and sum to warpgroup 0 through shared
+memory in [64, EPI_COLS] f32 chunks, and warpgroup 0 merges the two online-softmax states (the
+split-K combine, inside the CTA) and writes the output. The ring has an even number of slots, so
+slot i % num_stages always belongs to warpgroup i % 2 and each barrier is waited on by one
 warpgroup only, phase after phase.
 """
 
@@ -138,7 +140,8 @@ def compute_wg_seq(ks, refs, smem, bars, w, b, t, oi, kv_end, first, my_n):
     plgpu.set_max_registers(mg.REGS[ks.v_convert][0], action="increase")
     q_row_scale = mg.q_operand(ks, refs, smem, bars, w, b, t)
     v_mem = ks.v_convert == "memory"
-    acc_cols = mg.HEAD_DIM if v_mem else HALF
+    one_acc = v_mem or ks.v_transposed  # one N=256 P.V wgmma a block: one [64, 256] acc
+    acc_cols = mg.HEAD_DIM if one_acc else HALF
     zero = plgpu.layout_cast(jnp.zeros((mg.NUM_HEADS, acc_cols), jnp.float32), plgpu.Layout.WGMMA)
     wg_iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA)
 
@@ -154,22 +157,26 @@ def compute_wg_seq(ks, refs, smem, bars, w, b, t, oi, kv_end, first, my_n):
         if ks.fp8:
             plgpu.barrier_wait(bars["vs"].at[slot])
             v_col = plgpu.load(smem["vs"].at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-        p16, rescale, soft = mg._softmax_step(ks, s, soft, valid, v_col)
+        p_op, rescale, soft = mg._softmax_step(ks, s, soft, valid, v_col)
+        if ks.v_transposed:  # P is e4m3: P.V on FP8 tensor cores, V^T read in place
+            accs = mg.pv_fp8(ks, smem, bars, slot, w, accs, p_op, rescale, valid_rows)
+            plgpu.barrier_arrive(bars["consumed"].at[slot])
+            return accs, soft
         if v_mem:  # K and the scales are read; V is the memory warpgroup's: free the slot now
             plgpu.barrier_arrive(bars["consumed"].at[slot])
-            return _pv_from_buffer(smem, bars, w, accs, p16, rescale), soft
-        accs = _pv_halves(ks, smem, bars, slot, w, accs, p16, rescale, valid_rows)
+            return _pv_from_buffer(smem, bars, w, accs, p_op, rescale), soft
+        accs = _pv_halves(ks, smem, bars, slot, w, accs, p_op, rescale, valid_rows)
         plgpu.barrier_arrive(bars["consumed"].at[slot])
         return accs, soft
 
     # Blocks of this warpgroup: i = 2j + w < my_n; only the CTA's last block needs masks.
     n_mine = lax.div(jnp.maximum(my_n - w, 0) + 1, 2)
     n_full = lax.div(jnp.maximum(my_n - 1 - w, 0) + 1, 2)
-    carry = (zero if v_mem else (zero, zero), (_vec(-jnp.inf), _vec(0.0), _vec(1.0)))
+    carry = (zero if one_acc else (zero, zero), (_vec(-jnp.inf), _vec(0.0), _vec(1.0)))
     carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
     carry = lax.fori_loop(n_full, n_mine, functools.partial(step, masked=True), carry)
     accs, (m, lsum, c) = carry
-    if v_mem:  # the epilogue works on 128-column halves
+    if one_acc:  # the epilogue works on 128-column halves
         accs = (accs[:, :HALF], accs[:, HALF:])
     with jax.named_scope("epilogue"):
         if w == 1:

@@ -43,9 +43,13 @@ def mfa_decode_reference(
     block_table: Int[Array, "B P"] | None = None,
     sm_scale: float | None = None,
     return_lse: bool = False,
+    v_transposed: bool = False,
 ):
-    """Plain-jnp float32 MFA decode attention; returns bf16 out (and float32 lse [B, T, N])."""
+    """Plain-jnp float32 MFA decode attention; returns bf16 out (and float32 lse [B, T, N]).
+    ``v_transposed``: v is [B, H, S] (paged: [P_total, H, page]); see the kernel API."""
     squeeze = q.ndim == 3
+    if v_transposed:
+        v = jnp.swapaxes(v, 1, 2)
     q4 = q[:, None] if squeeze else q
     if block_table is not None:
         k, k_scale = gather_pages(k, block_table, k_scale)

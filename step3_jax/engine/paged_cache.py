@@ -30,7 +30,13 @@ from flax import struct
 from jaxtyping import Array, Float, Int
 
 from step3_jax import quant
-from step3_jax.cache import attend_cache, layer_arrays, write_kv
+from step3_jax.cache import (
+    attend_cache,
+    check_v_transposed,
+    layer_arrays,
+    transposed_v_shape,
+    write_kv,
+)
 from step3_jax.kernels.mfa_decode.api import MAX_T
 
 NULL_PAGE = 0
@@ -88,11 +94,12 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 @struct.dataclass
 class PagedKVCache:
     k: Array  # [L, P, page, H]
-    v: Array  # [L, P, page, H]
+    v: Array  # [L, P, page, H]; [L, P, H, page] if v_transposed (`step3_jax.cache.KVCache`)
     block_table: Int[Array, "B M"]
     lengths: Int[Array, " B"]
     k_scale: Float[Array, "L P page"] | None = None
     v_scale: Float[Array, "L P page"] | None = None
+    v_transposed: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def create(
@@ -104,8 +111,10 @@ class PagedKVCache:
         max_pages: int,
         head_dim: int,
         dtype=jnp.bfloat16,
+        v_transposed: bool = False,
     ) -> PagedKVCache:
-        """Zeroed pools, null block tables, lengths 0; ``dtype=float8_e4m3fn``: FP8 pools."""
+        """Zeroed pools, null block tables, lengths 0; ``dtype=float8_e4m3fn``: FP8 pools;
+        ``v_transposed=True`` (FP8 only): V pages [H, page] for the FP8 P.V kernel."""
         for name, val in (
             ("num_layers", num_layers),
             ("batch", batch),
@@ -119,14 +128,16 @@ class PagedKVCache:
             raise ValueError(f"PagedKVCache.create: num_pages must be >= 2, got {num_pages}")
         shape = (num_layers, num_pages, page_size, head_dim)
         fp8 = jnp.dtype(dtype) == jnp.dtype(quant.FP8_DTYPE)
+        check_v_transposed(v_transposed, fp8, "PagedKVCache.create")
         scale = (lambda: jnp.ones(shape[:3], jnp.float32)) if fp8 else (lambda: None)
         return cls(
             k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            v=jnp.zeros(transposed_v_shape(shape) if v_transposed else shape, dtype),
             block_table=jnp.zeros((batch, max_pages), jnp.int32),
             lengths=jnp.zeros((batch,), jnp.int32),
             k_scale=scale(),
             v_scale=scale(),
+            v_transposed=v_transposed,
         )
 
     @property
@@ -196,14 +207,15 @@ class PagedKVCache:
         )
         if kernel_api:
             return attend_cache(
-                q, *layer_arrays(self, layer), positions, implementation,
+                q, *layer_arrays(self, layer), positions, implementation, self.v_transposed,
                 block_table=self.block_table,
             )  # fmt: skip
         return attend_cache(q, *self.gathered(layer), positions, "xla")
 
     def gathered(self, layer: int) -> tuple[Array, Array, Array | None, Array | None]:
-        """Layer ``layer`` as a contiguous cache ``(k, v [B, M * page, H], k_scale, v_scale
-        [B, M * page] | None)``; null-page slots zeroed (scales 0) so they hold no NaN."""
+        """Layer ``layer`` as a contiguous, token-major cache ``(k, v [B, M * page, H],
+        k_scale, v_scale [B, M * page] | None)``; null-page slots zeroed (scales 0) so they
+        hold no NaN."""
         b, m = self.block_table.shape
         real = jnp.repeat(self.block_table != NULL_PAGE, self.page_size, axis=1)  # [B, S]
 
@@ -214,7 +226,8 @@ class PagedKVCache:
 
         ks = None if self.k_scale is None else gather(self.k_scale)
         vs = None if self.v_scale is None else gather(self.v_scale)
-        return gather(self.k), gather(self.v), ks, vs
+        v = jnp.swapaxes(self.v, -1, -2) if self.v_transposed else self.v  # token-major pages
+        return gather(self.k), gather(v), ks, vs
 
 
 __all__ = ["NULL_PAGE", "PageAllocator", "PagedKVCache", "PoolExhausted", "pages_for"]

@@ -15,6 +15,11 @@ Tolerances (derived, not tuned):
   (FP8 wgmma accumulation is ~2^-14 relative, not f32). Against the exact-q oracle each score
   moves by ~0.036 * |q||k| / sqrt(H) (0.054 at our k scale), i.e. a few % of the output norm:
   we require cosine >= 0.99 (1 - 0.054^2 / 2 = 0.9985 expected).
+* pallas with a transposed V cache (``v_transposed``: P.V as an FP8 wgmma) also rounds
+  P' = P * v_scale / c to e4m3 per row (c: the row's block max over 448). A normal e4m3 value
+  is off by at most 2^-4 of itself, a subnormal one (P' < 2^-6) by at most 2^-10 absolute, so
+  |out - ref| grows by at most 2^-4 * sum_s p_s |V_s| / l (the oracle run on |V|, per
+  element) plus 2^-10 / 448 * max|V| per visible token (every block's c <= l's largest term).
 """
 
 from __future__ import annotations
@@ -92,8 +97,18 @@ def _to_paged(case, page_size, rng):
     return out
 
 
-def check(case, impl, fp8_pallas=False, **kw):
-    out, lse = mfa_decode_attention(**case, return_lse=True, implementation=impl, **kw)
+def transpose_v(case):
+    """The case with V stored transposed: [B, H, S] (paged: [P, H, page])."""
+    return {**case, "v": jnp.swapaxes(case["v"], 1, 2)}
+
+
+def check(case, impl, fp8_pallas=False, v_transposed=False, **kw):
+    """Runs ``impl`` on ``case`` (token-major V; transposed for the call if ``v_transposed``)
+    against the float32 oracle with the tolerances of the module docstring."""
+    call = transpose_v(case) if v_transposed else case
+    out, lse = mfa_decode_attention(
+        **call, return_lse=True, implementation=impl, v_transposed=v_transposed, **kw
+    )
     sm = kw.get("sm_scale")
     ref_case = case
     if fp8_pallas:
@@ -115,7 +130,14 @@ def check(case, impl, fp8_pallas=False, **kw):
     if case.get("v_scale") is not None:
         v = v * np.asarray(case["v_scale"])[..., None]
     vmax = np.nanmax(np.abs(v))
-    np.testing.assert_allclose(out, ref, atol=2.0**-8 * vmax, rtol=2.0**-8)
+    atol = 2.0**-8 * vmax
+    if fp8_pallas and v_transposed:  # + P rounded to e4m3 (module docstring)
+        abs_case = {**ref_case, "v": jnp.abs(ref_case["v"].astype(jnp.float32))}
+        abs_case["v"] = abs_case["v"].astype(case["v"].dtype)
+        ref_abs = np.asarray(mfa_decode_reference(**abs_case, sm_scale=sm), np.float32)
+        tokens = int(np.max(np.asarray(case["lengths"]), initial=0))
+        atol = atol + 2.0**-4 * ref_abs + 2.0**-10 / 448 * tokens * vmax
+    np.testing.assert_allclose(out, ref, atol=atol, rtol=2.0**-8)
     # FP8 wgmma accumulates with ~2^-14 relative precision (not f32): scores move by <~2^-9.
     lse_atol = 2.0**-7 if fp8_pallas else 1e-3
     np.testing.assert_allclose(lse[fin], ref_lse[fin], atol=lse_atol, rtol=1e-4)
@@ -126,14 +148,18 @@ class _Suite:
     impl: str = "xla"
     long_len: int = 2048
     configs: dict[bool, TuningConfig] = {}  # per FP8-ness of the cache; empty: tuned default
+    v_transposed: bool = False  # FP8 cases with V stored transposed (bf16 ones skipped)
 
     def run(self, case, **kw):
         fp8 = case["k"].dtype == jnp.float8_e4m3fn
         if self.configs and fp8 not in self.configs:
             pytest.skip("this cache dtype runs the tuned default in TestPallasGPU")
+        if self.v_transposed and not fp8:
+            pytest.skip("the transposed V layout is FP8-only")
         if fp8 in self.configs and "config" not in kw:
             kw["config"] = self.configs[fp8]
-        return check(case, self.impl, fp8_pallas=fp8 and self.impl == "pallas", **kw)
+        fp8_pallas = fp8 and self.impl == "pallas"
+        return check(case, self.impl, fp8_pallas=fp8_pallas, v_transposed=self.v_transposed, **kw)
 
     @pytest.mark.parametrize("fp8", [False, True])
     def test_ragged_with_zero_and_full(self, fp8):
@@ -176,6 +202,8 @@ class _Suite:
                 pooled[n] = jnp.concatenate([front, x, front])
         offsets = jnp.asarray([pad[n] for n in names], jnp.int32)
         kw = {"config": self.configs[fp8]} if fp8 in self.configs else {}
+        if self.v_transposed:
+            pooled, kw = transpose_v(pooled), {**kw, "v_transposed": True}
         got = mfa_decode_attention(**pooled, implementation=self.impl, page_offsets=offsets, **kw)
         np.testing.assert_array_equal(np.asarray(got, np.float32), want)
 
@@ -186,6 +214,12 @@ class _Suite:
 
 class TestXLA(_Suite):
     impl = "xla"
+
+
+class TestXLATransposedV(_Suite):
+    """V stored transposed (the FP8 P.V layout) on the XLA path and the oracle."""
+
+    v_transposed = True
 
 
 @pytest.mark.gpu
@@ -258,6 +292,25 @@ class TestPallasGPURagged(TestPallasGPU):
         case = make_case(12, rng.integers(0, 2049, 40).tolist(), 2048, t=2, fp8=True)
         cfg = dataclasses.replace(V_CONVERT_MEMORY, ragged=True, ragged_max_splits=8)
         check(case, "pallas", fp8_pallas=True, config=cfg)
+
+
+@pytest.mark.gpu
+class TestPallasGPUFp8PV(TestPallasGPU):
+    """Transposed V cache: P.V as an FP8 wgmma on per-row e4m3 P (the tuned FP8 form, without
+    the V conversion it no longer needs), and the ragged work list on top."""
+
+    v_transposed = True
+
+    def test_ragged_work_list(self):
+        rng = np.random.default_rng(14)
+        case = make_case(14, rng.integers(0, 2049, 40).tolist(), 2048, t=2, fp8=True)
+        cfg = dataclasses.replace(V_CONVERT_MEMORY, ragged=True)
+        check(case, "pallas", fp8_pallas=True, v_transposed=True, config=cfg)
+
+    def test_block_s_128(self):
+        case = make_case(15, [0, 129, 1024, 700], 1024, fp8=True, page_size=128)
+        cfg = TuningConfig(wg_split="seq", num_stages=2, block_s=128, q_quant="kernel")
+        check(case, "pallas", fp8_pallas=True, v_transposed=True, config=cfg)
 
 
 @pytest.mark.gpu
@@ -474,3 +527,65 @@ def test_gpu_lowering_on_cpu_with_page_offsets(cfg):
     ks = dataclasses.replace(ks, page_offsets=True)
     lowered = api._pallas_jit.trace(ks, *args).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()[:20000]
+
+
+@pytest.mark.parametrize(
+    "paged,t,cfg,offsets",
+    [
+        (False, 1, None, False),  # the tuned FP8 form, made transposed-V
+        (True, 2, None, False),
+        (False, 1, TuningConfig(wg_split="seq", num_stages=4, num_splits=2), False),
+        (True, 1, TuningConfig(wg_split="seq", num_stages=2, block_s=128), False),  # 128B swizzle
+        (False, 3, dataclasses.replace(V_CONVERT_MEMORY, ragged=True), False),
+        (True, 1, None, True),  # the AFD arena's in-place pools
+    ],
+    ids=["tuned", "tuned_paged_t2", "split2", "block128", "ragged", "page_offsets"],
+)
+def test_gpu_lowering_on_cpu_v_transposed(paged, t, cfg, offsets):
+    """FP8 P.V (transposed V cache) lowers for CUDA: the V^T TMA box, the 64- and 128-byte
+    swizzled V^T and P tiles, the FP8 wgmma's operand checks and the smem budget."""
+    from step3_jax.kernels.mfa_decode import api
+
+    sd = jax.ShapeDtypeStruct
+    b, s_cap, page = 4, 1024, 128
+    kv_shape = (b * s_cap // page, page, H) if paged else (b, s_cap, H)
+    fp8 = jnp.float8_e4m3fn
+    args = [
+        sd((b, t, N, H), jnp.bfloat16),
+        sd(kv_shape, fp8),
+        sd((kv_shape[0], H, kv_shape[1]), fp8),
+        sd((b,), jnp.int32),
+        sd(kv_shape[:2], jnp.float32),
+        sd(kv_shape[:2], jnp.float32),
+        sd((b, s_cap // page), jnp.int32) if paged else None,
+    ]
+    ks = api._kernel_shape(args[0], args[1], args[3], args[6], H**-0.5, cfg, 132, True)
+    assert ks.v_transposed and ks.v_convert == "compute"
+    if offsets:
+        ks = dataclasses.replace(ks, page_offsets=True)
+        args.append(sd((4,), jnp.int32))
+    lowered = api._pallas_jit.trace(ks, *args).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()[:20000]
+
+
+def test_v_transposed_rules():
+    """The transposed V layout is FP8-only and runs on the "seq" split; a head-split config or
+    a bf16 cache is a clear error, and the layout never changes the bytes of the cache."""
+    cfg = TuningConfig(wg_split="head", num_stages=4)
+    with pytest.raises(ValueError, match="wg_split='seq'"):
+        cfg.for_transposed_v()
+    seq = dataclasses.replace(V_CONVERT_MEMORY, v_convert="memory").for_transposed_v()
+    assert seq.v_convert == "compute"
+    fp8, bf16 = jnp.float8_e4m3fn, jnp.bfloat16
+    # FP8 P.V needs less shared memory than converting V (no f16 tiles).
+    assert seq.smem_bytes(fp8, jnp.float32, v_transposed=True) < V_CONVERT_MEMORY.smem_bytes(
+        fp8, jnp.float32
+    )
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        seq.validate_smem(bf16, bf16, v_transposed=True)
+    case = make_case(16, [3, 40], 64)  # bf16 cache
+    with pytest.raises(ValueError, match="v_transposed=True"):
+        mfa_decode_attention(**transpose_v(case), implementation="xla", v_transposed=True)
+    case = make_case(16, [3, 40], 64, fp8=True)
+    with pytest.raises(ValueError, match="k and v must both be"):  # not actually transposed
+        mfa_decode_attention(**case, implementation="xla", v_transposed=True)
