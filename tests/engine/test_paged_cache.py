@@ -39,9 +39,9 @@ def shuffled_tables(lengths, max_pages, num_pages, seed=0):
     return table
 
 
-def nan_paged(table, num_layers, num_pages, head, dtype):
+def nan_paged(table, num_layers, num_pages, head, dtype, v_transposed=False):
     cache = PagedKVCache.create(
-        num_layers, table.shape[0], num_pages, PAGE, table.shape[1], head, dtype
+        num_layers, table.shape[0], num_pages, PAGE, table.shape[1], head, dtype, v_transposed
     )
     nan = lambda a: jnp.full(a.shape, jnp.nan, a.dtype)
     cache = jax.tree.map(nan, cache.replace(block_table=None, lengths=None))
@@ -53,16 +53,20 @@ def nan_paged(table, num_layers, num_pages, head, dtype):
 _fwd = nnx.jit(lambda m, t, p, c: m(t, cache=c, positions=p))
 
 
-@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.float8_e4m3fn])
-def test_model_logits_equal_contiguous_cache(cache_dtype):
+@pytest.mark.parametrize(
+    "cache_dtype,v_transposed",
+    [(jnp.float32, False), (jnp.float8_e4m3fn, False), (jnp.float8_e4m3fn, True)],
+)
+def test_model_logits_equal_contiguous_cache(cache_dtype, v_transposed):
     """Prefill ragged prompts (right-padded) then decode 6 steps: paged == contiguous (an FP8
-    cache quantizes each token the same way in both, so the same tolerance holds)."""
+    cache quantizes each token the same way in both, so the same tolerance holds; the
+    transposed-V pages hold the same bytes as the contiguous token-major cache)."""
     model = build_model()
     lengths, new, max_len = np.array([3, 9, 6]), 6, 16
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, CFG.vocab_size, (3, max_len)).astype(np.int32)
     table = shuffled_tables(lengths + new, max_len // PAGE, 16)
-    paged = nan_paged(table, CFG.num_layers, 16, CFG.head_dim, cache_dtype)
+    paged = nan_paged(table, CFG.num_layers, 16, CFG.head_dim, cache_dtype, v_transposed)
     contig = s3.KVCache.for_config(CFG, 3, max_len, cache_dtype)
     pos = np.broadcast_to(np.arange(9, dtype=np.int32), (3, 9))
     lp, paged = _fwd(model, tokens[:, :9], pos, paged)
@@ -134,3 +138,39 @@ def test_allocator_exhaustion_is_clean():
     assert alloc.num_free == 3
     with pytest.raises(ValueError, match="num_pages must be >= 2"):
         PageAllocator(1)
+
+
+def test_transposed_v_cache_is_the_same_cache():
+    """`KVCache(v_transposed=True)` holds exactly the token-major cache's bytes, transposed,
+    and the model's logits through it match the token-major cache's to float32 summation-order
+    noise (the XLA path transposes the view back; XLA may then fuse or order the sums
+    differently: the module's TOL_F32); bad requests are clear errors."""
+    model = build_model()
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, CFG.vocab_size, (2, 12)).astype(np.int32)
+    fp8 = jnp.float8_e4m3fn
+    plain = s3.KVCache.for_config(CFG, 2, 16, fp8)
+    trans = s3.KVCache.for_config(CFG, 2, 16, fp8, v_transposed=True)
+    assert trans.v.shape == (CFG.num_layers, 2, CFG.head_dim, 16) and trans.v_transposed
+    pos = np.broadcast_to(np.arange(8, dtype=np.int32), (2, 8))
+    lp, plain = _fwd(model, tokens[:, :8], pos, plain)
+    lt, trans = _fwd(model, tokens[:, :8], pos, trans)
+    close = lambda a, b: np.testing.assert_allclose(a, b, atol=TOL_F32 * np.abs(b).max())
+    close(lt, lp)
+    for i in range(8, 12):
+        p = np.full((2, 1), i, np.int32)
+        lp, plain = _fwd(model, tokens[:, i : i + 1], p, plain)
+        lt, trans = _fwd(model, tokens[:, i : i + 1], p, trans)
+        close(lt, lp)
+    # Layer 0's K/V come from the embeddings alone: the same bytes in both layouts (deeper
+    # layers' inputs already carry the summation-order noise above).
+    np.testing.assert_array_equal(
+        np.asarray(jnp.swapaxes(trans.v[0], -1, -2), np.float32), np.asarray(plain.v[0], np.float32)
+    )
+    _, v_t = trans.dequantized_layer(0, jnp.float32)
+    _, v_p = plain.dequantized_layer(0, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(v_t), np.asarray(v_p))
+    with pytest.raises(ValueError, match="v_transposed=True needs an FP8"):
+        s3.KVCache.create(2, 2, 16, 8, jnp.bfloat16, v_transposed=True)
+    with pytest.raises(ValueError, match="v_transposed=True needs an FP8"):
+        PagedKVCache.create(2, 2, 8, PAGE, 4, 8, jnp.float32, v_transposed=True)
