@@ -9,6 +9,8 @@ runs. ``--splits`` adds Pallas rows at fixed split-K factors (the small-batch sw
 16); ``--breakdown`` records the per-kernel times of chosen shapes. ``--ragged on|both`` times
 ragged batches (lengths uniform in [S/2, S], seeded per shape, bytes over the KV actually
 needed) and adds the ``pallas_*_ragged`` impls (the api's config with ``ragged=True``).
+``pallas_fp8_pv``: the FP8 cache with V stored transposed, P.V as an FP8 wgmma (issue 16 item
+1; same bytes as ``pallas_fp8``).
 
     python3 benchmarks/bench_mfa_decode.py --out /tmp/res
     python3 benchmarks/bench_mfa_decode.py --tiny --out /tmp/res   # CPU smoke run (XLA rows)
@@ -44,7 +46,8 @@ def ragged_lengths(b, s):
     return np.random.default_rng(1000 * b + s).integers(s // 2, s + 1, b).astype(np.int32)
 
 
-def make_inputs(seed, b, s, fp8, lengths=None):
+def make_inputs(seed, b, s, fp8, lengths=None, v_transposed=False):
+    """Random call arguments; ``v_transposed``: V stored [B, H, S] (FP8 P.V layout)."""
     key = jax.random.key(seed)
     kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (b, 1, N, H), jnp.bfloat16)
@@ -54,6 +57,7 @@ def make_inputs(seed, b, s, fp8, lengths=None):
     lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.asarray(lengths)
     if fp8:
         (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+        v = jnp.swapaxes(v, 1, 2) if v_transposed else v
         return dict(q=q, k=k, v=v, lengths=lengths, k_scale=ks, v_scale=vs)
     return dict(q=q, k=k, v=v, lengths=lengths)
 
@@ -71,9 +75,9 @@ def flops(b, s, lengths=None):
     return 4 * N * H * (b * s if lengths is None else int(np.sum(lengths)))
 
 
-def _arg_sets(b, s, fp8, lengths=None):
+def _arg_sets(b, s, fp8, lengths=None, v_transposed=False):
     n = harness.num_sets(bytes_read(b, s, fp8))  # the whole cache rotates, read or not
-    return [(make_inputs(i, b, s, fp8, lengths),) for i in range(n)]
+    return [(make_inputs(i, b, s, fp8, lengths, v_transposed),) for i in range(n)]
 
 
 def auto_splits(b, s, block_s=64):
@@ -83,12 +87,16 @@ def auto_splits(b, s, block_s=64):
     return cfg_lib.choose_num_splits(b, s, block_s, sms, cfg_lib.split_costs(dev.device_kind))
 
 
-def _ours(impl, config=None):
-    return jax.jit(lambda d: mfa_decode_attention(**d, implementation=impl, config=config))
+def _ours(impl, config=None, v_transposed=False):
+    return jax.jit(
+        lambda d: mfa_decode_attention(
+            **d, implementation=impl, config=config, v_transposed=v_transposed
+        )
+    )
 
 
-def bench_ours(b, s, fp8, impl, config=None, lengths=None):
-    return _ours(impl, config), _arg_sets(b, s, fp8, lengths)
+def bench_ours(b, s, fp8, impl, config=None, lengths=None, v_transposed=False):
+    return _ours(impl, config, v_transposed), _arg_sets(b, s, fp8, lengths, v_transposed)
 
 
 def ragged_config(b, s, fp8):
@@ -311,11 +319,12 @@ def _config(fp8):
 
 
 def _plan(b, s, lens=None):
-    def ours(fp8, impl, cfg=None):
-        return lambda: bench_ours(b, s, fp8, impl, cfg() if cfg else None, lens)
+    def ours(fp8, impl, cfg=None, vt=False):
+        return lambda: bench_ours(b, s, fp8, impl, cfg() if cfg else None, lens, vt)
 
     return {
         "pallas_fp8": (True, ours(True, "pallas", lambda: _config(True))),
+        "pallas_fp8_pv": (True, ours(True, "pallas", lambda: _config(True), vt=True)),
         "pallas_bf16": (False, ours(False, "pallas", lambda: _config(False))),
         "pallas_fp8_ragged": (True, ours(True, "pallas", lambda: ragged_config(b, s, True))),
         "pallas_bf16_ragged": (False, ours(False, "pallas", lambda: ragged_config(b, s, False))),
