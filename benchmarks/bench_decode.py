@@ -126,9 +126,15 @@ def random_model(
     return model
 
 
-def random_cache(cfg, batch: int, ctx: int, extra: int, dtype, seed: int = 1) -> KVCache:
-    """A cache of ``ctx + extra`` slots whose first ``ctx`` hold random K/V (lengths = ctx)."""
-    cache = KVCache.create(cfg.num_layers, batch, ctx + extra, cfg.head_dim, dtype)
+V_TRANSPOSED = "+vT"  # --precision suffix: the transposed-V FP8 cache
+
+
+def random_cache(
+    cfg, batch: int, ctx: int, extra: int, dtype, seed: int = 1, v_transposed: bool = False
+) -> KVCache:
+    """A cache of ``ctx + extra`` slots whose first ``ctx`` hold random K/V (lengths = ctx);
+    ``v_transposed``: the FP8 P.V layout (`KVCache.create`)."""
+    cache = KVCache.create(cfg.num_layers, batch, ctx + extra, cfg.head_dim, dtype, v_transposed)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def fill(c):
@@ -206,7 +212,7 @@ def cache_copies(hlo: str, batch: int, max_len: int, head_dim: int) -> list[str]
     return found
 
 
-def measure(model, cfg, precision: Precision, batch: int, ctx: int, steps: int, dump_hlo=None):
+def measure(model, cfg, precision: Precision, batch, ctx, steps, dump_hlo=None, v_transposed=False):
     """Times one decode-step configuration; returns its harness row (as a dict)."""
     graphdef, state = nnx.split(model)
     step = make_step(graphdef)
@@ -214,7 +220,8 @@ def measure(model, cfg, precision: Precision, batch: int, ctx: int, steps: int, 
     # Every timed call appends one token: the harness makes warm + 3 * steps calls (device,
     # blocked and loop passes); S stays a multiple of 64 (kernel block_s).
     extra = -(-(warm + 3 * steps + 1) // 64) * 64
-    cache = random_cache(cfg, batch, ctx, extra, precision.cache_dtype or model.dtype)
+    cache_dtype = precision.cache_dtype or model.dtype
+    cache = random_cache(cfg, batch, ctx, extra, cache_dtype, v_transposed=v_transposed)
     tokens = jax.random.randint(jax.random.key(2), (batch,), 0, cfg.vocab_size, jnp.int32)
     bytes_ = step_bytes(model, cfg, cache, batch, ctx)
     t0 = time.perf_counter()
@@ -315,7 +322,12 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny config, B=1, ctx 64")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--vocab", type=int, default=None, help="step3 only; default the real vocab")
-    p.add_argument("--precision", default="bf16,fp8,fp8+kv8")
+    p.add_argument(
+        "--precision",
+        default="bf16,fp8,fp8+kv8",
+        help=f"Precision modes; a '{V_TRANSPOSED}' suffix on an FP8-cache mode (fp8+kv8"
+        f"{V_TRANSPOSED}) stores V transposed: P.V as an FP8 wgmma (issue 16 item 1)",
+    )
     p.add_argument("--batch", default="1,8")
     p.add_argument("--context", default="64,256")
     p.add_argument("--pairs", default="", help="explicit B:ctx list, e.g. 128:4096,1:1024")
@@ -373,11 +385,13 @@ def main(argv=None) -> dict:
             hlo = None
             if a.hlo_dir and (b, c) == pairs[0] and name != "fp8":
                 hlo = os.path.join(a.hlo_dir, f"decode_{name.replace('+', '_')}_b{b}_s{c}.hlo")
+            mode, v_t = name.removesuffix(V_TRANSPOSED), name.endswith(V_TRANSPOSED)
             try:
                 model = random_model(
-                    cfg, Precision(name), a.moe, attention, dtype, granularity=a.granularity
+                    cfg, Precision(mode), a.moe, attention, dtype, granularity=a.granularity
                 )
-                r = measure(model, cfg, Precision(name), b, c, a.steps, hlo)
+                r = measure(model, cfg, Precision(mode), b, c, a.steps, hlo, v_transposed=v_t)
+                r["name"] = name
             except Exception as e:  # noqa: BLE001 - keep the sweep going, report the failure
                 r = harness.error_row(name, shape, e, batch=b, context=c)
             model = None  # free the weights before the next model is built
