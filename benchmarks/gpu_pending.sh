@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Every GPU measurement the open issues still wait for, as three device calls of <= ~9.5 min
+# each (a session has ~30 min of device time, start-up included). Run them in this order; each
+# call is self-contained (installs the tree, writes JSON + logs under OUT_DIR/callN).
+#
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 1 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 2 $OUT  # H200 only
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 3 $OUT  # any Hopper
+#
+# call 1 (issue 16): the kernel GPU suites (incl. the FP8 P.V class, never run yet), the FP8
+#   P.V kernel against the tuned FP8 kernel and XLA on full and ragged batches, and the
+#   small-batch split-K sweep that fits config.SPLIT_COSTS
+#   (`python3 -m step3_jax.kernels.mfa_decode.splitk OUT/call1/04/mfa_decode_*.json --sms 132`).
+# call 2 (issues 13 and 16 item 4): one device's side of the full Step-3 1A3F AFD step (the FFN
+#   role holds ~100 GB: needs_h200), then the grouped MoE layer at the FFN-device shape
+#   (16 local experts, 256 and 512 tokens).
+# call 3 (issues 17 and 18): the serving curve (engine vs bare step) and the vision tower.
+# Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
+set -u
+if [ $# -lt 2 ]; then sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; fi
+CALL=$1 OUT_DIR=$2
+HERE=$(cd "$(dirname "$0")" && pwd)
+RUN="bash $HERE/gpu_run.sh"
+MFA="python3 benchmarks/bench_mfa_decode.py --out \$OUT --variants ''"
+case "$CALL" in
+  1)
+    $RUN -t 200 "$OUT_DIR/call1" \
+      '@170 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 tests/pallas_kernels tests/quant/test_fp8_pallas_linear.py tests/test_reference_model.py' \
+      "@30 python3 benchmarks/harness.py" \
+      "@150 $MFA --breakdown 128x4096 --batches 64,128,256 --contexts 4096,32768 --impls pallas_fp8,pallas_fp8_pv,xla_fp8 --ragged both" \
+      "@190 $MFA --breakdown '' --batches 1,2,4,8 --contexts 1024,4096,32768 --impls pallas_fp8,xla_fp8 --splits 1,2,4,8,16,32,64"
+    ;;
+  2)
+    $RUN -t 300 "$OUT_DIR/call2" \
+      '@400 python3 benchmarks/bench_afd.py --role both --layout 1A3F --full --runs 1x256,1x512 --cache float8_e4m3fn --weights float8_e4m3fn --reps 5 --out $OUT/afd_roles_1a3f.json' \
+      "@140 python3 benchmarks/bench_moe.py --out \$OUT/moe.json --shards 16 --tokens 256,512 --shard-tokens 256,512 --sweep-tokens '' --baseline-tokens ''"
+    ;;
+  3)
+    mkdir -p "$OUT_DIR/call3"
+    RATES=${RATES:-2,8,16} DURATION=${DURATION:-20} timeout -k 10 290 \
+      bash "$HERE/gpu_serving.sh" "$OUT_DIR/call3/serving" > "$OUT_DIR/call3/serving.txt" 2>&1
+    echo "serving rc=$?"; tail -5 "$OUT_DIR/call3/serving.txt" | cut -c1-400
+    timeout -k 10 270 bash "$HERE/gpu_vision.sh" "$OUT_DIR/call3/vision"
+    echo "vision rc=$?"
+    ;;
+  *) echo "call must be 1, 2 or 3, got $CALL" >&2; exit 2 ;;
+esac
