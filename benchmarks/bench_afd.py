@@ -83,7 +83,8 @@ def _afd_config(args, num_mb: int, microbatch: int) -> tuple[ArenaDtypes, AfdCon
         policy=_policy(args),
         experts_in_place=not args.experts_copied,
     )
-    return ArenaDtypes(weight=args.weights, cache=args.cache), afd
+    dtypes = ArenaDtypes(weight=args.weights, cache=args.cache, v_transposed=args.v_transposed)
+    return dtypes, afd
 
 
 def run_afd(args, cfg, layout, devices, num_mb: int, microbatch: int, stages: bool) -> dict:
@@ -111,6 +112,7 @@ def run_afd(args, cfg, layout, devices, num_mb: int, microbatch: int, stages: bo
     return {
         "name": f"afd_{layout.name}_mb{num_mb}x{microbatch}",
         "cache": args.cache,
+        "v_transposed": args.v_transposed,
         "policy": str(_policy(args)),
         "experts_in_place": not args.experts_copied,
         "layout": layout.name,
@@ -193,6 +195,7 @@ def run_role(args, cfg, layout, device, role: str, num_mb: int, microbatch: int)
         policy=str(_policy(args)),
         weights=args.weights,
         cache=args.cache,
+        v_transposed=args.v_transposed,
         arena_gib=ex.arena.bytes_per_device() / 2**30,
     )
     out = row.to_dict()
@@ -312,6 +315,11 @@ def main(argv=None) -> dict:
     p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test)")
     p.add_argument("--full", action="store_true", help="the real 61-layer Step-3")
     p.add_argument("--cache", default="bfloat16", choices=["bfloat16", "float8_e4m3fn"])
+    p.add_argument(
+        "--v-transposed",
+        action="store_true",
+        help="FP8 cache: V stored [Bm, H, S], P.V as an FP8 wgmma (AFD arenas only)",
+    )
     p.add_argument(
         "--attention-impl",
         default="auto",

@@ -12,8 +12,8 @@
 #   small-batch split-K sweep that fits config.SPLIT_COSTS
 #   (`python3 -m step3_jax.kernels.mfa_decode.splitk OUT/call1/04/mfa_decode_*.json --sms 132`).
 # call 2 (issues 13 and 16 item 4): one device's side of the full Step-3 1A3F AFD step (the FFN
-#   role holds ~100 GB: needs_h200), then the grouped MoE layer at the FFN-device shape
-#   (16 local experts, 256 and 512 tokens).
+#   role holds ~100 GB: needs_h200; its FFN row is also item 4's FFN-device shape: 16 of 48
+#   experts at 256 and 512 tokens), then the attention role on the transposed-V FP8 cache.
 # call 3 (issues 17 and 18): the serving curve (engine vs bare step) and the vision tower.
 # Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -31,9 +31,9 @@ case "$CALL" in
       "@190 $MFA --breakdown '' --batches 1,2,4,8 --contexts 1024,4096,32768 --impls pallas_fp8,xla_fp8 --splits 1,2,4,8,16,32,64"
     ;;
   2)
-    $RUN -t 300 "$OUT_DIR/call2" \
-      '@400 python3 benchmarks/bench_afd.py --role both --layout 1A3F --full --runs 1x256,1x512 --cache float8_e4m3fn --weights float8_e4m3fn --reps 5 --out $OUT/afd_roles_1a3f.json' \
-      "@140 python3 benchmarks/bench_moe.py --out \$OUT/moe.json --shards 16 --tokens 256,512 --shard-tokens 256,512 --sweep-tokens '' --baseline-tokens ''"
+    $RUN -t 250 "$OUT_DIR/call2" \
+      '@380 python3 benchmarks/bench_afd.py --role both --layout 1A3F --full --runs 1x256,1x512 --cache float8_e4m3fn --weights float8_e4m3fn --reps 5 --out $OUT/afd_roles_1a3f.json' \
+      '@150 python3 benchmarks/bench_afd.py --role attention --layout 1A3F --full --runs 1x256,1x512 --cache float8_e4m3fn --weights float8_e4m3fn --v-transposed --reps 5 --out $OUT/afd_attention_1a3f_vT.json'
     ;;
   3)
     mkdir -p "$OUT_DIR/call3"

@@ -410,7 +410,9 @@ class AfdExecutor:
             if self.role != "ffn":  # an FFN-only program holds no attention regions
                 q, k, v = lax.cond(act_a, qkv, lambda: zq)
                 item = a_l * m_count + a_m
-                cache = arena_io.ArenaKVCache(arenas, self.arena.attention, item, bm, act_a)
+                cache = arena_io.ArenaKVCache(
+                    arenas, self.arena.attention, item, bm, act_a, self.dtypes.v_transposed
+                )
                 cache = cache.write(0, k, v, pos[a_m])
                 arenas = cache.arenas
 

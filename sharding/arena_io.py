@@ -62,12 +62,17 @@ def layer_values(arenas: dict, regions: dict, specs, prefix: str, item, in_place
     return out
 
 
-def write_rows(arenas, reg: Region, item, b_idx, positions, values, active):
+def write_rows(arenas, reg: Region, item, b_idx, positions, values, active, transposed=False):
     """Scatter ``values [Bm, T, *row]`` into item ``item`` of ``reg`` (shape [Bm, S, *row])
     at slots ``positions [Bm, T]``: a flat in-place scatter into the (donated) arena. When
-    ``active`` is False (FFN devices, idle ticks) every index is out of range and dropped."""
-    row = int(np.prod(reg.shape[2:]))
-    local = ((b_idx * reg.shape[1] + positions) * row)[..., None] + jnp.arange(row)  # int32
+    ``active`` is False (FFN devices, idle ticks) every index is out of range and dropped.
+    ``transposed``: ``reg`` is [Bm, H, S] and value h of token (b, t) goes to (b, h, pos)."""
+    if transposed:
+        h, s = reg.shape[1:]
+        local = (b_idx[..., None] * h + jnp.arange(h)) * s + positions[..., None]  # [Bm, T, H]
+    else:
+        row = int(np.prod(reg.shape[2:]))
+        local = ((b_idx * reg.shape[1] + positions) * row)[..., None] + jnp.arange(row)
     rows = reg.offset // ALIGN + item * (reg.stride // ALIGN) + local // ALIGN
     rows = jnp.where(active, rows, arenas[reg.dtype].shape[0])  # out of range: dropped
     vals = values.reshape(-1).astype(reg.dtype)
@@ -83,14 +88,19 @@ class ArenaKVCache:
     place (masked by ``active``: an idle tick or an FFN device writes nothing), ``attend``
     reads the item in place through the paged kernel (the arena viewed as one page per
     sequence, per-operand page offsets; no copy) or, on the XLA path, through views that XLA
-    fuses into the attention. ``layer`` arguments are ignored: the item is fixed."""
+    fuses into the attention. ``layer`` arguments are ignored: the item is fixed.
+    ``v_transposed``: cache_v items are [Bm, H, S] (`layout.ArenaDtypes.v_transposed`)."""
 
-    def __init__(self, arenas: dict, regions: dict, item, microbatch: int, active=True):
+    def __init__(
+        self, arenas: dict, regions: dict, item, microbatch: int, active=True, v_transposed=False
+    ):
         self.arenas, self.regions, self.item = arenas, regions, item
-        self.microbatch, self.active = microbatch, active
+        self.microbatch, self.active, self.v_transposed = microbatch, active, v_transposed
 
     def _replace(self, arenas) -> ArenaKVCache:
-        return ArenaKVCache(arenas, self.regions, self.item, self.microbatch, self.active)
+        return ArenaKVCache(
+            arenas, self.regions, self.item, self.microbatch, self.active, self.v_transposed
+        )
 
     def write(self, layer, k_new, v_new, positions) -> ArenaKVCache:
         """The new tokens' K/V (`quant.quantize_kv` per token for an FP8 cache, the format of
@@ -103,7 +113,10 @@ class ArenaKVCache:
                 arenas = write_rows(
                     arenas, regs[name + "_scale"], self.item, b_idx, positions, scale, self.active
                 )
-            arenas = write_rows(arenas, regs[name], self.item, b_idx, positions, new, self.active)
+            trans = name == "cache_v" and self.v_transposed
+            arenas = write_rows(
+                arenas, regs[name], self.item, b_idx, positions, new, self.active, trans
+            )
         return self._replace(arenas)
 
     def attend(self, layer, q, positions, implementation=None):
@@ -113,7 +126,7 @@ class ArenaKVCache:
             views = [
                 view(self.arenas, regs[n], self.item) if n in regs else None for n in CACHE_REGIONS
             ]
-            return attend_cache(q, *views, positions, "xla")
+            return attend_cache(q, *views, positions, "xla", self.v_transposed)
         pools, offsets = [], []
         for name in CACHE_REGIONS:
             reg = regs.get(name)
@@ -125,5 +138,6 @@ class ArenaKVCache:
         table = jnp.arange(self.microbatch, dtype=jnp.int32)[:, None]
         page_offsets = jnp.stack([jnp.asarray(o, jnp.int32) for o in offsets])
         return attend_cache(
-            q, *pools, positions, implementation, block_table=table, page_offsets=page_offsets
-        )
+            q, *pools, positions, implementation, self.v_transposed,
+            block_table=table, page_offsets=page_offsets,
+        )  # fmt: skip

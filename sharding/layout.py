@@ -265,6 +265,15 @@ class ArenaDtypes:
     norm: str = "bfloat16"  # RMSNorm scales and the router
     embed: str = "bfloat16"  # embedding and lm_head
     cache: str = "bfloat16"  # KV cache ("float8_e4m3fn": + float32 per-token scales)
+    # Storage layout, FP8 cache only: cache_v items [Bm, H, S], the layout of the decode
+    # kernel's FP8 P.V (`step3_jax.cache.KVCache`, ``v_transposed``).
+    v_transposed: bool = False
+
+    def __post_init__(self):
+        if self.v_transposed and self.cache != "float8_e4m3fn":
+            raise ValueError(
+                f"ArenaDtypes: v_transposed=True needs cache='float8_e4m3fn', got {self.cache!r}"
+            )
 
     @property
     def fp8_weights(self) -> bool:
@@ -320,8 +329,9 @@ def attention_specs(config, dt: ArenaDtypes, microbatch: int, num_mb: int, max_l
     # Pool-aligned: the arena viewed as [*, S, H] pages (one page per sequence) holds each
     # item's sequences as consecutive pages, read in place by the paged attention kernel.
     kv, n_items = (microbatch, max_len, h), n_l * num_mb
-    for name in ("cache_k", "cache_v"):
-        specs += [(name, dt.cache, kv, n_items, True)]
+    kv_v = (microbatch, h, max_len) if dt.v_transposed else kv  # pages [H, S] when transposed
+    for name, shape in (("cache_k", kv), ("cache_v", kv_v)):
+        specs += [(name, dt.cache, shape, n_items, True)]
     if dt.cache == "float8_e4m3fn":
         for name in ("cache_k_scale", "cache_v_scale"):
             specs += [(name, "float32", kv[:2], n_items, True)]

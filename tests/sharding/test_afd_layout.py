@@ -3,6 +3,7 @@
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -153,3 +154,43 @@ def test_exchange_rounds_are_matchings_covering_all_pairs(na, nf):
         assert len({a for a, _ in r}) == len(r) == len({f for _, f in r})
     assert len(rounds) == max(na, nf)
     assert np.all(np.array(seen) >= 0)
+
+
+def test_transposed_v_arena_cache_matches_token_major():
+    """`ArenaDtypes(v_transposed=True)`: cache_v items are [Bm, H, S]; the masked in-place
+    write stores exactly the token-major cache's bytes, transposed (an idle tick writes
+    nothing), and both attention paths (in-place pages, XLA views) read the same result."""
+    from step3_jax.sharding import arena_io
+
+    cfg = Step3Config.tiny()
+    bm, s = 2, 64
+    caches, outs = {}, {}
+    rng = np.random.default_rng(0)
+    k, v = (jnp.asarray(rng.standard_normal((bm, 5, cfg.head_dim)), jnp.float32) for _ in "kv")
+    pos = jnp.asarray([[0, 1, 2, 3, 4], [10, 11, 12, 13, 14]], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((bm, 1, cfg.num_heads, cfg.head_dim)), jnp.bfloat16)
+    for vt in (False, True):
+        dt = ArenaDtypes(weight="float8_e4m3fn", cache="float8_e4m3fn", v_transposed=vt)
+        arena = ArenaLayout.build(
+            cfg, AfdLayout.parse("1A1F"), microbatch=bm, num_microbatches=2, max_len=s, dtypes=dt
+        )
+        regs = arena.attention
+        assert regs["cache_v"].shape == ((bm, cfg.head_dim, s) if vt else (bm, s, cfg.head_dim))
+        zeros = {t: jnp.zeros((n // ALIGN, ALIGN), t) for t, n in arena.sizes.items()}
+        idle = arena_io.ArenaKVCache(zeros, regs, 3, bm, False, vt).write(0, k, v, pos)
+        for t in zeros:
+            np.testing.assert_array_equal(
+                np.asarray(idle.arenas[t], np.float32), np.asarray(zeros[t], np.float32)
+            )
+        cache = arena_io.ArenaKVCache(zeros, regs, 3, bm, True, vt).write(0, k, v, pos)
+        caches[vt] = np.asarray(arena_io.view(cache.arenas, regs["cache_v"], 3), np.float32)
+        qpos = jnp.asarray([[4], [14]], jnp.int32)
+        outs[vt] = [
+            np.asarray(cache.attend(0, q, qpos, impl), np.float32) for impl in ("xla", None)
+        ]
+    np.testing.assert_array_equal(caches[True], np.swapaxes(caches[False], 1, 2))
+    assert np.abs(caches[False]).sum() > 0
+    for got, want in zip(outs[True], outs[False], strict=True):
+        np.testing.assert_allclose(got, want, rtol=2.0**-8, atol=2.0**-8 * np.abs(want).max())
+    with pytest.raises(ValueError, match="v_transposed=True needs cache='float8_e4m3fn'"):
+        ArenaDtypes(v_transposed=True)
