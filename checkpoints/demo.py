@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from step3_jax.checkpoints.hf import load_hf
+from step3_jax.checkpoints.hf_load import load_hf
 from step3_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer
 from step3_jax.model import Step3Model
 from step3_jax.policy import KernelPolicy

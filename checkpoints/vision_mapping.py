@@ -21,7 +21,7 @@ releases: vLLM builds the tower with ``quant_config=None`` and the downsamplers/
 plain torch modules, so a float8 tensor here is refused, by name.
 
 The functions take and return dicts of host numpy arrays so the main loader
-(`step3_jax.checkpoints.hf`) can hand over the vision tensors it skips.
+(`step3_jax.checkpoints.hf_load.load_hf`) can hand over the vision tensors it skips.
 """
 
 from __future__ import annotations
