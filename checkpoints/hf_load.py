@@ -230,6 +230,19 @@ def load_hf(
     ckpt, dupes, vision_tensors = split_tensors(index_checkpoint(path))
     table = hf_mapping.entries(cfg)
     validate(table, ckpt, dupes, path)
+    graphdef, state, leaves = _abstract_model(cfg, table, dtype, param_dtype, policy)
+    _fill_leaves(leaves, table, ckpt, target_of, param_dtype, fp8, check_finite, progress)
+    model = nnx.merge(graphdef, state)
+    if fuse_qkv:
+        quant_model.fuse_qkv(model)
+    if vision is not None:
+        vision(vision_tensors)
+    return model
+
+
+def _abstract_model(cfg: Step3Config, table: list[Entry], dtype, param_dtype, policy):
+    """``(graphdef, state, {NNX path: Variable})`` of a `Step3Model` built without allocating
+    its weights (`nnx.eval_shape`), checked against ``table``."""
     abstract = nnx.eval_shape(
         lambda: Step3Model(
             cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, policy=policy
@@ -238,13 +251,7 @@ def load_hf(
     graphdef, state = nnx.split(abstract)
     leaves = dict(nnx.to_flat_state(state))
     check_table_matches_model(table, leaves)
-    _fill_leaves(leaves, table, ckpt, target_of, param_dtype, fp8, check_finite, progress)
-    model = nnx.merge(graphdef, state)
-    if fuse_qkv:
-        quant_model.fuse_qkv(model)
-    if vision is not None:
-        vision(vision_tensors)
-    return model
+    return graphdef, state, leaves
 
 
 def _fill_leaves(leaves, table, ckpt, target_of, param_dtype, fp8, check_finite, progress):
