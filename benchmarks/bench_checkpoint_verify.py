@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks.provenance import git_commit
 from step3_jax.checkpoints import integrity
-from step3_jax.checkpoints.hf import verify_checkpoint
+from step3_jax.checkpoints.hf_validate import verify_checkpoint
 from step3_jax.checkpoints.safetensors_io import ShardWriter, index_checkpoint, read_tensor
 
 TENSOR_MIB = 64

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from step3_jax.checkpoints.hf import load_hf
+from step3_jax.checkpoints.hf_load import load_hf
 from step3_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer
+from step3_jax.decode import generate
 from step3_jax.model import Step3Model
 from step3_jax.policy import KernelPolicy
 
@@ -53,8 +54,6 @@ def sample_texts(
     seed: int = 0,
 ) -> list[str]:
     """Prompt + continuation for each prompt (nucleus sampling, fixed seed)."""
-    from step3_jax.decode import generate
-
     ids = [tokenizer.encode(p) for p in prompts]
     stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     res = generate(

@@ -15,7 +15,8 @@ split_heads_in     o_proj ``[D, N*H]``          ``[D, N, H]``               self
 Fused parameters (`FUSED_PARAMS`): a model may store several of the table's tensors as ONE
 leaf, e.g. ``self_attn.qkv_proj [R + 2H, D]`` after `step3_jax.layers.MFAttention.fuse_qkv`
 (the rows of q_proj, k_proj, v_proj). The table always names the separate HF tensors:
-`step3_jax.checkpoints.hf.save_hf` cuts a fused leaf back into them (bitwise, FP8 scales included)
+`step3_jax.checkpoints.hf_save.save_hf` cuts a fused leaf back into them (bitwise, FP8 scales
+included)
 and ``load_hf(..., fuse_qkv=True)`` fills the separate leaves, then fuses.
 
 Block-FP8 checkpoints add ``<name>_scale_inv`` (float32 ``[*batch, ceil(N/128), ceil(K/128)]``)
@@ -28,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import ml_dtypes
 import numpy as np
 
 from step3_jax.config import Step3Config
@@ -45,12 +47,17 @@ PREFIX_ALIASES = (
 # The vision half of the VL release (ViT, its two convolutional downsamplers, the projector
 # into the 7168-wide embeddings), in BOTH layouts: on disk at the top level, in memory under
 # ``model.``. `vision_name` strips the ``model.`` so a vision sub-loader sees one naming.
-# The load skips these unless given a ``vision=`` callback (`step3_jax.checkpoints.hf.load_hf`).
+# The load skips these unless given a ``vision=`` callback (`hf_load.load_hf`).
 VISION_MODULES = ("vision_model", "vit_downsampler", "vit_downsampler2", "vit_large_projector")
 VISION_PREFIXES = tuple(f"{m}." for m in VISION_MODULES) + tuple(
     f"model.{m}." for m in VISION_MODULES
 )
 SCALE_SUFFIX = "_scale_inv"  # block-FP8: "<...>.weight_scale_inv" beside "<...>.weight"
+BLOCK = 128  # block-FP8 checkpoints: one scale per 128x128 block of the 2-D weight
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+# Dtypes a float parameter may be stored in; anything else (int8, bool, int64, float8_e5m2)
+# would be cast to float silently and is refused.
+FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float32, ml_dtypes.bfloat16, np.float16, np.float64))
 # Fused model leaf -> the table leaves (same module) whose rows it holds, in row order.
 FUSED_PARAMS = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 
@@ -96,7 +103,7 @@ class Entry:
     def scale_name(self) -> str:
         return self.hf_name + SCALE_SUFFIX
 
-    def scale_shape(self, block: int = 128) -> tuple[int, ...]:
+    def scale_shape(self, block: int = BLOCK) -> tuple[int, ...]:
         """HF ``weight_scale_inv`` shape: ``[*batch, ceil(N/block), ceil(K/block)]``."""
         *batch, n, k = self.hf_shape
         return (*batch, -(-n // block), -(-k // block))
@@ -196,6 +203,9 @@ def detect_layout(names) -> str:
 
 
 __all__ = [
+    "BLOCK",
+    "FLOAT_DTYPES",
+    "FP8",
     "FUSED_PARAMS",
     "Entry",
     "PREFIX_ALIASES",

@@ -21,7 +21,7 @@ releases: vLLM builds the tower with ``quant_config=None`` and the downsamplers/
 plain torch modules, so a float8 tensor here is refused, by name.
 
 The functions take and return dicts of host numpy arrays so the main loader
-(`step3_jax.checkpoints.hf`) can hand over the vision tensors it skips.
+(`step3_jax.checkpoints.hf_load.load_hf`) can hand over the vision tensors it skips.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from flax import nnx
 from step3_jax.checkpoints.hf_mapping import IDENTITY, VISION_PREFIXES, Entry, vision_name
 from step3_jax.checkpoints.safetensors_io import index_checkpoint, read_tensor
 from step3_jax.vision.config import Step3VisionConfig
+from step3_jax.vision.encoder import Step3VisionModel
 
 FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
@@ -175,8 +176,6 @@ def load_vision(
     """A `Step3VisionModel` from a checkpoint directory (or from ``tensors`` already read).
 
     Built abstractly (no random init), then filled from the table: every leaf once."""
-    from step3_jax.vision.encoder import Step3VisionModel
-
     c = config or read_vision_config(path)
     params = hf_to_params(read_vision_tensors(path) if tensors is None else tensors, c)
     abstract = nnx.eval_shape(

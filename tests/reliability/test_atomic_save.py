@@ -33,7 +33,8 @@ from flax import nnx
 from rel_fixtures import REFERENCE, build_model, model_leaf, tiny_config
 
 from step3_jax.checkpoints import integrity, load_hf, restore_orbax, save_hf, save_orbax
-from step3_jax.checkpoints.hf import read_config, verify_checkpoint
+from step3_jax.checkpoints.hf_config import read_config
+from step3_jax.checkpoints.hf_validate import verify_checkpoint
 from step3_jax.checkpoints.safetensors_io import index_checkpoint, read_tensor
 from step3_jax.config import Step3Config
 from step3_jax.model import Step3Model

@@ -14,8 +14,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from vision_fixtures import random_vision_tensors
 
-from step3_jax.checkpoints import hf_mapping, vision_mapping
-from step3_jax.checkpoints.hf import load_hf, load_hf_vl, save_hf_vl
+from step3_jax.checkpoints import hf_mapping, load_hf, load_hf_vl, save_hf_vl, vision_mapping
 from step3_jax.checkpoints.vision_mapping import VisionCheckpointError
 from step3_jax.config import Step3Config
 from step3_jax.policy import KernelPolicy
