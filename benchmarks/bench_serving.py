@@ -60,6 +60,11 @@ def parse_args(argv=None):
     m.add_argument("--step3", action="store_true", help="Step-3 layer shapes, random weights")
     p.add_argument("--layers", type=int, default=4, help="--step3: decoder layers")
     p.add_argument("--precision", default="fp8+kv8", help="--step3/--tiny: bf16|fp8|fp8+kv8")
+    p.add_argument(
+        "--v-transposed",
+        action="store_true",
+        help="FP8 KV cache (--precision fp8+kv8): V stored transposed, P.V as an FP8 wgmma",
+    )
     p.add_argument("--mode", choices=("engine", "http"), default="engine")
     p.add_argument("--rates", default="", help="Poisson arrival rates, requests/s")
     p.add_argument("--concurrency", default="", help="closed-loop client counts")
@@ -138,6 +143,7 @@ def build_engine(a):
     ex = ModelExecutor(
         model, max_batch=a.max_batch, max_len=a.max_len, page_size=a.page_size,
         prefill_chunk=a.prefill_chunk, cache_dtype=cache_dtype,
+        v_transposed=a.v_transposed and cache_dtype is not None,
     )  # fmt: skip
     return Engine(ex, None, max_queue=1 << 20), model.config.vocab_size
 

@@ -212,8 +212,13 @@ def generate(
     seed: int = 0,
     max_cache_len: int | None = None,
     cache_dtype=None,
+    v_transposed: bool = False,
 ) -> GenerationResult:
     """Generates up to ``max_new_tokens`` for each prompt (a batch of different lengths).
+
+    ``cache_dtype`` (default the model's): the KV cache's, e.g. ``jnp.float8_e4m3fn``;
+    ``v_transposed`` (FP8 cache only): V stored for the decode kernel's FP8 P.V
+    (`step3_jax.cache.KVCache`).
 
     ``temperature`` (finite, >= 0; 0: greedy), ``top_k`` (integer in [0, vocab_size]; 0: off)
     and ``top_p`` (in (0, 1]) are one value for all prompts or one per prompt. Every argument
@@ -226,7 +231,7 @@ def generate(
     stops = _check_args(cfg, max_new_tokens, stop_tokens, seed, max_cache_len)
     tokens, lengths = _prepare_prompts(prompts, cfg.vocab_size)
     plan = _plan(cfg, tokens, lengths, max_new_tokens, (temperature, top_k, top_p), stops,
-                 max_cache_len, cache_dtype or model.dtype)  # fmt: skip
+                 max_cache_len, cache_dtype or model.dtype, v_transposed)  # fmt: skip
     graphdef, state = nnx.split(model)
     clock = (_compile_clock["seconds"], time.perf_counter())
     first, cache = _prefill(
@@ -248,7 +253,9 @@ class _Plan:
     cache: KVCache
 
 
-def _plan(cfg, tokens, lengths, max_new_tokens, sampling, stops, max_cache_len, dtype) -> _Plan:
+def _plan(
+    cfg, tokens, lengths, max_new_tokens, sampling, stops, max_cache_len, dtype, v_transposed
+) -> _Plan:
     """Sampling arrays, cache and stop array for prompts from `_prepare_prompts`."""
     batch, padded_batch = len(lengths), tokens.shape[0]
     params = sampling_params(*sampling, batch, cfg.vocab_size)
@@ -256,7 +263,7 @@ def _plan(cfg, tokens, lengths, max_new_tokens, sampling, stops, max_cache_len, 
     cache_len, tokens = _cache_len(
         tokens, lengths, max_new_tokens, max_cache_len, cfg.max_position_embeddings
     )
-    cache = KVCache.for_config(cfg, padded_batch, cache_len, dtype)
+    cache = KVCache.for_config(cfg, padded_batch, cache_len, dtype, v_transposed)
     all_lengths = np.ones(padded_batch, np.int32)
     all_lengths[:batch] = lengths
     stop_arr = np.full(_bucket(len(stops), 4), PAD_OUTPUT, np.int32)

@@ -153,6 +153,12 @@ def test_fp8_cache_runs(model):
     out = s3.generate(model, PROMPTS, NEW, cache_dtype=jnp.float8_e4m3fn)
     assert [len(t) for t in out.tokens] == [NEW] * 3
     assert all(0 <= t < CFG.vocab_size for seq in out.tokens for t in seq)
+    # The transposed-V layout (FP8 P.V kernel) holds the same bytes: the same greedy tokens
+    # (its logits differ by float32 summation order only: tests/engine/test_paged_cache.py).
+    out_t = s3.generate(model, PROMPTS, NEW, cache_dtype=jnp.float8_e4m3fn, v_transposed=True)
+    assert out_t.tokens == out.tokens
+    with pytest.raises(ValueError, match="v_transposed=True needs an FP8"):
+        s3.generate(model, PROMPTS, NEW, v_transposed=True)
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -53,7 +53,9 @@ class ModelExecutor:
     (`PoolExhausted`). ``num_pages`` defaults to enough for every slot at ``max_len`` (+ the
     null page); fewer pages let more slots share a smaller pool of mostly-short requests.
     ``page_size`` must be a multiple of the Pallas kernel's ``block_s`` (64) where the kernel
-    runs (Hopper, Step-3 head shapes); the XLA path takes any size.
+    runs (Hopper, Step-3 head shapes); the XLA path takes any size. ``cache_dtype`` (default
+    the model's) and ``v_transposed`` (FP8 only: V pages for the decode kernel's FP8 P.V) shape
+    the page pools (`PagedKVCache.create`).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class ModelExecutor:
         prefill_chunk: int = 32,
         prefill_rows: int = 1,
         cache_dtype=None,
+        v_transposed: bool = False,
     ):
         cfg = model.config
         for name, val in (
@@ -100,6 +103,7 @@ class ModelExecutor:
                 self.max_pages,
                 cfg.head_dim,
                 cache_dtype or model.dtype,
+                v_transposed,
             ),
             jax.devices()[0],
         )

@@ -94,6 +94,7 @@ def generate_prepared(
     seed: int = 0,
     max_cache_len: int | None = None,
     cache_dtype=None,
+    v_transposed: bool = False,
 ) -> decode.GenerationResult:
     """`generate` on prompts already expanded by `prepare` and their feature rows ``[I, M]``
     (None without images): no preprocessing and no vision tower here, so a caller that
@@ -114,7 +115,7 @@ def generate_prepared(
             f"(prompt lengths {list(lengths)})"
         )
     plan = decode._plan(cfg, tokens, lengths, max_new_tokens, (temperature, top_k, top_p), stops,
-                        max_cache_len, cache_dtype or model.dtype)  # fmt: skip
+                        max_cache_len, cache_dtype or model.dtype, v_transposed)  # fmt: skip
     all_limits = np.zeros(len(plan.lengths), np.int32)  # padding rows: no placeholders
     all_limits[: len(limits)] = limits
     graphdef, state = nnx.split(model)

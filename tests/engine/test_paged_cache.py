@@ -21,7 +21,7 @@ from flax import nnx
 from helpers import CFG, build_model
 
 import step3_jax as s3
-from step3_jax.engine import PageAllocator, PagedKVCache, PoolExhausted
+from step3_jax.engine import ModelExecutor, PageAllocator, PagedKVCache, PoolExhausted
 from step3_jax.engine.paged_cache import NULL_PAGE
 
 TOL_F32 = 2 * 2.0**-24 * np.sqrt(256) * (7 * CFG.num_layers + 1)
@@ -174,3 +174,6 @@ def test_transposed_v_cache_is_the_same_cache():
         s3.KVCache.create(2, 2, 16, 8, jnp.bfloat16, v_transposed=True)
     with pytest.raises(ValueError, match="v_transposed=True needs an FP8"):
         PagedKVCache.create(2, 2, 8, PAGE, 4, 8, jnp.float32, v_transposed=True)
+    ex = ModelExecutor(model, max_batch=2, max_len=16, page_size=PAGE, cache_dtype=fp8,
+                       v_transposed=True)  # fmt: skip
+    assert ex.cache.v_transposed and ex.cache.v.shape[2:] == (CFG.head_dim, PAGE)
