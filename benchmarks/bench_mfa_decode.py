@@ -10,7 +10,7 @@ runs. ``--splits`` adds Pallas rows at fixed split-K factors (the small-batch sw
 ragged batches (lengths uniform in [S/2, S], seeded per shape, bytes over the KV actually
 needed) and adds the ``pallas_*_ragged`` impls (the api's config with ``ragged=True``).
 ``pallas_fp8_pv``: the FP8 cache with V stored transposed, P.V as an FP8 wgmma (issue 16 item
-1; same bytes as ``pallas_fp8``).
+1; same bytes as ``pallas_fp8``); ``pallas_fp8[_pv]_paged64``: both on 64-token pages.
 
     python3 benchmarks/bench_mfa_decode.py --out /tmp/res
     python3 benchmarks/bench_mfa_decode.py --tiny --out /tmp/res   # CPU smoke run (XLA rows)
@@ -46,8 +46,9 @@ def ragged_lengths(b, s):
     return np.random.default_rng(1000 * b + s).integers(s // 2, s + 1, b).astype(np.int32)
 
 
-def make_inputs(seed, b, s, fp8, lengths=None, v_transposed=False):
-    """Random call arguments; ``v_transposed``: V stored [B, H, S] (FP8 P.V layout)."""
+def make_inputs(seed, b, s, fp8, lengths=None, v_transposed=False, page=None):
+    """Random call arguments; ``v_transposed``: V stored [B, H, S] (FP8 P.V layout);
+    ``page``: the same cache cut into pages of ``page`` tokens (identity block table)."""
     key = jax.random.key(seed)
     kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (b, 1, N, H), jnp.bfloat16)
@@ -57,9 +58,17 @@ def make_inputs(seed, b, s, fp8, lengths=None, v_transposed=False):
     lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.asarray(lengths)
     if fp8:
         (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
-        v = jnp.swapaxes(v, 1, 2) if v_transposed else v
-        return dict(q=q, k=k, v=v, lengths=lengths, k_scale=ks, v_scale=vs)
-    return dict(q=q, k=k, v=v, lengths=lengths)
+        d = dict(q=q, k=k, v=v, lengths=lengths, k_scale=ks, v_scale=vs)
+    else:
+        d = dict(q=q, k=k, v=v, lengths=lengths)
+    if page:  # [B, S, ...] -> [B * S / page, page, ...]; table row b = pages of sequence b
+        for name in ("k", "v", "k_scale", "v_scale"):
+            if name in d:
+                d[name] = d[name].reshape(b * s // page, page, *d[name].shape[2:])
+        d["block_table"] = jnp.arange(b * s // page, dtype=jnp.int32).reshape(b, s // page)
+    if v_transposed:  # [.., S or page, H] -> [.., H, S or page]: each page's V^T contiguous
+        d["v"] = jnp.swapaxes(d["v"], 1, 2)
+    return d
 
 
 def bytes_read(b, s, fp8, lengths=None):
@@ -75,9 +84,9 @@ def flops(b, s, lengths=None):
     return 4 * N * H * (b * s if lengths is None else int(np.sum(lengths)))
 
 
-def _arg_sets(b, s, fp8, lengths=None, v_transposed=False):
+def _arg_sets(b, s, fp8, lengths=None, v_transposed=False, page=None):
     n = harness.num_sets(bytes_read(b, s, fp8))  # the whole cache rotates, read or not
-    return [(make_inputs(i, b, s, fp8, lengths, v_transposed),) for i in range(n)]
+    return [(make_inputs(i, b, s, fp8, lengths, v_transposed, page),) for i in range(n)]
 
 
 def auto_splits(b, s, block_s=64):
@@ -95,8 +104,9 @@ def _ours(impl, config=None, v_transposed=False):
     )
 
 
-def bench_ours(b, s, fp8, impl, config=None, lengths=None, v_transposed=False):
-    return _ours(impl, config, v_transposed), _arg_sets(b, s, fp8, lengths, v_transposed)
+def bench_ours(b, s, fp8, impl, config=None, lengths=None, v_transposed=False, page=None):
+    fn = _ours(impl, config, v_transposed)
+    return fn, _arg_sets(b, s, fp8, lengths, v_transposed, page)
 
 
 def ragged_config(b, s, fp8):
@@ -319,12 +329,19 @@ def _config(fp8):
 
 
 def _plan(b, s, lens=None):
-    def ours(fp8, impl, cfg=None, vt=False):
-        return lambda: bench_ours(b, s, fp8, impl, cfg() if cfg else None, lens, vt)
+    def ours(fp8, impl, cfg=None, vt=False, page=None):
+        return lambda: bench_ours(b, s, fp8, impl, cfg() if cfg else None, lens, vt, page)
 
     return {
         "pallas_fp8": (True, ours(True, "pallas", lambda: _config(True))),
         "pallas_fp8_pv": (True, ours(True, "pallas", lambda: _config(True), vt=True)),
+        # 64-token pages (the engine's default): a V^T page is one contiguous 16 KiB box,
+        # where the contiguous [B, H, S] layout makes each 64-token box 256 strided rows.
+        "pallas_fp8_paged64": (True, ours(True, "pallas", lambda: _config(True), page=64)),
+        "pallas_fp8_pv_paged64": (
+            True,
+            ours(True, "pallas", lambda: _config(True), vt=True, page=64),
+        ),
         "pallas_bf16": (False, ours(False, "pallas", lambda: _config(False))),
         "pallas_fp8_ragged": (True, ours(True, "pallas", lambda: ragged_config(b, s, True))),
         "pallas_bf16_ragged": (False, ours(False, "pallas", lambda: ragged_config(b, s, False))),

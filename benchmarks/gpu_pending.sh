@@ -27,7 +27,7 @@ case "$CALL" in
     $RUN -t 200 "$OUT_DIR/call1" \
       '@170 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 tests/pallas_kernels tests/quant/test_fp8_pallas_linear.py tests/test_reference_model.py' \
       "@30 python3 benchmarks/harness.py" \
-      "@150 $MFA --breakdown 128x4096 --batches 64,128,256 --contexts 4096,32768 --impls pallas_fp8,pallas_fp8_pv,xla_fp8 --ragged both" \
+      "@150 $MFA --breakdown 128x4096 --batches 64,128,256 --contexts 4096,32768 --impls pallas_fp8,pallas_fp8_pv,pallas_fp8_paged64,pallas_fp8_pv_paged64,xla_fp8 --ragged both" \
       "@190 $MFA --breakdown '' --batches 1,2,4,8 --contexts 1024,4096,32768 --impls pallas_fp8,xla_fp8 --splits 1,2,4,8,16,32,64"
     ;;
   2)

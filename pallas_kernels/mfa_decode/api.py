@@ -14,7 +14,8 @@ Layouts (Step-3 names: B batch, T new tokens, N=64 heads, H=256 head dim, S cach
 * v_transposed (FP8 cache only): v is stored transposed, [B, H, S] (paged: [P_total, H,
   page_size]), each of the 256 value dims' tokens contiguous. That is the layout an FP8 wgmma
   reads for P.V (the kernel then quantizes P per row to e4m3 instead of converting V to f16);
-  the bytes per token, and v_scale's layout, are unchanged.
+  the bytes per token, and v_scale's layout, are unchanged. The flag, not the shape, says which
+  layout v has (a token-major [B, 256, 256] v would pass as a transposed one).
 """
 
 from __future__ import annotations

@@ -15,11 +15,13 @@ FP8 cache (per-token scales, ``step3_jax.quant.quantize_kv`` format):
   ``q_in_kernel``); K is already
   FP8 and K-major ([block_s, H], H fastest), as 8-bit wgmma requires. The q row scale, k_scale
   column scale, sm_scale and log2(e) are folded into one multiply of the f32 scores.
-* P.V cannot be an FP8 wgmma: V [block_s, H] is not K-major over s. V is converted e4m3 -> f16
-  in registers (one cvt per two values) into a per-warpgroup f16 tile; P is fed as f16. v_scale
-  is folded into P's columns; to keep P * v_scale inside f16's range each row is renormalised
-  by c = max_s(P * v_scale) (so P' <= 1) and the accumulator carries c between blocks:
-  acc_rep = acc_true / c, rescaled by alpha * c_old / c_new each block, like the softmax max.
+* P.V cannot be an FP8 wgmma on a token-major cache: V [block_s, H] is not K-major over s (a
+  transposed V cache, ``v_transposed``, makes it one: ``mosaic_gpu_parts.pv_fp8``). V is
+  converted e4m3 -> f16 in registers (one cvt per two values) into a per-warpgroup f16 tile;
+  P is fed as f16. v_scale is folded into P's columns; to keep P * v_scale inside f16's range
+  each row is renormalised by c = max(max_s(P * v_scale), the previous c rescaled) (so P' <= 1)
+  and the accumulator carries c between blocks: acc_rep = acc_true / c, rescaled by
+  alpha * c_old / c_new each block, like the softmax max.
 Masking: scores of slots >= the query's visible end are set to -inf, and V rows there are zeroed
 (in the f16 conversion for FP8, in shared memory on the last partial block for bf16), because
 0 * NaN = NaN inside a matmul.

@@ -237,21 +237,29 @@ def _softmax_step(ks, s, carry, valid, v_col):
     # P' = P * v_scale / c with c = max_s(P * v_scale) / top: each row's largest entry maps to
     # top, 1 for the f16 operand (well inside its range) and 448 (e4m3's largest finite) for
     # the FP8 one, which is then P quantized per row exactly like q and the cache.
+    # c never drops below the previous blocks' (rescaled to the new max): a block whose best
+    # score is ~110+ log2 units under the running max would otherwise give a subnormal c and
+    # 1 / c = inf (NaN in P', inf in the rescale); its entries just round to 0 instead.
     top = E4M3_MAX if ks.v_transposed else 1.0
-    c_blk = pv.max(axis=1) * (1.0 / top)
-    c_new = jnp.where(c_blk > 0, c_blk, c)
+    c_cand = jnp.maximum(pv.max(axis=1) * (1.0 / top), alpha * c)
+    c_new = jnp.where(c_cand > 0, c_cand, c)
     p_dtype = jnp.float8_e4m3fn if ks.v_transposed else jnp.float16
     p_op = (pv * _row(1.0 / c_new, shape)).astype(p_dtype)
     return p_op, alpha * (c / c_new), (m_new, l_new, c_new)
 
 
 @jax.named_scope("pv_fp8")
-def pv_fp8(ks, smem, bars, slot, w, acc, p8, rescale, valid_rows):
-    """``v_transposed``: acc = acc * rescale + P8 @ V with V^T [256, block_s] e4m3 read in
-    place from ring ``slot`` (K-major over tokens: an FP8 wgmma operand as it lands) and P8
-    [64, block_s] e4m3 staged in warpgroup w's shared tile. On a masked block the V^T columns
-    at or past ``valid_rows`` are zeroed first (0 * NaN = NaN inside the wgmma); the slot is
-    this warpgroup's alone ("seq" split), so nobody else reads it meanwhile."""
+def pv_fp8(ks, smem, bars, slot, w, accs, p8, rescale, valid_rows):
+    """``v_transposed``: acc_h = acc_h * rescale + P8 @ V[:, half h] for both 128-column
+    halves, with V^T [256, block_s] e4m3 read in place from ring ``slot`` (K-major over tokens:
+    an FP8 wgmma operand as it lands) and P8 [64, block_s] e4m3 staged in warpgroup w's shared
+    tile. On a masked block the V^T columns at or past ``valid_rows`` are zeroed first
+    (0 * NaN = NaN inside the wgmma); the slot is this warpgroup's alone ("seq" split).
+
+    Two-level accumulation: each block's product goes into a fresh accumulator and is added to
+    the running f32 one on the CUDA cores. Hopper's FP8 MMA keeps only ~13 mantissa bits of
+    its D input, so feeding the running sum back in would truncate it toward zero once a
+    block (about -1% bias after 256 blocks). Halves keep the fresh tile at 64 registers."""
     plgpu.barrier_wait(bars["v"].at[slot])
     vt = smem["v"].at[slot]
     if valid_rows is not None:
@@ -259,16 +267,24 @@ def pv_fp8(ks, smem, bars, slot, w, acc, p8, rescale, valid_rows):
         @pl.when(valid_rows < ks.block_s)
         def _zero_tail():
             layout = plgpu.Layout.WGMMA_8BIT
-            x = plgpu.load(vt, (), layout=layout).astype(jnp.float16)  # e4m3 is exact in f16
-            cols = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=layout)
-            vt[...] = jnp.where(cols < valid_rows, x, jnp.float16(0)).astype(vt.dtype)
+            for r in range(0, HEAD_DIM, NUM_HEADS):  # 64 rows at a time: few registers
+                rows = vt.at[pl.ds(r, NUM_HEADS)]
+                x = plgpu.load(rows, (), layout=layout).astype(jnp.float16)  # e4m3 exact
+                cols = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=layout)
+                rows[...] = jnp.where(cols < valid_rows, x, jnp.float16(0)).astype(vt.dtype)
 
     p_ref = smem["p8"].at[w]
     p_ref[...] = p8
     plgpu.commit_smem()  # fence + warpgroup barrier: the wgmma reads what all 4 warps wrote
-    acc = acc * _row(rescale, acc.shape)
+    half = HEAD_DIM // 2
+    new = []
+    for h in range(2):
 
-    def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p_ref, plgpu.transpose_ref(vt, (1, 0)))
+        def pv(acc_ref, h=h):
+            v_half = plgpu.transpose_ref(vt.at[pl.ds(h * half, half)], (1, 0))
+            plgpu.wgmma(acc_ref, p_ref, v_half)
+            return acc_ref[...]  # reading the ACC waits for the wgmma
 
-    return pl.run_state(pv)(plgpu.ACC.init(acc))  # reading the ACC waits for the wgmma
+        part = pl.run_scoped(pv, plgpu.ACC((NUM_HEADS, half), jnp.float32))
+        new.append(accs[h] * _row(rescale, accs[h].shape) + part)
+    return tuple(new)

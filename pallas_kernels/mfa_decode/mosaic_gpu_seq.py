@@ -8,7 +8,8 @@ half at a time through the warpgroup's f16 tile). With ``v_convert="memory"`` th
 warpgroup converts each whole V tile into f16 buffer i % 2 = w instead (``memory_convert_loop``)
 and warpgroup w runs one N=256 P.V wgmma on it (one [64, 256] f32 accumulator). With a
 transposed V cache (``v_transposed``) nothing is converted: P is quantized to e4m3 per row and
-the N=256 P.V is an FP8 wgmma on the V^T tile as TMA delivered it (``mosaic_gpu_parts.pv_fp8``).
+P.V runs as two N=128 FP8 wgmmas on the V^T tile as TMA delivered it, each into a fresh
+accumulator added to the running pair (``mosaic_gpu_parts.pv_fp8``).
 At the end warpgroup 1 passes its normalised output, max and sum to warpgroup 0 through shared
 memory in [64, EPI_COLS] f32 chunks, and warpgroup 0 merges the two online-softmax states (the
 split-K combine, inside the CTA) and writes the output. The ring has an even number of slots, so
@@ -140,7 +141,7 @@ def compute_wg_seq(ks, refs, smem, bars, w, b, t, oi, kv_end, first, my_n):
     plgpu.set_max_registers(mg.REGS[ks.v_convert][0], action="increase")
     q_row_scale = mg.q_operand(ks, refs, smem, bars, w, b, t)
     v_mem = ks.v_convert == "memory"
-    one_acc = v_mem or ks.v_transposed  # one N=256 P.V wgmma a block: one [64, 256] acc
+    one_acc = v_mem  # one N=256 P.V wgmma a block: one [64, 256] acc
     acc_cols = mg.HEAD_DIM if one_acc else HALF
     zero = plgpu.layout_cast(jnp.zeros((mg.NUM_HEADS, acc_cols), jnp.float32), plgpu.Layout.WGMMA)
     wg_iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA)

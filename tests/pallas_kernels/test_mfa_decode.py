@@ -312,6 +312,22 @@ class TestPallasGPUFp8PV(TestPallasGPU):
         cfg = TuningConfig(wg_split="seq", num_stages=2, block_s=128, q_quant="kernel")
         check(case, "pallas", fp8_pallas=True, v_transposed=True, config=cfg)
 
+    def test_long_chain_has_no_bias(self):
+        """One CTA over 32K tokens (256 blocks a warpgroup): the FP8 P.V products must be
+        summed in f32 (two-level accumulation), not in the FP8 MMA's ~13-bit D input, which
+        would shrink the output by ~1%. Against the oracle on the same FP8 q, the regression
+        slope of out on ref stays within 2^-8 of 1 (random P rounding moves it by ~1e-4)."""
+        case = make_case(17, [32768], 32768, fp8=True)
+        cfg = dataclasses.replace(V_CONVERT_MEMORY, num_splits=1)
+        out = mfa_decode_attention(
+            **transpose_v(case), implementation="pallas", v_transposed=True, config=cfg
+        )
+        ref_case = {**case, "q": dequantize_kv(*quantize_kv(case["q"]))}
+        ref = np.asarray(mfa_decode_reference(**ref_case), np.float32).ravel()
+        got = np.asarray(out, np.float32).ravel()
+        slope = float(got @ ref / (ref @ ref))
+        assert abs(slope - 1.0) <= 2.0**-8, f"output scaled by {slope:.5f}"
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("splits", [1, 7, 16, 103])
@@ -533,13 +549,14 @@ def test_gpu_lowering_on_cpu_with_page_offsets(cfg):
     "paged,t,cfg,offsets",
     [
         (False, 1, None, False),  # the tuned FP8 form, made transposed-V
-        (True, 2, None, False),
+        (128, 2, None, False),
+        (64, 1, None, False),  # the engine's page size: one V^T page = one TMA box
         (False, 1, TuningConfig(wg_split="seq", num_stages=4, num_splits=2), False),
-        (True, 1, TuningConfig(wg_split="seq", num_stages=2, block_s=128), False),  # 128B swizzle
+        (128, 1, TuningConfig(wg_split="seq", num_stages=2, block_s=128), False),  # 128B swizzle
         (False, 3, dataclasses.replace(V_CONVERT_MEMORY, ragged=True), False),
-        (True, 1, None, True),  # the AFD arena's in-place pools
+        (128, 1, None, True),  # the AFD arena's in-place pools
     ],
-    ids=["tuned", "tuned_paged_t2", "split2", "block128", "ragged", "page_offsets"],
+    ids=["tuned", "tuned_paged_t2", "paged64", "split2", "block128", "ragged", "page_offsets"],
 )
 def test_gpu_lowering_on_cpu_v_transposed(paged, t, cfg, offsets):
     """FP8 P.V (transposed V cache) lowers for CUDA: the V^T TMA box, the 64- and 128-byte
@@ -547,7 +564,7 @@ def test_gpu_lowering_on_cpu_v_transposed(paged, t, cfg, offsets):
     from step3_jax.kernels.mfa_decode import api
 
     sd = jax.ShapeDtypeStruct
-    b, s_cap, page = 4, 1024, 128
+    b, s_cap, page = 4, 1024, paged
     kv_shape = (b * s_cap // page, page, H) if paged else (b, s_cap, H)
     fp8 = jnp.float8_e4m3fn
     args = [

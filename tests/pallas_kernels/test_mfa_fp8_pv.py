@@ -117,3 +117,26 @@ def test_fp8_p_costs_accuracy_but_little(gain):
           f"{rms(e8) / scale:.2e}")  # fmt: skip
     assert rms(e8) > rms(e16)
     assert rms(e8) <= 4 * 2.0**-4 / np.sqrt(3) * scale
+
+
+@pytest.mark.parametrize("gap", [110.0, 120.0])
+@pytest.mark.parametrize("v_transposed", [False, True], ids=["f16_p", "e4m3_p"])
+def test_block_far_below_the_running_max_stays_finite(v_transposed, gap):
+    """A block whose best score is ``gap`` log2 units under the running max: its P * v_scale
+    is near or below f32's smallest normal; c must not follow it down (on the GPU, whose
+    division does not flush subnormals, 1 / c = inf turns its zeros into NaN and the rescale
+    into inf; nearer the edge the rescale is ~2^110 and the next blocks overflow). Its entries
+    round to 0 and the running state is unchanged."""
+    ks = _shape(1, 2 * BS, v_transposed)
+    rng = np.random.default_rng(3)
+    s1 = jnp.asarray(rng.standard_normal((N, BS)), jnp.float32)
+    s2 = s1 - gap
+    v_col = jnp.full((BS,), 2.0**-5, jnp.float32)
+    carry = (jnp.full((N,), -jnp.inf), jnp.zeros((N,)), jnp.ones((N,)))
+    p1, r1, carry1 = parts._softmax_step(ks, s1, carry, None, v_col)
+    p2, r2, carry2 = parts._softmax_step(ks, s2, carry1, None, v_col)
+    for x in (*carry2, r2, p2.astype(jnp.float32)):
+        assert np.isfinite(np.asarray(x)).all()
+    np.testing.assert_array_equal(np.asarray(r2), 1.0)  # same max, same c: acc unchanged
+    assert float(jnp.max(p2.astype(jnp.float32))) == 0.0
+    np.testing.assert_array_equal(np.asarray(carry2[2]), np.asarray(carry1[2]))
