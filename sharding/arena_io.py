@@ -15,7 +15,7 @@ import numpy as np
 from jax import lax
 
 from step3_jax import quant
-from step3_jax.cache import attend_cache
+from step3_jax.cache import V_TILE, attend_cache, v_from_tiles
 from step3_jax.kernels.mfa_decode.api import MAX_T
 from step3_jax.layers.moe import ExpertPool
 from step3_jax.quant_model import Fp8Weight
@@ -66,10 +66,12 @@ def write_rows(arenas, reg: Region, item, b_idx, positions, values, active, tran
     """Scatter ``values [Bm, T, *row]`` into item ``item`` of ``reg`` (shape [Bm, S, *row])
     at slots ``positions [Bm, T]``: a flat in-place scatter into the (donated) arena. When
     ``active`` is False (FFN devices, idle ticks) every index is out of range and dropped.
-    ``transposed``: ``reg`` is [Bm, H, S] and value h of token (b, t) goes to (b, h, pos)."""
+    ``transposed``: ``reg`` holds V^T tiles [Bm, S/64, H, 64] and value h of token (b, t) goes
+    to (b, pos // 64, h, pos % 64)."""
     if transposed:
-        h, s = reg.shape[1:]
-        local = (b_idx[..., None] * h + jnp.arange(h)) * s + positions[..., None]  # [Bm, T, H]
+        n, h, tile = reg.shape[1:]
+        row = (b_idx * n + positions // tile)[..., None] * h + jnp.arange(h)  # [Bm, T, H]
+        local = row * tile + (positions % tile)[..., None]
     else:
         row = int(np.prod(reg.shape[2:]))
         local = ((b_idx * reg.shape[1] + positions) * row)[..., None] + jnp.arange(row)
@@ -89,7 +91,8 @@ class ArenaKVCache:
     reads the item in place through the paged kernel (the arena viewed as one page per
     sequence, per-operand page offsets; no copy) or, on the XLA path, through views that XLA
     fuses into the attention. ``layer`` arguments are ignored: the item is fixed.
-    ``v_transposed``: cache_v items are [Bm, H, S] (`layout.ArenaDtypes.v_transposed`)."""
+    ``v_transposed``: cache_v items are V^T tiles [Bm, S/64, H, 64]
+    (`layout.ArenaDtypes.v_transposed`): every operand is then read as 64-token pages."""
 
     def __init__(
         self, arenas: dict, regions: dict, item, microbatch: int, active=True, v_transposed=False
@@ -126,18 +129,34 @@ class ArenaKVCache:
             views = [
                 view(self.arenas, regs[n], self.item) if n in regs else None for n in CACHE_REGIONS
             ]
-            return attend_cache(q, *views, positions, "xla", self.v_transposed)
+            if self.v_transposed:
+                views[1] = v_from_tiles(views[1])
+            return attend_cache(q, *views, positions, "xla")
         pools, offsets = [], []
         for name in CACHE_REGIONS:
             reg = regs.get(name)
-            pools.append(
-                None if reg is None else self.arenas[reg.dtype].reshape(-1, *reg.shape[1:])
-            )
-            nk = 1 if reg is None else reg.pool_matrix
-            offsets.append(0 if reg is None else reg.offset // nk + self.item * (reg.stride // nk))
-        table = jnp.arange(self.microbatch, dtype=jnp.int32)[:, None]
+            if reg is None:
+                pools.append(None)
+                offsets.append(0)
+                continue
+            page = self._page_shape(name, reg)
+            nk = int(np.prod(page))  # the region's offset and stride are multiples of it
+            pools.append(self.arenas[reg.dtype].reshape(-1, *page))
+            offsets.append(reg.offset // nk + self.item * (reg.stride // nk))
+        s_len = regs["cache_k"].shape[1]
+        per_seq = s_len // V_TILE if self.v_transposed else 1
+        table = jnp.arange(self.microbatch * per_seq, dtype=jnp.int32).reshape(-1, per_seq)
         page_offsets = jnp.stack([jnp.asarray(o, jnp.int32) for o in offsets])
         return attend_cache(
             q, *pools, positions, implementation, self.v_transposed,
             block_table=table, page_offsets=page_offsets,
         )  # fmt: skip
+
+    def _page_shape(self, name: str, reg: Region) -> tuple:
+        """One page of ``name`` for the paged kernel API: a whole sequence (token-major V), or
+        64 tokens of every operand (V^T tiles: k [64, H], v [H, 64], scales [64])."""
+        if not self.v_transposed:
+            return reg.shape[1:]
+        if name == "cache_v":
+            return reg.shape[2:]
+        return (V_TILE, *reg.shape[2:])

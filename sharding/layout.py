@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from step3_jax.cache import V_TILE, v_tiles_shape
 from step3_jax.sharding import layer_state
 from step3_jax.sharding.layer_state import ParamSpec
 
@@ -265,8 +266,8 @@ class ArenaDtypes:
     norm: str = "bfloat16"  # RMSNorm scales and the router
     embed: str = "bfloat16"  # embedding and lm_head
     cache: str = "bfloat16"  # KV cache ("float8_e4m3fn": + float32 per-token scales)
-    # Storage layout, FP8 cache only: cache_v items [Bm, H, S], the layout of the decode
-    # kernel's FP8 P.V (`step3_jax.cache.KVCache`, ``v_transposed``).
+    # Storage layout, FP8 cache only: cache_v items as V^T tiles [Bm, S / 64, H, 64], the
+    # layout of the decode kernel's FP8 P.V (`step3_jax.cache.KVCache`, ``v_transposed``).
     v_transposed: bool = False
 
     def __post_init__(self):
@@ -329,7 +330,14 @@ def attention_specs(config, dt: ArenaDtypes, microbatch: int, num_mb: int, max_l
     # Pool-aligned: the arena viewed as [*, S, H] pages (one page per sequence) holds each
     # item's sequences as consecutive pages, read in place by the paged attention kernel.
     kv, n_items = (microbatch, max_len, h), n_l * num_mb
-    kv_v = (microbatch, h, max_len) if dt.v_transposed else kv  # pages [H, S] when transposed
+    kv_v = kv
+    if dt.v_transposed:  # V^T tiles: one contiguous [H, 64] block per 64 tokens
+        if max_len % V_TILE:
+            raise ValueError(
+                f"v_transposed=True stores V in {V_TILE}-token tiles: max_len must be a multiple "
+                f"of {V_TILE}, got {max_len}"
+            )
+        kv_v = v_tiles_shape(kv)
     for name, shape in (("cache_k", kv), ("cache_v", kv_v)):
         specs += [(name, dt.cache, shape, n_items, True)]
     if dt.cache == "float8_e4m3fn":

@@ -7,9 +7,11 @@ Layout (all arrays on device, a pytree so it flows through jit/scan/shard_map):
   token costs ``2 * H`` bytes per layer in FP8 (512 B for Step-3) plus its scales.
 * ``k_scale``, ``v_scale``: ``[L, B, S]`` float32 per-token scales (FP8 cache only, else
   None); dequantized K = float32(k) * k_scale[..., None] (format in `step3_jax.quant`).
-* ``v_transposed`` (static; FP8 only): ``v`` is stored ``[L, B, H, S]``, each value dim's
-  tokens contiguous: the layout the decode kernel's FP8 P.V wgmma reads (see
-  `step3_jax.kernels.mfa_decode.api`). Same bytes per token; writes scatter one column.
+* ``v_transposed`` (static; FP8 only): ``v`` is stored as V^T tiles ``[L, B, S / 64, H, 64]``:
+  per 64 tokens, each value dim's 64 tokens contiguous, i.e. one contiguous 16 KiB block per
+  64 tokens, which is what the decode kernel's FP8 P.V wgmma reads as one TMA box (see
+  `step3_jax.kernels.mfa_decode.api`; the cache is handed to the kernel as 64-token pages).
+  Same bytes per token; a write scatters one column of a tile. S must be a multiple of 64.
 * ``lengths``: ``[B]`` int32, the number of valid tokens of each sequence. Slots at or past a
   sequence's length hold stale data and are never read by attention.
 
@@ -107,14 +109,18 @@ def _check_cache_request(shape: tuple, dtype) -> bool:
     return fp8
 
 
-def write_kv(cache, index: tuple, k_new, v_new):
-    """``cache`` (any pytree with ``k, v``, optional per-token ``k_scale, v_scale`` and a static
-    ``v_transposed``) with the new tokens' K/V [B, T, H] stored at ``index`` (e.g. ``(layer, b,
-    positions)`` for `KVCache`, ``(layer, page, offset)`` for a paged cache): quantized per
-    token (`quant.quantize_kv`) for an FP8 cache, cast to the cache dtype otherwise."""
-    # Transposed V: the token index moves behind the value dim; the advanced indices around
-    # the slice put [B, T] first, so the update is still [B, T, H].
-    v_index = (*index[:-1], slice(None), index[-1]) if cache.v_transposed else index
+V_TILE = 64  # tokens per V^T tile of a transposed contiguous cache (the kernel's block_s)
+
+
+def write_kv(cache, index: tuple, k_new, v_new, v_index: tuple | None = None):
+    """``cache`` (any pytree with ``k, v`` and optional per-token ``k_scale, v_scale``) with
+    the new tokens' K/V [B, T, H] stored at ``index`` (e.g. ``(layer, b, positions)`` for
+    `KVCache`, ``(layer, page, offset)`` for a paged cache) and V at ``v_index`` (default
+    ``index``; a transposed layout puts the token index behind a ``slice(None)`` over the
+    value dim: the advanced indices around it put [B, T] first, so the update is still
+    [B, T, H]): quantized per token (`quant.quantize_kv`) for an FP8 cache, cast to the
+    cache dtype otherwise."""
+    v_index = index if v_index is None else v_index
     if cache.k_scale is not None:
         kq, ks = quant.quantize_kv(k_new)
         vq, vs = quant.quantize_kv(v_new)
@@ -147,14 +153,38 @@ def check_v_transposed(v_transposed, fp8: bool, where: str) -> bool:
 
 
 def transposed_v_shape(shape: tuple) -> tuple:
-    """``[..., S, H]`` -> ``[..., H, S]``."""
+    """``[..., S, H]`` -> ``[..., H, S]`` (a transposed page)."""
     return (*shape[:-2], shape[-1], shape[-2])
+
+
+def v_tiles_shape(shape: tuple) -> tuple:
+    """``[..., S, H]`` -> V^T tiles ``[..., S / 64, H, 64]`` (``S`` a multiple of 64)."""
+    *lead, s, h = shape
+    return (*lead, s // V_TILE, h, V_TILE)
+
+
+def v_from_tiles(v: Array) -> Array:
+    """V^T tiles ``[..., S / 64, H, 64]`` -> token-major ``[..., S, H]``."""
+    *lead, n, h, t = v.shape
+    return jnp.swapaxes(v, -1, -2).reshape(*lead, n * t, h)
+
+
+def tiles_as_pages(k, v, k_scale, v_scale) -> tuple:
+    """One layer of a transposed contiguous cache (k [B, S, H], V^T tiles [B, S/64, H, 64],
+    scales [B, S]) as 64-token pages for the paged kernel API: ``(k [B*S/64, 64, H], v
+    [B*S/64, H, 64], k_scale, v_scale [B*S/64, 64], block_table [B, S/64])``. Reshapes only:
+    page j of sequence b is tile j of b, in place."""
+    b, s, h = k.shape
+    n = s // V_TILE
+    pages = lambda x: None if x is None else x.reshape(b * n, V_TILE, *x.shape[2:])
+    table = jnp.arange(b * n, dtype=jnp.int32).reshape(b, n)
+    return pages(k), v.reshape(b * n, h, V_TILE), pages(k_scale), pages(v_scale), table
 
 
 @struct.dataclass
 class KVCache:
     k: Array  # [L, B, S, H]
-    v: Array  # [L, B, S, H]; [L, B, H, S] if v_transposed
+    v: Array  # [L, B, S, H]; V^T tiles [L, B, S / 64, H, 64] if v_transposed
     lengths: Int[Array, " B"]
     k_scale: Float[Array, "L B S"] | None = None
     v_scale: Float[Array, "L B S"] | None = None
@@ -171,17 +201,23 @@ class KVCache:
         v_transposed: bool = False,
     ) -> KVCache:
         """An empty cache (zeros, lengths 0). ``dtype=jnp.float8_e4m3fn`` makes an FP8 cache;
-        ``v_transposed=True`` (FP8 only) stores V as [L, B, H, S] for the FP8 P.V kernel.
+        ``v_transposed=True`` (FP8 only, ``max_len`` a multiple of 64) stores V as V^T tiles
+        for the FP8 P.V kernel (module docstring).
 
         Validated before anything is allocated: positive integer sizes, a supported dtype
         (`SUPPORTED_DTYPES`) and a size that fits the device's free memory."""
         shape = (num_layers, batch, max_len, head_dim)
         fp8 = _check_cache_request(shape, dtype)
         check_v_transposed(v_transposed, fp8, "KVCache.create")
+        if v_transposed and max_len % V_TILE:
+            raise ValueError(
+                f"KVCache.create: v_transposed=True stores V in {V_TILE}-token tiles: max_len "
+                f"must be a multiple of {V_TILE}, got {max_len}"
+            )
         scales = jnp.ones(shape[:3], jnp.float32) if fp8 else None
         return cls(
             k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(transposed_v_shape(shape) if v_transposed else shape, dtype),
+            v=jnp.zeros(v_tiles_shape(shape) if v_transposed else shape, dtype),
             lengths=jnp.zeros((batch,), jnp.int32),
             k_scale=scales,
             v_scale=None if scales is None else jnp.ones(shape[:3], jnp.float32),
@@ -234,7 +270,10 @@ class KVCache:
         before tracing, because a scatter would silently drop them.
         """
         b_idx = jnp.arange(k_new.shape[0])[:, None]
-        return write_kv(self, (layer, b_idx, positions), k_new, v_new)
+        v_index = None
+        if self.v_transposed:  # tile pos // 64, column pos % 64 of every value dim
+            v_index = (layer, b_idx, positions // V_TILE, slice(None), positions % V_TILE)
+        return write_kv(self, (layer, b_idx, positions), k_new, v_new, v_index)
 
     def advance(self, positions: Int[Array, "B T"]) -> KVCache:
         """After a forward over ``positions``: each sequence ends at its last position."""
@@ -247,21 +286,38 @@ class KVCache:
         positions: Int[Array, "B T"],
         implementation: str | None = None,
     ) -> Float[Array, "B T N H"]:
-        """Attention of ``q`` against layer ``layer`` (see `attend_cache`)."""
-        return attend_cache(q, *self.layer(layer), positions, implementation, self.v_transposed)
+        """Attention of ``q`` against layer ``layer`` (see `attend_cache`). A transposed cache
+        goes to the decode kernel API as 64-token pages (`tiles_as_pages`); beyond the API's
+        reach (T > 8, a non-bf16 q) to the XLA path on the token-major view."""
+        k, v, ks, vs = self.layer(layer)
+        if not self.v_transposed:
+            return attend_cache(q, k, v, ks, vs, positions, implementation)
+        if q.shape[1] <= MAX_T and q.dtype == jnp.bfloat16:
+            *pages, table = tiles_as_pages(k, v, ks, vs)
+            return attend_cache(q, *pages, positions, implementation, True, block_table=table)
+        return attend_cache(q, k, v_from_tiles(v), ks, vs, positions, "xla")
 
     def layer(self, layer: int) -> tuple[Array, Array, Array | None, Array | None]:
-        """``(k [B,S,H], v [B,S,H] (or [B,H,S] if v_transposed), k_scale [B,S] | None,
-        v_scale [B,S] | None)``."""
+        """``(k [B,S,H], v [B,S,H] (V^T tiles [B,S/64,H,64] if v_transposed), k_scale [B,S] |
+        None, v_scale [B,S] | None)``."""
         return layer_arrays(self, layer)
 
     def dequantized_layer(self, layer: int, dtype) -> tuple[Array, Array]:
         """Layer ``layer``'s K and V as ``[B, S, H]`` of ``dtype`` (V token-major always)."""
         k, v, ks, vs = self.layer(layer)
-        v = jnp.swapaxes(v, -1, -2) if self.v_transposed else v
+        v = v_from_tiles(v) if self.v_transposed else v
         if ks is None:
             return k.astype(dtype), v.astype(dtype)
         return quant.dequantize_kv(k, ks, dtype), quant.dequantize_kv(v, vs, dtype)
 
 
-__all__ = ["SUPPORTED_DTYPES", "KVCache", "check_v_transposed", "transposed_v_shape"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "V_TILE",
+    "KVCache",
+    "check_v_transposed",
+    "tiles_as_pages",
+    "transposed_v_shape",
+    "v_from_tiles",
+    "v_tiles_shape",
+]

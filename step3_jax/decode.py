@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from step3_jax.cache import KVCache, transposed_v_shape
+from step3_jax.cache import KVCache, v_tiles_shape
 from step3_jax.sampling import SamplingParams, sample, sampling_params
 
 PAD_OUTPUT = -1  # written after a sequence has stopped
@@ -320,9 +320,9 @@ def _check_cache(cache, config, batch: int) -> None:
     if not isinstance(cache, KVCache):
         raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
     want = (config.num_layers, batch, cache.max_len, config.head_dim)
-    want_v = transposed_v_shape(want) if cache.v_transposed else want
+    want_v = v_tiles_shape(want) if cache.v_transposed else want
     if tuple(cache.k.shape) != want or tuple(cache.v.shape) != want_v:
-        layout = " (v: [L, B, H, S], transposed)" if cache.v_transposed else ""
+        layout = " (v: V^T tiles [L, B, S/64, H, 64])" if cache.v_transposed else ""
         raise ValueError(
             f"cache does not fit this model and batch: k is {tuple(cache.k.shape)}, v "
             f"{tuple(cache.v.shape)}, expected [L={config.num_layers}, B={batch} (the tokens' "

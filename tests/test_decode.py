@@ -159,11 +159,11 @@ def test_fp8_cache_runs(model):
     assert out_t.tokens == out.tokens
     with pytest.raises(ValueError, match="v_transposed=True needs an FP8"):
         s3.generate(model, PROMPTS, NEW, v_transposed=True)
-    # decode_step takes a transposed cache too (S = 48 != H: no accidental shape match).
+    # decode_step takes a transposed cache too (V^T tiles; S = 128 != H).
     step = s3.make_decode_step(model)
     logits = {}
     for vt in (False, True):
-        cache = s3.KVCache.for_config(CFG, 3, 48, jnp.float8_e4m3fn, v_transposed=vt)
+        cache = s3.KVCache.for_config(CFG, 3, 128, jnp.float8_e4m3fn, v_transposed=vt)
         for tok in (5, 17, 300):
             out, cache = step(jnp.full((3,), tok, jnp.int32), cache)
         logits[vt] = np.asarray(out)

@@ -189,7 +189,8 @@ class PagedKVCache:
     ) -> PagedKVCache:
         """Stores token t of sequence b at ``positions[b, t]`` (through its block table)."""
         page, off = self._slots(positions)
-        return write_kv(self, (layer, page, off), k_new, v_new)
+        v_index = (layer, page, slice(None), off) if self.v_transposed else None
+        return write_kv(self, (layer, page, off), k_new, v_new, v_index)
 
     def attend(
         self,

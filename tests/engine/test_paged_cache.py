@@ -21,6 +21,7 @@ from flax import nnx
 from helpers import CFG, build_model
 
 import step3_jax as s3
+from step3_jax.cache import v_from_tiles
 from step3_jax.engine import ModelExecutor, PageAllocator, PagedKVCache, PoolExhausted
 from step3_jax.engine.paged_cache import NULL_PAGE
 
@@ -141,7 +142,7 @@ def test_allocator_exhaustion_is_clean():
 
 
 def test_transposed_v_cache_is_the_same_cache():
-    """`KVCache(v_transposed=True)` holds exactly the token-major cache's bytes, transposed,
+    """`KVCache(v_transposed=True)` holds exactly the token-major cache's bytes as V^T tiles,
     and the model's logits through it match the token-major cache's to float32 summation-order
     noise (the XLA path transposes the view back; XLA may then fuse or order the sums
     differently: the module's TOL_F32); bad requests are clear errors."""
@@ -149,9 +150,9 @@ def test_transposed_v_cache_is_the_same_cache():
     rng = np.random.default_rng(5)
     tokens = rng.integers(0, CFG.vocab_size, (2, 12)).astype(np.int32)
     fp8 = jnp.float8_e4m3fn
-    plain = s3.KVCache.for_config(CFG, 2, 16, fp8)
-    trans = s3.KVCache.for_config(CFG, 2, 16, fp8, v_transposed=True)
-    assert trans.v.shape == (CFG.num_layers, 2, CFG.head_dim, 16) and trans.v_transposed
+    plain = s3.KVCache.for_config(CFG, 2, 64, fp8)
+    trans = s3.KVCache.for_config(CFG, 2, 64, fp8, v_transposed=True)
+    assert trans.v.shape == (CFG.num_layers, 2, 1, CFG.head_dim, 64) and trans.v_transposed
     pos = np.broadcast_to(np.arange(8, dtype=np.int32), (2, 8))
     lp, plain = _fwd(model, tokens[:, :8], pos, plain)
     lt, trans = _fwd(model, tokens[:, :8], pos, trans)
@@ -165,13 +166,15 @@ def test_transposed_v_cache_is_the_same_cache():
     # Layer 0's K/V come from the embeddings alone: the same bytes in both layouts (deeper
     # layers' inputs already carry the summation-order noise above).
     np.testing.assert_array_equal(
-        np.asarray(jnp.swapaxes(trans.v[0], -1, -2), np.float32), np.asarray(plain.v[0], np.float32)
+        np.asarray(v_from_tiles(trans.v[0]), np.float32), np.asarray(plain.v[0], np.float32)
     )
     _, v_t = trans.dequantized_layer(0, jnp.float32)
     _, v_p = plain.dequantized_layer(0, jnp.float32)
     np.testing.assert_array_equal(np.asarray(v_t), np.asarray(v_p))
     with pytest.raises(ValueError, match="v_transposed=True needs an FP8"):
-        s3.KVCache.create(2, 2, 16, 8, jnp.bfloat16, v_transposed=True)
+        s3.KVCache.create(2, 2, 64, 8, jnp.bfloat16, v_transposed=True)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        s3.KVCache.create(2, 2, 48, 8, fp8, v_transposed=True)
     with pytest.raises(ValueError, match="v_transposed=True needs an FP8"):
         PagedKVCache.create(2, 2, 8, PAGE, 4, 8, jnp.float32, v_transposed=True)
     ex = ModelExecutor(model, max_batch=2, max_len=16, page_size=PAGE, cache_dtype=fp8,

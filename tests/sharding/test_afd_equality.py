@@ -246,9 +246,10 @@ def test_attention_reads_the_cache_in_place():
     model, lay = tiny_model(), AfdLayout.parse("1A1F")
     toks, lengths = oracles.pad_prompts(prompts(4, seed=3))
     pos = np.broadcast_to(np.arange(toks.shape[1], dtype=np.int32), toks.shape)
-    dtypes = ArenaDtypes("float32", "float32", "float32", "float8_e4m3fn")
-    out = {}
-    for impl in ("xla", None):
+    out, exs = {}, {}
+    # (attention implementation, V^T-tiled arena cache: the FP8 P.V layout)
+    for impl, vt in (("xla", False), (None, False), (None, True)):
+        dtypes = ArenaDtypes("float32", "float32", "float32", "float8_e4m3fn", v_transposed=vt)
         ex = AfdExecutor(
             model.config,
             lay,
@@ -269,8 +270,13 @@ def test_attention_reads_the_cache_in_place():
             first = np.asarray(ex.step(toks, pos, lengths - 1))
             nxt = np.argmax(first, -1)[:, None].astype(np.int32)
             second = np.asarray(ex.step(nxt, lengths[:, None], np.zeros(4, np.int32)))
-        out[impl] = np.stack([first, second])
-    a, b = out["xla"], out[None]
+        out[impl, vt] = np.stack([first, second])
+        exs[impl, vt] = ex
+    ex = exs[None, False]  # the token-major arena, for the exact check below
+    a, b = out["xla", False], out[None, False]
+    # The V^T-tiled arena holds the same FP8 bytes, read as 64-token pages: the same logits up
+    # to the reference's gather/summation order.
+    np.testing.assert_allclose(out[None, True], b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
     # The model's XLA attention rounds the dequantized K/V to bf16 (2**-9 relative), the
     # kernel reference keeps f32: bf16-level differences through 4 bf16 layers.
     cos = np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b))

@@ -157,17 +157,19 @@ def test_exchange_rounds_are_matchings_covering_all_pairs(na, nf):
 
 
 def test_transposed_v_arena_cache_matches_token_major():
-    """`ArenaDtypes(v_transposed=True)`: cache_v items are [Bm, H, S]; the masked in-place
-    write stores exactly the token-major cache's bytes, transposed (an idle tick writes
-    nothing), and both attention paths (in-place pages, XLA views) read the same result."""
+    """`ArenaDtypes(v_transposed=True)`: cache_v items are V^T tiles [Bm, S/64, H, 64]; the
+    masked in-place write stores exactly the token-major cache's bytes, tiled (an idle tick
+    writes nothing), and both attention paths (in-place 64-token pages, XLA views) read the
+    same result."""
+    from step3_jax.cache import v_from_tiles
     from step3_jax.sharding import arena_io
 
     cfg = Step3Config.tiny()
-    bm, s = 2, 64
+    bm, s = 2, 128
     caches, outs = {}, {}
     rng = np.random.default_rng(0)
     k, v = (jnp.asarray(rng.standard_normal((bm, 5, cfg.head_dim)), jnp.float32) for _ in "kv")
-    pos = jnp.asarray([[0, 1, 2, 3, 4], [10, 11, 12, 13, 14]], jnp.int32)
+    pos = jnp.asarray([[0, 1, 2, 3, 4], [62, 63, 64, 65, 66]], jnp.int32)  # across a tile edge
     q = jnp.asarray(rng.standard_normal((bm, 1, cfg.num_heads, cfg.head_dim)), jnp.bfloat16)
     for vt in (False, True):
         dt = ArenaDtypes(weight="float8_e4m3fn", cache="float8_e4m3fn", v_transposed=vt)
@@ -175,7 +177,8 @@ def test_transposed_v_arena_cache_matches_token_major():
             cfg, AfdLayout.parse("1A1F"), microbatch=bm, num_microbatches=2, max_len=s, dtypes=dt
         )
         regs = arena.attention
-        assert regs["cache_v"].shape == ((bm, cfg.head_dim, s) if vt else (bm, s, cfg.head_dim))
+        want = (bm, s // 64, cfg.head_dim, 64) if vt else (bm, s, cfg.head_dim)
+        assert regs["cache_v"].shape == want
         zeros = {t: jnp.zeros((n // ALIGN, ALIGN), t) for t, n in arena.sizes.items()}
         idle = arena_io.ArenaKVCache(zeros, regs, 3, bm, False, vt).write(0, k, v, pos)
         for t in zeros:
@@ -184,11 +187,11 @@ def test_transposed_v_arena_cache_matches_token_major():
             )
         cache = arena_io.ArenaKVCache(zeros, regs, 3, bm, True, vt).write(0, k, v, pos)
         caches[vt] = np.asarray(arena_io.view(cache.arenas, regs["cache_v"], 3), np.float32)
-        qpos = jnp.asarray([[4], [14]], jnp.int32)
+        qpos = jnp.asarray([[4], [66]], jnp.int32)
         outs[vt] = [
             np.asarray(cache.attend(0, q, qpos, impl), np.float32) for impl in ("xla", None)
         ]
-    np.testing.assert_array_equal(caches[True], np.swapaxes(caches[False], 1, 2))
+    np.testing.assert_array_equal(np.asarray(v_from_tiles(caches[True])), caches[False])
     assert np.abs(caches[False]).sum() > 0
     for got, want in zip(outs[True], outs[False], strict=True):
         np.testing.assert_allclose(got, want, rtol=2.0**-8, atol=2.0**-8 * np.abs(want).max())
