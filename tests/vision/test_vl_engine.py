@@ -206,3 +206,20 @@ def test_chunk_features_and_packing():
     assert buf.shape == (12, 2) and not buf[4:].any()
     with pytest.raises(ValueError, match=r"prefill row 0 must be \[<= 1, 2\]"):
         pack_chunk_features([inputs.chunk(0, 3)], 1, 1, 2, np.float32)
+
+
+def test_image_features_fixed_batch_equals_one_call(model):
+    """`image_features(batch=2)` (padded fixed-size tower calls, host assembly) gives the rows
+    of the one-call path: 2 views and 2 crops, so both resolutions get a padded last call.
+    Only XLA's batch-shape-dependent f32 summation order differs: per row at most a few f32
+    ulps times sqrt(2704) (the longest sum: attention over the 728 px view's tokens)."""
+    from step3_jax.vision.preprocess import preprocess_images
+
+    pre = preprocess_images([image(WIDE, 11), image(SMALL, 12)], VIS)
+    one = np.asarray(model.image_features(pre))
+    fixed = model.image_features(pre, batch=2)
+    assert isinstance(fixed, np.ndarray) and fixed.shape == one.shape == (2 * 81 + 169 + 169, 128)
+    tol = 8 * np.finfo(np.float32).eps * np.sqrt(2704) * np.abs(one).max()
+    np.testing.assert_allclose(fixed, one, rtol=0, atol=tol)
+    with pytest.raises(ValueError, match="batch must be None or >= 1, got 0"):
+        model.image_features(pre, batch=0)

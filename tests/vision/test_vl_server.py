@@ -30,12 +30,14 @@ import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from step3_jax.checkpoints import load_tokenizer  # noqa: E402
+from step3_jax import cli  # noqa: E402
+from step3_jax.checkpoints import load_tokenizer, save_hf_vl  # noqa: E402
 from step3_jax.checkpoints.demo import DEMO_DIR  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
 from step3_jax.engine import Engine, ModelExecutor, SamplingParams  # noqa: E402
 from step3_jax.model import Step3Model  # noqa: E402
 from step3_jax.policy import KernelPolicy  # noqa: E402
+from step3_jax.server import main as server_main  # noqa: E402
 from step3_jax.server.app import create_app  # noqa: E402
 from step3_jax.server.chat_format import format_chat  # noqa: E402
 from step3_jax.vision import generate as vgen  # noqa: E402
@@ -92,12 +94,13 @@ def vl(tmp_path_factory):
     text = nnx.merge(graphdef, jax.tree.map(jnp.asarray, ref.random_params(state, 4)))
     vis = Step3VisionConfig.tiny(text_cfg.hidden_size, image_token_id=special.image)
     model = Step3VLModel(text, load_tiny(vis, random_vision_tensors(vis, seed=5)))
-    return model, tok, special
+    save_hf_vl(model, path)  # a checkpoint folder for `step3-jax serve --checkpoint`
+    return model, tok, special, path
 
 
 @pytest.fixture(scope="module")
 def served(vl):
-    model, tok, special = vl
+    model, tok, special, _ = vl
     ex = ModelExecutor(
         model, max_batch=2, max_len=448, page_size=16, prefill_chunk=64, image_tokens=special
     )
@@ -122,7 +125,7 @@ def served(vl):
 
 
 def test_image_chat_equals_vision_generate_streamed_or_not(served, vl):
-    model, tok, special = vl
+    model, tok, special, _ = vl
     engine, _, client = served
     raw = png(seed=1)
     msgs = message(data_url(raw))
@@ -196,10 +199,27 @@ def test_request_level_limits(served):
 
 
 def test_text_only_model_refuses_images(vl):
-    model, tok, _ = vl
+    model, tok, _, _ = vl
     engine = Engine(ModelExecutor(model.text, max_batch=1, max_len=64), tok)
     client = TestClient(create_app(engine, tok, model_name="t"))  # no lifespan: never runs
     r = client.post("/v1/chat/completions", json={"messages": message(data_url(png()))})
     err = r.json()["error"]
     assert r.status_code == 400 and "this model is text-only" in err["message"]
     assert err["param"] == URL
+
+
+def test_serve_cli_loads_a_vl_checkpoint(vl, monkeypatch):
+    """``step3-jax serve --checkpoint DIR`` of a Step3-VL checkpoint builds an engine that takes
+    images; the demo model's takes text only (uvicorn replaced: nothing is served)."""
+    built = []
+
+    def fake_serve(args, load_model):
+        built.append(server_main.build_engine(args, load_model)[0])
+        return 0
+
+    monkeypatch.setattr(server_main, "serve", fake_serve)
+    argv = ["serve", "--no-warmup", "--max-len", "400", "--max-batch", "2"]
+    assert cli.main([*argv, "--checkpoint", str(vl[3])]) == 0
+    assert cli.main(argv) == 0  # the demo model
+    assert [e.accepts_images for e in built] == [True, False]
+    assert built[0].executor.image_tokens == vl[2]
