@@ -6,8 +6,9 @@ Each iteration (`Engine.step`):
 2. admits waiting requests, oldest first, into free slots while the executor has KV memory for
    their whole budget (prompt + max_tokens); a request that does not fit *now* waits at the
    head of the queue (FIFO: no starvation), one that can *never* fit is refused at `submit`;
-   a newly admitted request with images gets its vision tower run here, once, outside the
-   lock and before any step (`step3_jax.engine.images`);
+   then the vision tower runs, once, for the oldest admitted image request still without
+   features (one request per iteration, outside the lock, never inside a step; such a
+   request starts its prefill once its features exist: `step3_jax.engine.images`);
 3. runs ONE prefill call: the next ``prefill_chunk`` prompt tokens of up to ``prefill_rows``
    requests being prefilled. A long prompt is spread over several iterations, so it delays
    the running requests by one chunk per step, never by its whole length (chunked prefill);
@@ -206,16 +207,22 @@ class Engine:
             req.slot, self.slots[slot] = slot, req
 
     def _encode_images(self) -> None:
-        """The vision tower of newly admitted image requests (outside the lock: `submit` and
-        `cancel` stay responsive while it runs)."""
-        for r in self.slots:
-            if r is not None and r.images is not None and r.images.features is None:
-                self.stats["images_encoded"] += len(r.images.pixels.layouts)
-                self.executor.encode_images(r.images)
+        """The vision tower of ONE admitted image request per step, the oldest (outside the
+        lock: `submit` and `cancel` stay responsive while it runs). One per step bounds the
+        pause the running requests see; the others wait a step to start their prefill."""
+        pending = [r for r in self.slots if r is not None and _needs_tower(r)]
+        if pending:
+            r = min(pending, key=lambda r: r.arrival)
+            self.stats["images_encoded"] += len(r.images.pixels.layouts)
+            self.executor.encode_images(r.images)
 
     def _prefill(self) -> bool:
         ex = self.executor
-        rows = [r for r in self.slots if r is not None and r.prefilled < len(r.prompt)]
+        rows = [
+            r
+            for r in self.slots
+            if r is not None and r.prefilled < len(r.prompt) and not _needs_tower(r)
+        ]
         rows = sorted(rows, key=lambda r: r.arrival)[: ex.prefill_rows]
         if not rows:
             return False
@@ -382,6 +389,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+
+def _needs_tower(req: Request) -> bool:
+    return req.images is not None and req.images.features is None
 
 
 __all__ = ["Engine", "EngineStopped", "QueueFull"]

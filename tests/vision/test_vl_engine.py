@@ -153,19 +153,26 @@ def test_crops_and_several_images_equal_alone(model):
 
 
 def test_tower_runs_once_per_view_at_admission(model, monkeypatch):
+    """Preprocessing at submit, the tower at admission: one request's views per step (the
+    oldest first), each view once, whatever the number of prefill chunks and decode steps."""
     calls = []
     orig = Step3VLModel.embed_images
     monkeypatch.setattr(
         Step3VLModel, "embed_images", lambda self, px: calls.append(px.shape) or orig(self, px)
     )
     eng = make_engine(model)
-    stream = eng.submit([7, 9], SamplingParams(max_tokens=6), images=[image(WIDE, 10)])
+    wide = eng.submit([7, 9], SamplingParams(max_tokens=6), images=[image(WIDE, 10)])
+    small = eng.submit([9, 7], SamplingParams(max_tokens=4), images=[image(SMALL, 11)])
     assert calls == []  # preprocessing only at submit
-    eng.step()  # admission runs the tower, then the first prefill chunk
-    assert calls == [(1, 3, 728, 728), (1, 3, 504, 504), (1, 3, 504, 504)]
+    view, crop = (1, 3, 728, 728), (1, 3, 504, 504)
+    eng.step()  # admits both; the older one's tower, then its first prefill chunk
+    assert calls == [view, crop, crop]
+    assert (wide.request.prefilled, small.request.prefilled) == (64, 0)
+    eng.step()
+    assert calls == [view, crop, crop, view] and small.request.prefilled == 64
     eng.run_until_done()
-    assert len(calls) == 3 and len(stream.result().output) == 6
-    assert eng.stats["prefill_steps"] == 6  # 338 tokens in 64-token chunks
+    assert len(calls) == 4 and eng.stats["images_encoded"] == 2
+    assert len(wide.result().output) == 6 and len(small.result().output) == 4
 
 
 def test_image_errors(model):
