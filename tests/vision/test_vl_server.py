@@ -7,6 +7,7 @@ malformed image gets its 4xx JSON error naming the field; remote URLs are never 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
 import io
 import shutil
@@ -150,6 +151,27 @@ def test_image_chat_equals_vision_generate_streamed_or_not(served, vl):
     assert engine.stats["images_encoded"] >= 3  # warm-up + 2 requests
 
 
+def test_concurrent_image_and_text_chats_equal_alone(served):
+    """Two image chats and a text chat at once through 2 slots: each reply equals the same
+    request sent alone; nothing compiles (the warm-up compiled the 728 px tower)."""
+    engine, _, client = served
+    requests = [
+        message(data_url(png(seed=2))),
+        [{"role": "user", "content": "Hello there, who are you?"}],
+        message(data_url(png(50, 50, seed=3)), text="And this one?"),
+    ]
+
+    def ask(msgs):
+        r = client.chat.completions.create(model="vl", messages=msgs, max_tokens=6, temperature=0)
+        return r.choices[0].message.content
+
+    solo = [ask(m) for m in requests]
+    programs = engine.compile_count()
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(ask, requests))
+    assert together == solo and engine.compile_count() == programs
+
+
 def _post(url, body=None, **kw):
     return httpx.post(url + "/v1/chat/completions", json=body, timeout=30, **kw)
 
@@ -184,6 +206,15 @@ def test_request_level_limits(served):
     assert r.status_code == 400 and "3 images in one request; at most 2" in r.text
     big = {"messages": [{"role": "user", "content": "x" * 2_000_000}]}
     r = _post(base, big)
+    assert r.status_code == 413 and "more than the limit" in r.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: counted while buffered
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"y" * 50_000
+        yield b'"}]}'
+
+    r = httpx.post(base + "/v1/chat/completions", content=chunked(), timeout=30)
     assert r.status_code == 413 and "more than the limit" in r.json()["error"]["message"]
     r = _post(base, {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]})
     err = r.json()["error"]
