@@ -48,9 +48,8 @@ def _forward_select_embeds(graphdef, state, cache, tokens, positions, select, fe
     of ``tokens`` in their first ``limits [R]`` positions (`Step3VLModel.embed`)."""
     model = nnx.merge(graphdef, state)
     logits, cache = model.forward_embeds(model.embed(tokens, features, limits), positions, cache)
-    return jnp.take_along_axis(logits, select[:, None, None], axis=1)[:, 0], cache.advance(
-        positions
-    )
+    last = jnp.take_along_axis(logits, select[:, None, None], axis=1)[:, 0]
+    return last, cache.advance(positions)
 
 
 @functools.lru_cache(maxsize=8)
