@@ -58,11 +58,18 @@ class Engine:
       eos_id: a stop token for every request unless it sets ``ignore_eos``.
       max_queue: waiting requests at most (`QueueFull` beyond).
       seed: base of the per-request seeds of requests without one.
+      max_pixel_bytes: host bytes of preprocessed images (float32 pixels, held from submit
+        until the vision tower runs at admission) over all requests at most; beyond it
+        `submit` raises `QueueFull` (a request that alone exceeds it: ValueError).
     """
 
-    def __init__(self, executor, tokenizer=None, *, eos_id=None, max_queue=256, seed=0):
+    def __init__(
+        self, executor, tokenizer=None, *, eos_id=None, max_queue=256, seed=0,
+        max_pixel_bytes: int = 4 << 30,
+    ):  # fmt: skip
         self.executor, self.tokenizer, self.eos_id = executor, tokenizer, eos_id
         self.max_queue, self.seed = int(max_queue), int(seed)
+        self.max_pixel_bytes, self.pixel_bytes = int(max_pixel_bytes), 0
         b = executor.max_batch
         self.slots: list[Request | None] = [None] * b
         self.waiting: collections.deque[Request] = collections.deque()
@@ -99,11 +106,23 @@ class Engine:
             raise ValueError("stop strings need a tokenizer (Engine(tokenizer=...))")
         prompt, image_inputs = self._expand(self._check_ids(prompt), images)
         self._check_fits(prompt, params)
+        pixels = 0 if image_inputs is None else image_inputs.pixel_bytes
+        if pixels > self.max_pixel_bytes:
+            raise ValueError(
+                f"the images preprocess to {pixels} bytes of pixels, more than the engine's "
+                f"max_pixel_bytes={self.max_pixel_bytes}"
+            )
         with self._lock:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue)")
+            if self.pixel_bytes + pixels > self.max_pixel_bytes:
+                raise QueueFull(
+                    f"queued images hold {self.pixel_bytes} bytes of pixels; {pixels} more "
+                    f"exceed max_pixel_bytes={self.max_pixel_bytes}"
+                )
+            self.pixel_bytes += pixels
             rid = next(self._ids)
             seed = params.seed if params.seed is not None else self.seed * 1_000_003 + rid
             req = Request(rid, prompt, params, int(seed) & 0x7FFFFFFF, images=image_inputs)
@@ -214,7 +233,10 @@ class Engine:
         if pending:
             r = min(pending, key=lambda r: r.arrival)
             self.stats["images_encoded"] += len(r.images.pixels.layouts)
-            self.executor.encode_images(r.images)
+            pixels = r.images.pixel_bytes
+            self.executor.encode_images(r.images)  # drops the pixels
+            with self._lock:
+                self.pixel_bytes -= pixels
 
     def _prefill(self) -> bool:
         ex = self.executor
@@ -314,7 +336,9 @@ class Engine:
 
     def _finish(self, req: Request, reason: str, last: Delta | None = None) -> None:
         req.finish_reason, req.finish_time = reason, time.perf_counter()
-        req.images = None
+        if req.images is not None:  # cancelled before its tower ran: its pixels go
+            self.pixel_bytes -= req.images.pixel_bytes
+            req.images = None
         if req.slot is not None:
             self.executor.release(req.slot)
             self.slots[req.slot] = None

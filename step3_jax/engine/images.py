@@ -44,6 +44,13 @@ class ImageInputs:
         return cls(pixels, rows)
 
     @property
+    def pixel_bytes(self) -> int:
+        """Host bytes of the preprocessed pixels (0 once the tower has run)."""
+        if self.pixels is None:
+            return 0
+        return self.pixels.pixel_values.nbytes + self.pixels.crop_pixel_values.nbytes
+
+    @property
     def num_features(self) -> int:
         """Placeholder positions of the prompt (= feature rows the tower must produce)."""
         return int(np.sum(self.rows >= 0))

@@ -19,7 +19,7 @@ from vision_fixtures import load_tiny, random_vision_tensors
 
 from step3_jax.config import Step3Config
 from step3_jax.decode import generate as text_generate
-from step3_jax.engine import Engine, ModelExecutor, SamplingParams
+from step3_jax.engine import Engine, ModelExecutor, QueueFull, SamplingParams
 from step3_jax.engine.images import ImageInputs, pack_chunk_features
 from step3_jax.model import Step3Model
 from step3_jax.policy import KernelPolicy
@@ -197,6 +197,29 @@ def test_image_errors(model):
     with pytest.raises(ValueError, match="image_tokens= needs a Step3VLModel"):
         ModelExecutor(model.text, max_batch=1, max_len=64, image_tokens=SPECIAL)
     assert eng.num_waiting == 0  # nothing refused was queued
+
+
+def test_queued_pixels_are_bounded(model):
+    """Preprocessed pixels live from submit to the tower: their total is capped (429-style
+    `QueueFull`), a request over the cap alone is refused, and the bytes come back when the
+    tower runs or the request is cancelled."""
+    view = 3 * 728 * 728 * 4  # float32 global view
+    ex = ModelExecutor(model, max_batch=1, max_len=560, page_size=16, prefill_chunk=64,
+                       image_tokens=SPECIAL)  # fmt: skip
+    eng = Engine(ex, max_pixel_bytes=view + view // 2)
+    with pytest.raises(ValueError, match=r"preprocess to 12\d+ bytes .* max_pixel_bytes=9"):
+        eng.submit([7], images=[image(WIDE, 0)])  # a view and two crops
+    first = eng.submit([7], SamplingParams(max_tokens=2), images=[image(SMALL, 0)])
+    assert eng.pixel_bytes == view
+    with pytest.raises(QueueFull, match="queued images hold 6359808 bytes of pixels"):
+        eng.submit([7], images=[image(SMALL, 1)])
+    eng.step()  # admission: the tower runs, the pixels are dropped
+    assert eng.pixel_bytes == 0
+    second = eng.submit([7], SamplingParams(max_tokens=2), images=[image(SMALL, 1)])
+    second.cancel()  # still waiting (one slot): cancelled before its tower
+    eng.run_until_done()
+    assert eng.pixel_bytes == 0 and second.request.finish_reason == "cancelled"
+    assert len(first.result().output) == 2
 
 
 def test_chunk_features_and_packing():
