@@ -556,9 +556,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 @subcommand("serve", "OpenAI-compatible HTTP server (needs the serve extra)", _serve_args)
 def cmd_serve(args: argparse.Namespace) -> int:
+    import functools
+
     from step3_jax.server.main import serve
 
-    return serve(args, load_model)
+    # A checkpoint with a vision_config serves as Step3-VL (images in chat messages).
+    return serve(args, functools.partial(load_model, vision=None))
 
 
 # --- the parser and the entry point --------------------------------------------------------

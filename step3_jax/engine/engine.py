@@ -6,10 +6,14 @@ Each iteration (`Engine.step`):
 2. admits waiting requests, oldest first, into free slots while the executor has KV memory for
    their whole budget (prompt + max_tokens); a request that does not fit *now* waits at the
    head of the queue (FIFO: no starvation), one that can *never* fit is refused at `submit`;
+   then the vision tower runs, once, for the oldest admitted image request still without
+   features (one request per iteration, outside the lock, never inside a step; such a
+   request starts its prefill once its features exist: `step3_jax.engine.images`);
 3. runs ONE prefill call: the next ``prefill_chunk`` prompt tokens of up to ``prefill_rows``
    requests being prefilled. A long prompt is spread over several iterations, so it delays
    the running requests by one chunk per step, never by its whole length (chunked prefill);
-   a request whose prompt completes samples its first token from that call;
+   a request whose prompt completes samples its first token from that call; a chunk holding
+   image placeholders carries their feature rows;
 4. runs ONE decode step over all ``max_batch`` slots (fixed shape: requests coming and going
    never recompile) and samples every decoding slot with its own parameters
    (`step3_jax.engine.sampling.sample_rows`), then applies stop tokens, stop strings and
@@ -31,6 +35,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from step3_jax.engine.images import ImageInputs
 from step3_jax.engine.paged_cache import PoolExhausted
 from step3_jax.engine.requests import Delta, Detokenizer, Request, RequestStream, SamplingParams
 from step3_jax.engine.sampling import sample_rows
@@ -53,11 +58,18 @@ class Engine:
       eos_id: a stop token for every request unless it sets ``ignore_eos``.
       max_queue: waiting requests at most (`QueueFull` beyond).
       seed: base of the per-request seeds of requests without one.
+      max_pixel_bytes: host bytes of preprocessed images (float32 pixels, held from submit
+        until the vision tower runs at admission) over all requests at most; beyond it
+        `submit` raises `QueueFull` (a request that alone exceeds it: ValueError).
     """
 
-    def __init__(self, executor, tokenizer=None, *, eos_id=None, max_queue=256, seed=0):
+    def __init__(
+        self, executor, tokenizer=None, *, eos_id=None, max_queue=256, seed=0,
+        max_pixel_bytes: int = 4 << 30,
+    ):  # fmt: skip
         self.executor, self.tokenizer, self.eos_id = executor, tokenizer, eos_id
         self.max_queue, self.seed = int(max_queue), int(seed)
+        self.max_pixel_bytes, self.pixel_bytes = int(max_pixel_bytes), 0
         b = executor.max_batch
         self.slots: list[Request | None] = [None] * b
         self.waiting: collections.deque[Request] = collections.deque()
@@ -73,24 +85,47 @@ class Engine:
 
     # ------------------------------------------------------------------ submit / cancel
     def submit(
-        self, prompt: Sequence[int], params: SamplingParams | None = None, *, loop=None
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        images: Sequence | None = None,
+        loop=None,
     ) -> RequestStream:
         """Queues a request; returns its stream (async with ``loop=`` an asyncio loop).
 
-        Raises ValueError (bad prompt, or prompt + max_tokens can never fit), `QueueFull`,
-        `EngineStopped`."""
+        ``images`` (an executor over a `step3_jax.vision.Step3VLModel`: `accepts_images`):
+        paths, bytes, PIL images or uint8 arrays, one per ``<im_patch>`` marker of ``prompt``
+        in order. They are preprocessed here, in the caller's thread; the request's prompt
+        becomes the expanded one (image placeholders included).
+
+        Raises ValueError (bad prompt or images, images for a text-only model, or prompt +
+        max_tokens can never fit), `QueueFull`, `EngineStopped`."""
         params = params or SamplingParams()
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (Engine(tokenizer=...))")
-        prompt = self._check_prompt(prompt, params)
+        prompt, image_inputs = self._expand(self._check_ids(prompt), images)
+        self._check_fits(prompt, params)
+        pixels = 0 if image_inputs is None else image_inputs.pixel_bytes
+        if pixels > self.max_pixel_bytes:
+            raise ValueError(
+                f"the images preprocess to {pixels} bytes of pixels, more than the engine's "
+                f"max_pixel_bytes={self.max_pixel_bytes}"
+            )
         with self._lock:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue)")
+            if self.pixel_bytes + pixels > self.max_pixel_bytes:
+                raise QueueFull(
+                    f"queued images hold {self.pixel_bytes} bytes of pixels; {pixels} more "
+                    f"exceed max_pixel_bytes={self.max_pixel_bytes}"
+                )
+            self.pixel_bytes += pixels
             rid = next(self._ids)
             seed = params.seed if params.seed is not None else self.seed * 1_000_003 + rid
-            req = Request(rid, prompt, params, int(seed) & 0x7FFFFFFF)
+            req = Request(rid, prompt, params, int(seed) & 0x7FFFFFFF, images=image_inputs)
             stream = RequestStream(req, self, loop)
             self.streams[rid] = stream
             self._detok[rid] = Detokenizer(self.tokenizer, params.stop)
@@ -99,7 +134,23 @@ class Engine:
             self._wake.notify()
         return stream
 
-    def _check_prompt(self, prompt, params: SamplingParams) -> list[int]:
+    @property
+    def accepts_images(self) -> bool:
+        """Whether `submit` takes ``images=`` (the executor holds a Step3-VL model)."""
+        return bool(getattr(self.executor, "accepts_images", False))
+
+    def _expand(self, prompt: list[int], images) -> tuple[list[int], ImageInputs | None]:
+        prepare = getattr(self.executor, "prepare_images", None)
+        if prepare is None:
+            if images:
+                raise ValueError(
+                    f"images= needs an executor over a Step3-VL model; "
+                    f"{type(self.executor).__name__} takes text only"
+                )
+            return prompt, None
+        return prepare(prompt, images)
+
+    def _check_ids(self, prompt) -> list[int]:
         ids = np.asarray(prompt).reshape(-1)
         if ids.size == 0:
             raise ValueError("prompt is empty; it needs at least one token")
@@ -110,14 +161,16 @@ class Engine:
             raise ValueError(
                 f"prompt token ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]"
             )
-        need = ids.size + params.max_tokens
+        return [int(t) for t in ids]
+
+    def _check_fits(self, prompt: list[int], params: SamplingParams) -> None:
+        need = len(prompt) + params.max_tokens
         try:
             self.executor.check_fits(need)
         except ValueError as e:
             raise ValueError(
-                f"prompt ({ids.size} tokens) + max_tokens ({params.max_tokens}) = {need} {e}"
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {need} {e}"
             ) from None
-        return [int(t) for t in ids]
 
     def cancel(self, request_id: int) -> None:
         """Stops a request at the next step (no-op if it already finished)."""
@@ -148,6 +201,7 @@ class Engine:
         with self._lock:
             self._drop_cancelled()
             self._admit()
+        self._encode_images()
         prefilled = self._prefill()
         decoded = self._decode()
         return prefilled or decoded
@@ -171,22 +225,47 @@ class Engine:
             self.waiting.popleft()
             req.slot, self.slots[slot] = slot, req
 
+    def _encode_images(self) -> None:
+        """The vision tower of ONE admitted image request per step, the oldest (outside the
+        lock: `submit` and `cancel` stay responsive while it runs). One per step bounds the
+        pause the running requests see; the others wait a step to start their prefill."""
+        pending = [r for r in self.slots if r is not None and _needs_tower(r)]
+        if pending:
+            r = min(pending, key=lambda r: r.arrival)
+            self.stats["images_encoded"] += len(r.images.pixels.layouts)
+            pixels = r.images.pixel_bytes
+            self.executor.encode_images(r.images)  # drops the pixels
+            with self._lock:
+                self.pixel_bytes -= pixels
+
     def _prefill(self) -> bool:
         ex = self.executor
-        rows = [r for r in self.slots if r is not None and r.prefilled < len(r.prompt)]
+        rows = [
+            r
+            for r in self.slots
+            if r is not None and r.prefilled < len(r.prompt) and not _needs_tower(r)
+        ]
         rows = sorted(rows, key=lambda r: r.arrival)[: ex.prefill_rows]
         if not rows:
             return False
         n, c = ex.prefill_rows, ex.prefill_chunk
         slots, tokens = np.full(n, -1, np.int32), np.zeros((n, c), np.int32)
         starts, last = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        features: list[np.ndarray | None] = [None] * n
         for i, r in enumerate(rows):
             chunk = r.prompt[r.prefilled : r.prefilled + c]
             slots[i], starts[i], last[i] = r.slot, r.prefilled, len(chunk) - 1
             tokens[i, : len(chunk)] = chunk
-        logits = ex.prefill(slots, tokens, starts, last)
+            if r.images is not None:
+                features[i] = r.images.chunk(r.prefilled, r.prefilled + len(chunk))
+        if any(f is not None for f in features):
+            logits = ex.prefill(slots, tokens, starts, last, features=features)
+        else:
+            logits = ex.prefill(slots, tokens, starts, last)
         for r in rows:
             r.prefilled = min(len(r.prompt), r.prefilled + c)
+            if r.prefilled == len(r.prompt):
+                r.images = None  # the features are in the cache now
         self.stats["prefill_steps"] += 1
         self.stats["prefill_tokens"] += int(sum(last[: len(rows)] + 1))
         done = [i for i, r in enumerate(rows) if r.prefilled == len(r.prompt)]
@@ -257,6 +336,9 @@ class Engine:
 
     def _finish(self, req: Request, reason: str, last: Delta | None = None) -> None:
         req.finish_reason, req.finish_time = reason, time.perf_counter()
+        if req.images is not None:  # cancelled before its tower ran: its pixels go
+            self.pixel_bytes -= req.images.pixel_bytes
+            req.images = None
         if req.slot is not None:
             self.executor.release(req.slot)
             self.slots[req.slot] = None
@@ -277,13 +359,22 @@ class Engine:
         while self.has_work():
             self.step()
 
-    def generate(self, prompts: Sequence[Sequence[int]], params=None) -> list[Request]:
-        """Submits every prompt (one `SamplingParams` or one per prompt), runs them to the end
-        in the calling thread, returns the finished requests in order."""
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params=None, *, images=None
+    ) -> list[Request]:
+        """Submits every prompt (one `SamplingParams` or one per prompt; ``images``: None or
+        one list per prompt, as `submit` takes), runs them to the end in the calling thread,
+        returns the finished requests in order."""
         if self._thread is not None:
             raise RuntimeError("generate() drives the engine itself; the thread is running")
         plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        streams = [self.submit(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        ilist = [None] * len(prompts) if images is None else list(images)
+        if len(ilist) != len(prompts):
+            raise ValueError(f"images must give one list per prompt: {len(ilist)} for "
+                             f"{len(prompts)}")  # fmt: skip
+        streams = [
+            self.submit(p, sp, images=im) for p, sp, im in zip(prompts, plist, ilist, strict=True)
+        ]
         self.run_until_done()
         return [s.result() for s in streams]
 
@@ -322,6 +413,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+
+def _needs_tower(req: Request) -> bool:
+    return req.images is not None and req.images.features is None
 
 
 __all__ = ["Engine", "EngineStopped", "QueueFull"]

@@ -7,6 +7,10 @@ import dataclasses
 import queue
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from step3_jax.engine.images import ImageInputs
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -150,6 +154,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     cancel_requested: bool = False
+    images: ImageInputs | None = None  # until its prefill is done (Step3-VL executors)
 
     @property
     def budget(self) -> int:

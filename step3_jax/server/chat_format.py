@@ -12,6 +12,10 @@ stops on every eos id plus the template's end-of-turn token (`step3_jax.chat.sto
     Assistant:
 
 with ``"\\nUser:"`` as a stop string so the model does not write the user's next turn.
+
+Image content parts become one ``<im_patch>`` marker each where they stand, as the release's
+template writes them; the engine expands each marker to its image's placeholder layout
+(`step3_jax.vision.preprocess.expand_prompt`).
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from __future__ import annotations
 import dataclasses
 
 from step3_jax import chat
+from step3_jax.vision.preprocess import SPECIAL_TOKEN_NAMES
 
 PLAIN_STOP = "\nUser:"
+IMAGE_MARKER = SPECIAL_TOKEN_NAMES["image"]
 _ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 
 
@@ -37,9 +43,17 @@ def format_chat(messages: list[dict], tokenizer) -> ChatPrompt:
         text = chat.render_chat(tokenizer, messages)
         return ChatPrompt(tokenizer.encode(text, add_bos=True), (), chat.stop_ids(tokenizer))
     chat.check_messages(messages)
-    turns = [f"{_ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
+    turns = [
+        f"{_ROLE_NAMES.get(m['role'], m['role'].title())}: {_plain(m['content'])}" for m in messages
+    ]
     text = "\n\n".join([*turns, "Assistant:"])
     return ChatPrompt(tokenizer.encode(text), (PLAIN_STOP,), ())
+
+
+def _plain(content) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(p.get("text", "") if p.get("type") == "text" else IMAGE_MARKER for p in content)
 
 
 __all__ = ["PLAIN_STOP", "ChatPrompt", "format_chat"]

@@ -15,6 +15,7 @@ import logging
 import time
 
 from step3_jax.cli_common import UsageError, non_negative_float, positive_int
+from step3_jax.server.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES
 
 log = logging.getLogger("step3_jax.server")
 
@@ -83,6 +84,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds in-flight requests get to finish at shutdown (default: %(default)s)",
     )
+    p.add_argument(
+        "--max-images",
+        type=positive_int,
+        default=DEFAULT_MAX_IMAGES,
+        help="images per chat request at most (a Step3-VL checkpoint) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-image-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        help="decoded bytes of one image at most (default: %(default)s)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="skip compiling before serving")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
@@ -91,10 +104,16 @@ def build_engine(args, load_model):
     """``(engine, tokenizer, model_name)`` (warm unless --no-warmup); ``load_model(args)``
     returns ``(model, tokenizer)`` (`step3_jax.cli.load_model`)."""
     import jax.numpy as jnp
+    import numpy as np
 
     from step3_jax.engine import Engine, ModelExecutor, SamplingParams
 
     model, tok = load_model(args)
+    image_tokens = None
+    if getattr(model, "vision_config", None) is not None:  # a Step3-VL checkpoint: images
+        from step3_jax.vision.preprocess import ImageSpecialTokens
+
+        image_tokens = ImageSpecialTokens.from_tokenizer(tok)
     cache_dtype = {"model": None, "bfloat16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn}
     executor = ModelExecutor(
         model,
@@ -105,12 +124,21 @@ def build_engine(args, load_model):
         prefill_chunk=args.prefill_chunk,
         prefill_rows=args.prefill_rows,
         cache_dtype=cache_dtype[args.cache_dtype],
+        image_tokens=image_tokens,
     )
     engine = Engine(executor, tok, eos_id=tok.eos_id, max_queue=args.max_queue)
     if not args.no_warmup:
         t0 = time.perf_counter()
         warm = [[1] * (args.prefill_chunk + 1)]  # compiles the prefill and the decode step
         engine.generate(warm, SamplingParams(max_tokens=2))
+        if image_tokens is not None:  # the vision tower at both resolutions (view, crop)
+            wide = np.full((300, 500, 3), 128, np.uint8)  # one global view + 2 crops
+            try:
+                engine.generate(
+                    [[image_tokens.image]], SamplingParams(max_tokens=1), images=[[wide]]
+                )
+            except ValueError as e:  # --max-len below one image's 337 tokens
+                log.warning("image warm-up skipped: %s", e)
         log.info("warm-up (compilation) took %.1f s", time.perf_counter() - t0)
     name = args.model_name or (args.checkpoint or "step3-demo")
     return engine, tok, name
@@ -133,6 +161,8 @@ def serve(args, load_model) -> int:
         model_name=name,
         default_max_tokens=args.default_max_tokens,
         shutdown_timeout=args.shutdown_timeout,
+        max_images=args.max_images,
+        max_image_bytes=args.max_image_bytes,
     )
     uvicorn.run(
         app,

@@ -5,12 +5,16 @@ seed, n=1, stream, stream_options.include_usage) plus the common extensions ``to
 ``ignore_eos`` and ``stop_token_ids``. Fields step3_jax cannot honour (n > 1, logprobs, echo,
 nonzero penalties, tools) are rejected with a 400 naming the field instead of being ignored.
 Unknown fields are ignored, as OpenAI-compatible servers do.
+
+Chat content is a string or a list of OpenAI content parts: ``{"type": "text", "text": ...}``
+and ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`` (a Step3-VL
+model; the URL is checked and decoded by `step3_jax.server.images`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -84,9 +88,23 @@ class CompletionRequest(_Sampling):
         return v
 
 
-class ContentPart(BaseModel):
+class TextPart(BaseModel):
     type: Literal["text"]
     text: str
+
+
+class ImageURL(BaseModel):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; every image gets the
+    # release's full layout (global view + crops), as vLLM serves Step3-VL
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
@@ -95,10 +113,28 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
 
-    def text(self) -> str:
+    def template_content(self) -> str | list[dict]:
+        """The content as the chat template sees it: image parts become ``{"type":
+        "image_url"}`` (the template writes one ``<im_patch>`` marker each; the data stays
+        out of the template)."""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        if all(isinstance(p, TextPart) for p in self.content):
+            return "".join(p.text for p in self.content)
+        return [
+            {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": p.type}
+            for p in self.content
+        ]
+
+    def image_urls(self, index: int) -> list[tuple[str, str]]:
+        """``(url, param)`` of each image part, ``param`` naming its field in the request."""
+        if isinstance(self.content, str):
+            return []
+        return [
+            (p.image_url.url, f"messages[{index}].content[{j}].image_url.url")
+            for j, p in enumerate(self.content)
+            if isinstance(p, ImagePart)
+        ]
 
 
 class ChatCompletionRequest(_Sampling):
@@ -107,6 +143,10 @@ class ChatCompletionRequest(_Sampling):
     logprobs: Literal[False] | None = None
     tools: None = None
 
+    def image_urls(self) -> list[tuple[str, str]]:
+        """Every image part's ``(url, param)``, in message order (the template's order)."""
+        return [u for i, m in enumerate(self.messages) for u in m.image_urls(i)]
+
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         params = super().sampling_params(default_max_tokens)
         if self.max_completion_tokens is not None and self.max_tokens is None:
@@ -114,4 +154,10 @@ class ChatCompletionRequest(_Sampling):
         return params
 
 
-__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest"]
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "ImagePart",
+    "TextPart",
+]

@@ -39,6 +39,13 @@ def _prefill(graphdef, state, tokens, features, prompt_lengths, image_lengths, c
 
 def prepare(model: Step3VLModel, prompts, images, special: ImageSpecialTokens):
     """Expanded prompts (lists of ids) and the image feature rows ``[I, M]`` (or None)."""
+    expanded, pre = expand(model, prompts, images, special)
+    return expanded, (model.image_features(pre) if pre else None)
+
+
+def expand(model: Step3VLModel, prompts, images, special: ImageSpecialTokens):
+    """The host half of `prepare`: expanded prompts and the preprocessed images (or None),
+    the vision tower not run yet (the serving engine runs it when it admits the request)."""
     if images is None:
         images = [()] * len(prompts)
     if len(images) != len(prompts):
@@ -55,7 +62,7 @@ def prepare(model: Step3VLModel, prompts, images, special: ImageSpecialTokens):
     for prompt, per in zip(prompts, images, strict=True):
         mine = [next(layouts) for _ in per]
         expanded.append(expand_prompt(prompt, mine, special).tolist())
-    return expanded, (model.image_features(pre) if pre else None)
+    return expanded, pre
 
 
 def generate(
@@ -129,4 +136,4 @@ def generate_prepared(
     )
 
 
-__all__ = ["generate", "generate_prepared", "prepare"]
+__all__ = ["expand", "generate", "generate_prepared", "prepare"]

@@ -78,20 +78,44 @@ class Step3VLModel(nnx.Module):
         graphdef, state = nnx.split(self.vision)
         return _embed_images(graphdef, state, jnp.asarray(pixel_values))
 
-    def image_features(self, images: PreprocessedImages) -> Float[Array, "I M"]:
+    def image_features(
+        self, images: PreprocessedImages, batch: int | None = None
+    ) -> Float[Array, "I M"]:
         """All images' feature rows in prompt order: per image its crops' rows, then its global
-        view's. The tower runs once per view: one batched call per resolution."""
-        views = self.embed_images(images.pixel_values)
+        view's. The tower runs once per view: one batched call per resolution.
+
+        ``batch`` (the serving engine's mode): the tower runs on ``batch`` views at a time, the
+        last call zero-padded, and the rows are assembled on the host (a NumPy array), so any
+        number of images and crops uses one compiled program per view resolution."""
+        tower, xp = self.embed_images, jnp
+        if batch is not None:
+            if int(batch) < 1:
+                raise ValueError(f"batch must be None or >= 1, got {batch}")
+            tower, xp = functools.partial(self._embed_images_fixed, batch=int(batch)), np
+        views = tower(images.pixel_values)
         crops = None
         if images.crop_pixel_values.shape[0]:
-            crops = self.embed_images(images.crop_pixel_values)
+            crops = tower(images.crop_pixel_values)
         rows, start = [], 0
         for i, n in enumerate(images.num_crops):
             if n:
                 rows.append(crops[start : start + n].reshape(-1, crops.shape[-1]))
             rows.append(views[i])
             start += n
-        return jnp.concatenate(rows, axis=0)
+        return xp.concatenate(rows, axis=0)
+
+    def _embed_images_fixed(self, pixels: np.ndarray, batch: int) -> np.ndarray:
+        """`embed_images` in calls of exactly ``batch`` views (zero rows pad the last one,
+        their outputs dropped); the result on the host."""
+        out = []
+        for s in range(0, pixels.shape[0], batch):
+            chunk = pixels[s : s + batch]
+            real = chunk.shape[0]
+            if real < batch:
+                pad = np.zeros((batch - real, *chunk.shape[1:]), chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            out.append(np.asarray(self.embed_images(chunk))[:real])
+        return np.concatenate(out)
 
     # ------------------------------------------------------------------ prompt
     def image_mask(self, tokens: Int[Array, "B T"], lengths=None) -> Bool[Array, "B T"]:
