@@ -78,7 +78,7 @@ def _run(model, calls, max_batch, max_prompt, max_new, seed):
     allocator keeps of the last call's buffers (measured: -4 to +30 MB around a flat trend on
     Step3Config.tiny(), batches up to 64), so growth is the median of the last quarter of the
     samples minus the median of the first quarter: a leak moves it, one large call does not
-    (measured on `BIG_CFG`, seed 1: 15-35 MiB in five runs, 49 MiB without the gc.freeze();
+    (measured on `BIG_CFG`, seed 1: 15-34 MiB in four runs, 49 MiB without the gc.freeze();
     Step3Config.tiny() without it: 66 MiB once; unbucketed stop arrays: 19 compiles, 112 MiB).
     """
     batches = [2**i for i in range(max_batch.bit_length())]
