@@ -9,20 +9,15 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference_numpy as ref
-from flax import nnx
 from PIL import Image
-from vision_fixtures import load_tiny, random_vision_tensors
+from vision_fixtures import random_vl_model
 
 from step3_jax.config import Step3Config
 from step3_jax.decode import generate as text_generate
 from step3_jax.engine import Engine, ModelExecutor, QueueFull, SamplingParams
 from step3_jax.engine.images import ImageInputs, pack_chunk_features
-from step3_jax.model import Step3Model
-from step3_jax.policy import KernelPolicy
 from step3_jax.vision import generate as vgen
 from step3_jax.vision.config import Step3VisionConfig
 from step3_jax.vision.model import Step3VLModel
@@ -51,15 +46,7 @@ jax.monitoring.register_event_duration_secs_listener(_on_event)
 
 @pytest.fixture(scope="module")
 def model():
-    abstract = nnx.eval_shape(
-        lambda: Step3Model(
-            TEXT, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
-            policy=KernelPolicy.reference(),
-        )
-    )  # fmt: skip
-    graphdef, state = nnx.split(abstract)
-    text = nnx.merge(graphdef, jax.tree.map(jnp.asarray, ref.random_params(state, 1)))
-    return Step3VLModel(text, load_tiny(VIS, random_vision_tensors(VIS, seed=2)))
+    return random_vl_model(TEXT, VIS, text_seed=1, vision_seed=2)
 
 
 def make_engine(model, **kw):

@@ -15,14 +15,10 @@ import socket
 import threading
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference_numpy as ref
-from flax import nnx
 from PIL import Image
-from vision_fixtures import load_tiny, random_vision_tensors
+from vision_fixtures import random_vl_model
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -36,14 +32,11 @@ from step3_jax.checkpoints import load_tokenizer, save_hf_vl  # noqa: E402
 from step3_jax.checkpoints.demo import DEMO_DIR  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
 from step3_jax.engine import Engine, ModelExecutor, SamplingParams  # noqa: E402
-from step3_jax.model import Step3Model  # noqa: E402
-from step3_jax.policy import KernelPolicy  # noqa: E402
 from step3_jax.server import main as server_main  # noqa: E402
 from step3_jax.server.app import create_app  # noqa: E402
 from step3_jax.server.chat_format import format_chat  # noqa: E402
 from step3_jax.vision import generate as vgen  # noqa: E402
 from step3_jax.vision.config import Step3VisionConfig  # noqa: E402
-from step3_jax.vision.model import Step3VLModel  # noqa: E402
 from step3_jax.vision.preprocess import SPECIAL_TOKEN_NAMES, ImageSpecialTokens  # noqa: E402
 
 MAX_IMAGES, MAX_IMAGE_BYTES = 2, 40_000
@@ -85,16 +78,8 @@ def vl(tmp_path_factory):
     text_cfg = dataclasses.replace(
         Step3Config.tiny(), vocab_size=tok.vocab_size, num_layers=2, moe_layer_ids=(1,)
     )
-    abstract = nnx.eval_shape(
-        lambda: Step3Model(
-            text_cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
-            policy=KernelPolicy.reference(),
-        )
-    )  # fmt: skip
-    graphdef, state = nnx.split(abstract)
-    text = nnx.merge(graphdef, jax.tree.map(jnp.asarray, ref.random_params(state, 4)))
     vis = Step3VisionConfig.tiny(text_cfg.hidden_size, image_token_id=special.image)
-    model = Step3VLModel(text, load_tiny(vis, random_vision_tensors(vis, seed=5)))
+    model = random_vl_model(text_cfg, vis, text_seed=4, vision_seed=5)
     save_hf_vl(model, path)  # a checkpoint folder for `step3-jax serve --checkpoint`
     return model, tok, special, path
 

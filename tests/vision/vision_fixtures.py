@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import reference_numpy as ref
 from flax import nnx
 
 from step3_jax.checkpoints import vision_mapping
+from step3_jax.model import Step3Model
 from step3_jax.policy import KernelPolicy
 from step3_jax.vision.config import Step3VisionConfig
+from step3_jax.vision.model import Step3VLModel
 
 
 def random_vision_tensors(cfg: Step3VisionConfig, seed: int, dtype=np.float32) -> dict:
@@ -39,6 +43,20 @@ def load_tiny(cfg: Step3VisionConfig, tensors: dict, dtype=jnp.float32):
         param_dtype=dtype,
         policy=KernelPolicy(vision_attention="xla"),
     )
+
+
+def random_vl_model(text_cfg, vis_cfg: Step3VisionConfig, text_seed: int, vision_seed: int):
+    """A float32 `Step3VLModel` of random weights (reference kernel policy): the text model's
+    from `reference_numpy.random_params`, the tower's from `random_vision_tensors`."""
+    abstract = nnx.eval_shape(
+        lambda: Step3Model(
+            text_cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
+            policy=KernelPolicy.reference(),
+        )
+    )  # fmt: skip
+    graphdef, state = nnx.split(abstract)
+    text = nnx.merge(graphdef, jax.tree.map(jnp.asarray, ref.random_params(state, text_seed)))
+    return Step3VLModel(text, load_tiny(vis_cfg, random_vision_tensors(vis_cfg, vision_seed)))
 
 
 def random_pixels(n: int, size: int, seed: int) -> np.ndarray:
