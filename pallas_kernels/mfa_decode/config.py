@@ -228,7 +228,14 @@ def get_config(device_kind: str, kv_dtype) -> TuningConfig:
 # device keeps ``min_tokens_num_splits``, the rule the 98b0a31 sweep measured. Empty until the
 # forced-split sweep (docs/LOG.md, "MFA decode kernel") runs on a GPU; enter the constants
 # ``python3 -m step3_jax.kernels.mfa_decode.splitk mfa_decode_<device>.json --sms 132`` prints.
-SPLIT_COSTS: dict[str, splitk.SplitCosts] = {}
+# H100: fitted (`splitk.fit_costs`) on the forced-split rows of
+# benchmarks/results/mfa_decode_H100_splitk_partial_1841117.json (B = 1, 2, 4, 8 at 1K; B = 1, 2
+# at 4K; the call ran out of time before 8K and 32K). At every complete shape the model's pick
+# is the measured best and beats XLA: B=1 1K J=16 11.7 us (rule: J=2 18.3, XLA 13.1); B=1 4K
+# J=64 14.6 (rule: J=8 19.4, XLA 16.5); B=8 1K J=8 14.1 (XLA 22.3). H200: not fitted yet.
+SPLIT_COSTS: dict[str, splitk.SplitCosts] = {
+    "H100": splitk.SplitCosts(fixed=8.43, combine=2.22, combine_per_split=0.030, block=1.018),
+}
 
 
 def split_costs(device_kind: str) -> splitk.SplitCosts | None:
