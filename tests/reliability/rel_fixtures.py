@@ -72,11 +72,11 @@ def write_checkpoint(path: Path, cfg: Step3Config, tensors: dict, num_shards: in
     return path
 
 
-def build_model(cfg: Step3Config, seed: int = 0):
-    """A float32 `Step3Model` (dense MoE oracle) with seeded random weights."""
+def abstract_model(cfg: Step3Config):
+    """The float32 `Step3Model` (dense MoE oracle) as shapes only: a restore target."""
     from step3_jax.model import Step3Model
 
-    abstract = nnx.eval_shape(
+    return nnx.eval_shape(
         lambda: Step3Model(
             cfg,
             rngs=nnx.Rngs(0),
@@ -85,7 +85,11 @@ def build_model(cfg: Step3Config, seed: int = 0):
             policy=REFERENCE,
         )
     )
-    graphdef, state = nnx.split(abstract)
+
+
+def build_model(cfg: Step3Config, seed: int = 0):
+    """A float32 `Step3Model` (dense MoE oracle) with seeded random weights."""
+    graphdef, state = nnx.split(abstract_model(cfg))
     rng = np.random.default_rng(seed)
     state = jax.tree.map(
         lambda x: jnp.asarray(rng.standard_normal(x.shape) * 0.05 + 0.01, jnp.float32), state

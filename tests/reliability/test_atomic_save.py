@@ -29,15 +29,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from rel_fixtures import REFERENCE, build_model, model_leaf, tiny_config
+from rel_fixtures import REFERENCE, abstract_model, build_model, model_leaf, tiny_config
 
 from step3_jax.checkpoints import integrity, load_hf, restore_orbax, save_hf, save_orbax
 from step3_jax.checkpoints.hf_config import read_config
 from step3_jax.checkpoints.hf_validate import verify_checkpoint
 from step3_jax.checkpoints.safetensors_io import index_checkpoint, read_tensor
 from step3_jax.config import Step3Config
-from step3_jax.model import Step3Model
 
 OLD_CFG = tiny_config()
 NEW_CFG = dataclasses.replace(OLD_CFG, rms_norm_eps=1e-6)  # same shapes: a mix would load
@@ -152,11 +150,7 @@ def test_save_hf_after_a_crash_cleans_up_and_succeeds(tmp_path, models):
 
 
 def _abstract():
-    return nnx.eval_shape(
-        lambda: Step3Model(
-            OLD_CFG, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, policy=REFERENCE
-        )
-    )
+    return abstract_model(OLD_CFG)
 
 
 def _assert_orbax_old_or_new(directory: Path, models) -> None:

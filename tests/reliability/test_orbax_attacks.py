@@ -7,28 +7,17 @@ bare ``Exception`` carrying a TensorStore dump.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from rel_fixtures import REFERENCE, build_model, model_leaf, tiny_config
+from rel_fixtures import abstract_model, build_model, model_leaf, tiny_config
 
 from step3_jax.checkpoints import CheckpointFormatError, restore_orbax, save_orbax
-from step3_jax.model import Step3Model
 
 CFG = tiny_config()
 
 
 def _abstract():
-    return nnx.eval_shape(
-        lambda: Step3Model(
-            CFG,
-            rngs=nnx.Rngs(0),
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-            policy=REFERENCE,
-        )
-    )
+    return abstract_model(CFG)
 
 
 @pytest.fixture(scope="module")
