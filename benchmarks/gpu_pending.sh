@@ -40,7 +40,7 @@ case "$CALL" in
     RATES=${RATES:-2,8,16} DURATION=${DURATION:-20} timeout -k 10 290 \
       bash "$HERE/gpu_serving.sh" "$OUT_DIR/call3/serving" > "$OUT_DIR/call3/serving.txt" 2>&1
     echo "serving rc=$?"; tail -5 "$OUT_DIR/call3/serving.txt" | cut -c1-400
-    timeout -k 10 270 bash "$HERE/gpu_vision.sh" "$OUT_DIR/call3/vision"
+    TEST_TIMEOUT=${TEST_TIMEOUT:-60} timeout -k 10 270 bash "$HERE/gpu_vision.sh" "$OUT_DIR/call3/vision"
     echo "vision rc=$?"
     ;;
   *) echo "call must be 1, 2 or 3, got $CALL" >&2; exit 2 ;;

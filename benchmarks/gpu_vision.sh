@@ -24,7 +24,7 @@ if [ "$DRY" = 1 ]; then EXTRA="--tiny" ITERS=2; fi
   $PY -c "import jax; print(jax.__version__, jax.devices())" 2>&1; } > "$OUT/probe.txt"
 stamp "probe: $(tr '\n' ' ' < "$OUT/probe.txt" | cut -c1-200) commit=$GIT_COMMIT"
 
-timeout -k 5 240 $PY -m pytest -q -p no:xdist tests/vision > "$OUT/tests.txt" 2>&1
+timeout -k 5 "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:xdist tests/vision > "$OUT/tests.txt" 2>&1
 stamp "tests rc=$? $(tail -1 "$OUT/tests.txt")"
 
 run() {  # name, args...
