@@ -77,10 +77,8 @@ def write_rows(arenas, reg: Region, item, b_idx, positions, values, active, tran
         local = ((b_idx * reg.shape[1] + positions) * row)[..., None] + jnp.arange(row)
     rows = reg.offset // ALIGN + item * (reg.stride // ALIGN) + local // ALIGN
     rows = jnp.where(active, rows, arenas[reg.dtype].shape[0])  # out of range: dropped
-    vals = values.reshape(-1).astype(reg.dtype)
-    flat = (
-        arenas[reg.dtype].at[rows.reshape(-1), (local % ALIGN).reshape(-1)].set(vals, mode="drop")
-    )
+    index = (rows.reshape(-1), (local % ALIGN).reshape(-1))
+    flat = quant.set_at(arenas[reg.dtype], index, values.reshape(-1), mode="drop")
     return {**arenas, reg.dtype: flat}
 
 

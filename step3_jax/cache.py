@@ -125,14 +125,13 @@ def write_kv(cache, index: tuple, k_new, v_new, v_index: tuple | None = None):
         kq, ks = quant.quantize_kv(k_new)
         vq, vs = quant.quantize_kv(v_new)
         return cache.replace(
-            k=cache.k.at[index].set(kq),
-            v=cache.v.at[v_index].set(vq),
+            k=quant.set_at(cache.k, index, kq),
+            v=quant.set_at(cache.v, v_index, vq),
             k_scale=cache.k_scale.at[index].set(ks),
             v_scale=cache.v_scale.at[index].set(vs),
         )
     return cache.replace(
-        k=cache.k.at[index].set(k_new.astype(cache.k.dtype)),
-        v=cache.v.at[v_index].set(v_new.astype(cache.v.dtype)),
+        k=quant.set_at(cache.k, index, k_new), v=quant.set_at(cache.v, v_index, v_new)
     )
 
 

@@ -160,6 +160,22 @@ def dequantize_kv(q: Array, scale: Float[Array, "... S"], dtype=jnp.float32) -> 
     return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
+def set_at(buf: Array, index, values: Array, mode: str | None = None) -> Array:
+    """``buf.at[index].set(values, mode=mode)`` that keeps a 1-byte float ``buf`` 1-byte.
+
+    XLA has no FP8 scatter on CPU (and its float normalization may upcast one elsewhere): it
+    converts the WHOLE buffer to float16, scatters and converts back, i.e. an FP8 cache or
+    arena is copied twice at double size on every write. Scattering the same bytes into a
+    ``uint8`` bitcast of the buffer is an exact, in-place byte write on every backend."""
+    from jax import lax
+
+    if jnp.dtype(buf.dtype).itemsize != 1 or not jnp.issubdtype(buf.dtype, jnp.floating):
+        return buf.at[index].set(values.astype(buf.dtype), mode=mode)
+    raw = lax.bitcast_convert_type(buf, jnp.uint8)
+    new = lax.bitcast_convert_type(values.astype(buf.dtype), jnp.uint8)
+    return lax.bitcast_convert_type(raw.at[index].set(new, mode=mode), buf.dtype)
+
+
 def fp8_relative_step() -> float:
     """Relative rounding step of e4m3 (3 mantissa bits): half-ulp is 2**-4 of the value."""
     return 2.0**-4
@@ -178,4 +194,5 @@ __all__ = [
     "quantize_kv",
     "quantize_weight_blocks",
     "quantize_weight_channels",
+    "set_at",
 ]

@@ -1,0 +1,174 @@
+"""Where does an AFD role program copy its arena? A compile-only report (any backend).
+
+Compiles one role's step (`AfdExecutor(role=...)`, the program `bench_afd.py --role` times)
+and reports XLA's memory analysis (temp bytes against the arena's bytes: a temp as large as
+an arena is a copy of it) and every instruction of the optimized HLO whose result is as large
+as one of the arenas (copies, converts, bitcast-converts, scatters, fusions), with the HLO text
+saved for reading. ``--scatter`` adds the micro-probe behind `quant.set_at`: a 1-byte scatter
+into a donated buffer as (a) a float8 ``.at[].set``, (b) the same bytes through a uint8
+bitcast of the float8 buffer, (c) a uint8 buffer: temp bytes and time per call.
+
+    python3 benchmarks/afd_hlo_probe.py --role attention --layers 8 --out $OUT/probe.json \\
+        --scatter
+    python3 benchmarks/afd_hlo_probe.py --tiny --role attention   # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.bench_afd import bench_config  # noqa: E402
+from step3_jax import quant  # noqa: E402
+from step3_jax.policy import KernelPolicy  # noqa: E402
+from step3_jax.sharding.afd import AfdConfig, AfdExecutor  # noqa: E402
+from step3_jax.sharding.layout import ALIGN, AfdLayout, ArenaDtypes  # noqa: E402
+
+_HLO_DTYPE = {"float8_e4m3fn": "f8e4m3fn", "bfloat16": "bf16", "float32": "f32", "uint8": "u8"}
+_OP = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+)\[([0-9,]*)\]\{?[^ ]* ([\w-]+)\(")
+
+
+def _plain_set(buf, index, values, mode=None):
+    """`quant.set_at` before the uint8 route (``--fp8-set plain``): a float8 scatter."""
+    return buf.at[index].set(values.astype(buf.dtype), mode=mode)
+
+
+def role_report(args) -> dict:
+    cfg = bench_config(args.layers, args.tiny, args.full)
+    layout = AfdLayout.parse(args.layout, 1 if args.tiny else None)
+    policy = KernelPolicy(attention="xla", gemm="xla", moe="xla") if args.tiny else None
+    afd = AfdConfig(args.microbatch, 1, args.context, fp8_transfer=True, policy=policy)
+    dtypes = ArenaDtypes(weight=args.weights, cache=args.cache, v_transposed=args.v_transposed)
+    ex = AfdExecutor(cfg, layout, [jax.devices()[0]], afd, dtypes=dtypes, role=args.role)
+    zeros = [np.zeros(s, np.int32) for s in ((ex.batch, 1), (ex.batch, 1), (ex.batch,))]
+    feed = [ex._per_device(a) for a in zeros]
+    arenas = {
+        k: jax.ShapeDtypeStruct((n // ALIGN, ALIGN), jnp.dtype(k), sharding=ex.sharding)
+        for k, n in ex.arena.sizes.items()
+    }
+    if jax.tree.leaves(ex.arenas or {}):
+        arenas = ex.arenas
+    t0 = time.perf_counter()
+    compiled = ex._program.lower(arenas, *feed).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    hlo = compiled.as_text()
+    if args.out:
+        with open(os.path.splitext(args.out)[0] + f"_{args.role}.hlo.txt", "w") as f:
+            f.write(hlo)
+    arena_bytes = {k: n * np.dtype(k).itemsize for k, n in ex.arena.sizes.items()}
+    big = min(arena_bytes.values()) // 2  # anything half the smallest arena or more
+    ops = collections.Counter()
+    for line in hlo.splitlines():
+        m = _OP.match(line)
+        if not m or not m.group(3):
+            continue
+        dtype, dims, op = m.group(2), m.group(3), m.group(4)
+        size = int(np.prod([int(d) for d in dims.split(",")]))
+        itemsize = {"f8e4m3fn": 1, "u8": 1, "bf16": 2, "f16": 2, "f32": 4, "s32": 4}.get(dtype, 4)
+        if size * itemsize >= big and op not in ("parameter", "get-tuple-element", "bitcast"):
+            ops[f"{op} {dtype}[{dims}]"] += 1
+    return {
+        "role": args.role,
+        "layers": cfg.num_layers,
+        "batch": ex.batch,
+        "context": args.context,
+        "cache": args.cache,
+        "weights": args.weights,
+        "v_transposed": args.v_transposed,
+        "fp8_set": args.fp8_set,
+        "compile_s": compile_s,
+        "arena_bytes": arena_bytes,
+        "arena_hlo_shapes": {
+            k: f"{_HLO_DTYPE.get(k, k)}[{n // ALIGN},{ALIGN}]" for k, n in ex.arena.sizes.items()
+        },
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+        "arena_sized_ops": dict(ops),
+    }
+
+
+def scatter_probe(nbytes: int) -> dict:
+    """One 128-row scatter into a donated [n/512, 512] 1-byte buffer, three forms."""
+    rows = nbytes // 512
+    idx = jnp.arange(128, dtype=jnp.int32) * 7
+    vals = jnp.ones((128, 512), jnp.float32)
+    fp8 = jnp.float8_e4m3fn
+
+    def as_fp8(buf, idx, vals):
+        return buf.at[idx].set(vals.astype(fp8))
+
+    def via_uint8_view(buf, idx, vals):
+        raw = lax.bitcast_convert_type(buf, jnp.uint8)
+        new = lax.bitcast_convert_type(vals.astype(fp8), jnp.uint8)
+        return lax.bitcast_convert_type(raw.at[idx].set(new), fp8)
+
+    def uint8_buffer(buf, idx, vals):
+        return buf.at[idx].set(lax.bitcast_convert_type(vals.astype(fp8), jnp.uint8))
+
+    out = {"bytes": nbytes}
+    forms = (("fp8_set", as_fp8, fp8), ("uint8_view", via_uint8_view, fp8))
+    for name, fn, dtype in (*forms, ("uint8_buffer", uint8_buffer, jnp.uint8)):
+        buf = jnp.zeros((rows, 512), dtype)
+        step = jax.jit(fn, donate_argnums=0)
+        temp = step.lower(buf, idx, vals).compile().memory_analysis().temp_size_in_bytes
+        for _ in range(2):
+            buf = step(buf, idx, vals)
+        buf.block_until_ready()
+        t0, reps = time.perf_counter(), 10
+        for _ in range(reps):
+            buf = step(buf, idx, vals)
+        buf.block_until_ready()
+        out[name] = {"temp_bytes": int(temp), "us": (time.perf_counter() - t0) / reps * 1e6}
+        print(name, out[name], flush=True)
+        del buf
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--role", default="attention", choices=["attention", "ffn"])
+    p.add_argument("--layout", default="1A3F")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--full", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny dims, XLA kernels (CPU)")
+    p.add_argument("--microbatch", type=int, default=256)
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--cache", default="float8_e4m3fn")
+    p.add_argument("--weights", default="float8_e4m3fn")
+    p.add_argument("--v-transposed", action="store_true")
+    p.add_argument("--fp8-set", default="bytes", choices=["bytes", "plain"])
+    p.add_argument("--scatter", action="store_true", help="add the scatter micro-probe")
+    p.add_argument("--scatter-bytes", type=int, default=2**30)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.fp8_set == "plain":
+        quant.set_at = _plain_set
+    result = {**harness.environment(), "role_program": role_report(args)}
+    print(json.dumps(result["role_program"]), flush=True)
+    if args.scatter:
+        result["scatter"] = scatter_probe(args.scatter_bytes)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
