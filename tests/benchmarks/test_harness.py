@@ -162,3 +162,15 @@ def test_device_time_sums_kernels_in_us(monkeypatch):
     assert harness.kernel_times(lambda: jnp.ones(())) == [("fusion_1", 2.0), ("mosaic_kernel", 3.5)]
     off = harness.time_calls(lambda: jnp.ones(()), reps=2, warmup=0, device_time=False)
     assert off.timer == "host_loop" and fake.inits == 4  # kernel_times: one more; off: none
+
+
+def test_cupti_sum_far_below_the_host_loop_falls_back(monkeypatch):
+    """A CUPTI sum (5.5 us) that cannot be the device time of a call whose back-to-back loop
+    takes ~3 ms (CUPTI missed kernels) gives way to the host loop time, labelled as such."""
+    monkeypatch.setattr(harness, "_cupti_ext", lambda: _FakeCupti())
+    slow = lambda: (time.sleep(0.003), jnp.ones(()))[1]
+    t = harness.time_calls(slow, reps=3, warmup=0)
+    assert t.timer == "host_loop_cupti_partial" and t.time_us == t.host_loop_us >= 3000
+    assert harness.cupti_missed_kernels(7_100, 54_600)
+    assert not harness.cupti_missed_kernels(105, 118)  # launch gaps of a short kernel: kept
+    assert not harness.cupti_missed_kernels(2_000, 2_900)  # under half, but < 1 ms missing
