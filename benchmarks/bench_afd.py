@@ -200,6 +200,8 @@ def run_role(args, cfg, layout, device, role: str, num_mb: int, microbatch: int)
     )
     out = row.to_dict()
     out["us_per_layer_item"] = out["time_us"] / (cfg.num_layers * num_mb)
+    if args.trace:  # where the step's time goes: kernels, and the device idle between them
+        out["trace"] = harness.trace_breakdown(lambda: ex.step(tokens, pos, sel), warmup=0)
     ex.arenas = None
     return out
 
@@ -315,6 +317,11 @@ def main(argv=None) -> dict:
     p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test)")
     p.add_argument("--full", action="store_true", help="the real 61-layer Step-3")
     p.add_argument("--cache", default="bfloat16", choices=["bfloat16", "float8_e4m3fn"])
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="--role: add a profiler breakdown of one step (busy vs idle, top kernels)",
+    )
     p.add_argument(
         "--v-transposed",
         action="store_true",

@@ -202,6 +202,54 @@ def kernel_times(fn: Callable, args: tuple = (), *, warmup: int = 1) -> list[tup
     return [(name[:100], round(ms * 1e3, 3)) for name, ms in timings]
 
 
+def trace_breakdown(fn: Callable, args: tuple = (), *, warmup: int = 1, top: int = 15) -> dict:
+    """Where one call's wall time goes on the device, from a `jax.profiler` trace (XLA's own
+    CUPTI tracer, which also sees kernels that Mosaic GPU's hooks miss): ``span_us`` (first
+    device event start to last end), ``busy_us`` (union of the events' intervals: the rest of
+    the span is the device idle, e.g. waiting on the host), ``events``, and the ``top`` kernel
+    names by total time ``[(name, total_us, count)]``. ``{}`` off GPU or if the trace holds no
+    device events."""
+    import tempfile
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    if jax.default_backend() != "gpu":
+        return {}
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            jax.block_until_ready(fn(*args))
+        paths = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".pb")]
+        planes = ProfileData.from_file(paths[0]).planes if paths else []
+        spans, totals = [], {}
+        for plane in planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                if not line.name.startswith("Stream"):
+                    continue
+                for ev in line.events:
+                    spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+                    t, c = totals.get(ev.name, (0.0, 0))
+                    totals[ev.name] = (t + ev.duration_ns / 1e3, c + 1)
+    if not spans:
+        return {}
+    spans.sort()
+    busy, end = 0.0, spans[0][0]
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "span_us": (max(b for _, b in spans) - spans[0][0]) / 1e3,
+        "busy_us": busy / 1e3,
+        "events": len(spans),
+        "top": [(name, round(t, 2), c) for name, (t, c) in ranked],
+    }
+
+
 def num_sets(nbytes_per_set: int, rotate_bytes: int = ROTATE_BYTES) -> int:
     """Input sets to rotate so that their bytes exceed ``rotate_bytes`` (1 ..
     :data:`MAX_SETS`)."""
