@@ -160,20 +160,32 @@ def dequantize_kv(q: Array, scale: Float[Array, "... S"], dtype=jnp.float32) -> 
     return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
-def set_at(buf: Array, index, values: Array, mode: str | None = None) -> Array:
-    """``buf.at[index].set(values, mode=mode)`` that keeps a 1-byte float ``buf`` 1-byte.
+_SAME_WIDTH_UINT = {1: jnp.uint8, 2: jnp.uint16}
 
-    XLA has no FP8 scatter on CPU (and its float normalization may upcast one elsewhere): it
-    converts the WHOLE buffer to float16, scatters and converts back, i.e. an FP8 cache or
-    arena is copied twice at double size on every write. Scattering the same bytes into a
-    ``uint8`` bitcast of the buffer is an exact, in-place byte write on every backend."""
+
+def set_at(buf: Array, index, values: Array, mode: str | None = None) -> Array:
+    """``buf.at[index].set(values, mode=mode)`` for the caches and arenas, without the CPU upcast.
+
+    XLA:CPU has no FP8, bfloat16 or float16 scatter: it converts the WHOLE buffer to a wider
+    float, scatters and converts back, so every write to a KV cache or arena copied it twice
+    at 2-4x its bytes. On CPU the same bytes are scattered into an unsigned-integer bitcast of
+    the buffer (exact; XLA:CPU still materializes the bitcast-convert, one buffer-sized copy).
+    XLA:GPU scatters these types natively in place, so other platforms keep the plain scatter."""
     from jax import lax
 
-    if jnp.dtype(buf.dtype).itemsize != 1 or not jnp.issubdtype(buf.dtype, jnp.floating):
+    def plain(buf, values):
         return buf.at[index].set(values.astype(buf.dtype), mode=mode)
-    raw = lax.bitcast_convert_type(buf, jnp.uint8)
-    new = lax.bitcast_convert_type(values.astype(buf.dtype), jnp.uint8)
-    return lax.bitcast_convert_type(raw.at[index].set(new, mode=mode), buf.dtype)
+
+    raw_dtype = _SAME_WIDTH_UINT.get(jnp.dtype(buf.dtype).itemsize)
+    if raw_dtype is None or not jnp.issubdtype(buf.dtype, jnp.floating):
+        return plain(buf, values)
+
+    def as_raw(buf, values):
+        raw = lax.bitcast_convert_type(buf, raw_dtype)
+        new = lax.bitcast_convert_type(values.astype(buf.dtype), raw_dtype)
+        return lax.bitcast_convert_type(raw.at[index].set(new, mode=mode), buf.dtype)
+
+    return lax.platform_dependent(buf, values, cpu=as_raw, default=plain)
 
 
 def fp8_relative_step() -> float:

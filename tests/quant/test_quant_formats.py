@@ -15,6 +15,8 @@ also check that the observed error comes within 2x of it, so the bound is not va
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -216,3 +218,21 @@ def test_cast_rounds_once_to_nearest_even_like_numpy():
     np.testing.assert_array_equal(got, want)
     twice = x.astype(np.float16).astype(e4m3).view(np.uint8)
     assert (twice != want).sum() > 100  # the test data does exercise double rounding
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16])
+def test_set_at_writes_the_same_bytes_as_a_scatter_in_place(dtype):
+    """`quant.set_at` (an unsigned-integer scatter for narrow floats on CPU) stores exactly
+    what ``.at[].set`` stores, drops out-of-range rows with mode="drop", and the compiled CPU
+    write into a donated buffer holds no wider float copy of it (XLA:CPU's FP8/bf16 scatter
+    upcast the whole buffer to f16/f32)."""
+    rng = np.random.default_rng(0)
+    buf = jnp.asarray(rng.normal(size=(64, 512)), dtype)
+    rows = jnp.asarray([3, 70, 9], jnp.int32)  # 70: out of range, dropped
+    vals = jnp.asarray(rng.normal(size=(3, 512)), jnp.float32)
+    want = np.asarray(buf.at[rows].set(vals.astype(dtype), mode="drop"))
+    got = np.asarray(quant.set_at(buf, rows, vals, mode="drop"))
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+    step = jax.jit(lambda b, r, v: quant.set_at(b, r, v, mode="drop"), donate_argnums=0)
+    hlo = step.lower(buf, rows, vals).compile().as_text()
+    assert not re.search(r"[ (]f(16|32)\[64,512\]", hlo), "buffer upcast around the scatter"
