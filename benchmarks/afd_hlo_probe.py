@@ -4,7 +4,8 @@ Compiles one role's step (`AfdExecutor(role=...)`, the program `bench_afd.py --r
 and reports XLA's memory analysis (temp bytes against the arena's bytes: a temp as large as
 an arena is a copy of it) and every instruction of the optimized HLO whose result is as large
 as one of the arenas (copies, converts, bitcast-converts, scatters, fusions), with the HLO text
-saved for reading. ``--scatter`` adds the micro-probe behind `quant.set_at`: a 1-byte scatter
+saved for reading. ``--cond`` adds what a `lax.cond` / `lax.switch` per scan tick costs (the AFD tick has
+two). ``--scatter`` adds the micro-probe behind `quant.set_at`: a 1-byte scatter
 into a donated buffer as (a) a float8 ``.at[].set``, (b) the same bytes through a uint8
 bitcast of the float8 buffer, (c) a uint8 buffer: temp bytes and time per call.
 
@@ -140,6 +141,43 @@ def scatter_probe(nbytes: int) -> dict:
     return out
 
 
+def cond_probe(ticks: int = 61, kernels: int = 12) -> dict:
+    """What a `lax.cond` per scan tick costs: ``ticks`` ticks, each ``kernels`` dependent small
+    kernels (a 256 x 7168 bf16 activation through a 7168 x 256 matmul and back, ~15 us of
+    work), run (a) plainly, (b) under ``lax.cond(pred, work, skip)`` with a traced ``pred``
+    (XLA:GPU's conditional reads the predicate on the host unless command buffers hold it),
+    (c) under a `lax.switch` of three branches. Per-tick time and the extra over (a)."""
+    x0 = jnp.ones((256, 7168), jnp.bfloat16)
+    w = jnp.full((7168, 256), 1e-3, jnp.bfloat16)
+
+    def work(x):
+        for _ in range(kernels // 2):
+            x = jnp.tanh((x @ w) @ w.T)
+        return x
+
+    def run(kind):
+        def tick(x, p):
+            if kind == "plain":
+                return work(x), None
+            if kind == "cond":
+                return lax.cond(p > 0, work, lambda x: x, x), None
+            return lax.switch(p, (work, lambda x: x, lambda x: -x), x), None
+
+        return jax.jit(lambda x, ps: lax.scan(tick, x, ps)[0])
+
+    preds = jnp.zeros((ticks,), jnp.int32)  # switch: branch 0 = work; cond: p > 0 below
+    out = {"ticks": ticks, "kernels_per_tick": kernels}
+    for kind in ("plain", "cond", "switch"):
+        fn = run(kind)
+        ps = preds + (1 if kind == "cond" else 0)
+        t = harness.time_calls(lambda fn=fn, ps=ps: fn(x0, ps), reps=10, warmup=2)
+        out[kind] = {"us_per_tick": t.host_loop_us / ticks, "timer": t.timer}
+        print(kind, out[kind], flush=True)
+    for kind in ("cond", "switch"):
+        out[kind]["extra_us_per_tick"] = out[kind]["us_per_tick"] - out["plain"]["us_per_tick"]
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--role", default="attention", choices=["attention", "ffn"])
@@ -155,14 +193,20 @@ def main(argv=None) -> dict:
     p.add_argument("--fp8-set", default="bytes", choices=["bytes", "plain"])
     p.add_argument("--scatter", action="store_true", help="add the scatter micro-probe")
     p.add_argument("--scatter-bytes", type=int, default=2**30)
+    p.add_argument("--cond", action="store_true", help="add the lax.cond-per-tick micro-probe")
+    p.add_argument("--no-role", action="store_true", help="micro-probes only")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.fp8_set == "plain":
         quant.set_at = _plain_set
-    result = {**harness.environment(), "role_program": role_report(args)}
-    print(json.dumps(result["role_program"]), flush=True)
+    result = {**harness.environment(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    if not args.no_role:
+        result["role_program"] = role_report(args)
+        print(json.dumps(result["role_program"]), flush=True)
     if args.scatter:
         result["scatter"] = scatter_probe(args.scatter_bytes)
+    if args.cond:
+        result["cond"] = cond_probe()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
