@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open issues still wait for, as three device calls of <= ~9.5 min
+# Every GPU measurement the open issues still wait for, as four device calls of <= ~9.5 min
 # each (a session has ~30 min of device time, start-up included). Run them in this order; each
 # call is self-contained (installs the tree, writes JSON + logs under OUT_DIR/callN).
 #
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 1 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 2 $OUT  # H200 only
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 3 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 4 $OUT  # any Hopper
 #
 # call 1 (issue 16): the kernel GPU suites (incl. the FP8 P.V class, never run yet), the FP8
 #   P.V kernel against the tuned FP8 kernel and XLA on full and ragged batches, and the
@@ -15,9 +16,13 @@
 #   role holds ~100 GB: needs_h200; its FFN row is also item 4's FFN-device shape: 16 of 48
 #   experts at 256 and 512 tokens), then the attention role on the transposed-V FP8 cache.
 # call 3 (issues 17 and 18): the serving curve (engine vs bare step) and the vision tower.
+# call 4 (issue 13, any Hopper): why the attention role runs at 23% of copy: the lax.cond /
+#   FP8-scatter micro-probes and a 16-layer attention role with a profiler breakdown (busy vs
+#   idle), under the default XLA flags and with conditionals/loops inside command buffers;
+#   then the vision benchmark (call 3's second half) with the time left.
 # Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
-if [ $# -lt 2 ]; then sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; fi
+if [ $# -lt 2 ]; then sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; fi
 CALL=$1 OUT_DIR=$2
 HERE=$(cd "$(dirname "$0")" && pwd)
 RUN="bash $HERE/gpu_run.sh"
@@ -43,5 +48,16 @@ case "$CALL" in
     TEST_TIMEOUT=${TEST_TIMEOUT:-60} timeout -k 10 270 bash "$HERE/gpu_vision.sh" "$OUT_DIR/call3/vision"
     echo "vision rc=$?"
     ;;
-  *) echo "call must be 1, 2 or 3, got $CALL" >&2; exit 2 ;;
+  4)
+    CB="XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
+    ATT="python3 benchmarks/bench_afd.py --role attention --layout 1A3F --layers 16 --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 5 --trace"
+    $RUN -t 120 "$OUT_DIR/call4" \
+      '@60 python3 benchmarks/afd_hlo_probe.py --no-role --cond --scatter --out $OUT/micro.json' \
+      "@40 $CB python3 benchmarks/afd_hlo_probe.py --no-role --cond --out \$OUT/micro_cmdbuf.json" \
+      "@110 $ATT --out \$OUT/attention16.json" \
+      "@110 $CB $ATT --out \$OUT/attention16_cmdbuf.json"
+    TEST_TIMEOUT=40 timeout -k 10 200 bash "$HERE/gpu_vision.sh" "$OUT_DIR/call4/vision"
+    echo "vision rc=$?"
+    ;;
+  *) echo "call must be 1, 2, 3 or 4, got $CALL" >&2; exit 2 ;;
 esac
