@@ -16,13 +16,14 @@
 #   role holds ~100 GB: needs_h200; its FFN row is also item 4's FFN-device shape: 16 of 48
 #   experts at 256 and 512 tokens), then the attention role on the transposed-V FP8 cache.
 # call 3 (issues 17 and 18): the serving curve (engine vs bare step) and the vision tower.
-# call 4 (issue 13, any Hopper): why the attention role runs at 23% of copy: the lax.cond /
-#   FP8-scatter micro-probes and a 16-layer attention role with a profiler breakdown (busy vs
-#   idle), under the default XLA flags and with conditionals/loops inside command buffers;
+# call 4 (issue 13, any Hopper): why the attention role runs at 23% of copy: the compiled
+#   8-layer role program's temp bytes and arena-sized ops, the lax.cond / FP8-scatter
+#   micro-probes, and a 16-layer attention role with a profiler breakdown (busy vs idle),
+#   under the default XLA flags and with conditionals/loops inside command buffers;
 #   then the vision benchmark (call 3's second half) with the time left.
 # Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
-if [ $# -lt 2 ]; then sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; fi
+if [ $# -lt 2 ]; then sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; fi
 CALL=$1 OUT_DIR=$2
 HERE=$(cd "$(dirname "$0")" && pwd)
 RUN="bash $HERE/gpu_run.sh"
@@ -52,11 +53,11 @@ case "$CALL" in
     CB="XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
     ATT="python3 benchmarks/bench_afd.py --role attention --layout 1A3F --layers 16 --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 5 --trace"
     $RUN -t 120 "$OUT_DIR/call4" \
-      '@60 python3 benchmarks/afd_hlo_probe.py --no-role --cond --scatter --out $OUT/micro.json' \
-      "@40 $CB python3 benchmarks/afd_hlo_probe.py --no-role --cond --out \$OUT/micro_cmdbuf.json" \
-      "@110 $ATT --out \$OUT/attention16.json" \
-      "@110 $CB $ATT --out \$OUT/attention16_cmdbuf.json"
-    TEST_TIMEOUT=40 timeout -k 10 200 bash "$HERE/gpu_vision.sh" "$OUT_DIR/call4/vision"
+      '@120 python3 benchmarks/afd_hlo_probe.py --role attention --layers 8 --cond --scatter --out $OUT/probe.json' \
+      "@105 $ATT --out \$OUT/attention16.json" \
+      "@105 $CB $ATT --out \$OUT/attention16_cmdbuf.json" \
+      "@40 $CB python3 benchmarks/afd_hlo_probe.py --no-role --cond --out \$OUT/micro_cmdbuf.json"
+    TEST_TIMEOUT=30 timeout -k 10 170 bash "$HERE/gpu_vision.sh" "$OUT_DIR/call4/vision"
     echo "vision rc=$?"
     ;;
   *) echo "call must be 1, 2, 3 or 4, got $CALL" >&2; exit 2 ;;
