@@ -23,7 +23,7 @@
 #   then the vision benchmark (call 3's second half) with the time left.
 # Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
-if [ $# -lt 2 ]; then sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; fi
+if [ $# -lt 2 ]; then sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; fi
 CALL=$1 OUT_DIR=$2
 HERE=$(cd "$(dirname "$0")" && pwd)
 RUN="bash $HERE/gpu_run.sh"
