@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from step3_jax.cache import V_TILE, v_tiles_shape
+from step3_jax.cache import V_TILE, check_v_transposed, v_tiles_shape
 from step3_jax.sharding import layer_state
 from step3_jax.sharding.layer_state import ParamSpec
 
@@ -271,10 +271,9 @@ class ArenaDtypes:
     v_transposed: bool = False
 
     def __post_init__(self):
-        if self.v_transposed and self.cache != "float8_e4m3fn":
-            raise ValueError(
-                f"ArenaDtypes: v_transposed=True needs cache='float8_e4m3fn', got {self.cache!r}"
-            )
+        check_v_transposed(
+            self.v_transposed, self.cache == "float8_e4m3fn", f"ArenaDtypes(cache={self.cache!r})"
+        )
 
     @property
     def fp8_weights(self) -> bool:

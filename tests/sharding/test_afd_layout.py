@@ -203,5 +203,7 @@ def test_transposed_v_arena_cache_matches_token_major():
     assert np.abs(caches[False]).sum() > 0
     for got, want in zip(outs[True], outs[False], strict=True):
         np.testing.assert_allclose(got, want, rtol=2.0**-8, atol=2.0**-8 * np.abs(want).max())
-    with pytest.raises(ValueError, match="v_transposed=True needs cache='float8_e4m3fn'"):
+    with pytest.raises(
+        ValueError, match=r"ArenaDtypes\(cache='bfloat16'\): v_transposed=True needs an FP8"
+    ):
         ArenaDtypes(v_transposed=True)
