@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open issues still wait for, as four device calls of <= ~9.5 min
+# Every GPU measurement the open issues still wait for, as device calls of <= ~9.5 min
 # each (a session has ~30 min of device time, start-up included). Run them in this order; each
 # call is self-contained (installs the tree, writes JSON + logs under OUT_DIR/callN).
 #
@@ -7,6 +7,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 2 $OUT  # H200 only
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 3 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 4 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 5 $OUT  # any Hopper
 #
 # call 1 (issue 16): the kernel GPU suites (incl. the FP8 P.V class, never run yet), the FP8
 #   P.V kernel against the tuned FP8 kernel and XLA on full and ragged batches, and the
@@ -21,6 +22,8 @@
 #   micro-probes, and a 16-layer attention role with a profiler breakdown (busy vs idle),
 #   under the default XLA flags and with conditionals/loops inside command buffers;
 #   then the vision benchmark (call 3's second half) with the time left.
+# call 5 (issues 13 and 17, any Hopper): the FFN role on 24 layers (1 dense + 23 MoE: ~40 GB,
+#   fits an H100; per-layer times are what the simulator reads), then the serving curve.
 # Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
 if [ $# -lt 2 ]; then sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; fi
@@ -60,5 +63,13 @@ case "$CALL" in
     TEST_TIMEOUT=30 timeout -k 10 170 bash "$HERE/gpu_vision.sh" "$OUT_DIR/call4/vision"
     echo "vision rc=$?"
     ;;
-  *) echo "call must be 1, 2, 3 or 4, got $CALL" >&2; exit 2 ;;
+  5)
+    $RUN -t 250 "$OUT_DIR/call5" \
+      '@250 python3 benchmarks/bench_afd.py --role ffn --layout 1A3F --layers 24 --runs 1x256,1x512 --cache float8_e4m3fn --weights float8_e4m3fn --reps 5 --trace --out $OUT/afd_ffn24.json'
+    mkdir -p "$OUT_DIR/call5"
+    RATES=${RATES:-2,8,16} DURATION=${DURATION:-20} timeout -k 10 290 \
+      bash "$HERE/gpu_serving.sh" "$OUT_DIR/call5/serving" > "$OUT_DIR/call5/serving.txt" 2>&1
+    echo "serving rc=$?"; tail -5 "$OUT_DIR/call5/serving.txt" | cut -c1-400
+    ;;
+  *) echo "call must be 1 to 5, got $CALL" >&2; exit 2 ;;
 esac
