@@ -20,8 +20,8 @@
 # call 4 (issue 13, any Hopper): why the attention role runs at 23% of copy: the compiled
 #   8-layer role program's temp bytes and arena-sized ops, the lax.cond / FP8-scatter
 #   micro-probes, and a 16-layer attention role with a profiler breakdown (busy vs idle),
-#   under the default XLA flags and with conditionals/loops inside command buffers;
-#   then the vision benchmark (call 3's second half) with the time left.
+#   under the default XLA flags and with conditionals/loops inside command buffers; the FFN
+#   role on 24 layers at 256 tokens; then the vision benchmark with the time left.
 # call 5 (issues 13 and 17, any Hopper): the FFN role on 24 layers (1 dense + 23 MoE: ~40 GB,
 #   fits an H100; per-layer times are what the simulator reads), then the serving curve.
 # Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
@@ -54,13 +54,13 @@ case "$CALL" in
     ;;
   4)
     CB="XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
-    ATT="python3 benchmarks/bench_afd.py --role attention --layout 1A3F --layers 16 --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 5 --trace"
+    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 5 --trace"
     $RUN -t 120 "$OUT_DIR/call4" \
-      '@120 python3 benchmarks/afd_hlo_probe.py --role attention --layers 8 --cond --scatter --out $OUT/probe.json' \
-      "@105 $ATT --out \$OUT/attention16.json" \
-      "@105 $CB $ATT --out \$OUT/attention16_cmdbuf.json" \
-      "@40 $CB python3 benchmarks/afd_hlo_probe.py --no-role --cond --out \$OUT/micro_cmdbuf.json"
-    TEST_TIMEOUT=30 timeout -k 10 170 bash "$HERE/gpu_vision.sh" "$OUT_DIR/call4/vision"
+      '@100 python3 benchmarks/afd_hlo_probe.py --role attention --layers 8 --cond --scatter --out $OUT/probe.json' \
+      "@95 $ROLE --role attention --layers 16 --out \$OUT/attention16.json" \
+      "@95 $CB $ROLE --role attention --layers 16 --out \$OUT/attention16_cmdbuf.json" \
+      "@110 $ROLE --role ffn --layers 24 --out \$OUT/ffn24.json"
+    TEST_TIMEOUT=15 timeout -k 5 150 bash "$HERE/gpu_vision.sh" "$OUT_DIR/call4/vision"
     echo "vision rc=$?"
     ;;
   5)
