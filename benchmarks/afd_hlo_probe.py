@@ -51,7 +51,7 @@ def _plain_set(buf, index, values, mode=None):
 def role_report(args) -> dict:
     cfg = bench_config(args.layers, args.tiny, args.full)
     layout = AfdLayout.parse(args.layout, 1 if args.tiny else None)
-    policy = KernelPolicy(attention="xla", gemm="xla", moe="xla") if args.tiny else None
+    policy = KernelPolicy(attention="xla", gemm="xla", moe="xla") if args.tiny else KernelPolicy()
     afd = AfdConfig(args.microbatch, 1, args.context, fp8_transfer=True, policy=policy)
     dtypes = ArenaDtypes(weight=args.weights, cache=args.cache, v_transposed=args.v_transposed)
     ex = AfdExecutor(cfg, layout, [jax.devices()[0]], afd, dtypes=dtypes, role=args.role)

@@ -202,6 +202,7 @@ def run_role(args, cfg, layout, device, role: str, num_mb: int, microbatch: int)
     out["us_per_layer_item"] = out["time_us"] / (cfg.num_layers * num_mb)
     if args.trace:  # where the step's time goes: kernels, and the device idle between them
         out["trace"] = harness.trace_breakdown(lambda: ex.step(tokens, pos, sel), warmup=0)
+        out["cupti_kernels"] = harness.kernel_summary(lambda: ex.step(tokens, pos, sel))
     ex.arenas = None
     return out
 

@@ -84,8 +84,9 @@ class Timing:
     time_us: float  # device time (timer == "cupti") or host_loop_us
     host_us: float  # median of blocked calls
     host_loop_us: float  # back-to-back calls, one sync, per call
-    timer: str  # "cupti" | "host_loop"
+    timer: str  # "cupti" | "host_loop" | "host_loop_cupti_partial"
     calls: int  # timed calls per kind
+    cupti_us: float | None = None  # the CUPTI median, also when it was not used
 
 
 def _cupti_ext():
@@ -167,10 +168,11 @@ def time_calls(
     sync(out)
     loop_us = (time.perf_counter() - t0) * 1e6 / n
     del out
-    if dev and not cupti_missed_kernels(statistics.median(dev), loop_us):
-        return Timing(statistics.median(dev), statistics.median(blocked), loop_us, "cupti", n)
+    cupti = statistics.median(dev) if dev else None
+    if cupti is not None and not cupti_missed_kernels(cupti, loop_us):
+        return Timing(cupti, statistics.median(blocked), loop_us, "cupti", n, cupti)
     timer = "host_loop_cupti_partial" if dev else "host_loop"
-    return Timing(loop_us, statistics.median(blocked), loop_us, timer, n)
+    return Timing(loop_us, statistics.median(blocked), loop_us, timer, n, cupti)
 
 
 # A single compiled program's calls enqueue back to back, so the host loop exceeds the device
@@ -222,14 +224,16 @@ def trace_breakdown(fn: Callable, args: tuple = (), *, warmup: int = 1, top: int
             jax.block_until_ready(fn(*args))
         paths = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".pb")]
         planes = ProfileData.from_file(paths[0]).planes if paths else []
-        spans, totals = [], {}
+        spans, totals, lines = [], {}, {}
         for plane in planes:
             if not plane.name.startswith("/device:GPU"):
                 continue
             for line in plane.lines:
+                events = list(line.events)
+                lines[line.name] = len(events)
                 if not line.name.startswith("Stream"):
-                    continue
-                for ev in line.events:
+                    continue  # e.g. the per-op/per-module summary lines repeat the kernels
+                for ev in events:
                     spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
                     t, c = totals.get(ev.name, (0.0, 0))
                     totals[ev.name] = (t + ev.duration_ns / 1e3, c + 1)
@@ -246,7 +250,27 @@ def trace_breakdown(fn: Callable, args: tuple = (), *, warmup: int = 1, top: int
         "span_us": (max(b for _, b in spans) - spans[0][0]) / 1e3,
         "busy_us": busy / 1e3,
         "events": len(spans),
+        "lines": lines,
         "top": [(name, round(t, 2), c) for name, (t, c) in ranked],
+    }
+
+
+def kernel_summary(fn: Callable, args: tuple = (), *, top: int = 15) -> dict:
+    """:func:`kernel_times` of one call aggregated by kernel name: ``{"total_us", "kernels",
+    "top": [(name, total_us, count)]}`` ({} off GPU)."""
+    times = kernel_times(fn, args, warmup=0)
+    if not times:
+        return {}
+    agg: dict[str, list] = {}
+    for name, us in times:
+        agg.setdefault(name, [0.0, 0])
+        agg[name][0] += us
+        agg[name][1] += 1
+    ranked = sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "total_us": round(sum(us for _, us in times), 2),
+        "kernels": len(times),
+        "top": [(name[:120], round(t, 2), c) for name, (t, c) in ranked],
     }
 
 
@@ -366,6 +390,7 @@ class Row:
             "host_us": round(t.host_us, 3),
             "host_loop_us": round(t.host_loop_us, 3),
             "timer": t.timer,
+            "cupti_us": None if t.cupti_us is None else round(t.cupti_us, 3),
             "bytes": int(self.bytes),
             "flops": int(self.flops),
             "GBps": round(self.GBps, 2),
