@@ -17,14 +17,15 @@
 #   role holds ~100 GB: needs_h200; its FFN row is also item 4's FFN-device shape: 16 of 48
 #   experts at 256 and 512 tokens), then the attention role on the transposed-V FP8 cache.
 # call 3 (issues 17 and 18): the serving curve (engine vs bare step) and the vision tower.
-# call 4 (issue 13, any Hopper): why the attention role runs at 23% of copy: the compiled
-#   8-layer role program's temp bytes and arena-sized ops, the lax.cond / FP8-scatter
-#   micro-probes, and a 16-layer attention role with a profiler breakdown (busy vs idle),
-#   under the default XLA flags and with conditionals/loops inside command buffers; the FFN
-#   role on 24 layers at 256 tokens; then the vision benchmark with the time left.
+# call 4 (issues 13 and 18, any Hopper): why the attention role runs at 23% of copy: the
+#   compiled 8-layer role program's temp bytes and arena-sized ops, the lax.cond / FP8-scatter
+#   micro-probes, the 16-layer attention role with the CUPTI kernel list and the profiler's
+#   device lines (`--trace`); then the vision tower at 728 x 728 (JAX bf16 + torch twin + FP8;
+#   FP8 through XLA).
 # call 5 (issues 13 and 17, any Hopper): the FFN role on 24 layers (1 dense + 23 MoE: ~40 GB,
 #   fits an H100; per-layer times are what the simulator reads), then the serving curve.
-# Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
+# Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
+# call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
 if [ $# -lt 2 ]; then sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; fi
 CALL=$1 OUT_DIR=$2
@@ -53,15 +54,12 @@ case "$CALL" in
     echo "vision rc=$?"
     ;;
   4)
-    CB="XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
-    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 5 --trace"
+    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 3 --trace"
     $RUN -t 120 "$OUT_DIR/call4" \
-      '@100 python3 benchmarks/afd_hlo_probe.py --role attention --layers 8 --cond --scatter --out $OUT/probe.json' \
-      "@95 $ROLE --role attention --layers 16 --out \$OUT/attention16.json" \
-      "@95 $CB $ROLE --role attention --layers 16 --out \$OUT/attention16_cmdbuf.json" \
-      "@110 $ROLE --role ffn --layers 24 --out \$OUT/ffn24.json"
-    TEST_TIMEOUT=15 timeout -k 5 150 bash "$HERE/gpu_vision.sh" "$OUT_DIR/call4/vision"
-    echo "vision rc=$?"
+      '@75 python3 benchmarks/afd_hlo_probe.py --role attention --layers 8 --cond --scatter --scatter-bytes 268435456 --out $OUT/probe.json' \
+      "@65 $ROLE --role attention --layers 16 --out \$OUT/attention16.json" \
+      '@110 python3 benchmarks/bench_vision.py --iters 10 --size 728 --fp8-gemm auto --out $OUT/vision_728.json' \
+      '@100 python3 benchmarks/bench_vision.py --iters 10 --size 728 --fp8-gemm xla --no-torch --out $OUT/vision_728_xla_fp8.json'
     ;;
   5)
     $RUN -t 250 "$OUT_DIR/call5" \
@@ -73,3 +71,7 @@ case "$CALL" in
     ;;
   *) echo "call must be 1 to 5, got $CALL" >&2; exit 2 ;;
 esac
+if [ -d "$OUT_DIR/call$CALL" ]; then
+  tar czf "$OUT_DIR/call$CALL.tgz" -C "$OUT_DIR" "call$CALL" && rm -rf "$OUT_DIR/call$CALL" \
+    && echo "archived to $OUT_DIR/call$CALL.tgz"
+fi

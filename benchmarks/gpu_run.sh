@@ -17,7 +17,8 @@
 #     'python3 benchmarks/bench_moe.py --out $OUT/moe.json --shards 16 --tokens 256,512'
 #
 # Env: GIT_COMMIT (recorded in the JSONs: the GPU copy of the tree has no .git), PYTHON
-# (python3), SKIP_INSTALL=1 (no pip step: a CPU dry run from a venv).
+# (python3), SKIP_INSTALL=1 (no pip step: a CPU dry run from a venv), ARCHIVE=1 (at the end,
+# OUT_DIR becomes one OUT_DIR.tgz: the device tool returns only a few files per call).
 set -u
 usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 BUDGET=300
@@ -55,3 +56,7 @@ for CMD in "$@"; do
   if [ "$rc" -ne 0 ]; then grep -vE '^\{|^[WI][0-9]{4}' "$OUT_DIR/$NN.log" | tail -n 5 | sed 's/^/    /'; fi
 done
 echo "all done in $(( $(date +%s) - START ))s; files under $OUT_DIR"
+if [ "${ARCHIVE:-0}" = 1 ]; then
+  tar czf "$OUT_DIR.tgz" -C "$(dirname "$OUT_DIR")" "$(basename "$OUT_DIR")" && rm -rf "$OUT_DIR" \
+    && echo "archived to $OUT_DIR.tgz"
+fi
