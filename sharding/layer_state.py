@@ -49,6 +49,21 @@ def _path(p) -> str:
     return ".".join(str(k) for k in p)
 
 
+SPLIT_ALIGN = 128  # the FP8 GEMM kernel's N/K granule
+
+
+def split_width(n: int, ways: int) -> int:
+    """Width of each of ``ways`` zero-padded slices of a dimension ``n`` split over the FFN
+    devices: ``ceil(n / ways)``, rounded up to a multiple of 128 when ``n`` is one and the
+    slice is at least 128 wide (so a slice of a real model's dimension stays a shape the Pallas
+    FP8 GEMM takes: Step-3's 5120-wide shared expert over 3 devices is 1792, not 1707, which
+    fell back to XLA; a tiny model's narrow slices are not inflated)."""
+    width = -(-n // ways)
+    if n % SPLIT_ALIGN == 0 and width >= SPLIT_ALIGN:
+        width = -(-width // SPLIT_ALIGN) * SPLIT_ALIGN
+    return width
+
+
 def local_config(config, layout):
     """The config of one FFN device's slice (see the module docstring)."""
     y = layout.num_ffn
@@ -56,8 +71,8 @@ def local_config(config, layout):
         config,
         num_experts=config.num_experts // layout.ffn_ep,
         moe_intermediate_size=config.moe_intermediate_size // layout.ffn_tp,
-        share_expert_dim=-(-config.share_expert_dim // y) if config.share_expert_dim else 0,
-        intermediate_size=-(-config.intermediate_size // y),
+        share_expert_dim=split_width(config.share_expert_dim, y) if config.share_expert_dim else 0,
+        intermediate_size=split_width(config.intermediate_size, y),
     )
 
 
@@ -125,13 +140,11 @@ def fp8_value(spec: ParamSpec, values, scales) -> Fp8Weight:
 
 
 # ------------------------------------------------------------------- one device's share
-def _tp_slice(w: np.ndarray, axis: int, index: int, ways: int) -> np.ndarray:
-    """Slice ``index`` of ``ways`` along ``axis``, zero-padded to equal widths (exact: a zero
-    gate/up row or down column adds exactly 0 to the SwiGLU output)."""
-    n = w.shape[axis]
-    width = -(-n // ways)
+def _tp_slice(w: np.ndarray, axis: int, index: int, width: int) -> np.ndarray:
+    """Slice ``index`` of width ``width`` along ``axis``, zero-padded past the end (exact: a
+    zero gate/up row or down column adds exactly 0 to the SwiGLU output)."""
     pad = [(0, 0)] * w.ndim
-    pad[axis] = (0, width * ways - n)
+    pad[axis] = (0, max(0, width * (index + 1) - w.shape[axis]))
     w = np.pad(w, pad)
     return np.take(w, np.arange(index * width, (index + 1) * width), axis=axis)
 
@@ -177,11 +190,12 @@ def ffn_values(layer: DecoderLayer, layout, j: int) -> dict[str, np.ndarray]:
         if layer.is_moe and path in EXPERT_PATHS:
             e_local = w.shape[0] // layout.ffn_ep
             w = w[ep * e_local : (ep + 1) * e_local]  # gate/up [E, F, D], down [E, D, F]
-            w = _tp_slice(w, 2 if path == "ffn.down_proj" else 1, tp, layout.ffn_tp)
+            axis = 2 if path == "ffn.down_proj" else 1
+            w = _tp_slice(w, axis, tp, w.shape[axis] // layout.ffn_tp)  # divides (check_config)
         elif path.endswith("down_proj"):  # shared / dense down [D, F]
-            w = _tp_slice(w, 1, j, y)
+            w = _tp_slice(w, 1, j, split_width(w.shape[1], y))
         else:  # shared / dense gate, up [F, D]
-            w = _tp_slice(w, 0, j, y)
+            w = _tp_slice(w, 0, j, split_width(w.shape[0], y))
         out[path] = w
     return out
 
@@ -197,5 +211,6 @@ __all__ = [
     "local_config",
     "merge_layer",
     "role_params",
+    "split_width",
     "template",
 ]

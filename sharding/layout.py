@@ -39,9 +39,11 @@ program rebuilds each layer as the NNX `DecoderLayer` it is and runs its methods
   ``l*M + m`` is micro-batch m of layer l) plus, for an FP8 cache, ``cache_k_scale,
   cache_v_scale [Bm,S]`` float32.
 * FFN role: per MoE layer ``moe/ffn.gate_proj, moe/ffn.up_proj [E/ep, F/tp, D]``,
-  ``moe/ffn.down_proj [E/ep, D, F/tp]``, ``moe/ffn.shared_expert.* `` (``ceil(Fs/y)`` wide);
-  per dense layer ``dense/ffn.gate_proj, dense/ffn.up_proj [ceil(Fd/y), D]``,
-  ``dense/ffn.down_proj [D, ceil(Fd/y)]``.
+  ``moe/ffn.down_proj [E/ep, D, F/tp]``, ``moe/ffn.shared_expert.* `` (``w(Fs)`` wide);
+  per dense layer ``dense/ffn.gate_proj, dense/ffn.up_proj [w(Fd), D]``,
+  ``dense/ffn.down_proj [D, w(Fd)]``, where ``w(F) = ceil(F/y)``, rounded up to a multiple of
+  128 when F is one and w(F) >= 128 (`layer_state.split_width`: zero-padded, so the FP8 GEMM
+  takes the slice).
 
 Each arena is a ``[rows, ALIGN]`` array; each region starts on a row and item i of a region
 sits at element ``offset + i * stride`` (``stride`` = the item size rounded up to a row).
@@ -346,13 +348,14 @@ def attention_specs(config, dt: ArenaDtypes, microbatch: int, num_mb: int, max_l
 
 
 def ffn_local_dims(config, layout: AfdLayout) -> dict[str, int]:
-    """Per-FFN-device widths: experts, routed F, shared F and dense F (padded to split)."""
-    y = layout.num_ffn
+    """Per-FFN-device widths: experts, routed F, shared F and dense F (padded to split,
+    `layer_state.split_width`)."""
+    local = layer_state.local_config(config, layout)
     return dict(
-        experts=config.num_experts // layout.ffn_ep,
-        moe_f=config.moe_intermediate_size // layout.ffn_tp,
-        shared_f=-(-config.share_expert_dim // y) if config.share_expert_dim else 0,
-        dense_f=-(-config.intermediate_size // y),
+        experts=local.num_experts,
+        moe_f=local.moe_intermediate_size,
+        shared_f=local.share_expert_dim,
+        dense_f=local.intermediate_size,
     )
 
 
