@@ -39,7 +39,9 @@ from step3_jax.policy import KernelPolicy  # noqa: E402
 from step3_jax.sharding.afd import AfdConfig, AfdExecutor  # noqa: E402
 from step3_jax.sharding.layout import ALIGN, AfdLayout, ArenaDtypes  # noqa: E402
 
-_HLO_DTYPE = {"float8_e4m3fn": "f8e4m3fn", "bfloat16": "bf16", "float32": "f32", "uint8": "u8"}
+_HLO_DTYPE = {"float8_e4m3fn": "f8e4m3fn", "bfloat16": "bf16", "float32": "f32", "uint8": "u8",
+              "float16": "f16", "int32": "s32"}  # fmt: skip
+_HLO_ITEMSIZE = {hlo: np.dtype(name).itemsize for name, hlo in _HLO_DTYPE.items()}
 _OP = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+)\[([0-9,]*)\]\{?[^ ]* ([\w-]+)\(")
 
 
@@ -57,12 +59,10 @@ def role_report(args) -> dict:
     ex = AfdExecutor(cfg, layout, [jax.devices()[0]], afd, dtypes=dtypes, role=args.role)
     zeros = [np.zeros(s, np.int32) for s in ((ex.batch, 1), (ex.batch, 1), (ex.batch,))]
     feed = [ex._per_device(a) for a in zeros]
-    arenas = {
+    arenas = {  # abstract: compiling needs no device memory
         k: jax.ShapeDtypeStruct((n // ALIGN, ALIGN), jnp.dtype(k), sharding=ex.sharding)
         for k, n in ex.arena.sizes.items()
     }
-    if jax.tree.leaves(ex.arenas or {}):
-        arenas = ex.arenas
     t0 = time.perf_counter()
     compiled = ex._program.lower(arenas, *feed).compile()
     compile_s = time.perf_counter() - t0
@@ -80,7 +80,7 @@ def role_report(args) -> dict:
             continue
         dtype, dims, op = m.group(2), m.group(3), m.group(4)
         size = int(np.prod([int(d) for d in dims.split(",")]))
-        itemsize = {"f8e4m3fn": 1, "u8": 1, "bf16": 2, "f16": 2, "f32": 4, "s32": 4}.get(dtype, 4)
+        itemsize = _HLO_ITEMSIZE.get(dtype, 4)
         if size * itemsize >= big and op not in ("parameter", "get-tuple-element", "bitcast"):
             ops[f"{op} {dtype}[{dims}]"] += 1
     return {

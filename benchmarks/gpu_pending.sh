@@ -30,7 +30,9 @@ set -u
 if [ $# -lt 2 ]; then sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; fi
 CALL=$1 OUT_DIR=$2
 HERE=$(cd "$(dirname "$0")" && pwd)
+export ARCHIVE=1  # each call ends as one OUT_DIR/callN.tgz
 RUN="bash $HERE/gpu_run.sh"
+SERVING="@290 RATES=\${RATES:-2,8,16} DURATION=\${DURATION:-20} bash benchmarks/gpu_serving.sh \$OUT"
 MFA="python3 benchmarks/bench_mfa_decode.py --out \$OUT --variants ''"
 case "$CALL" in
   1)
@@ -46,12 +48,8 @@ case "$CALL" in
       '@150 python3 benchmarks/bench_afd.py --role attention --layout 1A3F --full --runs 1x256,1x512 --cache float8_e4m3fn --weights float8_e4m3fn --v-transposed --reps 5 --out $OUT/afd_attention_1a3f_vT.json'
     ;;
   3)
-    mkdir -p "$OUT_DIR/call3"
-    RATES=${RATES:-2,8,16} DURATION=${DURATION:-20} timeout -k 10 290 \
-      bash "$HERE/gpu_serving.sh" "$OUT_DIR/call3/serving" > "$OUT_DIR/call3/serving.txt" 2>&1
-    echo "serving rc=$?"; tail -5 "$OUT_DIR/call3/serving.txt" | cut -c1-400
-    TEST_TIMEOUT=${TEST_TIMEOUT:-60} timeout -k 10 270 bash "$HERE/gpu_vision.sh" "$OUT_DIR/call3/vision"
-    echo "vision rc=$?"
+    $RUN -t 290 "$OUT_DIR/call3" "$SERVING" \
+      "@270 TEST_TIMEOUT=\${TEST_TIMEOUT:-60} bash benchmarks/gpu_vision.sh \$OUT"
     ;;
   4)
     ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 3 --trace"
@@ -63,15 +61,8 @@ case "$CALL" in
     ;;
   5)
     $RUN -t 250 "$OUT_DIR/call5" \
-      '@250 python3 benchmarks/bench_afd.py --role ffn --layout 1A3F --layers 24 --runs 1x256,1x512 --cache float8_e4m3fn --weights float8_e4m3fn --reps 5 --trace --out $OUT/afd_ffn24.json'
-    mkdir -p "$OUT_DIR/call5"
-    RATES=${RATES:-2,8,16} DURATION=${DURATION:-20} timeout -k 10 290 \
-      bash "$HERE/gpu_serving.sh" "$OUT_DIR/call5/serving" > "$OUT_DIR/call5/serving.txt" 2>&1
-    echo "serving rc=$?"; tail -5 "$OUT_DIR/call5/serving.txt" | cut -c1-400
+      '@250 python3 benchmarks/bench_afd.py --role ffn --layout 1A3F --layers 24 --runs 1x256,1x512 --cache float8_e4m3fn --weights float8_e4m3fn --reps 5 --trace --out $OUT/afd_ffn24.json' \
+      "$SERVING"
     ;;
   *) echo "call must be 1 to 5, got $CALL" >&2; exit 2 ;;
 esac
-if [ -d "$OUT_DIR/call$CALL" ]; then
-  tar czf "$OUT_DIR/call$CALL.tgz" -C "$OUT_DIR" "call$CALL" && rm -rf "$OUT_DIR/call$CALL" \
-    && echo "archived to $OUT_DIR/call$CALL.tgz"
-fi

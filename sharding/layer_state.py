@@ -71,7 +71,7 @@ def local_config(config, layout):
         config,
         num_experts=config.num_experts // layout.ffn_ep,
         moe_intermediate_size=config.moe_intermediate_size // layout.ffn_tp,
-        share_expert_dim=split_width(config.share_expert_dim, y) if config.share_expert_dim else 0,
+        share_expert_dim=split_width(config.share_expert_dim, y),  # 0 (none) stays 0
         intermediate_size=split_width(config.intermediate_size, y),
     )
 
