@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from benchmarks.bench_afd import bench_config  # noqa: E402
+from benchmarks.bench_afd import QKV_HELP, QKV_ORDERS, bench_config, set_qkv_order  # noqa: E402
 from step3_jax import quant  # noqa: E402
 from step3_jax.policy import KernelPolicy  # noqa: E402
 from step3_jax.sharding.afd import AfdConfig, AfdExecutor  # noqa: E402
@@ -54,9 +54,9 @@ def role_report(args) -> dict:
     cfg = bench_config(args.layers, args.tiny, args.full)
     layout = AfdLayout.parse(args.layout, 1 if args.tiny else None)
     policy = KernelPolicy(attention="xla", gemm="xla", moe="xla") if args.tiny else KernelPolicy()
-    afd = AfdConfig(args.microbatch, 1, args.context, fp8_transfer=True, policy=policy)
+    cfg_afd = AfdConfig(args.microbatch, 1, args.context, fp8_transfer=True, policy=policy)
     dtypes = ArenaDtypes(weight=args.weights, cache=args.cache, v_transposed=args.v_transposed)
-    ex = AfdExecutor(cfg, layout, [jax.devices()[0]], afd, dtypes=dtypes, role=args.role)
+    ex = AfdExecutor(cfg, layout, [jax.devices()[0]], cfg_afd, dtypes=dtypes, role=args.role)
     zeros = [np.zeros(s, np.int32) for s in ((ex.batch, 1), (ex.batch, 1), (ex.batch,))]
     feed = [ex._per_device(a) for a in zeros]
     arenas = {  # abstract: compiling needs no device memory
@@ -92,6 +92,7 @@ def role_report(args) -> dict:
         "weights": args.weights,
         "v_transposed": args.v_transposed,
         "fp8_set": args.fp8_set,
+        "qkv_order": args.qkv_order,
         "compile_s": compile_s,
         "arena_bytes": arena_bytes,
         "arena_hlo_shapes": {
@@ -191,6 +192,7 @@ def main(argv=None) -> dict:
     p.add_argument("--weights", default="float8_e4m3fn")
     p.add_argument("--v-transposed", action="store_true")
     p.add_argument("--fp8-set", default="bytes", choices=["bytes", "plain"])
+    p.add_argument("--qkv-order", default="cond", choices=QKV_ORDERS, help=QKV_HELP)
     p.add_argument("--scatter", action="store_true", help="add the scatter micro-probe")
     p.add_argument("--scatter-bytes", type=int, default=2**30)
     p.add_argument("--cond", action="store_true", help="add the lax.cond-per-tick micro-probe")
@@ -199,6 +201,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.fp8_set == "plain":
         quant.set_at = _plain_set
+    set_qkv_order(args.qkv_order)
     result = {**harness.environment(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if not args.no_role:
         result["role_program"] = role_report(args)

@@ -45,9 +45,35 @@ from benchmarks import harness  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
 from step3_jax.cost import simulator  # noqa: E402
 from step3_jax.policy import KernelPolicy  # noqa: E402
+from step3_jax.sharding import afd as afd_module  # noqa: E402
 from step3_jax.sharding.afd import AfdConfig, AfdExecutor  # noqa: E402
 from step3_jax.sharding.baseline import BaselineExecutor  # noqa: E402
 from step3_jax.sharding.layout import AfdLayout, ArenaDtypes  # noqa: E402
+
+QKV_ORDERS = ("cond", "barrier", "none")
+QKV_HELP = (
+    "how the reads of the arena for q/k/v are ordered before the in-place KV write: cond (the "
+    "product's `afd._qkv_before_write`), barrier (an optimization barrier), none (experiments)"
+)
+
+
+def _barrier_qkv(active, qkv, zeros):
+    del active, zeros
+    return jax.lax.optimization_barrier(qkv())
+
+
+def _unordered_qkv(active, qkv, zeros):
+    del active, zeros
+    return qkv()
+
+
+def set_qkv_order(name: str) -> None:
+    """Swaps `afd._qkv_before_write` for an experiment (``--qkv-order``; "cond" restores)."""
+    orders = dict(zip(QKV_ORDERS, (_PRODUCT_QKV, _barrier_qkv, _unordered_qkv), strict=True))
+    afd_module._qkv_before_write = orders[name]
+
+
+_PRODUCT_QKV = afd_module._qkv_before_write
 
 
 def bench_config(layers: int, tiny: bool = False, full: bool = False) -> Step3Config:
@@ -202,7 +228,6 @@ def run_role(args, cfg, layout, device, role: str, num_mb: int, microbatch: int)
     out["us_per_layer_item"] = out["time_us"] / (cfg.num_layers * num_mb)
     if args.trace:  # where the step's time goes: kernels, and the device idle between them
         out["trace"] = harness.trace_breakdown(lambda: ex.step(tokens, pos, sel), warmup=0)
-        out["cupti_kernels"] = harness.kernel_summary(lambda: ex.step(tokens, pos, sel))
     ex.arenas = None
     return out
 
@@ -347,12 +372,14 @@ def main(argv=None) -> dict:
         help="--role both: exchange time per layer for the simulator's prediction",
     )
     p.add_argument("--experts-copied", action="store_true", help="control: slice experts")
+    p.add_argument("--qkv-order", default="cond", choices=QKV_ORDERS, help=QKV_HELP)
     p.add_argument(
         "--runs", default="", help="'MxBm,...' (micro-batches x sequences each); overrides "
         "--micro-batches/--microbatch"
     )  # fmt: skip
     p.add_argument("--stage-runs", type=int, default=99, help="stage breakdown for the first N")
     args = p.parse_args(argv)
+    set_qkv_order(args.qkv_order)
     layout = AfdLayout.parse(args.layout, ffn_ep=args.ffn_ep)
     devices = jax.devices()[: 1 if args.role else layout.num_devices]
     cfg = bench_config(args.layers, args.tiny, args.full)

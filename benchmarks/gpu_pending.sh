@@ -8,6 +8,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 3 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 4 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 5 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 6 $OUT  # any Hopper
 #
 # call 1 (issue 16): the kernel GPU suites (incl. the FP8 P.V class, never run yet), the FP8
 #   P.V kernel against the tuned FP8 kernel and XLA on full and ragged batches, and the
@@ -24,6 +25,12 @@
 #   FP8 through XLA).
 # call 5 (issues 13 and 17, any Hopper): the FFN role on 24 layers (1 dense + 23 MoE: ~40 GB,
 #   fits an H100; per-layer times are what the simulator reads), then the serving curve.
+# call 6 (issue 13, any Hopper): the role programs after the tick rework (one-role programs drop
+#   their idle ticks and run with no conditional but the q/k/v one; the FFN kind is static):
+#   attention role 16 layers (+ profiler trace), FFN role 24 layers (+ trace), then the
+#   compiled attention program's temp bytes with the q/k/v reads ordered by the conditional
+#   (product) or an optimization barrier, and with XLA's dynamic-slice fusion (weight views
+#   read in place by the custom calls?), and the attention role timed with each alternative.
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -64,5 +71,18 @@ case "$CALL" in
       '@250 python3 benchmarks/bench_afd.py --role ffn --layout 1A3F --layers 24 --runs 1x256,1x512 --cache float8_e4m3fn --weights float8_e4m3fn --reps 5 --trace --out $OUT/afd_ffn24.json' \
       "$SERVING"
     ;;
-  *) echo "call must be 1 to 5, got $CALL" >&2; exit 2 ;;
+  6)
+    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 3"
+    PROBE="python3 benchmarks/afd_hlo_probe.py --role attention --layers 8"
+    DSF="XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
+    $RUN -t 90 "$OUT_DIR/call6" \
+      "@70 $ROLE --role attention --layers 16 --trace --out \$OUT/attention16.json" \
+      "@120 $ROLE --role ffn --layers 24 --trace --out \$OUT/ffn24.json" \
+      "@40 $PROBE --out \$OUT/probe_cond.json" \
+      "@40 $PROBE --qkv-order barrier --out \$OUT/probe_barrier.json" \
+      "@40 $DSF $PROBE --out \$OUT/probe_dsf.json" \
+      "@60 $ROLE --role attention --layers 16 --qkv-order barrier --out \$OUT/attention16_barrier.json" \
+      "@60 $DSF $ROLE --role attention --layers 16 --out \$OUT/attention16_dsf.json"
+    ;;
+  *) echo "call must be 1 to 6, got $CALL" >&2; exit 2 ;;
 esac

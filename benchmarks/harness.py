@@ -255,25 +255,6 @@ def trace_breakdown(fn: Callable, args: tuple = (), *, warmup: int = 1, top: int
     }
 
 
-def kernel_summary(fn: Callable, args: tuple = (), *, top: int = 15) -> dict:
-    """:func:`kernel_times` of one call aggregated by kernel name: ``{"total_us", "kernels",
-    "top": [(name, total_us, count)]}`` ({} off GPU)."""
-    times = kernel_times(fn, args, warmup=0)
-    if not times:
-        return {}
-    agg: dict[str, list] = {}
-    for name, us in times:
-        agg.setdefault(name, [0.0, 0])
-        agg[name][0] += us
-        agg[name][1] += 1
-    ranked = sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]
-    return {
-        "total_us": round(sum(us for _, us in times), 2),
-        "kernels": len(times),
-        "top": [(name[:120], round(t, 2), c) for name, (t, c) in ranked],
-    }
-
-
 def num_sets(nbytes_per_set: int, rotate_bytes: int = ROTATE_BYTES) -> int:
     """Input sets to rotate so that their bytes exceed ``rotate_bytes`` (1 ..
     :data:`MAX_SETS`)."""

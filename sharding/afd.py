@@ -72,6 +72,16 @@ class AfdConfig:
             raise TypeError(f"AfdConfig.policy must be a KernelPolicy, got {self.policy!r}")
 
 
+def _qkv_before_write(active, qkv, zeros):
+    """``qkv()`` (q, k, v) if ``active`` else ``zeros``, as a conditional: the conditional's
+    outputs exist only once every read inside it is done, so the reads of the pre-write arena
+    (the q/k/v weights) are ordered before the in-place KV write that follows. Without that
+    order XLA copies the whole arena every tick (measured on XLA:CPU, where an
+    `lax.optimization_barrier` did not help). ``benchmarks/afd_hlo_probe.py --qkv-order``
+    swaps this for alternatives on a GPU."""
+    return lax.cond(active, qkv, lambda: zeros)
+
+
 def _stack(per_layer: list[dict]) -> dict[str, np.ndarray]:
     """``[{path: array}]`` over layers -> ``{path: [L, ...]}``."""
     return {k: np.stack([p[k] for p in per_layer]) for k in per_layer[0]} if per_layer else {}
@@ -249,7 +259,6 @@ class AfdExecutor:
     def _tables(self):
         """Static per-layer and per-round lookup tables (indexed by traced values)."""
         c, n_a = self.config, self.layout.num_attention
-        is_moe = np.array([c.is_moe_layer(i) for i in range(c.num_layers)])
         kind_index = np.zeros(c.num_layers, np.int32)
         for ids in (c.moe_layer_ids, c.dense_layer_ids):
             kind_index[list(ids)] = np.arange(len(ids))
@@ -260,7 +269,40 @@ class AfdExecutor:
         for r, pairs in enumerate(rounds):
             for a, f in pairs:
                 src[r, n_a + f] = dst[r, n_a + f] = a
-        return jnp.asarray(is_moe), jnp.asarray(kind_index), rounds, src, dst
+        return jnp.asarray(kind_index), rounds, src, dst
+
+    def _branch_names(self) -> tuple[str, ...]:
+        """The tick's branches: ``attention``, ``ffn_<kind>`` per FFN layer kind, ``idle``."""
+        return ("attention", *(f"ffn_{k}" for k in self.ffn_layers), "idle")
+
+    def _static_branch(self, row) -> str:
+        """What ``self.role``'s device does at schedule ``row`` (``idle`` if nothing)."""
+        a_ok, _, _, f_ok, f_l, _ = (int(v) for v in row)
+        if self.role == "attention" and a_ok and "attention" in self.stages:
+            return "attention"
+        if self.role == "ffn" and f_ok and "ffn" in self.stages:
+            return "ffn_" + ("moe" if self.config.is_moe_layer(f_l) else "dense")
+        return "idle"
+
+    def _segments(self) -> list[tuple[str | None, np.ndarray]]:
+        """The schedule as scans: ``[(branch, rows)]``. The full program is one scan whose
+        tick picks its branch with ONE `lax.switch` (branch None: chosen on device, from the
+        device's role and the row). A one-role program knows each tick's branch statically:
+        it drops its idle ticks (pipeline bubbles that only cost it a tick's overhead; with
+        M >= 2 the full program has none in steady state) and runs each run of same-branch
+        ticks as a scan with no conditional at all (XLA:GPU's conditional copies its
+        predicate to the host and waits: ~35-45 us per tick measured on H100)."""
+        if self.role is None:
+            return [(None, self.schedule)]
+        segments: list[tuple[str | None, list]] = []
+        for row in self.schedule:
+            name = self._static_branch(row)
+            if name == "idle":
+                continue
+            if not segments or segments[-1][0] != name:
+                segments.append((name, []))
+            segments[-1][1].append(row)
+        return [(name, np.array(rows, np.int32)) for name, rows in segments]
 
     def _attention_module(self, arenas, layer):
         """The attention-side `DecoderLayer` of ``layer`` (traced), parameters viewed in place."""
@@ -268,46 +310,42 @@ class AfdExecutor:
         return self._merged(self.att_layer, values)
 
     def _attention_rest(self, cache, x, q, pos, layer, is_moe):
-        """The layer's ``attention_out`` over the updated cache, then the A->F packet. The
-        attention role runs every layer as the MoE kind: a dense layer's (zero) routing is
-        masked by ``is_moe`` (traced) and ignored by the FFN side."""
+        """The layer's `DecoderLayer.attention_out` over the written cache, then the A->F
+        packet: ``(x_mid, packet)``. Its weights are read from the WRITTEN arena (one buffer
+        holds weights and cache: views of the pre-write arena would keep it alive across the
+        in-place scatter, and XLA would copy it). The attention role runs every layer as the
+        MoE kind: a dense layer's (zero) routing is masked by ``is_moe`` (traced) and ignored
+        by the FFN side."""
         c, a = self.config, self.afd
-        mod = self._attention_module(cache.arenas, layer)
         o = cache.attend(0, q, pos, a.policy.attention)
-        x_mid, h2, routing = mod.attention_out(x, o, a.policy)
+        x_mid, h2, routing = self._attention_module(cache.arenas, layer).attention_out(
+            x, o, a.policy
+        )
         if routing is None:  # a model without MoE layers
             b, t = h2.shape[:2]
             zeros = jnp.zeros((b, t, c.top_k), jnp.float32)
             routing = (zeros, zeros.astype(jnp.int32))
-        keep = jnp.asarray(is_moe)
-        routing = (jnp.where(keep, routing[0], 0.0), jnp.where(keep, routing[1], 0))
+        routing = (jnp.where(is_moe, routing[0], 0.0), jnp.where(is_moe, routing[1], 0))
         b, t, d = h2.shape
         routing = tuple(r.reshape(b * t, -1) for r in routing)
         packet = protocol.pack(h2.reshape(b * t, d), routing, c.top_k, a.fp8_transfer)
         return x_mid, packet
 
-    def _ffn_item(self, arenas, packet, is_moe, kind_index, first_expert):
-        """The layer's ``ffn_half`` on this FFN device's share (its experts in place)."""
+    def _ffn_item(self, arenas, packet, kind: str, kind_index, first_expert):
+        """The ``kind`` layer's ``ffn_half`` on this FFN device's share (its experts in
+        place)."""
         regs, policy = self.arena.ffn, self.afd.policy
         n_a, rows = packet.values.shape[:2]
         flat = jax.tree.map(lambda v: v.reshape(n_a * rows, *v.shape[2:]), packet)
         x = protocol.unpack(flat, self.act_dtype)
         in_place = policy.moe != "dense" and self.afd.experts_in_place
-
-        def run(kind: str):
-            role_layer = self.ffn_layers[kind]
-            values = arena_io.layer_values(
-                arenas, regs, role_layer[2], kind + "/", kind_index, in_place=in_place
-            )
-            mod = self._merged(role_layer, values)
-            routing = (flat.weights, flat.ids) if kind == "moe" else None
-            return mod.ffn_half(x, routing, policy, first_expert).astype(self.act_dtype)
-
-        kinds = tuple(self.ffn_layers)
-        if len(kinds) == 1:
-            out = run(kinds[0])
-        else:
-            out = lax.cond(is_moe, lambda: run("moe"), lambda: run("dense"))
+        role_layer = self.ffn_layers[kind]
+        values = arena_io.layer_values(
+            arenas, regs, role_layer[2], kind + "/", kind_index, in_place=in_place
+        )
+        mod = self._merged(role_layer, values)
+        routing = (flat.weights, flat.ids) if kind == "moe" else None
+        out = mod.ffn_half(x, routing, policy, first_expert).astype(self.act_dtype)
         return out.reshape(n_a, rows, -1)
 
     def _zero_packet(self, t: int, lead=()):
@@ -355,7 +393,8 @@ class AfdExecutor:
         c, a, lay = self.config, self.afd, self.layout
         m_count, bm = a.num_microbatches, a.microbatch
         _, bd, t = tokens.shape
-        is_moe_t, kind_t, rounds, src, dst = self._tables()
+        kind_t, rounds, src, dst = self._tables()
+        is_moe_t = jnp.asarray([c.is_moe_layer(i) for i in range(c.num_layers)])
         dev = lax.axis_index("afd")
         e_local = c.num_experts // lay.ffn_ep
         if self.role is None:
@@ -389,26 +428,33 @@ class AfdExecutor:
         )
         zero_packet = self._zero_packet(t)
         zero_result = jnp.zeros((lay.num_attention, bm * t, d), self.act_dtype)
+        names = self._branch_names()
+        zq = (
+            jnp.zeros((bm, t, c.num_heads, c.head_dim), self.act_dtype),
+            *[jnp.zeros((bm, t, c.head_dim), self.act_dtype)] * 2,
+        )
+        ffn_branch_t = jnp.asarray(  # layer -> its FFN branch (an FFN device's switch index)
+            [names.index("ffn_" + ("moe" if c.is_moe_layer(i) else "dense"))
+             for i in range(c.num_layers)]
+        )  # fmt: skip
 
-        def tick(carry, row):
+        def tick(carry, row, branch: str | None):
             arenas, x, x_mid, inbox = carry
             a_ok, a_l, a_m, f_ok, f_l, f_m = (row[i] for i in range(6))
-            act_a = is_attn & (a_ok > 0) & do_a
-            # The arena is only READ inside branches (closures) and written by one
-            # unconditional, masked scatter, so XLA updates it in place: no branch returns
-            # it, which would force an arena-sized copy.
-            zq = (
-                jnp.zeros((bm, t, c.num_heads, c.head_dim), self.act_dtype),
-                *[jnp.zeros((bm, t, c.head_dim), self.act_dtype)] * 2,
-            )
-
-            def qkv():
-                mod = self._attention_module(arenas, a_l)
-                return mod.attention_qkv(x[a_m], pos[a_m], a.policy)
-
+            # Traced even in a one-role program (a_ok > 0 on all its rows): a constant
+            # predicate would let XLA inline the q/k/v conditional and lose its ordering.
+            act_a = (a_ok > 0) & (branch == "attention" if branch else is_attn & do_a)
             cache = q = None
             if self.role != "ffn":  # an FFN-only program holds no attention regions
-                q, k, v = lax.cond(act_a, qkv, lambda: zq)
+                # The arena is written by ONE masked scatter outside every branch (inactive:
+                # indices out of range) and only read inside them: a branch returning it
+                # makes XLA copy it. q/k/v come out of a conditional, which also orders
+                # every read of the pre-write arena before the write (`_qkv_before_write`).
+                def qkv():
+                    mod = self._attention_module(arenas, a_l)
+                    return mod.attention_qkv(x[a_m], pos[a_m], a.policy)
+
+                q, k, v = _qkv_before_write(act_a, qkv, zq)
                 item = a_l * m_count + a_m
                 cache = arena_io.ArenaKVCache(
                     arenas, self.arena.attention, item, bm, act_a, self.dtypes.v_transposed
@@ -416,29 +462,26 @@ class AfdExecutor:
                 cache = cache.write(0, k, v, pos[a_m])
                 arenas = cache.arenas
 
-            def attn():
+            def attention():
                 xm, pk = self._attention_rest(cache, x[a_m], q, pos[a_m], a_l, is_moe_t[a_l])
                 return x_mid.at[a_m].set(xm), pk, zero_result
 
-            def ffn():
+            def ffn(kind):
                 pk = jax.tree.map(lambda v: v[f_m], inbox)
-                res = self._ffn_item(arenas, pk, is_moe_t[f_l], kind_t[f_l], first_expert)
+                res = self._ffn_item(arenas, pk, kind, kind_t[f_l], first_expert)
                 return x_mid, zero_packet, res
 
             def idle():
                 return x_mid, zero_packet, zero_result
 
-            branch = jnp.where(act_a, 0, jnp.where(~is_attn & (f_ok > 0) & do_f, 1, 2))
-            # A one-role program traces only its own branch (the other role's regions are not
-            # in its arena).
-            branches = (
-                (attn, ffn, idle)
-                if self.role is None
-                else (attn, idle, idle)
-                if self.role == "attention"
-                else (idle, ffn, idle)
-            )
-            x_mid, packet, result = lax.switch(branch, branches)
+            fns = {"attention": attention, "idle": idle}
+            fns |= {n: functools.partial(ffn, n[4:]) for n in names if n.startswith("ffn_")}
+            if branch is not None:  # a one-role program: known statically
+                x_mid, packet, result = fns[branch]()
+            else:  # the full program: one `lax.switch` on the device's role and the row
+                f_on = ~is_attn & (f_ok > 0) & do_f
+                index = jnp.where(act_a, 0, jnp.where(f_on, ffn_branch_t[f_l], len(names) - 1))
+                x_mid, packet, result = lax.switch(index, [fns[n] for n in names])
             if do_x:
                 got, total = self._exchange(packet, result, dev, rounds, src, dst)
                 if do_a:
@@ -452,7 +495,10 @@ class AfdExecutor:
             return (arenas, x, x_mid, inbox), None
 
         carry = (arenas, x, jnp.zeros_like(x), inbox)
-        (arenas, x, _, _), _ = lax.scan(tick, carry, jnp.asarray(self.schedule))
+        for branch, rows in self._segments():
+            step = functools.partial(tick, branch=branch)
+            carry, _ = lax.scan(step, carry, jnp.asarray(rows))
+        arenas, x = carry[:2]
 
         def head():
             xs = x[:m_count].reshape(bd, t, d)
@@ -462,8 +508,8 @@ class AfdExecutor:
             return head_logits(last, norm_w, head, c.rms_norm_eps)
 
         zeros = jnp.zeros((bd, c.vocab_size), jnp.float32)
-        if self.role == "ffn":
-            logits = zeros
+        if self.role is not None:
+            logits = head() if self.role == "attention" and do_a else zeros
         else:
             logits = lax.cond(is_attn & do_a, head, lambda: zeros)
         if self.stages != STAGES:  # stage timing: x must stay live on every device

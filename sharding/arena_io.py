@@ -4,7 +4,7 @@ Inside the compiled AFD step each device holds its arenas ``{dtype: [rows, ALIGN
 tensors are read as views (`view`: one dynamic slice of whole rows + reshape; XLA copies it
 when a custom call consumes it); *pooled* regions (routed experts, KV-cache pages) are handed
 to the kernels in place (`pool`: the whole arena as matrices + the item's first matrix); the KV
-cache is written by one masked scatter (`write_rows`).
+cache is written by one masked scatter per tensor (`write_rows`).
 """
 
 from __future__ import annotations
