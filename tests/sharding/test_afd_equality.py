@@ -306,3 +306,43 @@ def test_attention_reads_the_cache_in_place():
                 q, k, v, qpos[:, 0] + 1, k_scale=ks, v_scale=vs, implementation="xla"
             )
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def _conditionals(ex: AfdExecutor) -> int:
+    args = [ex._per_device(np.zeros(s, np.int32)) for s in ((ex.batch, 1),) * 2 + ((ex.batch,),)]
+    hlo = ex._program.lower(ex.arenas, *args).compile().as_text()
+    return sum(" conditional(" in ln for ln in hlo.splitlines())
+
+
+def test_one_role_programs_run_only_their_own_work():
+    """A one-role program (what `bench_afd.py --role` times) keeps only the ticks where its
+    role works, in schedule order, with each tick's branch static: the FFN role compiles to no
+    conditional at all, the attention role to one (the q/k/v one that orders the arena reads
+    before the in-place KV write); the full program adds ONE switch per tick."""
+    model, lay = tiny_model(), AfdLayout.parse("1A1F")
+    cfg, m = model.config, 2
+    afd = AfdConfig(2, m, MAX_LEN, policy=REF, compiler_options=FAST_COMPILE)
+    kinds = ["moe" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_layers)]
+    assert len(set(kinds)) == 2  # the tiny model has both FFN kinds
+    conds = {}
+    for role in ("attention", "ffn"):
+        ex = AfdExecutor(cfg, lay, jax.devices()[:1], afd, dtypes=F32, role=role)
+        segments = ex._segments()
+        rows = np.concatenate([r for _, r in segments])
+        ok = 0 if role == "attention" else 3
+        assert rows[:, ok].all() and len(rows) == cfg.num_layers * m
+        full = ex.schedule[ex.schedule[:, ok] > 0]
+        np.testing.assert_array_equal(rows, full)  # schedule order kept
+        for name, seg in segments:
+            layer = seg[:, ok + 1]
+            want = ["attention"] * len(seg) if role == "attention" else [
+                f"ffn_{kinds[i]}" for i in layer
+            ]  # fmt: skip
+            assert [name] * len(seg) == want
+        ex.load_random()
+        conds[role] = _conditionals(ex)
+    ex = AfdExecutor(cfg, lay, jax.devices()[:2], afd, dtypes=F32, act_dtype=jnp.float32)
+    ex.load_model(model)
+    assert ex._segments()[0][0] is None and len(ex._segments()) == 1
+    assert conds == {"attention": 1, "ffn": 0}
+    assert _conditionals(ex) >= 2  # q/k/v + the role switch (+ embed / head once per step)
