@@ -192,7 +192,7 @@ def main(argv=None) -> dict:
     p.add_argument("--weights", default="float8_e4m3fn")
     p.add_argument("--v-transposed", action="store_true")
     p.add_argument("--fp8-set", default="bytes", choices=["bytes", "plain"])
-    p.add_argument("--qkv-order", default="cond", choices=QKV_ORDERS, help=QKV_HELP)
+    p.add_argument("--qkv-order", default="auto", choices=QKV_ORDERS, help=QKV_HELP)
     p.add_argument("--scatter", action="store_true", help="add the scatter micro-probe")
     p.add_argument("--scatter-bytes", type=int, default=2**30)
     p.add_argument("--cond", action="store_true", help="add the lax.cond-per-tick micro-probe")

@@ -50,30 +50,26 @@ from step3_jax.sharding.afd import AfdConfig, AfdExecutor  # noqa: E402
 from step3_jax.sharding.baseline import BaselineExecutor  # noqa: E402
 from step3_jax.sharding.layout import AfdLayout, ArenaDtypes  # noqa: E402
 
-QKV_ORDERS = ("cond", "barrier", "none")
+QKV_ORDERS = ("auto", "cond", "barrier", "none")
 QKV_HELP = (
-    "how the reads of the arena for q/k/v are ordered before the in-place KV write: cond (the "
-    "product's `afd._qkv_before_write`), barrier (an optimization barrier), none (experiments)"
+    "how the reads of the arena for q/k/v are ordered before the in-place KV write "
+    "(`afd._qkv_before_write`): auto (the product's rule), cond, barrier, none (experiments)"
 )
-
-
-def _barrier_qkv(active, qkv, zeros):
-    del active, zeros
-    return jax.lax.optimization_barrier(qkv())
-
-
-def _unordered_qkv(active, qkv, zeros):
-    del active, zeros
-    return qkv()
+_PRODUCT_QKV = afd_module._qkv_before_write
 
 
 def set_qkv_order(name: str) -> None:
-    """Swaps `afd._qkv_before_write` for an experiment (``--qkv-order``; "cond" restores)."""
-    orders = dict(zip(QKV_ORDERS, (_PRODUCT_QKV, _barrier_qkv, _unordered_qkv), strict=True))
-    afd_module._qkv_before_write = orders[name]
+    """Overrides `afd._qkv_before_write`'s choice for an experiment (``--qkv-order``)."""
+    if name not in QKV_ORDERS:
+        raise ValueError(f"--qkv-order must be one of {QKV_ORDERS}, got {name!r}")
+    forced = {"cond": True, "barrier": False}.get(name)
 
+    def order(active, qkv, zeros, conditional):
+        if name == "none":
+            return qkv()
+        return _PRODUCT_QKV(active, qkv, zeros, conditional if forced is None else forced)
 
-_PRODUCT_QKV = afd_module._qkv_before_write
+    afd_module._qkv_before_write = order
 
 
 def bench_config(layers: int, tiny: bool = False, full: bool = False) -> Step3Config:
@@ -372,7 +368,7 @@ def main(argv=None) -> dict:
         help="--role both: exchange time per layer for the simulator's prediction",
     )
     p.add_argument("--experts-copied", action="store_true", help="control: slice experts")
-    p.add_argument("--qkv-order", default="cond", choices=QKV_ORDERS, help=QKV_HELP)
+    p.add_argument("--qkv-order", default="auto", choices=QKV_ORDERS, help=QKV_HELP)
     p.add_argument(
         "--runs", default="", help="'MxBm,...' (micro-batches x sequences each); overrides "
         "--micro-batches/--microbatch"

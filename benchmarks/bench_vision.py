@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
 from benchmarks.provenance import git_commit  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
 from step3_jax.policy import KernelPolicy  # noqa: E402
@@ -109,11 +110,16 @@ def time_fn(fn, args, iters: int, warmup: int = 2) -> list[float]:
     return out
 
 
-def run_jax(model, pixels, iters):
+def jitted(model, pixels):
+    """The tower as one jitted call and its arguments."""
     graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    times = time_fn(fn, (state, pixels), iters)
-    return statistics.median(times), fn(state, pixels)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)), (state, pixels)
+
+
+def run_jax(model, pixels, iters):
+    fn, args = jitted(model, pixels)
+    times = time_fn(fn, args, iters)
+    return statistics.median(times), fn(*args)
 
 
 def torch_reference(model: Step3VisionModel, pixels, iters: int):
@@ -195,6 +201,10 @@ def parse_args():
     )  # fmt: skip
     p.add_argument("--no-fp8", action="store_true")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument(
+        "--trace", action="store_true",
+        help="add a profiler breakdown of one bf16 call (busy vs idle, top kernels)",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="JSON file (its folder is created)")
     return p.parse_args()
 
@@ -282,6 +292,8 @@ def main():
         print(json.dumps({k: v for k, v in res.items() if k.startswith(name)}), flush=True)
 
     out_bf16 = bf16_runs(model, pixels, args.iters, res, record)
+    if args.trace:  # where the bf16 tower's time goes (GPU only; {} elsewhere)
+        res["jax_bf16_trace"] = harness.trace_breakdown(*jitted(model, pixels), top=25)
     if not args.no_torch:
         torch_run(model, pixels, args.iters, res, record, out_bf16)
     if not args.no_fp8:

@@ -9,6 +9,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 4 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 5 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 6 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 7 $OUT  # any Hopper
 #
 # call 1 (issue 16): the kernel GPU suites (incl. the FP8 P.V class, never run yet), the FP8
 #   P.V kernel against the tuned FP8 kernel and XLA on full and ragged batches, and the
@@ -31,6 +32,11 @@
 #   compiled attention program's temp bytes with the q/k/v reads ordered by the conditional
 #   (product) or an optimization barrier, and with XLA's dynamic-slice fusion (weight views
 #   read in place by the custom calls?), and the attention role timed with each alternative.
+# call 7 (issues 13 and 18, any Hopper): the attention role with the q/k/v barrier (16 layers
+#   + trace; with cuBLAS instead of Triton GEMMs for the lm_head, alone and with XLA's
+#   dynamic-slice fusion: does the lm_head view stop being copied?), the attention role at the
+#   full 61 layers (~47 GB), the FFN role program's HLO (where its glue comes from), and the
+#   vision tower's profile (bf16, 728 px).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -84,5 +90,17 @@ case "$CALL" in
       "@60 $ROLE --role attention --layers 16 --qkv-order barrier --out \$OUT/attention16_barrier.json" \
       "@60 $DSF $ROLE --role attention --layers 16 --out \$OUT/attention16_dsf.json"
     ;;
-  *) echo "call must be 1 to 6, got $CALL" >&2; exit 2 ;;
+  7)
+    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 3"
+    CUBLAS="XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"
+    DSF="XLA_FLAGS='--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=true'"
+    $RUN -t 60 "$OUT_DIR/call7" \
+      "$ROLE --role attention --layers 16 --trace --out \$OUT/attention16.json" \
+      "$CUBLAS $ROLE --role attention --layers 16 --out \$OUT/attention16_cublas.json" \
+      "$DSF $ROLE --role attention --layers 16 --trace --out \$OUT/attention16_cublas_dsf.json" \
+      "@130 $ROLE --role attention --full --trace --out \$OUT/attention61.json" \
+      "@50 python3 benchmarks/afd_hlo_probe.py --role ffn --layers 24 --out \$OUT/probe_ffn.json" \
+      "@110 python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8 --trace --out \$OUT/vision_728_trace.json"
+    ;;
+  *) echo "call must be 1 to 7, got $CALL" >&2; exit 2 ;;
 esac

@@ -72,14 +72,21 @@ class AfdConfig:
             raise TypeError(f"AfdConfig.policy must be a KernelPolicy, got {self.policy!r}")
 
 
-def _qkv_before_write(active, qkv, zeros):
-    """``qkv()`` (q, k, v) if ``active`` else ``zeros``, as a conditional: the conditional's
-    outputs exist only once every read inside it is done, so the reads of the pre-write arena
-    (the q/k/v weights) are ordered before the in-place KV write that follows. Without that
-    order XLA copies the whole arena every tick (measured on XLA:CPU, where an
-    `lax.optimization_barrier` did not help). ``benchmarks/afd_hlo_probe.py --qkv-order``
-    swaps this for alternatives on a GPU."""
-    return lax.cond(active, qkv, lambda: zeros)
+def _qkv_before_write(active, qkv, zeros, conditional: bool):
+    """``qkv()`` (q, k, v) where ``active`` (``zeros`` elsewhere), with every read it makes of
+    the pre-write arena (the q/k/v weights) ordered before the in-place KV write that follows.
+    Unordered, XLA copies the whole arena every tick (XLA:CPU, `afd_hlo_probe.py --tiny`).
+
+    ``conditional``: a `lax.cond` on ``active``, whose outputs exist only once every read in
+    it is done. Needed where some devices must skip the work (the full program: FFN devices)
+    and on XLA:CPU, where an optimization barrier does not prevent the copy. Otherwise (a
+    one-role program on a GPU, every tick active) an `lax.optimization_barrier`: no
+    predicate goes to the host. An XLA:GPU conditional waits for the host every tick; the
+    16-layer attention role ran 12.13 ms with it, 9.88 ms without (H100, no arena copy in
+    either: docs/LOG.md)."""
+    if conditional:
+        return lax.cond(active, qkv, lambda: zeros)
+    return lax.optimization_barrier(qkv())
 
 
 def _stack(per_layer: list[dict]) -> dict[str, np.ndarray]:
@@ -444,17 +451,18 @@ class AfdExecutor:
             # Traced even in a one-role program (a_ok > 0 on all its rows): a constant
             # predicate would let XLA inline the q/k/v conditional and lose its ordering.
             act_a = (a_ok > 0) & (branch == "attention" if branch else is_attn & do_a)
+            conditional = branch is None or self.mesh.devices.flat[0].platform == "cpu"
             cache = q = None
             if self.role != "ffn":  # an FFN-only program holds no attention regions
                 # The arena is written by ONE masked scatter outside every branch (inactive:
                 # indices out of range) and only read inside them: a branch returning it
-                # makes XLA copy it. q/k/v come out of a conditional, which also orders
-                # every read of the pre-write arena before the write (`_qkv_before_write`).
+                # makes XLA copy it. The reads of the pre-write arena for q/k/v are ordered
+                # before the write (`_qkv_before_write`).
                 def qkv():
                     mod = self._attention_module(arenas, a_l)
                     return mod.attention_qkv(x[a_m], pos[a_m], a.policy)
 
-                q, k, v = _qkv_before_write(act_a, qkv, zq)
+                q, k, v = _qkv_before_write(act_a, qkv, zq, conditional)
                 item = a_l * m_count + a_m
                 cache = arena_io.ArenaKVCache(
                     arenas, self.arena.attention, item, bm, act_a, self.dtypes.v_transposed

@@ -317,7 +317,7 @@ def _conditionals(ex: AfdExecutor) -> int:
 def test_one_role_programs_run_only_their_own_work():
     """A one-role program (what `bench_afd.py --role` times) keeps only the ticks where its
     role works, in schedule order, with each tick's branch static: the FFN role compiles to no
-    conditional at all, the attention role to one (the q/k/v one that orders the arena reads
+    conditional at all, the attention role on CPU to one (the q/k/v one that orders the arena reads
     before the in-place KV write); the full program adds ONE switch per tick."""
     model, lay = tiny_model(), AfdLayout.parse("1A1F")
     cfg, m = model.config, 2
