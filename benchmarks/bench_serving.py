@@ -183,6 +183,7 @@ def run_engine_level(engine, a, rng, vocab, rate=None, clients=None) -> dict:
         reqs.append((s, n))
         return s
 
+    before = dict(engine.stats)
     t0 = time.perf_counter()
     if rate:
         t = t0
@@ -207,7 +208,21 @@ def run_engine_level(engine, a, rng, vocab, rate=None, clients=None) -> dict:
                             n_out=n_out, ttft=r.ttft, tpot=tpot))  # fmt: skip
     t1 = max(s.request.finish_time for s, _ in reqs)
     level = {"rate": rate} if rate else {"concurrency": clients}
-    return summarize(level, records, t0, t1)
+    return {**summarize(level, records, t0, t1), "engine": engine_breakdown(before, engine.stats)}
+
+
+def engine_breakdown(before: dict, after: dict) -> dict:
+    """The engine's iterations during one load level: decode and prefill calls, their mean
+    wall time (host work and sampling included) and the mean active slots per decode."""
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    steps, pre = d.get("decode_steps", 0), d.get("prefill_steps", 0)
+    return {
+        "decode_steps": steps,
+        "prefill_steps": pre,
+        "decode_ms": round(1e3 * d.get("decode_seconds", 0) / steps, 3) if steps else None,
+        "prefill_ms": round(1e3 * d.get("prefill_seconds", 0) / pre, 3) if pre else None,
+        "active_slots": round(d.get("decode_slot_steps", 0) / steps, 2) if steps else None,
+    }
 
 
 def plot(rows, path: str) -> None:

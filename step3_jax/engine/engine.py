@@ -202,8 +202,16 @@ class Engine:
             self._drop_cancelled()
             self._admit()
         self._encode_images()
+        t0 = time.perf_counter()
         prefilled = self._prefill()
+        t1 = time.perf_counter()
         decoded = self._decode()
+        t2 = time.perf_counter()
+        # Wall seconds of the prefill and decode calls, host work and sampling included:
+        # decode_seconds / decode_steps is the engine's decode iteration, to set beside the
+        # bare fixed-batch step (benchmarks/bench_serving.py).
+        self.stats["prefill_seconds"] += (t1 - t0) * prefilled
+        self.stats["decode_seconds"] += (t2 - t1) * decoded
         return prefilled or decoded
 
     def _drop_cancelled(self) -> None:
