@@ -10,6 +10,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 5 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 6 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 7 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 8 $OUT  # any Hopper
 #
 # call 1 (issue 16): the kernel GPU suites (incl. the FP8 P.V class, never run yet), the FP8
 #   P.V kernel against the tuned FP8 kernel and XLA on full and ragged batches, and the
@@ -37,6 +38,11 @@
 #   dynamic-slice fusion: does the lm_head view stop being copied?), the attention role at the
 #   full 61 layers (~47 GB), the FFN role program's HLO (where its glue comes from), and the
 #   vision tower's profile (bf16, 728 px).
+# call 8 (issues 13, 17, 18, any Hopper): the attention role with the lm_head fix (rows padded
+#   to a multiple of 8, cuBLAS + dynamic-slice fusion: 16 layers + trace, and 61 layers), the
+#   engine's overhead over the bare step where decoding dominates (64 closed-loop clients,
+#   short prompts) and its prefill/decode breakdown under Poisson load, the vision tower with
+#   cuBLAS instead of Triton GEMM fusions.
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -102,5 +108,14 @@ case "$CALL" in
       "@50 python3 benchmarks/afd_hlo_probe.py --role ffn --layers 24 --out \$OUT/probe_ffn.json" \
       "@110 python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8 --trace --out \$OUT/vision_728_trace.json"
     ;;
-  *) echo "call must be 1 to 7, got $CALL" >&2; exit 2 ;;
+  8)
+    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 3 --role attention"
+    $RUN -t 60 "$OUT_DIR/call8" \
+      "$ROLE --layers 16 --trace --out \$OUT/attention16.json" \
+      "@70 $ROLE --full --out \$OUT/attention61.json" \
+      "@130 RATES= CONCURRENCY=64 PROMPT_LEN=64:128 OUTPUT_LEN=256:512 DURATION=25 bash benchmarks/gpu_serving.sh \$OUT" \
+      "@60 XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8 --trace --out \$OUT/vision_728_cublas.json" \
+      "@110 RATES=8 DURATION=20 bash benchmarks/gpu_serving.sh \$OUT"
+    ;;
+  *) echo "call must be 1 to 8, got $CALL" >&2; exit 2 ;;
 esac

@@ -40,11 +40,21 @@ from step3_jax.sharding.layout import (
     ArenaDtypes,
     ArenaLayout,
     attention_kind,
+    head_rows,
     role_template,
 )
 from step3_jax.sharding.schedule import exchange_rounds, pipeline_schedule
 
 STAGES = ("attention", "ffn", "exchange")
+# XLA options of the step on a GPU (AfdConfig.compiler_options override them). The bf16
+# lm_head GEMM ([B, D] x [head_rows(V), D], a view of the arena): as a Triton GEMM fusion, XLA
+# first copied the 1.85 GB view (1.61 ms per step) and then ran at 1.39 TB/s (1.34 ms);
+# as a cuBLAS GEMM with the dynamic-slice fusion it reads the view in place at 2.5 TB/s
+# (0.74 ms; H100, docs/LOG.md). Every other GEMM of the step is a Pallas kernel.
+GPU_COMPILER_OPTIONS = (
+    ("xla_gpu_enable_triton_gemm", False),
+    ("xla_gpu_enable_dynamic_slice_fusion", True),
+)
 ROLES = ("attention", "ffn")
 
 
@@ -87,6 +97,10 @@ def _qkv_before_write(active, qkv, zeros, conditional: bool):
     if conditional:
         return lax.cond(active, qkv, lambda: zeros)
     return lax.optimization_barrier(qkv())
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    return np.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
 
 
 def _stack(per_layer: list[dict]) -> dict[str, np.ndarray]:
@@ -228,7 +242,7 @@ class AfdExecutor:
         att |= {
             "embed_tokens": np.asarray(model.embed_tokens[...])[None],
             "norm.weight": np.asarray(model.norm.weight[...])[None],
-            "lm_head": np.asarray(model.lm_head[...])[None],
+            "lm_head": _pad_rows(np.asarray(model.lm_head[...]), head_rows(c.vocab_size))[None],
         }
 
         def sources(d):
@@ -513,7 +527,7 @@ class AfdExecutor:
             last = jnp.take_along_axis(xs, select[0][:, None, None], axis=1)[:, 0]
             regs = self.arena.attention
             norm_w, head = (arena_io.view(arenas, regs[n], 0) for n in ("norm.weight", "lm_head"))
-            return head_logits(last, norm_w, head, c.rms_norm_eps)
+            return head_logits(last, norm_w, head, c.rms_norm_eps)[:, : c.vocab_size]
 
         zeros = jnp.zeros((bd, c.vocab_size), jnp.float32)
         if self.role is not None:
@@ -533,7 +547,10 @@ class AfdExecutor:
             out_specs=(spec, spec),
             check_vma=False,
         )
-        opts = dict(self.afd.compiler_options) or None
+        opts = dict(self.afd.compiler_options)
+        if self.mesh.devices.flat[0].platform == "gpu":
+            opts = dict(GPU_COMPILER_OPTIONS) | opts
+        opts = opts or None
         return jax.jit(body, donate_argnums=0, compiler_options=opts)
 
     # -------------------------------------------------------------------- step

@@ -35,7 +35,9 @@ program rebuilds each layer as the NNX `DecoderLayer` it is and runs its methods
   ``self_attn.inter_norm.weight [R]``, ``self_attn.wq [N,H,R]``, ``self_attn.o_proj [D,N,H]``,
   ``post_attention_layernorm.weight [D]``, ``ffn.router [E,D]`` (zero in dense layers); FP8
   weights add ``<path>:scale``; once: ``embed_tokens [V,D]``, ``norm.weight [D]``,
-  ``lm_head [V,D]``; the KV cache as items ``cache_k, cache_v [Bm,S,H]`` (count L*M: item
+  ``lm_head [head_rows(V),D]`` (V rounded up to a multiple of 8, zero rows: cuBLAS then reads
+  it in place, where a V like Step-3's 128,815 made XLA pad a 1.85 GB copy every step); the
+  KV cache as items ``cache_k, cache_v [Bm,S,H]`` (count L*M: item
   ``l*M + m`` is micro-batch m of layer l) plus, for an FP8 cache, ``cache_k_scale,
   cache_v_scale [Bm,S]`` float32.
 * FFN role: per MoE layer ``moe/ffn.gate_proj, moe/ffn.up_proj [E/ep, F/tp, D]``,
@@ -316,6 +318,14 @@ def attention_kind(config) -> str:
     return "moe" if config.moe_layer_ids else "dense"
 
 
+HEAD_ROW_MULTIPLE = 8  # cuBLAS bf16 GEMMs want N % 8 == 0, else XLA pads (copies) the weight
+
+
+def head_rows(vocab_size: int) -> int:
+    """Rows of the arena's lm_head region: the vocabulary rounded up to HEAD_ROW_MULTIPLE."""
+    return -(-vocab_size // HEAD_ROW_MULTIPLE) * HEAD_ROW_MULTIPLE
+
+
 def attention_specs(config, dt: ArenaDtypes, microbatch: int, num_mb: int, max_len: int):
     """(name, dtype, shape, count) of everything an attention device holds: per layer the
     attention-side parameters of the model's own `DecoderLayer` by path, once the embedding,
@@ -327,7 +337,7 @@ def attention_specs(config, dt: ArenaDtypes, microbatch: int, num_mb: int, max_l
         specs += _param_regions(spec, "", n_l, dt)
     d = c.hidden_size
     specs += [("embed_tokens", dt.embed, (c.vocab_size, d), 1), ("norm.weight", dt.norm, (d,), 1)]
-    specs += [("lm_head", dt.embed, (c.vocab_size, d), 1)]
+    specs += [("lm_head", dt.embed, (head_rows(c.vocab_size), d), 1)]
     # Pool-aligned: the arena viewed as [*, S, H] pages (one page per sequence) holds each
     # item's sequences as consecutive pages, read in place by the paged attention kernel.
     kv, n_items = (microbatch, max_len, h), n_l * num_mb
