@@ -41,8 +41,8 @@
 # call 8 (issues 13, 17, 18, any Hopper): the attention role with the lm_head fix (rows padded
 #   to a multiple of 8, cuBLAS + dynamic-slice fusion: 16 layers + trace, and 61 layers), the
 #   engine's overhead over the bare step where decoding dominates (64 closed-loop clients,
-#   short prompts) and its prefill/decode breakdown under Poisson load, the vision tower with
-#   cuBLAS instead of Triton GEMM fusions.
+#   short prompts; per-level decode/prefill iteration times), the vision tower with cuBLAS
+#   instead of Triton GEMM fusions.
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -113,9 +113,8 @@ case "$CALL" in
     $RUN -t 60 "$OUT_DIR/call8" \
       "$ROLE --layers 16 --trace --out \$OUT/attention16.json" \
       "@70 $ROLE --full --out \$OUT/attention61.json" \
-      "@130 RATES= CONCURRENCY=64 PROMPT_LEN=64:128 OUTPUT_LEN=256:512 DURATION=25 bash benchmarks/gpu_serving.sh \$OUT" \
-      "@60 XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8 --trace --out \$OUT/vision_728_cublas.json" \
-      "@110 RATES=8 DURATION=20 bash benchmarks/gpu_serving.sh \$OUT"
+      "@130 RATES= CONCURRENCY=64 PROMPT_LEN=64:128 OUTPUT_LEN=256:512 DURATION=20 bash benchmarks/gpu_serving.sh \$OUT" \
+      "@60 XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8 --trace --out \$OUT/vision_728_cublas.json"
     ;;
   *) echo "call must be 1 to 8, got $CALL" >&2; exit 2 ;;
 esac
