@@ -24,6 +24,7 @@ SCRIPTS = [
     "bench_attention_layer.py",
     "bench_decode.py",
     "bench_dense_fp8.py",
+    "bench_engine_overhead.py",
     "bench_fp8_fidelity.py",
     "bench_mfa_decode.py",
     "bench_moe.py",
