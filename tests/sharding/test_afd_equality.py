@@ -346,3 +346,34 @@ def test_one_role_programs_run_only_their_own_work():
     assert ex._segments()[0][0] is None and len(ex._segments()) == 1
     assert conds == {"attention": 1, "ffn": 0}
     assert _conditionals(ex) >= 2  # q/k/v + the role switch (+ embed / head once per step)
+
+
+def test_lm_head_rows_padded_for_any_vocabulary():
+    """The arena's lm_head holds `head_rows(V)` rows (a multiple of 8, zero-padded: cuBLAS
+    then reads it in place); the step's logits are still exactly ``[B, V]`` and equal the
+    oracle's for a vocabulary that is not a multiple of 8."""
+    import dataclasses
+
+    from step3_jax.sharding.layout import head_rows
+
+    cfg = dataclasses.replace(Step3Config.tiny(), vocab_size=509)
+    model = Step3Model(
+        cfg, rngs=nnx.Rngs(1), dtype=jnp.float32, param_dtype=jnp.float32, policy=REF
+    )
+    lay = AfdLayout.parse("1A1F")
+    ex = AfdExecutor(
+        cfg,
+        lay,
+        jax.devices()[:2],
+        AfdConfig(2, 1, MAX_LEN, fp8_transfer=False, policy=REF, compiler_options=FAST_COMPILE),
+        dtypes=F32,
+        act_dtype=jnp.float32,
+    )
+    assert head_rows(509) == 512 and ex.arena.attention["lm_head"].shape == (512, cfg.hidden_size)
+    ex.load_model(model)
+    toks, lengths = oracles.pad_prompts([[5, 7, 11], [3]])
+    pos = np.broadcast_to(np.arange(toks.shape[1], dtype=np.int32), toks.shape)
+    got = np.asarray(ex.step(toks, pos, lengths - 1))
+    ref = oracles.reference_step_fn(model, 2, MAX_LEN, False)(toks, pos, lengths - 1)
+    assert got.shape == (2, 509)
+    np.testing.assert_allclose(got, np.asarray(ref), atol=1e-5, rtol=0)
