@@ -75,7 +75,7 @@ def run_mode(executor, a, vocab: int, mode: str) -> dict:
 def main(argv=None) -> dict:
     a = bench_serving.parse_args(argv)
     engine, vocab = bench_serving.build_engine(a)
-    bare = bench_serving.bare_step(engine, a)
+    bare = bench_serving.bare_step(engine, a, vocab)
     from step3_jax.engine import SamplingParams
 
     engine.generate([[1] * (a.prefill_chunk + 1)], SamplingParams(max_tokens=2))  # compile

@@ -148,26 +148,35 @@ def build_engine(a):
     return Engine(ex, None, max_queue=1 << 20), model.config.vocab_size
 
 
-def bare_step(engine, a) -> dict:
-    """The fixed-batch decode step alone: every slot active at mid-length, executor decode +
-    sampler + token fetch per step (what the engine adds on top is scheduling)."""
+def bare_step(engine, a, vocab: int, seed: int = 0) -> dict:
+    """The fixed-batch decode step alone: every slot active, executor decode + sampler + token
+    fetch per step (what the engine adds on top is scheduling). The rows look like a serving
+    batch: distinct random tokens every step and positions spread over the serving range.
+    The sampled tokens are fetched but not fed back, since greedy decoding keeps identical
+    rows identical. Identical rows route every token of a MoE layer to the same top-k
+    experts, so the step reads a small fraction of the expert weights. The first version of
+    this baseline fed back the tokens of all-ones rows and did exactly that."""
     from step3_jax.engine.sampling import sample_rows
 
+    rng = np.random.default_rng(seed)
     ex, b = engine.executor, engine.executor.max_batch
     for s in range(b):
         ex.admit(s, a.max_len)
-    pos = np.full(b, (a.prompt_len[0] + a.output_len[1]) // 2, np.int32)
-    toks, active = np.ones(b, np.int32), np.ones(b, bool)
+    hi = min(a.prompt_len[1] + a.output_len[1], a.max_len - 1)
+    pos = rng.integers(a.prompt_len[0], hi, b).astype(np.int32)
+    active = np.ones(b, bool)
     z, zi = np.zeros(b, np.float32), np.zeros(b, np.int32)
     for i in range(a.bare_steps + 3):
         if i == 3:
             t0 = time.perf_counter()
+        toks = rng.integers(1, vocab, b).astype(np.int32)
         logits = ex.decode(toks, pos, active)
-        toks = np.asarray(sample_rows(logits, z, zi, np.ones(b, np.float32), zi, zi))
+        np.asarray(sample_rows(logits, z, zi, np.ones(b, np.float32), zi, zi))
     dt = (time.perf_counter() - t0) / a.bare_steps
     for s in range(b):
         ex.release(s)
-    return {"batch": b, "step_ms": round(dt * 1e3, 3), "throughput_tok_s": round(b / dt, 2)}
+    return {"batch": b, "step_ms": round(dt * 1e3, 3), "throughput_tok_s": round(b / dt, 2),
+            "positions": [int(pos.min()), int(pos.max())]}  # fmt: skip
 
 
 def run_engine_level(engine, a, rng, vocab, rate=None, clients=None) -> dict:
@@ -262,7 +271,7 @@ def main(argv=None) -> dict:
         from step3_jax.engine import SamplingParams
 
         engine, vocab = build_engine(a)
-        extra["bare_step"] = bare_step(engine, a)
+        extra["bare_step"] = bare_step(engine, a, vocab)
         warm = [[1] * (a.prefill_chunk + 1)]  # compiles the prefill step and both samplers
         engine.generate(warm, SamplingParams(max_tokens=2, temperature=0.5))
         engine.start()
