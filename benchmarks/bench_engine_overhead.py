@@ -3,7 +3,10 @@
 Builds the engine of ``bench_serving.py`` (same flags: ``--step3 --layers 4 --precision
 fp8+kv8 --max-batch 64 ...``), times the bare step (every slot active), then runs the same
 ``--max-batch`` requests (``--prompt-len`` tokens each, ``--output-len`` new tokens) to the end
-three ways, reporting the engine's mean decode iteration each time:
+three ways, reporting the engine's mean decode iteration each time. (The requests' contexts
+run from ``prompt_len[1]`` to ``prompt_len[1] + output_len[1]``; the bare step's positions are
+uniform over ``[prompt_len[0], prompt_len[1] + output_len[1])``: give ``--prompt-len P:P`` so
+both cover the same range, as in the command below.)
 
 * ``in_thread``: `Engine.run_until_done` in the calling thread;
 * ``thread``: the engine's background thread, the main thread waiting on each result;
@@ -47,7 +50,7 @@ def _requests(engine, a, vocab: int, rng):
 def run_mode(executor, a, vocab: int, mode: str) -> dict:
     from step3_jax.engine import Engine
 
-    engine = Engine(executor, None)  # a fresh engine (a shut-down one takes no requests)
+    engine = Engine(executor, None, max_queue=1 << 20)  # fresh: a shut-down one takes none
     rng = np.random.default_rng(0)
     before = dict(engine.stats)
     t0 = time.perf_counter()
@@ -82,7 +85,8 @@ def main(argv=None) -> dict:
     rows = []
     for mode in ("in_thread", "thread", "clients"):
         rows.append(run_mode(engine.executor, a, vocab, mode))
-        rows[-1]["decode_vs_bare"] = round(rows[-1]["decode_ms"] / bare["step_ms"], 3)
+        ms = rows[-1]["decode_ms"]
+        rows[-1]["decode_vs_bare"] = None if ms is None else round(ms / bare["step_ms"], 3)
         harness.print_json(rows[-1])
     doc = harness.results(
         "engine_overhead", rows, copy=False, bare_step=bare, max_batch=a.max_batch,

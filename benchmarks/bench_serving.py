@@ -162,8 +162,9 @@ def bare_step(engine, a, vocab: int, seed: int = 0) -> dict:
     ex, b = engine.executor, engine.executor.max_batch
     for s in range(b):
         ex.admit(s, a.max_len)
-    hi = min(a.prompt_len[1] + a.output_len[1], a.max_len - 1)
-    pos = rng.integers(a.prompt_len[0], hi, b).astype(np.int32)
+    lo = min(a.prompt_len[0], a.max_len - 2)
+    hi = max(min(a.prompt_len[1] + a.output_len[1], a.max_len - 1), lo + 1)
+    pos = rng.integers(lo, hi, b).astype(np.int32)
     active = np.ones(b, bool)
     z, zi = np.zeros(b, np.float32), np.zeros(b, np.int32)
     for i in range(a.bare_steps + 3):

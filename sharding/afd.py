@@ -4,8 +4,10 @@
 tensors in its arenas (memory layout: `step3_jax.sharding.layout`). The body is a `lax.scan` over
 *ticks* of a static software-pipeline schedule (`pipeline_schedule`): at each tick an
 attention device runs the attention half of one (layer, micro-batch) item while the FFN
-devices run the FFN half of an earlier item; a `lax.switch` on the device's role picks the
-work (no collective sits inside a branch). Then two sets of `lax.ppermute` rounds exchange the
+devices run the FFN half of an earlier item; ONE `lax.switch` on the device's role, the row
+and the FFN layer kind picks the work (no collective sits inside a branch). A one-role
+program (``role=``) runs only its role's ticks, as one scan per run of same-branch ticks with
+the branch static (no switch). Then two sets of `lax.ppermute` rounds exchange the
 tick's messages: A->F `protocol.Packet` (FP8 tokens + scales + expert ids + weights) and
 F->A partial outputs (activation dtype), which the attention device sums and adds to the
 residual. With M >= 2 micro-batches the attention and FFN devices are both busy every tick
@@ -50,7 +52,8 @@ STAGES = ("attention", "ffn", "exchange")
 # lm_head GEMM ([B, D] x [head_rows(V), D], a view of the arena): as a Triton GEMM fusion, XLA
 # first copied the 1.85 GB view (1.61 ms per step) and then ran at 1.39 TB/s (1.34 ms);
 # as a cuBLAS GEMM with the dynamic-slice fusion it reads the view in place at 2.5 TB/s
-# (0.74 ms; H100, docs/LOG.md). Every other GEMM of the step is a Pallas kernel.
+# (0.74 ms; H100, docs/LOG.md). Under the default KernelPolicy every other GEMM of the step is
+# a Pallas kernel; with gemm="xla" the linears become cuBLAS GEMMs too.
 GPU_COMPILER_OPTIONS = (
     ("xla_gpu_enable_triton_gemm", False),
     ("xla_gpu_enable_dynamic_slice_fusion", True),
@@ -72,7 +75,8 @@ class AfdConfig:
     # (`ExpertPool`) rather than as a sliced copy per tick (False: the copy, kept as a control).
     experts_in_place: bool = True
     # XLA debug options for the step's compilation, e.g. {"xla_backend_optimization_level": 0}
-    # makes CPU test compiles ~3x faster. A tuple of (name, value) pairs (hashable).
+    # makes CPU test compiles ~3x faster. A tuple of (name, value) pairs (hashable). On a GPU
+    # they are merged over GPU_COMPILER_OPTIONS (these win).
     compiler_options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
@@ -89,8 +93,8 @@ def _qkv_before_write(active, qkv, zeros, conditional: bool):
 
     ``conditional``: a `lax.cond` on ``active``, whose outputs exist only once every read in
     it is done. Needed where some devices must skip the work (the full program: FFN devices)
-    and on XLA:CPU, where an optimization barrier does not prevent the copy. Otherwise (a
-    one-role program on a GPU, every tick active) an `lax.optimization_barrier`: no
+    and off GPUs (XLA:CPU: an optimization barrier does not prevent the copy there). On a GPU
+    a one-role program (every tick active) uses an `lax.optimization_barrier`: no
     predicate goes to the host. An XLA:GPU conditional waits for the host every tick; the
     16-layer attention role ran 12.13 ms with it, 9.88 ms without (H100, no arena copy in
     either: docs/LOG.md)."""
@@ -129,10 +133,11 @@ class AfdExecutor:
         role: str | None = None,
     ):
         """``role`` ("attention" | "ffn"): ONE device runs that role's side of this layout's
-        step (attention device 0, or FFN device 0) as the same compiled program, with the
-        exchange replaced by local buffers (the FFN side reads a fixed random inbox with
-        uniform routing): what `benchmarks/bench_afd.py --role` times on one GPU. Its arena
-        holds only that role's regions."""
+        step (attention device 0, or FFN device 0) with the same tick code, the exchange
+        replaced by local buffers (the FFN side reads a fixed random inbox with uniform
+        routing), only the role's own ticks and each tick's branch static (`_segments`):
+        what `benchmarks/bench_afd.py --role` times on one GPU. Its arena holds only that
+        role's regions."""
         if any(s not in STAGES for s in stages):
             raise ValueError(f"stages must be a subset of {STAGES}, got {stages}")
         if role not in (None, *ROLES):
@@ -299,9 +304,9 @@ class AfdExecutor:
     def _static_branch(self, row) -> str:
         """What ``self.role``'s device does at schedule ``row`` (``idle`` if nothing)."""
         a_ok, _, _, f_ok, f_l, _ = (int(v) for v in row)
-        if self.role == "attention" and a_ok and "attention" in self.stages:
+        if self.role == "attention" and a_ok:  # (a one-role program's stages are its role)
             return "attention"
-        if self.role == "ffn" and f_ok and "ffn" in self.stages:
+        if self.role == "ffn" and f_ok:
             return "ffn_" + ("moe" if self.config.is_moe_layer(f_l) else "dense")
         return "idle"
 
@@ -465,7 +470,7 @@ class AfdExecutor:
             # Traced even in a one-role program (a_ok > 0 on all its rows): a constant
             # predicate would let XLA inline the q/k/v conditional and lose its ordering.
             act_a = (a_ok > 0) & (branch == "attention" if branch else is_attn & do_a)
-            conditional = branch is None or self.mesh.devices.flat[0].platform == "cpu"
+            conditional = branch is None or self.mesh.devices.flat[0].platform != "gpu"
             cache = q = None
             if self.role != "ffn":  # an FFN-only program holds no attention regions
                 # The arena is written by ONE masked scatter outside every branch (inactive:

@@ -80,7 +80,7 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.stats = collections.Counter()  # requests_*, tokens_*, steps_*
+        self.stats = collections.Counter()  # requests_*, tokens_*, *_steps, *_seconds
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------------ submit / cancel

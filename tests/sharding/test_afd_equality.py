@@ -344,8 +344,9 @@ def test_one_role_programs_run_only_their_own_work():
     ex = AfdExecutor(cfg, lay, jax.devices()[:2], afd, dtypes=F32, act_dtype=jnp.float32)
     ex.load_model(model)
     assert ex._segments()[0][0] is None and len(ex._segments()) == 1
-    assert conds == {"attention": 1, "ffn": 0}
-    assert _conditionals(ex) >= 2  # q/k/v + the role switch (+ embed / head once per step)
+    # On a GPU the attention role orders q/k/v with a barrier instead (no conditional).
+    assert conds == {"attention": 1 if jax.devices()[0].platform != "gpu" else 0, "ffn": 0}
+    assert _conditionals(ex) == 4  # embed and head (once per step), q/k/v and the role switch
 
 
 def test_lm_head_rows_padded_for_any_vocabulary():
