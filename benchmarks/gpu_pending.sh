@@ -11,6 +11,9 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 6 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 7 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 8 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 9 $OUT  # any Hopper
+# Still to run (as of 2026-12-05): 9 first (issue 17's overhead against the corrected bare
+# step), then 2 (H200 only: the full-size roles), then 1 (issue 16's suites and tables).
 #
 # call 1 (issue 16): the kernel GPU suites (incl. the FP8 P.V class, never run yet), the FP8
 #   P.V kernel against the tuned FP8 kernel and XLA on full and ragged batches, and the
@@ -43,6 +46,9 @@
 #   engine's overhead over the bare step where decoding dominates (64 closed-loop clients,
 #   short prompts; per-level decode/prefill iteration times), the vision tower with cuBLAS
 #   instead of Triton GEMM fusions.
+# call 9 (issues 17 and 13, any Hopper): the engine's decode iteration against the corrected
+#   bare step (distinct rows: every expert read), in the caller's thread, its own thread and
+#   with 64 client threads; then the 61-layer attention role with a profiler trace.
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -116,5 +122,10 @@ case "$CALL" in
       "@130 RATES= CONCURRENCY=64 PROMPT_LEN=64:128 OUTPUT_LEN=256:512 DURATION=20 bash benchmarks/gpu_serving.sh \$OUT" \
       "@60 XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8 --trace --out \$OUT/vision_728_cublas.json"
     ;;
-  *) echo "call must be 1 to 8, got $CALL" >&2; exit 2 ;;
+  9)
+    $RUN -t 200 "$OUT_DIR/call9" \
+      "@200 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 python3 benchmarks/bench_engine_overhead.py --step3 --layers 4 --precision fp8+kv8 --max-batch 64 --max-len 4096 --page-size 64 --prefill-chunk 256 --prompt-len 64:64 --output-len 256:256 --out \$OUT" \
+      "@80 python3 benchmarks/bench_afd.py --layout 1A3F --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 3 --role attention --full --trace --out \$OUT/attention61.json"
+    ;;
+  *) echo "call must be 1 to 9, got $CALL" >&2; exit 2 ;;
 esac
