@@ -4,8 +4,8 @@ Compiles one role's step (`AfdExecutor(role=...)`, the program `bench_afd.py --r
 and reports XLA's memory analysis (temp bytes against the arena's bytes: a temp as large as
 an arena is a copy of it) and every instruction of the optimized HLO whose result is as large
 as one of the arenas (copies, converts, bitcast-converts, scatters, fusions), with the HLO text
-saved for reading. ``--cond`` adds what a `lax.cond` / `lax.switch` per scan tick costs (the AFD tick has
-two). ``--scatter`` adds the micro-probe behind `quant.set_at`: a 1-byte scatter
+saved for reading. ``--cond`` adds what a `lax.cond` / `lax.switch` per scan tick costs (the
+full AFD program's tick has one of each). ``--scatter`` adds the micro-probe behind `quant.set_at`: a 1-byte scatter
 into a donated buffer as (a) a float8 ``.at[].set``, (b) the same bytes through a uint8
 bitcast of the float8 buffer, (c) a uint8 buffer: temp bytes and time per call.
 

@@ -150,6 +150,7 @@ class AfdExecutor:
             self.mesh = layout.afd_mesh(devices)
         else:
             self.mesh = Mesh(np.array(list(devices)[:1]), ("afd",))
+        self.on_gpu = self.mesh.devices.flat[0].platform == "gpu"
         self.arena = ArenaLayout.build(
             config,
             layout,
@@ -285,6 +286,10 @@ class AfdExecutor:
     def _tables(self):
         """Static per-layer and per-round lookup tables (indexed by traced values)."""
         c, n_a = self.config, self.layout.num_attention
+        is_moe = np.array([c.is_moe_layer(i) for i in range(c.num_layers)])
+        names = self._branch_names()
+        # layer -> its FFN branch's index in the tick's switch (an FFN device's work)
+        ffn_branch = np.array([names.index(self._ffn_branch(i)) for i in range(c.num_layers)])
         kind_index = np.zeros(c.num_layers, np.int32)
         for ids in (c.moe_layer_ids, c.dense_layer_ids):
             kind_index[list(ids)] = np.arange(len(ids))
@@ -295,11 +300,16 @@ class AfdExecutor:
         for r, pairs in enumerate(rounds):
             for a, f in pairs:
                 src[r, n_a + f] = dst[r, n_a + f] = a
-        return jnp.asarray(kind_index), rounds, src, dst
+        tables = (jnp.asarray(t) for t in (is_moe, kind_index, ffn_branch))
+        return *tables, rounds, src, dst
 
     def _branch_names(self) -> tuple[str, ...]:
         """The tick's branches: ``attention``, ``ffn_<kind>`` per FFN layer kind, ``idle``."""
         return ("attention", *(f"ffn_{k}" for k in self.ffn_layers), "idle")
+
+    def _ffn_branch(self, layer: int) -> str:
+        """The FFN branch of ``layer``: ``ffn_moe`` or ``ffn_dense``."""
+        return "ffn_" + ("moe" if self.config.is_moe_layer(layer) else "dense")
 
     def _static_branch(self, row) -> str:
         """What ``self.role``'s device does at schedule ``row`` (``idle`` if nothing)."""
@@ -307,7 +317,7 @@ class AfdExecutor:
         if self.role == "attention" and a_ok:  # (a one-role program's stages are its role)
             return "attention"
         if self.role == "ffn" and f_ok:
-            return "ffn_" + ("moe" if self.config.is_moe_layer(f_l) else "dense")
+            return self._ffn_branch(f_l)
         return "idle"
 
     def _segments(self) -> list[tuple[str | None, np.ndarray]]:
@@ -419,8 +429,7 @@ class AfdExecutor:
         c, a, lay = self.config, self.afd, self.layout
         m_count, bm = a.num_microbatches, a.microbatch
         _, bd, t = tokens.shape
-        kind_t, rounds, src, dst = self._tables()
-        is_moe_t = jnp.asarray([c.is_moe_layer(i) for i in range(c.num_layers)])
+        is_moe_t, kind_t, ffn_branch_t, rounds, src, dst = self._tables()
         dev = lax.axis_index("afd")
         e_local = c.num_experts // lay.ffn_ep
         if self.role is None:
@@ -459,10 +468,6 @@ class AfdExecutor:
             jnp.zeros((bm, t, c.num_heads, c.head_dim), self.act_dtype),
             *[jnp.zeros((bm, t, c.head_dim), self.act_dtype)] * 2,
         )
-        ffn_branch_t = jnp.asarray(  # layer -> its FFN branch (an FFN device's switch index)
-            [names.index("ffn_" + ("moe" if c.is_moe_layer(i) else "dense"))
-             for i in range(c.num_layers)]
-        )  # fmt: skip
 
         def tick(carry, row, branch: str | None):
             arenas, x, x_mid, inbox = carry
@@ -470,7 +475,7 @@ class AfdExecutor:
             # Traced even in a one-role program (a_ok > 0 on all its rows): a constant
             # predicate would let XLA inline the q/k/v conditional and lose its ordering.
             act_a = (a_ok > 0) & (branch == "attention" if branch else is_attn & do_a)
-            conditional = branch is None or self.mesh.devices.flat[0].platform != "gpu"
+            conditional = branch is None or not self.on_gpu
             cache = q = None
             if self.role != "ffn":  # an FFN-only program holds no attention regions
                 # The arena is written by ONE masked scatter outside every branch (inactive:
@@ -553,7 +558,7 @@ class AfdExecutor:
             check_vma=False,
         )
         opts = dict(self.afd.compiler_options)
-        if self.mesh.devices.flat[0].platform == "gpu":
+        if self.on_gpu:
             opts = dict(GPU_COMPILER_OPTIONS) | opts
         opts = opts or None
         return jax.jit(body, donate_argnums=0, compiler_options=opts)
