@@ -209,7 +209,10 @@ def trace_breakdown(fn: Callable, args: tuple = (), *, warmup: int = 1, top: int
     CUPTI tracer, which also sees kernels that Mosaic GPU's hooks miss): ``span_us`` (first
     device event start to last end), ``busy_us`` (union of the events' intervals: the rest of
     the span is the device idle, e.g. waiting on the host), ``events``, and the ``top`` kernel
-    names by total time ``[(name, total_us, count)]``. ``{}`` off GPU or if the trace holds no
+    names by total time ``[(name, total_us, count)]``, and ``scopes``: the same time by the
+    kernels' jax name scope (`op_scope`; the model's layers name theirs, e.g. ``kv_write``,
+    ``attend``, ``o_proj``), which tells apart the custom calls that all share one kernel name
+    (Mosaic GPU's ``anonymous_mosaic_gpu_kernel``). ``{}`` off GPU or if the trace holds no
     device events."""
     import tempfile
 
@@ -224,7 +227,7 @@ def trace_breakdown(fn: Callable, args: tuple = (), *, warmup: int = 1, top: int
             jax.block_until_ready(fn(*args))
         paths = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".pb")]
         planes = ProfileData.from_file(paths[0]).planes if paths else []
-        spans, totals, lines = [], {}, {}
+        spans, totals, lines, scopes, stat_keys = [], {}, {}, {}, set()
         for plane in planes:
             if not plane.name.startswith("/device:GPU"):
                 continue
@@ -235,8 +238,12 @@ def trace_breakdown(fn: Callable, args: tuple = (), *, warmup: int = 1, top: int
                     continue  # e.g. the per-op/per-module summary lines repeat the kernels
                 for ev in events:
                     spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
-                    t, c = totals.get(ev.name, (0.0, 0))
-                    totals[ev.name] = (t + ev.duration_ns / 1e3, c + 1)
+                    us = ev.duration_ns / 1e3
+                    if len(stat_keys) < 64:  # which stats this jax's tracer attaches
+                        stat_keys.update(str(k) for k, _ in ev.stats)
+                    for table, key in ((totals, ev.name), (scopes, op_scope(ev))):
+                        t, c = table.get(key, (0.0, 0))
+                        table[key] = (t + us, c + 1)
     if not spans:
         return {}
     spans.sort()
@@ -246,13 +253,30 @@ def trace_breakdown(fn: Callable, args: tuple = (), *, warmup: int = 1, top: int
             busy += b - max(a, end)
             end = b
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    by_scope = sorted(scopes.items(), key=lambda kv: -kv[1][0])[:top]
     return {
         "span_us": (max(b for _, b in spans) - spans[0][0]) / 1e3,
         "busy_us": busy / 1e3,
         "events": len(spans),
         "lines": lines,
         "top": [(name, round(t, 2), c) for name, (t, c) in ranked],
+        "scopes": [(name, round(t, 2), c) for name, (t, c) in by_scope],
+        "stat_keys": sorted(stat_keys),
     }
+
+
+def op_scope(event, depth: int = 3) -> str:
+    """The jax name scope of a profiler device event: XLA's ``tf_op`` stat holds the HLO op's
+    ``op_name`` (the jax name stack, e.g. ``jit(step)/while/body/attend/pallas_call``); this
+    drops the ``jit(..)`` frames and the primitive and keeps the last ``depth`` scopes
+    (``while/body/attend``). ``"?"`` when the event carries no op name (e.g. a memcpy)."""
+    try:
+        stats = dict(event.stats)
+    except (TypeError, ValueError):
+        return "?"
+    op = stats.get("tf_op") or stats.get("long_name") or ""
+    parts = [p for p in str(op).split("/") if p and not p.startswith("jit(")][:-1]
+    return "/".join(parts[-depth:]) or "?"
 
 
 def num_sets(nbytes_per_set: int, rotate_bytes: int = ROTATE_BYTES) -> int:

@@ -85,7 +85,9 @@ class DecoderLayer(nnx.Module):
         self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], policy: KernelPolicy
     ) -> tuple[Array, Array, Array]:
         """Input norm, q/k/v projections, inter_norm, wq, RoPE: ``(q [B,T,N,H], k, v [B,T,H])``."""
-        return self.self_attn.qkv(self.input_layernorm(x), positions, policy.gemm)
+        with jax.named_scope("input_norm"):
+            h = self.input_layernorm(x)
+        return self.self_attn.qkv(h, positions, policy.gemm)
 
     def attention_out(
         self,
@@ -96,8 +98,10 @@ class DecoderLayer(nnx.Module):
         """o_proj of the attention output, residual, post-attention norm and (MoE layers) the
         router's top-k: ``(x_mid, h2, routing)``."""
         x_mid = x + self.self_attn.output(o, policy.gemm).astype(x.dtype)
-        h2 = self.post_attention_layernorm(x_mid)
-        routing = self.ffn.route(h2) if self.is_moe else None
+        with jax.named_scope("post_norm"):
+            h2 = self.post_attention_layernorm(x_mid)
+        with jax.named_scope("router"):
+            routing = self.ffn.route(h2) if self.is_moe else None
         return x_mid, h2, routing
 
     def attention_half(
@@ -116,8 +120,10 @@ class DecoderLayer(nnx.Module):
             o = mfa_attention_xla(q, k, v, positions, kv_positions=positions)
         else:
             layer = self.layer_id if cache_layer is None else cache_layer
-            cache = cache.write(layer, k, v, positions)
-            o = cache.attend(layer, q, positions, policy.attention)
+            with jax.named_scope("kv_write"):
+                cache = cache.write(layer, k, v, positions)
+            with jax.named_scope("attend"):
+                o = cache.attend(layer, q, positions, policy.attention)
         x_mid, h2, routing = self.attention_out(x, o, policy)
         return x_mid, h2, routing, cache
 
@@ -130,9 +136,10 @@ class DecoderLayer(nnx.Module):
     ) -> Float[Array, "B T D"]:
         """The FFN on ``h2``. A module holding a slice of the FFN (an FFN device) returns its
         partial sum: experts from ``first_expert`` on, its F slice of the shared/dense SwiGLU."""
-        if self.is_moe:
-            return self.ffn(h2, routing, policy.moe, policy.gemm, first_expert)
-        return self.ffn(h2, policy.gemm)
+        with jax.named_scope("moe" if self.is_moe else "dense_ffn"):
+            if self.is_moe:
+                return self.ffn(h2, routing, policy.moe, policy.gemm, first_expert)
+            return self.ffn(h2, policy.gemm)
 
     def __call__(self, x, positions, cache=None, policy: KernelPolicy = DEFAULT_POLICY):
         x_mid, h2, routing, cache = self.attention_half(x, positions, cache, policy=policy)

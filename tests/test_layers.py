@@ -350,3 +350,28 @@ def test_jaxtyping_shapes_are_checked():
         _checked(rms_norm)(_normal(37, 3, 8), _normal(38, 9), 1e-5)
     with pytest.raises(TypeCheckError):
         _checked(swiglu)(jnp.zeros((2, 4), jnp.int32), router, router, router.T)  # not float
+
+
+def test_decoder_layer_names_its_pieces_in_the_hlo():
+    """Profiles tell the layer's kernels apart by jax name scope (`harness.op_scope`): every
+    piece of a cached MoE layer shows up in the lowered program's op names."""
+    import step3_jax as s3
+    from step3_jax.cache import KVCache
+    from step3_jax.model import DecoderLayer
+
+    cfg = s3.Step3Config.tiny()
+    moe_id = next(i for i in range(cfg.num_layers) if cfg.is_moe_layer(i))
+    layer = DecoderLayer(cfg, moe_id, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    cache = KVCache.create(cfg.num_layers, 2, 16, cfg.head_dim, dtype=jnp.float32)
+    x = jnp.ones((2, 1, cfg.hidden_size), jnp.float32)
+    pos = jnp.zeros((2, 1), jnp.int32)
+
+    def run(layer, x, cache):
+        x_mid, h2, routing, cache = layer.attention_half(x, pos, cache)
+        return x_mid + layer.ffn_half(h2, routing), cache
+
+    text = nnx.jit(run).lower(layer, x, cache).as_text(debug_info=True)
+    scopes = ("input_norm", "qkv_proj", "inter_norm", "wq", "rope", "kv_write", "attend")
+    scopes += ("o_proj", "post_norm", "router", "moe/routed_experts", "moe/shared_expert")
+    missing = [s for s in scopes if f"/{s}/" not in text]
+    assert not missing, f"name scopes missing from the lowered layer: {missing}"

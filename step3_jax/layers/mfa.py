@@ -15,6 +15,7 @@ so q_lo, k and v come from one projection 'BTD,ND->BTN' split at R and R + H.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
@@ -164,17 +165,22 @@ class MFAttention(nnx.Module):
     ) -> tuple[Float[Array, "B T N H"], Float[Array, "B T H"], Float[Array, "B T H"]]:
         """Projections, inter_norm (BEFORE the up-projection) and RoPE on q and k.
         ``implementation``: the GEMM of FP8 weights (`KernelPolicy.gemm`)."""
-        q_lo, k, v = self._projections(x.astype(self.dtype), implementation)
-        q_lo = self.inter_norm(q_lo)
-        q = project(q_lo, self.wq[...], "BTR,NHR->BTNH", implementation=implementation)
-        q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
-        k = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
+        with jax.named_scope("qkv_proj"):
+            q_lo, k, v = self._projections(x.astype(self.dtype), implementation)
+        with jax.named_scope("inter_norm"):
+            q_lo = self.inter_norm(q_lo)
+        with jax.named_scope("wq"):
+            q = project(q_lo, self.wq[...], "BTR,NHR->BTNH", implementation=implementation)
+        with jax.named_scope("rope"):
+            q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+            k = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
         return q, k, v
 
     def output(
         self, o: Float[Array, "B T N H"], implementation: str | None = None
     ) -> Float[Array, "B T D"]:
-        return project(o, self.o_proj[...], "BTNH,DNH->BTD", implementation=implementation)
+        with jax.named_scope("o_proj"):
+            return project(o, self.o_proj[...], "BTNH,DNH->BTD", implementation=implementation)
 
     def __call__(
         self, x: Float[Array, "B T D"], positions: Int[Array, "B T"] | None = None

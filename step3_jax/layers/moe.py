@@ -197,11 +197,13 @@ class MoE(nnx.Module):
         x2 = h.reshape(-1, h.shape[-1])
         w2, i2 = weights.reshape(-1, self.top_k), ids.reshape(-1, self.top_k)
         experts = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
-        if implementation == "dense":
-            out = experts_dense(x2, w2, i2, *experts, first_expert, implementation=gemm)
-        else:
-            out = experts_grouped(x2, w2, i2, *experts, first_expert, implementation)
-        out = out.reshape(*lead, h.shape[-1])
+        with jax.named_scope("routed_experts"):
+            if implementation == "dense":
+                out = experts_dense(x2, w2, i2, *experts, first_expert, implementation=gemm)
+            else:
+                out = experts_grouped(x2, w2, i2, *experts, first_expert, implementation)
+            out = out.reshape(*lead, h.shape[-1])
         if self.shared_expert is not None:
-            out = out + self.shared_expert(h, implementation=gemm)
+            with jax.named_scope("shared_expert"):
+                out = out + self.shared_expert(h, implementation=gemm)
         return out

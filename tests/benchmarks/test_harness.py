@@ -175,3 +175,15 @@ def test_cupti_sum_far_below_the_host_loop_falls_back(monkeypatch):
     assert harness.cupti_missed_kernels(7_100, 54_600)
     assert not harness.cupti_missed_kernels(105, 118)  # launch gaps of a short kernel: kept
     assert not harness.cupti_missed_kernels(2_000, 2_900)  # under half, but < 1 ms missing
+
+
+def test_op_scope_reads_the_name_scope_of_a_device_event():
+    class Event:
+        def __init__(self, stats):
+            self.stats = stats
+
+    op = "jit(step)/jit(main)/while/body/closed_call/attend/pallas_call"
+    assert harness.op_scope(Event([("tf_op", op)])) == "body/closed_call/attend"
+    assert harness.op_scope(Event([("tf_op", op)]), depth=1) == "attend"
+    assert harness.op_scope(Event([("hlo_op", "fusion.3")])) == "?"  # no op name: a memcpy
+    assert harness.op_scope(Event([])) == "?"
