@@ -1,7 +1,10 @@
 """Dense FP8 block-scaled GEMMs of the Step-3 attention half (M = B*T rows) through the
 grouped-GEMM kernel with one group, per tuning config: harness device time and weight GB/s.
 
-    python3 benchmarks/bench_dense_fp8.py --m 128 --out dense.json
+    python3 benchmarks/bench_dense_fp8.py --m 128,256 --out dense.json
+
+Each shape is timed with every config of ``CONFIGS`` and with the one ``dense_config`` picks
+for the device (``config="auto"``), so a sweep says whether the table's pick is the best.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from step3_jax import quant  # noqa: E402
 from step3_jax.kernels.grouped_gemm import TuningConfig, grouped_matmul  # noqa: E402
+from step3_jax.kernels.grouped_gemm.config import dense_config  # noqa: E402
 
 SHAPES = {  # name: (N, K) of the [N, K] weight view
+    "qkv_proj": (2560, 7168),  # q, k and v fused (the stored form the model runs)
     "q_proj": (2048, 7168),
     "k_proj": (256, 7168),
     "wq": (16384, 2048),
@@ -62,25 +67,29 @@ def measure(m: int, n: int, k: int, cfg: TuningConfig, impl: str, name: str) -> 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--m", type=int, default=128)
+    p.add_argument("--m", default="128", help="rows (B*T), comma-separated: 128,256,512")
     p.add_argument("--out", default=None)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: XLA path, one small shape")
     args = p.parse_args(argv)
     shapes, configs, impl = SHAPES, CONFIGS, "pallas"
+    ms = [int(m) for m in args.m.split(",")]
     if args.tiny:
         shapes, configs, impl = {"tiny": (256, 512)}, dict(list(CONFIGS.items())[:1]), "xla"
-        args.m = 16
+        ms = [16]
+    kind = jax.devices()[0].device_kind
     rows = []
-    for name, (n, k) in shapes.items():
-        for cname, cfg in configs.items():
-            try:
-                row = measure(args.m, n, k, cfg, impl, name)
-                row["config"] = cname
-            except Exception as e:  # noqa: BLE001 - a config that does not fit is a data point
-                row = harness.error_row(name, {"m": args.m, "n": n, "k": k}, e, config=cname)
-            rows.append(row)
-            harness.print_json(row)
-    extra = {"m": args.m, "configs": {k: dataclasses.asdict(v) for k, v in configs.items()}}
+    for m in ms:
+        for name, (n, k) in shapes.items():
+            auto = {} if args.tiny else {"auto": dense_config(kind, m, n, k)}
+            for cname, cfg in (configs | auto).items():
+                try:
+                    row = measure(m, n, k, cfg, impl, name)
+                    row["config"] = cname
+                except Exception as e:  # noqa: BLE001 - a config that does not fit is a data point
+                    row = harness.error_row(name, {"m": m, "n": n, "k": k}, e, config=cname)
+                rows.append(row)
+                harness.print_json(row)
+    extra = {"m": ms, "configs": {k: dataclasses.asdict(v) for k, v in configs.items()}}
     doc = harness.results("dense_fp8", rows, **extra)
     if args.out:
         harness.write_results(args.out, rows, bench="dense_fp8", **extra)

@@ -12,6 +12,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 7 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 8 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 9 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 10 $OUT  # any Hopper
 # Still to run (as of 2026-12-05): 9 first (issue 17's overhead against the corrected bare
 # step), then 2 (H200 only: the full-size roles), then 1 (issue 16's suites and tables).
 #
@@ -49,6 +50,10 @@
 # call 9 (issues 17 and 13, any Hopper): the engine's decode iteration against the corrected
 #   bare step (distinct rows: every expert read), in the caller's thread, its own thread and
 #   with 64 client threads; then the 61-layer attention role with a profiler trace.
+# call 10 (issues 13 and 16, any Hopper): the 61-layer attention role's device time by jax name
+#   scope (which of the four Mosaic kernels is which), the dense FP8 GEMMs of the attention
+#   half at M = 256 and 512 with every tile config, and the MFA ragged work list on the GPU
+#   (its GPU tests, then tuned vs ragged on full and ragged batches at 4K and 32K).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -127,5 +132,12 @@ case "$CALL" in
       "@200 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 python3 benchmarks/bench_engine_overhead.py --step3 --layers 4 --precision fp8+kv8 --max-batch 64 --max-len 4096 --page-size 64 --prefill-chunk 256 --prompt-len 64:64 --output-len 256:256 --out \$OUT" \
       "@80 python3 benchmarks/bench_afd.py --layout 1A3F --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 3 --role attention --full --trace --out \$OUT/attention61.json"
     ;;
-  *) echo "call must be 1 to 9, got $CALL" >&2; exit 2 ;;
+  10)
+    $RUN -t 60 "$OUT_DIR/call10" \
+      "@60 python3 benchmarks/bench_afd.py --layout 1A3F --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 3 --role attention --full --trace --out \$OUT/attention61.json" \
+      "@110 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 tests/pallas_kernels/test_mfa_decode.py -k 'Ragged or forced_splits'" \
+      "@120 $MFA --breakdown 128x4096 --batches 128,256 --contexts 4096,32768 --impls pallas_fp8,pallas_fp8_ragged --ragged both" \
+      "@90 python3 benchmarks/bench_dense_fp8.py --m 256,512 --out \$OUT/dense_fp8.json"
+    ;;
+  *) echo "call must be 1 to 10, got $CALL" >&2; exit 2 ;;
 esac
