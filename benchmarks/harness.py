@@ -239,8 +239,8 @@ def trace_breakdown(fn: Callable, args: tuple = (), *, warmup: int = 1, top: int
                 for ev in events:
                     spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
                     us = ev.duration_ns / 1e3
-                    if len(stat_keys) < 64:  # which stats this jax's tracer attaches
-                        stat_keys.update(str(k) for k, _ in ev.stats)
+                    if not stat_keys:  # what this jax's tracer attaches, as a sample
+                        stat_keys.update(f"{k}={str(v)[:80]}" for k, v in _event_stats(ev).items())
                     for table, key in ((totals, ev.name), (scopes, op_scope(ev))):
                         t, c = table.get(key, (0.0, 0))
                         table[key] = (t + us, c + 1)
@@ -261,22 +261,31 @@ def trace_breakdown(fn: Callable, args: tuple = (), *, warmup: int = 1, top: int
         "lines": lines,
         "top": [(name, round(t, 2), c) for name, (t, c) in ranked],
         "scopes": [(name, round(t, 2), c) for name, (t, c) in by_scope],
-        "stat_keys": sorted(stat_keys),
+        "stat_sample": sorted(stat_keys),
     }
+
+
+def _event_stats(event) -> dict:
+    try:
+        return {str(k): v for k, v in event.stats}
+    except (TypeError, ValueError):
+        return {}
 
 
 def op_scope(event, depth: int = 3) -> str:
     """The jax name scope of a profiler device event: XLA's ``tf_op`` stat holds the HLO op's
     ``op_name`` (the jax name stack, e.g. ``jit(step)/while/body/attend/pallas_call``); this
     drops the ``jit(..)`` frames and the primitive and keeps the last ``depth`` scopes
-    (``while/body/attend``). ``"?"`` when the event carries no op name (e.g. a memcpy)."""
-    try:
-        stats = dict(event.stats)
-    except (TypeError, ValueError):
-        return "?"
-    op = stats.get("tf_op") or stats.get("long_name") or ""
-    parts = [p for p in str(op).split("/") if p and not p.startswith("jit(")][:-1]
-    return "/".join(parts[-depth:]) or "?"
+    (``while/body/attend``). Without a name stack, the ``hlo_op`` stat (``custom-call.3``:
+    still one name per call site); ``"?"`` when neither is there (e.g. a memcpy)."""
+    stats = _event_stats(event)
+    op = stats.get("tf_op")
+    if isinstance(op, str) and "/" in op:
+        parts = [p for p in op.split("/") if p and not p.startswith("jit(")][:-1]
+        if parts:
+            return "/".join(parts[-depth:])
+    hlo = stats.get("hlo_op")
+    return str(hlo) if hlo else "?"
 
 
 def num_sets(nbytes_per_set: int, rotate_bytes: int = ROTATE_BYTES) -> int:

@@ -188,7 +188,8 @@ def _xla_jit(q, k, v, lengths, k_scale, v_scale, block_table, sm_scale, v_transp
 def _resolve_config(
     config, kv_dtype, num_ctas: int, max_len: int, page_size, num_sms=None, v_transposed=False
 ):
-    """Config for this call: tuned table (fitted to smem) or the caller's (validated);
+    """Config for this call: tuned table (fitted to smem; the ragged work list where
+    `config.use_ragged_work_list` says it pays) or the caller's (validated);
     ``v_transposed``: its FP8 P.V form (`TuningConfig.for_transposed_v`).
 
     Returns (config, num_splits, partial dtype). num_splits: the config's, else
@@ -202,6 +203,8 @@ def _resolve_config(
         config = cfg_lib.get_config(kind, kv_dtype)
         if page_size is not None and page_size < config.block_s:
             config = dataclasses.replace(config, block_s=64)
+        if cfg_lib.use_ragged_work_list(kv_dtype, num_ctas, max_len):
+            config = dataclasses.replace(config, ragged=True)
         config = config.for_transposed_v() if v_transposed else config
         # Partials of a split-K run are f32: shrink the ring until it fits.
         step = 2 if config.wg_split == "seq" else 1

@@ -244,6 +244,25 @@ def split_costs(device_kind: str) -> splitk.SplitCosts | None:
     return SPLIT_COSTS.get(fam) if fam else None
 
 
+# The ragged work list (`TuningConfig.ragged`) on the GPU, FP8 cache, H100 (CUPTI us, commit
+# cd0f7bd, benchmarks/results/mfa_decode_H100_ragged_cd0f7bd.json), tuned grid -> work list:
+# 32K, lengths U[S/2, S]: B=128 658 -> 589, B=256 1,297 -> 1,134 (84-86% -> 94-98% of copy over
+# the KV read); 32K full: 723 -> 751, 1,444 -> 1,471 (+2-4%). At 4K it loses everywhere (B=128
+# ragged 99 -> 120, B=256 180 -> 189): its pre-pass and merge cost ~15 us a call, more than
+# the balance gains on short sequences. Serving batches are ragged, so it is on from 16K with
+# many rows (few rows split better on the split-K grid, which the work list replaces).
+RAGGED_MIN_LEN = 16384
+RAGGED_MIN_ROWS = 128
+
+
+def use_ragged_work_list(kv_dtype, num_rows: int, max_len: int) -> bool:
+    """Whether the tuned config turns the ragged work list on for a call of ``num_rows``
+    (B * T) query rows against a cache of ``max_len`` tokens: FP8 caches only (the bf16 form
+    is unmeasured), from ``RAGGED_MIN_LEN`` tokens and ``RAGGED_MIN_ROWS`` rows."""
+    fp8 = jnp.dtype(kv_dtype) == jnp.dtype(jnp.float8_e4m3fn)
+    return fp8 and num_rows >= RAGGED_MIN_ROWS and max_len >= RAGGED_MIN_LEN
+
+
 def choose_num_splits(
     num_ctas: int, max_len: int, block_s: int, num_sms: int, costs: splitk.SplitCosts | None = None
 ) -> int:

@@ -185,5 +185,7 @@ def test_op_scope_reads_the_name_scope_of_a_device_event():
     op = "jit(step)/jit(main)/while/body/closed_call/attend/pallas_call"
     assert harness.op_scope(Event([("tf_op", op)])) == "body/closed_call/attend"
     assert harness.op_scope(Event([("tf_op", op)]), depth=1) == "attend"
-    assert harness.op_scope(Event([("hlo_op", "fusion.3")])) == "?"  # no op name: a memcpy
-    assert harness.op_scope(Event([])) == "?"
+    no_stack = [("tf_op", "pallas_call"), ("hlo_op", "custom-call.3")]
+    assert harness.op_scope(Event(no_stack)) == "custom-call.3"  # still one name a call site
+    assert harness.op_scope(Event([("tf_op", 7)])) == "?"
+    assert harness.op_scope(Event([])) == "?"  # e.g. a memcpy

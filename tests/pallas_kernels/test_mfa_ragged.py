@@ -239,6 +239,20 @@ def test_api_uses_the_rule_and_keeps_explicit_splits():
     assert api._resolve_config(rag, fp8, 128, 4096, None, SMS)[1:] == (1, jnp.float32)
 
 
+def test_tuned_config_takes_the_work_list_for_long_caches_with_many_rows():
+    """Measured on the GPU (config.RAGGED_MIN_LEN): the work list pays from ~16K tokens with
+    many rows; short caches, few rows and bf16 keep the split grid."""
+    fp8, bf16 = jnp.float8_e4m3fn, jnp.bfloat16
+    long, rows = cfg_lib.RAGGED_MIN_LEN, cfg_lib.RAGGED_MIN_ROWS
+    cfg, j, dt = api._resolve_config(None, fp8, rows, long, None, SMS)
+    assert cfg.ragged and (j, dt) == (1, jnp.float32)
+    assert api._resolve_config(None, fp8, rows, long, 64, SMS)[0].ragged  # paged too
+    for kv, b, s in ((fp8, rows, long // 2), (fp8, rows - 1, 2 * long), (bf16, rows, long)):
+        assert not api._resolve_config(None, kv, b, s, None, SMS)[0].ragged, (kv, b, s)
+    # An explicit config is the caller's: never switched.
+    assert not api._resolve_config(V_CONVERT_MEMORY, fp8, rows, long, None, SMS)[0].ragged
+
+
 # --- CUDA lowering of the new grids (CPU host) ------------------------------------------------
 
 
