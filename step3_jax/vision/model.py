@@ -21,14 +21,27 @@ from jaxtyping import Array, Bool, Float, Int
 from step3_jax.cache import KVCache
 from step3_jax.config import Step3Config
 from step3_jax.model import Step3Model, _check_tokens
+from step3_jax.policy import compiler_options
 from step3_jax.vision.config import Step3VisionConfig
 from step3_jax.vision.encoder import Step3VisionModel
 from step3_jax.vision.preprocess import PreprocessedImages
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _embed_images(graphdef, state, pixel_values):
+def _tower(graphdef, state, pixel_values):
     return nnx.merge(graphdef, state)(pixel_values)
+
+
+@functools.cache
+def tower_program(on_gpu: bool):
+    """The jitted tower ``(graphdef, state, pixel_values) -> [B, T, M]``. ``on_gpu``: compile
+    with `step3_jax.policy.GPU_COMPILER_OPTIONS`, so its linears become cuBLAS GEMMs rather
+    than XLA's slower Triton GEMM fusions (docs/LOG.md, "Vision tower"); False on a GPU gives
+    XLA's defaults (a benchmark's control)."""
+    return jax.jit(_tower, static_argnames=("graphdef",), compiler_options=compiler_options(on_gpu))
+
+
+def _embed_images(graphdef, state, pixel_values):
+    return tower_program(jax.default_backend() == "gpu")(graphdef, state, pixel_values)
 
 
 class Step3VLModel(nnx.Module):
@@ -182,4 +195,4 @@ class Step3VLModel(nnx.Module):
         return logits, cache.replace(lengths=positions[:, -1] + 1)
 
 
-__all__ = ["Step3VLModel"]
+__all__ = ["Step3VLModel", "tower_program"]

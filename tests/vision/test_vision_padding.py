@@ -1,0 +1,153 @@
+"""The tower's token padding (`pad_tokens`): padded keys masked in every attention path, the
+real tokens' outputs unchanged, padded rows finite."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from vision_fixtures import embed, load_tiny, random_pixels, random_vision_tensors
+
+from step3_jax.policy import GPU_COMPILER_OPTIONS, compiler_options
+from step3_jax.sharding import afd
+from step3_jax.vision import layers
+from step3_jax.vision.config import NUM_PREFIX_TOKENS, Step3VisionConfig
+from step3_jax.vision.layers import attention, pad_tokens
+
+CFG = Step3VisionConfig.tiny()
+EPS32 = float(np.finfo(np.float32).eps)
+# Padded vs unpadded, float32, same weights: each real row's math is the same, only XLA's
+# blocking of the longer GEMMs/reductions may reorder sums: per op <= eps * sqrt(K) relative
+# (K <= 64, the tiny MLP width), ~10 ops per layer (qkv, 2 attention contractions, softmax,
+# out, 2 norms, fc1, fc2, residuals), 2 layers + 2 convs + projector: 30 eps * 8 ~ 3e-5. Any
+# leak through a padded key is O(1) relative (the pad rows' values are unrelated).
+PAD_RTOL = 30 * EPS32 * np.sqrt(CFG.intermediate_size)
+
+
+def _rel_err(got, ref) -> float:
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+
+
+def _qkv(seed: int, b=2, t=5, s=11, n=2, h=8):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (b, t, n, h), jnp.float32)
+    # Keys/values past the real ones are large and unrelated: a leak shows at O(1).
+    k = jax.random.normal(ks[1], (b, s, n, h), jnp.float32) * 3.0
+    v = jax.random.normal(ks[2], (b, s, n, h), jnp.float32) * 10.0
+    return q, k, v
+
+
+@pytest.mark.parametrize("kv_len", [1, 7, 11])
+def test_masked_attention_equals_attention_over_the_real_keys(kv_len):
+    q, k, v = _qkv(0)
+    got = attention(q, k, v, "xla", kv_len)
+    ref = attention(q, k[:, :kv_len], v[:, :kv_len], "xla")
+    # softmax over kv_len logits + one contraction of length kv_len, float32
+    np.testing.assert_allclose(got, ref, rtol=0, atol=8 * EPS32 * np.abs(v).max())
+    if kv_len < k.shape[1]:  # the mask matters here: unmasked is far off
+        assert _rel_err(attention(q, k, v, "xla"), ref) > 0.05
+
+
+def test_cudnn_path_passes_a_mask_jax_honours(monkeypatch):
+    """cuDNN runs only on a GPU: capture the arguments the "cudnn" path hands to
+    `jax.nn.dot_product_attention` and run them through the same API's XLA implementation,
+    which gives the masked result only if ``key_value_seq_lengths`` is right."""
+    q, k, v = _qkv(1)
+    seen = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, implementation=None, **kwargs):
+        seen.append((implementation, kwargs.get("key_value_seq_lengths")))
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(layers.jax.nn, "dot_product_attention", spy)
+    got = attention(q, k, v, "cudnn", 7)
+    assert seen[0][0] == "cudnn"
+    np.testing.assert_array_equal(seen[0][1], [7, 7])
+    ref = attention(q, k[:, :7], v[:, :7], "xla")
+    np.testing.assert_allclose(got, ref, rtol=0, atol=8 * EPS32 * np.abs(v).max())
+    attention(q, k, v, "cudnn", k.shape[1])  # kv_len == S: no mask at all
+    assert seen[1][1] is None
+
+
+@pytest.mark.parametrize("kv_len", [0, 12, -1])
+def test_bad_kv_len_is_rejected(kv_len):
+    q, k, v = _qkv(2)
+    with pytest.raises(ValueError, match="kv_len"):
+        attention(q, k, v, "xla", kv_len)
+
+
+def test_pad_tokens():
+    x = jax.random.normal(jax.random.key(3), (2, 13, 4))
+    y, n = pad_tokens(x, 8)
+    assert y.shape == (2, 16, 4) and n == 13
+    np.testing.assert_array_equal(y[:, :13], x)
+    np.testing.assert_array_equal(y[:, 13:], 0)
+    same, n = pad_tokens(x[:, :8], 8)
+    assert same.shape == (2, 8, 4) and n is None
+    assert pad_tokens(x, 1)[1] is None
+    for bad in (0, -8, 2.0):
+        with pytest.raises(ValueError, match="token multiple"):
+            pad_tokens(x, bad)
+
+
+# 728: 2708 tokens -> 2712; 504: 1300 -> 1304; 84: 40 (already a multiple of 8, no pad);
+# 98: 53 -> 56 (and -> 64 with multiple 64).
+@pytest.mark.parametrize(
+    "size,multiple", [(728, 8), (504, 8), (84, 8), (98, 8), (98, 64)]
+)  # fmt: skip
+def test_padded_tower_equals_unpadded(size, multiple):
+    model = load_tiny(CFG, random_vision_tensors(CFG, seed=11))
+    pixels = random_pixels(2, size, seed=size)
+    model.token_multiple = 1
+    ref = embed(model, pixels)
+    model.token_multiple = multiple
+    got = embed(model, pixels)
+    assert got.shape == ref.shape == (2, CFG.tokens_per_view(size), CFG.text_hidden_size)
+    assert _rel_err(got, ref) <= PAD_RTOL
+
+
+@pytest.mark.parametrize("size,padded", [(98, 56), (84, 40)])
+def test_tower_runs_its_layers_on_the_padded_length(size, padded):
+    """The padding really happens (the layers' GEMMs see ``padded`` rows), and only then."""
+    model = load_tiny(CFG, random_vision_tensors(CFG, seed=12))
+    pixels = jnp.asarray(random_pixels(1, size, seed=0))
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s).features(x))(state, pixels)
+    assert f"1,{padded},{3 * CFG.hidden_size}" in str(jaxpr).replace(" ", "")  # qkv output
+    real = NUM_PREFIX_TOKENS + CFG.grid(size) ** 2
+    assert (padded == real) == ("pad[" not in str(jaxpr))
+
+
+def test_padded_rows_stay_finite():
+    model = load_tiny(CFG, random_vision_tensors(CFG, seed=13))
+    pixels = jnp.asarray(random_pixels(2, 98, seed=1))
+    vm = model.vision_model
+    x, kv_len = pad_tokens(vm.embeddings(pixels, jnp.float32), 64)
+    assert kv_len == 53 and x.shape[1] == 64
+    out = np.asarray(vm.encode(x, kv_len=kv_len))
+    assert np.isfinite(out).all()
+    # and the real rows are the unpadded tower's
+    ref = np.asarray(vm.encode(x[:, :kv_len]))
+    assert _rel_err(out[:, :kv_len], ref) <= PAD_RTOL
+
+
+def test_token_multiple_is_validated():
+    from step3_jax.vision.encoder import Step3VisionModel
+
+    for bad in (0, 8.0):
+        with pytest.raises(ValueError, match="token_multiple"):
+            nnx.eval_shape(lambda b=bad: Step3VisionModel(CFG, rngs=nnx.Rngs(0), token_multiple=b))
+
+
+def test_gpu_compiler_options_have_one_definition():
+    assert afd.GPU_COMPILER_OPTIONS is GPU_COMPILER_OPTIONS
+    assert compiler_options(False) is None
+    assert compiler_options(True) == dict(GPU_COMPILER_OPTIONS)
+    assert compiler_options(True)["xla_gpu_enable_triton_gemm"] is False
+    over = (("xla_gpu_enable_triton_gemm", True), ("xla_backend_optimization_level", 0))
+    assert compiler_options(True, over)["xla_gpu_enable_triton_gemm"] is True
+    assert compiler_options(False, over) == dict(over)
