@@ -151,3 +151,42 @@ def test_gpu_compiler_options_have_one_definition():
     over = (("xla_gpu_enable_triton_gemm", True), ("xla_backend_optimization_level", 0))
     assert compiler_options(True, over)["xla_gpu_enable_triton_gemm"] is True
     assert compiler_options(False, over) == dict(over)
+
+
+@pytest.mark.gpu
+def test_cudnn_masked_attention_matches_xla_at_the_real_shape():
+    """One 728 px view of the release (2708 tokens padded to 2712, 16 heads of 112), bf16:
+    cuDNN's padding mask against the XLA path's explicit one and against the real keys alone."""
+    b, s, n, h, kv_len = 1, 2712, 16, 112, 2708
+    ks = jax.random.split(jax.random.key(21), 3)
+    q = jax.random.normal(ks[0], (b, s, n, h), jnp.bfloat16)
+    # padded keys/values large and unrelated: any leak is O(1)
+    k = jax.random.normal(ks[1], (b, s, n, h), jnp.bfloat16).at[:, kv_len:].multiply(30)
+    v = jax.random.normal(ks[2], (b, s, n, h), jnp.bfloat16).at[:, kv_len:].multiply(100)
+    got = jax.jit(lambda q, k, v: attention(q, k, v, "cudnn", kv_len))(q, k, v)
+    ref = jax.jit(lambda q, k, v: attention(q, k, v, "xla", kv_len))(q, k, v)
+    alone = jax.jit(lambda q, k, v: attention(q, k, v, "xla"))(q, k[:, :kv_len], v[:, :kv_len])
+    assert np.isfinite(np.asarray(got, np.float32)).all()  # padded query rows included
+    # bf16 probabilities (2**-9 relative each) weighting |v| <= max|v| of the real rows, plus
+    # the bf16 output rounding: a few 2**-8 * max|v|.
+    atol = 4 * 2.0**-8 * float(jnp.abs(v[:, :kv_len]).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=atol)
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(alone, np.float32), atol=atol
+    )
+
+
+@pytest.mark.gpu
+def test_cudnn_padded_bf16_tower_tracks_float32():
+    t = random_vision_tensors(CFG, seed=22)
+    ref = load_tiny(CFG, t)
+    ref.token_multiple = 1
+    bf16 = load_tiny(CFG, t, dtype=jnp.bfloat16)
+    bf16.attention_implementation = "cudnn"
+    assert bf16.token_multiple == 8
+    pixels = random_pixels(1, 504, seed=23)  # 1300 tokens -> 1304
+    a, b = embed(ref, pixels), embed(bf16, pixels)
+    # as test_vision_tower.test_bf16_tower_tracks_float32: bf16 keeps 8 bits, a few dozen
+    # roundings deep
+    cos = np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b)
+    assert cos > 0.999 and np.isfinite(b).all()
