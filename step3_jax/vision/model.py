@@ -37,9 +37,8 @@ _PROGRAMS: dict[bool, object] = {}  # tower_program's jitted functions, by on_gp
 def tower_program(on_gpu: bool):
     """The jitted tower ``(graphdef, state, pixel_values) -> [B, T, M]``. ``on_gpu``: compile
     with `step3_jax.policy.GPU_COMPILER_OPTIONS`, so its linears become cuBLAS GEMMs rather
-    than XLA's slower Triton GEMM fusions (docs/LOG.md, "Vision tower"); False on a GPU gives
-    XLA's defaults (a benchmark's control). Built on first use: the options depend on the
-    backend, which must not be initialized at import."""
+    than XLA's slower Triton GEMM fusions (docs/LOG.md, "Vision tower"). Built on first use:
+    the options depend on the backend, which must not be initialized at import."""
     on_gpu = bool(on_gpu)
     if on_gpu not in _PROGRAMS:
         _PROGRAMS[on_gpu] = jax.jit(

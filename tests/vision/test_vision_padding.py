@@ -15,6 +15,7 @@ from step3_jax.sharding import afd
 from step3_jax.vision import layers
 from step3_jax.vision.config import NUM_PREFIX_TOKENS, Step3VisionConfig
 from step3_jax.vision.layers import attention, pad_tokens
+from step3_jax.vision.model import tower_compile_count
 
 CFG = Step3VisionConfig.tiny()
 EPS32 = float(np.finfo(np.float32).eps)
@@ -105,7 +106,9 @@ def test_padded_tower_equals_unpadded(size, multiple):
     model.token_multiple = 1
     ref = embed(model, pixels)
     model.token_multiple = multiple
+    compiled = tower_compile_count()
     got = embed(model, pixels)
+    assert tower_compile_count() == compiled + 1  # its own program: token_multiple is static
     assert got.shape == ref.shape == (2, CFG.tokens_per_view(size), CFG.text_hidden_size)
     assert _rel_err(got, ref) <= PAD_RTOL
 
