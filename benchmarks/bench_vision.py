@@ -13,6 +13,9 @@ all 4 + G^2 tokens). With torch (and a GPU) importable, the same tower in torch/
 cuDNN convs) runs on the SAME weights (shared through DLPack) beside it, and its output is
 compared with ours (cosine). The share of a 4K-token request's prefill is an analytic FLOP
 ratio against the 316B text model (the text prefill itself does not fit one GPU).
+As the model runs it: the layers see the tokens padded to a multiple of ``--token-multiple``
+(8; padded keys masked; FLOPs count the real tokens only), and on a GPU every JAX call compiles
+with `step3_jax.policy.GPU_COMPILER_OPTIONS` (cuBLAS GEMMs; ``--triton-gemm``: XLA's defaults).
 The last stdout line is the JSON result.
 """
 
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness  # noqa: E402
 from benchmarks.provenance import git_commit  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
-from step3_jax.policy import KernelPolicy  # noqa: E402
+from step3_jax.policy import KernelPolicy, compiler_options  # noqa: E402
 from step3_jax.vision.config import NUM_PREFIX_TOKENS, Step3VisionConfig  # noqa: E402
 from step3_jax.vision.encoder import Step3VisionModel, quantize_linears  # noqa: E402
 
@@ -110,14 +113,16 @@ def time_fn(fn, args, iters: int, warmup: int = 2) -> list[float]:
     return out
 
 
-def jitted(model, pixels):
-    """The tower as one jitted call and its arguments."""
+def jitted(model, pixels, options=None):
+    """The tower as one jitted call (XLA ``options``) and its arguments. The graphdef is closed
+    over, not a static argument: hashing the real-size one costs ms per call on the host."""
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)), (state, pixels)
+    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), compiler_options=options)
+    return fn, (state, pixels)
 
 
-def run_jax(model, pixels, iters):
-    fn, args = jitted(model, pixels)
+def run_jax(model, pixels, iters, options=None):
+    fn, args = jitted(model, pixels, options)
     times = time_fn(fn, args, iters)
     return statistics.median(times), fn(*args)
 
@@ -200,6 +205,15 @@ def parse_args():
         help="KernelPolicy.gemm of the FP8 run (auto: Pallas where it applies, else XLA)",
     )  # fmt: skip
     p.add_argument("--no-fp8", action="store_true")
+    p.add_argument(
+        "--triton-gemm", action="store_true",
+        help="compile with XLA's defaults (Triton GEMM fusions) rather than the GPU options "
+        "the model uses (step3_jax.policy.GPU_COMPILER_OPTIONS: cuBLAS GEMMs)",
+    )  # fmt: skip
+    p.add_argument(
+        "--token-multiple", type=int, default=8,
+        help="pad the tower's tokens to a multiple of this (padded keys masked); 1: no padding",
+    )  # fmt: skip
     p.add_argument("--no-torch", action="store_true")
     p.add_argument(
         "--trace", action="store_true",
@@ -212,6 +226,7 @@ def parse_args():
 def header(c: Step3VisionConfig, args, model, fl: dict, peak) -> dict:
     dev = jax.devices()[0]
     per_view = sum(fl.values())
+    tokens = NUM_PREFIX_TOKENS + c.grid(args.size) ** 2
     return {
         "bench": "vision_tower",
         "config": "tiny" if args.tiny else "step3",
@@ -222,7 +237,10 @@ def header(c: Step3VisionConfig, args, model, fl: dict, peak) -> dict:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "images": args.images,
         "size": args.size,
-        "tokens_per_view": NUM_PREFIX_TOKENS + c.grid(args.size) ** 2,
+        "tokens_per_view": tokens,
+        # the token count the layers run on (FLOPs and TFLOP/s count the real tokens only)
+        "padded_tokens_per_view": tokens + (-tokens % model.token_multiple),
+        "token_multiple": model.token_multiple,
         "output_tokens_per_view": c.tokens_per_view(args.size),
         "params": c.param_count(),
         "attention_implementation": model.attention_implementation,
@@ -236,21 +254,21 @@ def header(c: Step3VisionConfig, args, model, fl: dict, peak) -> dict:
     }
 
 
-def bf16_runs(model, pixels, iters: int, res: dict, record):
+def bf16_runs(model, pixels, iters: int, res: dict, record, options):
     """JAX bf16 with the default attention (cuDNN on a GPU; XLA if that fails), then XLA
     attention beside it; keeps the faster for what follows. Returns the first output."""
     try:
-        secs, out = run_jax(model, pixels, iters)
+        secs, out = run_jax(model, pixels, iters, options)
     except Exception as e:  # noqa: BLE001 - e.g. no cuDNN attention for this shape: use XLA's
         if model.attention_implementation == "xla":
             raise
         res["cudnn_attention_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         model.attention_implementation = res["attention_implementation"] = "xla"
-        secs, out = run_jax(model, pixels, iters)
+        secs, out = run_jax(model, pixels, iters, options)
     record("jax_bf16", secs)
     if model.attention_implementation != "xla":
         model.attention_implementation = "xla"
-        xla_secs, out_xla = run_jax(model, pixels, iters)
+        xla_secs, out_xla = run_jax(model, pixels, iters, options)
         record("jax_bf16_xla_attention", xla_secs)
         res["xla_vs_cudnn_attention_cosine"] = round(cosine(out_xla, out), 6)
         if xla_secs > secs:
@@ -280,9 +298,12 @@ def main():
     fl = flops(c, args.size)
     total = sum(fl.values()) * args.images
     model = build(c)
+    model.token_multiple = args.token_multiple
+    options = compiler_options(jax.default_backend() == "gpu" and not args.triton_gemm)
     pixels = jax.random.normal(jax.random.key(1), (args.images, 3, args.size, args.size))
     pixels = pixels.astype(jnp.bfloat16)
     res = header(c, args, model, fl, peak)
+    res["compiler_options"] = options
 
     def record(name, secs):
         res[f"{name}_ms"] = round(secs * 1e3, 3)
@@ -291,16 +312,16 @@ def main():
             res[f"{name}_pct_bf16_peak"] = round(100 * total / secs / peak, 1)
         print(json.dumps({k: v for k, v in res.items() if k.startswith(name)}), flush=True)
 
-    out_bf16 = bf16_runs(model, pixels, args.iters, res, record)
+    out_bf16 = bf16_runs(model, pixels, args.iters, res, record, options)
     if args.trace:  # where the bf16 tower's time goes (GPU only; {} elsewhere)
-        res["jax_bf16_trace"] = harness.trace_breakdown(*jitted(model, pixels), top=25)
+        res["jax_bf16_trace"] = harness.trace_breakdown(*jitted(model, pixels, options), top=25)
     if not args.no_torch:
         torch_run(model, pixels, args.iters, res, record, out_bf16)
     if not args.no_fp8:
         model.policy = KernelPolicy(gemm=None if args.fp8_gemm == "auto" else args.fp8_gemm)
         res["fp8_linears"] = quantize_linears(model)
         res["fp8_gemm"] = args.fp8_gemm
-        secs, out_fp8 = run_jax(model, pixels, args.iters)
+        secs, out_fp8 = run_jax(model, pixels, args.iters, options)
         record("jax_fp8", secs)
         res["fp8_vs_bf16_cosine"] = round(cosine(out_fp8, out_bf16), 6)
     if args.out:

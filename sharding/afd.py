@@ -33,7 +33,8 @@ from jax.sharding import PartitionSpec as P
 
 from step3_jax import quant
 from step3_jax.model import head_logits
-from step3_jax.policy import KernelPolicy
+from step3_jax.policy import GPU_COMPILER_OPTIONS as GPU_COMPILER_OPTIONS  # re-exported
+from step3_jax.policy import KernelPolicy, compiler_options
 from step3_jax.sharding import arena_io, layer_state, protocol
 from step3_jax.sharding.layout import (
     ALIGN,
@@ -48,16 +49,13 @@ from step3_jax.sharding.layout import (
 from step3_jax.sharding.schedule import exchange_rounds, pipeline_schedule
 
 STAGES = ("attention", "ffn", "exchange")
-# XLA options of the step on a GPU (AfdConfig.compiler_options override them). The bf16
-# lm_head GEMM ([B, D] x [head_rows(V), D], a view of the arena): as a Triton GEMM fusion, XLA
-# first copied the 1.85 GB view (1.61 ms per step) and then ran at 1.39 TB/s (1.34 ms);
-# as a cuBLAS GEMM with the dynamic-slice fusion it reads the view in place at 2.5 TB/s
-# (0.74 ms; H100, docs/LOG.md). Under the default KernelPolicy every other GEMM of the step is
-# a Pallas kernel; with gemm="xla" the linears become cuBLAS GEMMs too.
-GPU_COMPILER_OPTIONS = (
-    ("xla_gpu_enable_triton_gemm", False),
-    ("xla_gpu_enable_dynamic_slice_fusion", True),
-)
+# XLA options of the step on a GPU: `step3_jax.policy.GPU_COMPILER_OPTIONS` (cuBLAS GEMMs, the
+# dynamic-slice fusion; AfdConfig.compiler_options override them). The bf16 lm_head GEMM
+# ([B, D] x [head_rows(V), D], a view of the arena): as a Triton GEMM fusion, XLA first copied
+# the 1.85 GB view (1.61 ms per step) and then ran at 1.39 TB/s (1.34 ms); as a cuBLAS GEMM
+# with the dynamic-slice fusion it reads the view in place at 2.5 TB/s (0.74 ms; H100,
+# docs/LOG.md). Under the default KernelPolicy every other GEMM of the step is a Pallas kernel;
+# with gemm="xla" the linears become cuBLAS GEMMs too.
 ROLES = ("attention", "ffn")
 
 
@@ -557,10 +555,7 @@ class AfdExecutor:
             out_specs=(spec, spec),
             check_vma=False,
         )
-        opts = dict(self.afd.compiler_options)
-        if self.on_gpu:
-            opts = dict(GPU_COMPILER_OPTIONS) | opts
-        opts = opts or None
+        opts = compiler_options(self.on_gpu, self.afd.compiler_options)
         return jax.jit(body, donate_argnums=0, compiler_options=opts)
 
     # -------------------------------------------------------------------- step

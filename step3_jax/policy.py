@@ -25,6 +25,16 @@ MOE_IMPLEMENTATIONS = (*IMPLEMENTATIONS, "dense")
 # The vision tower's attention (`step3_jax.vision`): jax.nn.dot_product_attention's cuDNN
 # flash kernel or its XLA form; None: cuDNN on a GPU in 16-bit, else XLA.
 VISION_ATTENTION_IMPLEMENTATIONS = ("cudnn", "xla", None)
+# XLA options of the programs whose plain (non-Pallas) GEMMs should be cuBLAS calls on a GPU:
+# the compiled AFD step (`step3_jax.sharding.afd`) and the vision tower
+# (`step3_jax.vision.model`). XLA's Triton GEMM fusions ran the tower's linears other than
+# fc1/fc2 at ~500 TFLOP/s against cuBLAS's ~1,000 (H100, docs/LOG.md "Vision tower"), and
+# copied the AFD lm_head's arena view before reading it; the dynamic-slice fusion lets a
+# cuBLAS GEMM read such a slice in place.
+GPU_COMPILER_OPTIONS = (
+    ("xla_gpu_enable_triton_gemm", False),
+    ("xla_gpu_enable_dynamic_slice_fusion", True),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +69,21 @@ class KernelPolicy:
         return cls(attention="xla", gemm="xla", moe="dense", vision_attention="xla")
 
 
+def compiler_options(
+    on_gpu: bool, overrides: tuple[tuple[str, object], ...] = ()
+) -> dict[str, object] | None:
+    """The ``compiler_options`` of a `jax.jit`: `GPU_COMPILER_OPTIONS` on a GPU, ``overrides``
+    (``(name, value)`` pairs) merged over them (these win); None when nothing is left."""
+    opts = dict(GPU_COMPILER_OPTIONS) if on_gpu else {}
+    opts |= dict(overrides)
+    return opts or None
+
+
 __all__ = [
     "GEMM_IMPLEMENTATIONS",
+    "GPU_COMPILER_OPTIONS",
     "MOE_IMPLEMENTATIONS",
     "VISION_ATTENTION_IMPLEMENTATIONS",
     "KernelPolicy",
+    "compiler_options",
 ]

@@ -276,9 +276,9 @@ class ModelExecutor:
         and prefill steps, and for a VL model the vision tower's."""
         n = self._forward._cache_size()
         if self.accepts_images:
-            from step3_jax.vision.model import _embed_images
+            from step3_jax.vision.model import tower_compile_count
 
-            n += self._prefill_embeds._cache_size() + _embed_images._cache_size()
+            n += self._prefill_embeds._cache_size() + tower_compile_count()
         return n
 
 

@@ -6,8 +6,9 @@ Shapes for the release (``Step3VisionConfig.step3()``) and one 728 x 728 view::
     patches       [B, 52*52, 1792]   conv k14 s14 (== a linear over each 14x14x3 patch)
     + class token [B, 1 + 2704, 1792]  then + position_embedding [2705, 1792]
     + 3 copies    [B, 4 + 2704, 1792]  of token 0 (class token + its position): 2708 tokens
-    63 layers     [B, 2708, 1792]    unmasked attention over all 2708 tokens
-    drop 4        [B, 52, 52, 1792]  (tokens 4..2707, row-major over the patch grid)
+    pad to 2712   [B, 2712, 1792]    zero rows up to a multiple of ``token_multiple`` (8)
+    63 layers     [B, 2712, 1792]    attention over the 2708 real tokens (padded keys masked)
+    drop 4 + pad  [B, 52, 52, 1792]  (tokens 4..2707, row-major over the patch grid)
     vit_downsampler   conv k2 s2      [B, 26, 26, 4096]
     vit_downsampler2  conv k3 s2 p1   [B, 13, 13, 8192]
     vit_large_projector               [B, 169, 7168]
@@ -32,7 +33,7 @@ from jaxtyping import Array, Float
 from step3_jax.layers.linear import init_weight
 from step3_jax.policy import KernelPolicy
 from step3_jax.vision.config import NUM_PREFIX_TOKENS, Step3VisionConfig
-from step3_jax.vision.layers import Conv2d, Linear, VisionEncoderLayer
+from step3_jax.vision.layers import Conv2d, Linear, VisionEncoderLayer, pad_tokens
 
 
 def _keys_cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
@@ -136,7 +137,10 @@ def check_pixels(pixel_values, c: Step3VisionConfig) -> None:
 class VisionTransformer(nnx.Module):
     """``vision_model``: embeddings + ``num_layers`` encoder layers (no final norm).
 
-    Returns the patch tokens only, ``[B, G*G, D]`` (the 4 prefix tokens are dropped)."""
+    Returns the patch tokens only, ``[B, G*G, D]`` (the 4 prefix tokens are dropped). The
+    layers run on the token axis padded to a multiple of ``token_multiple`` (`pad_tokens`;
+    1: no padding) with the padded keys masked, which leaves the real tokens' outputs as
+    they are."""
 
     def __init__(self, c: Step3VisionConfig, *, param_dtype, rngs: nnx.Rngs):
         self.embeddings = VisionEmbeddings(c, param_dtype=param_dtype, rngs=rngs)
@@ -154,11 +158,25 @@ class VisionTransformer(nnx.Module):
             ]
         )
 
-    def __call__(self, pixel_values, *, dtype, implementation: str = "xla", gemm=None):
+    def __call__(
+        self, pixel_values, *, dtype, implementation: str = "xla", gemm=None,
+        token_multiple: int = 8,
+    ) -> Float[Array, "B T D"]:  # fmt: skip
         x = self.embeddings(pixel_values, dtype)
+        t = x.shape[1]
+        x, kv_len = pad_tokens(x, token_multiple)
+        x = self.encode(x, implementation=implementation, gemm=gemm, kv_len=kv_len)
+        return x[:, NUM_PREFIX_TOKENS:t]
+
+    def encode(
+        self, x: Float[Array, "B T D"], *, implementation: str = "xla", gemm=None,
+        kv_len: int | None = None,
+    ) -> Float[Array, "B T D"]:  # fmt: skip
+        """The encoder layers on embedded tokens, all ``T`` rows kept (padded ones included);
+        ``kv_len``: the real tokens of a padded ``x`` (None: all)."""
         for layer in self.layers:
-            x = layer(x, implementation, gemm)
-        return x[:, NUM_PREFIX_TOKENS:]
+            x = layer(x, implementation, gemm, kv_len)
+        return x
 
 
 class Step3VisionModel(nnx.Module):
@@ -168,15 +186,21 @@ class Step3VisionModel(nnx.Module):
     model's width (169 tokens at P = 728, 81 at P = 504), in ``dtype``. Kernels come from
     ``policy`` (`step3_jax.KernelPolicy`): attention runs ``policy.vision_attention`` ("cudnn" |
     "xla"; None: cuDNN on a GPU in 16-bit, else XLA), FP8 linears ``policy.gemm``.
+    ``token_multiple``: the tower pads its token axis to a multiple of this (8: what a bf16
+    cuBLAS GEMM wants, `pad_tokens`; 1: no padding), with the padded keys masked.
     """
 
     def __init__(
         self, config: Step3VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16,
-        param_dtype=jnp.bfloat16, policy: KernelPolicy | None = None,
+        param_dtype=jnp.bfloat16, policy: KernelPolicy | None = None, token_multiple: int = 8,
     ):  # fmt: skip
         c = self.config = config
         if policy is not None and not isinstance(policy, KernelPolicy):
             raise TypeError(f"policy must be a step3_jax.KernelPolicy, got {type(policy)}")
+        if not isinstance(token_multiple, int) or token_multiple < 1:
+            raise ValueError(f"token_multiple must be an int >= 1, got {token_multiple!r}")
+        # A plain attribute (static in the graphdef) that a benchmark may switch to compare.
+        self.token_multiple = token_multiple
         self.policy = policy or KernelPolicy()
         # Resolved once here (the attribute a benchmark may switch to compare both).
         self.dtype = dtype
@@ -198,6 +222,7 @@ class Step3VisionModel(nnx.Module):
             dtype=self.dtype,
             implementation=self.attention_implementation,
             gemm=self.policy.gemm,
+            token_multiple=self.token_multiple,
         )
         g = self.config.grid(pixel_values.shape[-1])
         return x.reshape(x.shape[0], g, g, x.shape[-1])

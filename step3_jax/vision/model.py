@@ -21,14 +21,40 @@ from jaxtyping import Array, Bool, Float, Int
 from step3_jax.cache import KVCache
 from step3_jax.config import Step3Config
 from step3_jax.model import Step3Model, _check_tokens
+from step3_jax.policy import compiler_options
 from step3_jax.vision.config import Step3VisionConfig
 from step3_jax.vision.encoder import Step3VisionModel
 from step3_jax.vision.preprocess import PreprocessedImages
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _embed_images(graphdef, state, pixel_values):
+def _tower(graphdef, state, pixel_values):
     return nnx.merge(graphdef, state)(pixel_values)
+
+
+_PROGRAMS: dict[bool, object] = {}  # tower_program's jitted functions, by on_gpu
+
+
+def tower_program(on_gpu: bool):
+    """The jitted tower ``(graphdef, state, pixel_values) -> [B, T, M]``. ``on_gpu``: compile
+    with `step3_jax.policy.GPU_COMPILER_OPTIONS`, so its linears become cuBLAS GEMMs rather
+    than XLA's slower Triton GEMM fusions (docs/LOG.md, "Vision tower"). Built on first use:
+    the options depend on the backend, which must not be initialized at import."""
+    on_gpu = bool(on_gpu)
+    if on_gpu not in _PROGRAMS:
+        _PROGRAMS[on_gpu] = jax.jit(
+            _tower, static_argnames=("graphdef",), compiler_options=compiler_options(on_gpu)
+        )
+    return _PROGRAMS[on_gpu]
+
+
+def tower_compile_count() -> int:
+    """Tower programs compiled in this process so far (every model structure and input
+    shape; the engine's no-recompilation check)."""
+    return sum(p._cache_size() for p in _PROGRAMS.values())
+
+
+def _embed_images(graphdef, state, pixel_values):
+    return tower_program(jax.default_backend() == "gpu")(graphdef, state, pixel_values)
 
 
 class Step3VLModel(nnx.Module):
@@ -182,4 +208,4 @@ class Step3VLModel(nnx.Module):
         return logits, cache.replace(lengths=positions[:, -1] + 1)
 
 
-__all__ = ["Step3VLModel"]
+__all__ = ["Step3VLModel", "tower_compile_count", "tower_program"]
