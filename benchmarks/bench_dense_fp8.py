@@ -68,10 +68,15 @@ def measure(m: int, n: int, k: int, cfg: TuningConfig, impl: str, name: str) -> 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--m", default="128", help="rows (B*T), comma-separated: 128,256,512")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
     p.add_argument("--out", default=None)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: XLA path, one small shape")
     args = p.parse_args(argv)
-    shapes, configs, impl = SHAPES, CONFIGS, "pallas"
+    unknown = set(args.shapes.split(",")) - set(SHAPES)
+    if unknown:
+        p.error(f"--shapes: unknown {sorted(unknown)}; choose from {list(SHAPES)}")
+    shapes = {k: v for k, v in SHAPES.items() if k in args.shapes.split(",")}
+    configs, impl = CONFIGS, "pallas"
     ms = [int(m) for m in args.m.split(",")]
     if args.tiny:
         shapes, configs, impl = {"tiny": (256, 512)}, dict(list(CONFIGS.items())[:1]), "xla"

@@ -13,6 +13,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 8 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 9 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 10 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 11 $OUT  # any Hopper
 # Still to run (as of 2026-12-05): 9 first (issue 17's overhead against the corrected bare
 # step), then 2 (H200 only: the full-size roles), then 1 (issue 16's suites and tables).
 #
@@ -54,6 +55,10 @@
 #   scope (which of the four Mosaic kernels is which), the dense FP8 GEMMs of the attention
 #   half at M = 256 and 512 with every tile config, and the MFA ragged work list on the GPU
 #   (its GPU tests, then tuned vs ragged on full and ragged batches at 4K and 32K).
+# call 11 (issues 13 and 18, any Hopper): the 61-layer attention role with the M = 256 dense
+#   GEMM picks (+ trace by scope), the dense GEMMs at M = 512 that call 10 did not reach, the
+#   vision padding tests on the GPU (cuDNN's padding mask), then the 728 px tower padded to
+#   2,712 tokens with cuBLAS GEMMs (the default) against unpadded in the same run.
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -139,5 +144,14 @@ case "$CALL" in
       "@120 $MFA --breakdown 128x4096 --batches 128,256 --contexts 4096,32768 --impls pallas_fp8,pallas_fp8_ragged --ragged both" \
       "@90 python3 benchmarks/bench_dense_fp8.py --m 256,512 --out \$OUT/dense_fp8.json"
     ;;
-  *) echo "call must be 1 to 10, got $CALL" >&2; exit 2 ;;
+  11)
+    VISION="python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8"
+    $RUN -t 60 "$OUT_DIR/call11" \
+      "@60 python3 benchmarks/bench_afd.py --layout 1A3F --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 3 --role attention --full --trace --out \$OUT/attention61.json" \
+      "@70 python3 benchmarks/bench_dense_fp8.py --m 512 --shapes k_proj,wq,o_proj --out \$OUT/dense_fp8_m512.json" \
+      "@70 python3 -m pytest -q -rfE -p no:cacheprovider -p no:xdist tests/vision/test_vision_padding.py" \
+      "@90 $VISION --trace --out \$OUT/vision_728_pad8.json" \
+      "@80 $VISION --token-multiple 1 --out \$OUT/vision_728_nopad_cublas.json"
+    ;;
+  *) echo "call must be 1 to 11, got $CALL" >&2; exit 2 ;;
 esac
