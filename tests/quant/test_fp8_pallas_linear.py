@@ -28,6 +28,15 @@ CASES = [
 ]
 
 
+# Row counts and widths that reach each dense tile pick of `grouped_gemm.config.dense_config`
+# (M = 256: N <= 4096 vs wider; M = 512; T > 1 rows).
+WIDE_CASES = [
+    ("BTD,RD->BTR", (256, 1, 1024), (2560, 1024), 1),
+    ("BTD,RD->BTR", (256, 1, 1024), (5120, 1024), 1),
+    ("BTD,RD->BTR", (2, 256, 1024), (2560, 1024), 1),
+]
+
+
 def _has_hopper() -> bool:
     try:
         d = jax.devices()[0]
@@ -60,7 +69,7 @@ def test_default_off_hopper_is_the_xla_form(eqn, x_shape, w_shape, nc):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_hopper(), reason="Mosaic GPU kernel needs a Hopper GPU")
-@pytest.mark.parametrize("eqn,x_shape,w_shape,nc", CASES)
+@pytest.mark.parametrize("eqn,x_shape,w_shape,nc", CASES + WIDE_CASES)
 def test_pallas_form_matches_dequant_on_gpu(eqn, x_shape, w_shape, nc):
     x, q = _case(2, x_shape, w_shape, nc)
     got = np.asarray(q.project(x, eqn, jnp.bfloat16, "pallas"), np.float32)
