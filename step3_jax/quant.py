@@ -30,11 +30,11 @@ constant into one: spelling it out keeps NumPy emulations bit-exact). Round-trip
 value: ``|x - dequant(x)| <= 2**-4 |x| + 2**-10 scale`` (3 mantissa bits in the normal range,
 subnormal spacing 2**-9 below 2**-6; tests/quant/test_quant_formats.py derives and checks it).
 
-NaN/inf policy: a NaN input propagates to its own block (its scale becomes NaN and every
-value of the block dequantizes to NaN), so corrupted activations are never silently hidden.
-A +-inf input makes its block's scale inf; it is reported the same way (NaN on dequantize).
-Other blocks are unaffected. (`_amax` propagates NaN explicitly: XLA:CPU's multi-axis
-reduce-max can drop it.)
+NaN/inf policy: a NaN or +-inf input poisons its own block: the block's scale becomes inf and
+every value of the block dequantizes to NaN (0 * inf, or the NaN itself), so corrupted
+activations are never silently hidden. Other blocks are unaffected. (`_amax` reads a NaN as
+inf inside ONE max reduction: a separate "any NaN" reduction cost one more small kernel per
+quantization on the GPU, and XLA:CPU's multi-axis reduce-max can drop a NaN.)
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ _INV_FP8_MAX = np.float32(1.0 / FP8_MAX)
 
 
 def _amax(x: Array, axis) -> Array:
-    """float32 max |x| over ``axis``; NaN if any input of the block is NaN (see module doc)."""
+    """float32 max |x| over ``axis``; inf if any input of the block is NaN or inf (module doc)."""
     xf = jnp.abs(x.astype(jnp.float32))
-    return jnp.where(jnp.any(jnp.isnan(xf), axis=axis), jnp.nan, jnp.max(xf, axis=axis))
+    return jnp.max(jnp.where(jnp.isnan(xf), jnp.inf, xf), axis=axis)
 
 
 def _scale_from_amax(amax: Array) -> Array:
