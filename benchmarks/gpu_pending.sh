@@ -14,8 +14,10 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 9 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 10 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 11 $OUT  # any Hopper
-# Still to run (as of 2026-12-05): 9 first (issue 17's overhead against the corrected bare
-# step), then 2 (H200 only: the full-size roles), then 1 (issue 16's suites and tables).
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 12 $OUT  # any Hopper
+# Still to run (as of 2026-12-05, evening): 12 first (any Hopper: what the one-reduction
+# quantization and a larger memory fraction do to the attention role), then 2 (H200 only: the
+# full-size roles), then the rest of 1 (the split-K sweep from B = 4 at 4K on; the H200 rows).
 #
 # call 1 (issue 16): the kernel GPU suites (incl. the FP8 P.V class, never run yet), the FP8
 #   P.V kernel against the tuned FP8 kernel and XLA on full and ragged batches, and the
@@ -59,6 +61,11 @@
 #   GEMM picks (+ trace by scope), the dense GEMMs at M = 512 that call 10 did not reach, the
 #   vision padding tests on the GPU (cuDNN's padding mask), then the 728 px tower padded to
 #   2,712 tokens with cuBLAS GEMMs (the default) against unpadded in the same run.
+# call 12 (issue 13, any Hopper): the 61-layer attention role after `quant._amax` became one
+#   reduction (predicted -6 us a layer), then the same with XLA_PYTHON_CLIENT_MEM_FRACTION=0.94
+#   (do the `.remat` fusions of the 75% default go? predicted -15 us a layer), then the FFN
+#   role on 24 layers with command buffers off and a trace (its glue by HLO op), and the FFN
+#   role program's optimized HLO (`afd_hlo_probe.py --role ffn`, which writes it to $OUT).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -153,5 +160,13 @@ case "$CALL" in
       "@90 $VISION --trace --out \$OUT/vision_728_pad8.json" \
       "@80 $VISION --token-multiple 1 --out \$OUT/vision_728_nopad_cublas.json"
     ;;
-  *) echo "call must be 1 to 11, got $CALL" >&2; exit 2 ;;
+  12)
+    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 3"
+    $RUN -t 60 "$OUT_DIR/call12" \
+      "@60 $ROLE --role attention --full --out \$OUT/attention61.json" \
+      "@60 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 $ROLE --role attention --full --trace --out \$OUT/attention61_mem94.json" \
+      "@130 XLA_FLAGS=--xla_gpu_enable_command_buffer= $ROLE --role ffn --layers 24 --trace --out \$OUT/ffn24_nocmdbuf.json" \
+      "@60 python3 benchmarks/afd_hlo_probe.py --role ffn --layers 2 --out \$OUT/probe_ffn.json"
+    ;;
+  *) echo "call must be 1 to 12, got $CALL" >&2; exit 2 ;;
 esac
