@@ -17,12 +17,13 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 12 $OUT  # any Hopper
 # Still to run (as of 2026-12-05, evening): 12 first (any Hopper: what the one-reduction
 # quantization and a larger memory fraction do to the attention role), then 2 (H200 only: the
-# full-size roles), then the rest of 1 (the split-K sweep from B = 4 at 4K on; the H200 rows).
+# full-size roles), then 1 (the rest of the H100 split-K sweep).
 #
-# call 1 (issue 16): the kernel GPU suites (incl. the FP8 P.V class, never run yet), the FP8
-#   P.V kernel against the tuned FP8 kernel and XLA on full and ragged batches, and the
-#   small-batch split-K sweep that fits config.SPLIT_COSTS
-#   (`python3 -m step3_jax.kernels.mfa_decode.splitk OUT/call1/04/mfa_decode_*.json --sms 132`).
+# call 1 (issue 16): the rest of the small-batch split-K sweep that fits config.SPLIT_COSTS
+#   (B = 2, 4, 8 at 4K; B = 1..8 at 8K and 32K; the 1K rows and B = 1 at 4K ran twice), then
+#   `python3 -m step3_jax.kernels.mfa_decode.splitk OUT/call1/0*/mfa_decode_*.json --sms 132`
+#   with the two H100 partial files in benchmarks/results/ (132 SMs on H100 SXM and H200). An
+#   H200 fit also needs the 1K and B = 1 at 4K rows: add them in a call of their own.
 # call 2 (issues 13 and 16 item 4): one device's side of the full Step-3 1A3F AFD step (the FFN
 #   role holds ~100 GB: needs_h200; its FFN row is also item 4's FFN-device shape: 16 of 48
 #   experts at 256 and 512 tokens), then the attention role on the transposed-V FP8 cache.
@@ -78,11 +79,11 @@ SERVING="@290 RATES=\${RATES:-2,8,16} DURATION=\${DURATION:-20} bash benchmarks/
 MFA="python3 benchmarks/bench_mfa_decode.py --out \$OUT --variants ''"
 case "$CALL" in
   1)
-    $RUN -t 200 "$OUT_DIR/call1" \
-      '@170 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 tests/pallas_kernels tests/quant/test_fp8_pallas_linear.py tests/test_reference_model.py' \
-      "@30 python3 benchmarks/harness.py" \
-      "@150 $MFA --breakdown 128x4096 --batches 64,128,256 --contexts 4096,32768 --impls pallas_fp8,pallas_fp8_pv,pallas_fp8_paged64,pallas_fp8_pv_paged64,xla_fp8 --ragged both" \
-      "@190 $MFA --breakdown '' --batches 1,2,4,8 --contexts 1024,4096,32768 --impls pallas_fp8,xla_fp8 --splits 1,2,4,8,16,32,64"
+    SPLITS="--breakdown '' --impls pallas_fp8,xla_fp8 --splits 1,2,4,8,16,32,64"
+    $RUN -t 60 "$OUT_DIR/call1" \
+      "@150 $MFA $SPLITS --batches 2,4,8 --contexts 4096" \
+      "@170 $MFA $SPLITS --batches 1,2,4,8 --contexts 8192" \
+      "@190 $MFA $SPLITS --batches 1,2,4,8 --contexts 32768"
     ;;
   2)
     $RUN -t 250 "$OUT_DIR/call2" \
