@@ -33,7 +33,6 @@ from jax.sharding import PartitionSpec as P
 
 from step3_jax import quant
 from step3_jax.model import head_logits
-from step3_jax.policy import GPU_COMPILER_OPTIONS as GPU_COMPILER_OPTIONS  # re-exported
 from step3_jax.policy import KernelPolicy, compiler_options
 from step3_jax.sharding import arena_io, layer_state, protocol
 from step3_jax.sharding.layout import (

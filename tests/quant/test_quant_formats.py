@@ -165,6 +165,7 @@ def test_nan_inf_poison_only_their_block(bad):
     q, s = quant.quantize_activations(jnp.asarray(x))
     deq = np.asarray(quant.dequantize_activations(q, s))
     assert np.all(np.isnan(deq[1, 128:256]))
+    assert np.isposinf(np.asarray(s)[1, 1]) and np.all(np.isfinite(np.delete(np.asarray(s), 1, 0)))
     mask = np.ones_like(x, bool)
     mask[1, 128:256] = False
     assert np.all(np.isfinite(deq[mask]))
@@ -173,13 +174,14 @@ def test_nan_inf_poison_only_their_block(bad):
     w[200, 3] = bad
     qw, sw = quant.quantize_weight_blocks(jnp.asarray(w))
     dw = np.asarray(quant.dequantize_weight_blocks(qw, sw))
-    assert np.all(np.isnan(dw[128:, :128]))
+    assert np.all(np.isnan(dw[128:, :128])) and np.isposinf(np.asarray(sw)[1, 0])
     assert np.all(np.isfinite(dw[:128])) and np.all(np.isfinite(dw[:, 128:]))
 
     kv = _rand(8, (4, 64), scale=1.0)
     kv[2, 7] = bad
     qk, sk = quant.quantize_kv(jnp.asarray(kv))
     dk = np.asarray(quant.dequantize_kv(qk, sk))
+    assert np.isposinf(np.asarray(sk)[2])
     assert np.all(np.isnan(dk[2])) and np.all(np.isfinite(np.delete(dk, 2, 0)))
 
 
