@@ -90,6 +90,10 @@ def main(argv=None):
                 try:
                     row = measure(m, n, k, cfg, impl, name)
                     row["config"] = cname
+                    if cname == "auto":  # which config the table resolved to, by name
+                        row["resolved"] = next(
+                            (c for c, v in configs.items() if v == cfg), dataclasses.asdict(cfg)
+                        )
                 except Exception as e:  # noqa: BLE001 - a config that does not fit is a data point
                     row = harness.error_row(name, {"m": m, "n": n, "k": k}, e, config=cname)
                 rows.append(row)

@@ -99,33 +99,31 @@ def tuned_config(device_kind: str, m: int) -> TuningConfig:
 # The narrow ones stay latency-bound (88 GB/s for k_proj): fusing q/k/v into one N=2560 GEMM
 # is the next step, not a tile choice.
 _DENSE_NARROW = TuningConfig(block_m=64, block_n=64, max_concurrent_steps=6)
-_DENSE_SHORT_K = TuningConfig(
+_DENSE_2WG_M_128X128 = TuningConfig(
     block_m=64, block_n=128, num_compute_wgs=2, wg_dim="m", max_concurrent_steps=6
 )
-_DENSE_LONG_K = TuningConfig(
+_DENSE_2WG_M_128X64 = TuningConfig(
     block_m=64, block_n=64, num_compute_wgs=2, wg_dim="m", max_concurrent_steps=6
 )
 
 
-# M = 256 and 512 (benchmarks/results/dense_fp8_h100_m256_cd0f7bd.json): the M = 128 choices
-# above held for the narrow q_proj / k_proj (21.8 / 21.3 us), the fused qkv_proj [2560, 7168]
-# (128x64: 25.0) and wq (128x128: 25.1), but o_proj took 100.6 us with 128x64 against 65.5 with
-# 128x128 (1.80 TB/s): with two M tiles a CTA, the wider N tile halves how often the long K is
-# walked. At M = 512 the grouped table's 64x128 one-warpgroup pick cost the qkv_proj 46.8 us
-# against 30.8 with 128x128 (29.6 with 2wg_n 64x256); q_proj was best with it (26.0).
-_DENSE_WIDE = _DENSE_SHORT_K
-
-
+# M = 256 and 512 (benchmarks/results/dense_fp8_h100_m256_cd0f7bd.json, H100 CUPTI us). At
+# M = 256 the M = 128 choices held for q_proj / k_proj (64x64: 21.8 / 21.3), the fused
+# qkv_proj [2560, 7168] (128x64: 25.0) and wq (128x128: 25.1), but o_proj [7168, 16384] took
+# 100.6 us with 128x64 against 65.5 with 128x128: with two M tiles a CTA, the wider N tile
+# halves how often the long K is walked. At M = 512 the two-warpgroup 64x256 N split (the
+# grouped table's _LARGE) is the fastest for every N >= 2560 (qkv_proj 29.6, wq 42.0, o_proj
+# 122.1 us), the one-warpgroup 64x128 for q_proj (26.0) and 64x64 for k_proj (21.8).
 def dense_config(device_kind: str, m: int, n: int, k: int) -> TuningConfig:
     """Config for a dense (one-group) GEMM of m rows and an [n, k] weight: the measured
     decode-size choices above for M <= 512 (the same on every Hopper: only H100 was swept),
     else the grouped table."""
     if m > 512:
         return tuned_config(device_kind, m)
+    if m > 256:
+        return _DENSE_NARROW if n <= 256 else _SMALL if n <= 2048 else _LARGE
     if n <= 2048:
-        return _DENSE_NARROW if m <= 256 else tuned_config(device_kind, m)
-    if m <= 128:
-        return _DENSE_SHORT_K if k <= 4096 else _DENSE_LONG_K
-    if m <= 256 and n <= 4096:
-        return _DENSE_LONG_K
-    return _DENSE_WIDE
+        return _DENSE_NARROW
+    if k <= 4096:
+        return _DENSE_2WG_M_128X128
+    return _DENSE_2WG_M_128X64 if m <= 128 or n <= 4096 else _DENSE_2WG_M_128X128
