@@ -57,14 +57,8 @@ def role_report(args) -> dict:
     cfg_afd = AfdConfig(args.microbatch, 1, args.context, fp8_transfer=True, policy=policy)
     dtypes = ArenaDtypes(weight=args.weights, cache=args.cache, v_transposed=args.v_transposed)
     ex = AfdExecutor(cfg, layout, [jax.devices()[0]], cfg_afd, dtypes=dtypes, role=args.role)
-    zeros = [np.zeros(s, np.int32) for s in ((ex.batch, 1), (ex.batch, 1), (ex.batch,))]
-    feed = [ex._per_device(a) for a in zeros]
-    arenas = {  # abstract: compiling needs no device memory
-        k: jax.ShapeDtypeStruct((n // ALIGN, ALIGN), jnp.dtype(k), sharding=ex.sharding)
-        for k, n in ex.arena.sizes.items()
-    }
     t0 = time.perf_counter()
-    compiled = ex._program.lower(arenas, *feed).compile()
+    compiled = ex.compiled()  # abstract arenas: compiling needs no device memory
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     hlo = compiled.as_text()

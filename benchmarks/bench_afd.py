@@ -224,7 +224,8 @@ def run_role(args, cfg, layout, device, role: str, num_mb: int, microbatch: int)
     out["us_per_layer_item"] = out["time_us"] / (cfg.num_layers * num_mb)
     if args.trace:  # where the step's time goes: kernels, and the device idle between them
         step = lambda: ex.step(tokens, pos, sel)  # noqa: E731
-        out["trace"] = harness.trace_breakdown(step, warmup=0, top=40)
+        hlo = ex.compiled().as_text()  # reads each kernel's HLO op back to its name scope
+        out["trace"] = harness.trace_breakdown(step, warmup=0, top=40, hlo_text=hlo)
     ex.arenas = None
     return out
 

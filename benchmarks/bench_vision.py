@@ -43,7 +43,11 @@ from benchmarks.provenance import git_commit  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
 from step3_jax.policy import KernelPolicy, compiler_options  # noqa: E402
 from step3_jax.vision.config import NUM_PREFIX_TOKENS, Step3VisionConfig  # noqa: E402
-from step3_jax.vision.encoder import Step3VisionModel, quantize_linears  # noqa: E402
+from step3_jax.vision.encoder import (  # noqa: E402
+    TOKEN_MULTIPLE,
+    Step3VisionModel,
+    quantize_linears,
+)
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s; FP8 is twice these on Hopper.
 BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "H100 PCIe": 756.0e12}
@@ -211,7 +215,7 @@ def parse_args():
         "the model uses (step3_jax.policy.GPU_COMPILER_OPTIONS: cuBLAS GEMMs)",
     )  # fmt: skip
     p.add_argument(
-        "--token-multiple", type=int, default=8,
+        "--token-multiple", type=int, default=TOKEN_MULTIPLE,
         help="pad the tower's tokens to a multiple of this (padded keys masked); 1: no padding",
     )  # fmt: skip
     p.add_argument("--no-torch", action="store_true")

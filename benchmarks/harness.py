@@ -43,6 +43,7 @@ import functools
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -204,16 +205,20 @@ def kernel_times(fn: Callable, args: tuple = (), *, warmup: int = 1) -> list[tup
     return [(name[:100], round(ms * 1e3, 3)) for name, ms in timings]
 
 
-def trace_breakdown(fn: Callable, args: tuple = (), *, warmup: int = 1, top: int = 15) -> dict:
+def trace_breakdown(
+    fn: Callable, args: tuple = (), *, warmup: int = 1, top: int = 15, hlo_text: str | None = None
+) -> dict:
     """Where one call's wall time goes on the device, from a `jax.profiler` trace (XLA's own
     CUPTI tracer, which also sees kernels that Mosaic GPU's hooks miss): ``span_us`` (first
     device event start to last end), ``busy_us`` (union of the events' intervals: the rest of
-    the span is the device idle, e.g. waiting on the host), ``events``, and the ``top`` kernel
-    names by total time ``[(name, total_us, count)]``, and ``scopes``: the same time by the
-    kernels' jax name scope (`op_scope`; the model's layers name theirs, e.g. ``kv_write``,
-    ``attend``, ``o_proj``), which tells apart the custom calls that all share one kernel name
-    (Mosaic GPU's ``anonymous_mosaic_gpu_kernel``). ``{}`` off GPU or if the trace holds no
-    device events."""
+    the span is the device idle, e.g. waiting on the host), ``events``, the ``top`` kernel
+    names by total time ``[(name, total_us, count)]``, and ``scopes``: the same time by HLO op
+    (the ``hlo_op`` stat), read back to the model's jax name scope (``qkv_proj``, ``attend``,
+    ...) when ``hlo_text`` (the program's optimized HLO, e.g. ``jit(f).lower(..).compile()
+    .as_text()``) is given (`hlo_op_scopes`). That tells apart the custom calls that share one
+    kernel name (Mosaic GPU's ``anonymous_mosaic_gpu_kernel``); with XLA's command buffers on,
+    every kernel inside one is attributed to the buffer. ``{}`` off GPU or if the trace holds
+    no device events."""
     import tempfile
 
     for _ in range(warmup):
@@ -222,12 +227,13 @@ def trace_breakdown(fn: Callable, args: tuple = (), *, warmup: int = 1, top: int
         return {}
     from jax.profiler import ProfileData
 
+    names = hlo_op_scopes(hlo_text) if hlo_text else {}
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             jax.block_until_ready(fn(*args))
         paths = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".pb")]
         planes = ProfileData.from_file(paths[0]).planes if paths else []
-        spans, totals, lines, scopes, stat_keys = [], {}, {}, {}, set()
+        spans, totals, lines, scopes = [], {}, {}, {}
         for plane in planes:
             if not plane.name.startswith("/device:GPU"):
                 continue
@@ -239,9 +245,7 @@ def trace_breakdown(fn: Callable, args: tuple = (), *, warmup: int = 1, top: int
                 for ev in events:
                     spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
                     us = ev.duration_ns / 1e3
-                    if not stat_keys:  # what this jax's tracer attaches, as a sample
-                        stat_keys.update(f"{k}={str(v)[:80]}" for k, v in _event_stats(ev).items())
-                    for table, key in ((totals, ev.name), (scopes, op_scope(ev))):
+                    for table, key in ((totals, ev.name), (scopes, op_scope(ev, names))):
                         t, c = table.get(key, (0.0, 0))
                         table[key] = (t + us, c + 1)
     if not spans:
@@ -261,31 +265,46 @@ def trace_breakdown(fn: Callable, args: tuple = (), *, warmup: int = 1, top: int
         "lines": lines,
         "top": [(name, round(t, 2), c) for name, (t, c) in ranked],
         "scopes": [(name, round(t, 2), c) for name, (t, c) in by_scope],
-        "stat_sample": sorted(stat_keys),
     }
 
 
-def _event_stats(event) -> dict:
+def op_scope(event, names: dict[str, str] | None = None) -> str:
+    """A profiler device event's HLO op (its ``hlo_op`` stat, e.g. ``fusion.137``; one name
+    per call site) as ``names`` maps it (`hlo_op_scopes`), else the op itself; ``"?"`` for an
+    event without one (e.g. a memcpy)."""
     try:
-        return {str(k): v for k, v in event.stats}
-    except (TypeError, ValueError):
-        return {}
-
-
-def op_scope(event, depth: int = 3) -> str:
-    """The jax name scope of a profiler device event: XLA's ``tf_op`` stat holds the HLO op's
-    ``op_name`` (the jax name stack, e.g. ``jit(step)/while/body/attend/pallas_call``); this
-    drops the ``jit(..)`` frames and the primitive and keeps the last ``depth`` scopes
-    (``while/body/attend``). Without a name stack, the ``hlo_op`` stat (``custom-call.3``:
-    still one name per call site); ``"?"`` when neither is there (e.g. a memcpy)."""
-    stats = _event_stats(event)
-    op = stats.get("tf_op")
-    if isinstance(op, str) and "/" in op:
-        parts = [p for p in op.split("/") if p and not p.startswith("jit(")][:-1]
-        if parts:
-            return "/".join(parts[-depth:])
+        stats = {str(k): v for k, v in event.stats}
+    except (AttributeError, TypeError, ValueError):
+        return "?"
     hlo = stats.get("hlo_op")
-    return str(hlo) if hlo else "?"
+    if not hlo:
+        return "?"
+    return (names or {}).get(str(hlo), str(hlo))
+
+
+_HLO_INSTR = re.compile(r'^\s*(?:ROOT )?%(\S+) = .*?op_name="([^"]*)"', re.M)
+# Frames of the name stack that are program structure, not the model's scopes.
+_STRUCTURE = {"while", "body", "cond", "eval_jaxpr", "closed_call", "anonymous", "checkpoint"}
+_STRUCTURE |= {"remat", "pjit", "shard_map", "scan", "vmap"}
+
+
+def _is_structure(frame: str) -> bool:
+    return frame.startswith(("jit(", "branch_")) or frame in _STRUCTURE
+
+
+def hlo_op_scopes(hlo_text: str, depth: int = 2) -> dict[str, str]:
+    """``{instruction name: scope}`` of an optimized HLO module's text: each instruction's
+    ``op_name`` (the jax name stack, e.g. ``jit(_body)/while/body/eval_jaxpr/qkv_proj/
+    jit(_run)/anonymous/mpmd_map``) without its ``jit(..)`` frames, the program-structure
+    frames (``while``, ``body``, ``cond``, branches ...), einsum equations and the primitive,
+    last ``depth`` scopes kept (``qkv_proj``); the primitive when nothing else is left."""
+    out = {}
+    for name, op_name in _HLO_INSTR.findall(hlo_text):
+        frames = [f for f in op_name.split("/") if f]
+        prim = frames[-1] if frames else "?"
+        scopes = [f for f in frames[:-1] if not _is_structure(f) and "->" not in f]
+        out[name] = "/".join(scopes[-depth:]) or prim
+    return out
 
 
 def num_sets(nbytes_per_set: int, rotate_bytes: int = ROTATE_BYTES) -> int:

@@ -565,6 +565,19 @@ class AfdExecutor:
         full = np.concatenate([a, np.zeros((n - n_a, *a.shape[1:]), a.dtype)])
         return jax.make_array_from_callback(full.shape, self.sharding, lambda i: full[i])
 
+    def compiled(self) -> jax.stages.Compiled:
+        """The step program compiled for abstract arenas and inputs (no device memory is
+        touched): its optimized HLO (``as_text()``) and ``memory_analysis()``, for probes and
+        for reading a profile's kernels back to the model's name scopes."""
+        n, sh = self.num_mesh_devices, self.sharding
+        arenas = {
+            t: jax.ShapeDtypeStruct((n * size // ALIGN, ALIGN), jnp.dtype(t), sharding=sh)
+            for t, size in self.arena.sizes.items()
+        }
+        shapes = ((self.batch, 1), (self.batch, 1), (self.batch,))
+        feed = [self._per_device(np.zeros(s, np.int32)) for s in shapes]
+        return self._program.lower(arenas, *feed).compile()
+
     def step(self, tokens, positions, select) -> jax.Array:
         """One compiled step; returns the attention devices' logits ``[B, V]`` float32
         (a global array; in multi-process runs fetch it with `multihost_utils`)."""

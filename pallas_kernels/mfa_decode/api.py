@@ -186,11 +186,19 @@ def _xla_jit(q, k, v, lengths, k_scale, v_scale, block_table, sm_scale, v_transp
 
 
 def _resolve_config(
-    config, kv_dtype, num_ctas: int, max_len: int, page_size, num_sms=None, v_transposed=False
+    config,
+    kv_dtype,
+    num_ctas: int,
+    max_len: int,
+    page_size,
+    num_sms=None,
+    v_transposed=False,
+    num_seqs=None,
 ):
     """Config for this call: tuned table (fitted to smem; the ragged work list where
     `config.use_ragged_work_list` says it pays) or the caller's (validated);
-    ``v_transposed``: its FP8 P.V form (`TuningConfig.for_transposed_v`).
+    ``v_transposed``: its FP8 P.V form (`TuningConfig.for_transposed_v`). ``num_seqs``: the
+    batch B (``num_ctas`` is B * T), default ``num_ctas``.
 
     Returns (config, num_splits, partial dtype). num_splits: the config's, else
     ``config.choose_num_splits`` (the cost model where this device family's ``SPLIT_COSTS`` are
@@ -203,7 +211,8 @@ def _resolve_config(
         config = cfg_lib.get_config(kind, kv_dtype)
         if page_size is not None and page_size < config.block_s:
             config = dataclasses.replace(config, block_s=64)
-        if cfg_lib.use_ragged_work_list(kv_dtype, num_ctas, max_len):
+        seqs = num_ctas if num_seqs is None else num_seqs
+        if cfg_lib.use_ragged_work_list(kind, kv_dtype, seqs, max_len):
             config = dataclasses.replace(config, ragged=True)
         config = config.for_transposed_v() if v_transposed else config
         # Partials of a split-K run are f32: shrink the ring until it fits.
@@ -240,7 +249,7 @@ def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None, v_
     page_size = k.shape[1] if paged else None
     max_len = block_table.shape[1] * page_size if paged else k.shape[1]
     config, splits, out_dtype = _resolve_config(
-        config, k.dtype, b * t, max_len, page_size, num_sms, v_transposed
+        config, k.dtype, b * t, max_len, page_size, num_sms, v_transposed, num_seqs=b
     )
     if not paged and max_len % config.block_s:
         raise ValueError(f"cache length S={max_len} must be a multiple of block_s={config.block_s}")

@@ -250,17 +250,24 @@ def split_costs(device_kind: str) -> splitk.SplitCosts | None:
 # the KV read); 32K full: 723 -> 751, 1,444 -> 1,471 (+2-4%). At 4K it loses everywhere (B=128
 # ragged 99 -> 120, B=256 180 -> 189): its pre-pass and merge cost ~15 us a call, more than
 # the balance gains on short sequences. Serving batches are ragged, so it is on from 16K with
-# many rows (few rows split better on the split-K grid, which the work list replaces).
+# many sequences (few split better on the split-K grid, which the work list replaces). Only the
+# H100 was measured (the H200's FP8 kernel is SM-bound: its trade may differ), and nothing
+# between 4K and 32K: 16K is where the ~15 us fixed cost falls under ~5% of a full call.
 RAGGED_MIN_LEN = 16384
-RAGGED_MIN_ROWS = 128
+RAGGED_MIN_SEQS = 128
+RAGGED_FAMILIES = ("H100",)
 
 
-def use_ragged_work_list(kv_dtype, num_rows: int, max_len: int) -> bool:
-    """Whether the tuned config turns the ragged work list on for a call of ``num_rows``
-    (B * T) query rows against a cache of ``max_len`` tokens: FP8 caches only (the bf16 form
-    is unmeasured), from ``RAGGED_MIN_LEN`` tokens and ``RAGGED_MIN_ROWS`` rows."""
+def use_ragged_work_list(device_kind: str, kv_dtype, num_seqs: int, max_len: int) -> bool:
+    """Whether the tuned config turns the ragged work list on for ``num_seqs`` sequences
+    against a cache of ``max_len`` tokens: FP8 caches (the bf16 form is unmeasured) on a
+    measured device family (`RAGGED_FAMILIES`), from ``RAGGED_MIN_LEN`` tokens and
+    ``RAGGED_MIN_SEQS`` sequences. ``max_len`` is the cache's capacity, not the sequences'
+    lengths (static; the lengths are device data): a cache sized >= 16K that holds short
+    sequences pays the work list's ~15 us without its gain."""
     fp8 = jnp.dtype(kv_dtype) == jnp.dtype(jnp.float8_e4m3fn)
-    return fp8 and num_rows >= RAGGED_MIN_ROWS and max_len >= RAGGED_MIN_LEN
+    measured = device_family(device_kind) in RAGGED_FAMILIES
+    return fp8 and measured and num_seqs >= RAGGED_MIN_SEQS and max_len >= RAGGED_MIN_LEN
 
 
 def choose_num_splits(

@@ -35,6 +35,9 @@ from step3_jax.policy import KernelPolicy
 from step3_jax.vision.config import NUM_PREFIX_TOKENS, Step3VisionConfig
 from step3_jax.vision.layers import Conv2d, Linear, VisionEncoderLayer, pad_tokens
 
+# The tower pads its tokens to a multiple of this (`pad_tokens`): what a bf16 cuBLAS GEMM wants.
+TOKEN_MULTIPLE = 8
+
 
 def _keys_cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
     x = np.abs(x)
@@ -160,7 +163,7 @@ class VisionTransformer(nnx.Module):
 
     def __call__(
         self, pixel_values, *, dtype, implementation: str = "xla", gemm=None,
-        token_multiple: int = 8,
+        token_multiple: int = TOKEN_MULTIPLE,
     ) -> Float[Array, "B T D"]:  # fmt: skip
         x = self.embeddings(pixel_values, dtype)
         t = x.shape[1]
@@ -192,12 +195,14 @@ class Step3VisionModel(nnx.Module):
 
     def __init__(
         self, config: Step3VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16,
-        param_dtype=jnp.bfloat16, policy: KernelPolicy | None = None, token_multiple: int = 8,
+        param_dtype=jnp.bfloat16, policy: KernelPolicy | None = None,
+        token_multiple: int = TOKEN_MULTIPLE,
     ):  # fmt: skip
         c = self.config = config
         if policy is not None and not isinstance(policy, KernelPolicy):
             raise TypeError(f"policy must be a step3_jax.KernelPolicy, got {type(policy)}")
-        if not isinstance(token_multiple, int) or token_multiple < 1:
+        bad = isinstance(token_multiple, bool) or not isinstance(token_multiple, int)
+        if bad or token_multiple < 1:
             raise ValueError(f"token_multiple must be an int >= 1, got {token_multiple!r}")
         # A plain attribute (static in the graphdef) that a benchmark may switch to compare.
         self.token_multiple = token_multiple

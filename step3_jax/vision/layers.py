@@ -152,10 +152,11 @@ def pad_tokens(
     was added).
 
     Why: a bf16 cuBLAS GEMM wants M a multiple of 8; otherwise XLA pads the operands of every
-    GEMM of every layer (`loop_pad_fusion`s, 6.8 ms of a 58 ms 728 px view on an H100,
-    docs/LOG.md). Padding once at the tower's entry costs one copy. The padded rows stay finite
-    through the layers (as queries they attend to the real keys only), and are dropped after."""
-    if not isinstance(multiple, int) or multiple < 1:
+    GEMM of every layer (`loop_pad_fusion`s: padding once made a 728 px view 57.5 -> 55.7 ms
+    on an H100, docs/LOG.md). Padding once at the tower's entry costs one copy. The padded
+    rows stay finite through the layers (as queries they attend to the real keys only), and
+    are dropped after."""
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
         raise ValueError(f"token multiple must be an int >= 1, got {multiple!r}")
     t = x.shape[1]
     pad = -t % multiple

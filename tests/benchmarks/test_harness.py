@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 # `benchmarks` is a folder of the repository, not an installed package: import it from the root
 # whether pytest runs as `python -m pytest` (root on sys.path) or as `pytest` (it is not).
@@ -177,15 +178,27 @@ def test_cupti_sum_far_below_the_host_loop_falls_back(monkeypatch):
     assert not harness.cupti_missed_kernels(2_000, 2_900)  # under half, but < 1 ms missing
 
 
-def test_op_scope_reads_the_name_scope_of_a_device_event():
+def test_op_scope_reads_the_hlo_op_back_to_the_model_scope():
+    """A profile's kernels map back to the model's name scopes through the program's HLO."""
+    import step3_jax as s3
+    from step3_jax.cache import KVCache
+    from step3_jax.model import DecoderLayer
+
     class Event:
         def __init__(self, stats):
             self.stats = stats
 
-    op = "jit(step)/jit(main)/while/body/closed_call/attend/pallas_call"
-    assert harness.op_scope(Event([("tf_op", op)])) == "body/closed_call/attend"
-    assert harness.op_scope(Event([("tf_op", op)]), depth=1) == "attend"
-    no_stack = [("tf_op", "pallas_call"), ("hlo_op", "custom-call.3")]
-    assert harness.op_scope(Event(no_stack)) == "custom-call.3"  # still one name a call site
-    assert harness.op_scope(Event([("tf_op", 7)])) == "?"
+    cfg = s3.Step3Config.tiny()
+    layer = DecoderLayer(cfg, 0, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    cache = KVCache.create(cfg.num_layers, 2, 16, cfg.head_dim, dtype=jnp.float32)
+    x = jnp.ones((2, 1, cfg.hidden_size), jnp.float32)
+    pos = jnp.zeros((2, 1), jnp.int32)
+    run = nnx.jit(lambda layer, x, cache: layer.attention_half(x, pos, cache)[0])
+    names = harness.hlo_op_scopes(run.lower(layer, x, cache).compile().as_text())
+    assert {"input_norm", "qkv_proj", "rope", "kv_write", "o_proj"} <= set(names.values())
+    fusion = next(op for op, scope in names.items() if scope == "o_proj")
+    assert harness.op_scope(Event([("hlo_op", fusion)]), names) == "o_proj"
+    assert harness.op_scope(Event([("hlo_op", "fusion.999")]), names) == "fusion.999"
+    assert harness.op_scope(Event([("hlo_op", fusion)])) == fusion  # no HLO given
     assert harness.op_scope(Event([])) == "?"  # e.g. a memcpy
+    assert harness.op_scope(object()) == "?"

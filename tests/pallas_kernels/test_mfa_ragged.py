@@ -239,18 +239,34 @@ def test_api_uses_the_rule_and_keeps_explicit_splits():
     assert api._resolve_config(rag, fp8, 128, 4096, None, SMS)[1:] == (1, jnp.float32)
 
 
-def test_tuned_config_takes_the_work_list_for_long_caches_with_many_rows():
-    """Measured on the GPU (config.RAGGED_MIN_LEN): the work list pays from ~16K tokens with
-    many rows; short caches, few rows and bf16 keep the split grid."""
-    fp8, bf16 = jnp.float8_e4m3fn, jnp.bfloat16
-    long, rows = cfg_lib.RAGGED_MIN_LEN, cfg_lib.RAGGED_MIN_ROWS
-    cfg, j, dt = api._resolve_config(None, fp8, rows, long, None, SMS)
+def test_work_list_rule_long_caches_many_sequences_fp8_measured_family():
+    """Measured on an H100 (config.RAGGED_MIN_LEN): the work list pays from ~16K tokens with
+    many sequences; short caches, few sequences, bf16 and unmeasured devices keep the grid."""
+    h100, fp8, bf16 = "NVIDIA H100 80GB HBM3", jnp.float8_e4m3fn, jnp.bfloat16
+    long, seqs = cfg_lib.RAGGED_MIN_LEN, cfg_lib.RAGGED_MIN_SEQS
+    assert cfg_lib.use_ragged_work_list(h100, fp8, seqs, long)
+    for kind, kv, b, s in (
+        (h100, fp8, seqs, long // 2),
+        (h100, fp8, seqs - 1, 2 * long),
+        (h100, bf16, seqs, long),
+        ("NVIDIA H200", fp8, seqs, long),
+        ("cpu", fp8, seqs, long),
+    ):
+        assert not cfg_lib.use_ragged_work_list(kind, kv, b, s), (kind, kv, b, s)
+
+
+def test_tuned_config_takes_the_work_list_where_the_rule_says(monkeypatch):
+    here = cfg_lib.device_family(jax.devices()[0].device_kind)
+    monkeypatch.setattr(cfg_lib, "RAGGED_FAMILIES", (here,))  # this device counts as measured
+    fp8, long, seqs = jnp.float8_e4m3fn, cfg_lib.RAGGED_MIN_LEN, cfg_lib.RAGGED_MIN_SEQS
+    cfg, j, dt = api._resolve_config(None, fp8, seqs, long, None, SMS)
     assert cfg.ragged and (j, dt) == (1, jnp.float32)
-    assert api._resolve_config(None, fp8, rows, long, 64, SMS)[0].ragged  # paged too
-    for kv, b, s in ((fp8, rows, long // 2), (fp8, rows - 1, 2 * long), (bf16, rows, long)):
-        assert not api._resolve_config(None, kv, b, s, None, SMS)[0].ragged, (kv, b, s)
+    assert api._resolve_config(None, fp8, seqs, long, 64, SMS)[0].ragged  # paged too
+    # T = 2 query rows a sequence: the rule counts sequences, not rows.
+    assert not api._resolve_config(None, fp8, seqs, long, None, SMS, num_seqs=seqs // 2)[0].ragged
+    assert not api._resolve_config(None, fp8, seqs, long // 2, None, SMS)[0].ragged
     # An explicit config is the caller's: never switched.
-    assert not api._resolve_config(V_CONVERT_MEMORY, fp8, rows, long, None, SMS)[0].ragged
+    assert not api._resolve_config(V_CONVERT_MEMORY, fp8, seqs, long, None, SMS)[0].ragged
 
 
 # --- CUDA lowering of the new grids (CPU host) ------------------------------------------------

@@ -192,8 +192,7 @@ def test_no_arena_sized_copy_in_compiled_step():
         act_dtype=jnp.float32,
     )
     ex.load_model(model)
-    args = [ex._per_device(np.zeros(s, np.int32)) for s in ((4, 1), (4, 1), (4,))]
-    hlo = ex._program.lower(ex.arenas, *args).compile().as_text()
+    hlo = ex.compiled().as_text()
     arena = f"f32[{ex.arena.sizes['float32'] // ALIGN},{ALIGN}]"
     copies = [ln for ln in hlo.splitlines() if arena in ln and " copy(" in ln]
     assert not copies, copies[:3]
@@ -226,8 +225,7 @@ def test_grouped_ffn_reads_experts_in_place_exactly():
             act_dtype=jnp.float32,
         )
         ex.load_model(model)
-        args = [ex._per_device(a) for a in (toks, pos, lengths - 1)]
-        hlo[impl, in_place] = ex._program.lower(ex.arenas, *args).compile().as_text()
+        hlo[impl, in_place] = ex.compiled().as_text()
         out[impl, in_place] = np.asarray(ex.step(toks, pos, lengths - 1))
     np.testing.assert_array_equal(out["grouped", True], out["grouped", False])
     np.testing.assert_allclose(out["grouped", True], out["dense", True], atol=3e-2)
@@ -309,8 +307,7 @@ def test_attention_reads_the_cache_in_place():
 
 
 def _conditionals(ex: AfdExecutor) -> int:
-    args = [ex._per_device(np.zeros(s, np.int32)) for s in ((ex.batch, 1),) * 2 + ((ex.batch,),)]
-    hlo = ex._program.lower(ex.arenas, *args).compile().as_text()
+    hlo = ex.compiled().as_text()
     return sum(" conditional(" in ln for ln in hlo.splitlines())
 
 

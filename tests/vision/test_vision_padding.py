@@ -87,7 +87,7 @@ def test_pad_tokens():
     same, n = pad_tokens(x[:, :8], 8)
     assert same.shape == (2, 8, 4) and n is None
     assert pad_tokens(x, 1)[1] is None
-    for bad in (0, -8, 2.0):
+    for bad in (0, -8, 2.0, True):
         with pytest.raises(ValueError, match="token multiple"):
             pad_tokens(x, bad)
 
@@ -154,7 +154,7 @@ def test_padded_fp8_tower_equals_unpadded():
 def test_token_multiple_is_validated():
     from step3_jax.vision.encoder import Step3VisionModel
 
-    for bad in (0, 8.0):
+    for bad in (0, 8.0, True):
         with pytest.raises(ValueError, match="token_multiple"):
             nnx.eval_shape(lambda b=bad: Step3VisionModel(CFG, rngs=nnx.Rngs(0), token_multiple=b))
 
