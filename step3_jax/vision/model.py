@@ -57,6 +57,20 @@ def _embed_images(graphdef, state, pixel_values):
     return tower_program(jax.default_backend() == "gpu")(graphdef, state, pixel_values)
 
 
+def _in_fixed_batches(tower, pixels: np.ndarray, batch: int) -> np.ndarray:
+    """``tower`` in calls of exactly ``batch`` views (zero rows pad the last one, their outputs
+    dropped); the result on the host."""
+    out = []
+    for s in range(0, pixels.shape[0], batch):
+        chunk = pixels[s : s + batch]
+        real = chunk.shape[0]
+        if real < batch:
+            pad = np.zeros((batch - real, *chunk.shape[1:]), chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        out.append(np.asarray(tower(chunk))[:real])
+    return np.concatenate(out)
+
+
 class Step3VLModel(nnx.Module):
     """``text`` (a `Step3Model`) + ``vision`` (a `Step3VisionModel`)."""
 
@@ -113,11 +127,18 @@ class Step3VLModel(nnx.Module):
         ``batch`` (the serving engine's mode): the tower runs on ``batch`` views at a time, the
         last call zero-padded, and the rows are assembled on the host (a NumPy array), so any
         number of images and crops uses one compiled program per view resolution."""
-        tower, xp = self.embed_images, jnp
+        # One graph split for every tower call of this request (views, crops, chunks): a split
+        # of the real-size tower costs ~10-25 ms of host time (docs/LOG.md, "Vision tower").
+        graphdef, state = nnx.split(self.vision)
+
+        def tower(pixels):
+            return _embed_images(graphdef, state, jnp.asarray(pixels))
+
+        xp = jnp
         if batch is not None:
             if int(batch) < 1:
                 raise ValueError(f"batch must be None or >= 1, got {batch}")
-            tower, xp = functools.partial(self._embed_images_fixed, batch=int(batch)), np
+            tower, xp = functools.partial(_in_fixed_batches, tower, batch=int(batch)), np
         views = tower(images.pixel_values)
         crops = None
         if images.crop_pixel_values.shape[0]:
@@ -129,19 +150,6 @@ class Step3VLModel(nnx.Module):
             rows.append(views[i])
             start += n
         return xp.concatenate(rows, axis=0)
-
-    def _embed_images_fixed(self, pixels: np.ndarray, batch: int) -> np.ndarray:
-        """`embed_images` in calls of exactly ``batch`` views (zero rows pad the last one,
-        their outputs dropped); the result on the host."""
-        out = []
-        for s in range(0, pixels.shape[0], batch):
-            chunk = pixels[s : s + batch]
-            real = chunk.shape[0]
-            if real < batch:
-                pad = np.zeros((batch - real, *chunk.shape[1:]), chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
-            out.append(np.asarray(self.embed_images(chunk))[:real])
-        return np.concatenate(out)
 
     # ------------------------------------------------------------------ prompt
     def image_mask(self, tokens: Int[Array, "B T"], lengths=None) -> Bool[Array, "B T"]:

@@ -21,6 +21,7 @@ from step3_jax.checkpoints.demo import DEMO_DIR
 from step3_jax.config import Step3Config
 from step3_jax.policy import KernelPolicy
 from step3_jax.vision import generate as vgen
+from step3_jax.vision import model as vision_model
 from step3_jax.vision.config import Step3VisionConfig
 from step3_jax.vision.model import Step3VLModel
 from step3_jax.vision.preprocess import SPECIAL_TOKEN_NAMES, ImageSpecialTokens
@@ -126,9 +127,9 @@ def test_chat_generate_with_image_equals_vision_generate(vl):
 def test_chat_generate_runs_the_tower_once(vl, monkeypatch):
     model, tok = vl
     calls = []
-    orig = Step3VLModel.embed_images
+    orig = vision_model._embed_images  # every tower call goes through it
     monkeypatch.setattr(
-        Step3VLModel, "embed_images", lambda self, px: calls.append(px.shape) or orig(self, px)
+        vision_model, "_embed_images", lambda g, s, px: calls.append(px.shape) or orig(g, s, px)
     )
     messages = [{"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": "x"}]}]
     img = np.full((30, 40, 3), 7, np.uint8) + np.arange(40, dtype=np.uint8)[None, :, None]

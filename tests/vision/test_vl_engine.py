@@ -19,8 +19,8 @@ from step3_jax.decode import generate as text_generate
 from step3_jax.engine import Engine, ModelExecutor, QueueFull, SamplingParams
 from step3_jax.engine.images import ImageInputs, pack_chunk_features
 from step3_jax.vision import generate as vgen
+from step3_jax.vision import model as vision_model
 from step3_jax.vision.config import Step3VisionConfig
-from step3_jax.vision.model import Step3VLModel
 from step3_jax.vision.preprocess import ImageSpecialTokens
 
 # Two layers (dense, then MoE with its shared expert): the tiny structure at half the compile
@@ -143,9 +143,9 @@ def test_tower_runs_once_per_view_at_admission(model, monkeypatch):
     """Preprocessing at submit, the tower at admission: one request's views per step (the
     oldest first), each view once, whatever the number of prefill chunks and decode steps."""
     calls = []
-    orig = Step3VLModel.embed_images
+    orig = vision_model._embed_images  # every tower call goes through it
     monkeypatch.setattr(
-        Step3VLModel, "embed_images", lambda self, px: calls.append(px.shape) or orig(self, px)
+        vision_model, "_embed_images", lambda g, s, px: calls.append(px.shape) or orig(g, s, px)
     )
     eng = make_engine(model)
     wide = eng.submit([7, 9], SamplingParams(max_tokens=6), images=[image(WIDE, 10)])

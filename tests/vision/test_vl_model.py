@@ -15,6 +15,7 @@ from step3_jax.config import Step3Config
 from step3_jax.model import Step3Model
 from step3_jax.policy import KernelPolicy
 from step3_jax.vision import generate as vgen
+from step3_jax.vision import model as vision_model
 from step3_jax.vision.config import Step3VisionConfig
 from step3_jax.vision.model import Step3VLModel
 from step3_jax.vision.preprocess import ImageSpecialTokens, expand_prompt, preprocess_images
@@ -89,9 +90,9 @@ def test_image_features_order_crops_then_view(model):
 
 def test_generate_with_images_matches_teacher_forcing(model, monkeypatch):
     calls = []
-    orig = Step3VLModel.embed_images
+    orig = vision_model._embed_images  # every tower call goes through it
     monkeypatch.setattr(
-        Step3VLModel, "embed_images", lambda self, px: calls.append(px.shape) or orig(self, px)
+        vision_model, "_embed_images", lambda g, s, px: calls.append(px.shape) or orig(g, s, px)
     )
     images = [[_image(728, 400, 4)], [_image(200, 260, 5), _image(640, 480, 6)]]
     prompts = [[9, 7, 11, 12], [13, 7, 14, 7]]
