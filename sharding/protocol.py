@@ -55,11 +55,13 @@ def pack(h2: Float[Array, "T D"], routing, top_k: int, fp8: bool) -> Packet:
     return Packet(h2, None, ids, weights.astype(jnp.float32))
 
 
-def unpack(p: Packet, dtype) -> Array:
-    """FFN side: the hidden state the experts read (dequantized when FP8)."""
+def unpack(p: Packet, dtype) -> Array | quant.QuantizedActivations:
+    """FFN side: the hidden state the experts read. FP8: as `quant.QuantizedActivations`
+    standing for ``dtype``, so the FFN's FP8 GEMMs read the packet's bytes as they are (no
+    dequantize-then-quantize round trip) and anything else its dequantized value."""
     if p.scales is None:
         return p.values.astype(dtype)
-    return quant.dequantize_activations(p.values, p.scales, dtype=dtype)
+    return quant.QuantizedActivations(p.values, p.scales, jnp.dtype(dtype))
 
 
 def fake_transfer(h2: Array, fp8: bool) -> Array:

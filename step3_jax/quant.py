@@ -39,6 +39,10 @@ quantization on the GPU, and XLA:CPU's multi-axis reduce-max can drop a NaN.)
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
@@ -114,6 +118,47 @@ def dequantize_activations(
     k = q.shape[-1]
     s = jnp.repeat(scale, group, axis=-1)[..., :k]
     return (q.astype(jnp.float32) * s).astype(dtype)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["values", "scales"], meta_fields=["dtype"]
+)
+@dataclasses.dataclass(frozen=True)
+class QuantizedActivations:
+    """Activations already in the `quantize_activations` format: ``values [..., K]`` e4m3,
+    ``scales [..., ceil(K/128)]`` float32, standing for a ``dtype`` activation (what the AFD
+    packet carries to the FFN side). An FP8 GEMM reads them as they are, with no second
+    quantization; everything else reads `dequantize`. Reshapes keep the last axis."""
+
+    values: Array
+    scales: Array
+    dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.values.ndim
+
+    def reshape(self, *shape) -> QuantizedActivations:
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        k = self.values.shape[-1]
+        if shape[-1] not in (k, -1):
+            raise ValueError(f"QuantizedActivations.reshape keeps the last axis ({k}), got {shape}")
+        lead = shape[:-1]
+        return QuantizedActivations(
+            self.values.reshape(*lead, k), self.scales.reshape(*lead, self.scales.shape[-1]),
+            self.dtype,
+        )  # fmt: skip
+
+    def astype(self, dtype) -> QuantizedActivations:
+        """The same bytes standing for a ``dtype`` activation (what `dequantize` returns)."""
+        return dataclasses.replace(self, dtype=jnp.dtype(dtype))
+
+    def dequantize(self) -> Array:
+        return dequantize_activations(self.values, self.scales, dtype=self.dtype)
 
 
 def quantize_weight_blocks(
@@ -197,6 +242,7 @@ __all__ = [
     "BLOCK",
     "FP8_DTYPE",
     "FP8_MAX",
+    "QuantizedActivations",
     "dequantize_activations",
     "dequantize_kv",
     "dequantize_weight_blocks",

@@ -231,6 +231,15 @@ class Fp8Weight:
                 f"got {implementation!r}"
             )
         spec = _parse_eqn(eqn, x.ndim, self)
+        if isinstance(x, quant.QuantizedActivations):
+            # Already FP8 (per token per 128, the kernel's own format): the kernel reads it as
+            # it is; the XLA forms take its dequantized value (and quantize it again).
+            as_is = self.num_contract == 1 and x.dtype == jnp.bfloat16  # the kernel's case
+            if implementation not in ("xla", "xla_fp8") and as_is:
+                reason = pallas_gemm_unsupported(x.values, self, spec)
+                if dispatch.choose("fp8_linear", implementation, reason) == "pallas":
+                    return _project_pallas(x, self, spec).astype(out_dtype)
+            x = x.dequantize()
         if implementation == "xla_fp8":
             return _project_fp8_blocks(x, self, spec).astype(out_dtype)
         reason = None if implementation == "xla" else pallas_gemm_unsupported(x, self, spec)
@@ -364,11 +373,15 @@ def _project_pallas(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
     """x [*rest, *contract] @ w[N, K]^T through the Pallas grouped GEMM with one group."""
     n, k = _view_2d(w.shape, 0, w.num_contract)
     lead = x.shape[: len(spec.x_rest)]
+    x_scale = None
+    if isinstance(x, quant.QuantizedActivations):  # quantized already: the kernel's format
+        x, x_scale = x.values, x.scales.reshape(-1, x.scales.shape[-1])
     x2 = x.reshape(-1, k)
     out = grouped_matmul(
         x2,
         w.values.reshape(1, n, k),
         jnp.full((1,), x2.shape[0], jnp.int32),
+        x_scale=x_scale,
         w_scale=w.scales[None],
         implementation="pallas",
         config=dense_config(jax.devices()[0].device_kind, x2.shape[0], n, k),

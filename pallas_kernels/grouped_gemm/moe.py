@@ -77,6 +77,7 @@ def moe_ffn(
     config: TuningConfig | None = None,
     num_local_experts: int | None = None,
     weight_offset=None,
+    x_scale: Float[Array, "T DB"] | None = None,
 ) -> Float[Array, "T D"]:
     """Routed expert FFN of one device: ``sum_k weight[t,k] * expert_{id[t,k]}(x[t])``.
 
@@ -90,7 +91,9 @@ def moe_ffn(
     Weights bf16, or float8_e4m3fn with 128x128 block scales ([E, F/128, D/128] for gate/up,
     [E, D/128, F/128] for down). quantize_activations (None: iff weights are FP8) runs both
     GEMMs FP8 x FP8 with per-token per-128 activation scales. Returns [T, D] in x's dtype
-    (a float32 x runs the XLA path in float32 end to end).
+    (a float32 x runs the XLA path in float32 end to end). ``x_scale`` [T, ceil(D/128)] f32:
+    x is float8_e4m3fn, already quantized in that format (e.g. an AFD packet), and is used as
+    it is (FP8 weights only); the result is then bf16.
     """
     if (num_local_experts is None) != (weight_offset is None):
         raise ValueError(
@@ -106,6 +109,14 @@ def moe_ffn(
             f"{quantize_activations=} with {w_gate.dtype} weights: the kernels run FP8 x FP8 "
             "or bf16 x bf16 (W8A16 is not implemented)"
         )
+    if x_scale is not None:
+        want = (x.shape[0], -(-x.shape[1] // quant.BLOCK))
+        if not fp8_w or x.dtype != quant.FP8_DTYPE or x_scale.shape != want:
+            raise ValueError(
+                f"x_scale (pre-quantized x) needs float8_e4m3fn x, FP8 weights and x_scale "
+                f"{want}; got x {x.dtype}, weights {w_gate.dtype}, x_scale {x_scale.shape}"
+            )
+    out_dtype = jnp.bfloat16 if x_scale is not None else x.dtype
     t, n_k = expert_ids.shape
     order, inverse, valid, group_sizes = _dispatch(expert_ids, first_expert, e_local)
     token_of = order // n_k
@@ -117,7 +128,8 @@ def moe_ffn(
         raise ValueError(f"weight_offset: a scalar or (gate, up, down), got {len(off)} values")
     gu_off, d_off = (None, None) if off is None else ((off[0], off[1]), off[2])
     if q_act:
-        xq, xs = quant.quantize_activations(x)  # once per token, then gathered K-fold
+        # Once per token (unless given), then gathered K-fold.
+        xq, xs = (x, x_scale) if x_scale is not None else quant.quantize_activations(x)
         h = grouped(
             xq[token_of],
             (w_gate, w_up),
@@ -153,7 +165,7 @@ def moe_ffn(
     y_tk = jnp.where(valid[:, None], y[inverse], 0).reshape(t, n_k, -1)
     coef = jnp.where(valid.reshape(t, n_k), expert_weights, 0).astype(jnp.float32)
     out = jnp.einsum("TKD,TK->TD", y_tk.astype(jnp.float32), coef)
-    return out.astype(x.dtype)
+    return out.astype(out_dtype)
 
 
 def shared_expert_ffn(

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from step3_jax.quant import QuantizedActivations
+
 
 @runtime_checkable
 class ProjectableWeight(Protocol):
@@ -25,13 +27,17 @@ class ProjectableWeight(Protocol):
 
 
 def project(x: Array, w, eqn: str, out_dtype=None, implementation: str | None = None) -> Array:
-    """``einsum(eqn, x, w)`` in the activation's dtype with float32 accumulation.
+    """``einsum(eqn, x, w)`` in the activation's dtype with float32 accumulation. ``x`` may be
+    `step3_jax.quant.QuantizedActivations` (already FP8, e.g. the AFD packet): an FP8 weight's
+    kernel reads it as it is, anything else its dequantized value.
 
     ``implementation`` picks the GEMM of a quantized weight (`step3_jax.policy.KernelPolicy.gemm`:
     "pallas" | "xla" | "xla_fp8" | None); a float weight always runs this plain einsum."""
     out_dtype = out_dtype or x.dtype
     if isinstance(w, ProjectableWeight):
         return w.project(x, eqn, out_dtype, implementation)
+    if isinstance(x, QuantizedActivations):  # FP8 activations meet a float weight
+        x = x.dequantize()
     w = jnp.asarray(w)
     return jnp.einsum(eqn, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(
         out_dtype

@@ -30,6 +30,7 @@ from step3_jax.kernels.grouped_gemm import moe_ffn
 from step3_jax.layers.linear import init_weight, project
 from step3_jax.layers.mlp import SwiGLU
 from step3_jax.policy import MOE_IMPLEMENTATIONS
+from step3_jax.quant import QuantizedActivations
 from step3_jax.quant_model import Fp8Weight, split_fp8
 
 
@@ -120,7 +121,9 @@ def experts_grouped(
     implementation: str | None = None,
 ) -> Float[Array, "M D"]:
     """Sorted, grouped expert computation (see `step3_jax.kernels.grouped_gemm.moe_ffn`);
-    `ExpertPool` weights are read in place at their offsets. Returns x's dtype."""
+    `ExpertPool` weights are read in place at their offsets. ``x`` may be
+    `QuantizedActivations` (the AFD packet): FP8 experts on bf16 activations read it as it is,
+    anything else its dequantized value. Returns x's dtype."""
     kw = {}
     if isinstance(w_gate, ExpertPool):
         pools = (w_gate, w_up, w_down)
@@ -130,10 +133,16 @@ def experts_grouped(
         (wg, sg), (wu, su), (wd, sd) = split_fp8(w_gate), split_fp8(w_up), split_fp8(w_down)
     if sg is not None:
         kw |= {"w_gate_scale": sg, "w_up_scale": su, "w_down_scale": sd}
+    out_dtype = x.dtype
+    if isinstance(x, QuantizedActivations):
+        # The kernels' own path (FP8 experts, bf16 activations) reads the bytes as they are; a
+        # float32 model keeps its float32 XLA path on the dequantized value.
+        as_is = sg is not None and x.dtype == jnp.bfloat16
+        x, kw = (x.values, kw | {"x_scale": x.scales}) if as_is else (x.dequantize(), kw)
     out = moe_ffn(
         x, ids, weights, wg, wu, wd, first_expert=first_expert, implementation=implementation, **kw
     )
-    return out.astype(x.dtype)
+    return out.astype(out_dtype)
 
 
 class MoE(nnx.Module):
@@ -192,7 +201,10 @@ class MoE(nnx.Module):
                 f"MoE: implementation must be one of {MOE_IMPLEMENTATIONS}, got {implementation!r}"
             )
         h = h.astype(self.dtype)
-        weights, ids = self.route(h) if routing is None else routing
+        if routing is None:
+            plain = h.dequantize() if isinstance(h, QuantizedActivations) else h
+            routing = self.route(plain)
+        weights, ids = routing
         lead = h.shape[:-1]
         x2 = h.reshape(-1, h.shape[-1])
         w2, i2 = weights.reshape(-1, self.top_k), ids.reshape(-1, self.top_k)

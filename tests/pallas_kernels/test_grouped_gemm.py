@@ -226,6 +226,26 @@ def test_moe_ffn_fp8_expert_and_tensor_parallel(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_moe_ffn_reads_pre_quantized_activations_as_they_are(impl):
+    """An FP8 x with its scales (an AFD packet) is what moe_ffn would have made of the bf16 x:
+    the same GEMM inputs, so bitwise the same output (bf16)."""
+    x, ids, rw, ws = _moe_case(12)
+    qv, qs = _fp8_weights(ws)
+    kw = dict(w_gate_scale=qs[0], w_up_scale=qs[1], w_down_scale=qs[2], implementation=impl)
+    xq, xs = quant.quantize_activations(x)
+    got = moe.moe_ffn(xq, ids, rw, *qv, x_scale=xs, **kw)
+    want = moe.moe_ffn(x, ids, rw, *qv, **kw)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(ValueError, match="x_scale"):
+        moe.moe_ffn(x, ids, rw, *qv, x_scale=xs, **kw)  # x not FP8
+    with pytest.raises(ValueError, match="x_scale"):
+        moe.moe_ffn(xq, ids, rw, *qv, x_scale=xs[:, :1], **kw)  # wrong scale shape
+    with pytest.raises(ValueError, match="x_scale"):
+        moe.moe_ffn(xq, ids, rw, *ws, x_scale=xs, implementation=impl)  # float weights
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_moe_ffn_bf16_and_shared(impl):
     x, ids, rw, ws = _moe_case(5, t=40)
     wb = [w.astype(jnp.bfloat16) for w in ws]

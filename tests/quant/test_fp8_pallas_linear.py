@@ -80,6 +80,21 @@ def test_pallas_form_matches_dequant_on_gpu(eqn, x_shape, w_shape, nc):
     np.testing.assert_allclose(got, want, atol=2.0**-6 * np.abs(want).max(), rtol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_hopper(), reason="Mosaic GPU kernel needs a Hopper GPU")
+def test_pallas_form_reads_quantized_activations_on_gpu():
+    """Pre-quantized activations (the AFD packet) go to the kernel as they are: against the
+    kernel on their bf16 dequantized value (quantized again inside), at most one more e4m3
+    rounding of each input (<= 2**-4 relative)."""
+    from step3_jax import quant
+
+    x, q = _case(3, (256, 1, 1024), (2560, 1024), 1)
+    qa = quant.QuantizedActivations(*quant.quantize_activations(x), jnp.dtype(jnp.bfloat16))
+    got = np.asarray(q.project(qa, "BTD,ND->BTN", jnp.bfloat16, "pallas"), np.float32)
+    want = np.asarray(q.project(qa.dequantize(), "BTD,ND->BTN", jnp.bfloat16, "pallas"), np.float32)
+    assert np.linalg.norm(got - want) <= 2.0**-4 * np.linalg.norm(want)
+
+
 def test_mfa_stored_fused_qkv_matches_separate_xla():
     """The default FP8 layer stores q/k/v as ONE weight (the 128-row scale blocks concatenate
     exactly) and runs one GEMM with the default implementation (the kernel on Hopper, the XLA
