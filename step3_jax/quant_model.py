@@ -231,20 +231,20 @@ class Fp8Weight:
                 f"got {implementation!r}"
             )
         spec = _parse_eqn(eqn, x.ndim, self)
-        if isinstance(x, quant.QuantizedActivations):
-            # Already FP8 (per token per 128, the kernel's own format): the kernel reads it as
-            # it is; the XLA forms take its dequantized value (and quantize it again).
-            as_is = self.num_contract == 1 and x.dtype == jnp.bfloat16  # the kernel's case
-            if implementation not in ("xla", "xla_fp8") and as_is:
-                reason = pallas_gemm_unsupported(x.values, self, spec)
-                if dispatch.choose("fp8_linear", implementation, reason) == "pallas":
-                    return _project_pallas(x, self, spec).astype(out_dtype)
-            x = x.dequantize()
+        # Already-FP8 activations (per token per 128, the kernel's own format): the kernel
+        # reads them as they are on bf16 activations; every XLA form takes their dequantized
+        # value (and quantizes it again).
+        pre_quantized = isinstance(x, quant.QuantizedActivations)
+        if pre_quantized and (self.num_contract != 1 or x.dtype != jnp.bfloat16):
+            x, pre_quantized = x.dequantize(), False
         if implementation == "xla_fp8":
+            x = x.dequantize() if pre_quantized else x
             return _project_fp8_blocks(x, self, spec).astype(out_dtype)
-        reason = None if implementation == "xla" else pallas_gemm_unsupported(x, self, spec)
+        rows = x.values if pre_quantized else x
+        reason = None if implementation == "xla" else pallas_gemm_unsupported(rows, self, spec)
         if dispatch.choose("fp8_linear", implementation, reason) == "pallas":
             return _project_pallas(x, self, spec).astype(out_dtype)
+        x = x.dequantize() if pre_quantized else x
         xd = _fake_quant_contract(x, spec)
         if self.granularity == "channel":
             # Per-channel scales factor out of the contraction: the weight operand is a pure
