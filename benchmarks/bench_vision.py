@@ -48,6 +48,7 @@ from step3_jax.vision.encoder import (  # noqa: E402
     Step3VisionModel,
     quantize_linears,
 )
+from step3_jax.vision.layers import padded_length  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s; FP8 is twice these on Hopper.
 BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "H100 PCIe": 756.0e12}
@@ -243,7 +244,7 @@ def header(c: Step3VisionConfig, args, model, fl: dict, peak) -> dict:
         "size": args.size,
         "tokens_per_view": tokens,
         # the token count the layers run on (FLOPs and TFLOP/s count the real tokens only)
-        "padded_tokens_per_view": tokens + (-tokens % model.token_multiple),
+        "padded_tokens_per_view": padded_length(tokens, model.token_multiple),
         "token_multiple": model.token_multiple,
         "output_tokens_per_view": c.tokens_per_view(args.size),
         "params": c.param_count(),

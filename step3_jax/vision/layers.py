@@ -156,13 +156,18 @@ def pad_tokens(
     on an H100, docs/LOG.md). Padding once at the tower's entry costs one copy. The padded
     rows stay finite through the layers (as queries they attend to the real keys only), and
     are dropped after."""
-    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
-        raise ValueError(f"token multiple must be an int >= 1, got {multiple!r}")
     t = x.shape[1]
-    pad = -t % multiple
+    pad = padded_length(t, multiple) - t
     if pad == 0:
         return x, None
     return jnp.pad(x, ((0, 0), (0, pad), (0, 0))), t
+
+
+def padded_length(tokens: int, multiple: int) -> int:
+    """``tokens`` rounded up to a multiple of ``multiple`` (the rows `pad_tokens` gives)."""
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise ValueError(f"token multiple must be an int >= 1, got {multiple!r}")
+    return -(-tokens // multiple) * multiple
 
 
 class VisionAttention(nnx.Module):
@@ -227,5 +232,6 @@ __all__ = [
     "attention",
     "layer_norm",
     "pad_tokens",
+    "padded_length",
     "quick_gelu",
 ]
