@@ -75,7 +75,7 @@ from jaxtyping import Array, Float
 
 from step3_jax import quant
 from step3_jax.kernels import dispatch
-from step3_jax.kernels.grouped_gemm import grouped_matmul
+from step3_jax.kernels.grouped_gemm import grouped_matmul, grouped_swiglu
 from step3_jax.kernels.grouped_gemm import supported as grouped_gemm_supported
 from step3_jax.kernels.grouped_gemm.config import dense_config
 from step3_jax.policy import GEMM_IMPLEMENTATIONS
@@ -380,13 +380,53 @@ def _project_pallas(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
     out = grouped_matmul(
         x2,
         w.values.reshape(1, n, k),
-        jnp.full((1,), x2.shape[0], jnp.int32),
+        np.array([x2.shape[0]], np.int32),  # static: the tile table is a constant
         x_scale=x_scale,
         w_scale=w.scales[None],
         implementation="pallas",
         config=dense_config(jax.devices()[0].device_kind, x2.shape[0], n, k),
     )  # bf16 [M, N]; x2 is quantized per token per 128 inside
     return out.reshape(*lead, *w.shape[: w.ndim - w.num_contract])
+
+
+def swiglu_hidden_fused(x: Array, w_gate, w_up, implementation: str | None = None) -> Array | None:
+    """``silu(x @ w_gate^T) * (x @ w_up^T)`` [..., F] bf16 in ONE Pallas launch (the grouped
+    kernel's fused gate/up with one static group: both weights streamed by one kernel, SwiGLU in
+    its epilogue from the f32 accumulators), or None where that kernel does not run: weights
+    that are not both 2-D block-scaled `Fp8Weight` [F, D], an XLA ``implementation``, a
+    float32 model, or a device/shape the dispatch rule sends elsewhere. The caller then runs
+    the two projections (`step3_jax.layers.mlp.swiglu`).
+
+    Against the two-projection form the gate and up results are not rounded to bf16 before
+    the SwiGLU: the hidden activation differs by at most ~2 bf16 ulps."""
+    both = isinstance(w_gate, Fp8Weight) and isinstance(w_up, Fp8Weight)
+    if not both or implementation in ("xla", "xla_fp8"):
+        return None
+    if w_gate.values.ndim != 2 or w_gate.shape != w_up.shape or w_up.granularity != "block":
+        return None
+    if isinstance(x, quant.QuantizedActivations) and x.dtype != jnp.bfloat16:
+        return None
+    spec = _parse_eqn("...D,FD->...F", x.ndim, w_gate)
+    x_scale = None
+    if isinstance(x, quant.QuantizedActivations):  # quantized already: the kernel's format
+        x, x_scale = x.values, x.scales.reshape(-1, x.scales.shape[-1])
+    reason = pallas_gemm_unsupported(x, w_gate, spec)
+    if dispatch.choose("fp8_linear", implementation, reason) != "pallas":
+        return None
+    (f, d), lead = w_gate.shape, x.shape[:-1]
+    x2 = x.reshape(-1, d)
+    hidden = grouped_swiglu(
+        x2,
+        w_gate.values[None],
+        w_up.values[None],
+        np.array([x2.shape[0]], np.int32),  # static: the tile table is a constant
+        x_scale=x_scale,
+        w_gate_scale=w_gate.scales[None],
+        w_up_scale=w_up.scales[None],
+        implementation="pallas",
+        config=dense_config(jax.devices()[0].device_kind, x2.shape[0], f, d),
+    )  # bf16 [M, F]; a bf16 x2 is quantized per token per 128 inside
+    return hidden.reshape(*lead, f)
 
 
 def _row_offsets(sizes) -> list[int]:

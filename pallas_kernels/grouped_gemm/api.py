@@ -22,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
@@ -104,7 +105,8 @@ def _xla_tiles(group_sizes, m: int, tile: int):
     n_g = (sizes + tile - 1) // tile
     tile_end = jnp.cumsum(n_g)
     t = jnp.arange(-(-m // tile) + group_sizes.shape[0], dtype=jnp.int32)
-    g = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), sizes.shape[0] - 1)
+    g = jnp.sum(tile_end[None, :] <= t[:, None], axis=1)  # searchsorted(side="right"), no scan
+    g = jnp.minimum(g, sizes.shape[0] - 1)
     j = t - (tile_end[g] - n_g[g])
     rows = jnp.where(t < tile_end[-1], jnp.clip(sizes[g] - j * tile, 0, tile), 0)
     return g, start[g] + j * tile, rows
@@ -184,8 +186,13 @@ def _config_for(config, m):
     return tuned_config(jax.devices()[0].device_kind, m)
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "config", "zero_tail"))
-def _run(x, weights, group_sizes, x_scale, w_scales, group_offset, *, impl, config, zero_tail):
+@functools.partial(jax.jit, static_argnames=("impl", "config", "zero_tail", "host_sizes"))
+def _run(
+    x, weights, group_sizes, x_scale, w_scales, group_offset, *, impl, config, zero_tail,
+    host_sizes=None,
+):  # fmt: skip
+    if host_sizes is not None:  # static sizes: the kernel's tile table is built on the host
+        group_sizes = np.asarray(host_sizes, np.int32)
     if impl == "xla":
         return _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offset)
     return mosaic_gpu.grouped_gemm_mgpu(
@@ -220,6 +227,7 @@ def grouped(
     with one per weight): group g multiplies by ``weights[i][offset_i + g]``, so the weights
     may be a larger pool ``[P, N, K]`` read in place (the AFD arena) instead of a sliced copy;
     the weight scales stay per group ``[G, ...]``. The caller keeps ``offset_i + G <= P``.
+    ``group_sizes`` may be a NumPy array (sizes known when tracing).
     """
     x, x_scale = _validate(
         x, weights, group_sizes, x_scale, tuple(w_scales), implementation, group_offset is not None
@@ -227,16 +235,20 @@ def grouped(
     w_scales = tuple(w_scales) if _is_fp8(weights[0]) else ()
     impl = dispatch.choose("grouped_gemm", implementation, supported(x, weights))
     cfg = _config_for(config, x.shape[0]) if impl == "pallas" else None
+    # NumPy sizes are static (a dense GEMM's one group of M rows): the tile table is then a
+    # constant of the program, not a few small kernels per call.
+    host = tuple(int(v) for v in group_sizes) if isinstance(group_sizes, np.ndarray) else None
     return _run(
         x,
         tuple(weights),
-        group_sizes.astype(jnp.int32),
+        jnp.asarray(group_sizes, jnp.int32),
         x_scale,
         w_scales,
         _offsets(group_offset, len(weights)),
         impl=impl,
         config=cfg,
         zero_tail=zero_tail,
+        host_sizes=host,
     )
 
 

@@ -1,9 +1,10 @@
 """Mosaic GPU (Hopper) grouped GEMM: FP8 x FP8 with 128x128 block scales, or bf16 x bf16.
 
 One persistent kernel (``grid = #SMs``) walks a flat list of work items ``(row tile, n tile)``.
-Row tiles come from a small table built with XLA before the launch (``_tile_table``): tile t
-covers rows ``[row0_t, row0_t + rows_t)`` of ONE group ``g_t``, starting at the group's own
-first row, so a group of 16 tokens is one tile and its expert weights are streamed exactly
+Row tiles come from a small table built before the launch (``_tile_table``: on the host for
+static group sizes, else a few XLA fusions): tile t covers rows ``[row0_t, row0_t + rows_t)``
+of ONE group ``g_t``, starting at the group's own first row, so a group of 16 tokens is one
+tile and its expert weights are streamed exactly
 once per n tile (with ``block_m``-aligned tiles such a group would often straddle two tiles and
 be streamed twice). The loop order is m-minor: work items ``lin`` and ``lin+1`` share a weight
 tile when they are row tiles of the same group, so concurrently running SMs hit L2.
@@ -27,6 +28,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -78,6 +80,13 @@ class _Static:
     wg_dim: str = "n"
 
 
+def _running_sum(xp, v):
+    """Inclusive prefix sum of a short 1-D int vector as one masked reduction over a [G, G]
+    triangle (``jnp.cumsum`` is a reduce-window kernel of its own on the GPU)."""
+    i = xp.arange(v.shape[0])
+    return xp.sum(xp.where(i[None, :] <= i[:, None], v[None, :], 0), axis=1).astype(np.int32)
+
+
 def _tile_table(
     group_sizes, m: int, block_m: int, max_tiles: int, zero_tail: bool, group_offsets=(0,)
 ):
@@ -93,39 +102,50 @@ def _tile_table(
     group order; with ``zero_tail`` the rows past ``sum(group_sizes)`` get extra tiles with
     group -1 (written as zeros, never computed). ``count`` (row 4, column 0) is the number of
     live tiles.
+
+    NumPy ``group_sizes`` and int offsets (a dense GEMM: one group of M rows) build the table
+    on the host, a constant of the program. Traced sizes build it with compare-and-reduce
+    ops only: no scan (``searchsorted``'s default is a while loop of ~6 small kernels a call),
+    no cumsum kernel; ~4 small fusions on the GPU.
     """
-    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    start = jnp.cumsum(sizes) - sizes
-    sizes = jnp.clip(sizes, 0, jnp.maximum(m - start, 0))  # never past row M
+    host = isinstance(group_sizes, np.ndarray) and all(
+        isinstance(o, (int, np.integer)) for o in group_offsets
+    )
+    xp = np if host else jnp
+    sizes = xp.maximum(group_sizes.astype(np.int32), 0)
+    start = _running_sum(xp, sizes) - sizes
+    sizes = xp.clip(sizes, 0, xp.maximum(m - start, 0))  # never past row M
     align = start % 8
-    n_g = jnp.where(sizes > 0, (sizes + align + block_m - 1) // block_m, 0)
-    tile_end = jnp.cumsum(n_g)
+    n_g = xp.where(sizes > 0, (sizes + align + block_m - 1) // block_m, 0)
+    tile_end = _running_sum(xp, n_g)
     n_group_tiles = tile_end[-1]
-    total_rows = jnp.sum(sizes)
-    t = jnp.arange(max_tiles, dtype=jnp.int32)
-    g = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), sizes.shape[0] - 1)
+    total_rows = xp.sum(sizes)
+    t = xp.arange(max_tiles, dtype=np.int32)
+    # The group of tile t: how many groups end at or before t (searchsorted, side="right").
+    g = xp.sum(tile_end[None, :] <= t[:, None], axis=1).astype(np.int32)
+    g = xp.minimum(g, sizes.shape[0] - 1)
     j = t - (tile_end[g] - n_g[g])
     box = start[g] - align[g] + j * block_m
-    row0 = jnp.maximum(start[g], box)
-    rows = jnp.clip(jnp.minimum(start[g] + sizes[g], box + block_m) - row0, 0, block_m)
+    row0 = xp.maximum(start[g], box)
+    rows = xp.clip(xp.minimum(start[g] + sizes[g], box + block_m) - row0, 0, block_m)
     is_group = t < n_group_tiles
     # Zero-fill tiles for rows [total_rows, m), after the group tiles.
     tail_row0 = total_rows + (t - n_group_tiles) * block_m
     n_tail = (m - total_rows + block_m - 1) // block_m if zero_tail else 0
-    tail_rows = jnp.clip(m - tail_row0, 0, block_m) if zero_tail else jnp.zeros_like(t)
+    tail_rows = xp.clip(m - tail_row0, 0, block_m) if zero_tail else xp.zeros_like(t)
     # Keep the box inside x (m is a multiple of 8 and >= block_m, so this stays aligned).
-    box = jnp.clip(box, 0, m - block_m)
-    count = jnp.zeros_like(t).at[0].set(n_group_tiles + n_tail)
-    return jnp.stack(
+    box = xp.clip(box, 0, m - block_m)
+    count = xp.where(t == 0, n_group_tiles + n_tail, 0)
+    return xp.stack(
         [
-            jnp.where(is_group, g, -1),
-            jnp.where(is_group, row0, tail_row0),
-            jnp.where(is_group, rows, tail_rows),
-            jnp.where(is_group, box, 0),
+            xp.where(is_group, g, -1),
+            xp.where(is_group, row0, tail_row0),
+            xp.where(is_group, rows, tail_rows),
+            xp.where(is_group, box, 0),
             count,
-            *(jnp.where(is_group, g + off, 0) for off in group_offsets),
+            *(xp.where(is_group, g + off, 0) for off in group_offsets),
         ]
-    ).astype(jnp.int32)
+    ).astype(np.int32)
 
 
 def _store_rows(o_smem, o_gmem, smem_start, gmem_row, rows, col0, top: int, block_n: int):

@@ -8,18 +8,22 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from step3_jax.layers.linear import init_weight, project
+from step3_jax.quant_model import swiglu_hidden_fused
 
 
 def swiglu(
     x: Float[Array, "... D"], w_gate, w_up, w_down, implementation: str | None = None
 ) -> Float[Array, "... D"]:
     """``w_gate, w_up: [F, D]``, ``w_down: [D, F]`` ([out, in] layout). ``implementation``:
-    the GEMM of quantized weights (`step3_jax.layers.linear.project`)."""
+    the GEMM of quantized weights (`step3_jax.layers.linear.project`). Block-FP8 gate and up
+    on the Pallas path run as one fused kernel (`step3_jax.quant_model.swiglu_hidden_fused`)."""
     kw = dict(implementation=implementation)
-    gate = project(x, w_gate, "...D,FD->...F", out_dtype=jnp.float32, **kw)
-    up = project(x, w_up, "...D,FD->...F", out_dtype=jnp.float32, **kw)
-    hidden = (jax.nn.silu(gate) * up).astype(x.dtype)
-    return project(hidden, w_down, "...F,DF->...D", **kw)
+    hidden = swiglu_hidden_fused(x, w_gate, w_up, implementation)  # FP8 on Hopper: one kernel
+    if hidden is None:
+        gate = project(x, w_gate, "...D,FD->...F", out_dtype=jnp.float32, **kw)
+        up = project(x, w_up, "...D,FD->...F", out_dtype=jnp.float32, **kw)
+        hidden = jax.nn.silu(gate) * up
+    return project(hidden.astype(x.dtype), w_down, "...F,DF->...D", **kw)
 
 
 class SwiGLU(nnx.Module):

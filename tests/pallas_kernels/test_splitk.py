@@ -98,3 +98,27 @@ def test_sweep_report_on_synthetic_rows():
     for r in table:  # noiseless rows: the model's pick is the fastest swept factor
         assert r["model_us"] == pytest.approx(r["best_us"])
         assert r["auto_us"] >= r["best_us"]
+
+
+def test_h100_rule_never_slower_than_xla_on_the_measured_sweep():
+    """Issue 16's small-batch target, held to the H100 forced-split sweeps (B = 1..8 at 1K, 4K,
+    8K, 32K): at every shape where the XLA path was timed, the split factor the fitted H100
+    rule picks (timed either as a forced split or as the rule's own row) is not slower."""
+    names = ("splitk_partial_1841117", "splitk_partial_52e1d2f", "splitk_e26b5f2")
+    rows = []
+    for name in names:
+        with open(os.path.join(ROOT, f"benchmarks/results/mfa_decode_H100_{name}.json")) as f:
+            rows += [r for r in json.load(f)["rows"] if "time_us" in r and "error" not in r]
+    costs = cfg_lib.SPLIT_COSTS["H100"]
+    checked = 0
+    for b, s in sorted({(r["shape"]["B"], r["shape"]["ctx"]) for r in rows}):
+        at = [r for r in rows if (r["shape"]["B"], r["shape"]["ctx"]) == (b, s)]
+        xla = [r["time_us"] for r in at if r["name"] == "xla_fp8"]
+        pick = cfg_lib.choose_num_splits(b, s, 64, 132, costs)
+        timed = [r["time_us"] for r in at
+                 if r["name"].startswith("pallas_fp8") and r.get("splits") == pick]  # fmt: skip
+        if not xla or not timed:
+            continue
+        assert min(timed) <= min(xla), (b, s, pick, timed, xla)
+        checked += 1
+    assert checked >= 12  # 13 shapes have both when this was written
