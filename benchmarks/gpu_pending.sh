@@ -15,6 +15,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 10 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 11 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 12 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 13 $OUT  # any Hopper
 # Still to run (as of 2026-12-05, evening): 12 first (any Hopper: what the one-reduction
 # quantization and a larger memory fraction do to the attention role), then 2 (H200 only: the
 # full-size roles), then 1 (the rest of the H100 split-K sweep).
@@ -68,6 +69,11 @@
 #   role on 24 layers with command buffers off and a trace (its glue by HLO op; the packet is
 #   now read as it is, predicted 807 -> ~790 us a layer host loop), and the FFN role
 #   program's optimized HLO (`afd_hlo_probe.py --role ffn`, which writes it to $OUT).
+# call 13 (issue 13, any Hopper): after the loop-free tile table and the fused gate/up SwiGLU of
+#   the shared expert and dense FFN: their GPU tests, the 61-layer attention role (against call
+#   12's 26.28 ms), the 24-layer FFN role with command buffers off and a trace (against call
+#   12's 18.20 ms and ~113 us a layer of glue), the FFN role at 256 and 512 tokens a tick, and
+#   the attention role at B = 512 on 24 layers (61 do not fit an H100).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -170,5 +176,14 @@ case "$CALL" in
       "@130 XLA_FLAGS=--xla_gpu_enable_command_buffer= $ROLE --role ffn --layers 24 --trace --out \$OUT/ffn24_nocmdbuf.json" \
       "@60 python3 benchmarks/afd_hlo_probe.py --role ffn --layers 2 --out \$OUT/probe_ffn.json"
     ;;
-  *) echo "call must be 1 to 12, got $CALL" >&2; exit 2 ;;
+  13)
+    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --cache float8_e4m3fn --weights float8_e4m3fn --reps 3"
+    $RUN -t 60 "$OUT_DIR/call13" \
+      "@150 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 tests/pallas_kernels/test_grouped_gemm.py tests/quant/test_fp8_pallas_linear.py" \
+      "@60 $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61.json" \
+      "@70 XLA_FLAGS=--xla_gpu_enable_command_buffer= $ROLE --runs 1x256 --role ffn --layers 24 --trace --out \$OUT/ffn24_nocmdbuf.json" \
+      "@90 $ROLE --runs 1x256,1x512 --role ffn --layers 24 --out \$OUT/ffn24.json" \
+      "@90 $ROLE --runs 1x512 --role attention --layers 24 --out \$OUT/attention24_b512.json"
+    ;;
+  *) echo "call must be 1 to 13, got $CALL" >&2; exit 2 ;;
 esac
