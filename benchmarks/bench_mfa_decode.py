@@ -109,13 +109,14 @@ def bench_ours(b, s, fp8, impl, config=None, lengths=None, v_transposed=False, p
     return fn, _arg_sets(b, s, fp8, lengths, v_transposed, page)
 
 
-def ragged_config(b, s, fp8):
-    """The config the api would pick for this call, with the ragged work list on."""
+def resolved_config(b, s, fp8, **changes):
+    """The config the api would pick for this call, with ``changes`` (e.g. ``ragged=True``:
+    the work list on; ``longest_first=False``: the unsplit grid's CTAs in index order)."""
     from step3_jax.kernels.mfa_decode import api
 
     kv = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
     cfg, _, _ = api._resolve_config(_config(fp8), kv, b, s, None)
-    return dataclasses.replace(cfg, ragged=True)
+    return dataclasses.replace(cfg, **changes)
 
 
 def kernel_breakdown(b, s, fp8, config=None, lengths=None):
@@ -343,8 +344,19 @@ def _plan(b, s, lens=None):
             ours(True, "pallas", lambda: _config(True), vt=True, page=64),
         ),
         "pallas_bf16": (False, ours(False, "pallas", lambda: _config(False))),
-        "pallas_fp8_ragged": (True, ours(True, "pallas", lambda: ragged_config(b, s, True))),
-        "pallas_bf16_ragged": (False, ours(False, "pallas", lambda: ragged_config(b, s, False))),
+        "pallas_fp8_ragged": (
+            True,
+            ours(True, "pallas", lambda: resolved_config(b, s, True, ragged=True)),
+        ),
+        "pallas_bf16_ragged": (
+            False,
+            ours(False, "pallas", lambda: resolved_config(b, s, False, ragged=True)),
+        ),
+        # The unsplit grid in index order (before `config.use_longest_first`).
+        "pallas_fp8_index_order": (
+            True,
+            ours(True, "pallas", lambda: resolved_config(b, s, True, longest_first=False)),
+        ),
         "xla_fp8": (True, ours(True, "xla")),
         "xla_bf16": (False, ours(False, "xla")),
         "jax_triton_example_bf16": (False, lambda: bench_triton_example(b, s, lens)),
@@ -455,7 +467,7 @@ def main(argv=None):
         if args.ragged != "off":  # the ragged work list on ragged lengths: plan, kernel, merge
             key = f"fp8_ragged_{b}x{s}"
             try:
-                cfg = ragged_config(b, s, True)
+                cfg = resolved_config(b, s, True, ragged=True)
                 extra["breakdown"][key] = kernel_breakdown(b, s, True, cfg, ragged_lengths(b, s))
             except Exception as e:  # noqa: BLE001
                 extra["breakdown"][key] = f"{type(e).__name__}: {str(e)[:200]}"

@@ -16,6 +16,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 11 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 12 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 13 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 14 $OUT  # any Hopper
 # Still to run (as of 2026-12-05, evening): 12 first (any Hopper: what the one-reduction
 # quantization and a larger memory fraction do to the attention role), then 2 (H200 only: the
 # full-size roles), then 1 (the rest of the H100 split-K sweep).
@@ -74,6 +75,10 @@
 #   12's 26.28 ms), the 24-layer FFN role with command buffers off and a trace (against call
 #   12's 18.20 ms and ~113 us a layer of glue), the FFN role at 256 and 512 tokens a tick, and
 #   the attention role at B = 512 on 24 layers (61 do not fit an H100).
+# call 14 (issues 16 and 13, any Hopper): the unsplit MFA grid's CTAs longest sequence first
+#   (`config.use_longest_first`): its GPU tests, the kernel at B = 256 and 512 at 4K (full and
+#   lengths U[2K, 4K]) against the index-order grid and the ragged work list, then the
+#   attention role (61 layers at 256; 24 layers at 512) against call 13.
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -185,5 +190,14 @@ case "$CALL" in
       "@90 $ROLE --runs 1x256,1x512 --role ffn --layers 24 --out \$OUT/ffn24.json" \
       "@90 $ROLE --runs 1x512 --role attention --layers 24 --out \$OUT/attention24_b512.json"
     ;;
-  *) echo "call must be 1 to 13, got $CALL" >&2; exit 2 ;;
+  14)
+    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --cache float8_e4m3fn --weights float8_e4m3fn --reps 3"
+    T=tests/pallas_kernels/test_mfa_decode.py
+    $RUN -t 60 "$OUT_DIR/call14" \
+      "@150 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 \$T::TestPallasGPU \$T::test_longest_first_order_gpu" \
+      "@150 $MFA --breakdown '' --batches 256,512 --contexts 4096 --impls pallas_fp8,pallas_fp8_index_order,pallas_fp8_ragged --ragged both" \
+      "@60 $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61.json" \
+      "@80 $ROLE --runs 1x512 --role attention --layers 24 --out \$OUT/attention24_b512.json"
+    ;;
+  *) echo "call must be 1 to 14, got $CALL" >&2; exit 2 ;;
 esac

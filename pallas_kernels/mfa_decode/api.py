@@ -275,7 +275,21 @@ def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None, v_
         ragged_max_splits=config.ragged_max_splits if config.ragged else 0,
         ragged_sms=_num_sms(num_sms) if config.ragged else 0,
         v_transposed=v_transposed,
+        longest_first=_longest_first(config, b * t, splits, num_sms),
     )
+
+
+def _longest_first(config, num_ctas: int, splits: int, num_sms=None) -> bool:
+    """The config's ``longest_first``, else `config.use_longest_first`; never with a split
+    grid or the work list (an explicit True there is an error)."""
+    if config.longest_first is None:
+        return cfg_lib.use_longest_first(num_ctas, splits, _num_sms(num_sms), config.ragged)
+    if config.longest_first and (splits > 1 or config.ragged):
+        raise ValueError(
+            f"longest_first=True needs an unsplit grid without the work list, got "
+            f"num_splits={splits}, ragged={config.ragged}"
+        )
+    return config.longest_first
 
 
 def _num_sms(num_sms=None) -> int:
@@ -327,8 +341,11 @@ def _pallas_jit(ks, q, k, v, lengths, k_scale, v_scale, block_table, page_offset
         q, q_scale = quantize_kv(q)
     table = None if block_table is None else block_table.astype(jnp.int32)
     if not ks.ragged_target:
+        order = None
+        if ks.longest_first:
+            order = ragged.longest_first(lengths, max_len=ks.max_len, block_s=ks.block_s)
         out, lse = mosaic_gpu.mfa_decode_mosaic(
-            ks, lengths, table, q, q_scale, k, v, k_scale, v_scale, page_offsets
+            ks, lengths, table, q, q_scale, k, v, k_scale, v_scale, page_offsets, order=order
         )
         return combine_splits(out, lse)
     work, start, count = ragged.plan_ragged_work(

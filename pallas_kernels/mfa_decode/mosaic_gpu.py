@@ -267,6 +267,7 @@ def _unpack_unions(ks: KernelShape, smem: dict) -> None:
 
 def _input_names(ks: KernelShape) -> list[str]:
     names = ["lengths"] + (["work"] if ks.ragged_target else [])
+    names += ["order"] if ks.longest_first else []
     names += (["table"] if ks.paged else []) + (["poff"] if ks.page_offsets else [])
     names += ["q"]
     names += ["qs"] if ks.fp8 and not ks.q_in_kernel else []
@@ -292,6 +293,8 @@ def _kernel(ks: KernelShape, kv_dtype, *all_refs):
             row = (refs["work"][split, 1], refs["work"][split, 2])
             kv_end, first, my_n = _item_range(ks, refs["lengths"][b], t, *row)
         else:
+            if ks.longest_first:  # grid slot b runs the b-th longest sequence
+                b = refs["order"][b]
             oi = (split, b)
             kv_end, first, my_n = _block_range(ks, refs["lengths"][b], t, split)
         compute = compute_wg_seq if ks.wg_split == "seq" else _compute_wg
@@ -337,11 +340,13 @@ def mfa_decode_mosaic(
     v_scale,
     page_offsets=None,
     work=None,
+    order=None,
 ):
     """Runs the kernel; returns (out [splits, B, T, 64, 256] out_dtype, lse [splits, B, T, 64]).
     ``page_offsets`` ([4] int32, paged only, iff ``ks.page_offsets``): added to the page ids
     of k, v, k_scale, v_scale. ``work`` ([C, 3] int32, iff ``ks.ragged_target``): the ragged
-    work list; out and lse are then [C, 1, T, 64(, 256)]."""
+    work list; out and lse are then [C, 1, T, 64(, 256)]. ``order`` ([B] int32, a permutation,
+    iff ``ks.longest_first``): the sequence each grid slot runs."""
     ragged = bool(ks.ragged_target)
     shape = (ks.num_items(), 1 if ragged else ks.batch, ks.t, NUM_HEADS)
     out_type = (
@@ -359,7 +364,10 @@ def mfa_decode_mosaic(
     )
     if ragged != (work is not None):
         raise ValueError("a work list (ragged.plan_ragged_work) goes with ks.ragged_target > 0")
-    args = [lengths] + ([work] if ragged else []) + ([table] if ks.paged else [])
+    if ks.longest_first != (order is not None) or (ks.longest_first and ragged):
+        raise ValueError("an order (ragged.longest_first) goes with ks.longest_first, unsplit")
+    args = [lengths] + ([work] if ragged else []) + ([order] if ks.longest_first else [])
+    args += [table] if ks.paged else []
     args += [page_offsets] if ks.page_offsets else []
     args += [q]
     args += [q_scale] if ks.fp8 and not ks.q_in_kernel else []

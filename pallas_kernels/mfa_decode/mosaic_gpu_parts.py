@@ -57,6 +57,9 @@ class KernelShape:
     # FP8 cache only: V is stored transposed ([.., H, S] / pages [P, H, page]), so P.V runs as
     # an FP8 wgmma (V^T is K-major over tokens) on P quantized per row (`_softmax_step`).
     v_transposed: bool = False
+    # Unsplit grid only: a [B] int32 input ``order``; grid slot b runs sequence order[b] (the
+    # longest first, `ragged.longest_first`) and writes that sequence's own output rows.
+    longest_first: bool = False
 
     def num_items(self) -> int:
         """CTAs per query token along the grid's "split" axis (the split factor, or the

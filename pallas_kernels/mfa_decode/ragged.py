@@ -108,3 +108,19 @@ def combine_ragged(
     o = jnp.where(valid[:, :, None, None, None], out[idx], 0.0)
     m = jnp.where(valid[:, :, None, None], lse[idx], -jnp.inf)
     return combine_splits(o, m)
+
+
+def longest_first(lengths: Int[Array, " B"], *, max_len: int, block_s: int) -> Int[Array, " B"]:
+    """The sequences by visible blocks, most first, ties by index: ``order[i]`` is the
+    sequence grid slot i runs (`config.use_longest_first`). A [B, B] compare-and-sum rank and
+    its inverse as a second compare-and-sum: two small fusions, no sort or scatter kernel."""
+    b = lengths.shape[0]
+    n = _cdiv(jnp.clip(lengths.astype(jnp.int32), 0, max_len), block_s)
+    idx = jnp.arange(b, dtype=jnp.int32)
+    before = (n[:, None] > n[None, :]) | (
+        (n[:, None] == n[None, :]) & (idx[:, None] < idx[None, :])
+    )
+    rank = jnp.sum(before, axis=0, dtype=jnp.int32)  # [B]: slot of sequence b
+    return jnp.sum(jnp.where(rank[None, :] == idx[:, None], idx[None, :], 0), axis=1).astype(
+        jnp.int32
+    )

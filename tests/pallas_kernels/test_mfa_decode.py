@@ -345,6 +345,31 @@ def test_forced_splits_gpu(splits):
     )
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [None, 64])
+def test_longest_first_order_gpu(page_size):
+    """More sequences than SMs (two waves), ragged lengths: the tuned default hands the CTAs
+    out longest first (`config.use_longest_first`). Each sequence is computed by the same
+    code whichever slot runs it, so the output equals the index-order grid bitwise, and
+    both match the oracle."""
+    rng = np.random.default_rng(18)
+    lengths = rng.integers(0, 1025, 200).tolist()
+    case = make_case(18, lengths, 1024, fp8=True, page_size=page_size)
+    out = check(case, "pallas", fp8_pallas=True)
+    by_index = mfa_decode_attention(
+        **case,
+        implementation="pallas",
+        config=dataclasses.replace(V_CONVERT_MEMORY, longest_first=False),
+    )
+    same = mfa_decode_attention(
+        **case,
+        implementation="pallas",
+        config=dataclasses.replace(V_CONVERT_MEMORY, longest_first=True),
+    )
+    np.testing.assert_array_equal(np.asarray(by_index, np.float32), np.asarray(same, np.float32))
+    assert out.shape == np.asarray(same).shape
+
+
 def test_combine_splits_matches_single_pass():
     """Partials over disjoint key ranges, merged by lse, equal one pass over all keys."""
     case = make_case(7, [384, 0, 130], 384, fp8=False)

@@ -300,3 +300,51 @@ def test_gpu_lowering_on_cpu_ragged_and_auto_splits(fp8, t, paged, cfg, b, s_cap
     traced = api._pallas_jit.trace(ks, q, kv, kv, lengths, scale, scale, table)
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text[:20000]
+
+
+# --- Longest-first CTA order of the unsplit grid (B * T > SMs) ---------------------------------
+
+
+def test_longest_first_order_is_the_stable_descending_sort():
+    rng = np.random.default_rng(7)
+    for b, s in ((1, 64), (200, 4096), (300, 512)):
+        lengths = rng.integers(0, s + 1, b)
+        lengths[: b // 4] = s  # ties (same block count) keep index order
+        order = np.asarray(ragged.longest_first(jnp.asarray(lengths), max_len=s, block_s=BS))
+        blocks = -(-np.clip(lengths, 0, s) // BS)
+        np.testing.assert_array_equal(order, np.argsort(-blocks, kind="stable"))
+
+
+def test_longest_first_rule_and_explicit_config():
+    """On for an unsplit grid of more CTAs than SMs (the tuned config, contiguous or paged);
+    off for one wave, split grids and the work list; an explicit True where it cannot apply
+    is an error, an explicit False is kept."""
+    sd, fp8 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn
+
+    def shape(b, s=4096, cfg=None, t=1):
+        q, kv = sd((b, t, N, H), jnp.bfloat16), sd((b, s, H), fp8)
+        return api._kernel_shape(q, kv, sd((b,), jnp.int32), None, H**-0.5, cfg, SMS)
+
+    assert shape(256).longest_first and shape(256).num_splits == 1
+    assert shape(100, t=2).longest_first  # 200 CTAs
+    assert not shape(SMS).longest_first and not shape(64).longest_first
+    assert not shape(
+        256, cfg=dataclasses.replace(V_CONVERT_MEMORY, longest_first=False)
+    ).longest_first
+    assert not shape(256, cfg=dataclasses.replace(V_CONVERT_MEMORY, ragged=True)).longest_first
+    with pytest.raises(ValueError, match="longest_first=True needs an unsplit grid"):
+        shape(8, cfg=dataclasses.replace(V_CONVERT_MEMORY, num_splits=4, longest_first=True))
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_gpu_lowering_on_cpu_longest_first(paged):
+    sd = jax.ShapeDtypeStruct
+    b, s_cap, page = 200, 1024, 128
+    kv_shape = (b * s_cap // page, page, H) if paged else (b, s_cap, H)
+    table = sd((b, s_cap // page), jnp.int32) if paged else None
+    q, kv = sd((b, 1, N, H), jnp.bfloat16), sd(kv_shape, jnp.float8_e4m3fn)
+    scale, lengths = sd(kv_shape[:2], jnp.float32), sd((b,), jnp.int32)
+    ks = api._kernel_shape(q, kv, lengths, table, H**-0.5, V_CONVERT_MEMORY, SMS)
+    assert ks.longest_first and ks.num_splits == 1
+    traced = api._pallas_jit.trace(ks, q, kv, kv, lengths, scale, scale, table)
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()[:20000]
