@@ -192,9 +192,9 @@ case "$CALL" in
     ;;
   14)
     ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --cache float8_e4m3fn --weights float8_e4m3fn --reps 3"
-    T=tests/pallas_kernels/test_mfa_decode.py
+    T=tests/pallas_kernels/test_mfa_decode.py  # expanded here: the runner's shell has no T
     $RUN -t 60 "$OUT_DIR/call14" \
-      "@150 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 \$T::TestPallasGPU \$T::test_longest_first_order_gpu" \
+      "@150 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 $T::TestPallasGPU $T::test_longest_first_order_gpu" \
       "@150 $MFA --breakdown '' --batches 256,512 --contexts 4096 --impls pallas_fp8,pallas_fp8_index_order,pallas_fp8_ragged --ragged both" \
       "@60 $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61.json" \
       "@80 $ROLE --runs 1x512 --role attention --layers 24 --out \$OUT/attention24_b512.json"
