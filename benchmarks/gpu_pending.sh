@@ -17,6 +17,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 12 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 13 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 14 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 15 $OUT  # any Hopper
 # Still to run (as of 2026-12-05, evening): 12 first (any Hopper: what the one-reduction
 # quantization and a larger memory fraction do to the attention role), then 2 (H200 only: the
 # full-size roles), then 1 (the rest of the H100 split-K sweep).
@@ -79,6 +80,10 @@
 #   (`config.use_longest_first`): its GPU tests, the kernel at B = 256 and 512 at 4K (full and
 #   lengths U[2K, 4K]) against the index-order grid and the ragged work list, then the
 #   attention role (61 layers at 256; 24 layers at 512) against call 13.
+# call 15 (issue 13, any Hopper): the MoE dispatch with one packed-key sort and
+#   compare-and-sum counts (GPU tests), then where each role's time goes now: the FFN role at
+#   256 and 512 tokens a tick and the 61-layer attention role, command buffers off, traced by
+#   HLO op and scope; the attention role program's optimized HLO (its quantization kernels).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -199,5 +204,14 @@ case "$CALL" in
       "@60 $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61.json" \
       "@80 $ROLE --runs 1x512 --role attention --layers 24 --out \$OUT/attention24_b512.json"
     ;;
-  *) echo "call must be 1 to 14, got $CALL" >&2; exit 2 ;;
+  15)
+    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --cache float8_e4m3fn --weights float8_e4m3fn --reps 3 --trace"
+    NOCB="XLA_FLAGS=--xla_gpu_enable_command_buffer="
+    $RUN -t 40 "$OUT_DIR/call15" \
+      "@90 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 tests/pallas_kernels/test_grouped_gemm.py" \
+      "@70 $NOCB $ROLE --runs 1x256,1x512 --role ffn --layers 24 --out \$OUT/ffn24_nocmdbuf.json" \
+      "@45 $NOCB $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61_nocmdbuf.json" \
+      "@40 python3 benchmarks/afd_hlo_probe.py --role attention --layers 2 --out \$OUT/probe_attention.json"
+    ;;
+  *) echo "call must be 1 to 15, got $CALL" >&2; exit 2 ;;
 esac

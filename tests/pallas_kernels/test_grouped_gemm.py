@@ -364,3 +364,19 @@ def test_moe_ffn_reads_experts_in_place_from_a_pool(impl):
         moe.moe_ffn(x, ids, rw, *pools, implementation=impl, num_local_experts=4, **scales)
     with pytest.raises(ValueError, match="group_sizes"):  # without an offset, G must equal P
         api.grouped_matmul(x, pools[0].astype(jnp.bfloat16), jnp.asarray([4, 4], jnp.int32))
+
+
+@pytest.mark.parametrize("tk,k,e_local,first", [(768, 3, 16, 16), (24, 1, 1, 0), (300, 3, 48, 0)])
+def test_dispatch_is_the_stable_sort_by_local_expert(tk, k, e_local, first):
+    """The one-operand packed-key sort and the compare-and-sum counts give exactly the stable
+    argsort / bincount of the (token, route) pairs by local expert (non-local pairs last)."""
+    ids = jnp.asarray(np.random.default_rng(tk).integers(0, 48, (tk // k, k)), jnp.int32)
+    order, inverse, valid, sizes = moe._dispatch(ids, first, e_local)
+    local = np.asarray(ids).reshape(-1) - first
+    ok = (local >= 0) & (local < e_local)
+    key = np.where(ok, local, e_local)
+    want = np.argsort(key, kind="stable")
+    np.testing.assert_array_equal(np.asarray(order), want)
+    np.testing.assert_array_equal(np.asarray(inverse)[want], np.arange(tk))
+    np.testing.assert_array_equal(np.asarray(valid), ok)
+    np.testing.assert_array_equal(np.asarray(sizes), np.bincount(key, minlength=e_local + 1)[:-1])
