@@ -186,13 +186,25 @@ def _config_for(config, m):
     return tuned_config(jax.devices()[0].device_kind, m)
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "config", "zero_tail", "host_sizes"))
+def _static_groups(group_sizes, group_offset, n_w: int):
+    """``(sizes, offsets)`` as Python ints when both are known while tracing (NumPy sizes, int
+    or None offsets: a dense GEMM's one group of M rows), else None. The kernel's tile table
+    is then built on the host, a constant of the program (not a few small kernels a call)."""
+    offs = group_offset if isinstance(group_offset, (tuple, list)) else (group_offset,) * n_w
+    if not isinstance(group_sizes, np.ndarray):
+        return None
+    if not all(o is None or isinstance(o, (int, np.integer)) for o in offs):
+        return None
+    return tuple(int(v) for v in group_sizes), tuple(int(o or 0) for o in offs)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "config", "zero_tail", "static_groups"))
 def _run(
     x, weights, group_sizes, x_scale, w_scales, group_offset, *, impl, config, zero_tail,
-    host_sizes=None,
+    static_groups=None,
 ):  # fmt: skip
-    if host_sizes is not None:  # static sizes: the kernel's tile table is built on the host
-        group_sizes = np.asarray(host_sizes, np.int32)
+    if static_groups is not None:  # `_static_groups`: NumPy sizes and int offsets
+        group_sizes, group_offset = np.asarray(static_groups[0], np.int32), static_groups[1]
     if impl == "xla":
         return _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offset)
     return mosaic_gpu.grouped_gemm_mgpu(
@@ -235,9 +247,6 @@ def grouped(
     w_scales = tuple(w_scales) if _is_fp8(weights[0]) else ()
     impl = dispatch.choose("grouped_gemm", implementation, supported(x, weights))
     cfg = _config_for(config, x.shape[0]) if impl == "pallas" else None
-    # NumPy sizes are static (a dense GEMM's one group of M rows): the tile table is then a
-    # constant of the program, not a few small kernels per call.
-    host = tuple(int(v) for v in group_sizes) if isinstance(group_sizes, np.ndarray) else None
     return _run(
         x,
         tuple(weights),
@@ -248,7 +257,7 @@ def grouped(
         impl=impl,
         config=cfg,
         zero_tail=zero_tail,
-        host_sizes=host,
+        static_groups=_static_groups(group_sizes, group_offset, len(weights)),
     )
 
 

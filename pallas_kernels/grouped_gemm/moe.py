@@ -18,7 +18,6 @@ Steps (T tokens, K routes per token, TK = T*K pairs):
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax import lax
 from jaxtyping import Array, Float, Int
 
 from step3_jax import quant
@@ -35,18 +34,10 @@ def _dispatch(expert_ids, first_expert: int, e_local: int):
     local = expert_ids.reshape(-1).astype(jnp.int32) - first_expert
     valid = (local >= 0) & (local < e_local)
     key = jnp.where(valid, local, e_local)  # non-local pairs last
-    tk = key.shape[0]
-    pair = jnp.arange(tk, dtype=jnp.int32)
-    if (e_local + 1) * tk < 2**31:
-        # One int32 operand (key, then pair index: unique, so the stable order) sorts faster
-        # than argsort's (key, iota) pair of operands; same order.
-        order = lax.rem(jnp.sort(key * tk + pair), tk)
-    else:  # pragma: no cover - > 2**31 / (E + 1) pairs
-        order = jnp.argsort(key, stable=True).astype(jnp.int32)
-    inverse = jnp.zeros_like(order).at[order].set(pair, unique_indices=True)
-    # Per-expert counts as one compare-and-sum fusion (bincount is a scatter-add kernel).
-    group_sizes = jnp.sum(key[:, None] == jnp.arange(e_local, dtype=jnp.int32), axis=0)
-    return order, inverse, valid, group_sizes.astype(jnp.int32)
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
+    group_sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
+    return order, inverse, valid, group_sizes
 
 
 def _check_moe_args(x, expert_ids, expert_weights, w_gate, w_up, w_down, e_local):

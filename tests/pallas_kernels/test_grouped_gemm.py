@@ -368,8 +368,8 @@ def test_moe_ffn_reads_experts_in_place_from_a_pool(impl):
 
 @pytest.mark.parametrize("tk,k,e_local,first", [(768, 3, 16, 16), (24, 1, 1, 0), (300, 3, 48, 0)])
 def test_dispatch_is_the_stable_sort_by_local_expert(tk, k, e_local, first):
-    """The one-operand packed-key sort and the compare-and-sum counts give exactly the stable
-    argsort / bincount of the (token, route) pairs by local expert (non-local pairs last)."""
+    """`moe._dispatch`: the stable order of the (token, route) pairs by local expert
+    (non-local pairs last), its inverse, and the per-expert counts."""
     ids = jnp.asarray(np.random.default_rng(tk).integers(0, 48, (tk // k, k)), jnp.int32)
     order, inverse, valid, sizes = moe._dispatch(ids, first, e_local)
     local = np.asarray(ids).reshape(-1) - first

@@ -176,3 +176,35 @@ def test_tile_table_host_equals_traced_and_has_no_loop(zero_tail):
         np.testing.assert_array_equal(host, np.asarray(dev))
     hlo = traced.lower(jnp.asarray(sizes), m, bm, max_tiles, zero_tail, (0,)).as_text()
     assert "while" not in hlo and "reduce_window" not in hlo
+
+
+def test_static_groups_build_the_tile_table_on_the_host(monkeypatch):
+    """A dense GEMM (NumPy group sizes, no pool offset: `quant_model._project_pallas`) reaches
+    the kernel with its tile table built on the host (a program constant); a traced offset or
+    traced sizes keep the device table. Checked through `api._run` and the CUDA lowering."""
+    from step3_jax.kernels.grouped_gemm import api
+
+    assert api._static_groups(np.array([256], np.int32), None, 2) == ((256,), (0, 0))
+    assert api._static_groups(np.array([3, 5]), (1, 4), 2) == ((3, 5), (1, 4))
+    assert api._static_groups(jnp.array([256]), None, 1) is None
+    assert api._static_groups(np.array([256]), jnp.int32(2), 1) is None
+    built = []
+    real = mosaic_gpu._tile_table
+    monkeypatch.setattr(
+        mosaic_gpu, "_tile_table", lambda *a, **k: built.append(real(*a, **k)) or built[-1]
+    )
+    m, k, n = 256, 256, 256
+    dt = jnp.float8_e4m3fn
+    args = (
+        jax.ShapeDtypeStruct((m, k), dt),
+        (jax.ShapeDtypeStruct((1, n, k), dt),),
+        jax.ShapeDtypeStruct((1,), jnp.int32),
+        jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
+        (jax.ShapeDtypeStruct((1, n // 128, k // 128), jnp.float32),),
+        (jax.ShapeDtypeStruct((), jnp.int32),),
+    )
+    kw = dict(impl="pallas", config=dense_config("NVIDIA H100", m, n, k), zero_tail=True)
+    for static, host in ((((m,), (0,)), True), (None, False)):
+        text = api._run.trace(*args, **kw, static_groups=static).lower(lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in text.as_text()
+        assert isinstance(built[-1], np.ndarray) == host
