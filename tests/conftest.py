@@ -10,8 +10,9 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 
 # CPU-only runs (CI: JAX_PLATFORMS=cpu): LLVM's optimization level 0 for the compiled code.
 # The suite is compile-bound on tiny models; the programs are the same, LLVM optimizes the
-# generated code less (slower code, faster compiles). Measured on test_decode + test_paged_cache + test_fused_qkv, 139 s -> 102 s; the 200-call
-# bounded-compilation test 208 s -> 163 s. The AFD tests already compiled their steps this way
+# generated code less (slower code, faster compiles). Measured on test_decode +
+# test_paged_cache + test_fused_qkv, 139 s -> 102 s; the 200-call bounded-compilation test
+# 208 s -> 163 s. The AFD tests already compiled their steps this way
 # (AfdConfig.compiler_options). Not applied where a GPU may be used; an explicit
 # --xla_backend_optimization_level in XLA_FLAGS wins.
 if os.environ.get("JAX_PLATFORMS") == "cpu" and "xla_backend_optimization_level" not in (
