@@ -56,7 +56,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: "slow" not in item.keywords)
 
 
-@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent with -p no:xdist
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # xdist hook; absent with -p no:xdist
 def pytest_xdist_make_scheduler(config, log):
     """``-n N`` without ``--dist``: work stealing instead of xdist's ``load``. ``load`` hands
     out fixed chunks of consecutive tests, so the slow tests (sorted first) would all land on
