@@ -8,6 +8,20 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
+# CPU-only runs (CI: JAX_PLATFORMS=cpu): LLVM's optimization level 0 for the compiled code.
+# The suite is compile-bound on tiny models; the programs are the same, LLVM optimizes the
+# generated code less (slower code, faster compiles). Measured on test_decode +
+# test_paged_cache + test_fused_qkv, 139 s -> 102 s; the 200-call bounded-compilation test
+# 208 s -> 163 s. The AFD tests already compiled their steps this way
+# (AfdConfig.compiler_options). Not applied where a GPU may be used; an explicit
+# --xla_backend_optimization_level in XLA_FLAGS wins.
+if os.environ.get("JAX_PLATFORMS") == "cpu" and "xla_backend_optimization_level" not in (
+    os.environ.get("XLA_FLAGS", "")
+):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
+
 # On a GPU, each pytest-xdist worker would otherwise preallocate 75% of the device memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -36,3 +50,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "multi_device" in item.keywords and not enough_devices:
             item.add_marker(skip_devices)
+    # `slow` tests first (a stable sort: the rest keep pytest's order). With the work-stealing
+    # scheduler below, a 2-4 minute test then starts at the beginning of the run instead of
+    # keeping one worker busy alone at its end (measured: ~4 minutes of one idle core).
+    items.sort(key=lambda item: "slow" not in item.keywords)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # xdist hook; absent with -p no:xdist
+def pytest_xdist_make_scheduler(config, log):
+    """``-n N`` without ``--dist``: work stealing instead of xdist's ``load``. ``load`` hands
+    out fixed chunks of consecutive tests, so the slow tests (sorted first) would all land on
+    one worker; work stealing gives an idle worker half of the busiest one's queue."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import WorkStealingScheduling
+
+    return WorkStealingScheduling(config, log)

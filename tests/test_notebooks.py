@@ -85,6 +85,11 @@ def test_fresh_venv_runs_the_install_cell(tmp_path: pathlib.Path):
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(STEP3_JAX_SOURCE=str(ROOT), JAX_PLATFORMS="cpu")
+    # Every pip in this test, the install cell's included: no byte-compiling of the installed
+    # packages (jax, jaxlib, scipy... ~1/3 of the install time; Python compiles the modules
+    # it imports on first import anyway) and no index query for a newer pip. `PIP_COMPILE=0`
+    # is `--compile` set off (`PIP_NO_COMPILE=1` would, by pip's env-var rule, turn it ON).
+    env.update(PIP_COMPILE="0", PIP_DISABLE_PIP_VERSION_CHECK="1")
 
     def run(*cmd: str, timeout: int = 900) -> str:
         proc = subprocess.run(
