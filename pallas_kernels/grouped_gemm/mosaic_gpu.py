@@ -5,8 +5,9 @@ Row tiles come from a small table built before the launch (``_tile_table``: on t
 static group sizes, else a few XLA fusions): tile t covers rows ``[row0_t, row0_t + rows_t)``
 of ONE group ``g_t``, starting at the group's own first row, so a group of 16 tokens is one
 tile and its expert weights are streamed exactly once per n tile (with ``block_m``-aligned
-tiles such a group would often straddle two tiles and be streamed twice). The loop order is m-minor: work items ``lin`` and ``lin+1`` share a weight
-tile when they are row tiles of the same group, so concurrently running SMs hit L2.
+tiles such a group would often straddle two tiles and be streamed twice). The loop order is
+m-minor: work items ``lin`` and ``lin+1`` share a weight tile when they are row tiles of the
+same group, so concurrently running SMs hit L2.
 
 Per tile, a TMA pipeline streams K in steps of ``bk`` (128 for FP8: one scale block):
   x tile  [block_m, bk]  (rows of the tile; K-major)
