@@ -8,20 +8,6 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-# CPU-only runs (CI: JAX_PLATFORMS=cpu): LLVM's optimization level 0 for the compiled code.
-# The suite is compile-bound on tiny models; the programs are the same, LLVM optimizes the
-# generated code less (slower code, faster compiles). Measured on test_decode +
-# test_paged_cache + test_fused_qkv, 139 s -> 102 s; the 200-call bounded-compilation test
-# 208 s -> 163 s. The AFD tests already compiled their steps this way
-# (AfdConfig.compiler_options). Not applied where a GPU may be used; an explicit
-# --xla_backend_optimization_level in XLA_FLAGS wins.
-if os.environ.get("JAX_PLATFORMS") == "cpu" and "xla_backend_optimization_level" not in (
-    os.environ.get("XLA_FLAGS", "")
-):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    ).strip()
-
 # On a GPU, each pytest-xdist worker would otherwise preallocate 75% of the device memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 

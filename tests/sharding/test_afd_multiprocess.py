@@ -16,7 +16,7 @@ WORKER = r"""
 import os, sys
 pid, nproc, port, ndev = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev} --xla_backend_optimization_level=0"  # fast compiles, as tests/conftest.py
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_default_matmul_precision", "highest")
