@@ -75,8 +75,8 @@ from jaxtyping import Array, Float
 
 from step3_jax import quant
 from step3_jax.kernels import dispatch
-from step3_jax.kernels.grouped_gemm import grouped_matmul, grouped_swiglu
 from step3_jax.kernels.grouped_gemm import supported as grouped_gemm_supported
+from step3_jax.kernels.grouped_gemm.api import grouped
 from step3_jax.kernels.grouped_gemm.config import dense_config
 from step3_jax.policy import GEMM_IMPLEMENTATIONS
 
@@ -369,23 +369,31 @@ def pallas_gemm_unsupported(x: Array, w: Fp8Weight, spec: _Spec) -> str | None:
     return grouped_gemm_supported(x, weights)
 
 
-def _project_pallas(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
-    """x [*rest, *contract] @ w[N, K]^T through the Pallas grouped GEMM with one group."""
-    n, k = _view_2d(w.shape, 0, w.num_contract)
-    lead = x.shape[: len(spec.x_rest)]
+def _one_group_gemm(x, weights: tuple[Fp8Weight, ...], n: int, k: int) -> Array:
+    """Rows of ``x`` (an array or `quant.QuantizedActivations`, read as they are) against one
+    ``[N, K]`` block-FP8 weight, or the (gate, up) pair whose SwiGLU the kernel fuses, as ONE
+    static group of the Pallas grouped GEMM: bf16 ``[M, N]``. A bf16 ``x`` is quantized per
+    token per 128 inside; the tile table is a program constant (NumPy group sizes)."""
     x_scale = None
     if isinstance(x, quant.QuantizedActivations):  # quantized already: the kernel's format
         x, x_scale = x.values, x.scales.reshape(-1, x.scales.shape[-1])
     x2 = x.reshape(-1, k)
-    out = grouped_matmul(
+    return grouped(
         x2,
-        w.values.reshape(1, n, k),
-        np.array([x2.shape[0]], np.int32),  # static: the tile table is a constant
+        tuple(w.values.reshape(1, n, k) for w in weights),
+        np.array([x2.shape[0]], np.int32),
         x_scale=x_scale,
-        w_scale=w.scales[None],
+        w_scales=tuple(w.scales[None] for w in weights),
         implementation="pallas",
         config=dense_config(jax.devices()[0].device_kind, x2.shape[0], n, k),
-    )  # bf16 [M, N]; x2 is quantized per token per 128 inside
+    )
+
+
+def _project_pallas(x: Array, w: Fp8Weight, spec: _Spec) -> Array:
+    """x [*rest, *contract] @ w[N, K]^T through the Pallas grouped GEMM with one group."""
+    n, k = _view_2d(w.shape, 0, w.num_contract)
+    lead = x.shape[: len(spec.x_rest)]
+    out = _one_group_gemm(x, (w,), n, k)
     return out.reshape(*lead, *w.shape[: w.ndim - w.num_contract])
 
 
@@ -407,26 +415,12 @@ def swiglu_hidden_fused(x: Array, w_gate, w_up, implementation: str | None = Non
     if isinstance(x, quant.QuantizedActivations) and x.dtype != jnp.bfloat16:
         return None
     spec = _parse_eqn("...D,FD->...F", x.ndim, w_gate)
-    x_scale = None
-    if isinstance(x, quant.QuantizedActivations):  # quantized already: the kernel's format
-        x, x_scale = x.values, x.scales.reshape(-1, x.scales.shape[-1])
-    reason = pallas_gemm_unsupported(x, w_gate, spec)
+    rows = x.values if isinstance(x, quant.QuantizedActivations) else x
+    reason = pallas_gemm_unsupported(rows, w_gate, spec)
     if dispatch.choose("fp8_linear", implementation, reason) != "pallas":
         return None
     (f, d), lead = w_gate.shape, x.shape[:-1]
-    x2 = x.reshape(-1, d)
-    hidden = grouped_swiglu(
-        x2,
-        w_gate.values[None],
-        w_up.values[None],
-        np.array([x2.shape[0]], np.int32),  # static: the tile table is a constant
-        x_scale=x_scale,
-        w_gate_scale=w_gate.scales[None],
-        w_up_scale=w_up.scales[None],
-        implementation="pallas",
-        config=dense_config(jax.devices()[0].device_kind, x2.shape[0], f, d),
-    )  # bf16 [M, F]; a bf16 x2 is quantized per token per 128 inside
-    return hidden.reshape(*lead, f)
+    return _one_group_gemm(x, (w_gate, w_up), f, d).reshape(*lead, f)
 
 
 def _row_offsets(sizes) -> list[int]:
