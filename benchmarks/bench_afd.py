@@ -194,15 +194,58 @@ def ffn_role_bytes(ex: AfdExecutor, tokens_per_tick: int) -> int:
     return int(m * total)
 
 
+def _matrix_params(regs: dict, skip=()) -> tuple[int, int]:
+    """(parameters of the weight matrices in ``regs``: dense, pooled), norms, scales, the
+    cache and ``skip`` left out; per item (a layer), summed over items."""
+    dense = pooled = 0
+    for name, reg in regs.items():
+        if (
+            name in skip
+            or name.endswith(":scale")
+            or name.startswith("cache_")
+            or len(reg.shape) < 2
+        ):
+            continue
+        if reg.pooled:
+            pooled += reg.count * reg.size
+        else:
+            dense += reg.count * reg.size
+    return dense, pooled
+
+
+def attention_role_flops(ex: AfdExecutor, positions: np.ndarray) -> int:
+    """The attention device's arithmetic per step: 2 flops per weight per token for every
+    attention-side matrix (q/k/v, wq, o_proj, the router), MFA's 4 * heads * head_dim per
+    cached token read (Q.K and P.V), and the lm_head once."""
+    c = ex.config
+    once = ("embed_tokens", "lm_head")
+    dense, _ = _matrix_params(ex.arena.attention, skip=once)
+    linears = 2 * positions.size * dense
+    attention = 4 * c.num_heads * c.head_dim * int(np.sum(positions.astype(np.int64) + 1))
+    head = 2 * len(positions) * c.vocab_size * c.hidden_size
+    return linears + attention * c.num_layers + head
+
+
+def ffn_role_flops(ex: AfdExecutor, tokens_per_tick: int) -> int:
+    """FFN device 0's arithmetic per step: 2 flops per weight per token for its shared/dense
+    slices (every token) and for its local experts (each gets ``tokens * top_k / E`` tokens
+    on average under uniform routing)."""
+    c, m = ex.config, ex.afd.num_microbatches
+    dense, pooled = _matrix_params(ex.arena.ffn)
+    routed_tokens = tokens_per_tick * c.top_k / c.num_experts
+    return int(m * 2 * (tokens_per_tick * dense + routed_tokens * pooled))
+
+
 def run_role(args, cfg, layout, device, role: str, num_mb: int, microbatch: int) -> dict:
     dtypes, afd = _afd_config(args, num_mb, microbatch)
     ex = AfdExecutor(cfg, layout, [device], afd, dtypes=dtypes, role=role)
     ex.load_random(seed=1)
     tokens, pos, sel = _inputs(ex.batch, args.context)
     if role == "attention":
-        nbytes = attention_role_bytes(ex, pos)
+        nbytes, flops = attention_role_bytes(ex, pos), attention_role_flops(ex, pos)
     else:
-        nbytes = ffn_role_bytes(ex, layout.num_attention * microbatch)
+        n_tok = layout.num_attention * microbatch
+        nbytes, flops = ffn_role_bytes(ex, n_tok), ffn_role_flops(ex, n_tok)
     shape = dict(
         role=role, layout=layout.name, layers=cfg.num_layers, micro_batches=num_mb,
         microbatch=microbatch, batch=ex.batch, context=args.context,
@@ -210,6 +253,7 @@ def run_role(args, cfg, layout, device, role: str, num_mb: int, microbatch: int)
     row = harness.measure(
         lambda: ex.step(tokens, pos, sel),
         bytes=nbytes,
+        flops=flops,
         name=f"{role}_{layout.name}_mb{num_mb}x{microbatch}",
         shape=shape,
         reps=args.reps,

@@ -517,10 +517,17 @@ class AfdExecutor:
                     inbox = jax.tree.map(lambda b, g: b.at[a_m].set(g), inbox, got)
                 upd = x_mid[f_m] + total.reshape(bm, t, d).astype(self.act_dtype)
                 x = x.at[f_m].set(upd)
-            else:  # stage timing: fold every result into x, or XLA deletes the dead work
-                upd = jnp.sum(result.astype(jnp.float32), axis=0).reshape(bm, t, d)
-                upd = upd + 1e-30 * jnp.sum(packet.values.astype(jnp.float32))
-                x = x.at[f_m].add(upd.astype(self.act_dtype))
+            else:  # stage timing: no exchange. The messages stay on the device and are used
+                # as the step uses them (or XLA deletes the work that makes them: the router,
+                # the packet): the packet goes where a receive puts it, the partials are
+                # summed into the residual.
+                if do_a:
+                    got = jax.tree.map(
+                        lambda v: jnp.broadcast_to(v, (lay.num_attention, *v.shape)), packet
+                    )
+                    inbox = jax.tree.map(lambda b, g: b.at[a_m].set(g), inbox, got)
+                total = jnp.sum(result.astype(jnp.float32), axis=0).reshape(bm, t, d)
+                x = x.at[f_m].set(x_mid[f_m] + total.astype(self.act_dtype))
             return (arenas, x, x_mid, inbox), None
 
         carry = (arenas, x, jnp.zeros_like(x), inbox)
@@ -541,8 +548,9 @@ class AfdExecutor:
             logits = head() if self.role == "attention" and do_a else zeros
         else:
             logits = lax.cond(is_attn & do_a, head, lambda: zeros)
-        if self.stages != STAGES:  # stage timing: x must stay live on every device
-            logits = logits + 1e-30 * jnp.sum(x.astype(jnp.float32))
+        if self.stages != STAGES:  # stage timing: x and the inbox stay live on every device
+            live = [x, *(jax.tree.leaves(carry[3]) if do_a else ())]
+            logits = logits + 1e-30 * sum(jnp.sum(v.astype(jnp.float32)) for v in live)
         return logits[None], arenas
 
     def _build(self):

@@ -4,7 +4,7 @@ Inside the compiled AFD step each device holds its arenas ``{dtype: [rows, ALIGN
 tensors are read as views (`view`: one dynamic slice of whole rows + reshape; XLA copies it
 when a custom call consumes it); *pooled* regions (routed experts, KV-cache pages) are handed
 to the kernels in place (`pool`: the whole arena as matrices + the item's first matrix); the KV
-cache is written by one masked scatter per tensor (`write_rows`).
+cache is written by one masked scatter per arena dtype (`write_rows`).
 """
 
 from __future__ import annotations
@@ -62,12 +62,13 @@ def layer_values(arenas: dict, regions: dict, specs, prefix: str, item, in_place
     return out
 
 
-def write_rows(arenas, reg: Region, item, b_idx, positions, values, active, transposed=False):
-    """Scatter ``values [Bm, T, *row]`` into item ``item`` of ``reg`` (shape [Bm, S, *row])
-    at slots ``positions [Bm, T]``: a flat in-place scatter into the (donated) arena. When
-    ``active`` is False (FFN devices, idle ticks) every index is out of range and dropped.
-    ``transposed``: ``reg`` holds V^T tiles [Bm, S/64, H, 64] and value h of token (b, t) goes
-    to (b, pos // 64, h, pos % 64)."""
+def _token_index(arenas, reg: Region, item, b_idx, positions, active, transposed=False):
+    """Flat ``(rows, columns)`` arena index of each element of item ``item``'s tokens in
+    ``reg`` (shape [Bm, S, *row]) at slots ``positions [Bm, T]``, in the order of a
+    ``[Bm, T, *row]`` value. Inactive (``active`` False: FFN devices, idle ticks): every row
+    index out of range, so a ``mode="drop"`` scatter drops it. ``transposed``: ``reg`` holds
+    V^T tiles [Bm, S/64, H, 64] and value h of token (b, t) goes to (b, pos // 64, h, pos %
+    64)."""
     if transposed:
         n, h, tile = reg.shape[1:]
         row = (b_idx * n + positions // tile)[..., None] * h + jnp.arange(h)  # [Bm, T, H]
@@ -77,9 +78,24 @@ def write_rows(arenas, reg: Region, item, b_idx, positions, values, active, tran
         local = ((b_idx * reg.shape[1] + positions) * row)[..., None] + jnp.arange(row)
     rows = reg.offset // ALIGN + item * (reg.stride // ALIGN) + local // ALIGN
     rows = jnp.where(active, rows, arenas[reg.dtype].shape[0])  # out of range: dropped
-    index = (rows.reshape(-1), (local % ALIGN).reshape(-1))
-    flat = quant.set_at(arenas[reg.dtype], index, values.reshape(-1), mode="drop")
-    return {**arenas, reg.dtype: flat}
+    return rows.reshape(-1), (local % ALIGN).reshape(-1)
+
+
+def write_rows(arenas, writes, item, b_idx, positions, active) -> dict:
+    """Scatter each ``(reg, values [Bm, T, *row], transposed)`` of ``writes`` into item
+    ``item`` of its region at slots ``positions [Bm, T]`` (`_token_index`), as ONE flat
+    in-place scatter per arena dtype (the FP8 K and V values together, their f32 scales
+    together): a scatter is a kernel launch a tick whatever its few KB. Masked by ``active``."""
+    by_dtype: dict[str, list] = {}
+    for reg, values, transposed in writes:
+        index = _token_index(arenas, reg, item, b_idx, positions, active, transposed)
+        values = values.reshape(-1).astype(jnp.dtype(reg.dtype))
+        by_dtype.setdefault(reg.dtype, []).append((*index, values))
+    out = dict(arenas)
+    for dtype, parts in by_dtype.items():
+        rows, cols, vals = (jnp.concatenate(p) for p in zip(*parts, strict=True))
+        out[dtype] = quant.set_at(out[dtype], (rows, cols), vals, mode="drop")
+    return out
 
 
 class ArenaKVCache:
@@ -106,18 +122,14 @@ class ArenaKVCache:
     def write(self, layer, k_new, v_new, positions) -> ArenaKVCache:
         """The new tokens' K/V (`quant.quantize_kv` per token for an FP8 cache, the format of
         `step3_jax.cache.KVCache.write`)."""
-        arenas, regs = self.arenas, self.regions
-        b_idx = jnp.arange(self.microbatch)[:, None]
+        regs, writes = self.regions, []
         for name, new in (("cache_k", k_new), ("cache_v", v_new)):
             if name + "_scale" in regs:
                 new, scale = quant.quantize_kv(new)
-                arenas = write_rows(
-                    arenas, regs[name + "_scale"], self.item, b_idx, positions, scale, self.active
-                )
-            trans = name == "cache_v" and self.v_transposed
-            arenas = write_rows(
-                arenas, regs[name], self.item, b_idx, positions, new, self.active, trans
-            )
+                writes.append((regs[name + "_scale"], scale, False))
+            writes.append((regs[name], new, name == "cache_v" and self.v_transposed))
+        b_idx = jnp.arange(self.microbatch)[:, None]
+        arenas = write_rows(self.arenas, writes, self.item, b_idx, positions, self.active)
         return self._replace(arenas)
 
     def attend(self, layer, q, positions, implementation=None):

@@ -195,6 +195,12 @@ def test_transposed_v_arena_cache_matches_token_major():
                 np.asarray(idle.arenas[t], np.float32), np.asarray(zeros[t], np.float32)
             )
         cache = arena_io.ArenaKVCache(zeros, regs, 3, bm, True, vt).write(0, k, v, pos)
+        # One scatter per arena dtype: the FP8 K and V values together, their scales together.
+        write = lambda a, vt=vt, regs=regs: (
+            arena_io.ArenaKVCache(a, regs, 3, bm, True, vt).write(0, k, v, pos).arenas
+        )
+        hlo = jax.jit(write).lower(zeros).compile().as_text()
+        assert sum(" scatter(" in ln for ln in hlo.splitlines()) == 2
         caches[vt] = np.asarray(arena_io.view(cache.arenas, regs["cache_v"], 3), np.float32)
         qpos = jnp.asarray([[4], [66]], jnp.int32)
         outs[vt] = [
