@@ -42,6 +42,12 @@ CONFIGS = {
     "2wg_m_128x64": TuningConfig(
         block_m=64, block_n=64, num_compute_wgs=2, wg_dim="m", max_concurrent_steps=6
     ),
+    # 128-row warpgroup tiles: at M = 256 a 256 x 128 CTA streams each weight tile once for
+    # every row and reads 3/4 of the SMEM-fill bytes of a 128 x 128 CTA ((1/bm + 1/bn) of
+    # M*N*K); the 128 x 128 accumulator is 128 registers a thread.
+    "1wg_128x128": TuningConfig(block_m=128, block_n=128, max_concurrent_steps=4),
+    "2wg_m_256x128": TuningConfig(block_m=128, block_n=128, num_compute_wgs=2, wg_dim="m"),
+    "2wg_n_128x256": TuningConfig(block_m=128, block_n=128, num_compute_wgs=2, wg_dim="n"),
 }
 
 
@@ -69,14 +75,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--m", default="128", help="rows (B*T), comma-separated: 128,256,512")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of CONFIGS")
     p.add_argument("--out", default=None)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: XLA path, one small shape")
     args = p.parse_args(argv)
     unknown = set(args.shapes.split(",")) - set(SHAPES)
     if unknown:
         p.error(f"--shapes: unknown {sorted(unknown)}; choose from {list(SHAPES)}")
+    unknown = set(args.configs.split(",")) - set(CONFIGS)
+    if unknown:
+        p.error(f"--configs: unknown {sorted(unknown)}; choose from {list(CONFIGS)}")
     shapes = {k: v for k, v in SHAPES.items() if k in args.shapes.split(",")}
-    configs, impl = CONFIGS, "pallas"
+    configs = {k: v for k, v in CONFIGS.items() if k in args.configs.split(",")}
+    impl = "pallas"
     ms = [int(m) for m in args.m.split(",")]
     if args.tiny:
         shapes, configs, impl = {"tiny": (256, 512)}, dict(list(CONFIGS.items())[:1]), "xla"

@@ -19,10 +19,9 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 14 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 15 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 16 $OUT  # any Hopper
-# Still to run (as of 2026-12-05, night): 16 first (any Hopper: the dense GEMMs' tile tables as
-# host constants, predicted -2.3 us a layer on the attention role and -2 on the FFN role; the
-# FFN role's 512-token breakdown), then 2 (H200 only: the full-size roles). Calls 1 and 12-15
-# have run (docs/LOG.md).
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 17 $OUT  # any Hopper
+# Still to run (as of 2026-12-05, late night): 16 first, then 17 (both any Hopper), then 2 (H200
+# only: the full-size roles). Calls 1 and 12-15 have run (docs/LOG.md).
 #
 # call 1 (issue 16): the rest of the small-batch split-K sweep that fits config.SPLIT_COSTS
 #   (B = 2, 4, 8 at 4K; B = 1..8 at 8K and 32K; the 1K rows and B = 1 at 4K ran twice), then
@@ -86,11 +85,19 @@
 #   compare-and-sum counts (GPU tests), then where each role's time goes now: the FFN role at
 #   256 and 512 tokens a tick and the 61-layer attention role, command buffers off, traced by
 #   HLO op and scope; the attention role program's optimized HLO (its quantization kernels).
-# call 16 (issue 13, any Hopper): after `api._static_groups` (dense GEMM tile tables really on
-#   the host): the FP8 linear GPU tests, the 61-layer attention role (against call 14's 25.57
-#   ms), the FFN role at 256 and 512 tokens (against call 13's 730 / 804 us a layer), and the
-#   512-token FFN role traced on 8 layers (24 traced layers overflowed the profiler's
-#   activity buffer in call 15).
+# call 16 (issues 13 and 16, any Hopper): the FP8 linear GPU tests and the grouped kernel with
+#   128-row warpgroup tiles (correctness), the 61-layer attention role, the FFN role at 256 and
+#   512 tokens (against call 13's 730 / 804 us a layer; predicted -2 us a layer from the dense
+#   GEMMs' tile tables as host constants), and the 512-token FFN role traced on 8 layers (24
+#   traced layers overflowed the profiler's activity buffer in call 15). The attention role
+#   is NOT comparable with call 14's 25.57 ms: it now keeps the router and the packet, which
+#   XLA deleted before (predicted +5 to +10 us a layer), against -2.3 us (tile tables) and
+#   -3 to -5 us (the KV write as 2 scatters, not 4).
+# call 17 (issues 13 and 16, any Hopper): the dense FP8 GEMMs of the attention half at M = 256
+#   and 512 with 128-row warpgroup tiles (256 x 128 and 128 x 256 CTAs) against the current
+#   picks (predicted: o_proj at M = 256 65 -> ~55 us if the SMEM fill, not the wgmma, is the
+#   limit), and the 61-layer attention role by scope with command buffers off (what the router
+#   and the packet cost now that they run).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -223,11 +230,20 @@ case "$CALL" in
   16)
     ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --cache float8_e4m3fn --weights float8_e4m3fn --reps 3"
     NOCB="XLA_FLAGS=--xla_gpu_enable_command_buffer="
+    G=tests/pallas_kernels/test_grouped_gemm.py  # expanded here: the runner's shell has no G
     $RUN -t 40 "$OUT_DIR/call16" \
-      "@90 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 tests/quant/test_fp8_pallas_linear.py" \
+      "@120 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 tests/quant/test_fp8_pallas_linear.py $G::test_wide_row_tiles_fp8" \
       "@60 $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61.json" \
       "@70 $ROLE --runs 1x256,1x512 --role ffn --layers 24 --out \$OUT/ffn24.json" \
       "@50 $NOCB $ROLE --runs 1x512 --role ffn --layers 8 --trace --out \$OUT/ffn8_b512_nocmdbuf.json"
     ;;
-  *) echo "call must be 1 to 16, got $CALL" >&2; exit 2 ;;
+  17)
+    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --cache float8_e4m3fn --weights float8_e4m3fn --reps 3 --trace"
+    NOCB="XLA_FLAGS=--xla_gpu_enable_command_buffer="
+    WIDE=2wg_m_128x128,2wg_n_64x256,1wg_128x128,2wg_m_256x128,2wg_n_128x256
+    $RUN -t 40 "$OUT_DIR/call17" \
+      "@150 python3 benchmarks/bench_dense_fp8.py --m 256,512 --shapes o_proj,wq,qkv_proj --configs $WIDE --out \$OUT/dense_wide.json" \
+      "@50 $NOCB $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61_nocmdbuf.json"
+    ;;
+  *) echo "call must be 1 to 17, got $CALL" >&2; exit 2 ;;
 esac

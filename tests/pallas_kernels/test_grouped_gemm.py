@@ -30,6 +30,7 @@ import pytest
 from step3_jax import quant
 from step3_jax.kernels.grouped_gemm import api, moe
 from step3_jax.kernels.grouped_gemm import reference as ref
+from step3_jax.kernels.grouped_gemm.config import TuningConfig
 
 
 def _has_hopper() -> bool:
@@ -125,6 +126,50 @@ def test_grouped_matmul_fp8(impl, case):
     _assert_close(out, want, _bound(x32, w32, gs, want), cos_tol=2e-4 if sum(gs_list) else 1)
     total = sum(gs_list)
     assert np.all(np.asarray(out[total:]) == 0), "rows past sum(group_sizes) must be zero"
+
+
+HOPPER_ONLY = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _has_hopper(), reason="Mosaic GPU kernel needs a Hopper GPU"),
+]
+# 128-row warpgroup tiles (a CTA of up to 256 rows): at M = 256 each weight tile is streamed
+# once for all rows (the dense GEMMs of the attention role; `bench_dense_fp8.py` times them).
+WIDE_TILES = {
+    "1wg_128x128": TuningConfig(block_m=128, block_n=128),
+    "2wg_m_256x128": TuningConfig(block_m=128, block_n=128, num_compute_wgs=2, wg_dim="m"),
+    "2wg_n_128x256": TuningConfig(block_m=128, block_n=128, num_compute_wgs=2, wg_dim="n"),
+}
+
+
+@pytest.mark.parametrize("groups,m", [([37, 0, 130, 1, 61], 264), ([256], 256)])
+@pytest.mark.parametrize("name", list(WIDE_TILES))
+@pytest.mark.parametrize("n_w", [1, 2])
+@pytest.mark.parametrize("_", [pytest.param(None, marks=HOPPER_ONLY)])
+def test_wide_row_tiles_fp8(_, n_w, name, groups, m):
+    """The kernel with 128-row warpgroup tiles (gate/up SwiGLU too) against the oracle."""
+    xq, xs, wts, gs = _fp8_case(7, groups, m, n_w=n_w)
+    cfg = WIDE_TILES[name]
+    x32 = _finite(ref.dequantize_x(xq, xs))
+    (wq, ws), *rest = wts
+    w32 = ref.dequantize_w(wq, ws)
+    if n_w == 1:
+        out = api.grouped_matmul(
+            xq, wq, gs, x_scale=xs, w_scale=ws, implementation="pallas", config=cfg
+        )
+        want = ref.grouped_matmul(x32, w32, gs)
+        _assert_close(out, want, _bound(x32, w32, gs, want))
+    else:
+        (uq, us), u32 = rest[0], ref.dequantize_w(*rest[0])
+        out = api.grouped_swiglu(
+            xq, wq, uq, gs, x_scale=xs, w_gate_scale=ws, w_up_scale=us,
+            implementation="pallas", config=cfg,
+        )  # fmt: skip
+        want = ref.grouped_swiglu(x32, w32, u32, gs)
+        gate, up = ref.grouped_matmul(x32, w32, gs), ref.grouped_matmul(x32, u32, gs)
+        eg, eu = _bound(x32, w32, gs, gate), _bound(x32, u32, gs, up)  # as in the test below
+        bound = 1.1 * jnp.abs(up) * eg + jnp.abs(jax.nn.silu(gate)) * eu + 2.0**-8 * jnp.abs(want)
+        _assert_close(out, want, bound)
+    assert np.all(np.asarray(out[sum(groups) :]) == 0), "rows past sum(group_sizes) must be zero"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
