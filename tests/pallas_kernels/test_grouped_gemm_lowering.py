@@ -43,6 +43,29 @@ def test_lowers_for_cuda(mode, wgs, wg_dim):
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("n_w", [1, 2])
+def test_wide_row_tiles_lower_for_cuda(n_w):
+    """128-row warpgroup tiles (a 256 x 128 CTA; `bench_dense_fp8.py`'s wide configs)."""
+    m, k, n, g = 256, 256, 256, 2
+    dt = jnp.float8_e4m3fn
+    args = (
+        jax.ShapeDtypeStruct((m, k), dt),
+        jax.ShapeDtypeStruct((g, n, k), dt),
+        jax.ShapeDtypeStruct((g,), jnp.int32),
+        jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
+        jax.ShapeDtypeStruct((g, n // 128, k // 128), jnp.float32),
+    )
+    cfg = TuningConfig(block_m=128, num_compute_wgs=2, wg_dim="m", num_sms=132)
+
+    def f(x, w, gs, xs, ws):
+        return mosaic_gpu.grouped_gemm_mgpu(
+            x, (w,) * n_w, gs, x_scale=xs, w_scales=(ws,) * n_w, config=cfg
+        )
+
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
 def test_lowers_for_cuda_with_a_traced_pool_offset():
     """The in-place pool path (weights [P, N, K], groups at a traced offset) lowers too."""
     m, k, n, g, p = 192, 256, 256, 3, 9
