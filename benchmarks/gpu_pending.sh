@@ -96,8 +96,10 @@
 # call 17 (issues 13 and 16, any Hopper): the dense FP8 GEMMs of the attention half at M = 256
 #   and 512 with 128-row warpgroup tiles (256 x 128 and 128 x 256 CTAs) against the current
 #   picks (predicted: o_proj at M = 256 65 -> ~55 us if the SMEM fill, not the wgmma, is the
-#   limit), and the 61-layer attention role by scope with command buffers off (what the router
-#   and the packet cost now that they run).
+#   limit), the 61-layer attention role by scope with command buffers off (what the router
+#   and the packet cost now that they run), and the 728 px vision tower (issue 18) with q/k/v
+#   as three GEMMs over the fused weight's row blocks (against call 11's 55.7 ms; predicted
+#   -1.5 ms: the three strided q/k/v copies, 29 us a layer, go; the GEMMs may lose a little).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -241,9 +243,11 @@ case "$CALL" in
     ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --cache float8_e4m3fn --weights float8_e4m3fn --reps 3 --trace"
     NOCB="XLA_FLAGS=--xla_gpu_enable_command_buffer="
     WIDE=2wg_m_128x128,2wg_n_64x256,1wg_128x128,2wg_m_256x128,2wg_n_128x256
+    VISION="python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8"
     $RUN -t 40 "$OUT_DIR/call17" \
       "@150 python3 benchmarks/bench_dense_fp8.py --m 256,512 --shapes o_proj,wq,qkv_proj --configs $WIDE --out \$OUT/dense_wide.json" \
-      "@50 $NOCB $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61_nocmdbuf.json"
+      "@50 $NOCB $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61_nocmdbuf.json" \
+      "@90 $VISION --trace --out \$OUT/vision_728_split_qkv.json"
     ;;
   *) echo "call must be 1 to 17, got $CALL" >&2; exit 2 ;;
 esac

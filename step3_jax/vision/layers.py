@@ -12,19 +12,25 @@ sit on the branch OUTPUTS, "sandwich/post-branch" style, not on the inputs as in
     x = x + layer_norm2(mlp(x))          # mlp = fc2(quick_gelu(fc1(x)))
 
 Attention is full bidirectional softmax attention, no mask, scale head_dim**-0.5, q/k/v the
-three consecutive ``D``-row blocks of one fused ``qkv_proj`` (each head a contiguous run of H).
+three consecutive ``D``-row blocks of one fused ``qkv_proj`` (each head a contiguous run of H),
+computed as three GEMMs over those row blocks (`Linear.split_outputs`).
 The only mask is the tower's own token padding (`pad_tokens`): padded keys are never attended
 to, so the real tokens' outputs are those of the unpadded sequence.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
 from step3_jax.layers.linear import init_weight, project
+from step3_jax.quant import BLOCK
+from step3_jax.quant_model import Fp8Weight, split_rows
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
@@ -64,10 +70,31 @@ class Linear(nnx.Module):
         """``gemm``: the FP8 GEMM implementation (`KernelPolicy.gemm`) when ``weight`` is FP8."""
         # float32 accumulation, output (and bias add) in x's dtype: a bf16 GEMM output that XLA
         # can fuse the bias into, instead of a float32 intermediate twice the bytes.
-        y = project(x, self.weight[...], "...i,oi->...o", out_dtype=x.dtype, implementation=gemm)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return y
+        return self._project(x, self.weight[...], self.bias, gemm)
+
+    @staticmethod
+    def _project(x, weight, bias, gemm):
+        y = project(x, weight, "...i,oi->...o", out_dtype=x.dtype, implementation=gemm)
+        return y if bias is None else y + bias[...].astype(y.dtype)
+
+    def split_outputs(
+        self, x: Float[Array, "... I"], sizes: Sequence[int], gemm: str | None = None
+    ) -> tuple[Array, ...]:
+        """``self(x)`` cut along its outputs into blocks of ``sizes``, as one GEMM per block
+        over the weight's row blocks (contiguous: views, not copies), so that each block comes
+        out dense. One GEMM and a split of its output costs a strided copy per block (the
+        tower's q/k/v: 29 us a layer at 728 px on an H100, docs/LOG.md). A block-FP8 weight
+        whose cuts are not multiples of its 128-row scale blocks runs the one GEMM and the
+        split instead."""
+        w, offsets = self.weight[...], np.cumsum([0, *sizes])
+        cuts = [int(o) for o in offsets[1:-1]]
+        if isinstance(w, Fp8Weight) and w.granularity == "block" and any(c % BLOCK for c in cuts):
+            return tuple(jnp.split(self(x, gemm), cuts, axis=-1))
+        biases = [None] * len(sizes) if self.bias is None else jnp.split(self.bias[...], cuts)
+        return tuple(
+            self._project(x, part, b, gemm)
+            for part, b in zip(split_rows(w, sizes), biases, strict=True)
+        )
 
 
 class Conv2d(nnx.Module):
@@ -184,7 +211,7 @@ class VisionAttention(nnx.Module):
     ) -> Float[Array, "B T D"]:  # fmt: skip
         """``kv_len``: the real tokens of a padded ``x`` (`attention`); None: all ``T``."""
         b, t, d = x.shape
-        q, k, v = jnp.split(self.qkv_proj(x, gemm), 3, axis=-1)
+        q, k, v = self.qkv_proj.split_outputs(x, (d, d, d), gemm)
         heads = (b, t, self.num_heads, d // self.num_heads)
         o = attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), implementation, kv_len)
         return self.out_proj(o.reshape(b, t, d), gemm)

@@ -116,7 +116,7 @@ def test_tower_runs_its_layers_on_the_padded_length(size, padded):
     pixels = jnp.asarray(random_pixels(1, size, seed=0))
     graphdef, state = nnx.split(model)
     jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s).features(x))(state, pixels)
-    assert f"1,{padded},{3 * CFG.hidden_size}" in str(jaxpr).replace(" ", "")  # qkv output
+    assert f"1,{padded},{CFG.intermediate_size}" in str(jaxpr).replace(" ", "")  # fc1 output
     real = NUM_PREFIX_TOKENS + CFG.grid(size) ** 2
     assert (padded == real) == ("pad[" not in str(jaxpr))
 

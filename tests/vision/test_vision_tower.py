@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from vision_fixtures import embed, load_tiny, random_pixels, random_vision_tensors
 from vision_reference import aa_resize_matrix, vision_forward
 
+from step3_jax.quant_model import Fp8Weight
 from step3_jax.vision.config import Step3VisionConfig
 from step3_jax.vision.encoder import resize_positions
+from step3_jax.vision.layers import Linear
 
 # float32 through 2 tiny layers: per-op relative error ~1e-7 * sqrt(contraction <= 2*32*9);
 # the issue's bound 2e-4 (relative to the output's largest magnitude) leaves >100x headroom
@@ -121,3 +125,29 @@ def test_fp8_linears_track_float32():
     # output stays within a few percent: a global cosine of 0.99, and not equal (FP8 ran).
     cos = np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b)
     assert 0.99 < cos < 1.0 - 1e-7
+
+
+@pytest.mark.parametrize("weight", ["float32", "fp8_aligned", "fp8_unaligned"])
+def test_split_outputs_are_the_fused_projection_cut(weight):
+    """`Linear.split_outputs` (one GEMM per row block of the fused q/k/v weight: what the
+    tower's attention runs) equals the one fused GEMM cut afterwards. Same products summed
+    over the same K, so float32 agrees to a few ulps; block-FP8 with 128-aligned cuts cuts
+    the values and scales exactly (each block's GEMM sees the same FP8 operands); unaligned
+    cuts fall back to the fused GEMM and the split (bitwise)."""
+    d = 32 if weight == "fp8_unaligned" else 256
+    lin = Linear(d, 3 * d, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    lin.bias.set_value(jnp.linspace(-1, 1, 3 * d, dtype=jnp.float32))
+    if weight != "float32":
+        lin.weight.set_value(Fp8Weight.quantize(lin.weight[...]))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, d)), jnp.float32)
+    parts = lin.split_outputs(x, (d, d, d), gemm="xla")
+    fused = jnp.split(lin(x, gemm="xla"), 3, axis=-1)
+    for got, want in zip(parts, fused, strict=True):
+        assert got.shape == (2, 5, d)
+        if weight == "fp8_unaligned":
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        else:
+            scale = np.abs(np.asarray(want)).max()
+            np.testing.assert_allclose(got, want, rtol=0, atol=d * 2.0**-23 * 4 * scale)
+    dots = str(jax.make_jaxpr(lambda x: lin.split_outputs(x, (d, d, d), gemm="xla"))(x))
+    assert dots.count("dot_general") == (1 if weight == "fp8_unaligned" else 3)
