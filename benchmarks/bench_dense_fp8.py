@@ -1,4 +1,5 @@
-"""Dense FP8 block-scaled GEMMs of the Step-3 attention half (M = B*T rows) through the
+"""Dense FP8 block-scaled GEMMs of the Step-3 attention half (M = B*T rows) and of an FFN
+device's shared-expert slice (the fused gate/up SwiGLU and the down projection) through the
 grouped-GEMM kernel with one group, per tuning config: harness device time and weight GB/s.
 
     python3 benchmarks/bench_dense_fp8.py --m 128,256 --out dense.json
@@ -22,7 +23,11 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 from step3_jax import quant  # noqa: E402
-from step3_jax.kernels.grouped_gemm import TuningConfig, grouped_matmul  # noqa: E402
+from step3_jax.kernels.grouped_gemm import (  # noqa: E402
+    TuningConfig,
+    grouped_matmul,
+    grouped_swiglu,
+)
 from step3_jax.kernels.grouped_gemm.config import dense_config  # noqa: E402
 
 SHAPES = {  # name: (N, K) of the [N, K] weight view
@@ -31,7 +36,12 @@ SHAPES = {  # name: (N, K) of the [N, K] weight view
     "k_proj": (256, 7168),
     "wq": (16384, 2048),
     "o_proj": (7168, 16384),
+    # One FFN device's slice of the shared expert in the 1A3F layout (5120 over 3 devices,
+    # rounded to 128: 1792): gate and up as ONE SwiGLU launch (`SWIGLU`), then down.
+    "shared_gate_up": (1792, 7168),
+    "shared_down": (7168, 1792),
 }
+SWIGLU = {"shared_gate_up", "tiny_gate_up"}  # two [N, K] weights through grouped_swiglu
 CONFIGS = {
     "small_1wg_64x128": TuningConfig(block_m=64, block_n=128, max_concurrent_steps=4),
     "1wg_64x64": TuningConfig(block_m=64, block_n=64, max_concurrent_steps=6),
@@ -52,22 +62,28 @@ CONFIGS = {
 
 
 def measure(m: int, n: int, k: int, cfg: TuningConfig, impl: str, name: str) -> dict:
-    """One GEMM [M, K] x [N, K]^T through the grouped kernel (one group); bytes: the FP8
-    weight and its 128 x 128 block scales."""
-    kx, kw = jax.random.split(jax.random.key(0))
+    """One GEMM [M, K] x [N, K]^T through the grouped kernel (one group), or for a `SWIGLU`
+    shape the fused silu(x W_gate^T) * (x W_up^T) with two such weights; bytes: the FP8
+    weights and their 128 x 128 block scales."""
+    n_w = 2 if name in SWIGLU else 1
+    kx, *kw = jax.random.split(jax.random.key(0), 1 + n_w)
     x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
     xq, xs = quant.quantize_activations(x)
-    wq, ws = quant.quantize_weight_blocks(jax.random.normal(kw, (n, k), jnp.float32))
+    ws = [quant.quantize_weight_blocks(jax.random.normal(kk, (n, k), jnp.float32)) for kk in kw]
     gs = jnp.asarray([m], jnp.int32)
-    fn = jax.jit(
-        lambda xq, xs, w, s: grouped_matmul(
-            xq, w[None], gs, x_scale=xs, w_scale=s[None], implementation=impl, config=cfg
+    kw = dict(implementation=impl, config=cfg)
+    if n_w == 1:
+        fn = lambda xq, xs, w, s: grouped_matmul(  # noqa: E731
+            xq, w[None], gs, x_scale=xs, w_scale=s[None], **kw
         )
-    )
-    wbytes = n * k + ws.size * 4
-    sets = [(xq, xs, wq, ws)]  # one weight; the shapes here are L2-sized, as in the layer
-    row = harness.measure(fn, sets, bytes=wbytes, flops=2 * m * n * k, name=name,
-                          shape={"m": m, "n": n, "k": k})  # fmt: skip
+    else:
+        fn = lambda xq, xs, w, s, u, us: grouped_swiglu(  # noqa: E731
+            xq, w[None], u[None], gs, x_scale=xs, w_gate_scale=s[None], w_up_scale=us[None], **kw
+        )
+    wbytes = n_w * (n * k + ws[0][1].size * 4)
+    sets = [(xq, xs, *[a for pair in ws for a in pair])]  # the shapes here are L2-sized
+    row = harness.measure(jax.jit(fn), sets, bytes=wbytes, flops=2 * n_w * m * n * k,
+                          name=name, shape={"m": m, "n": n, "k": k, "weights": n_w})  # fmt: skip
     return row.to_dict()
 
 
@@ -90,7 +106,8 @@ def main(argv=None):
     impl = "pallas"
     ms = [int(m) for m in args.m.split(",")]
     if args.tiny:
-        shapes, configs, impl = {"tiny": (256, 512)}, dict(list(CONFIGS.items())[:1]), "xla"
+        shapes = {"tiny": (256, 512), "tiny_gate_up": (256, 512)}
+        configs, impl = dict(list(CONFIGS.items())[:1]), "xla"
         ms = [16]
     kind = jax.devices()[0].device_kind
     rows = []

@@ -93,10 +93,11 @@
 #   is NOT comparable with call 14's 25.57 ms: it now keeps the router and the packet, which
 #   XLA deleted before (predicted +5 to +10 us a layer), against -2.3 us (tile tables) and
 #   -3 to -5 us (the KV write as 2 scatters, not 4).
-# call 17 (issues 13 and 16, any Hopper): the dense FP8 GEMMs of the attention half at M = 256
-#   and 512 with 128-row warpgroup tiles (256 x 128 and 128 x 256 CTAs) against the current
-#   picks (predicted: o_proj at M = 256 65 -> ~55 us if the SMEM fill, not the wgmma, is the
-#   limit), the 61-layer attention role by scope with command buffers off (what the router
+# call 17 (issues 13 and 16, any Hopper): the dense FP8 GEMMs of the attention half and of the
+#   FFN device's shared-expert slice (fused gate/up SwiGLU, down) at M = 256 and 512 with
+#   128-row warpgroup tiles (256 x 128 and 128 x 256 CTAs) against the current picks
+#   (predicted: o_proj at M = 256 65 -> ~55 us if the SMEM fill, not the wgmma, is the limit;
+#   the shared gate/up, 64 x 64 tiles now, reads its x tile 28 times), the 61-layer attention role by scope with command buffers off (what the router
 #   and the packet cost now that they run), and the 728 px vision tower (issue 18) with q/k/v
 #   as three GEMMs over the fused weight's row blocks (against call 11's 55.7 ms; predicted
 #   -1.5 ms: the three strided q/k/v copies, 29 us a layer, go; the GEMMs may lose a little).
@@ -242,10 +243,10 @@ case "$CALL" in
   17)
     ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --cache float8_e4m3fn --weights float8_e4m3fn --reps 3 --trace"
     NOCB="XLA_FLAGS=--xla_gpu_enable_command_buffer="
-    WIDE=2wg_m_128x128,2wg_n_64x256,1wg_128x128,2wg_m_256x128,2wg_n_128x256
+    WIDE=1wg_64x64,2wg_m_128x128,2wg_n_64x256,1wg_128x128,2wg_m_256x128,2wg_n_128x256
     VISION="python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8"
     $RUN -t 40 "$OUT_DIR/call17" \
-      "@150 python3 benchmarks/bench_dense_fp8.py --m 256,512 --shapes o_proj,wq,qkv_proj --configs $WIDE --out \$OUT/dense_wide.json" \
+      "@240 python3 benchmarks/bench_dense_fp8.py --m 256,512 --shapes o_proj,wq,qkv_proj,shared_gate_up,shared_down --configs $WIDE --out \$OUT/dense_wide.json" \
       "@50 $NOCB $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61_nocmdbuf.json" \
       "@90 $VISION --trace --out \$OUT/vision_728_split_qkv.json"
     ;;
