@@ -43,18 +43,23 @@ def test_lowers_for_cuda(mode, wgs, wg_dim):
     assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("n_w", [1, 2])
-def test_wide_row_tiles_lower_for_cuda(n_w):
-    """128-row warpgroup tiles (a 256 x 128 CTA; `bench_dense_fp8.py`'s wide configs)."""
-    m, k, n, g = 256, 256, 256, 2
+def _fp8_operands(m: int, k: int, n: int, g: int, pool: int | None = None) -> tuple:
+    """Abstract FP8 operands of the kernel: x, weights [pool or g, n, k], group sizes, the
+    x and weight block scales."""
     dt = jnp.float8_e4m3fn
-    args = (
+    return (
         jax.ShapeDtypeStruct((m, k), dt),
-        jax.ShapeDtypeStruct((g, n, k), dt),
+        jax.ShapeDtypeStruct((pool or g, n, k), dt),
         jax.ShapeDtypeStruct((g,), jnp.int32),
         jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
         jax.ShapeDtypeStruct((g, n // 128, k // 128), jnp.float32),
     )
+
+
+@pytest.mark.parametrize("n_w", [1, 2])
+def test_wide_row_tiles_lower_for_cuda(n_w):
+    """128-row warpgroup tiles (a 256 x 128 CTA; `bench_dense_fp8.py`'s wide configs)."""
+    args = _fp8_operands(m=256, k=256, n=256, g=2)
     cfg = TuningConfig(block_m=128, num_compute_wgs=2, wg_dim="m", num_sms=132)
 
     def f(x, w, gs, xs, ws):
@@ -68,16 +73,7 @@ def test_wide_row_tiles_lower_for_cuda(n_w):
 
 def test_lowers_for_cuda_with_a_traced_pool_offset():
     """The in-place pool path (weights [P, N, K], groups at a traced offset) lowers too."""
-    m, k, n, g, p = 192, 256, 256, 3, 9
-    dt = jnp.float8_e4m3fn
-    args = (
-        jax.ShapeDtypeStruct((m, k), dt),
-        jax.ShapeDtypeStruct((p, n, k), dt),
-        jax.ShapeDtypeStruct((g,), jnp.int32),
-        jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
-        jax.ShapeDtypeStruct((g, n // 128, k // 128), jnp.float32),
-        jax.ShapeDtypeStruct((), jnp.int32),
-    )
+    args = (*_fp8_operands(m=192, k=256, n=256, g=3, pool=9), jax.ShapeDtypeStruct((), jnp.int32))
 
     def f(x, w, gs, xs, ws, off):
         return mosaic_gpu.grouped_gemm_mgpu(
