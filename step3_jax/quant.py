@@ -45,6 +45,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jaxtyping import Array, Float
 
 FP8_DTYPE = jnp.float8_e4m3fn
@@ -68,8 +69,6 @@ def round_to_e4m3_grid(x: Array) -> Array:
     (double rounding), which changes a value near a rounding midpoint; a value already on the
     e4m3 grid converts exactly on every backend, so CPU and GPU give the same bytes.
     """
-    from jax import lax
-
     x = x.astype(jnp.float32)
     normal = lax.reduce_precision(x, exponent_bits=5, mantissa_bits=3)
     sub = jnp.round(x * (1.0 / _E4M3_SUBNORMAL_STEP)) * _E4M3_SUBNORMAL_STEP
@@ -216,7 +215,6 @@ def set_at(buf: Array, index, values: Array, mode: str | None = None) -> Array:
     at 2-4x its bytes. On CPU the same bytes are scattered into an unsigned-integer bitcast of
     the buffer (exact; XLA:CPU still materializes the bitcast-convert, one buffer-sized copy).
     XLA:GPU scatters these types natively in place, so other platforms keep the plain scatter."""
-    from jax import lax
 
     def plain(buf, values):
         return buf.at[index].set(values.astype(buf.dtype), mode=mode)

@@ -32,6 +32,7 @@ from jaxtyping import Array, Float
 
 from step3_jax.layers.linear import init_weight
 from step3_jax.policy import KernelPolicy
+from step3_jax.quant_model import Fp8Weight
 from step3_jax.vision.config import NUM_PREFIX_TOKENS, Step3VisionConfig
 from step3_jax.vision.layers import Conv2d, Linear, VisionEncoderLayer, pad_tokens
 
@@ -248,8 +249,6 @@ def quantize_linears(model: nnx.Module) -> int:
     token per 128 at run time; the GEMM is the model's ``policy.gemm``); convolutions, norms
     and embeddings stay as they are. Weights that already are FP8 are kept. Returns the number
     of linears."""
-    from step3_jax.quant_model import Fp8Weight
-
     count = 0
     for _, node in nnx.iter_graph(model):
         if isinstance(node, Linear):
