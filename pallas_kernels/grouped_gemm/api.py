@@ -100,14 +100,11 @@ def supported(x, weights) -> str | None:
 def _xla_tiles(group_sizes, m: int, tile: int):
     """Static-length list of (group, first row, rows) of ``tile``-row pieces of each group."""
     sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    start = jnp.cumsum(sizes) - sizes
+    start = mosaic_gpu.running_sum(jnp, sizes) - sizes
     sizes = jnp.clip(sizes, 0, jnp.maximum(m - start, 0))
     n_g = (sizes + tile - 1) // tile
-    tile_end = jnp.cumsum(n_g)
     t = jnp.arange(-(-m // tile) + group_sizes.shape[0], dtype=jnp.int32)
-    g = jnp.sum(tile_end[None, :] <= t[:, None], axis=1)  # searchsorted(side="right"), no scan
-    g = jnp.minimum(g, sizes.shape[0] - 1)
-    j = t - (tile_end[g] - n_g[g])
+    g, j, tile_end = mosaic_gpu.tile_groups(jnp, n_g, t)
     rows = jnp.where(t < tile_end[-1], jnp.clip(sizes[g] - j * tile, 0, tile), 0)
     return g, start[g] + j * tile, rows
 

@@ -80,11 +80,24 @@ class _Static:
     wg_dim: str = "n"
 
 
-def _running_sum(xp, v):
+def running_sum(xp, v):
     """Inclusive prefix sum of a short 1-D int vector as one masked reduction over a [G, G]
-    triangle (``jnp.cumsum`` is a reduce-window kernel of its own on the GPU)."""
+    triangle (``jnp.cumsum`` is a reduce-window kernel of its own on the GPU). ``xp``: numpy
+    (host) or jax.numpy."""
     i = xp.arange(v.shape[0])
     return xp.sum(xp.where(i[None, :] <= i[:, None], v[None, :], 0), axis=1).astype(np.int32)
+
+
+def tile_groups(xp, n_g, t):
+    """``(g, j, tile_end)`` for tiles ``t`` of groups holding ``n_g`` tiles each, laid out one
+    group after another: tile t is tile j of group g (g clipped to the last group past the
+    end); ``tile_end`` the running tile count. The group is ``searchsorted(tile_end, t,
+    side="right")`` as one compare-and-sum (its default method is a while loop of ~6 small
+    kernels a call on the GPU)."""
+    tile_end = running_sum(xp, n_g)
+    g = xp.sum(tile_end[None, :] <= t[:, None], axis=1).astype(np.int32)
+    g = xp.minimum(g, n_g.shape[0] - 1)
+    return g, t - (tile_end[g] - n_g[g]), tile_end
 
 
 def _tile_table(
@@ -113,18 +126,14 @@ def _tile_table(
     )
     xp = np if host else jnp
     sizes = xp.maximum(group_sizes.astype(np.int32), 0)
-    start = _running_sum(xp, sizes) - sizes
+    start = running_sum(xp, sizes) - sizes
     sizes = xp.clip(sizes, 0, xp.maximum(m - start, 0))  # never past row M
     align = start % 8
     n_g = xp.where(sizes > 0, (sizes + align + block_m - 1) // block_m, 0)
-    tile_end = _running_sum(xp, n_g)
+    t = xp.arange(max_tiles, dtype=np.int32)
+    g, j, tile_end = tile_groups(xp, n_g, t)
     n_group_tiles = tile_end[-1]
     total_rows = xp.sum(sizes)
-    t = xp.arange(max_tiles, dtype=np.int32)
-    # The group of tile t: how many groups end at or before t (searchsorted, side="right").
-    g = xp.sum(tile_end[None, :] <= t[:, None], axis=1).astype(np.int32)
-    g = xp.minimum(g, sizes.shape[0] - 1)
-    j = t - (tile_end[g] - n_g[g])
     box = start[g] - align[g] + j * block_m
     row0 = xp.maximum(start[g], box)
     rows = xp.clip(xp.minimum(start[g] + sizes[g], box + block_m) - row0, 0, block_m)
