@@ -109,6 +109,11 @@ CALL=$1 OUT_DIR=$2
 HERE=$(cd "$(dirname "$0")" && pwd)
 export ARCHIVE=1  # each call ends as one OUT_DIR/callN.tgz
 RUN="bash $HERE/gpu_run.sh"
+# What several calls run: one device's side of the 1A3F step (`--runs`, `--role` and the rest
+# per call), command buffers off (per-kernel HLO ops in a trace), the GPU tests.
+AFD_ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --cache float8_e4m3fn --weights float8_e4m3fn --reps 3"
+NOCB="XLA_FLAGS=--xla_gpu_enable_command_buffer="
+GPU_TESTS="python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4"
 SERVING="@290 RATES=\${RATES:-2,8,16} DURATION=\${DURATION:-20} bash benchmarks/gpu_serving.sh \$OUT"
 MFA="python3 benchmarks/bench_mfa_decode.py --out \$OUT --variants ''"
 case "$CALL" in
@@ -204,45 +209,42 @@ case "$CALL" in
       "@60 python3 benchmarks/afd_hlo_probe.py --role ffn --layers 2 --out \$OUT/probe_ffn.json"
     ;;
   13)
-    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --cache float8_e4m3fn --weights float8_e4m3fn --reps 3"
+    ROLE=$AFD_ROLE
     $RUN -t 60 "$OUT_DIR/call13" \
-      "@150 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 tests/pallas_kernels/test_grouped_gemm.py tests/quant/test_fp8_pallas_linear.py" \
+      "@150 $GPU_TESTS tests/pallas_kernels/test_grouped_gemm.py tests/quant/test_fp8_pallas_linear.py" \
       "@60 $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61.json" \
-      "@70 XLA_FLAGS=--xla_gpu_enable_command_buffer= $ROLE --runs 1x256 --role ffn --layers 24 --trace --out \$OUT/ffn24_nocmdbuf.json" \
+      "@70 $NOCB $ROLE --runs 1x256 --role ffn --layers 24 --trace --out \$OUT/ffn24_nocmdbuf.json" \
       "@90 $ROLE --runs 1x256,1x512 --role ffn --layers 24 --out \$OUT/ffn24.json" \
       "@90 $ROLE --runs 1x512 --role attention --layers 24 --out \$OUT/attention24_b512.json"
     ;;
   14)
-    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --cache float8_e4m3fn --weights float8_e4m3fn --reps 3"
+    ROLE=$AFD_ROLE
     T=tests/pallas_kernels/test_mfa_decode.py  # expanded here: the runner's shell has no T
     $RUN -t 60 "$OUT_DIR/call14" \
-      "@150 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 $T::TestPallasGPU $T::test_longest_first_order_gpu" \
+      "@150 $GPU_TESTS $T::TestPallasGPU $T::test_longest_first_order_gpu" \
       "@150 $MFA --breakdown '' --batches 256,512 --contexts 4096 --impls pallas_fp8,pallas_fp8_index_order,pallas_fp8_ragged --ragged both" \
       "@60 $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61.json" \
       "@80 $ROLE --runs 1x512 --role attention --layers 24 --out \$OUT/attention24_b512.json"
     ;;
   15)
-    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --cache float8_e4m3fn --weights float8_e4m3fn --reps 3 --trace"
-    NOCB="XLA_FLAGS=--xla_gpu_enable_command_buffer="
+    ROLE="$AFD_ROLE --trace"
     $RUN -t 40 "$OUT_DIR/call15" \
-      "@90 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 tests/pallas_kernels/test_grouped_gemm.py" \
+      "@90 $GPU_TESTS tests/pallas_kernels/test_grouped_gemm.py" \
       "@70 $NOCB $ROLE --runs 1x256,1x512 --role ffn --layers 24 --out \$OUT/ffn24_nocmdbuf.json" \
       "@45 $NOCB $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61_nocmdbuf.json" \
       "@40 python3 benchmarks/afd_hlo_probe.py --role attention --layers 2 --out \$OUT/probe_attention.json"
     ;;
   16)
-    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --cache float8_e4m3fn --weights float8_e4m3fn --reps 3"
-    NOCB="XLA_FLAGS=--xla_gpu_enable_command_buffer="
+    ROLE=$AFD_ROLE
     G=tests/pallas_kernels/test_grouped_gemm.py  # expanded here: the runner's shell has no G
     $RUN -t 40 "$OUT_DIR/call16" \
-      "@120 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4 tests/quant/test_fp8_pallas_linear.py $G::test_wide_row_tiles_fp8" \
+      "@120 $GPU_TESTS tests/quant/test_fp8_pallas_linear.py $G::test_wide_row_tiles_fp8" \
       "@60 $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61.json" \
       "@70 $ROLE --runs 1x256,1x512 --role ffn --layers 24 --out \$OUT/ffn24.json" \
       "@50 $NOCB $ROLE --runs 1x512 --role ffn --layers 8 --trace --out \$OUT/ffn8_b512_nocmdbuf.json"
     ;;
   17)
-    ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --cache float8_e4m3fn --weights float8_e4m3fn --reps 3 --trace"
-    NOCB="XLA_FLAGS=--xla_gpu_enable_command_buffer="
+    ROLE="$AFD_ROLE --trace"
     WIDE=1wg_64x64,2wg_m_128x128,2wg_n_64x256,1wg_128x128,2wg_m_256x128,2wg_n_128x256
     VISION="python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8"
     $RUN -t 40 "$OUT_DIR/call17" \
