@@ -159,7 +159,12 @@ def run_afd(args, cfg, layout, devices, num_mb: int, microbatch: int, stages: bo
 
 def _policy(args) -> KernelPolicy:
     auto = lambda v: None if v == "auto" else v
-    return KernelPolicy(auto(args.attention_impl), auto(args.gemm_impl), auto(args.moe_impl))
+    return KernelPolicy(
+        auto(args.attention_impl),
+        auto(args.gemm_impl),
+        auto(args.moe_impl),
+        o_quant=auto(args.o_quant),
+    )
 
 
 # ------------------------------------------------------------------- one role on one GPU
@@ -400,6 +405,12 @@ def main(argv=None) -> dict:
         default="auto",
         choices=["auto", "xla", "pallas"],
         help="KernelPolicy.attention",
+    )
+    p.add_argument(
+        "--o-quant",
+        default="auto",
+        choices=["auto", "attention", "gemm"],
+        help="KernelPolicy.o_quant (attention: the MFA epilogue writes o_proj's FP8 input)",
     )
     p.add_argument(
         "--role",

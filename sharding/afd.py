@@ -350,10 +350,9 @@ class AfdExecutor:
         MoE kind: a dense layer's (zero) routing is masked by ``is_moe`` (traced) and ignored
         by the FFN side."""
         c, a = self.config, self.afd
-        o = cache.attend(0, q, pos, a.policy.attention)
-        x_mid, h2, routing = self._attention_module(cache.arenas, layer).attention_out(
-            x, o, a.policy
-        )
+        module = self._attention_module(cache.arenas, layer)
+        o = module.attend(cache, 0, q, pos, a.policy)
+        x_mid, h2, routing = module.attention_out(x, o, a.policy)
         if routing is None:  # a model without MoE layers
             b, t = h2.shape[:2]
             zeros = jnp.zeros((b, t, c.top_k), jnp.float32)

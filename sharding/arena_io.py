@@ -132,7 +132,9 @@ class ArenaKVCache:
         arenas = write_rows(self.arenas, writes, self.item, b_idx, positions, self.active)
         return self._replace(arenas)
 
-    def attend(self, layer, q, positions, implementation=None):
+    def attend(self, layer, q, positions, implementation=None, quantize_out=False):
+        """Attention against this item's cache read in place (`step3_jax.cache.attend_cache`,
+        also for ``quantize_out``): the decode kernel over the arena as page pools."""
         regs = self.regions
         kernel_api = q.shape[1] <= MAX_T and q.dtype == jnp.bfloat16  # the decode API's inputs
         if implementation == "xla" or (implementation is None and not kernel_api):
@@ -141,7 +143,7 @@ class ArenaKVCache:
             ]
             if self.v_transposed:
                 views[1] = v_from_tiles(views[1])
-            return attend_cache(q, *views, positions, "xla")
+            return attend_cache(q, *views, positions, "xla", quantize_out=quantize_out)
         pools, offsets = [], []
         for name in CACHE_REGIONS:
             reg = regs.get(name)
@@ -158,7 +160,7 @@ class ArenaKVCache:
         table = jnp.arange(self.microbatch * per_seq, dtype=jnp.int32).reshape(-1, per_seq)
         page_offsets = jnp.stack([jnp.asarray(o, jnp.int32) for o in offsets])
         return attend_cache(
-            q, *pools, positions, implementation, self.v_transposed,
+            q, *pools, positions, implementation, self.v_transposed, quantize_out=quantize_out,
             block_table=table, page_offsets=page_offsets,
         )  # fmt: skip
 

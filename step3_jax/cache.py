@@ -41,10 +41,15 @@ from step3_jax.kernels.mfa_decode.api import MAX_T
 from step3_jax.layers.mfa import mfa_attention_xla
 
 
-def attend_cache(q, k, v, k_scale, v_scale, positions, implementation, v_transposed=False, **paged):
+def attend_cache(
+    q, k, v, k_scale, v_scale, positions, implementation, v_transposed=False,
+    quantize_out=False, **paged,
+):  # fmt: skip
     """Attention of the new tokens' queries ``q [B, T, N, H]`` (at ``positions [B, T]``,
     consecutive, ending at ``lengths - 1``) against one layer's cache (already holding them;
-    ``v_transposed``: v is [.., H, S], see `KVCache`).
+    ``v_transposed``: v is [.., H, S], see `KVCache`). ``quantize_out``: the output as an
+    o_proj's FP8 input (`quant.QuantizedActivations`, per head per 128 columns; the kernel's
+    epilogue writes it where it can, `KernelPolicy.o_quant`).
 
     The Pallas decode kernel (`step3_jax.kernels.mfa_decode`) where the kernels' dispatch rule
     picks it for ``implementation`` ("pallas" | "xla" | None) and T <= 8; otherwise the XLA
@@ -56,15 +61,16 @@ def attend_cache(q, k, v, k_scale, v_scale, positions, implementation, v_transpo
     if paged or dispatch.choose("mfa_decode_attention", impl, reason) == "pallas":
         out = mfa_decode_attention(
             q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, implementation=impl,
-            v_transposed=v_transposed, **paged,
+            v_transposed=v_transposed, quantize_out=quantize_out, **paged,
         )  # fmt: skip
-        return out.astype(q.dtype)
+        return out if quantize_out else out.astype(q.dtype)
     v = jnp.swapaxes(v, -1, -2) if v_transposed else v
     if k_scale is None:
         kd, vd = k.astype(q.dtype), v.astype(q.dtype)
     else:
         kd, vd = quant.dequantize_kv(k, k_scale, q.dtype), quant.dequantize_kv(v, v_scale, q.dtype)
-    return mfa_attention_xla(q, kd, vd, positions, kv_lengths=lengths)
+    out = mfa_attention_xla(q, kd, vd, positions, kv_lengths=lengths)
+    return quant.QuantizedActivations.quantize(out) if quantize_out else out
 
 
 SUPPORTED_DTYPES = ("bfloat16", "float32", "float16", "float8_e4m3fn")
@@ -284,17 +290,20 @@ class KVCache:
         q: Float[Array, "B T N H"],
         positions: Int[Array, "B T"],
         implementation: str | None = None,
-    ) -> Float[Array, "B T N H"]:
-        """Attention of ``q`` against layer ``layer`` (see `attend_cache`). A transposed cache
-        goes to the decode kernel API as 64-token pages (`tiles_as_pages`); beyond the API's
-        reach (T > 8, a non-bf16 q) to the XLA path on the token-major view."""
+        quantize_out: bool = False,
+    ) -> Float[Array, "B T N H"] | quant.QuantizedActivations:
+        """Attention of ``q`` against layer ``layer`` (see `attend_cache`, also for
+        ``quantize_out``). A transposed cache goes to the decode kernel API as 64-token pages
+        (`tiles_as_pages`); beyond the API's reach (T > 8, a non-bf16 q) to the XLA path on the
+        token-major view."""
         k, v, ks, vs = self.layer(layer)
+        kw = dict(quantize_out=quantize_out)
         if not self.v_transposed:
-            return attend_cache(q, k, v, ks, vs, positions, implementation)
+            return attend_cache(q, k, v, ks, vs, positions, implementation, **kw)
         if q.shape[1] <= MAX_T and q.dtype == jnp.bfloat16:
             *pages, table = tiles_as_pages(k, v, ks, vs)
-            return attend_cache(q, *pages, positions, implementation, True, block_table=table)
-        return attend_cache(q, k, v_from_tiles(v), ks, vs, positions, "xla")
+            return attend_cache(q, *pages, positions, implementation, True, block_table=table, **kw)
+        return attend_cache(q, k, v_from_tiles(v), ks, vs, positions, "xla", **kw)
 
     def layer(self, layer: int) -> tuple[Array, Array, Array | None, Array | None]:
         """``(k [B,S,H], v [B,S,H] (V^T tiles [B,S/64,H,64] if v_transposed), k_scale [B,S] |

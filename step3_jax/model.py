@@ -104,6 +104,13 @@ class DecoderLayer(nnx.Module):
             routing = self.ffn.route(h2) if self.is_moe else None
         return x_mid, h2, routing
 
+    def attend(self, cache, layer: int, q, positions, policy: KernelPolicy):
+        """``cache.attend`` of this layer's queries: o ``[B, T, N, H]``, or already FP8 for the
+        o_proj where `MFAttention.quantizes_o` says so (``policy.o_quant``)."""
+        quantize_out = self.self_attn.quantizes_o(policy.o_quant)
+        with jax.named_scope("attend"):
+            return cache.attend(layer, q, positions, policy.attention, quantize_out=quantize_out)
+
     def attention_half(
         self,
         x: Float[Array, "B T D"],
@@ -122,8 +129,7 @@ class DecoderLayer(nnx.Module):
             layer = self.layer_id if cache_layer is None else cache_layer
             with jax.named_scope("kv_write"):
                 cache = cache.write(layer, k, v, positions)
-            with jax.named_scope("attend"):
-                o = cache.attend(layer, q, positions, policy.attention)
+            o = self.attend(cache, layer, q, positions, policy)
         x_mid, h2, routing = self.attention_out(x, o, policy)
         return x_mid, h2, routing, cache
 

@@ -25,6 +25,12 @@ MOE_IMPLEMENTATIONS = (*IMPLEMENTATIONS, "dense")
 # The vision tower's attention (`step3_jax.vision`): jax.nn.dot_product_attention's cuDNN
 # flash kernel or its XLA form; None: cuDNN on a GPU in 16-bit, else XLA.
 VISION_ATTENTION_IMPLEMENTATIONS = ("cudnn", "xla", None)
+# Where a block-FP8 o_proj's input is quantized: "attention" hands it the attention output
+# already FP8 (`step3_jax.quant.QuantizedActivations`; the MFA kernel's epilogue writes it
+# from its f32 output where its grid allows, else XLA quantizes the bf16 output), "gemm"
+# quantizes the bf16 output in front of the GEMM. None: "gemm" (the kernel epilogue's gain
+# is not measured yet, docs/LOG.md "FP8 o from the MFA epilogue").
+O_QUANT = ("attention", "gemm", None)
 # XLA options of the programs whose plain (non-Pallas) GEMMs should be cuBLAS calls on a GPU:
 # the compiled AFD step (`step3_jax.sharding.afd`) and the vision tower
 # (`step3_jax.vision.model`). XLA's Triton GEMM fusions ran the tower's linears other than
@@ -45,6 +51,7 @@ class KernelPolicy:
     gemm: str | None = None  # FP8 linears (float weights always run a plain XLA einsum)
     moe: str | None = None  # routed experts
     vision_attention: str | None = None  # the Step3-VL vision tower's attention
+    o_quant: str | None = None  # where a block-FP8 o_proj's input is quantized (O_QUANT)
 
     def __post_init__(self):
         for name, allowed in (
@@ -52,6 +59,7 @@ class KernelPolicy:
             ("gemm", GEMM_IMPLEMENTATIONS),
             ("moe", MOE_IMPLEMENTATIONS),
             ("vision_attention", VISION_ATTENTION_IMPLEMENTATIONS),
+            ("o_quant", O_QUANT),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -83,6 +91,7 @@ __all__ = [
     "GEMM_IMPLEMENTATIONS",
     "GPU_COMPILER_OPTIONS",
     "MOE_IMPLEMENTATIONS",
+    "O_QUANT",
     "VISION_ATTENTION_IMPLEMENTATIONS",
     "KernelPolicy",
     "compiler_options",

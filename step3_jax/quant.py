@@ -51,7 +51,7 @@ from jaxtyping import Array, Float
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # Smallest scale we ever emit: keeps `x / scale` finite for all-zero blocks.
-_MIN_SCALE = 1e-12
+MIN_SCALE = 1e-12  # the scale of a block whose amax is below 448e-12 (all zeros included)
 BLOCK = 128
 
 
@@ -90,7 +90,7 @@ def _amax(x: Array, axis) -> Array:
 
 
 def _scale_from_amax(amax: Array) -> Array:
-    return jnp.maximum(amax.astype(jnp.float32) * _INV_FP8_MAX, _MIN_SCALE)
+    return jnp.maximum(amax.astype(jnp.float32) * _INV_FP8_MAX, MIN_SCALE)
 
 
 def quantize_activations(
@@ -151,6 +151,11 @@ class QuantizedActivations:
             self.values.reshape(*lead, k), self.scales.reshape(*lead, self.scales.shape[-1]),
             self.dtype,
         )  # fmt: skip
+
+    @classmethod
+    def quantize(cls, x: Float[Array, "... K"]) -> QuantizedActivations:
+        """``x`` in this format (`quantize_activations`), standing for its own dtype."""
+        return cls(*quantize_activations(x), jnp.dtype(x.dtype))
 
     def astype(self, dtype) -> QuantizedActivations:
         """The same bytes standing for a ``dtype`` activation (what `dequantize` returns)."""
@@ -240,6 +245,7 @@ __all__ = [
     "BLOCK",
     "FP8_DTYPE",
     "FP8_MAX",
+    "MIN_SCALE",
     "QuantizedActivations",
     "dequantize_activations",
     "dequantize_kv",

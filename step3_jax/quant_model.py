@@ -233,9 +233,12 @@ class Fp8Weight:
         spec = _parse_eqn(eqn, x.ndim, self)
         # Already-FP8 activations (per token per 128, the kernel's own format): the kernel
         # reads them as they are on bf16 activations; every XLA form takes their dequantized
-        # value (and quantizes it again).
+        # value (and quantizes it again). With several contracted axes (o_proj's heads x 256)
+        # the format's blocks along the last axis are the flattened K's blocks iff that axis
+        # is a multiple of 128.
         pre_quantized = isinstance(x, quant.QuantizedActivations)
-        if pre_quantized and (self.num_contract != 1 or x.dtype != jnp.bfloat16):
+        blocks_align = self.num_contract == 1 or x.shape[-1] % quant.BLOCK == 0
+        if pre_quantized and (not blocks_align or x.dtype != jnp.bfloat16):
             x, pre_quantized = x.dequantize(), False
         if implementation == "xla_fp8":
             x = x.dequantize() if pre_quantized else x
@@ -376,7 +379,7 @@ def _one_group_gemm(x, weights: tuple[Fp8Weight, ...], n: int, k: int) -> Array:
     token per 128 inside; the tile table is a program constant (NumPy group sizes)."""
     x_scale = None
     if isinstance(x, quant.QuantizedActivations):  # quantized already: the kernel's format
-        x, x_scale = x.values, x.scales.reshape(-1, x.scales.shape[-1])
+        x, x_scale = x.values, x.scales.reshape(-1, -(-k // quant.BLOCK))
     x2 = x.reshape(-1, k)
     return grouped(
         x2,

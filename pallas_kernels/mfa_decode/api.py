@@ -31,7 +31,7 @@ from step3_jax.kernels import dispatch
 from step3_jax.kernels.mfa_decode import config as cfg_lib
 from step3_jax.kernels.mfa_decode import ragged
 from step3_jax.kernels.mfa_decode.xla import mfa_decode_xla
-from step3_jax.quant import quantize_kv
+from step3_jax.quant import QuantizedActivations, quantize_kv
 
 FP8 = jnp.dtype(jnp.float8_e4m3fn)
 MAX_T = 8
@@ -113,8 +113,15 @@ def mfa_decode_attention(
     config: cfg_lib.TuningConfig | None = None,
     page_offsets: Int[Array, " 4"] | None = None,
     v_transposed: bool = False,
+    quantize_out: bool = False,
 ):
     """MFA decode attention; returns out bf16 like q (and lse float32 [B, T, N], natural log).
+
+    ``quantize_out``: out is instead `step3_jax.quant.QuantizedActivations` (values [B, T, N, H]
+    e4m3, scales [B, T, N, 2]: one per head per 128 columns, standing for bf16; an o_proj's
+    FP8 input): written by the kernel's epilogue from its f32 output where the grid is unsplit
+    with the ring epilogue (the FP8 default at large B), else `quant.quantize_activations` of
+    the bf16 output.
 
     Query t of sequence b sits at ``lengths[b] - T + t`` and sees slots ``s <=`` that position;
     slots at or beyond ``lengths[b]`` never influence the result (they may hold NaN). A query
@@ -126,7 +133,7 @@ def mfa_decode_attention(
         return _with_page_offsets(
             q, k, v, lengths, k_scale, v_scale, block_table, page_offsets,
             sm_scale=sm_scale, return_lse=return_lse, implementation=implementation,
-            config=config, v_transposed=v_transposed,
+            config=config, v_transposed=v_transposed, quantize_out=quantize_out,
         )  # fmt: skip
     _validate(q4, k, v, lengths, k_scale, v_scale, block_table, v_transposed=v_transposed)
     impl = dispatch.choose("mfa_decode_attention", implementation, supported(q4, k, block_table))
@@ -135,9 +142,18 @@ def mfa_decode_attention(
     if impl == "xla":
         out, lse = _xla_jit(*args, v_transposed)
     else:
-        out, lse = _pallas(*args, config, v_transposed)
+        out, lse = _pallas(*args, config, v_transposed, quantize_out)
+    return _finish(out, lse, squeeze, quantize_out, return_lse)
+
+
+def _finish(out, lse, squeeze: bool, quantize_out: bool, return_lse: bool):
+    """The caller's output form: `_quantized_heads` if asked, T dropped for a [B, N, H] q."""
+    if isinstance(out, tuple):  # the kernel's FP8 values and [B, T, 2, N] scales
+        out = QuantizedActivations(out[0], jnp.swapaxes(out[1], -1, -2), jnp.dtype(jnp.bfloat16))
+    elif quantize_out:
+        out = QuantizedActivations.quantize(out)
     if squeeze:
-        out, lse = out[:, 0], lse[:, 0]
+        out, lse = jax.tree.map(lambda a: a[:, 0], out), lse[:, 0]
     return (out, lse) if return_lse else out
 
 
@@ -152,15 +168,11 @@ def _with_page_offsets(q, k, v, lengths, k_scale, v_scale, table, offsets, **kw)
     impl = dispatch.choose("mfa_decode_attention", kw["implementation"], supported(q4, k, table))
     if impl == "pallas":
         scale = float(q4.shape[-1] ** -0.5 if kw["sm_scale"] is None else kw["sm_scale"])
-        vt = kw["v_transposed"]
+        vt, quantize_out = kw["v_transposed"], kw["quantize_out"]
         _validate(q4, k, v, lengths, k_scale, v_scale, table, pools=True, v_transposed=vt)
-        ks = _kernel_shape(q4, k, lengths, table, scale, kw["config"], v_transposed=vt)
-        ks = dataclasses.replace(ks, page_offsets=True)
-        args = (q4, k, v, lengths.astype(jnp.int32), k_scale, v_scale, table)
-        out, lse = _pallas_jit(ks, *args, offsets.astype(jnp.int32))
-        if q.ndim == 3:
-            out, lse = out[:, 0], lse[:, 0]
-        return (out, lse) if kw["return_lse"] else out
+        args = (q4, k, v, lengths, k_scale, v_scale, table, scale, kw["config"], vt)
+        out, lse = _pallas(*args, quantize_out, page_offsets=offsets.astype(jnp.int32))
+        return _finish(out, lse, q.ndim == 3, quantize_out, kw["return_lse"])
     # The reference path: token-major V, each operand's pages gathered.
     ops = [k, jnp.swapaxes(v, 1, 2) if kw.pop("v_transposed") else v, k_scale, v_scale]
     b = table.shape[0]
@@ -238,8 +250,12 @@ def _resolve_config(
     return config, splits, out_dtype
 
 
-def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None, v_transposed=False):
-    """Static KernelShape for these (possibly abstract) inputs; validates the config."""
+def _kernel_shape(
+    q, k, lengths, block_table, sm_scale, config, num_sms=None, v_transposed=False,
+    quantize_out=False,
+):  # fmt: skip
+    """Static KernelShape for these (possibly abstract) inputs; validates the config.
+    ``quantize_out``: the epilogue writes FP8 where the grid allows it (`_out_dtype`)."""
     from step3_jax.kernels.mfa_decode import mosaic_gpu  # GPU-only imports stay off the xla path
 
     b, t, n, h = q.shape
@@ -251,6 +267,8 @@ def _kernel_shape(q, k, lengths, block_table, sm_scale, config, num_sms=None, v_
     config, splits, out_dtype = _resolve_config(
         config, k.dtype, b * t, max_len, page_size, num_sms, v_transposed, num_seqs=b
     )
+    if quantize_out and out_dtype == jnp.bfloat16 and config.ring_epilogue:
+        out_dtype = FP8  # the unsplit ring epilogue writes the o_proj's FP8 input itself
     if not paged and max_len % config.block_s:
         raise ValueError(f"cache length S={max_len} must be a multiple of block_s={config.block_s}")
     return mosaic_gpu.KernelShape(
@@ -301,9 +319,19 @@ def _ragged_target(config, num_sms=None) -> int:
     return max(1, int(_num_sms(num_sms) * config.ragged_items_per_sm))
 
 
-def _pallas(q, k, v, lengths, k_scale, v_scale, block_table, sm_scale, config, v_transposed):
-    ks = _kernel_shape(q, k, lengths, block_table, sm_scale, config, v_transposed=v_transposed)
-    return _pallas_jit(ks, q, k, v, lengths.astype(jnp.int32), k_scale, v_scale, block_table)
+def _pallas(
+    q, k, v, lengths, k_scale, v_scale, block_table, sm_scale, config, v_transposed,
+    quantize_out=False, page_offsets=None,
+):  # fmt: skip
+    """(out, lse) of the kernel; out is ``(values, scales)`` where it writes FP8 (see
+    `_kernel_shape`'s ``quantize_out``)."""
+    ks = _kernel_shape(
+        q, k, lengths, block_table, sm_scale, config, v_transposed=v_transposed,
+        quantize_out=quantize_out,
+    )  # fmt: skip
+    ks = dataclasses.replace(ks, page_offsets=page_offsets is not None)
+    lengths = lengths.astype(jnp.int32)
+    return _pallas_jit(ks, q, k, v, lengths, k_scale, v_scale, block_table, page_offsets)
 
 
 def lower_pallas_for_gpu(
@@ -319,6 +347,7 @@ def lower_pallas_for_gpu(
     config=None,
     num_sms: int = 132,
     v_transposed: bool = False,
+    quantize_out: bool = False,
 ):
     """Lower the Pallas path for CUDA on any host (CI check of the Mosaic GPU lowering).
 
@@ -326,7 +355,9 @@ def lower_pallas_for_gpu(
     """
     q4 = jax.ShapeDtypeStruct((q.shape[0], 1, *q.shape[1:]), q.dtype) if len(q.shape) == 3 else q
     scale = float(q4.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
-    ks = _kernel_shape(q4, k, lengths, block_table, scale, config, num_sms, v_transposed)
+    ks = _kernel_shape(
+        q4, k, lengths, block_table, scale, config, num_sms, v_transposed, quantize_out
+    )
     traced = _pallas_jit.trace(ks, q4, k, v, lengths, k_scale, v_scale, block_table)
     return traced.lower(lowering_platforms=("cuda",))
 
@@ -344,9 +375,11 @@ def _pallas_jit(ks, q, k, v, lengths, k_scale, v_scale, block_table, page_offset
         order = None
         if ks.longest_first:
             order = ragged.longest_first(lengths, max_len=ks.max_len, block_s=ks.block_s)
-        out, lse = mosaic_gpu.mfa_decode_mosaic(
+        out, lse, *scales = mosaic_gpu.mfa_decode_mosaic(
             ks, lengths, table, q, q_scale, k, v, k_scale, v_scale, page_offsets, order=order
         )
+        if ks.out_fp8:
+            return (out[0], scales[0][0]), lse[0]
         return combine_splits(out, lse)
     work, start, count = ragged.plan_ragged_work(
         lengths,

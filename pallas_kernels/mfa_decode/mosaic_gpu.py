@@ -194,15 +194,17 @@ def _scratch(ks: KernelShape, kv_dtype) -> tuple[dict, dict]:
     if ks.ring_epilogue:
         # Views of each ring as [st, 64, 64] f32 (exchange) and [st, r, 64, 64] out_dtype
         # (output staging; r fills a slot): entry s starts where ring slot s does.
+        # FP8 out: [64, 64] e4m3 tiles have 64-byte rows (a 64-byte swizzle, like the P tile).
         del smem["o"]
         r = bs * HEAD_DIM * jnp.dtype(kv_dtype).itemsize // (NUM_HEADS * EPI_COLS * 4)
         r_out = r * 4 // jnp.dtype(ks.out_dtype).itemsize
+        o_tf = _transforms(ks.out_dtype, EPI_COLS if ks.out_fp8 else None)
         xv = plgpu.SMEM(
             (st * r, NUM_HEADS, EPI_COLS), jnp.float32, transforms=_transforms(jnp.float32)
         )
-        ov = plgpu.SMEM(
-            (st * r_out, NUM_HEADS, EPI_COLS), ks.out_dtype, transforms=_transforms(ks.out_dtype)
-        )
+        ov = plgpu.SMEM((st * r_out, NUM_HEADS, EPI_COLS), ks.out_dtype, transforms=o_tf)
+        if ks.out_fp8:  # per (128-column half, head) scales of the FP8 output
+            smem["os"] = plgpu.SMEM((2, NUM_HEADS), jnp.float32)
         smem["k"] = plgpu.RefUnion(ring, xv, ov)
         smem["v"] = plgpu.RefUnion(ring_v, xv, ov)  # same bytes a slot either way
     bars = {
@@ -272,7 +274,7 @@ def _input_names(ks: KernelShape) -> list[str]:
     names += ["q"]
     names += ["qs"] if ks.fp8 and not ks.q_in_kernel else []
     names += ["k", "v"] + (["ks", "vs"] if ks.fp8 else [])
-    return names + ["out", "lse"]
+    return names + ["out", "lse"] + (["oscale"] if ks.out_fp8 else [])
 
 
 def _kernel(ks: KernelShape, kv_dtype, *all_refs):
@@ -342,17 +344,22 @@ def mfa_decode_mosaic(
     work=None,
     order=None,
 ):
-    """Runs the kernel; returns (out [splits, B, T, 64, 256] out_dtype, lse [splits, B, T, 64]).
+    """Runs the kernel; returns (out [splits, B, T, 64, 256] out_dtype, lse [splits, B, T, 64])
+    and, with ``ks.out_fp8``, the output scales [1, B, T, 2, 64].
     ``page_offsets`` ([4] int32, paged only, iff ``ks.page_offsets``): added to the page ids
     of k, v, k_scale, v_scale. ``work`` ([C, 3] int32, iff ``ks.ragged_target``): the ragged
     work list; out and lse are then [C, 1, T, 64(, 256)]. ``order`` ([B] int32, a permutation,
     iff ``ks.longest_first``): the sequence each grid slot runs."""
     ragged = bool(ks.ragged_target)
+    if ks.out_fp8 and (ragged or ks.num_splits != 1 or not ks.ring_epilogue):
+        raise ValueError("an FP8 output needs an unsplit grid with the ring epilogue")
     shape = (ks.num_items(), 1 if ragged else ks.batch, ks.t, NUM_HEADS)
     out_type = (
         jax.ShapeDtypeStruct((*shape, HEAD_DIM), ks.out_dtype),
         jax.ShapeDtypeStruct(shape, jnp.float32),
     )
+    if ks.out_fp8:  # [1, B, T, 2, 64]: the scale of head n's 128-column half h at [h, n]
+        out_type += (jax.ShapeDtypeStruct((*shape[:-1], 2, NUM_HEADS), jnp.float32),)
     call = plgpu.kernel(
         functools.partial(_kernel, ks, k.dtype),
         out_type=out_type,

@@ -15,13 +15,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from step3_jax.kernels.mfa_decode.ragged import num_items as ragged_num_items
+from step3_jax.quant import FP8_MAX as E4M3_MAX
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 NUM_HEADS = 64  # wgmma M: one warpgroup tile of 64 query heads
 HEAD_DIM = 256
 EPI_COLS = 64  # output columns per epilogue store
-E4M3_MAX = 448.0  # largest finite float8_e4m3fn (step3_jax.quant.FP8_MAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,10 @@ class KernelShape:
     paged: bool
     page_size: int
     sm_scale: float
+    # bf16 (unsplit), f32 (split-K / ragged partials) or float8_e4m3fn: the o_proj's input
+    # format written by the epilogue (`quant.quantize_activations` of the f32 output: e4m3
+    # values and one f32 scale per head per 128-column half, a third output [.., 2, 64]);
+    # unsplit "seq" grids with the ring epilogue only (`out_fp8`).
     out_dtype: jnp.dtype
     v_load: str = "8bit"  # FP8 V tile register layout for the f16 conversion: "8bit" | "wgmma"
     wg_split: str = "head"  # what the 2 compute warpgroups split: head-dim halves or KV blocks
@@ -60,6 +64,10 @@ class KernelShape:
     # Unsplit grid only: a [B] int32 input ``order``; grid slot b runs sequence order[b] (the
     # longest first, `ragged.longest_first`) and writes that sequence's own output rows.
     longest_first: bool = False
+
+    @property
+    def out_fp8(self) -> bool:
+        return jnp.dtype(self.out_dtype) == jnp.float8_e4m3fn
 
     def num_items(self) -> int:
         """CTAs per query token along the grid's "split" axis (the split factor, or the

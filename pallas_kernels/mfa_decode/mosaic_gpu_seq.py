@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from step3_jax.kernels.mfa_decode import mosaic_gpu_parts as mg
+from step3_jax.quant import FP8_MAX, MIN_SCALE
 
 HALF = mg.HEAD_DIM // 2
 
@@ -242,12 +243,21 @@ def _merge_and_store_ring(ks, refs, smem, bars, oi, t, accs, m0, l0, c0):
     plgpu.barrier_wait(bars["xfull"].at[0])
     w0, w1, lse = _merge_weights(smem, m0, l0, c0)
     smem["lse"][...] = lse
-    for j in range(2 * per_half):
-        h, k = divmod(j, per_half)
-        mine = accs[h][:, k * mg.EPI_COLS : (k + 1) * mg.EPI_COLS]
-        other = plgpu.load(_ring_chunk(ks, smem, "x", j, odd=True), (), layout=plgpu.Layout.WGMMA)
-        out = mine * mg._row(w0, mine.shape) + other * mg._row(w1, mine.shape)
-        _ring_chunk(ks, smem, "o", j, odd=False)[...] = out.astype(ks.out_dtype)
+    for h in range(2):
+        outs = []
+        for k in range(per_half):
+            j = h * per_half + k
+            mine = accs[h][:, k * mg.EPI_COLS : (k + 1) * mg.EPI_COLS]
+            view = _ring_chunk(ks, smem, "x", j, odd=True)
+            other = plgpu.load(view, (), layout=plgpu.Layout.WGMMA)
+            outs.append(mine * mg._row(w0, mine.shape) + other * mg._row(w1, mine.shape))
+        if ks.out_fp8:  # one e4m3 scale block per head per half: quant.quantize_activations
+            amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(o), axis=1) for o in outs])
+            scale = jnp.maximum(amax * (1.0 / FP8_MAX), MIN_SCALE)
+            smem["os"].at[h][...] = scale
+            outs = [o * mg._row(1.0 / scale, o.shape) for o in outs]
+        for k, out in enumerate(outs):
+            _ring_chunk(ks, smem, "o", h * per_half + k, odd=False)[...] = out.astype(ks.out_dtype)
     plgpu.commit_smem()
     for j in range(2 * per_half):
         cols = pl.ds(j * mg.EPI_COLS, mg.EPI_COLS)
@@ -255,6 +265,8 @@ def _merge_and_store_ring(ks, refs, smem, bars, oi, t, accs, m0, l0, c0):
             _ring_chunk(ks, smem, "o", j, odd=False), refs["out"].at[oi[0], oi[1], t, :, cols]
         )
     plgpu.copy_smem_to_gmem(smem["lse"], refs["lse"].at[oi[0], oi[1], t])
+    if ks.out_fp8:
+        plgpu.copy_smem_to_gmem(smem["os"], refs["oscale"].at[oi[0], oi[1], t])
     plgpu.wait_smem_to_gmem(0)
 
 

@@ -198,9 +198,11 @@ class PagedKVCache:
         q: Float[Array, "B T N H"],
         positions: Int[Array, "B T"],
         implementation: str | None = None,
-    ) -> Float[Array, "B T N H"]:
+        quantize_out: bool = False,
+    ) -> Float[Array, "B T N H"] | quant.QuantizedActivations:
         """Attention of ``q`` (at ``positions``, consecutive, the cache already holding them)
-        against this layer's pages (see the module docstring for which path runs)."""
+        against this layer's pages (see the module docstring for which path runs;
+        ``quantize_out``: `step3_jax.cache.attend_cache`)."""
         kernel_api = (
             q.shape[1] <= MAX_T
             and q.dtype == jnp.bfloat16
@@ -209,9 +211,9 @@ class PagedKVCache:
         if kernel_api:
             return attend_cache(
                 q, *layer_arrays(self, layer), positions, implementation, self.v_transposed,
-                block_table=self.block_table,
+                quantize_out=quantize_out, block_table=self.block_table,
             )  # fmt: skip
-        return attend_cache(q, *self.gathered(layer), positions, "xla")
+        return attend_cache(q, *self.gathered(layer), positions, "xla", quantize_out=quantize_out)
 
     def gathered(self, layer: int) -> tuple[Array, Array, Array | None, Array | None]:
         """Layer ``layer`` as a contiguous, token-major cache ``(k, v [B, M * page, H],

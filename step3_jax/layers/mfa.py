@@ -23,7 +23,8 @@ from jaxtyping import Array, Float, Int
 from step3_jax.layers.linear import init_weight, project
 from step3_jax.layers.norms import RMSNorm
 from step3_jax.layers.rope import RopeScaling, apply_rope
-from step3_jax.quant_model import concat_rows, split_rows
+from step3_jax.quant import QuantizedActivations
+from step3_jax.quant_model import Fp8Weight, concat_rows, split_rows
 
 _NEG_INF = -1e30  # finite "minus infinity": exp() underflows to 0 without inf - inf = NaN
 
@@ -176,8 +177,20 @@ class MFAttention(nnx.Module):
             k = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
         return q, k, v
 
+    def quantizes_o(self, o_quant: str | None) -> bool:
+        """Whether the attention should hand `output` its input already FP8 (a
+        `QuantizedActivations` per head per 128 columns), for `KernelPolicy.o_quant`:
+        "attention" with a block-FP8 o_proj, whose FP8 GEMM then reads it as it is, and heads
+        a multiple of 128 wide (so the blocks are those of the flattened heads, where the
+        GEMM's own quantization puts them)."""
+        w = self.o_proj[...]
+        block_fp8 = isinstance(w, Fp8Weight) and w.granularity == "block"
+        return o_quant == "attention" and block_fp8 and w.shape[-1] % 128 == 0
+
     def output(
-        self, o: Float[Array, "B T N H"], implementation: str | None = None
+        self,
+        o: Float[Array, "B T N H"] | QuantizedActivations,
+        implementation: str | None = None,
     ) -> Float[Array, "B T D"]:
         with jax.named_scope("o_proj"):
             return project(o, self.o_proj[...], "BTNH,DNH->BTD", implementation=implementation)

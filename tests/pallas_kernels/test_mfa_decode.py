@@ -35,7 +35,7 @@ import pytest
 
 from step3_jax.kernels.mfa_decode import TuningConfig, mfa_decode_attention, mfa_decode_reference
 from step3_jax.kernels.mfa_decode.api import combine_splits, lower_pallas_for_gpu
-from step3_jax.quant import dequantize_kv, quantize_kv
+from step3_jax.quant import dequantize_kv, quantize_activations, quantize_kv
 
 N, H = 64, 256
 
@@ -346,6 +346,36 @@ def test_forced_splits_gpu(splits):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page_size,v_transposed", [(None, False), (64, False), (None, True)])
+def test_fp8_out_gpu(page_size, v_transposed):
+    """``quantize_out`` through the kernel's epilogue (unsplit ring-epilogue grid) against
+    `quantize_activations` of the same config's bf16 output. The kernel quantizes its f32
+    output, the XLA form its bf16 rounding (relative 2^-9), so per element
+    |deq(kernel) - o_bf16| <= (2^-4 + 2^-9)(1 + 2^-8)|o_bf16| + 2^-10 s (e4m3: 3 mantissa
+    bits, subnormal step 2^-9 s) and the scales agree within 2^-8 relative."""
+    rng = np.random.default_rng(19)
+    case = make_case(19, [0, *rng.integers(1, 1025, 9).tolist()], 1024, fp8=True,
+                     page_size=page_size)  # fmt: skip
+    call = transpose_v(case) if v_transposed else case
+    kw = dict(implementation="pallas", v_transposed=v_transposed,
+              config=dataclasses.replace(V_CONVERT_MEMORY, num_splits=1))  # fmt: skip
+    plain = np.asarray(mfa_decode_attention(**call, **kw), np.float32)
+    q8 = mfa_decode_attention(**call, quantize_out=True, **kw)
+    b = plain.shape[0]
+    assert q8.values.dtype == jnp.float8_e4m3fn and q8.values.shape == (b, 1, N, H)
+    assert q8.scales.shape == (b, 1, N, 2)
+    _, want_scales = quantize_activations(jnp.asarray(plain, jnp.bfloat16))
+    scales = np.asarray(q8.scales)
+    np.testing.assert_allclose(scales, np.asarray(want_scales), rtol=2.0**-8, atol=1e-30)
+    deq = np.asarray(q8.dequantize(), np.float32)
+    s = np.repeat(scales, 128, axis=-1)
+    bound = (2.0**-4 + 2.0**-9) * (1 + 2.0**-8) * np.abs(plain) + 2.0**-10 * s
+    worst = float(np.max(np.abs(deq - plain) / bound))
+    assert worst <= 1.0, f"FP8 o error {worst:.3f} x its derived per-element bound"
+    assert not np.asarray(q8.values[0], np.float32).any(), "an empty sequence's o must be 0"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [None, 64])
 def test_longest_first_order_gpu(page_size):
     """More sequences than SMs (two waves), ragged lengths: the tuned default hands the CTAs
@@ -440,6 +470,47 @@ def test_gpu_lowering_on_cpu(fp8, t, paged, splits, wg_split, q_quant, fast):
         ),
     )
     assert "mosaic_gpu" in lowered.as_text()[:20000]
+
+
+@pytest.mark.parametrize("paged,v_convert", [(False, "memory"), (True, "compute")])
+def test_fp8_out_lowering_on_cpu(paged, v_convert):
+    """``quantize_out`` on an unsplit ring-epilogue grid: the kernel itself writes e4m3 o and
+    its [B, T, 2, 64] scales (a third output) and that lowers for CUDA on a CPU host."""
+    sd = jax.ShapeDtypeStruct
+    b, s_cap, page = 8, 1024, 128
+    kv_shape = (b * s_cap // page, page, H) if paged else (b, s_cap, H)
+    table = sd((b, s_cap // page), jnp.int32) if paged else None
+    config = TuningConfig(
+        num_stages=4, num_splits=1, wg_split="seq", q_quant="kernel", q_tma=True,
+        ring_epilogue=True, v_convert=v_convert,
+    )  # fmt: skip
+    lowered = lower_pallas_for_gpu(
+        sd((b, 1, N, H), jnp.bfloat16),
+        sd(kv_shape, jnp.float8_e4m3fn),
+        sd(kv_shape, jnp.float8_e4m3fn),
+        sd((b,), jnp.int32),
+        k_scale=sd(kv_shape[:2], jnp.float32),
+        v_scale=sd(kv_shape[:2], jnp.float32),
+        block_table=table,
+        config=config,
+        quantize_out=True,
+    )
+    outs = jax.tree.leaves(lowered.out_info)
+    assert [o.dtype for o in outs] == [jnp.float8_e4m3fn, jnp.float32, jnp.float32]
+    assert outs[0].shape == (b, 1, N, H) and outs[1].shape == (b, 1, 2, N)
+
+
+def test_quantize_out_xla_is_the_activation_format():
+    """Off the kernel (XLA, or a split grid) ``quantize_out`` is `quantize_activations` of
+    the bf16 output per head (scales [.., N, 2]): bitwise, T=1 squeezed like the output."""
+    case = make_case(11, [40, 64], 64, squeeze=True)
+    plain = mfa_decode_attention(**case, implementation="xla")
+    q8 = mfa_decode_attention(**case, implementation="xla", quantize_out=True)
+    values, scales = quantize_activations(plain)
+    assert q8.values.shape == (2, N, H) and q8.scales.shape == (2, N, 2)
+    assert q8.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(q8.values), np.asarray(values))
+    np.testing.assert_array_equal(np.asarray(q8.scales), np.asarray(scales))
 
 
 def test_default_sm_scale_is_inverse_sqrt_head_dim():

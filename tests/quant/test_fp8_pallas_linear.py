@@ -82,17 +82,27 @@ def test_pallas_form_matches_dequant_on_gpu(eqn, x_shape, w_shape, nc):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_hopper(), reason="Mosaic GPU kernel needs a Hopper GPU")
-def test_pallas_form_reads_quantized_activations_on_gpu():
-    """Pre-quantized activations (the AFD packet) go to the kernel as they are: against the
-    kernel on their bf16 dequantized value (quantized again inside), at most one more e4m3
-    rounding of each input (<= 2**-4 relative)."""
+@pytest.mark.parametrize(
+    "eqn,x_shape,w_shape,nc",
+    [
+        ("BTD,ND->BTN", (256, 1, 1024), (2560, 1024), 1),  # the AFD packet
+        ("BTNH,DNH->BTD", (256, 1, 8, 256), (1024, 8, 256), 2),  # o from the MFA epilogue
+    ],
+)
+def test_pallas_form_reads_quantized_activations_on_gpu(eqn, x_shape, w_shape, nc):
+    """Pre-quantized activations go to the kernel as they are (o_proj's: per head per 128
+    columns, the flattened K's blocks): against the kernel on their bf16 dequantized value
+    (quantized again inside), at most one more e4m3 rounding of each input (<= 2**-4
+    relative); and against the XLA form on that value."""
     from step3_jax import quant
 
-    x, q = _case(3, (256, 1, 1024), (2560, 1024), 1)
-    qa = quant.QuantizedActivations(*quant.quantize_activations(x), jnp.dtype(jnp.bfloat16))
-    got = np.asarray(q.project(qa, "BTD,ND->BTN", jnp.bfloat16, "pallas"), np.float32)
-    want = np.asarray(q.project(qa.dequantize(), "BTD,ND->BTN", jnp.bfloat16, "pallas"), np.float32)
+    x, q = _case(3, x_shape, w_shape, nc)
+    qa = quant.QuantizedActivations.quantize(x)
+    got = np.asarray(q.project(qa, eqn, jnp.bfloat16, "pallas"), np.float32)
+    want = np.asarray(q.project(qa.dequantize(), eqn, jnp.bfloat16, "pallas"), np.float32)
     assert np.linalg.norm(got - want) <= 2.0**-4 * np.linalg.norm(want)
+    xla = np.asarray(q.project(qa.dequantize(), eqn, jnp.bfloat16, "xla"), np.float32)
+    assert np.linalg.norm(got - xla) <= 2.0**-4 * np.linalg.norm(xla)
 
 
 def test_mfa_stored_fused_qkv_matches_separate_xla():

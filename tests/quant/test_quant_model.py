@@ -31,6 +31,7 @@ on the GPU until ``quant._cast_fp8`` rounded to the e4m3 grid in float32 before 
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import jax
@@ -374,3 +375,36 @@ def test_ffn_half_reads_quantized_activations(moe_impl, dtype):
             np.testing.assert_array_equal(got, want)
         else:
             assert np.linalg.norm(got - want) <= 2.0**-4 * np.linalg.norm(want)
+
+
+def test_o_quant_attention_hands_o_proj_fp8_o():
+    """``KernelPolicy(o_quant="attention")``: the layer asks the cache for o already FP8
+    (`QuantizedActivations`, per head per 128 columns) where o_proj is block-FP8 over heads
+    a multiple of 128 wide, and not otherwise. The XLA forms quantize o per 128 columns
+    whichever side does it (a float32 model's GEMM dequantizes the FP8 o and quantizes it
+    again: the same value up to a scale rounding), so the logits agree with "gemm" to f32
+    rounding."""
+    cfg = dataclasses.replace(Step3Config.tiny(), head_dim=128)
+    kw = dict(dtype=jnp.float32, param_dtype=jnp.float32)
+    float_model = Step3Model(cfg, rngs=nnx.Rngs(5), **kw)
+    assert not float_model.layers[0].self_attn.quantizes_o("attention")  # float o_proj
+    model = quantize_model(float_model, "fp8")
+    tokens = _tokens(cfg, seed=6)
+    layer = model.layers[0]
+    assert layer.self_attn.quantizes_o("attention")
+    assert not layer.self_attn.quantizes_o("gemm") and not layer.self_attn.quantizes_o(None)
+    tiny = quantize_model(_tiny_model(5), "fp8")  # 32-wide heads: the blocks would differ
+    assert not tiny.layers[0].self_attn.quantizes_o("attention")
+    cache = KVCache.for_config(cfg, 2, 32, jnp.float32)
+    q = jnp.ones((2, 1, cfg.num_heads, cfg.head_dim), jnp.float32)
+    pos = jnp.zeros((2, 1), jnp.int32)
+    for o_quant, kind in (("attention", quant.QuantizedActivations), (None, jax.Array)):
+        policy = KernelPolicy(attention="xla", gemm="xla", moe="dense", o_quant=o_quant)
+        assert isinstance(layer.attend(cache, 0, q, pos, policy), kind)
+    logits = {}
+    for o_quant in ("attention", "gemm"):
+        model.policy = KernelPolicy(attention="xla", gemm="xla", moe="dense", o_quant=o_quant)
+        logits[o_quant] = _cached_logits(model, tokens, Precision("fp8"))
+    np.testing.assert_allclose(logits["attention"], logits["gemm"], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="KernelPolicy.o_quant"):
+        KernelPolicy(o_quant="kernel")
