@@ -144,21 +144,22 @@ class ArenaKVCache:
             if self.v_transposed:
                 views[1] = v_from_tiles(views[1])
             return attend_cache(q, *views, positions, "xla", quantize_out=quantize_out)
-        pools, offsets = [], []
-        for name in CACHE_REGIONS:
+        pools, base, stride = [], np.zeros(4, np.int32), np.zeros(4, np.int32)
+        for i, name in enumerate(CACHE_REGIONS):
             reg = regs.get(name)
             if reg is None:
                 pools.append(None)
-                offsets.append(0)
                 continue
             page = self._page_shape(name, reg)
             nk = int(np.prod(page))  # the region's offset and stride are multiples of it
             pools.append(self.arenas[reg.dtype].reshape(-1, *page))
-            offsets.append(reg.offset // nk + self.item * (reg.stride // nk))
+            base[i], stride[i] = reg.offset // nk, reg.stride // nk
         s_len = regs["cache_k"].shape[1]
         per_seq = s_len // V_TILE if self.v_transposed else 1
         table = jnp.arange(self.microbatch * per_seq, dtype=jnp.int32).reshape(-1, per_seq)
-        page_offsets = jnp.stack([jnp.asarray(o, jnp.int32) for o in offsets])
+        # One [4] expression of the (traced) item: a stack of four scalars was three small
+        # kernels a layer in the attention role's trace.
+        page_offsets = base + jnp.asarray(self.item, jnp.int32) * stride
         return attend_cache(
             q, *pools, positions, implementation, self.v_transposed, quantize_out=quantize_out,
             block_table=table, page_offsets=page_offsets,
