@@ -472,13 +472,18 @@ def test_gpu_lowering_on_cpu(fp8, t, paged, splits, wg_split, q_quant, fast):
     assert "mosaic_gpu" in lowered.as_text()[:20000]
 
 
-@pytest.mark.parametrize("paged,v_convert", [(False, "memory"), (True, "compute")])
-def test_fp8_out_lowering_on_cpu(paged, v_convert):
+@pytest.mark.parametrize(
+    "paged,v_convert,v_transposed",
+    [(False, "memory", False), (True, "compute", False), (False, "memory", True)],
+)
+def test_fp8_out_lowering_on_cpu(paged, v_convert, v_transposed):
     """``quantize_out`` on an unsplit ring-epilogue grid: the kernel itself writes e4m3 o and
-    its [B, T, 2, 64] scales (a third output) and that lowers for CUDA on a CPU host."""
+    its [B, T, 2, 64] scales (a third output) and that lowers for CUDA on a CPU host (the
+    FP8 P.V form of a transposed V cache too)."""
     sd = jax.ShapeDtypeStruct
     b, s_cap, page = 8, 1024, 128
     kv_shape = (b * s_cap // page, page, H) if paged else (b, s_cap, H)
+    v_shape = (b, H, s_cap) if v_transposed else kv_shape
     table = sd((b, s_cap // page), jnp.int32) if paged else None
     config = TuningConfig(
         num_stages=4, num_splits=1, wg_split="seq", q_quant="kernel", q_tma=True,
@@ -487,13 +492,14 @@ def test_fp8_out_lowering_on_cpu(paged, v_convert):
     lowered = lower_pallas_for_gpu(
         sd((b, 1, N, H), jnp.bfloat16),
         sd(kv_shape, jnp.float8_e4m3fn),
-        sd(kv_shape, jnp.float8_e4m3fn),
+        sd(v_shape, jnp.float8_e4m3fn),
         sd((b,), jnp.int32),
         k_scale=sd(kv_shape[:2], jnp.float32),
         v_scale=sd(kv_shape[:2], jnp.float32),
         block_table=table,
         config=config,
         quantize_out=True,
+        v_transposed=v_transposed,
     )
     outs = jax.tree.leaves(lowered.out_info)
     assert [o.dtype for o in outs] == [jnp.float8_e4m3fn, jnp.float32, jnp.float32]
