@@ -63,7 +63,7 @@ def attend_cache(
             q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, implementation=impl,
             v_transposed=v_transposed, quantize_out=quantize_out, **paged,
         )  # fmt: skip
-        return out if quantize_out else out.astype(q.dtype)
+        return out.astype(q.dtype)  # (`QuantizedActivations.astype`: the dtype it stands for)
     v = jnp.swapaxes(v, -1, -2) if v_transposed else v
     if k_scale is None:
         kd, vd = k.astype(q.dtype), v.astype(q.dtype)

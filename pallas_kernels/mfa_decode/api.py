@@ -147,7 +147,9 @@ def mfa_decode_attention(
 
 
 def _finish(out, lse, squeeze: bool, quantize_out: bool, return_lse: bool):
-    """The caller's output form: `_quantized_heads` if asked, T dropped for a [B, N, H] q."""
+    """The caller's output form: `QuantizedActivations` with ``quantize_out`` (the kernel's
+    FP8 values and scales as they are, else the bf16 output quantized), T dropped for a
+    [B, N, H] q."""
     if isinstance(out, tuple):  # the kernel's FP8 values and [B, T, 2, N] scales
         out = QuantizedActivations(out[0], jnp.swapaxes(out[1], -1, -2), jnp.dtype(jnp.bfloat16))
     elif quantize_out:
@@ -255,7 +257,8 @@ def _kernel_shape(
     quantize_out=False,
 ):  # fmt: skip
     """Static KernelShape for these (possibly abstract) inputs; validates the config.
-    ``quantize_out``: the epilogue writes FP8 where the grid allows it (`_out_dtype`)."""
+    ``quantize_out``: the epilogue writes FP8 where the grid allows it (unsplit, with the
+    ring epilogue); elsewhere the output stays bf16 / f32 partials."""
     from step3_jax.kernels.mfa_decode import mosaic_gpu  # GPU-only imports stay off the xla path
 
     b, t, n, h = q.shape

@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, Int
 from step3_jax.layers.linear import init_weight, project
 from step3_jax.layers.norms import RMSNorm
 from step3_jax.layers.rope import RopeScaling, apply_rope
-from step3_jax.quant import QuantizedActivations
+from step3_jax.quant import BLOCK, QuantizedActivations
 from step3_jax.quant_model import Fp8Weight, concat_rows, split_rows
 
 _NEG_INF = -1e30  # finite "minus infinity": exp() underflows to 0 without inf - inf = NaN
@@ -185,7 +185,7 @@ class MFAttention(nnx.Module):
         GEMM's own quantization puts them)."""
         w = self.o_proj[...]
         block_fp8 = isinstance(w, Fp8Weight) and w.granularity == "block"
-        return o_quant == "attention" and block_fp8 and w.shape[-1] % 128 == 0
+        return o_quant == "attention" and block_fp8 and w.shape[-1] % BLOCK == 0
 
     def output(
         self,
