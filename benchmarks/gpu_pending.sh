@@ -87,23 +87,24 @@
 #   HLO op and scope; the attention role program's optimized HLO (its quantization kernels).
 # call 16 (issues 13 and 16, any Hopper): the FP8 linear GPU tests and the grouped kernel with
 #   128-row warpgroup tiles (correctness), the MFA kernel's FP8 o epilogue and o_proj reading
-#   it (correctness), the 61-layer attention role with o quantized by the GEMM (the default)
-#   and by the MFA epilogue (`--o-quant attention`, predicted -11 us a layer), and the FFN role
-#   at 256 and 512 tokens (against call 13's 730 / 804 us a layer; predicted -2 us a layer
-#   from the dense GEMMs' tile tables as host constants). The attention role is NOT
-#   comparable with call 14's 25.57 ms: it now keeps the router and the packet, which XLA
-#   deleted before (predicted +5 to +10 us a layer), against -2.3 us (tile tables) and -3 to
-#   -5 us (the KV write as 2 scatters, not 4).
+#   it (correctness), and the 61-layer attention role with o quantized by the GEMM (the
+#   default) and by the MFA epilogue (`--o-quant attention`, predicted -11 us a layer). The
+#   attention role is NOT comparable with call 14's 25.57 ms: it now keeps the router and the
+#   packet, which XLA deleted before (predicted +5 to +10 us a layer), against -2.3 us (tile
+#   tables), -3 to -5 us (the KV write as 2 scatters, not 4) and ~-3 us (the page offsets as
+#   one expression). Sized to fit a call started with ~8 minutes of device time left.
 # call 17 (issues 13 and 16, any Hopper): the dense FP8 GEMMs of the attention half and of the
 #   FFN device's shared-expert slice (fused gate/up SwiGLU, down) at M = 256 and 512 with
 #   128-row warpgroup tiles (256 x 128 and 128 x 256 CTAs) against the current picks
 #   (predicted: o_proj at M = 256 65 -> ~55 us if the SMEM fill, not the wgmma, is the limit;
-#   the shared gate/up, 64 x 64 tiles now, reads its x tile 28 times), the 61-layer attention role by scope with command buffers off (what the router
-#   and the packet cost now that they run), and the 728 px vision tower (issue 18) with q/k/v
+#   the shared gate/up, 64 x 64 tiles now, reads its x tile 28 times), the 728 px vision
+#   tower (issue 18) with q/k/v
 #   as three GEMMs over the fused weight's row blocks (against call 11's 55.7 ms; predicted
 #   -1.5 ms: the three strided q/k/v copies, 29 us a layer, go; the GEMMs may lose a little),
-#   and the 512-token FFN role traced on 8 layers (24 traced layers overflowed the profiler's
-#   activity buffer in call 15).
+#   the FFN role at 256 and 512 tokens (against call 13's 730 / 804 us a layer; predicted -2
+#   us a layer from the dense GEMMs' tile tables as host constants), and the 512-token FFN
+#   role traced on 8 layers (24 traced layers overflowed the profiler's activity buffer in
+#   call 15).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -242,10 +243,9 @@ case "$CALL" in
     G=tests/pallas_kernels/test_grouped_gemm.py  # expanded here: the runner's shell has no G
     M=tests/pallas_kernels/test_mfa_decode.py
     $RUN -t 40 "$OUT_DIR/call16" \
-      "@150 $GPU_TESTS tests/quant/test_fp8_pallas_linear.py $G::test_wide_row_tiles_fp8 $M::test_fp8_out_gpu" \
+      "@120 $GPU_TESTS tests/quant/test_fp8_pallas_linear.py $G::test_wide_row_tiles_fp8 $M::test_fp8_out_gpu" \
       "@60 $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61.json" \
-      "@60 $ROLE --runs 1x256 --role attention --full --o-quant attention --out \$OUT/attention61_oquant.json" \
-      "@70 $ROLE --runs 1x256,1x512 --role ffn --layers 24 --out \$OUT/ffn24.json"
+      "@60 $ROLE --runs 1x256 --role attention --full --o-quant attention --out \$OUT/attention61_oquant.json"
     ;;
   17)
     ROLE="$AFD_ROLE --trace"
@@ -253,7 +253,7 @@ case "$CALL" in
     VISION="python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8"
     $RUN -t 40 "$OUT_DIR/call17" \
       "@200 python3 benchmarks/bench_dense_fp8.py --m 256,512 --shapes o_proj,wq,qkv_proj,shared_gate_up,shared_down --configs $WIDE --out \$OUT/dense_wide.json" \
-      "@50 $NOCB $ROLE --runs 1x256 --role attention --full --out \$OUT/attention61_nocmdbuf.json" \
+      "@70 $AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24 --out \$OUT/ffn24.json" \
       "@50 $NOCB $AFD_ROLE --runs 1x512 --role ffn --layers 8 --trace --out \$OUT/ffn8_b512_nocmdbuf.json" \
       "@90 $VISION --trace --out \$OUT/vision_728_split_qkv.json"
     ;;
