@@ -98,9 +98,9 @@
 #   128-row warpgroup tiles (256 x 128 and 128 x 256 CTAs) against the current picks
 #   (predicted: o_proj at M = 256 65 -> ~55 us if the SMEM fill, not the wgmma, is the limit;
 #   the shared gate/up, 64 x 64 tiles now, reads its x tile 28 times), the 728 px vision
-#   tower (issue 18) with q/k/v
-#   as three GEMMs over the fused weight's row blocks (against call 11's 55.7 ms; predicted
-#   -1.5 ms: the three strided q/k/v copies, 29 us a layer, go; the GEMMs may lose a little),
+#   tower (issue 18) with q/k/v as three GEMMs over the fused weight's row blocks (against
+#   call 11's 55.7 ms; predicted -1.5 ms: the three strided q/k/v copies, 29 us a layer, go;
+#   the GEMMs may lose a little),
 #   the FFN role at 256 and 512 tokens (against call 13's 730 / 804 us a layer; predicted -2
 #   us a layer from the dense GEMMs' tile tables as host constants), and the 512-token FFN
 #   role traced on 8 layers (24 traced layers overflowed the profiler's activity buffer in
