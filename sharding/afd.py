@@ -512,21 +512,18 @@ class AfdExecutor:
                 x_mid, packet, result = lax.switch(index, [fns[n] for n in names])
             if do_x:
                 got, total = self._exchange(packet, result, dev, rounds, src, dst)
-                if do_a:
-                    inbox = jax.tree.map(lambda b, g: b.at[a_m].set(g), inbox, got)
-                upd = x_mid[f_m] + total.reshape(bm, t, d).astype(self.act_dtype)
-                x = x.at[f_m].set(upd)
             else:  # stage timing: no exchange. The messages stay on the device and are used
                 # as the step uses them (or XLA deletes the work that makes them: the router,
                 # the packet): the packet goes where a receive puts it, the partials are
                 # summed into the residual.
-                if do_a:
-                    got = jax.tree.map(
-                        lambda v: jnp.broadcast_to(v, (lay.num_attention, *v.shape)), packet
-                    )
-                    inbox = jax.tree.map(lambda b, g: b.at[a_m].set(g), inbox, got)
-                total = jnp.sum(result.astype(jnp.float32), axis=0).reshape(bm, t, d)
-                x = x.at[f_m].set(x_mid[f_m] + total.astype(self.act_dtype))
+                got = jax.tree.map(
+                    lambda v: jnp.broadcast_to(v, (lay.num_attention, *v.shape)), packet
+                )
+                total = jnp.sum(result.astype(jnp.float32), axis=0)
+            if do_a:
+                inbox = jax.tree.map(lambda b, g: b.at[a_m].set(g), inbox, got)
+            upd = x_mid[f_m] + total.reshape(bm, t, d).astype(self.act_dtype)
+            x = x.at[f_m].set(upd)
             return (arenas, x, x_mid, inbox), None
 
         carry = (arenas, x, jnp.zeros_like(x), inbox)

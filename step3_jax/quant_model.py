@@ -496,6 +496,16 @@ def concat_rows(
     return Fp8Weight(values, scales, 1, w0.granularity)
 
 
+def _scale_rows(w) -> int:
+    """Weight rows per scale row: 128 for block scales, 1 per channel or for a plain array."""
+    return quant.BLOCK if isinstance(w, Fp8Weight) and w.granularity == "block" else 1
+
+
+def rows_split_exactly(w: Float[Array, "M K"] | Fp8Weight, sizes: Sequence[int]) -> bool:
+    """Whether `split_rows` can cut ``w`` into ``sizes``: no cut inside a scale block."""
+    return not any(o % _scale_rows(w) for o in _row_offsets(sizes)[1:-1])
+
+
 def split_rows(w: Float[Array, "M K"] | Fp8Weight, sizes: Sequence[int]) -> tuple:
     """The inverse of `concat_rows`: ``w [sum(sizes), K]`` cut into ``[sizes[i], K]`` parts
     (bitwise; an `Fp8Weight` is cut along its values and its scale rows)."""
@@ -509,8 +519,8 @@ def split_rows(w: Float[Array, "M K"] | Fp8Weight, sizes: Sequence[int]) -> tupl
         return tuple(w[a:b] for a, b in zip(offs[:-1], offs[1:], strict=True))
     if w.num_contract != 1 or w.num_batch:
         raise ValueError(f"split_rows: Fp8Weight needs num_contract=1 and no batch axis, got {w}")
-    blk = quant.BLOCK if w.granularity == "block" else 1  # scale rows per weight row
-    if any(o % blk for o in offs[1:-1]):
+    blk = _scale_rows(w)
+    if not rows_split_exactly(w, sizes):
         raise ValueError(
             f"split_rows: cuts at rows {offs[1:-1]} are not multiples of {blk}: a block-FP8 "
             "scale block would be shared by two parts"

@@ -208,13 +208,16 @@ def _resolve_config(
     num_sms=None,
     v_transposed=False,
     num_seqs=None,
+    quantize_out=False,
 ):
     """Config for this call: tuned table (fitted to smem; the ragged work list where
     `config.use_ragged_work_list` says it pays) or the caller's (validated);
     ``v_transposed``: its FP8 P.V form (`TuningConfig.for_transposed_v`). ``num_seqs``: the
     batch B (``num_ctas`` is B * T), default ``num_ctas``.
 
-    Returns (config, num_splits, partial dtype). num_splits: the config's, else
+    Returns (config, num_splits, output dtype). The output dtype is bf16 on an unsplit grid,
+    float8_e4m3fn there with ``quantize_out`` and the ring epilogue (the epilogue writes the
+    o_proj's FP8 input), float32 partials otherwise. num_splits: the config's, else
     ``config.choose_num_splits`` (the cost model where this device family's ``SPLIT_COSTS`` are
     fitted, the measured min-tokens rule elsewhere);
     1 with ``config.ragged`` (the work list replaces the split grid; partials stay f32).
@@ -246,6 +249,8 @@ def _resolve_config(
             num_ctas, max_len, config.block_s, _num_sms(num_sms), costs
         )
     out_dtype = jnp.float32 if splits > 1 or config.ragged else jnp.bfloat16
+    if quantize_out and out_dtype == jnp.bfloat16 and config.ring_epilogue:
+        out_dtype = FP8
     config.validate_smem(kv_dtype, out_dtype, v_transposed)
     if page_size is not None and page_size % config.block_s:
         raise ValueError(f"page_size={page_size} must be a multiple of block_s={config.block_s}")
@@ -268,10 +273,9 @@ def _kernel_shape(
     page_size = k.shape[1] if paged else None
     max_len = block_table.shape[1] * page_size if paged else k.shape[1]
     config, splits, out_dtype = _resolve_config(
-        config, k.dtype, b * t, max_len, page_size, num_sms, v_transposed, num_seqs=b
-    )
-    if quantize_out and out_dtype == jnp.bfloat16 and config.ring_epilogue:
-        out_dtype = FP8  # the unsplit ring epilogue writes the o_proj's FP8 input itself
+        config, k.dtype, b * t, max_len, page_size, num_sms, v_transposed, num_seqs=b,
+        quantize_out=quantize_out,
+    )  # fmt: skip
     if not paged and max_len % config.block_s:
         raise ValueError(f"cache length S={max_len} must be a multiple of block_s={config.block_s}")
     return mosaic_gpu.KernelShape(

@@ -29,8 +29,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from step3_jax.layers.linear import init_weight, project
-from step3_jax.quant import BLOCK
-from step3_jax.quant_model import Fp8Weight, split_rows
+from step3_jax.quant_model import rows_split_exactly, split_rows
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
@@ -86,9 +85,8 @@ class Linear(nnx.Module):
         tower's q/k/v: 29 us a layer at 728 px on an H100, docs/LOG.md). A block-FP8 weight
         whose cuts are not multiples of its 128-row scale blocks runs the one GEMM and the
         split instead."""
-        w, offsets = self.weight[...], np.cumsum([0, *sizes])
-        cuts = [int(o) for o in offsets[1:-1]]
-        if isinstance(w, Fp8Weight) and w.granularity == "block" and any(c % BLOCK for c in cuts):
+        w, cuts = self.weight[...], np.cumsum(sizes)[:-1].tolist()
+        if not rows_split_exactly(w, sizes):
             return tuple(jnp.split(self(x, gemm), cuts, axis=-1))
         biases = [None] * len(sizes) if self.bias is None else jnp.split(self.bias[...], cuts)
         return tuple(
