@@ -177,8 +177,11 @@ def attention_role_bytes(ex: AfdExecutor, positions: np.ndarray) -> int:
     once = ("embed_tokens", "lm_head", "norm.weight")
     cache = [n for n in regs if n.startswith("cache_")]
     weights = sum(r.nbytes for n, r in regs.items() if n not in once and n not in cache)
+    # Bytes per cached token from each region's whole item (K is [Bm, S, H]; a transposed V
+    # is stored [Bm, S / 64, H, 64], so its trailing dims are not one token's).
+    slots = regs["cache_k"].shape[0] * regs["cache_k"].shape[1]
     per_token = sum(
-        np.dtype(regs[n].dtype).itemsize * int(np.prod(regs[n].shape[2:])) for n in cache
+        np.dtype(regs[n].dtype).itemsize * int(np.prod(regs[n].shape)) // slots for n in cache
     )
     kv = int(np.sum(positions.astype(np.int64) + 1)) * c.num_layers * per_token
     embed = positions.size * c.hidden_size * np.dtype(regs["embed_tokens"].dtype).itemsize
@@ -244,7 +247,9 @@ def ffn_role_flops(ex: AfdExecutor, tokens_per_tick: int) -> int:
 def run_role(args, cfg, layout, device, role: str, num_mb: int, microbatch: int) -> dict:
     dtypes, afd = _afd_config(args, num_mb, microbatch)
     ex = AfdExecutor(cfg, layout, [device], afd, dtypes=dtypes, role=role)
+    mem_before = harness.memory_gib(device)  # held by an earlier run in this process?
     ex.load_random(seed=1)
+    mem_filled = harness.memory_gib(device)
     tokens, pos, sel = _inputs(ex.batch, args.context)
     if role == "attention":
         nbytes, flops = attention_role_bytes(ex, pos), attention_role_flops(ex, pos)
@@ -268,6 +273,11 @@ def run_role(args, cfg, layout, device, role: str, num_mb: int, microbatch: int)
         cache=args.cache,
         v_transposed=args.v_transposed,
         arena_gib=ex.arena.bytes_per_device() / 2**30,
+        memory_gib={
+            "before": mem_before,
+            "filled": mem_filled,
+            "timed": harness.memory_gib(device),
+        },
     )
     out = row.to_dict()
     out["us_per_layer_item"] = out["time_us"] / (cfg.num_layers * num_mb)

@@ -16,7 +16,10 @@ ratio against the 316B text model (the text prefill itself does not fit one GPU)
 As the model runs it: the layers see the tokens padded to a multiple of ``--token-multiple``
 (8; padded keys masked; FLOPs count the real tokens only), and on a GPU every JAX call compiles
 with `step3_jax.policy.GPU_COMPILER_OPTIONS` (cuBLAS GEMMs; ``--triton-gemm``: XLA's defaults).
-The last stdout line is the JSON result.
+JAX calls are timed with the project's harness (`benchmarks/harness.time_calls`): ``*_ms`` is
+the GPU device time (CUPTI, the sum of the call's kernels; the host loop elsewhere) and
+``*_host_ms`` the wall time of one blocked call beside it; the torch twin's ``torch_bf16_ms`` is
+its CUDA-event span. The last stdout line is the JSON result.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
@@ -107,17 +109,6 @@ def build(c: Step3VisionConfig, seed: int = 0) -> Step3VisionModel:
     return nnx.merge(graphdef, state)
 
 
-def time_fn(fn, args, iters: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def jitted(model, pixels, options=None):
     """The tower as one jitted call (XLA ``options``) and its arguments. The graphdef is closed
     over, not a static argument: hashing the real-size one costs ms per call on the host."""
@@ -127,9 +118,11 @@ def jitted(model, pixels, options=None):
 
 
 def run_jax(model, pixels, iters, options=None):
+    """(`harness.Timing` of one tower call: GPU device time with the host time beside it,
+    the output)."""
     fn, args = jitted(model, pixels, options)
-    times = time_fn(fn, args, iters)
-    return statistics.median(times), fn(*args)
+    timing = harness.time_calls(fn, [args], reps=iters, warmup=2)
+    return timing, fn(*args)
 
 
 def torch_reference(model: Step3VisionModel, pixels, iters: int):
@@ -263,20 +256,20 @@ def bf16_runs(model, pixels, iters: int, res: dict, record, options):
     """JAX bf16 with the default attention (cuDNN on a GPU; XLA if that fails), then XLA
     attention beside it; keeps the faster for what follows. Returns the first output."""
     try:
-        secs, out = run_jax(model, pixels, iters, options)
+        timing, out = run_jax(model, pixels, iters, options)
     except Exception as e:  # noqa: BLE001 - e.g. no cuDNN attention for this shape: use XLA's
         if model.attention_implementation == "xla":
             raise
         res["cudnn_attention_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         model.attention_implementation = res["attention_implementation"] = "xla"
-        secs, out = run_jax(model, pixels, iters, options)
-    record("jax_bf16", secs)
+        timing, out = run_jax(model, pixels, iters, options)
+    record("jax_bf16", timing.time_us / 1e6, timing)
     if model.attention_implementation != "xla":
         model.attention_implementation = "xla"
-        xla_secs, out_xla = run_jax(model, pixels, iters, options)
-        record("jax_bf16_xla_attention", xla_secs)
+        xla_timing, out_xla = run_jax(model, pixels, iters, options)
+        record("jax_bf16_xla_attention", xla_timing.time_us / 1e6, xla_timing)
         res["xla_vs_cudnn_attention_cosine"] = round(cosine(out_xla, out), 6)
-        if xla_secs > secs:
+        if xla_timing.time_us > timing.time_us:
             model.attention_implementation = res["attention_implementation"]
     return out
 
@@ -309,9 +302,14 @@ def main():
     pixels = pixels.astype(jnp.bfloat16)
     res = header(c, args, model, fl, peak)
     res["compiler_options"] = options
+    res["timer_note"] = harness.TIMER_NOTE
 
-    def record(name, secs):
+    def record(name, secs, timing=None):
+        """``timing`` (JAX runs): ``secs`` is its device time; the host's beside it."""
         res[f"{name}_ms"] = round(secs * 1e3, 3)
+        if timing is not None:
+            res[f"{name}_timer"] = timing.timer
+            res[f"{name}_host_ms"] = round(timing.host_us / 1e3, 3)
         res[f"{name}_tflops"] = float(f"{total / secs / 1e12:.4g}")
         if peak:
             res[f"{name}_pct_bf16_peak"] = round(100 * total / secs / peak, 1)
@@ -326,8 +324,8 @@ def main():
         model.policy = KernelPolicy(gemm=None if args.fp8_gemm == "auto" else args.fp8_gemm)
         res["fp8_linears"] = quantize_linears(model)
         res["fp8_gemm"] = args.fp8_gemm
-        secs, out_fp8 = run_jax(model, pixels, args.iters, options)
-        record("jax_fp8", secs)
+        timing, out_fp8 = run_jax(model, pixels, args.iters, options)
+        record("jax_fp8", timing.time_us / 1e6, timing)
         res["fp8_vs_bf16_cosine"] = round(cosine(out_fp8, out_bf16), 6)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

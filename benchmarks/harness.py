@@ -495,6 +495,16 @@ def environment() -> dict:
     }
 
 
+def memory_gib(device=None) -> dict | None:
+    """The device allocator's bytes in use and its peak, in GiB (None where the backend
+    keeps no statistics, e.g. the CPU): which of two runs in one process still holds memory."""
+    stats = (device or jax.devices()[0]).memory_stats()
+    if not stats:
+        return None
+    return {k: round(stats[k] / 2**30, 3) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
+            if k in stats}  # fmt: skip
+
+
 def results(bench: str, rows: Sequence[Row | dict], *, copy: bool = True, **extra) -> dict:
     """The results document: provenance, the copy probe (``copy=False``: none), rows, extras."""
     doc: dict[str, Any] = {"schema": SCHEMA, "bench": bench, **environment()}

@@ -10,6 +10,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -230,3 +231,26 @@ def test_op_scope_reads_the_hlo_op_back_to_the_model_scope():
     assert harness.op_scope(Event([("hlo_op", fusion)])) == fusion  # no HLO given
     assert harness.op_scope(Event([])) == "?"  # e.g. a memcpy
     assert harness.op_scope(object()) == "?"
+
+
+def test_attention_role_bytes_do_not_depend_on_the_v_layout():
+    """The attention role's byte count reads each cache region per token: a transposed V cache
+    ([Bm, S/64, H, 64] items) moves the same bytes as the token-major one, K and V e4m3 rows
+    of head_dim bytes plus one f32 scale each per token per layer (the H200 run of commit
+    a149518 counted 64x the V bytes from the trailing dims)."""
+    from benchmarks import bench_afd
+    from step3_jax.sharding.afd import AfdConfig, AfdExecutor
+    from step3_jax.sharding.layout import AfdLayout, ArenaDtypes
+
+    cfg = bench_afd.bench_config(2, tiny=True)
+    layout = AfdLayout.parse("1A1F")
+    pos = np.array([[5], [63]], np.int32)
+    got = []
+    for v_t in (False, True):
+        dtypes = ArenaDtypes(weight="float8_e4m3fn", cache="float8_e4m3fn", v_transposed=v_t)
+        ex = AfdExecutor(cfg, layout, jax.devices()[:1], AfdConfig(2, 1, 128), dtypes=dtypes,
+                         role="attention")  # fmt: skip
+        got.append(bench_afd.attention_role_bytes(ex, pos))
+        kv = bench_afd.attention_role_bytes(ex, pos) - bench_afd.attention_role_bytes(ex, 0 * pos)
+    assert got[0] == got[1]
+    assert kv == (5 + 63) * cfg.num_layers * 2 * (cfg.head_dim + 4)

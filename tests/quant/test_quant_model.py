@@ -378,7 +378,7 @@ def test_ffn_half_reads_quantized_activations(moe_impl, dtype):
 
 
 def test_o_quant_attention_hands_o_proj_fp8_o():
-    """``KernelPolicy(o_quant="attention")``: the layer asks the cache for o already FP8
+    """``KernelPolicy(o_quant="attention")`` (and None, the default): the layer asks the cache for o already FP8
     (`QuantizedActivations`, per head per 128 columns) where o_proj is block-FP8 over heads
     a multiple of 128 wide, and not otherwise. The XLA forms quantize o per 128 columns
     whichever side does it (a float32 model's GEMM dequantizes the FP8 o and quantizes it
@@ -391,14 +391,18 @@ def test_o_quant_attention_hands_o_proj_fp8_o():
     model = quantize_model(float_model, "fp8")
     tokens = _tokens(cfg, seed=6)
     layer = model.layers[0]
-    assert layer.self_attn.quantizes_o("attention")
-    assert not layer.self_attn.quantizes_o("gemm") and not layer.self_attn.quantizes_o(None)
+    assert layer.self_attn.quantizes_o("attention") and layer.self_attn.quantizes_o(None)
+    assert not layer.self_attn.quantizes_o("gemm")
     tiny = quantize_model(_tiny_model(5), "fp8")  # 32-wide heads: the blocks would differ
     assert not tiny.layers[0].self_attn.quantizes_o("attention")
     cache = KVCache.for_config(cfg, 2, 32, jnp.float32)
     q = jnp.ones((2, 1, cfg.num_heads, cfg.head_dim), jnp.float32)
     pos = jnp.zeros((2, 1), jnp.int32)
-    for o_quant, kind in (("attention", quant.QuantizedActivations), (None, jax.Array)):
+    for o_quant, kind in (
+        ("attention", quant.QuantizedActivations),
+        (None, quant.QuantizedActivations),
+        ("gemm", jax.Array),
+    ):
         policy = KernelPolicy(attention="xla", gemm="xla", moe="dense", o_quant=o_quant)
         assert isinstance(layer.attend(cache, 0, q, pos, policy), kind)
     logits = {}
