@@ -51,6 +51,7 @@ from step3_jax.vision.encoder import (  # noqa: E402
     quantize_linears,
 )
 from step3_jax.vision.layers import padded_length  # noqa: E402
+from step3_jax.vision.model import tower_program  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s; FP8 is twice these on Hopper.
 BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "H100 PCIe": 756.0e12}
@@ -109,18 +110,17 @@ def build(c: Step3VisionConfig, seed: int = 0) -> Step3VisionModel:
     return nnx.merge(graphdef, state)
 
 
-def jitted(model, pixels, options=None):
-    """The tower as one jitted call (XLA ``options``) and its arguments. The graphdef is closed
-    over, not a static argument: hashing the real-size one costs ms per call on the host."""
-    graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), compiler_options=options)
-    return fn, (state, pixels)
+def jitted(model, pixels, gpu_options: bool):
+    """The tower as the model runs it (`step3_jax.vision.model.tower_program`: one jitted call
+    taking the module as a pytree; ``gpu_options``: compiled with the project's GPU options)
+    and its arguments."""
+    return tower_program(gpu_options), (model, pixels)
 
 
-def run_jax(model, pixels, iters, options=None):
+def run_jax(model, pixels, iters, gpu_options: bool):
     """(`harness.Timing` of one tower call: GPU device time with the host time beside it,
     the output)."""
-    fn, args = jitted(model, pixels, options)
+    fn, args = jitted(model, pixels, gpu_options)
     timing = harness.time_calls(fn, [args], reps=iters, warmup=2)
     return timing, fn(*args)
 
@@ -252,21 +252,21 @@ def header(c: Step3VisionConfig, args, model, fl: dict, peak) -> dict:
     }
 
 
-def bf16_runs(model, pixels, iters: int, res: dict, record, options):
+def bf16_runs(model, pixels, iters: int, res: dict, record, gpu_options: bool):
     """JAX bf16 with the default attention (cuDNN on a GPU; XLA if that fails), then XLA
     attention beside it; keeps the faster for what follows. Returns the first output."""
     try:
-        timing, out = run_jax(model, pixels, iters, options)
+        timing, out = run_jax(model, pixels, iters, gpu_options)
     except Exception as e:  # noqa: BLE001 - e.g. no cuDNN attention for this shape: use XLA's
         if model.attention_implementation == "xla":
             raise
         res["cudnn_attention_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         model.attention_implementation = res["attention_implementation"] = "xla"
-        timing, out = run_jax(model, pixels, iters, options)
+        timing, out = run_jax(model, pixels, iters, gpu_options)
     record("jax_bf16", timing.time_us / 1e6, timing)
     if model.attention_implementation != "xla":
         model.attention_implementation = "xla"
-        xla_timing, out_xla = run_jax(model, pixels, iters, options)
+        xla_timing, out_xla = run_jax(model, pixels, iters, gpu_options)
         record("jax_bf16_xla_attention", xla_timing.time_us / 1e6, xla_timing)
         res["xla_vs_cudnn_attention_cosine"] = round(cosine(out_xla, out), 6)
         if xla_timing.time_us > timing.time_us:
@@ -297,7 +297,8 @@ def main():
     total = sum(fl.values()) * args.images
     model = build(c)
     model.token_multiple = args.token_multiple
-    options = compiler_options(jax.default_backend() == "gpu" and not args.triton_gemm)
+    gpu_options = jax.default_backend() == "gpu" and not args.triton_gemm
+    options = compiler_options(gpu_options)
     pixels = jax.random.normal(jax.random.key(1), (args.images, 3, args.size, args.size))
     pixels = pixels.astype(jnp.bfloat16)
     res = header(c, args, model, fl, peak)
@@ -315,16 +316,16 @@ def main():
             res[f"{name}_pct_bf16_peak"] = round(100 * total / secs / peak, 1)
         print(json.dumps({k: v for k, v in res.items() if k.startswith(name)}), flush=True)
 
-    out_bf16 = bf16_runs(model, pixels, args.iters, res, record, options)
+    out_bf16 = bf16_runs(model, pixels, args.iters, res, record, gpu_options)
     if args.trace:  # where the bf16 tower's time goes (GPU only; {} elsewhere)
-        res["jax_bf16_trace"] = harness.trace_breakdown(*jitted(model, pixels, options), top=25)
+        res["jax_bf16_trace"] = harness.trace_breakdown(*jitted(model, pixels, gpu_options), top=25)
     if not args.no_torch:
         torch_run(model, pixels, args.iters, res, record, out_bf16)
     if not args.no_fp8:
         model.policy = KernelPolicy(gemm=None if args.fp8_gemm == "auto" else args.fp8_gemm)
         res["fp8_linears"] = quantize_linears(model)
         res["fp8_gemm"] = args.fp8_gemm
-        timing, out_fp8 = run_jax(model, pixels, args.iters, options)
+        timing, out_fp8 = run_jax(model, pixels, args.iters, gpu_options)
         record("jax_fp8", timing.time_us / 1e6, timing)
         res["fp8_vs_bf16_cosine"] = round(cosine(out_fp8, out_bf16), 6)
     if args.out:

@@ -27,23 +27,26 @@ from step3_jax.vision.encoder import Step3VisionModel
 from step3_jax.vision.preprocess import PreprocessedImages
 
 
-def _tower(graphdef, state, pixel_values):
-    return nnx.merge(graphdef, state)(pixel_values)
+def _tower(vision: Step3VisionModel, pixel_values):
+    return vision(pixel_values)
 
 
 _PROGRAMS: dict[bool, object] = {}  # tower_program's jitted functions, by on_gpu
 
 
 def tower_program(on_gpu: bool):
-    """The jitted tower ``(graphdef, state, pixel_values) -> [B, T, M]``. ``on_gpu``: compile
+    """The jitted tower ``(vision module, pixel_values) -> [B, T, M]``. ``on_gpu``: compile
     with `step3_jax.policy.GPU_COMPILER_OPTIONS`, so its linears become cuBLAS GEMMs rather
     than XLA's slower Triton GEMM fusions (docs/LOG.md, "Vision tower"). Built on first use:
-    the options depend on the backend, which must not be initialized at import."""
+    the options depend on the backend, which must not be initialized at import.
+
+    The module goes in as what it is, a JAX pytree (flax NNX modules are): flattening the
+    63-layer tower's 766 leaves costs ~3 ms of host time a call on a 2-core CPU, where
+    ``nnx.split`` and a static graphdef cost ~40 ms (docs/LOG.md, "Host time around a tower
+    call")."""
     on_gpu = bool(on_gpu)
     if on_gpu not in _PROGRAMS:
-        _PROGRAMS[on_gpu] = jax.jit(
-            _tower, static_argnames=("graphdef",), compiler_options=compiler_options(on_gpu)
-        )
+        _PROGRAMS[on_gpu] = jax.jit(_tower, compiler_options=compiler_options(on_gpu))
     return _PROGRAMS[on_gpu]
 
 
@@ -53,8 +56,8 @@ def tower_compile_count() -> int:
     return sum(p._cache_size() for p in _PROGRAMS.values())
 
 
-def _embed_images(graphdef, state, pixel_values):
-    return tower_program(jax.default_backend() == "gpu")(graphdef, state, pixel_values)
+def _embed_images(vision: Step3VisionModel, pixel_values):
+    return tower_program(jax.default_backend() == "gpu")(vision, pixel_values)
 
 
 def _in_fixed_batches(tower, pixels: np.ndarray, batch: int) -> np.ndarray:
@@ -115,8 +118,7 @@ class Step3VLModel(nnx.Module):
     # ------------------------------------------------------------------ images
     def embed_images(self, pixel_values: Float[Array, "B C P P"]) -> Float[Array, "B T M"]:
         """Normalized pixels ``[N, 3, P, P]`` -> projector output ``[N, tokens, M]`` (jitted)."""
-        graphdef, state = nnx.split(self.vision)
-        return _embed_images(graphdef, state, jnp.asarray(pixel_values))
+        return _embed_images(self.vision, jnp.asarray(pixel_values))
 
     def image_features(
         self, images: PreprocessedImages, batch: int | None = None
@@ -127,12 +129,9 @@ class Step3VLModel(nnx.Module):
         ``batch`` (the serving engine's mode): the tower runs on ``batch`` views at a time, the
         last call zero-padded, and the rows are assembled on the host (a NumPy array), so any
         number of images and crops uses one compiled program per view resolution."""
-        # One graph split for every tower call of this request (views, crops, chunks): a split
-        # of the real-size tower costs ~10-25 ms of host time (docs/LOG.md, "Vision tower").
-        graphdef, state = nnx.split(self.vision)
 
         def tower(pixels):
-            return _embed_images(graphdef, state, jnp.asarray(pixels))
+            return _embed_images(self.vision, jnp.asarray(pixels))
 
         xp = jnp
         if batch is not None:

@@ -145,7 +145,7 @@ def test_tower_runs_once_per_view_at_admission(model, monkeypatch):
     calls = []
     orig = vision_model._embed_images  # every tower call goes through it
     monkeypatch.setattr(
-        vision_model, "_embed_images", lambda g, s, px: calls.append(px.shape) or orig(g, s, px)
+        vision_model, "_embed_images", lambda v, px: calls.append(px.shape) or orig(v, px)
     )
     eng = make_engine(model)
     wide = eng.submit([7, 9], SamplingParams(max_tokens=6), images=[image(WIDE, 10)])

@@ -72,5 +72,4 @@ def embed(model, pixels) -> np.ndarray:
     """``model(pixels)`` jitted (one compile per shape beats op-by-op dispatch on CPU)."""
     from step3_jax.vision.model import _embed_images
 
-    graphdef, state = nnx.split(model)
-    return np.asarray(_embed_images(graphdef, state, jnp.asarray(pixels)).astype(jnp.float32))
+    return np.asarray(_embed_images(model, jnp.asarray(pixels)).astype(jnp.float32))
