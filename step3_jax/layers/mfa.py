@@ -181,9 +181,8 @@ class MFAttention(nnx.Module):
         """Whether the attention should hand `output` its input already FP8 (a
         `QuantizedActivations` per head per 128 columns), for `KernelPolicy.o_quant`:
         "attention" (or None, the default) with a block-FP8 o_proj, whose FP8 GEMM then reads
-        it as it is, and heads
-        a multiple of 128 wide (so the blocks are those of the flattened heads, where the
-        GEMM's own quantization puts them)."""
+        it as it is, and heads a multiple of 128 wide (so the blocks are those of the
+        flattened heads, where the GEMM's own quantization puts them)."""
         w = self.o_proj[...]
         block_fp8 = isinstance(w, Fp8Weight) and w.granularity == "block"
         return o_quant != "gemm" and block_fp8 and w.shape[-1] % BLOCK == 0
