@@ -20,6 +20,11 @@ simulator's prediction of the whole layout at 1-3 micro-batches:
     python3 benchmarks/bench_afd.py --role both --layout 1A3F --full --runs 1x256,1x512 \\
         --cache float8_e4m3fn --out afd_roles.json
 
+Full-size runs whose arenas fill most of the GPU go one per process (with
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.95): the allocator keeps an earlier run's memory regions, so a
+larger arena after a smaller one in the same process runs out of memory (H200, 44 then 94.5
+GiB). Each row's ``memory_gib`` records the allocator's state before and after the fill.
+
 Last stdout line: the JSON (schema of `step3_jax.cost.simulator.load_measured`, plus extras).
 """
 

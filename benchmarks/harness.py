@@ -495,14 +495,19 @@ def environment() -> dict:
     }
 
 
+MEMORY_STATS = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit", "pool_bytes",
+                "largest_free_block_bytes")  # fmt: skip
+
+
 def memory_gib(device=None) -> dict | None:
-    """The device allocator's bytes in use and its peak, in GiB (None where the backend
-    keeps no statistics, e.g. the CPU): which of two runs in one process still holds memory."""
+    """The device allocator's statistics in GiB (None where the backend keeps none, e.g. the
+    CPU): bytes in use and their peak, the limit, and, where reported, the pool the allocator
+    holds and its largest free block (a later, larger run in the same process fails when the
+    pool keeps an earlier run's regions: docs/LOG.md, "Both roles on an H200")."""
     stats = (device or jax.devices()[0]).memory_stats()
     if not stats:
         return None
-    return {k: round(stats[k] / 2**30, 3) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
-            if k in stats}  # fmt: skip
+    return {k: round(stats[k] / 2**30, 3) for k in MEMORY_STATS if k in stats}
 
 
 def results(bench: str, rows: Sequence[Row | dict], *, copy: bool = True, **extra) -> dict:
