@@ -21,8 +21,9 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 16 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 17 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 18 $OUT  # H200 only
-# Still to run (as of 2026-12-06): 18 (H200 only). Calls 1, 2 and 12-17 have run (docs/LOG.md);
-# call 2's FFN rows and its 512-sequence attention rows ran out of memory (call 18 retries them).
+# Still to run (as of 2026-12-06): none; calls 1, 2 and 12-18 have run (docs/LOG.md). Call 2's
+# FFN rows and 512-sequence attention rows ran out of memory (one process for several
+# full-size runs); call 18 ran them one per process.
 #
 # call 1 (issue 16): the rest of the small-batch split-K sweep that fits config.SPLIT_COSTS
 #   (B = 2, 4, 8 at 4K; B = 1..8 at 8K and 32K; the 1K rows and B = 1 at 4K ran twice), then
