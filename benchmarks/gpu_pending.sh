@@ -21,7 +21,8 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 16 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 17 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 18 $OUT  # H200 only
-# Still to run (as of 2026-12-06): none; calls 1, 2 and 12-18 have run (docs/LOG.md). Call 2's
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 19 $OUT  # H200 only
+# Still to run (as of 2026-12-06): 19; calls 1, 2 and 12-18 have run (docs/LOG.md). Call 2's
 # FFN rows and 512-sequence attention rows ran out of memory (one process for several
 # full-size runs); call 18 ran them one per process.
 #
@@ -116,6 +117,11 @@
 #   (56 layers, 16 of 48 experts) at 256 tokens a tick, the attention role at 512 sequences,
 #   then the FFN role at 512; the 728 px vision tower timed by the harness (device time,
 #   against call 17's 55.9 ms host time and 46.9 ms of busy trace).
+# call 19 (issue 16, H200 only, ~2 min): the FP8 MFA decode kernel as tuned now (ring epilogue,
+#   V converted by the memory warpgroup, CTAs longest first, the ragged work list where the
+#   tables choose it) at B = 64, 128, 256 and 4K / 32K, full and ragged (U[S/2, S]) batches,
+#   against the bf16 kernel and XLA FP8 in the same run: the issue's 90%-of-copy target on
+#   the H200 (last measured there at 78%, B = 128 x 4K, before these changes).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -278,5 +284,9 @@ case "$CALL" in
       "@70 python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8 --out \$OUT/vision_728.json" \
       "@150 $FULL --runs 1x512 --role ffn --out \$OUT/ffn_full_512.json"
     ;;
-  *) echo "call must be 1 to 18, got $CALL" >&2; exit 2 ;;
+  19)
+    $RUN -t 60 "$OUT_DIR/call19" \
+      "@170 $MFA --breakdown '' --batches 64,128,256 --contexts 4096,32768 --impls pallas_fp8,pallas_bf16,xla_fp8 --ragged both"
+    ;;
+  *) echo "call must be 1 to 19, got $CALL" >&2; exit 2 ;;
 esac
