@@ -205,7 +205,8 @@ class Step3VisionModel(nnx.Module):
         bad = isinstance(token_multiple, bool) or not isinstance(token_multiple, int)
         if bad or token_multiple < 1:
             raise ValueError(f"token_multiple must be an int >= 1, got {token_multiple!r}")
-        # A plain attribute (static in the graphdef) that a benchmark may switch to compare.
+        # A plain attribute (static pytree data: changing it recompiles the tower) that a
+        # benchmark may switch to compare.
         self.token_multiple = token_multiple
         self.policy = policy or KernelPolicy()
         # Resolved once here (the attribute a benchmark may switch to compare both).
