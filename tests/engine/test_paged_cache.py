@@ -24,6 +24,7 @@ import step3_jax as s3
 from step3_jax.cache import v_from_tiles
 from step3_jax.engine import ModelExecutor, PageAllocator, PagedKVCache, PoolExhausted
 from step3_jax.engine.paged_cache import NULL_PAGE
+from step3_jax.quant import QuantizedActivations
 
 TOL_F32 = 2 * 2.0**-24 * np.sqrt(256) * (7 * CFG.num_layers + 1)
 PAGE = 4
@@ -180,3 +181,31 @@ def test_transposed_v_cache_is_the_same_cache():
     ex = ModelExecutor(model, max_batch=2, max_len=16, page_size=PAGE, cache_dtype=fp8,
                        v_transposed=True)  # fmt: skip
     assert ex.cache.v_transposed and ex.cache.v.shape[2:] == (CFG.head_dim, PAGE)
+
+
+@pytest.mark.parametrize("t", [1, 12])  # 1: the kernel API's paged path; 12: gathered
+def test_attend_quantize_out_is_the_activation_format(t):
+    """``quantize_out`` (what the layer asks for under `KernelPolicy.o_quant`'s default) on
+    the paged cache: off the GPU kernel's epilogue, o is the bf16 output quantized per token
+    per 128 columns, bitwise `QuantizedActivations.quantize` of the plain call."""
+    b, n, h, max_len, num_pages = 2, 4, 256, 32, 20
+    lengths = np.array([9, 30])
+    rng = np.random.default_rng(40 + t)
+    table = shuffled_tables(lengths, max_len // PAGE, num_pages, seed=t)
+    paged = nan_paged(table, 1, num_pages, h, jnp.float8_e4m3fn)
+    k, v = (jnp.asarray(rng.standard_normal((b, max_len, h)), jnp.bfloat16) for _ in range(2))
+    pos_all = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
+    for i, m in enumerate(lengths):
+        rows = paged.replace(block_table=paged.block_table[i : i + 1])
+        rows = rows.write(0, k[i : i + 1, :m], v[i : i + 1, :m], pos_all[i : i + 1, :m])
+        paged = rows.replace(block_table=paged.block_table)
+    q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.bfloat16)
+    positions = jnp.asarray(lengths[:, None] - t + np.arange(t), jnp.int32)
+    got = paged.attend(0, q, positions, quantize_out=True)
+    want = QuantizedActivations.quantize(paged.attend(0, q, positions))
+    assert isinstance(got, QuantizedActivations) and got.shape == (b, t, n, h)
+    assert got.scales.shape == (b, t, n, h // 128)
+    np.testing.assert_array_equal(np.asarray(got.scales), np.asarray(want.scales))
+    np.testing.assert_array_equal(
+        np.asarray(got.values, np.float32), np.asarray(want.values, np.float32)
+    )
