@@ -270,10 +270,8 @@ def bf16_runs(model, pixels, iters: int, res: dict, record, gpu_options: bool):
         record("jax_bf16_xla_attention", xla_timing.time_us / 1e6, xla_timing)
         res["xla_vs_cudnn_attention_cosine"] = round(cosine(out_xla, out), 6)
         # Same timer in both runs (CUPTI on a GPU) or the host times, never one against the other.
-        same = xla_timing.timer == timing.timer
-        slower = (xla_timing.time_us > timing.time_us) if same else (
-            xla_timing.host_us > timing.host_us)  # fmt: skip
-        if slower:
+        key = "time_us" if xla_timing.timer == timing.timer else "host_us"
+        if getattr(xla_timing, key) > getattr(timing, key):
             model.attention_implementation = res["attention_implementation"]
     return out
 

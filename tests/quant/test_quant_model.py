@@ -378,9 +378,9 @@ def test_ffn_half_reads_quantized_activations(moe_impl, dtype):
 
 
 def test_o_quant_attention_hands_o_proj_fp8_o():
-    """``KernelPolicy(o_quant="attention")`` (and None, the default): the layer asks the cache for o already FP8
-    (`QuantizedActivations`, per head per 128 columns) where o_proj is block-FP8 over heads
-    a multiple of 128 wide, and not otherwise. The XLA forms quantize o per 128 columns
+    """``KernelPolicy(o_quant="attention")`` (and None, the default): the layer asks the
+    cache for o already FP8 (`QuantizedActivations`, per head per 128 columns) where o_proj
+    is block-FP8 over heads a multiple of 128 wide, and not otherwise. The XLA forms quantize o per 128 columns
     whichever side does it (a float32 model's GEMM dequantizes the FP8 o and quantizes it
     again: the same value up to a scale rounding), so the logits agree with "gemm" to f32
     rounding."""
