@@ -169,6 +169,7 @@ def _policy(args) -> KernelPolicy:
         auto(args.gemm_impl),
         auto(args.moe_impl),
         o_quant=auto(args.o_quant),
+        shared_expert=auto(args.shared_expert),
     )
 
 
@@ -426,6 +427,12 @@ def main(argv=None) -> dict:
         default="auto",
         choices=["auto", "attention", "gemm"],
         help="KernelPolicy.o_quant (attention: the MFA epilogue writes o_proj's FP8 input)",
+    )
+    p.add_argument(
+        "--shared-expert",
+        default="auto",
+        choices=["auto", "routed", "own"],
+        help="KernelPolicy.shared_expert (routed: one more group of the routed launches)",
     )
     p.add_argument(
         "--role",

@@ -22,9 +22,12 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 17 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 18 $OUT  # H200 only
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 19 $OUT  # H200 only
-# Still to run (as of 2026-12-06): 19; calls 1, 2 and 12-18 have run (docs/LOG.md). Call 2's
-# FFN rows and 512-sequence attention rows ran out of memory (one process for several
-# full-size runs); call 18 ran them one per process.
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 20 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 21 $OUT  # H200 only
+# Still to run (as of 2026-12-06): 20, 21, and 19 on an H200 (it ran on an H100 at 76ea946);
+# calls 1, 2 and 12-18 have run (docs/LOG.md). Call 2's FFN rows and 512-sequence attention
+# rows ran out of memory (one process for several full-size runs); call 18 ran them one per
+# process.
 #
 # call 1 (issue 16): the rest of the small-batch split-K sweep that fits config.SPLIT_COSTS
 #   (B = 2, 4, 8 at 4K; B = 1..8 at 8K and 32K; the 1K rows and B = 1 at 4K ran twice), then
@@ -123,6 +126,12 @@
 #   against the bf16 kernel and XLA FP8 in the same run: the issue's 90%-of-copy target on
 #   the H200 (last measured there at 78%, B = 128 x 4K, before these changes). First the FP8 o
 #   test under its derived bound (f32 dequantization), which has not run on a GPU.
+# call 20 (issues 13 and 16 item 4, any Hopper, ~5 min): the FFN role on 24 layers with the
+#   shared expert as its own SwiGLU and as one more group of the routed launches
+#   (`--shared-expert own|routed`), 256 and 512 tokens a tick, one process each; then an
+#   8-layer trace at 512 tokens with it routed (where the shared slice's time went).
+# call 21 (issue 13, H200 only: ~96 GiB): the full-size FFN role with the shared expert routed,
+#   256 and 512 tokens, one process each (feeds `step3-jax cost simulate --measured`).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -291,5 +300,18 @@ case "$CALL" in
       "@60 $GPU_TESTS $M::test_fp8_out_gpu" \
       "@170 $MFA --breakdown '' --batches 64,128,256 --contexts 4096,32768 --impls pallas_fp8,pallas_bf16,xla_fp8 --ragged both"
     ;;
-  *) echo "call must be 1 to 19, got $CALL" >&2; exit 2 ;;
+  20)
+    ROLE="$AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24"
+    $RUN -t 40 "$OUT_DIR/call20" \
+      "@100 $ROLE --shared-expert own --out \$OUT/ffn24_shared_own.json" \
+      "@100 $ROLE --shared-expert routed --out \$OUT/ffn24_shared_routed.json" \
+      "@60 $NOCB $AFD_ROLE --runs 1x512 --role ffn --layers 8 --trace --shared-expert routed --out \$OUT/ffn8_b512_routed_trace.json"
+    ;;
+  21)
+    FULL="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 $AFD_ROLE --full --role ffn --shared-expert routed"
+    $RUN -t 60 "$OUT_DIR/call21" \
+      "@150 $FULL --runs 1x256 --out \$OUT/ffn_full_256_routed.json" \
+      "@150 $FULL --runs 1x512 --out \$OUT/ffn_full_512_routed.json"
+    ;;
+  *) echo "call must be 1 to 21, got $CALL" >&2; exit 2 ;;
 esac

@@ -144,7 +144,9 @@ class DecoderLayer(nnx.Module):
         partial sum: experts from ``first_expert`` on, its F slice of the shared/dense SwiGLU."""
         with jax.named_scope("moe" if self.is_moe else "dense_ffn"):
             if self.is_moe:
-                return self.ffn(h2, routing, policy.moe, policy.gemm, first_expert)
+                return self.ffn(
+                    h2, routing, policy.moe, policy.gemm, first_expert, policy.shared_expert
+                )
             return self.ffn(h2, policy.gemm)
 
     def __call__(self, x, positions, cache=None, policy: KernelPolicy = DEFAULT_POLICY):

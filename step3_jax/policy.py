@@ -32,6 +32,13 @@ VISION_ATTENTION_IMPLEMENTATIONS = ("cudnn", "xla", None)
 # role on an H200: 22.65 -> 21.85 ms, -13 us a layer; docs/LOG.md "FP8 o from the MFA
 # epilogue").
 O_QUANT = ("attention", "gemm", None)
+# Where the MoE layer's shared expert runs: "routed" as one more group of the routed experts'
+# two grouped-GEMM launches (`step3_jax.kernels.grouped_gemm.DenseGroup`: its compute-bound
+# tiles overlap the routed tiles' weight streaming; it then follows ``moe``'s implementation),
+# "own" as a SwiGLU of its own (``gemm``'s linears). None: "routed" where the layout allows
+# it (grouped routed experts, the shared weights in the experts' format, F_s <= F), else
+# "own".
+SHARED_EXPERT = ("routed", "own", None)
 # XLA options of the programs whose plain (non-Pallas) GEMMs should be cuBLAS calls on a GPU:
 # the compiled AFD step (`step3_jax.sharding.afd`) and the vision tower
 # (`step3_jax.vision.model`). XLA's Triton GEMM fusions ran the tower's linears other than
@@ -53,6 +60,7 @@ class KernelPolicy:
     moe: str | None = None  # routed experts
     vision_attention: str | None = None  # the Step3-VL vision tower's attention
     o_quant: str | None = None  # where a block-FP8 o_proj's input is quantized (O_QUANT)
+    shared_expert: str | None = None  # where the MoE shared expert runs (SHARED_EXPERT)
 
     def __post_init__(self):
         for name, allowed in (
@@ -61,6 +69,7 @@ class KernelPolicy:
             ("moe", MOE_IMPLEMENTATIONS),
             ("vision_attention", VISION_ATTENTION_IMPLEMENTATIONS),
             ("o_quant", O_QUANT),
+            ("shared_expert", SHARED_EXPERT),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -93,6 +102,7 @@ __all__ = [
     "GPU_COMPILER_OPTIONS",
     "MOE_IMPLEMENTATIONS",
     "O_QUANT",
+    "SHARED_EXPERT",
     "VISION_ATTENTION_IMPLEMENTATIONS",
     "KernelPolicy",
     "compiler_options",

@@ -366,12 +366,18 @@ def test_decoder_layer_names_its_pieces_in_the_hlo():
     x = jnp.ones((2, 1, cfg.hidden_size), jnp.float32)
     pos = jnp.zeros((2, 1), jnp.int32)
 
-    def run(layer, x, cache):
-        x_mid, h2, routing, cache = layer.attention_half(x, pos, cache)
-        return x_mid + layer.ffn_half(h2, routing), cache
+    def lowered(policy):
+        def run(layer, x, cache):
+            x_mid, h2, routing, cache = layer.attention_half(x, pos, cache, policy=policy)
+            return x_mid + layer.ffn_half(h2, routing, policy), cache
 
-    text = nnx.jit(run).lower(layer, x, cache).as_text(debug_info=True)
+        return nnx.jit(run).lower(layer, x, cache).as_text(debug_info=True)
+
+    text = lowered(s3.KernelPolicy())
     scopes = ("input_norm", "qkv_proj", "inter_norm", "wq", "rope", "kv_write", "attend")
-    scopes += ("o_proj", "post_norm", "router", "moe/routed_experts", "moe/shared_expert")
+    scopes += ("o_proj", "post_norm", "router", "moe/routed_experts")
     missing = [s for s in scopes if f"/{s}/" not in text]
     assert not missing, f"name scopes missing from the lowered layer: {missing}"
+    # The shared expert rides the routed launches by default; on its own it has its scope.
+    assert "/moe/shared_expert/" not in text
+    assert "/moe/shared_expert/" in lowered(s3.KernelPolicy(shared_expert="own"))

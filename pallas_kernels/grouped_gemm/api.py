@@ -30,6 +30,7 @@ from step3_jax import quant
 from step3_jax.kernels import dispatch
 from step3_jax.kernels.grouped_gemm import mosaic_gpu
 from step3_jax.kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig, tuned_config
+from step3_jax.kernels.grouped_gemm.dense_group import DenseGroup
 
 XLA_TILE = 64  # rows per scan step of the "xla" path
 
@@ -45,7 +46,7 @@ def _check_scale(name, scale, shape):
         raise ValueError(f"{name} must have shape {shape}, got {tuple(scale.shape)}")
 
 
-def _validate(x, weights, group_sizes, x_scale, w_scales, implementation, pooled=False):
+def _validate(x, weights, group_sizes, x_scale, w_scales, implementation, pooled=False, dense=None):
     """Checks shapes/dtypes; returns (x, x_scale) with x quantized when weights are FP8."""
     dispatch.check_implementation("grouped_gemm", implementation)
     if x.ndim != 2:
@@ -78,10 +79,14 @@ def _validate(x, weights, group_sizes, x_scale, w_scales, implementation, pooled
         raise ValueError(f"x is FP8 but weights are {w0.dtype}: FP8 x needs FP8 weights")
     elif any(s is not None for s in (x_scale, *w_scales)):
         raise ValueError("scales are only accepted with float8_e4m3fn weights")
+    if dense is not None:
+        if not isinstance(dense, DenseGroup):
+            raise TypeError(f"dense must be a DenseGroup, got {type(dense).__name__}")
+        dense.check(m, n, k, len(weights), _is_fp8(w0))
     return x, x_scale
 
 
-def supported(x, weights) -> str | None:
+def supported(x, weights, dense: DenseGroup | None = None) -> str | None:
     """None if the Mosaic GPU kernel can run this call on the default device, else the reason
     (shapes may be abstract). The dispatch rule is `step3_jax.kernels.dispatch.choose`."""
     if not mosaic_gpu.available():
@@ -94,11 +99,17 @@ def supported(x, weights) -> str | None:
     _, n, k = weights[0].shape
     if n % 128 or k % 128:
         return f"needs N and K multiples of 128, got N={n} K={k}"
+    if dense is not None and (dense.n % 128 or dense.k % 128 or dense.row0 % 8):
+        return (
+            f"needs a dense group's N and K multiples of 128 and its first row of 8, got "
+            f"N={dense.n} K={dense.k} row0={dense.row0}"
+        )
     return None
 
 
 def _xla_tiles(group_sizes, m: int, tile: int):
-    """Static-length list of (group, first row, rows) of ``tile``-row pieces of each group."""
+    """Static-length list of (group, first row, rows) of ``tile``-row pieces of each group
+    (groups end at row ``m``)."""
     sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
     start = mosaic_gpu.running_sum(jnp, sizes) - sizes
     sizes = jnp.clip(sizes, 0, jnp.maximum(m - start, 0))
@@ -133,14 +144,36 @@ def _dequant_expert(w, w_scale, g, offset, dtype):
     return quant.dequantize_weight_blocks(wg, sg, dtype=dtype)
 
 
-def _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offsets):
-    """Tile-scan grouped GEMM (see module docstring); `compute_dtype` operands and output,
-    f32 accumulation."""
+def _swiglu_or_one(ys):
+    return jax.nn.silu(ys[0]) * ys[1] if len(ys) == 2 else ys[0]
+
+
+def _dense_xla(x, x_scale, dense: DenseGroup, cdt):
+    """The dense group's rows of the output, [rows, N_d] (f32 accumulation)."""
+    idx = dense.row0 + jnp.arange(dense.rows, dtype=jnp.int32)
+    xt = _dequant_rows(x, x_scale, idx, cdt)[:, : dense.k]
+    scales = dense.w_scales or (None,) * len(dense.weights)
+    ys = [
+        jnp.einsum(
+            "TK,NK->TN",
+            xt,
+            w.astype(cdt) if s is None else quant.dequantize_weight_blocks(w, s, dtype=cdt),
+            preferred_element_type=jnp.float32,
+        )
+        for w, s in zip(dense.weights, scales, strict=True)
+    ]
+    return _swiglu_or_one(ys)
+
+
+def _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offsets, dense=None):
+    """Tile-scan grouped GEMM (see module docstring), then the dense group's rows if any;
+    `compute_dtype` operands and output, f32 accumulation."""
     cdt = compute_dtype(x)
     m = x.shape[0]
     n = weights[0].shape[1]
     w_scales = w_scales if w_scales else (None,) * len(weights)
-    tg, trow, trows = _xla_tiles(group_sizes, m, XLA_TILE)
+    limit = m if dense is None else dense.row0
+    tg, trow, trows = _xla_tiles(group_sizes, limit, XLA_TILE)
     local = jnp.arange(XLA_TILE, dtype=jnp.int32)
 
     def step(out, tile):
@@ -158,7 +191,7 @@ def _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offsets):
                 )
                 for w, s, off in zip(weights, w_scales, group_offsets, strict=True)
             ]
-            y = jax.nn.silu(ys[0]) * ys[1] if len(ys) == 2 else ys[0]
+            y = _swiglu_or_one(ys)
             dst = jnp.where(local < rows, row0 + local, m)  # m: dropped (out of bounds)
             return out.at[dst].set(y.astype(out.dtype), mode="drop")
 
@@ -166,6 +199,9 @@ def _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offsets):
 
     out0 = jnp.zeros((m, n), cdt)
     out, _ = lax.scan(step, out0, (tg, trow, trows))
+    if dense is not None:
+        y = _dense_xla(x, x_scale, dense, cdt).astype(cdt)
+        out = lax.dynamic_update_slice(out, y, (dense.row0, 0))
     return out
 
 
@@ -197,13 +233,13 @@ def _static_groups(group_sizes, group_offset, n_w: int):
 
 @functools.partial(jax.jit, static_argnames=("impl", "config", "zero_tail", "static_groups"))
 def _run(
-    x, weights, group_sizes, x_scale, w_scales, group_offset, *, impl, config, zero_tail,
-    static_groups=None,
+    x, weights, group_sizes, x_scale, w_scales, group_offset, dense=None, *, impl, config,
+    zero_tail, static_groups=None,
 ):  # fmt: skip
     if static_groups is not None:  # `_static_groups`: NumPy sizes and int offsets
         group_sizes, group_offset = np.asarray(static_groups[0], np.int32), static_groups[1]
     if impl == "xla":
-        return _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offset)
+        return _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offset, dense)
     return mosaic_gpu.grouped_gemm_mgpu(
         x,
         weights,
@@ -213,6 +249,7 @@ def _run(
         config=config,
         zero_tail=zero_tail,
         group_offset=group_offset,
+        dense=dense,
     )
 
 
@@ -227,6 +264,7 @@ def grouped(
     config: TuningConfig | None = None,
     zero_tail: bool = True,
     group_offset=None,
+    dense: DenseGroup | None = None,
 ):
     """Shared entry of both public functions (``weights``: (w,) or (w_gate, w_up)).
 
@@ -236,13 +274,17 @@ def grouped(
     with one per weight): group g multiplies by ``weights[i][offset_i + g]``, so the weights
     may be a larger pool ``[P, N, K]`` read in place (the AFD arena) instead of a sliced copy;
     the weight scales stay per group ``[G, ...]``. The caller keeps ``offset_i + G <= P``.
-    ``group_sizes`` may be a NumPy array (sizes known when tracing).
+    ``group_sizes`` may be a NumPy array (sizes known when tracing). ``dense``: one more
+    group with weights of its own over a static row range after the routed rows
+    (`DenseGroup`: the shared expert in the routed launch); the routed groups end at its
+    first row.
     """
+    pooled = group_offset is not None
     x, x_scale = _validate(
-        x, weights, group_sizes, x_scale, tuple(w_scales), implementation, group_offset is not None
+        x, weights, group_sizes, x_scale, tuple(w_scales), implementation, pooled, dense
     )
     w_scales = tuple(w_scales) if _is_fp8(weights[0]) else ()
-    impl = dispatch.choose("grouped_gemm", implementation, supported(x, weights))
+    impl = dispatch.choose("grouped_gemm", implementation, supported(x, weights, dense))
     cfg = _config_for(config, x.shape[0]) if impl == "pallas" else None
     return _run(
         x,
@@ -251,6 +293,7 @@ def grouped(
         x_scale,
         w_scales,
         _offsets(group_offset, len(weights)),
+        dense,
         impl=impl,
         config=cfg,
         zero_tail=zero_tail,

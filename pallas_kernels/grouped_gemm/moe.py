@@ -13,6 +13,12 @@ Steps (T tokens, K routes per token, TK = T*K pairs):
 3. ``grouped_matmul`` with w_down -> y [TK, D];
 4. combine: gather y back to (token, k) order with the inverse permutation and take the
    router-weighted sum over k (a gather plus a K-term sum is cheaper than a scatter-add).
+
+With ``shared`` (the always-on shared expert, or this device's slice of it) both GEMMs take it
+as one more group of their launch (`DenseGroup`): the T token rows follow the sorted rows, its
+gate/up writes the first F_s columns of h, its down reads them. Its compute-bound tiles then
+run while the routed tiles stream expert weights, instead of as three small launches of their
+own, and its output is added in f32.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from jaxtyping import Array, Float, Int
 from step3_jax import quant
 from step3_jax.kernels.grouped_gemm.api import grouped
 from step3_jax.kernels.grouped_gemm.config import TuningConfig
+from step3_jax.kernels.grouped_gemm.dense_group import DenseGroup
 
 
 def _dispatch(expert_ids, first_expert: int, e_local: int):
@@ -78,8 +85,11 @@ def moe_ffn(
     num_local_experts: int | None = None,
     weight_offset=None,
     x_scale: Float[Array, "T DB"] | None = None,
+    shared: tuple | None = None,
+    shared_scales: tuple | None = None,
 ) -> Float[Array, "T D"]:
-    """Routed expert FFN of one device: ``sum_k weight[t,k] * expert_{id[t,k]}(x[t])``.
+    """Routed expert FFN of one device: ``sum_k weight[t,k] * expert_{id[t,k]}(x[t])``, plus
+    the shared expert ``down(silu(gate x) * up x)`` when ``shared`` is given.
 
     Only experts ``[first_expert, first_expert + E_local)`` contribute; others give 0.
     Expert ``first_expert + j`` uses weights ``w_*[weight_offset + j]`` and scales
@@ -94,6 +104,9 @@ def moe_ffn(
     (a float32 x runs the XLA path in float32 end to end). ``x_scale`` [T, ceil(D/128)] f32:
     x is float8_e4m3fn, already quantized in that format (e.g. an AFD packet), and is used as
     it is (FP8 weights only); the result is then bf16.
+    ``shared = (w_gate [F_s, D], w_up [F_s, D], w_down [D, F_s])`` in the experts' dtype with
+    ``shared_scales`` (their 128x128 block scales, FP8 only), F_s <= F: the shared expert
+    runs inside the same two launches (see the module docstring).
     """
     if (num_local_experts is None) != (weight_offset is None):
         raise ValueError(
@@ -127,45 +140,66 @@ def moe_ffn(
     if off is not None and len(off) != 3:
         raise ValueError(f"weight_offset: a scalar or (gate, up, down), got {len(off)} values")
     gu_off, d_off = (None, None) if off is None else ((off[0], off[1]), off[2])
-    if q_act:
-        # Once per token (unless given), then gathered K-fold.
-        xq, xs = (x, x_scale) if x_scale is not None else quant.quantize_activations(x)
-        h = grouped(
-            xq[token_of],
-            (w_gate, w_up),
-            group_sizes,
-            x_scale=xs[token_of],
-            w_scales=(w_gate_scale, w_up_scale),
-            group_offset=gu_off,
-            **kw,
-        )
-        hq, hs = quant.quantize_activations(h)
-        y = grouped(
-            hq,
-            (w_down,),
-            group_sizes,
-            x_scale=hs,
-            w_scales=(w_down_scale,),
-            group_offset=d_off,
-            **kw,
-        )
+    if q_act:  # once per token (unless given), then gathered K-fold
+        xr, xs = (x, x_scale) if x_scale is not None else quant.quantize_activations(x)
     else:
-        xb = x.astype(w_gate.dtype) if not fp8_w else x
-        h = grouped(
-            xb[token_of],
-            (w_gate, w_up),
-            group_sizes,
-            w_scales=(w_gate_scale, w_up_scale),
-            group_offset=gu_off,
-            **kw,
-        )
-        y = grouped(h, (w_down,), group_sizes, w_scales=(w_down_scale,), group_offset=d_off, **kw)
+        xr, xs = x.astype(w_gate.dtype), None
+    tk = t * n_k
+    gate_up, down = _shared_groups(shared, shared_scales, tk, t) if shared else (None, None)
+    rows = _with_shared_rows(xr[token_of], xr, gate_up)
+    row_scales = None if xs is None else _with_shared_rows(xs[token_of], xs, gate_up)
+    h = grouped(
+        rows,
+        (w_gate, w_up),
+        group_sizes,
+        x_scale=row_scales,
+        w_scales=(w_gate_scale, w_up_scale),
+        group_offset=gu_off,
+        dense=gate_up,
+        **kw,
+    )
+    hq, hs = quant.quantize_activations(h) if q_act else (h, None)
+    y = grouped(
+        hq,
+        (w_down,),
+        group_sizes,
+        x_scale=hs,
+        w_scales=(w_down_scale,),
+        group_offset=d_off,
+        dense=down,
+        **kw,
+    )
     # Rows of non-local pairs are unspecified (zero_tail=False): select, never multiply, so
     # stale NaN/inf there cannot leak into the sum.
     y_tk = jnp.where(valid[:, None], y[inverse], 0).reshape(t, n_k, -1)
     coef = jnp.where(valid.reshape(t, n_k), expert_weights, 0).astype(jnp.float32)
     out = jnp.einsum("TKD,TK->TD", y_tk.astype(jnp.float32), coef)
+    if down is not None:
+        out = out + y[down.row0 : down.row0 + t].astype(jnp.float32)
     return out.astype(out_dtype)
+
+
+def _shared_groups(shared, shared_scales, tk: int, t: int):
+    """The shared expert as the dense group of the gate/up and of the down launch: its T rows
+    start at the first multiple of 8 after the ``tk`` sorted rows (the kernel's TMA boxes
+    start on multiples of 8)."""
+    if len(shared) != 3:
+        raise ValueError(f"shared: (w_gate, w_up, w_down), got {len(shared)} arrays")
+    scales = tuple(shared_scales) if shared_scales is not None else ()
+    if scales and len(scales) != 3:
+        raise ValueError(f"shared_scales: one per shared weight (3), got {len(scales)}")
+    row0 = -(-tk // 8) * 8
+    gate_up = DenseGroup(tuple(shared[:2]), scales[:2], row0=row0, rows=t)
+    return gate_up, DenseGroup((shared[2],), scales[2:], row0=row0, rows=t)
+
+
+def _with_shared_rows(routed, tokens, group: DenseGroup | None):
+    """``routed`` rows, then (with a dense group) zero rows up to its first row and the
+    token rows (one concatenation: XLA fuses it with the gather)."""
+    if group is None:
+        return routed
+    pad = jnp.zeros((group.row0 - routed.shape[0], *routed.shape[1:]), routed.dtype)
+    return jnp.concatenate([routed, pad, tokens.astype(routed.dtype)])
 
 
 def shared_expert_ffn(

@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - very old jax
     plgpu = None
 
 from step3_jax.kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig
+from step3_jax.kernels.grouped_gemm.dense_group import DenseGroup
 
 H100_SMS = 132
 
@@ -78,6 +79,20 @@ class _Static:
     steps: int
     compute_wgs: int = 1
     wg_dim: str = "n"
+    # The dense group (`DenseGroup`): its rows [dense_row0, dense_row0 + dense_rows) of x,
+    # its weights' N and K; dense_rows == 0: none.
+    dense_row0: int = 0
+    dense_rows: int = 0
+    dense_n: int = 0
+    dense_k: int = 0
+
+    def dense_tiles(self, box_m: int, cta_n: int) -> tuple[int, int]:
+        """(row tiles, work items) of the dense group: its items come first in the work list
+        (compute-heavy tiles start while the routed tiles stream their weights)."""
+        if not self.dense_rows:
+            return 0, 0
+        m_tiles = -(-self.dense_rows // box_m)
+        return m_tiles, m_tiles * (self.dense_n // cta_n)
 
 
 def running_sum(xp, v):
@@ -101,7 +116,13 @@ def tile_groups(xp, n_g, t):
 
 
 def _tile_table(
-    group_sizes, m: int, block_m: int, max_tiles: int, zero_tail: bool, group_offsets=(0,)
+    group_sizes,
+    m: int,
+    block_m: int,
+    max_tiles: int,
+    zero_tail: bool,
+    group_offsets=(0,),
+    limit: int | None = None,
 ):
     """Row-tile table ``[5 + n_w, max_tiles]`` int32: group, first row, rows, TMA box row,
     count, then per weight operand i its weight index ``group + group_offsets[i]`` (the tile's
@@ -120,14 +141,18 @@ def _tile_table(
     on the host, a constant of the program. Traced sizes build it with compare-and-reduce
     ops only: no scan (``searchsorted``'s default is a while loop of ~6 small kernels a call),
     no cumsum kernel; ~4 small fusions on the GPU.
+
+    ``limit`` (default m): the groups and the zero tail end there (rows ``[limit, m)`` belong
+    to a dense group with a work list of its own); boxes may still reach up to row m.
     """
+    limit = m if limit is None else limit
     host = isinstance(group_sizes, np.ndarray) and all(
         isinstance(o, (int, np.integer)) for o in group_offsets
     )
     xp = np if host else jnp
     sizes = xp.maximum(group_sizes.astype(np.int32), 0)
     start = running_sum(xp, sizes) - sizes
-    sizes = xp.clip(sizes, 0, xp.maximum(m - start, 0))  # never past row M
+    sizes = xp.clip(sizes, 0, xp.maximum(limit - start, 0))  # never past the limit
     align = start % 8
     n_g = xp.where(sizes > 0, (sizes + align + block_m - 1) // block_m, 0)
     t = xp.arange(max_tiles, dtype=np.int32)
@@ -140,8 +165,8 @@ def _tile_table(
     is_group = t < n_group_tiles
     # Zero-fill tiles for rows [total_rows, m), after the group tiles.
     tail_row0 = total_rows + (t - n_group_tiles) * block_m
-    n_tail = (m - total_rows + block_m - 1) // block_m if zero_tail else 0
-    tail_rows = xp.clip(m - tail_row0, 0, block_m) if zero_tail else xp.zeros_like(t)
+    n_tail = (limit - total_rows + block_m - 1) // block_m if zero_tail else 0
+    tail_rows = xp.clip(limit - tail_row0, 0, block_m) if zero_tail else xp.zeros_like(t)
     # Keep the box inside x (m is a multiple of 8 and >= block_m, so this stays aligned).
     box = xp.clip(box, 0, m - block_m)
     count = xp.where(t == 0, n_group_tiles + n_tail, 0)
@@ -179,41 +204,121 @@ def _store_rows(o_smem, o_gmem, smem_start, gmem_row, rows, col0, top: int, bloc
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _split_refs(st: _Static, refs):
-    """(w refs, x_scale_t ref | None, w_scale refs, out ref, scratch refs) from the kernel refs."""
+@dataclasses.dataclass(frozen=True)
+class _Refs:
+    """The kernel's GMEM operands after ``tiles`` and ``x``, and its scratch."""
+
+    w: tuple  # routed weights [P, N, K], one per projection
+    xs: object  # x_scale transposed [KB, M] f32 (FP8) or None
+    ws: tuple  # routed weight scales [G, NB, KB] f32 (FP8) or ()
+    dw: tuple  # the dense group's weights [N_d, K_d] or ()
+    dws: tuple  # their block scales [N_d/128, K_d/128] f32 (FP8) or ()
+    out: object  # [M, N] bf16
+    scratch: tuple
+
+
+def _split_refs(st: _Static, refs) -> _Refs:
     n_w = 2 if st.swiglu else 1
-    w_gmems, rest = refs[:n_w], refs[n_w:]
+    take = lambda k: (refs[:k], refs[k:])
+    w, refs = take(n_w)
+    xs, ws = None, ()
     if st.fp8:
-        xs_gmem, ws_gmems, rest = rest[0], rest[1 : 1 + n_w], rest[1 + n_w :]
-    else:
-        xs_gmem, ws_gmems = None, ()
-    return w_gmems, xs_gmem, ws_gmems, rest[0], rest[1:]
+        (xs,), refs = take(1)
+        ws, refs = take(n_w)
+    dw, dws = (), ()
+    if st.dense_rows:
+        dw, refs = take(n_w)
+        if st.fp8:
+            dws, refs = take(n_w)
+    return _Refs(w, xs, ws, dw, dws, refs[0], tuple(refs[1:]))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Item:
+    """One work item: a row tile of one group times one ``cta_n``-wide column tile.
+
+    ``g`` is the routed group (-1: a zero-fill tile past the groups; None: the dense group).
+    Rows ``[row0, row0 + rows)`` of x lie inside the TMA box ``[box, box + box_m)``.
+    ``w_views``: each weight's [cta_n, K] slice of this column tile; ``k_steps``: K steps
+    of the pipeline; ``w_scale(i, nb, kb)``: weight i's block scale (FP8)."""
+
+    g: object
+    row0: object
+    rows: object
+    box: object
+    ni: object
+    w_views: tuple
+    k_steps: int
+    w_scale: object
+
+
+def _for_each_item(st: _Static, tiles_gmem, r: _Refs, box_m: int, cta_n: int, run) -> None:
+    """The persistent loop: this SM's share of the work items, ``run(item)`` on each.
+
+    The dense group's items come first (static count: ``st.dense_tiles``), then the routed
+    row tiles of the table times ``N / cta_n`` column tiles, m-minor (work items ``lin`` and
+    ``lin + 1`` share a weight tile when they are row tiles of the same group)."""
+    n_tiles = tiles_gmem[4, 0]
+    dense_m, dense_items = st.dense_tiles(box_m, cta_n)
+    n_w = len(r.w)
+
+    @plgpu.nd_loop((dense_items + n_tiles * (st.n // cta_n),), collective_axes="sm")
+    def _work(info):
+        lin = info.index[0]
+        if dense_items:
+
+            @pl.when(lin < dense_items)
+            def _dense():
+                mi, ni = lax.rem(lin, dense_m), lax.div(lin, dense_m)
+                row0 = st.dense_row0 + mi * box_m
+                box = (jnp.minimum(row0, st.m - box_m) // 8) * 8  # 8-row aligned for Mosaic
+                rows = jnp.minimum(box_m, st.dense_row0 + st.dense_rows - row0)
+                views = tuple(w.at[pl.ds(ni * cta_n, cta_n), :] for w in r.dw)
+                scale = lambda i, nb, kb: r.dws[i][nb, kb]
+                run(_Item(None, row0, rows, box, ni, views, st.dense_k // st.block_k, scale))
+
+        @pl.when(lin >= dense_items)
+        def _routed():
+            t = lin - dense_items
+            mi, ni = lax.rem(t, n_tiles), lax.div(t, n_tiles)
+            box = (tiles_gmem[3, mi] // 8) * 8  # written so the compiler sees the alignment
+            wis = [tiles_gmem[5 + i, mi] for i in range(n_w)]
+            g = tiles_gmem[0, mi]
+            views = tuple(
+                w.at[wi, pl.ds(ni * cta_n, cta_n), :] for w, wi in zip(r.w, wis, strict=True)
+            )
+            scale = lambda i, nb, kb: r.ws[i][g, nb, kb]
+            row0, rows = tiles_gmem[1, mi], tiles_gmem[2, mi]
+            run(_Item(g, row0, rows, box, ni, views, st.k // st.block_k, scale))
+
+
+def _when_computed(item: _Item):
+    """Decorator running its function for tiles that compute (not the zero-fill tiles)."""
+    return (lambda f: f()) if item.g is None else pl.when(item.g >= 0)
+
+
+def _specs_and_args(st: _Static, x_gmem, xs_gmem, item: _Item, cta_m: int, cta_n: int):
+    """BlockSpecs and GMEM operands of one item's K pipeline."""
+    tr = _transforms(st)
+    box = item.box
+    # Rows start at the tile's (8-aligned) box, not on a block_m grid: an Element block dim
+    # takes the row offset itself from the index map (a pre-sliced GMEM ref fails Mosaic's
+    # layout inference).
+    rows = pl.Element(cta_m)
+    specs = [plgpu.BlockSpec((rows, st.block_k), lambda kb: (box, kb), transforms=tr)]
+    w_spec = plgpu.BlockSpec((cta_n, st.block_k), lambda kb: (0, kb), transforms=tr)
+    specs += [w_spec] * len(item.w_views)
+    args = [x_gmem, *item.w_views]
+    if st.fp8:
+        specs.append(plgpu.BlockSpec((1, rows), lambda kb: (kb, box)))
+        args.append(xs_gmem)
+    return specs, args
 
 
 def _transforms(st: _Static):
     # One SMEM row of a K step is 128 bytes (128 e4m3 or 64 bf16): 128-byte swizzle.
     elems = 128 // (1 if st.fp8 else 2)
     return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(128))
-
-
-def _specs_and_args(st: _Static, refs, wis, ni, box, cta_m: int, cta_n: int):
-    """BlockSpecs and GMEM operands of one tile's K pipeline (``wis``: index per weight)."""
-    x_gmem, w_gmems, xs_gmem, _ = refs
-    tr = _transforms(st)
-    # Rows start at the tile's (8-aligned) box, not on a block_m grid: an Element block dim
-    # takes the row offset itself from the index map (a pre-sliced GMEM ref fails Mosaic's
-    # layout inference).
-    rows = pl.Element(cta_m)
-    specs = [plgpu.BlockSpec((rows, st.block_k), lambda kb: (box, kb), transforms=tr)]
-    specs += [plgpu.BlockSpec((cta_n, st.block_k), lambda kb: (0, kb), transforms=tr)] * len(
-        w_gmems
-    )
-    args = [x_gmem]
-    args += [w.at[wi, pl.ds(ni * cta_n, cta_n), :] for w, wi in zip(w_gmems, wis, strict=True)]
-    if st.fp8:
-        specs.append(plgpu.BlockSpec((1, rows), lambda kb: (kb, box)))
-        args.append(xs_gmem)
-    return specs, args
 
 
 def _zeros(shape):
@@ -262,56 +367,48 @@ def _epilogue_value(st: _Static, accs):
     return accs[0]
 
 
-def _tile_info(tiles_gmem, lin, n_tiles, n_w: int):
-    mi = lax.rem(lin, n_tiles)
-    ni = lax.div(lin, n_tiles)
-    box = (tiles_gmem[3, mi] // 8) * 8  # written so the compiler sees the 8-row alignment
-    wis = tuple(tiles_gmem[5 + i, mi] for i in range(n_w))
-    return tiles_gmem[0, mi], tiles_gmem[1, mi], tiles_gmem[2, mi], box, ni, wis
-
-
 def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
     """One-warpgroup kernel. GMEM refs: tiles [5 + n_w, T] i32, x [M, K], w... [P, N, K] (P >= G),
-    (x_scale_t [KB, M] f32, w_scale... [G, NB, KB] f32 when FP8), out [M, N] bf16;
-    SMEM scratch o_smem [block_m, block_n] bf16."""
-    w_gmems, xs_gmem, ws_gmems, o_gmem, (o_smem,) = _split_refs(st, refs)
-    n_tiles = tiles_gmem[4, 0]
-    n_w = len(w_gmems)
+    (x_scale_t [KB, M] f32, w_scale... [G, NB, KB] f32 when FP8), the dense group's weights
+    (and scales), out [M, N] bf16; SMEM scratch o_smem [block_m, block_n] bf16."""
+    r = _split_refs(st, refs)
+    (o_smem,) = r.scratch
+    n_w = len(r.w)
 
-    @plgpu.nd_loop((n_tiles * (st.n // block_n),), collective_axes="sm")
-    def _work(info):
-        g, row0, rows, box, ni, wis = _tile_info(tiles_gmem, info.index[0], n_tiles, n_w)
-        col0 = ni * block_n
+    def run(item: _Item):
+        col0 = item.ni * block_n
         nb = col0 // SCALE_BLOCK
 
-        @pl.when(g >= 0)
+        @_when_computed(item)
         def _compute():
             def step(idxs, x_smem, *rest):
                 (kb,) = idxs
                 xs = rest[n_w].at[0] if st.fp8 else None
-                return _k_step(
-                    st, x_smem, rest[:n_w], xs, rest[-1], lambda i: ws_gmems[i][g, nb, kb]
-                )
+                w_scale = lambda i: item.w_scale(i, nb, kb)
+                return _k_step(st, x_smem, rest[:n_w], xs, rest[-1], w_scale)
 
-            specs, args = _specs_and_args(
-                st, (x_gmem, w_gmems, xs_gmem, ws_gmems), wis, ni, box, st.block_m, block_n
-            )
+            specs, args = _specs_and_args(st, x_gmem, r.xs, item, st.block_m, block_n)
             accs = plgpu.emit_pipeline(
                 step,
-                grid=(st.k // st.block_k,),
+                grid=(item.k_steps,),
                 in_specs=specs,
                 max_concurrent_steps=st.steps,
                 init_carry=tuple(_zeros((st.block_m, block_n)) for _ in range(n_w)),
             )(*args)
             o_smem[...] = _epilogue_value(st, accs).astype(o_smem.dtype)
             plgpu.commit_smem()
-            _store_rows(o_smem, o_gmem, row0 - box, row0, rows, col0, st.block_m, block_n)
+            row0, box = item.row0, item.box
+            _store_rows(o_smem, r.out, row0 - box, row0, item.rows, col0, st.block_m, block_n)
 
-        @pl.when(g < 0)
-        def _zero_fill():
-            o_smem[...] = jnp.zeros((st.block_m, block_n), o_smem.dtype)
-            plgpu.commit_smem()
-            _store_rows(o_smem, o_gmem, 0, row0, rows, col0, st.block_m, block_n)
+        if item.g is not None:
+
+            @pl.when(item.g < 0)
+            def _zero_fill():
+                o_smem[...] = jnp.zeros((st.block_m, block_n), o_smem.dtype)
+                plgpu.commit_smem()
+                _store_rows(o_smem, r.out, 0, item.row0, item.rows, col0, st.block_m, block_n)
+
+    _for_each_item(st, tiles_gmem, r, st.block_m, block_n, run)
 
 
 def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
@@ -320,20 +417,20 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
     The CTA tile is (2*block_m) x block_n (``wg_dim == "m"``: each compute warpgroup owns
     block_m rows) or block_m x (2*block_n) (``"n"``: each owns block_n columns). Same GMEM
     refs as ``_body``; SMEM scratch o_smem [2, block_m, block_n] bf16 (one per warpgroup).
+    The routed and dense-group pipelines have the same block shapes, so they share one allocation.
     """
-    w_gmems, xs_gmem, ws_gmems, o_gmem, (o_smem2,) = _split_refs(st, refs)
-    n_w = len(w_gmems)
+    r = _split_refs(st, refs)
+    (o_smem2,) = r.scratch
+    n_w = len(r.w)
     by_m = st.wg_dim == "m"
     cta_m, cta_n = (2 * st.block_m, block_n) if by_m else (st.block_m, 2 * block_n)
-    n_tiles = tiles_gmem[4, 0]
     wg = lax.axis_index("wg")
-    gm_refs = (x_gmem, w_gmems, xs_gmem, ws_gmems)
 
-    def pipeline(body, ctx, wis, ni, box):
-        specs, _ = _specs_and_args(st, gm_refs, wis, ni, box, cta_m, cta_n)
+    def pipeline(body, ctx, item: _Item):
+        specs, _ = _specs_and_args(st, x_gmem, r.xs, item, cta_m, cta_n)
         return plgpu.emit_pipeline_warp_specialized(
             body,
-            grid=(st.k // st.block_k,),
+            grid=(item.k_steps,),
             memory_registers=40,
             in_specs=specs,
             wg_axis="wg",
@@ -344,25 +441,24 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
 
     ignore = lambda *_, **__: None
     zero = jnp.int32(0)
-    zeros = (zero,) * n_w
-    _, alloc_args = _specs_and_args(st, gm_refs, zeros, zero, zero, cta_m, cta_n)
+    probe_views = tuple(w.at[0, pl.ds(0, cta_n), :] for w in r.w)
+    probe = _Item(zero, zero, zero, zero, zero, probe_views, st.k // st.block_k, None)
+    _, alloc_args = _specs_and_args(st, x_gmem, r.xs, probe, cta_m, cta_n)
 
     @functools.partial(
         pl.run_scoped,
-        allocs=pipeline(ignore, ignore, zeros, zero, zero).get_allocations(*alloc_args),
+        allocs=pipeline(ignore, ignore, probe).get_allocations(*alloc_args),
         collective_axes="wg",
     )
     def _scope(allocs):
-        @plgpu.nd_loop((n_tiles * (st.n // cta_n),), collective_axes="sm")
-        def _work(info):
-            g, row0, rows, box, ni, wis = _tile_info(tiles_gmem, info.index[0], n_tiles, n_w)
-            col0 = ni * cta_n + (0 if by_m else wg * block_n)
+        def run(item: _Item):
+            col0 = item.ni * cta_n + (0 if by_m else wg * block_n)
             nb = col0 // SCALE_BLOCK
             o_smem = o_smem2.at[wg]
             # This warpgroup's rows of the tile, relative to the box: [lo, hi).
             base = wg * st.block_m if by_m else 0
-            lo = jnp.maximum(row0 - box, base)
-            hi = jnp.minimum(row0 - box + rows, base + st.block_m)
+            lo = jnp.maximum(item.row0 - item.box, base)
+            hi = jnp.minimum(item.row0 - item.box + item.rows, base + st.block_m)
             my_rows = jnp.maximum(hi - lo, 0)
 
             def body(idxs, x_smem, *rest):
@@ -374,25 +470,32 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
                 xs = None
                 if st.fp8:
                     xs = rest[n_w].at[0, rows_] if by_m else rest[n_w].at[0]
-                return _k_step(st, x_part, w_parts, xs, rest[-1], lambda i: ws_gmems[i][g, nb, kb])
+                w_scale = lambda i: item.w_scale(i, nb, kb)
+                return _k_step(st, x_part, w_parts, xs, rest[-1], w_scale)
 
             def ctx(eval_pipeline):
                 accs = eval_pipeline(tuple(_zeros((st.block_m, block_n)) for _ in range(n_w)))
                 o_smem[...] = _epilogue_value(st, accs).astype(o_smem.dtype)
                 plgpu.commit_smem()
-                _store_rows(o_smem, o_gmem, lo - base, box + lo, my_rows, col0, st.block_m, block_n)
+                row = item.box + lo
+                _store_rows(o_smem, r.out, lo - base, row, my_rows, col0, st.block_m, block_n)
 
-            @pl.when(g >= 0)
+            @_when_computed(item)
             def _compute():
-                _, args = _specs_and_args(st, gm_refs, wis, ni, box, cta_m, cta_n)
-                pipeline(body, ctx, wis, ni, box)(*args, allocations=allocs)
+                _, args = _specs_and_args(st, x_gmem, r.xs, item, cta_m, cta_n)
+                pipeline(body, ctx, item)(*args, allocations=allocs)
 
-            @pl.when((g < 0) & (wg < 2))
-            def _zero_fill():
-                o_smem[...] = jnp.zeros((st.block_m, block_n), o_smem.dtype)
-                plgpu.commit_smem()
-                z_rows = jnp.clip(rows - base, 0, st.block_m) if by_m else rows
-                _store_rows(o_smem, o_gmem, 0, row0 + base, z_rows, col0, st.block_m, block_n)
+            if item.g is not None:
+
+                @pl.when((item.g < 0) & (wg < 2))
+                def _zero_fill():
+                    o_smem[...] = jnp.zeros((st.block_m, block_n), o_smem.dtype)
+                    plgpu.commit_smem()
+                    z_rows = jnp.clip(item.rows - base, 0, st.block_m) if by_m else item.rows
+                    row = item.row0 + base
+                    _store_rows(o_smem, r.out, 0, row, z_rows, col0, st.block_m, block_n)
+
+        _for_each_item(st, tiles_gmem, r, cta_m, cta_n, run)
 
 
 # Pipeline buffers must fit in Hopper's SMEM (232,448 bytes per CTA) next to the output
@@ -419,7 +522,13 @@ def _cta_shape(config: TuningConfig, block_n: int) -> tuple[int, int]:
 
 
 def _make_static(
-    x, weights, num_groups: int, fp8: bool, config: TuningConfig, zero_tail: bool
+    x,
+    weights,
+    num_groups: int,
+    fp8: bool,
+    config: TuningConfig,
+    zero_tail: bool,
+    dense: DenseGroup | None = None,
 ) -> _Static:
     m, k = x.shape
     g, n = num_groups, weights[0].shape[1]
@@ -450,6 +559,10 @@ def _make_static(
         steps=steps,
         compute_wgs=config.num_compute_wgs,
         wg_dim=config.wg_dim,
+        dense_row0=dense.row0 if dense else 0,
+        dense_rows=dense.rows if dense else 0,
+        dense_n=dense.n if dense else 0,
+        dense_k=dense.k if dense else 0,
     )
 
 
@@ -486,6 +599,7 @@ def grouped_gemm_mgpu(
     config: TuningConfig,
     zero_tail: bool = True,
     group_offset=0,
+    dense: DenseGroup | None = None,
 ):
     """Grouped GEMM on Hopper; ``weights`` is ``(w,)`` or ``(w_gate, w_up)`` for SwiGLU.
 
@@ -495,6 +609,9 @@ def grouped_gemm_mgpu(
     w_scales ([G, N/128, K/128] f32,) * len(weights) for FP8 (indexed by g, not by the
     offset). Returns [M, N] bf16. Rows past sum(group_sizes) are zero iff ``zero_tail``
     (otherwise unspecified: ``moe_ffn`` masks them anyway and skips the write traffic).
+    ``dense``: one more group with weights of its own over a static row range after the
+    routed rows (`DenseGroup`; its row0 a multiple of 8, its N a multiple of the CTA tile
+    width, its K of 128); the routed groups and the zero tail then end at its row0.
     """
     if not available():
         raise NotImplementedError("this jax has no usable jax.experimental.pallas.mosaic_gpu")
@@ -504,6 +621,11 @@ def grouped_gemm_mgpu(
     box_m, cta_n = _cta_shape(config, block_n)
     if n % cta_n:
         raise ValueError(f"N={n} must be a multiple of the CTA tile width {cta_n}")
+    if dense is not None and (dense.row0 % 8 or dense.n % cta_n or dense.k % SCALE_BLOCK):
+        raise ValueError(
+            f"dense group: row0={dense.row0} must be a multiple of 8, N_d={dense.n} of the CTA "
+            f"tile width {cta_n} and K_d={dense.k} of {SCALE_BLOCK}"
+        )
     m_ok = max(box_m, -(-m // 8) * 8)
     if m != m_ok:  # TMA boxes are box_m rows on multiples of 8 inside x: pad odd/tiny M
         pad = ((0, m_ok - m), (0, 0))
@@ -516,15 +638,19 @@ def grouped_gemm_mgpu(
             config=config,
             zero_tail=zero_tail,
             group_offset=group_offset,
+            dense=dense,
         )
         return out[:m]
     fp8 = x_scale is not None
-    st = _make_static(x, weights, group_sizes.shape[0], fp8, config, zero_tail)
+    st = _make_static(x, weights, group_sizes.shape[0], fp8, config, zero_tail, dense)
     offsets = group_offset if isinstance(group_offset, tuple) else (group_offset,) * len(weights)
     if len(offsets) != len(weights):
         raise ValueError(f"group_offset: one per weight ({len(weights)}), got {len(offsets)}")
-    table = _tile_table(group_sizes, m, box_m, st.max_tiles, zero_tail, offsets)
+    limit = None if dense is None else dense.row0
+    table = _tile_table(group_sizes, m, box_m, st.max_tiles, zero_tail, offsets, limit)
     operands = [table, x, *weights]
     if fp8:
         operands += [x_scale.astype(jnp.float32).T, *(s.astype(jnp.float32) for s in w_scales)]
+    if dense is not None:
+        operands += [*dense.weights, *(s.astype(jnp.float32) for s in dense.w_scales)]
     return _make_kernel(st, config)(*operands)

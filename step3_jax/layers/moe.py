@@ -119,12 +119,19 @@ def experts_grouped(
     w_down,
     first_expert=0,
     implementation: str | None = None,
+    shared=None,
 ) -> Float[Array, "M D"]:
     """Sorted, grouped expert computation (see `step3_jax.kernels.grouped_gemm.moe_ffn`);
     `ExpertPool` weights are read in place at their offsets. ``x`` may be
     `QuantizedActivations` (the AFD packet): FP8 experts on bf16 activations read it as it is,
-    anything else its dequantized value. Returns x's dtype."""
+    anything else its dequantized value. ``shared``: the shared expert's ``(gate, up, down)``
+    (`shared_in_routed_launch`), run inside the same launches and added. Returns x's dtype."""
     kw = {}
+    if shared is not None:
+        parts = [split_fp8(w) for w in shared]
+        scales = tuple(sc for _, sc in parts)
+        kw["shared"] = tuple(v for v, _ in parts)
+        kw["shared_scales"] = None if scales[0] is None else scales
     if isinstance(w_gate, ExpertPool):
         pools = (w_gate, w_up, w_down)
         (wg, sg), (wu, su), (wd, sd) = ((p.values, p.scale) for p in pools)
@@ -143,6 +150,44 @@ def experts_grouped(
         x, ids, weights, wg, wu, wd, first_expert=first_expert, implementation=implementation, **kw
     )
     return out.astype(out_dtype)
+
+
+def _fp8_kind(w) -> str:
+    """ "block" for a 2-D block-scaled `Fp8Weight` (or a pool of them), "plain" for an array,
+    "other" for any other FP8 format (per-channel, several contracted axes)."""
+    if isinstance(w, ExpertPool):
+        return "plain" if w.scale is None else "block"
+    if isinstance(w, Fp8Weight):
+        ok = w.granularity == "block" and w.num_contract == 1
+        return "block" if ok else "other"
+    return "plain"
+
+
+def shared_in_routed_launch(shared, routed, choice: str | None):
+    """The shared expert's ``(gate, up, down)`` when it runs inside the routed experts'
+    grouped launches (`KernelPolicy.shared_expert`: "routed", or None where it fits), else
+    None (it runs as its own SwiGLU). It fits when its weights have the routed experts'
+    format (both block-FP8 or both float of one dtype) and its width F_s is at most the
+    experts' F (and a multiple of 128 when F is: the Pallas kernel's granule, so fusing never
+    moves the routed experts off it). ``choice == "routed"`` where it does not fit raises."""
+    if shared is None or choice == "own":
+        return None
+    ws = (shared.gate_proj[...], shared.up_proj[...], shared.down_proj[...])
+    r_gate = routed[0]
+    kinds = {_fp8_kind(w) for w in ws}
+    f, f_s = r_gate.shape[1], ws[0].shape[0]
+    values = lambda w: w.values if isinstance(w, (ExpertPool, Fp8Weight)) else w
+    same_dtype = len({values(w).dtype for w in (*ws, r_gate)}) == 1
+    why = None
+    if kinds != {_fp8_kind(r_gate)} or "other" in kinds or not same_dtype:
+        why = "the shared expert's weights are not in the routed experts' format"
+    elif f_s > f or (f % 128 == 0 and f_s % 128):
+        why = f"shared width {f_s} does not fit the experts' F={f} launch"
+    if why is None:
+        return ws
+    if choice == "routed":
+        raise ValueError(f"KernelPolicy.shared_expert='routed': {why}")
+    return None
 
 
 class MoE(nnx.Module):
@@ -188,12 +233,14 @@ class MoE(nnx.Module):
         implementation: str | None = None,
         gemm: str | None = None,
         first_expert=0,
+        shared: str | None = None,
     ) -> Float[Array, "... D"]:
         """Routed + shared expert output for ``h`` (already normalized), in the module dtype.
 
         ``routing=(weights [..., K] f32, ids [..., K] int32)`` skips the router (the
         disaggregated runtime computes it on the attention side). ``implementation``: the
-        routed experts' (`KernelPolicy.moe`); ``gemm``: FP8 linears' (`KernelPolicy.gemm`).
+        routed experts' (`KernelPolicy.moe`); ``gemm``: FP8 linears' (`KernelPolicy.gemm`);
+        ``shared``: where the shared expert runs (`KernelPolicy.shared_expert`).
         ``first_expert`` (may be traced): global id of this module's first stacked expert.
         """
         if implementation not in MOE_IMPLEMENTATIONS:
@@ -209,13 +256,18 @@ class MoE(nnx.Module):
         x2 = h.reshape(-1, h.shape[-1])
         w2, i2 = weights.reshape(-1, self.top_k), ids.reshape(-1, self.top_k)
         experts = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        fused = None
+        if implementation != "dense":
+            fused = shared_in_routed_launch(self.shared_expert, experts, shared)
+        elif shared == "routed":
+            raise ValueError("KernelPolicy.shared_expert='routed' needs grouped routed experts")
         with jax.named_scope("routed_experts"):
             if implementation == "dense":
                 out = experts_dense(x2, w2, i2, *experts, first_expert, implementation=gemm)
             else:
-                out = experts_grouped(x2, w2, i2, *experts, first_expert, implementation)
+                out = experts_grouped(x2, w2, i2, *experts, first_expert, implementation, fused)
             out = out.reshape(*lead, h.shape[-1])
-        if self.shared_expert is not None:
+        if self.shared_expert is not None and fused is None:
             with jax.named_scope("shared_expert"):
                 out = out + self.shared_expert(h, implementation=gemm)
         return out

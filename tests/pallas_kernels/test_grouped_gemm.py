@@ -31,6 +31,7 @@ from step3_jax import quant
 from step3_jax.kernels.grouped_gemm import api, moe
 from step3_jax.kernels.grouped_gemm import reference as ref
 from step3_jax.kernels.grouped_gemm.config import TuningConfig
+from step3_jax.kernels.grouped_gemm.dense_group import DenseGroup
 
 
 def _has_hopper() -> bool:
@@ -302,6 +303,115 @@ def test_moe_ffn_bf16_and_shared(impl):
         x, jnp.ones((40, 1), jnp.int32), jnp.ones((40, 1)), *[w.astype(jnp.float32) for w in wb]
     )
     assert _cos_diff(sh.astype(jnp.float32), one) <= 2e-4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n_w", [1, 2])
+def test_dense_group_rides_the_routed_launch(impl, n_w):
+    """A dense group (own weights [N_d, K_d], N_d < N, K_d < K, rows after the routed ones)
+    gives what a one-group call on its rows and columns gives, and leaves the routed rows as
+    they are without it: the same operands and K order, so bitwise on both paths."""
+    gs_list, m, row0, rows = [37, 0, 64, 1, 20], 200, 128, 72
+    _, _, ws, gs = _fp8_case(21, gs_list, m, k=384, n=384, n_w=n_w)
+    xq, xs = quant.quantize_activations(jax.random.normal(jax.random.key(20), (m, 384)))
+    total = int(np.sum(gs_list))
+    between = (jnp.arange(m) >= total) & (jnp.arange(m) < row0)
+    xs = jnp.where(between[:, None], jnp.nan, xs)  # rows of no group: must not leak
+    n_d, k_d = 128, 256
+    keys = jax.random.split(jax.random.key(22), n_w)
+    dense = [quant.quantize_weight_blocks(jax.random.normal(kk, (n_d, k_d))) for kk in keys]
+    group = DenseGroup(
+        tuple(w for w, _ in dense), tuple(sc for _, sc in dense), row0=row0, rows=rows
+    )
+    wv, sv = tuple(w for w, _ in ws), tuple(sc for _, sc in ws)
+    kw = dict(implementation=impl, zero_tail=False)
+    got = api.grouped(xq, wv, gs, x_scale=xs, w_scales=sv, dense=group, **kw)
+    routed = api.grouped(xq, wv, gs, x_scale=xs, w_scales=sv, **kw)
+    np.testing.assert_array_equal(np.asarray(got[:total]), np.asarray(routed[:total]))
+    one = api.grouped(
+        xq[row0 : row0 + rows, :k_d],
+        tuple(w[None] for w in group.weights),
+        np.asarray([rows], np.int32),
+        x_scale=xs[row0 : row0 + rows, : k_d // 128],
+        w_scales=tuple(sc[None] for sc in group.w_scales),
+        **kw,
+    )
+    np.testing.assert_array_equal(np.asarray(got[row0 : row0 + rows, :n_d]), np.asarray(one))
+    # ... and that one-group call is right (float32 oracle, the bound of the module docstring).
+    x32 = ref.dequantize_x(xq[row0 : row0 + rows, :k_d], xs[row0 : row0 + rows, : k_d // 128])
+    w32 = [ref.dequantize_w(w[None], sc[None]) for w, sc in dense]
+    one_gs = jnp.asarray([rows], jnp.int32)
+    outs = [ref.grouped_matmul(x32, w, one_gs) for w in w32]
+    if n_w == 1:
+        _assert_close(one, outs[0], _bound(x32, w32[0], one_gs, outs[0]))
+    else:
+        want = jax.nn.silu(outs[0]) * outs[1]
+        eg, eu = (_bound(x32, w, one_gs, o) for w, o in zip(w32, outs, strict=True))
+        bound = 1.1 * jnp.abs(outs[1]) * eg + jnp.abs(jax.nn.silu(outs[0])) * eu
+        _assert_close(one, want, bound + 2.0**-8 * jnp.abs(want))
+
+
+def test_dense_group_validation():
+    xq, xs, [(w, sc)], gs = _fp8_case(23, [10, 10, 10, 10, 10], 64)
+    wd, sd = quant.quantize_weight_blocks(jnp.ones((128, 128)))
+    call = lambda g: api.grouped(xq, (w,), gs, x_scale=xs, w_scales=(sc,), dense=g)
+    with pytest.raises(ValueError, match="rows"):
+        call(DenseGroup((wd,), (sd,), row0=56, rows=16))  # past x's 64 rows
+    with pytest.raises(ValueError, match="w_scales"):
+        call(DenseGroup((wd,), (), row0=48, rows=16))
+    with pytest.raises(ValueError, match="fit"):
+        big, bs = quant.quantize_weight_blocks(jnp.ones((384, 128)))
+        call(DenseGroup((big,), (bs,), row0=48, rows=16))  # N_d > N
+    with pytest.raises(ValueError, match="weight"):
+        call(DenseGroup((wd, wd), (sd, sd), row0=48, rows=16))  # two weights, one routed
+    with pytest.raises(TypeError, match="DenseGroup"):
+        call((wd,))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fp8", [True, False])
+def test_moe_ffn_shared_expert_in_the_routed_launch(impl, fp8):
+    """moe_ffn(shared=...) == routed experts + the shared expert run on its own, on an
+    expert-parallel shard with a shared slice narrower than F (the 1A3F FFN device's case:
+    1,792 of 5,120), and == the float32 oracle."""
+    t, f_s = 45, 128  # T*K = 135 sorted rows: the shared rows start at 136
+    x, ids, rw, ws = _moe_case(31, t=t)
+    ks = jax.random.split(jax.random.key(32), 3)
+    d = x.shape[1]
+    sh = [
+        jax.random.normal(kk, s) / np.sqrt(s[1])
+        for kk, s in zip(ks, [(f_s, d)] * 2 + [(d, f_s)], strict=True)
+    ]
+    a, b = 2, 6  # this device's experts
+    if fp8:
+        (qv, qs), (sv, ss) = _fp8_weights([w[a:b] for w in ws]), _fp8_weights(sh)
+        kw = dict(w_gate_scale=qs[0], w_up_scale=qs[1], w_down_scale=qs[2])
+    else:
+        qv, sv = [w[a:b].astype(jnp.bfloat16) for w in ws], [w.astype(jnp.bfloat16) for w in sh]
+        kw, ss = {}, None
+    kw |= dict(first_expert=a, implementation=impl)
+    got = moe.moe_ffn(x, ids, rw, *qv, shared=tuple(sv), shared_scales=ss, **kw)
+    routed = moe.moe_ffn(x, ids, rw, *qv, **kw).astype(jnp.float32)
+    sk = (
+        {}
+        if ss is None
+        else dict(zip(("w_gate_scale", "w_up_scale", "w_down_scale"), ss, strict=True))
+    )
+    alone = moe.shared_expert_ffn(x, *sv, implementation=impl, **sk).astype(jnp.float32)
+    # Both forms round routed and shared outputs to bf16 (u = 2**-8); the fused one adds them
+    # in f32 and rounds once, the separate one rounds the sum again; a shared output may also
+    # round the other way after a different f32 summation order (XLA path): 2u |shared|.
+    u = 2.0**-8
+    bound = u * (jnp.abs(routed) + 2 * jnp.abs(alone) + jnp.abs(routed + alone)) + 1e-6
+    _assert_close(got, routed + alone, bound)
+    # The float32 oracle: the routed experts plus the shared one as a one-expert MoE.
+    scale_kw = {k: v for k, v in kw.items() if k.endswith("scale")}
+    want = ref.moe_ffn(x, ids, rw, *qv, first_expert=a, **scale_kw)
+    one = dict(zip(("w_gate_scale", "w_up_scale", "w_down_scale"), ss or (None,) * 3, strict=True))
+    one = {k: None if v is None else v[None] for k, v in one.items()}
+    ones = (jnp.zeros((t, 1), jnp.int32), jnp.ones((t, 1)))
+    want = want + ref.moe_ffn(x, *ones, *(w[None] for w in sv), **one)
+    assert _cos_diff(got.astype(jnp.float32), want) <= (4e-3 if fp8 else 2e-4)
 
 
 def test_default_implementation_on_cpu_is_xla_without_warning():

@@ -9,6 +9,7 @@ import pytest
 
 from step3_jax.kernels.grouped_gemm import mosaic_gpu
 from step3_jax.kernels.grouped_gemm.config import TuningConfig, dense_config, tuned_config
+from step3_jax.kernels.grouped_gemm.dense_group import DenseGroup
 
 pytestmark = pytest.mark.skipif(not mosaic_gpu.available(), reason="no Mosaic GPU Pallas API")
 
@@ -84,6 +85,44 @@ def test_lowers_for_cuda_with_a_traced_pool_offset():
             w_scales=(ws, ws),
             config=TuningConfig(num_sms=132),
             group_offset=off,
+        )
+
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("wgs,wg_dim", [(1, "n"), (2, "n"), (2, "m")])
+@pytest.mark.parametrize("mode", ["fp8", "fp8_swiglu", "bf16"])
+def test_dense_group_lowers_for_cuda(mode, wgs, wg_dim):
+    """A dense group (the shared expert in the routed launch: its own [N_d, K_d] weights,
+    N_d < N and K_d < K, rows after the routed ones) lowers in every kernel variant."""
+    m, k, n, g, n_d, k_d = 200, 384, 512, 3, 256, 256
+    fp8 = mode.startswith("fp8")
+    dt = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
+    n_w = 2 if "swiglu" in mode else 1
+    cfg = TuningConfig(num_sms=132, num_compute_wgs=wgs, wg_dim=wg_dim)
+    shape = jax.ShapeDtypeStruct
+    args = (
+        shape((m, k), dt),
+        shape((g, n, k), dt),
+        shape((g,), jnp.int32),
+        shape((m, k // 128), jnp.float32),
+        shape((g, n // 128, k // 128), jnp.float32),
+        shape((n_d, k_d), dt),
+        shape((n_d // 128, k_d // 128), jnp.float32),
+    )
+
+    def f(x, w, gs, xs, ws, wd, wds):
+        dense = DenseGroup((wd,) * n_w, (wds,) * n_w if fp8 else (), row0=136, rows=64)
+        return mosaic_gpu.grouped_gemm_mgpu(
+            x,
+            (w,) * n_w,
+            gs,
+            x_scale=xs if fp8 else None,
+            w_scales=(ws,) * n_w if fp8 else None,
+            config=cfg,
+            zero_tail=False,
+            dense=dense,
         )
 
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
