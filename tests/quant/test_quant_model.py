@@ -383,7 +383,11 @@ def test_o_quant_attention_hands_o_proj_fp8_o():
     is block-FP8 over heads a multiple of 128 wide, and not otherwise. The XLA forms quantize o per 128 columns
     whichever side does it (a float32 model's GEMM dequantizes the FP8 o and quantizes it
     again: the same value up to a scale rounding), so the logits agree with "gemm" to f32
-    rounding."""
+    rounding, except where an element of o sits at an e4m3 rounding boundary: the two
+    programs fuse the attention output differently, its f32 value can differ by a rounding,
+    and that element then lands one e4m3 step apart (on an AMD EPYC CPU: one of 24
+    positions, 1.6e-3 in its logits, the others <= 5e-6). So most positions agree to 1e-5
+    and every one within the 5e-3 band of the FP8 model against its NumPy reference."""
     cfg = dataclasses.replace(Step3Config.tiny(), head_dim=128)
     kw = dict(dtype=jnp.float32, param_dtype=jnp.float32)
     float_model = Step3Model(cfg, rngs=nnx.Rngs(5), **kw)
@@ -409,6 +413,7 @@ def test_o_quant_attention_hands_o_proj_fp8_o():
     for o_quant in ("attention", "gemm"):
         model.policy = KernelPolicy(attention="xla", gemm="xla", moe="dense", o_quant=o_quant)
         logits[o_quant] = _cached_logits(model, tokens, Precision("fp8"))
-    np.testing.assert_allclose(logits["attention"], logits["gemm"], atol=1e-5, rtol=0)
+    diff = np.max(np.abs(logits["attention"] - logits["gemm"]), axis=-1)  # per position
+    assert np.mean(diff <= 1e-5) >= 0.9 and np.max(diff) <= 5e-3, diff
     with pytest.raises(ValueError, match="KernelPolicy.o_quant"):
         KernelPolicy(o_quant="kernel")
