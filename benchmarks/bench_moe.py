@@ -105,7 +105,8 @@ def sorted_rows(ids, first, e_local):
 
 def bench_case(t, e_local, weights, scales, shared, cfg, baselines, fp8_tf):
     """All timings of one (T, E_local) case; returns its row: the whole layer (routed +
-    shared) timed by the harness over the weight bytes it touches, the GEMMs beside it."""
+    shared) timed by the harness over the weight bytes it touches, the same layer with the
+    shared expert inside the routed launches (``shared_routed``), the GEMMs beside it."""
     key = jax.random.key(t)
     x = (jax.random.normal(key, (t, D), jnp.float32)).astype(jnp.bfloat16)
     ids, rw = routing(jax.random.key(t + 1), t)
@@ -136,6 +137,20 @@ def bench_case(t, e_local, weights, scales, shared, cfg, baselines, fp8_tf):
     )  # fmt: skip
     res = row.to_dict()
     res["layer_ms"] = row.time_us / 1e3
+    # The same layer with the shared expert as one more group of the routed launches
+    # (`moe_ffn(shared=)`, `KernelPolicy.shared_expert="routed"`), same bytes and FLOPs.
+    fused = jax.jit(
+        lambda x, ids, rw, wg, wu, wd, sg, su, sd, shw: moe.moe_ffn(
+            x, ids, rw, wg, wu, wd, w_gate_scale=sg, w_up_scale=su, w_down_scale=sd,
+            shared=shw[:3], shared_scales=shw[3:], **kw,
+        )
+    )  # fmt: skip
+    frow = harness.measure(
+        fused, [(x, ids, rw, wg, wu, wd, sg, su, sd, shared)],
+        bytes=(active + 1) * wbytes_expert, flops=flops, name="moe_layer_shared_routed",
+        shape={"T": t, "E_local": e_local},
+    )  # fmt: skip
+    res["shared_routed"] = {k: frow.to_dict()[k] for k in ("time_us", "GBps", "pct_of_copy")}
     # Individual GEMMs on already-sorted FP8 rows.
     xq = jax.random.normal(key, (max(rows, 1), D), jnp.float32).astype(jnp.float8_e4m3fn)
     xs = jnp.full((max(rows, 1), D // 128), 1 / 448, jnp.float32)

@@ -131,7 +131,9 @@
 #   (`--shared-expert own|routed`), 256 and 512 tokens a tick, one process each; then an
 #   8-layer trace at 512 tokens with it routed (where the shared slice's time went).
 # call 21 (issue 13, H200 only: ~96 GiB): the full-size FFN role with the shared expert routed,
-#   256 and 512 tokens, one process each (feeds `step3-jax cost simulate --measured`).
+#   256 and 512 tokens, one process each (feeds `step3-jax cost simulate --measured`); first
+#   the whole MoE layer (`bench_moe.py`, E = 48 and the 16-expert shard, full-width shared
+#   expert) with the shared expert on its own and in the routed launches (`shared_routed`).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -309,7 +311,9 @@ case "$CALL" in
     ;;
   21)
     FULL="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 $AFD_ROLE --full --role ffn --shared-expert routed"
+    MOE="python3 benchmarks/bench_moe.py --shards 48,16 --tokens 64,256,512,1024 --shard-tokens 256,512 --sweep-tokens '' --baseline-tokens ''"
     $RUN -t 60 "$OUT_DIR/call21" \
+      "@120 $MOE --out \$OUT/moe_shared_routed.json" \
       "@150 $FULL --runs 1x256 --out \$OUT/ffn_full_256_routed.json" \
       "@150 $FULL --runs 1x512 --out \$OUT/ffn_full_512_routed.json"
     ;;
