@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from step3_jax.config import Step3Config  # noqa: E402
 from step3_jax.cost import simulator  # noqa: E402
+from step3_jax.kernels.grouped_gemm import moe as grouped_moe  # noqa: E402
 from step3_jax.policy import KernelPolicy  # noqa: E402
 from step3_jax.sharding import afd as afd_module  # noqa: E402
 from step3_jax.sharding.afd import AfdConfig, AfdExecutor  # noqa: E402
@@ -447,6 +448,13 @@ def main(argv=None) -> dict:
         help="--role both: exchange time per layer for the simulator's prediction",
     )
     p.add_argument("--experts-copied", action="store_true", help="control: slice experts")
+    p.add_argument(
+        "--moe-dispatch",
+        default="auto",
+        choices=["auto", "sort"],
+        help="control: 'sort' orders the MoE (token, k) pairs by a sort kernel at every size "
+        "(the compare-and-count rank is used up to moe.RANK_BY_COUNT_MAX_PAIRS pairs)",
+    )
     p.add_argument("--qkv-order", default="auto", choices=QKV_ORDERS, help=QKV_HELP)
     p.add_argument(
         "--runs", default="", help="'MxBm,...' (micro-batches x sequences each); overrides "
@@ -455,6 +463,8 @@ def main(argv=None) -> dict:
     p.add_argument("--stage-runs", type=int, default=99, help="stage breakdown for the first N")
     args = p.parse_args(argv)
     set_qkv_order(args.qkv_order)
+    if args.moe_dispatch == "sort":
+        grouped_moe.RANK_BY_COUNT_MAX_PAIRS = 0
     layout = AfdLayout.parse(args.layout, ffn_ep=args.ffn_ep)
     devices = jax.devices()[: 1 if args.role else layout.num_devices]
     cfg = bench_config(args.layers, args.tiny, args.full)

@@ -24,7 +24,8 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 19 $OUT  # H200 only
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 20 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 21 $OUT  # H200 only
-# Still to run (as of 2026-12-06): 20, 21, and 19 on an H200 (it ran on an H100 at 76ea946);
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 22 $OUT  # any Hopper
+# Still to run (as of 2026-12-06): 21, 22, and 19 on an H200 (it ran on an H100 at 76ea946);
 # calls 1, 2 and 12-18 have run (docs/LOG.md). Call 2's FFN rows and 512-sequence attention
 # rows ran out of memory (one process for several full-size runs); call 18 ran them one per
 # process.
@@ -134,6 +135,10 @@
 #   256 and 512 tokens, one process each (feeds `step3-jax cost simulate --measured`); first
 #   the whole MoE layer (`bench_moe.py`, E = 48 and the 16-expert shard, full-width shared
 #   expert) with the shared expert on its own and in the routed launches (`shared_routed`).
+# call 22 (issue 13, any Hopper, ~4 min): the grouped-GEMM GPU tests, then the FFN role on 24
+#   layers (shared expert routed) with the MoE pairs ordered by the sort kernel
+#   (`--moe-dispatch sort`) and by the compare-and-count rank (the default up to 2,048 pairs),
+#   256 and 512 tokens. Predicted: -10 us a MoE layer (sort 12.6 + scatter 1.2 us -> ~4 us).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -317,5 +322,12 @@ case "$CALL" in
       "@150 $FULL --runs 1x256 --out \$OUT/ffn_full_256_routed.json" \
       "@150 $FULL --runs 1x512 --out \$OUT/ffn_full_512_routed.json"
     ;;
-  *) echo "call must be 1 to 21, got $CALL" >&2; exit 2 ;;
+  22)
+    ROLE="$AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24 --shared-expert routed"
+    $RUN -t 40 "$OUT_DIR/call22" \
+      "@100 $GPU_TESTS tests/pallas_kernels/test_grouped_gemm.py" \
+      "@80 $ROLE --moe-dispatch sort --out \$OUT/ffn24_dispatch_sort.json" \
+      "@80 $ROLE --out \$OUT/ffn24_dispatch_count.json"
+    ;;
+  *) echo "call must be 1 to 22, got $CALL" >&2; exit 2 ;;
 esac

@@ -521,10 +521,14 @@ def test_moe_ffn_reads_experts_in_place_from_a_pool(impl):
         api.grouped_matmul(x, pools[0].astype(jnp.bfloat16), jnp.asarray([4, 4], jnp.int32))
 
 
-@pytest.mark.parametrize("tk,k,e_local,first", [(768, 3, 16, 16), (24, 1, 1, 0), (300, 3, 48, 0)])
+@pytest.mark.parametrize(
+    "tk,k,e_local,first",
+    [(768, 3, 16, 16), (24, 1, 1, 0), (300, 3, 48, 0), (2049, 1, 16, 0), (2048, 2, 16, 8)],
+)
 def test_dispatch_is_the_stable_sort_by_local_expert(tk, k, e_local, first):
     """`moe._dispatch`: the stable order of the (token, route) pairs by local expert
-    (non-local pairs last), its inverse, and the per-expert counts."""
+    (non-local pairs last), its inverse, and the per-expert counts; by compare-and-count up
+    to `RANK_BY_COUNT_MAX_PAIRS` pairs, by a sort past it (2,049)."""
     ids = jnp.asarray(np.random.default_rng(tk).integers(0, 48, (tk // k, k)), jnp.int32)
     order, inverse, valid, sizes = moe._dispatch(ids, first, e_local)
     local = np.asarray(ids).reshape(-1) - first
