@@ -375,9 +375,34 @@ def test_decoder_layer_names_its_pieces_in_the_hlo():
 
     text = lowered(s3.KernelPolicy())
     scopes = ("input_norm", "qkv_proj", "inter_norm", "wq", "rope", "kv_write", "attend")
-    scopes += ("o_proj", "post_norm", "router", "moe/routed_experts")
+    scopes += ("o_proj", "post_norm", "router", "moe/routed_experts", "moe/shared_expert")
     missing = [s for s in scopes if f"/{s}/" not in text]
     assert not missing, f"name scopes missing from the lowered layer: {missing}"
-    # The shared expert rides the routed launches by default; on its own it has its scope.
-    assert "/moe/shared_expert/" not in text
-    assert "/moe/shared_expert/" in lowered(s3.KernelPolicy(shared_expert="own"))
+    # As one more group of the routed launches the shared expert has no scope of its own
+    # (the default does that only for a slice at most half the experts' width).
+    assert "/moe/shared_expert/" not in lowered(s3.KernelPolicy(shared_expert="routed"))
+
+
+def test_where_the_shared_expert_runs():
+    """`KernelPolicy.shared_expert`: None puts the shared expert in the routed launches only
+    for a slice at most half the experts' width (measured to pay); "routed" forces it where
+    the shapes allow, and raises where they do not; the outputs agree either way."""
+    from step3_jax.layers.moe import MoE, shared_in_routed_launch
+
+    def moe(shared_dim):
+        return MoE(64, 4, 2, 32, shared_dim, rngs=nnx.Rngs(3), dtype=jnp.float32,
+                   param_dtype=jnp.float32)  # fmt: skip
+
+    def fused(m, choice):
+        experts = (m.gate_proj[...], m.up_proj[...], m.down_proj[...])
+        return shared_in_routed_launch(m.shared_expert, experts, choice) is not None
+
+    slice_, full, wide = moe(16), moe(32), moe(48)
+    assert fused(slice_, None) and not fused(full, None) and not fused(wide, None)
+    assert fused(full, "routed") and not fused(slice_, "own")
+    with pytest.raises(ValueError, match="shared_expert='routed'"):
+        fused(wide, "routed")  # F_s > F
+    h = jax.random.normal(jax.random.key(4), (5, 64), jnp.float32)
+    for m in (slice_, full):
+        own, routed = (m(h, implementation="xla", shared=c) for c in ("own", "routed"))
+        np.testing.assert_allclose(np.asarray(routed), np.asarray(own), rtol=1e-5, atol=1e-5)
