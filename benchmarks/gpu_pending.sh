@@ -132,9 +132,8 @@
 #   (`--shared-expert own|routed`), 256 and 512 tokens a tick, one process each; then an
 #   8-layer trace at 512 tokens with it routed (where the shared slice's time went).
 # call 21 (issue 13, H200 only: ~96 GiB): the full-size FFN role with the shared expert routed,
-#   256 and 512 tokens, one process each (feeds `step3-jax cost simulate --measured`); first
-#   the whole MoE layer (`bench_moe.py`, E = 48 and the 16-expert shard, full-width shared
-#   expert) with the shared expert on its own and in the routed launches (`shared_routed`).
+#   256 and 512 tokens, one process each (feeds `step3-jax cost simulate --measured`). (The
+#   whole-layer `bench_moe.py` row it also held ran on an H100 instead, commit 4a2dfd9.)
 # call 22 (issue 13, any Hopper, ~4 min): the grouped-GEMM GPU tests, then the FFN role on 24
 #   layers (shared expert routed) with the MoE pairs ordered by the sort kernel
 #   (`--moe-dispatch sort`) and by the compare-and-count rank (the default up to 2,048 pairs),
@@ -316,9 +315,7 @@ case "$CALL" in
     ;;
   21)
     FULL="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 $AFD_ROLE --full --role ffn --shared-expert routed"
-    MOE="python3 benchmarks/bench_moe.py --shards 48,16 --tokens 64,256,512,1024 --shard-tokens 256,512 --sweep-tokens '' --baseline-tokens ''"
     $RUN -t 60 "$OUT_DIR/call21" \
-      "@120 $MOE --out \$OUT/moe_shared_routed.json" \
       "@150 $FULL --runs 1x256 --out \$OUT/ffn_full_256_routed.json" \
       "@150 $FULL --runs 1x512 --out \$OUT/ffn_full_512_routed.json"
     ;;
