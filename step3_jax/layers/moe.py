@@ -135,7 +135,7 @@ def experts_grouped(
     if isinstance(w_gate, ExpertPool):
         pools = (w_gate, w_up, w_down)
         (wg, sg), (wu, su), (wd, sd) = ((p.values, p.scale) for p in pools)
-        kw = dict(num_local_experts=w_gate.count, weight_offset=tuple(p.offset for p in pools))
+        kw |= dict(num_local_experts=w_gate.count, weight_offset=tuple(p.offset for p in pools))
     else:
         (wg, sg), (wu, su), (wd, sd) = split_fp8(w_gate), split_fp8(w_up), split_fp8(w_down)
     if sg is not None:
