@@ -36,9 +36,9 @@ O_QUANT = ("attention", "gemm", None)
 # two grouped-GEMM launches (`step3_jax.kernels.grouped_gemm.DenseGroup`: its compute-bound
 # tiles overlap the routed tiles' weight streaming; it then follows ``moe``'s implementation),
 # "own" as a SwiGLU of its own (``gemm``'s linears). None: "routed" where the layout allows
-# it (grouped routed experts, the shared weights in the experts' format) and it was measured
-# to pay: a shared width at most half the experts' (an AFD FFN device's slice: -58 to -89 us
-# a layer on an H100), else "own" (the full-width shared expert of one device lost 6-68%).
+# it (grouped routed experts, the shared weights in the experts' format) and the shared width
+# is at most half the experts' (an AFD FFN device's slice), else "own" (the full-width shared
+# expert of one device lost 6-68% fused on an H100; docs/LOG.md).
 SHARED_EXPERT = ("routed", "own", None)
 # XLA options of the programs whose plain (non-Pallas) GEMMs should be cuBLAS calls on a GPU:
 # the compiled AFD step (`step3_jax.sharding.afd`) and the vision tower

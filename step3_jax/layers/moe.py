@@ -164,10 +164,9 @@ def _fp8_kind(w) -> str:
 
 
 # `KernelPolicy.shared_expert=None` puts the shared expert in the routed launches only when it
-# is at most this fraction of the experts' width F. Measured on an H100: a 1,792-wide slice
-# beside 5,120-wide experts (an AFD FFN device) gains 58-89 us a layer; the full-width shared
-# expert of one device (F_s = F) loses 6-68% at T = 256-512 (docs/LOG.md, "The shared expert
-# in the routed launch").
+# is at most this fraction of the experts' width F (an AFD FFN device's 1,792 of 5,120). The
+# full-width shared expert of one device (F_s = F) lost 6-68% fused at T = 256-512 on an
+# H100 (docs/LOG.md, "The shared expert in the routed launch").
 SHARED_ROUTED_MAX_WIDTH = 0.5
 
 
