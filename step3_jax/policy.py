@@ -33,12 +33,11 @@ VISION_ATTENTION_IMPLEMENTATIONS = ("cudnn", "xla", None)
 # epilogue").
 O_QUANT = ("attention", "gemm", None)
 # Where the MoE layer's shared expert runs: "routed" as one more group of the routed experts'
-# two grouped-GEMM launches (`step3_jax.kernels.grouped_gemm.DenseGroup`: its compute-bound
-# tiles overlap the routed tiles' weight streaming; it then follows ``moe``'s implementation),
-# "own" as a SwiGLU of its own (``gemm``'s linears). None: "routed" where the layout allows
-# it (grouped routed experts, the shared weights in the experts' format) and the shared width
-# is at most half the experts' (an AFD FFN device's slice), else "own" (the full-width shared
-# expert of one device lost 6-68% fused on an H100; docs/LOG.md).
+# two grouped-GEMM launches (`step3_jax.kernels.grouped_gemm.DenseGroup`; it then follows
+# ``moe``'s implementation), "own" as a SwiGLU of its own (``gemm``'s linears). None: "own".
+# The fused form was built to overlap the shared expert's compute-bound tiles with the routed
+# weight stream; on an H100 it was slower everywhere measured (docs/LOG.md, "The shared
+# expert in the routed launch"), so it is opt-in.
 SHARED_EXPERT = ("routed", "own", None)
 # XLA options of the programs whose plain (non-Pallas) GEMMs should be cuBLAS calls on a GPU:
 # the compiled AFD step (`step3_jax.sharding.afd`) and the vision tower

@@ -378,15 +378,15 @@ def test_decoder_layer_names_its_pieces_in_the_hlo():
     scopes += ("o_proj", "post_norm", "router", "moe/routed_experts", "moe/shared_expert")
     missing = [s for s in scopes if f"/{s}/" not in text]
     assert not missing, f"name scopes missing from the lowered layer: {missing}"
-    # As one more group of the routed launches the shared expert has no scope of its own
-    # (the default does that only for a slice at most half the experts' width).
+    # As one more group of the routed launches (opt-in) the shared expert has no scope of
+    # its own.
     assert "/moe/shared_expert/" not in lowered(s3.KernelPolicy(shared_expert="routed"))
 
 
 def test_where_the_shared_expert_runs():
-    """`KernelPolicy.shared_expert`: None puts the shared expert in the routed launches only
-    for a slice at most half the experts' width (measured to pay); "routed" forces it where
-    the shapes allow, and raises where they do not; the outputs agree either way."""
+    """`KernelPolicy.shared_expert`: "routed" puts the shared expert in the routed launches
+    where the shapes allow (F_s <= F) and raises where they do not; "own" and None (measured
+    faster) keep it a SwiGLU of its own; the outputs agree either way."""
     from step3_jax.layers.moe import MoE, shared_in_routed_launch
 
     def moe(shared_dim):
@@ -398,11 +398,31 @@ def test_where_the_shared_expert_runs():
         return shared_in_routed_launch(m.shared_expert, experts, choice) is not None
 
     slice_, full, wide = moe(16), moe(32), moe(48)
-    assert fused(slice_, None) and not fused(full, None) and not fused(wide, None)
-    assert fused(full, "routed") and not fused(slice_, "own")
+    assert not any(fused(m, c) for m in (slice_, full, wide) for c in (None, "own"))
+    assert fused(slice_, "routed") and fused(full, "routed")
     with pytest.raises(ValueError, match="shared_expert='routed'"):
         fused(wide, "routed")  # F_s > F
     h = jax.random.normal(jax.random.key(4), (5, 64), jnp.float32)
     for m in (slice_, full):
         own, routed = (m(h, implementation="xla", shared=c) for c in ("own", "routed"))
         np.testing.assert_allclose(np.asarray(routed), np.asarray(own), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_expert_in_the_routed_launch_reads_expert_pools_too():
+    """The AFD FFN device reads its routed experts in place (`ExpertPool`): the shared expert
+    in the same launches must still be there (a bug once dropped it for pools)."""
+    from step3_jax.layers.moe import ExpertPool, MoE, experts_grouped
+
+    m = MoE(64, 4, 2, 32, 16, rngs=nnx.Rngs(5), dtype=jnp.float32, param_dtype=jnp.float32)
+    h = jax.random.normal(jax.random.key(6), (7, 64), jnp.float32)
+    weights, ids = m.route(h)
+    experts = [m.gate_proj[...], m.up_proj[...], m.down_proj[...]]
+    pad = lambda w: jnp.concatenate([jnp.zeros_like(w[:3]), w, jnp.zeros_like(w[:2])])
+    pools = [ExpertPool(pad(w), jnp.asarray(3, jnp.int32), None, 4) for w in experts]
+    sh = m.shared_expert
+    shared = (sh.gate_proj[...], sh.up_proj[...], sh.down_proj[...])
+    run = lambda ws, s: experts_grouped(h, weights, ids, *ws, 0, "xla", shared=s)
+    fused_pool, fused_plain = run(pools, shared), run(experts, shared)
+    np.testing.assert_array_equal(np.asarray(fused_pool), np.asarray(fused_plain))
+    want = run(experts, None) + sh(h, implementation="xla")
+    np.testing.assert_allclose(np.asarray(fused_pool), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -24,6 +24,7 @@ own, and its output is added in f32.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Float, Int
 
 from step3_jax import quant
@@ -163,6 +164,11 @@ def moe_ffn(
         xr, xs = x.astype(w_gate.dtype), None
     tk = t * n_k
     gate_up, down = _shared_groups(shared, shared_scales, tk, t) if shared else (None, None)
+    if shared:
+        # Measured: without this XLA fused the compare-and-count order (a [TK, TK] reduction)
+        # into the gather + concatenation below and recomputed it per output element, ~700 us
+        # a layer on an H100 (docs/LOG.md). The barrier keeps it a fusion of its own.
+        token_of = lax.optimization_barrier(token_of)
     rows = _with_shared_rows(xr[token_of], xr, gate_up)
     row_scales = None if xs is None else _with_shared_rows(xs[token_of], xs, gate_up)
     h = grouped(

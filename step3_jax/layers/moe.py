@@ -163,22 +163,14 @@ def _fp8_kind(w) -> str:
     return "plain"
 
 
-# `KernelPolicy.shared_expert=None` puts the shared expert in the routed launches only when it
-# is at most this fraction of the experts' width F (an AFD FFN device's 1,792 of 5,120). The
-# full-width shared expert of one device (F_s = F) lost 6-68% fused at T = 256-512 on an
-# H100 (docs/LOG.md, "The shared expert in the routed launch").
-SHARED_ROUTED_MAX_WIDTH = 0.5
-
-
 def shared_in_routed_launch(shared, routed, choice: str | None):
     """The shared expert's ``(gate, up, down)`` when it runs inside the routed experts'
-    grouped launches (`KernelPolicy.shared_expert`: "routed", or None where it fits and
-    pays), else None (it runs as its own SwiGLU). It fits when its weights have the routed
-    experts' format (both block-FP8 or both float of one dtype) and its width F_s is at most
-    the experts' F (and a multiple of 128 when F is: the Pallas kernel's granule, so fusing
-    never moves the routed experts off it); None also asks F_s <= `SHARED_ROUTED_MAX_WIDTH`
-    x F. ``choice == "routed"`` where it does not fit raises."""
-    if shared is None or choice == "own":
+    grouped launches (`KernelPolicy.shared_expert="routed"`), else None (it runs as its own
+    SwiGLU: "own" and None, the measured faster form). It fits when its weights have the
+    routed experts' format (both block-FP8 or both float of one dtype) and its width F_s is
+    at most the experts' F (and a multiple of 128 when F is: the Pallas kernel's granule, so
+    fusing never moves the routed experts off it); "routed" where it does not fit raises."""
+    if shared is None or choice != "routed":
         return None
     ws = (shared.gate_proj[...], shared.up_proj[...], shared.down_proj[...])
     r_gate = routed[0]
@@ -191,12 +183,9 @@ def shared_in_routed_launch(shared, routed, choice: str | None):
         why = "the shared expert's weights are not in the routed experts' format"
     elif f_s > f or (f % 128 == 0 and f_s % 128):
         why = f"shared width {f_s} does not fit the experts' F={f} launch"
-    if why is None:
-        pays = f_s <= SHARED_ROUTED_MAX_WIDTH * f
-        return ws if choice == "routed" or pays else None
-    if choice == "routed":
+    if why is not None:
         raise ValueError(f"KernelPolicy.shared_expert='routed': {why}")
-    return None
+    return ws
 
 
 class MoE(nnx.Module):
