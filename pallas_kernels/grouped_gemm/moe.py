@@ -57,7 +57,10 @@ def _dispatch(expert_ids, first_expert: int, e_local: int):
         )
         inverse = jnp.sum(before, axis=1, dtype=jnp.int32)
         order = jnp.sum(jnp.where(inverse[None, :] == pos[:, None], pos[None, :], 0), axis=1)
-        order = order.astype(jnp.int32)
+        # Measured: XLA once fused these [TK, TK] reductions into a consumer (the gather and
+        # concatenation of `moe_ffn(shared=)`) and recomputed them per output element, ~700 us
+        # a layer on an H100 (docs/LOG.md). The barrier keeps them fusions of their own.
+        order, inverse = lax.optimization_barrier((order.astype(jnp.int32), inverse))
     else:
         order = jnp.argsort(key, stable=True).astype(jnp.int32)
         inverse = jnp.zeros_like(order).at[order].set(pos)
@@ -164,11 +167,6 @@ def moe_ffn(
         xr, xs = x.astype(w_gate.dtype), None
     tk = t * n_k
     gate_up, down = _shared_groups(shared, shared_scales, tk, t) if shared else (None, None)
-    if shared:
-        # Measured: without this XLA fused the compare-and-count order (a [TK, TK] reduction)
-        # into the gather + concatenation below and recomputed it per output element, ~700 us
-        # a layer on an H100 (docs/LOG.md). The barrier keeps it a fusion of its own.
-        token_of = lax.optimization_barrier(token_of)
     rows = _with_shared_rows(xr[token_of], xr, gate_up)
     row_scales = None if xs is None else _with_shared_rows(xs[token_of], xs, gate_up)
     h = grouped(
