@@ -25,8 +25,10 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 20 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 21 $OUT  # H200 only
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 22 $OUT  # any Hopper
-# Still to run (as of 2026-12-06): 21, 22, and 19 on an H200 (it ran on an H100 at 76ea946);
-# calls 1, 2 and 12-18 have run (docs/LOG.md). Call 2's FFN rows and 512-sequence attention
+# Still to run (as of 2026-12-06): 19 and 21 on an H200 (19 ran on an H100 at 76ea946); 20
+# again after commit fa057ad (the dispatch's optimization barrier; the fused shared expert
+# measured slower at 71e827e, with an XLA fusion the barrier should remove); 22's GPU tests
+# whole (26 of 27 ran); calls 1, 2, 12-18 and 20 have run (docs/LOG.md). Call 2's FFN rows and 512-sequence attention
 # rows ran out of memory (one process for several full-size runs); call 18 ran them one per
 # process.
 #
@@ -131,7 +133,8 @@
 #   shared expert as its own SwiGLU and as one more group of the routed launches
 #   (`--shared-expert own|routed`), 256 and 512 tokens a tick, one process each; then an
 #   8-layer trace at 512 tokens with it routed (where the shared slice's time went).
-# call 21 (issue 13, H200 only: ~96 GiB): the full-size FFN role with the shared expert routed,
+# call 21 (issue 13, H200 only: ~96 GiB): the full-size FFN role with the shared expert routed
+#   (now opt-in; compare with a `--shared-expert own` run in the same call before trusting it),
 #   256 and 512 tokens, one process each (feeds `step3-jax cost simulate --measured`). (The
 #   whole-layer `bench_moe.py` row it also held ran on an H100 instead, commit 4a2dfd9.)
 # call 22 (issue 13, any Hopper, ~4 min): the grouped-GEMM GPU tests, then the FFN role on 24
