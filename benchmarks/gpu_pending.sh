@@ -133,9 +133,10 @@
 #   shared expert as its own SwiGLU and as one more group of the routed launches
 #   (`--shared-expert own|routed`), 256 and 512 tokens a tick, one process each; then an
 #   8-layer trace at 512 tokens with it routed (where the shared slice's time went).
-# call 21 (issue 13, H200 only: ~96 GiB): the full-size FFN role with the shared expert routed
-#   (now opt-in; compare with a `--shared-expert own` run in the same call before trusting it),
-#   256 and 512 tokens, one process each (feeds `step3-jax cost simulate --measured`). (The
+# call 21 (issue 13, H200 only: ~96 GiB): the full-size FFN role as it defaults now (the
+#   compare-and-count dispatch; the shared expert as its own SwiGLU) against call 18's
+#   32.11 / 35.84 ms, 256 and 512 tokens, one process each (feeds `step3-jax cost simulate
+#   --measured`). (The
 #   whole-layer `bench_moe.py` row it also held ran on an H100 instead, commit 4a2dfd9.)
 # call 22 (issue 13, any Hopper, ~4 min): the grouped-GEMM GPU tests, then the FFN role on 24
 #   layers (shared expert routed) with the MoE pairs ordered by the sort kernel
@@ -317,10 +318,10 @@ case "$CALL" in
       "@60 $NOCB $AFD_ROLE --runs 1x512 --role ffn --layers 8 --trace --shared-expert routed --out \$OUT/ffn8_b512_routed_trace.json"
     ;;
   21)
-    FULL="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 $AFD_ROLE --full --role ffn --shared-expert routed"
+    FULL="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 $AFD_ROLE --full --role ffn"
     $RUN -t 60 "$OUT_DIR/call21" \
-      "@150 $FULL --runs 1x256 --out \$OUT/ffn_full_256_routed.json" \
-      "@150 $FULL --runs 1x512 --out \$OUT/ffn_full_512_routed.json"
+      "@150 $FULL --runs 1x256 --out \$OUT/ffn_full_256.json" \
+      "@150 $FULL --runs 1x512 --out \$OUT/ffn_full_512.json"
     ;;
   22)
     ROLE="$AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24 --shared-expert routed"
