@@ -16,9 +16,10 @@ Steps (T tokens, K routes per token, TK = T*K pairs):
 
 With ``shared`` (the always-on shared expert, or this device's slice of it) both GEMMs take it
 as one more group of their launch (`DenseGroup`): the T token rows follow the sorted rows, its
-gate/up writes the first F_s columns of h, its down reads them. Its compute-bound tiles then
-run while the routed tiles stream expert weights, instead of as three small launches of their
-own, and its output is added in f32.
+gate/up writes the first F_s columns of h, its down reads them, and its output is added in
+f32. Meant to run its compute-bound tiles while the routed tiles stream expert weights; on an
+H100 it was slower than the shared expert's own launches (docs/LOG.md, "The shared expert in
+the routed launch"), so the model uses it only when asked (`KernelPolicy.shared_expert`).
 """
 
 from __future__ import annotations
