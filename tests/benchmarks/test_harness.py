@@ -261,3 +261,23 @@ def test_memory_gib_is_none_without_allocator_statistics():
     if jax.default_backend() != "cpu":
         pytest.skip("CPU-only check")
     assert harness.memory_gib() is None
+
+
+def test_commit_provenance(monkeypatch):
+    """`GIT_COMMIT` wins; without it the repository's HEAD, marked ``+dirty`` exactly when
+    tracked files differ from it (a tree laid over an older HEAD must not pass as that HEAD)."""
+    import subprocess
+
+    from benchmarks import provenance
+
+    monkeypatch.setenv("GIT_COMMIT", "abc1234")
+    assert provenance.git_commit() == "abc1234"
+    monkeypatch.delenv("GIT_COMMIT")
+    monkeypatch.delenv("BENCH_COMMIT", raising=False)
+    git = lambda *a: subprocess.run(["git", *a], cwd=provenance.ROOT, capture_output=True,
+                                    text=True).stdout.strip()  # fmt: skip
+    head = git("rev-parse", "HEAD")
+    if not head:
+        pytest.skip("not a git checkout")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    assert provenance.git_commit() == head + ("+dirty" if dirty else "")
