@@ -36,7 +36,7 @@ test: versions
 	@if $(PY) -m ruff --version >/dev/null 2>&1; then \
 	  $(PY) -m ruff check . && $(PY) -m ruff format --check . ; \
 	else echo "ruff not installed here: lint skipped"; fi
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 -q --durations=15 tests
 
 setup: versions
 
