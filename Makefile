@@ -11,7 +11,8 @@
 #   make USE_VENV=1 ...          always use .venv, even if $(PYTHON) already has jax
 SHELL := /bin/bash
 PYTHON ?= python3
-PY_IMPORTS := jax,flax,orbax.checkpoint,optax,chex,jaxtyping,safetensors,tokenizers,tqdm,matplotlib,jinja2,PIL,pytest
+# The build requirements too (setuptools, wheel): the in-place install has no build isolation.
+PY_IMPORTS := jax,flax,orbax.checkpoint,optax,chex,jaxtyping,safetensors,tokenizers,tqdm,matplotlib,jinja2,PIL,pytest,setuptools,wheel
 VENV := .venv
 ifeq ($(USE_VENV),1)
   HAVE_DEPS :=
