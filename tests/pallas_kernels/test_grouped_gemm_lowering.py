@@ -14,19 +14,25 @@ from step3_jax.kernels.grouped_gemm.dense_group import DenseGroup
 pytestmark = pytest.mark.skipif(not mosaic_gpu.available(), reason="no Mosaic GPU Pallas API")
 
 
+def _operands(m: int, k: int, n: int, g: int, pool: int | None = None, dt=jnp.float8_e4m3fn):
+    """Abstract operands of the kernel: x, weights [pool or g, n, k] (``dt``), group sizes,
+    the x and weight block scales (used only when ``dt`` is FP8)."""
+    return (
+        jax.ShapeDtypeStruct((m, k), dt),
+        jax.ShapeDtypeStruct((pool or g, n, k), dt),
+        jax.ShapeDtypeStruct((g,), jnp.int32),
+        jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
+        jax.ShapeDtypeStruct((g, n // 128, k // 128), jnp.float32),
+    )
+
+
 @pytest.mark.parametrize("wgs,wg_dim", [(1, "n"), (2, "n"), (2, "m")])
 @pytest.mark.parametrize("mode", ["fp8", "fp8_swiglu", "bf16"])
 def test_lowers_for_cuda(mode, wgs, wg_dim):
     """``lower(lowering_platforms=("cuda",))`` runs Mosaic GPU's layout inference and
     lowering on a CPU-only machine: catches layout, TMA box and shape errors in CI."""
-    m, k, n, g = 200, 256, 256, 4
     fp8 = mode.startswith("fp8")
-    dt = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
-    x = jax.ShapeDtypeStruct((m, k), dt)
-    w = jax.ShapeDtypeStruct((g, n, k), dt)
-    gs = jax.ShapeDtypeStruct((g,), jnp.int32)
-    xs = jax.ShapeDtypeStruct((m, k // 128), jnp.float32)
-    ws = jax.ShapeDtypeStruct((g, n // 128, k // 128), jnp.float32)
+    args = _operands(200, 256, 256, 4, dt=jnp.float8_e4m3fn if fp8 else jnp.bfloat16)
     n_w = 2 if "swiglu" in mode else 1
     cfg = TuningConfig(num_sms=132, num_compute_wgs=wgs, wg_dim=wg_dim)
 
@@ -40,27 +46,14 @@ def test_lowers_for_cuda(mode, wgs, wg_dim):
             config=cfg,
         )
 
-    text = jax.jit(f).trace(x, w, gs, xs, ws).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-
-
-def _fp8_operands(m: int, k: int, n: int, g: int, pool: int | None = None) -> tuple:
-    """Abstract FP8 operands of the kernel: x, weights [pool or g, n, k], group sizes, the
-    x and weight block scales."""
-    dt = jnp.float8_e4m3fn
-    return (
-        jax.ShapeDtypeStruct((m, k), dt),
-        jax.ShapeDtypeStruct((pool or g, n, k), dt),
-        jax.ShapeDtypeStruct((g,), jnp.int32),
-        jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
-        jax.ShapeDtypeStruct((g, n // 128, k // 128), jnp.float32),
-    )
 
 
 @pytest.mark.parametrize("n_w", [1, 2])
 def test_wide_row_tiles_lower_for_cuda(n_w):
     """128-row warpgroup tiles (a 256 x 128 CTA; `bench_dense_fp8.py`'s wide configs)."""
-    args = _fp8_operands(m=256, k=256, n=256, g=2)
+    args = _operands(m=256, k=256, n=256, g=2)
     cfg = TuningConfig(block_m=128, num_compute_wgs=2, wg_dim="m", num_sms=132)
 
     def f(x, w, gs, xs, ws):
@@ -74,7 +67,7 @@ def test_wide_row_tiles_lower_for_cuda(n_w):
 
 def test_lowers_for_cuda_with_a_traced_pool_offset():
     """The in-place pool path (weights [P, N, K], groups at a traced offset) lowers too."""
-    args = (*_fp8_operands(m=192, k=256, n=256, g=3, pool=9), jax.ShapeDtypeStruct((), jnp.int32))
+    args = (*_operands(m=192, k=256, n=256, g=3, pool=9), jax.ShapeDtypeStruct((), jnp.int32))
 
     def f(x, w, gs, xs, ws, off):
         return mosaic_gpu.grouped_gemm_mgpu(
@@ -96,20 +89,15 @@ def test_lowers_for_cuda_with_a_traced_pool_offset():
 def test_dense_group_lowers_for_cuda(mode, wgs, wg_dim):
     """A dense group (the shared expert in the routed launch: its own [N_d, K_d] weights,
     N_d < N and K_d < K, rows after the routed ones) lowers in every kernel variant."""
-    m, k, n, g, n_d, k_d = 200, 384, 512, 3, 256, 256
+    n_d, k_d = 256, 256
     fp8 = mode.startswith("fp8")
     dt = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
     n_w = 2 if "swiglu" in mode else 1
     cfg = TuningConfig(num_sms=132, num_compute_wgs=wgs, wg_dim=wg_dim)
-    shape = jax.ShapeDtypeStruct
     args = (
-        shape((m, k), dt),
-        shape((g, n, k), dt),
-        shape((g,), jnp.int32),
-        shape((m, k // 128), jnp.float32),
-        shape((g, n // 128, k // 128), jnp.float32),
-        shape((n_d, k_d), dt),
-        shape((n_d // 128, k_d // 128), jnp.float32),
+        *_operands(200, 384, 512, 3, dt=dt),
+        jax.ShapeDtypeStruct((n_d, k_d), dt),
+        jax.ShapeDtypeStruct((n_d // 128, k_d // 128), jnp.float32),
     )
 
     def f(x, w, gs, xs, ws, wd, wds):
