@@ -277,7 +277,10 @@ def _for_each_item(st: _Static, tiles_gmem, r: _Refs, box_m: int, cta_n: int, ru
                 scale = lambda i, nb, kb: r.dws[i][nb, kb]
                 run(_Item(None, row0, rows, box, ni, views, st.dense_k // st.block_k, scale))
 
-        @pl.when(lin >= dense_items)
+        # Without a dense group every item is routed: no branch around them.
+        routed = pl.when(lin >= dense_items) if dense_items else (lambda f: f())
+
+        @routed
         def _routed():
             t = lin - dense_items
             mi, ni = lax.rem(t, n_tiles), lax.div(t, n_tiles)
