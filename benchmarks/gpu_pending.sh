@@ -25,6 +25,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 20 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 21 $OUT  # H200 only
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 22 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 23 $OUT  # any Hopper
 # Still to run (as of 2026-12-06): 19 and 21 on an H200 (19 ran on an H100 at 76ea946); 20
 # again after commit fa057ad (the dispatch's optimization barrier; the fused shared expert
 # measured slower at 71e827e, with an XLA fusion the barrier should remove); 22's GPU tests
@@ -142,6 +143,12 @@
 #   layers (shared expert routed) with the MoE pairs ordered by the sort kernel
 #   (`--moe-dispatch sort`) and by the compare-and-count rank (the default up to 2,048 pairs),
 #   256 and 512 tokens. Predicted: -10 us a MoE layer (sort 12.6 + scatter 1.2 us -> ~4 us).
+# call 23 (issues 18, 13, 16; any Hopper, ~7 min): the vision tower's MLP at 728 px
+#   (`bench_vision_mlp.py`: does fc1's cuBLAS GEMM write float32 for quick_gelu's convert
+#   pass to read? can the grouped kernel's bf16 path keep up with cuBLAS at M = 2,712, so that
+#   quick_gelu could ride its epilogue?), the grouped-GEMM GPU tests after cf9b68f (no branch
+#   around the routed items without a dense group), and the 61-layer attention role with
+#   command buffers off, traced by scope (where its glue is now).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -322,6 +329,12 @@ case "$CALL" in
     $RUN -t 60 "$OUT_DIR/call21" \
       "@150 $FULL --runs 1x256 --out \$OUT/ffn_full_256.json" \
       "@150 $FULL --runs 1x512 --out \$OUT/ffn_full_512.json"
+    ;;
+  23)
+    $RUN -t 60 "$OUT_DIR/call23" \
+      "@150 python3 benchmarks/bench_vision_mlp.py --out \$OUT/vision_mlp.json" \
+      "@120 $GPU_TESTS tests/pallas_kernels/test_grouped_gemm.py" \
+      "@110 $NOCB $AFD_ROLE --runs 1x256 --role attention --full --trace --out \$OUT/attention61_nocmdbuf.json"
     ;;
   22)
     ROLE="$AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24 --shared-expert routed"
