@@ -25,6 +25,7 @@ its CUDA-event span. The last stdout line is the JSON result.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -264,6 +265,14 @@ def bf16_runs(model, pixels, iters: int, res: dict, record, gpu_options: bool):
         model.attention_implementation = res["attention_implementation"] = "xla"
         timing, out = run_jax(model, pixels, iters, gpu_options)
     record("jax_bf16", timing.time_us / 1e6, timing)
+    res["vision_mlp"] = model.policy.vision_mlp
+    if model.policy.vision_mlp != "xla":  # the MLP's fc1 + quick_gelu unfused, same run
+        policy = model.policy
+        model.policy = dataclasses.replace(policy, vision_mlp="xla")
+        mlp_timing, out_mlp = run_jax(model, pixels, iters, gpu_options)
+        record("jax_bf16_mlp_xla", mlp_timing.time_us / 1e6, mlp_timing)
+        res["mlp_xla_vs_default_cosine"] = round(cosine(out_mlp, out), 6)
+        model.policy = policy
     if model.attention_implementation != "xla":
         model.attention_implementation = "xla"
         xla_timing, out_xla = run_jax(model, pixels, iters, gpu_options)

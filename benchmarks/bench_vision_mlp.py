@@ -4,9 +4,11 @@
     python3 benchmarks/bench_vision_mlp.py --out mlp.json
 
 Rows (harness device time, TFLOP/s over the GEMMs' FLOPs, per-kernel CUPTI times beside):
-* ``mlp_model``: `step3_jax.vision.layers.VisionMLP` as the tower runs it (cuBLAS GEMMs through
-  the project's GPU compiler options), with the output types of its cuBLAS calls read from the
-  optimized HLO (does fc1 write float32 or bf16?);
+* ``mlp_model``: `step3_jax.vision.layers.VisionMLP` unfused (``implementation="xla"``: cuBLAS
+  GEMMs through the project's GPU compiler options, quick_gelu one XLA pass), with the output
+  types of its cuBLAS calls read from the optimized HLO (does fc1 write float32 or bf16?);
+  ``mlp_model_default``: the same module as the default policy runs it (on Hopper fc1, its
+  bias and quick_gelu as one Pallas launch);
 * ``fc1_xla``: fc1 + bias alone, as `Linear` runs it;
 * ``fc1_pallas_<config>`` / ``fc2_pallas_<config>``: the same GEMM through the grouped-GEMM
   kernel's bf16 path with one group, per tile config: can a Pallas GEMM (which could carry
@@ -79,9 +81,11 @@ def main(argv=None):
         rows.append(row)
         harness.print_json(row)
 
-    model_fn = jax.jit(lambda m, x: m(x), compiler_options=opts)
-    hlo = model_fn.lower(mlp, x).compile().as_text()
-    add("mlp_model", model_fn, (mlp, x), 2 * gemm_flops, cublas_outputs=cublas_outputs(hlo))
+    for impl in ("xla", None):  # fc1 + quick_gelu unfused, then as the default picks
+        model_fn = jax.jit(lambda m, x, impl=impl: m(x, implementation=impl), compiler_options=opts)
+        hlo = model_fn.lower(mlp, x).compile().as_text()
+        add("mlp_model" if impl == "xla" else "mlp_model_default", model_fn, (mlp, x),
+            2 * gemm_flops, cublas_outputs=cublas_outputs(hlo))  # fmt: skip
     fc1 = jax.jit(lambda m, x: m.fc1(x), compiler_options=opts)
     add("fc1_xla", fc1, (mlp, x), gemm_flops)
     fc2_in = jax.random.normal(jax.random.key(2), (t, f), jnp.float32).astype(jnp.bfloat16)

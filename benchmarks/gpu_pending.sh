@@ -26,6 +26,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 21 $OUT  # H200 only
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 22 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 23 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 24 $OUT  # any Hopper
 # Still to run (as of 2026-12-06): 19 and 21 on an H200 (19 ran on an H100 at 76ea946); 20
 # again after commit fa057ad (the dispatch's optimization barrier; the fused shared expert
 # measured slower at 71e827e, with an XLA fusion the barrier should remove); 22's GPU tests
@@ -149,6 +150,12 @@
 #   quick_gelu could ride its epilogue?), the grouped-GEMM GPU tests after cf9b68f (no branch
 #   around the routed items without a dense group), and the 61-layer attention role with
 #   command buffers off, traced by scope (where its glue is now).
+# call 24 (issue 18, any Hopper, ~6 min): the vision MLP's fc1 + bias + quick_gelu as one
+#   Pallas launch (the grouped kernel's new epilogue; `KernelPolicy.vision_mlp`), and every
+#   float linear writing its own dtype (bf16, not float32 then a convert): their GPU tests,
+#   `bench_vision_mlp.py` (fused vs unfused at 728 px), then the 728 px tower (default vs
+#   `vision_mlp="xla"` in the same run; with a trace) against 48.3 ms on the H200 / 55.7 ms on
+#   the H100. Predicted (H100): fc1 + quick_gelu 291 -> ~212 us a layer, the tower -4 to -5 ms.
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -335,6 +342,12 @@ case "$CALL" in
       "@150 python3 benchmarks/bench_vision_mlp.py --out \$OUT/vision_mlp.json" \
       "@120 $GPU_TESTS tests/pallas_kernels/test_grouped_gemm.py" \
       "@110 $NOCB $AFD_ROLE --runs 1x256 --role attention --full --trace --out \$OUT/attention61_nocmdbuf.json"
+    ;;
+  24)
+    $RUN -t 60 "$OUT_DIR/call24" \
+      "@150 $GPU_TESTS tests/vision/test_vision_mlp.py tests/pallas_kernels/test_grouped_gemm.py -k 'bias or mlp or bf16'" \
+      "@90 python3 benchmarks/bench_vision_mlp.py --configs 2wg_n_128x256 --out \$OUT/vision_mlp.json" \
+      "@150 python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8 --trace --out \$OUT/vision_728.json"
     ;;
   22)
     ROLE="$AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24 --shared-expert routed"

@@ -25,6 +25,11 @@ MOE_IMPLEMENTATIONS = (*IMPLEMENTATIONS, "dense")
 # The vision tower's attention (`step3_jax.vision`): jax.nn.dot_product_attention's cuDNN
 # flash kernel or its XLA form; None: cuDNN on a GPU in 16-bit, else XLA.
 VISION_ATTENTION_IMPLEMENTATIONS = ("cudnn", "xla", None)
+# The vision tower's fc1 + bias + quick_gelu (`step3_jax.vision.layers.VisionMLP`): "pallas"
+# runs them as ONE grouped-GEMM launch with the bias and activation in its epilogue
+# (`step3_jax.quant_model.linear_activation_fused`; bf16 or block-FP8 weights), "xla" as a
+# GEMM and one more pass over its output. None: Pallas where it can run (Hopper, widths
+# multiples of 128), else XLA.
 # Where a block-FP8 o_proj's input is quantized: "attention" hands it the attention output
 # already FP8 (`step3_jax.quant.QuantizedActivations`; the MFA kernel's epilogue writes it
 # from its f32 output where its grid allows, else XLA quantizes the bf16 output), "gemm"
@@ -59,6 +64,7 @@ class KernelPolicy:
     gemm: str | None = None  # FP8 linears (float weights always run a plain XLA einsum)
     moe: str | None = None  # routed experts
     vision_attention: str | None = None  # the Step3-VL vision tower's attention
+    vision_mlp: str | None = None  # the tower's fc1 + quick_gelu (IMPLEMENTATIONS)
     o_quant: str | None = None  # where a block-FP8 o_proj's input is quantized (O_QUANT)
     shared_expert: str | None = None  # where the MoE shared expert runs (SHARED_EXPERT)
 
@@ -68,6 +74,7 @@ class KernelPolicy:
             ("gemm", GEMM_IMPLEMENTATIONS),
             ("moe", MOE_IMPLEMENTATIONS),
             ("vision_attention", VISION_ATTENTION_IMPLEMENTATIONS),
+            ("vision_mlp", IMPLEMENTATIONS),
             ("o_quant", O_QUANT),
             ("shared_expert", SHARED_EXPERT),
         ):
@@ -79,12 +86,14 @@ class KernelPolicy:
     @classmethod
     def xla(cls) -> KernelPolicy:
         """Portable XLA everywhere (the grouped XLA MoE path, not the dense oracle)."""
-        return cls(attention="xla", gemm="xla", moe="xla", vision_attention="xla")
+        return cls(attention="xla", gemm="xla", moe="xla", vision_attention="xla", vision_mlp="xla")
 
     @classmethod
     def reference(cls) -> KernelPolicy:
         """The readable oracles: XLA attention and linears, the dense MoE."""
-        return cls(attention="xla", gemm="xla", moe="dense", vision_attention="xla")
+        return cls(
+            attention="xla", gemm="xla", moe="dense", vision_attention="xla", vision_mlp="xla"
+        )
 
 
 def compiler_options(

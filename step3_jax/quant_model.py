@@ -426,6 +426,47 @@ def swiglu_hidden_fused(x: Array, w_gate, w_up, implementation: str | None = Non
     return _one_group_gemm(x, (w_gate, w_up), f, d).reshape(*lead, f)
 
 
+def linear_activation_fused(
+    x: Array, w, bias, activation: str, implementation: str | None = None
+) -> Array | None:
+    """``activation(x @ w^T + bias)`` [..., N] in ONE Pallas launch (the grouped kernel with
+    one static group; bias and activation in its epilogue on the f32 accumulator, one bf16
+    rounding), or None where that kernel does not run: an XLA ``implementation``, a weight
+    that is neither a 2-D block-scaled `Fp8Weight` nor a bf16 array matching a bf16 ``x``,
+    or a device/shape the dispatch rule sends elsewhere. The caller then runs the linear and
+    the activation itself. ``bias``: [N] or None (an `nnx.Param` is read).
+
+    Why: a GEMM followed by an elementwise activation writes its output and reads it back
+    once more. The vision tower's fc1 + quick_gelu at 728 px ([2,712, 15,360] bf16) spent
+    82 us a layer in that pass on an H100 (`benchmarks/bench_vision_mlp.py`)."""
+    if implementation in ("xla", "xla_fp8"):
+        return None
+    if isinstance(w, Fp8Weight):
+        if w.values.ndim != 2 or w.granularity != "block" or x.dtype != jnp.bfloat16:
+            return None
+        reason = pallas_gemm_unsupported(x, w, _parse_eqn("...K,NK->...N", x.ndim, w))
+        values, w_scales = w.values, (w.scales[None],)
+    elif getattr(w, "ndim", 0) == 2 and w.dtype == x.dtype == jnp.bfloat16:
+        reason = grouped_gemm_supported(x, (jax.ShapeDtypeStruct((1, *w.shape), w.dtype),))
+        values, w_scales = w, ()
+    else:
+        return None
+    if dispatch.choose("fused_linear", implementation, reason) != "pallas":
+        return None
+    (n, k), lead = values.shape, x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    out = grouped(
+        x2,
+        (values.reshape(1, n, k),),
+        np.array([x2.shape[0]], np.int32),
+        w_scales=w_scales,
+        implementation="pallas",
+        bias=None if bias is None else jnp.asarray(bias[...]),
+        activation=activation,
+    )
+    return out.reshape(*lead, n)
+
+
 def _row_offsets(sizes) -> list[int]:
     """Start row of each part and the total: ``[0, n_0, n_0 + n_1, ..., sum n_i]``."""
     out = [0]

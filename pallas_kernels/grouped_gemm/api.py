@@ -29,6 +29,7 @@ from jaxtyping import Array, Float, Int
 from step3_jax import quant
 from step3_jax.kernels import dispatch
 from step3_jax.kernels.grouped_gemm import mosaic_gpu
+from step3_jax.kernels.grouped_gemm.activations import ACTIVATIONS
 from step3_jax.kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig, tuned_config
 from step3_jax.kernels.grouped_gemm.dense_group import DenseGroup
 
@@ -144,8 +145,13 @@ def _dequant_expert(w, w_scale, g, offset, dtype):
     return quant.dequantize_weight_blocks(wg, sg, dtype=dtype)
 
 
-def _swiglu_or_one(ys):
-    return jax.nn.silu(ys[0]) * ys[1] if len(ys) == 2 else ys[0]
+def _swiglu_or_one(ys, bias=None, activation=None):
+    """The f32 value to store: SwiGLU of two projections, or ``activation(y + bias)`` of
+    one (the kernel's epilogue, `activations.ACTIVATIONS`)."""
+    if len(ys) == 2:
+        return jax.nn.silu(ys[0]) * ys[1]
+    y = ys[0] if bias is None else ys[0] + bias.astype(jnp.float32)
+    return y if activation is None else ACTIVATIONS[activation](y)
 
 
 def _dense_xla(x, x_scale, dense: DenseGroup, cdt):
@@ -165,7 +171,10 @@ def _dense_xla(x, x_scale, dense: DenseGroup, cdt):
     return _swiglu_or_one(ys)
 
 
-def _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offsets, dense=None):
+def _grouped_xla(
+    x, weights, group_sizes, x_scale, w_scales, group_offsets, dense=None, bias=None,
+    activation=None,
+):  # fmt: skip
     """Tile-scan grouped GEMM (see module docstring), then the dense group's rows if any;
     `compute_dtype` operands and output, f32 accumulation."""
     cdt = compute_dtype(x)
@@ -191,7 +200,7 @@ def _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offsets, dens
                 )
                 for w, s, off in zip(weights, w_scales, group_offsets, strict=True)
             ]
-            y = _swiglu_or_one(ys)
+            y = _swiglu_or_one(ys, bias, activation)
             dst = jnp.where(local < rows, row0 + local, m)  # m: dropped (out of bounds)
             return out.at[dst].set(y.astype(out.dtype), mode="drop")
 
@@ -213,10 +222,10 @@ def _offsets(group_offset, n_w: int) -> tuple:
     return tuple(jnp.asarray(0 if o is None else o, jnp.int32) for o in offs)
 
 
-def _config_for(config, m):
+def _config_for(config, m, fp8: bool = True):
     if config is not None:
         return config
-    return tuned_config(jax.devices()[0].device_kind, m)
+    return tuned_config(jax.devices()[0].device_kind, m, fp8)
 
 
 def _static_groups(group_sizes, group_offset, n_w: int):
@@ -231,15 +240,19 @@ def _static_groups(group_sizes, group_offset, n_w: int):
     return tuple(int(v) for v in group_sizes), tuple(int(o or 0) for o in offs)
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "config", "zero_tail", "static_groups"))
+@functools.partial(
+    jax.jit, static_argnames=("impl", "config", "zero_tail", "static_groups", "activation")
+)
 def _run(
-    x, weights, group_sizes, x_scale, w_scales, group_offset, dense=None, *, impl, config,
-    zero_tail, static_groups=None,
+    x, weights, group_sizes, x_scale, w_scales, group_offset, dense=None, bias=None, *, impl,
+    config, zero_tail, static_groups=None, activation=None,
 ):  # fmt: skip
     if static_groups is not None:  # `_static_groups`: NumPy sizes and int offsets
         group_sizes, group_offset = np.asarray(static_groups[0], np.int32), static_groups[1]
     if impl == "xla":
-        return _grouped_xla(x, weights, group_sizes, x_scale, w_scales, group_offset, dense)
+        return _grouped_xla(
+            x, weights, group_sizes, x_scale, w_scales, group_offset, dense, bias, activation
+        )
     return mosaic_gpu.grouped_gemm_mgpu(
         x,
         weights,
@@ -250,7 +263,26 @@ def _run(
         zero_tail=zero_tail,
         group_offset=group_offset,
         dense=dense,
+        bias=bias,
+        activation=activation,
     )
+
+
+def _check_epilogue(weights, bias, activation, dense) -> None:
+    """``bias`` [N] and ``activation`` apply to one weight without a dense group."""
+    if bias is None and activation is None:
+        return
+    if len(weights) != 1 or dense is not None:
+        raise ValueError("bias and activation apply to one weight and no dense group")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation must be one of {sorted(ACTIVATIONS)} or None, got {activation!r}"
+        )
+    n = weights[0].shape[1]
+    if bias is not None and (
+        tuple(bias.shape) != (n,) or not jnp.issubdtype(bias.dtype, jnp.floating)
+    ):
+        raise ValueError(f"bias must be a float [N={n}] vector, got {bias.dtype}{bias.shape}")
 
 
 def grouped(
@@ -265,6 +297,8 @@ def grouped(
     zero_tail: bool = True,
     group_offset=None,
     dense: DenseGroup | None = None,
+    bias=None,
+    activation: str | None = None,
 ):
     """Shared entry of both public functions (``weights``: (w,) or (w_gate, w_up)).
 
@@ -277,15 +311,16 @@ def grouped(
     ``group_sizes`` may be a NumPy array (sizes known when tracing). ``dense``: one more
     group with weights of its own over a static row range after the routed rows
     (`DenseGroup`: the shared expert in the routed launch); the routed groups end at its
-    first row.
+    first row. ``bias`` / ``activation``: see `grouped_matmul`.
     """
+    _check_epilogue(weights, bias, activation, dense)
     pooled = group_offset is not None
     x, x_scale = _validate(
         x, weights, group_sizes, x_scale, tuple(w_scales), implementation, pooled, dense
     )
     w_scales = tuple(w_scales) if _is_fp8(weights[0]) else ()
     impl = dispatch.choose("grouped_gemm", implementation, supported(x, weights, dense))
-    cfg = _config_for(config, x.shape[0]) if impl == "pallas" else None
+    cfg = _config_for(config, x.shape[0], _is_fp8(weights[0])) if impl == "pallas" else None
     return _run(
         x,
         tuple(weights),
@@ -294,10 +329,12 @@ def grouped(
         w_scales,
         _offsets(group_offset, len(weights)),
         dense,
+        bias,
         impl=impl,
         config=cfg,
         zero_tail=zero_tail,
         static_groups=_static_groups(group_sizes, group_offset, len(weights)),
+        activation=activation,
     )
 
 
@@ -311,6 +348,8 @@ def grouped_matmul(
     implementation: str | None = None,
     config: TuningConfig | None = None,
     group_offset=None,
+    bias: Float[Array, " N"] | None = None,
+    activation: str | None = None,
 ) -> Float[Array, "M N"]:
     """``out[m] = x[m] @ w[group_offset + group(m)]^T`` for rows sorted by group; bf16 ``[M, N]``.
 
@@ -318,6 +357,10 @@ def grouped_matmul(
     w: [P, N, K] bf16 or float8_e4m3fn, P >= G. group_sizes: [G] int, sum <= M.
     x_scale: [M, ceil(K/128)] f32 (FP8 x). w_scale: [G, ceil(N/128), ceil(K/128)] f32 (FP8 w).
     group_offset: None, or the first weight of group 0 in a pool (see ``grouped``).
+    bias: [N] float, added to every computed row (one bias for all groups), and activation:
+    None or ``"quick_gelu"``: the output is ``activation(x @ w^T + bias)``, evaluated in f32 on
+    the accumulator before the one bf16 rounding (the kernel's epilogue: no extra pass over
+    the output). Rows past sum(group_sizes) stay zero.
     """
     return grouped(
         x,
@@ -328,6 +371,8 @@ def grouped_matmul(
         implementation=implementation,
         config=config,
         group_offset=group_offset,
+        bias=bias,
+        activation=activation,
     )
 
 

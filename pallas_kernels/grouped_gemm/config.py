@@ -81,9 +81,18 @@ TUNED: dict[str, list[tuple[int, TuningConfig]]] = {
 
 DEFAULT = TuningConfig()
 
+# bf16 at large M (the vision tower's MLP: M = 2,712 tokens, 1,792 -> 15,360 and back): the
+# 128 x 256 CTA (two warpgroups of 128 x 128 along N) matched cuBLAS on fc1, 210 us against
+# 252-299 us for the FP8 table's tiles (H100, benchmarks/results/vision_mlp_h100_66fd93c.json).
+_BF16_LARGE_M = 1024
+_BF16_WIDE = TuningConfig(block_m=128, block_n=128, num_compute_wgs=2, wg_dim="n")
 
-def tuned_config(device_kind: str, m: int) -> TuningConfig:
-    """The checked-in config for a device kind (e.g. ``"NVIDIA H100 80GB HBM3"``) and M rows."""
+
+def tuned_config(device_kind: str, m: int, fp8: bool = True) -> TuningConfig:
+    """The checked-in config for a device kind (e.g. ``"NVIDIA H100 80GB HBM3"``), M rows and
+    the operand type (``fp8``: float8_e4m3fn, else bf16)."""
+    if not fp8 and m >= _BF16_LARGE_M:
+        return _BF16_WIDE
     for key, table in TUNED.items():
         if key in device_kind:
             for bound, cfg in table:

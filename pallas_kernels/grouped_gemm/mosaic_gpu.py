@@ -37,6 +37,7 @@ try:  # Mosaic GPU is importable on CPU-only installs too (lowering works withou
 except ImportError:  # pragma: no cover - very old jax
     plgpu = None
 
+from step3_jax.kernels.grouped_gemm.activations import ACTIVATIONS
 from step3_jax.kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig
 from step3_jax.kernels.grouped_gemm.dense_group import DenseGroup
 
@@ -85,6 +86,10 @@ class _Static:
     dense_rows: int = 0
     dense_n: int = 0
     dense_k: int = 0
+    # The one-weight epilogue: a per-column f32 bias [N] added to the accumulator, then
+    # `ACTIVATIONS`' function (None: none), before the bf16 store.
+    bias: bool = False
+    activation: str | None = None
 
     def dense_tiles(self, box_m: int, cta_n: int) -> tuple[int, int]:
         """(row tiles, work items) of the dense group: its items come first in the work list
@@ -213,6 +218,7 @@ class _Refs:
     ws: tuple  # routed weight scales [G, NB, KB] f32 (FP8) or ()
     dw: tuple  # the dense group's weights [N_d, K_d] or ()
     dws: tuple  # their block scales [N_d/128, K_d/128] f32 (FP8) or ()
+    bias: object  # [N] f32 or None
     out: object  # [M, N] bf16
     scratch: tuple
 
@@ -230,7 +236,10 @@ def _split_refs(st: _Static, refs) -> _Refs:
         dw, refs = take(n_w)
         if st.fp8:
             dws, refs = take(n_w)
-    return _Refs(w, xs, ws, dw, dws, refs[0], tuple(refs[1:]))
+    bias = None
+    if st.bias:
+        (bias,), refs = take(1)
+    return _Refs(w, xs, ws, dw, dws, bias, refs[0], tuple(refs[1:]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,11 +372,22 @@ def _k_step(st: _Static, x_smem, w_smems, xs_smem, accs, w_scale_of):
     return tuple(new)
 
 
-def _epilogue_value(st: _Static, accs):
+def _epilogue_value(st: _Static, accs, bias_gmem=None, col0=None):
+    """The f32 tile to store: SwiGLU of the two accumulators, or the one accumulator plus
+    the bias of columns ``[col0, col0 + block_n)`` (read straight from GMEM into the
+    accumulator's column layout) through the activation."""
     if st.swiglu:
         gate, up = accs
         return gate * jax.nn.sigmoid(gate) * up
-    return accs[0]
+    y = accs[0]
+    if st.bias:
+        cols = bias_gmem.at[pl.ds(col0, st.block_n)]
+        # A GMEM load has no "optimized" (vectorized SMEM-style) form; block_n floats a tile.
+        b = plgpu.load(cols, (), layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+        y = y + lax.broadcast_in_dim(b, y.shape, [1])
+    if st.activation is not None:
+        y = ACTIVATIONS[st.activation](y)
+    return y
 
 
 def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
@@ -398,7 +418,7 @@ def _body(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
                 max_concurrent_steps=st.steps,
                 init_carry=tuple(_zeros((st.block_m, block_n)) for _ in range(n_w)),
             )(*args)
-            o_smem[...] = _epilogue_value(st, accs).astype(o_smem.dtype)
+            o_smem[...] = _epilogue_value(st, accs, r.bias, col0).astype(o_smem.dtype)
             plgpu.commit_smem()
             row0, box = item.row0, item.box
             _store_rows(o_smem, r.out, row0 - box, row0, item.rows, col0, st.block_m, block_n)
@@ -478,7 +498,7 @@ def _body_ws(st: _Static, block_n: int, tiles_gmem, x_gmem, *refs):
 
             def ctx(eval_pipeline):
                 accs = eval_pipeline(tuple(_zeros((st.block_m, block_n)) for _ in range(n_w)))
-                o_smem[...] = _epilogue_value(st, accs).astype(o_smem.dtype)
+                o_smem[...] = _epilogue_value(st, accs, r.bias, col0).astype(o_smem.dtype)
                 plgpu.commit_smem()
                 row = item.box + lo
                 _store_rows(o_smem, r.out, lo - base, row, my_rows, col0, st.block_m, block_n)
@@ -532,6 +552,8 @@ def _make_static(
     config: TuningConfig,
     zero_tail: bool,
     dense: DenseGroup | None = None,
+    bias: bool = False,
+    activation: str | None = None,
 ) -> _Static:
     m, k = x.shape
     g, n = num_groups, weights[0].shape[1]
@@ -566,6 +588,8 @@ def _make_static(
         dense_rows=dense.rows if dense else 0,
         dense_n=dense.n if dense else 0,
         dense_k=dense.k if dense else 0,
+        bias=bias,
+        activation=activation,
     )
 
 
@@ -603,6 +627,8 @@ def grouped_gemm_mgpu(
     zero_tail: bool = True,
     group_offset=0,
     dense: DenseGroup | None = None,
+    bias=None,
+    activation: str | None = None,
 ):
     """Grouped GEMM on Hopper; ``weights`` is ``(w,)`` or ``(w_gate, w_up)`` for SwiGLU.
 
@@ -615,6 +641,9 @@ def grouped_gemm_mgpu(
     ``dense``: one more group with weights of its own over a static row range after the
     routed rows (`DenseGroup`; its row0 a multiple of 8, its N a multiple of the CTA tile
     width, its K of 128); the routed groups and the zero tail then end at its row0.
+    ``bias`` ([N], any float; one for every group) and ``activation`` (a key of
+    `ACTIVATIONS`): the one-weight epilogue, ``activation(x @ w^T + bias)`` in f32 before the
+    bf16 store (not with SwiGLU or a dense group).
     """
     if not available():
         raise NotImplementedError("this jax has no usable jax.experimental.pallas.mosaic_gpu")
@@ -642,10 +671,21 @@ def grouped_gemm_mgpu(
             zero_tail=zero_tail,
             group_offset=group_offset,
             dense=dense,
+            bias=bias,
+            activation=activation,
         )
         return out[:m]
+    if (bias is not None or activation is not None) and (len(weights) != 1 or dense is not None):
+        raise ValueError("bias/activation: one weight and no dense group (SwiGLU has its own)")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation must be one of {sorted(ACTIVATIONS)} or None, got {activation!r}"
+        )
     fp8 = x_scale is not None
-    st = _make_static(x, weights, group_sizes.shape[0], fp8, config, zero_tail, dense)
+    st = _make_static(
+        x, weights, group_sizes.shape[0], fp8, config, zero_tail, dense, bias is not None,
+        activation,
+    )  # fmt: skip
     offsets = group_offset if isinstance(group_offset, tuple) else (group_offset,) * len(weights)
     if len(offsets) != len(weights):
         raise ValueError(f"group_offset: one per weight ({len(weights)}), got {len(offsets)}")
@@ -656,4 +696,6 @@ def grouped_gemm_mgpu(
         operands += [x_scale.astype(jnp.float32).T, *(s.astype(jnp.float32) for s in w_scales)]
     if dense is not None:
         operands += [*dense.weights, *(s.astype(jnp.float32) for s in dense.w_scales)]
+    if bias is not None:
+        operands.append(bias.astype(jnp.float32))
     return _make_kernel(st, config)(*operands)

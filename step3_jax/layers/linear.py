@@ -39,9 +39,22 @@ def project(x: Array, w, eqn: str, out_dtype=None, implementation: str | None = 
     if isinstance(x, QuantizedActivations):  # FP8 activations meet a float weight
         x = x.dequantize()
     w = jnp.asarray(w)
-    return jnp.einsum(eqn, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(
-        out_dtype
-    )
+    return jnp.einsum(
+        eqn, x, w.astype(x.dtype), preferred_element_type=_dot_output_dtype(x.dtype, out_dtype)
+    ).astype(out_dtype)
+
+
+def _dot_output_dtype(x_dtype, out_dtype):
+    """The dot's own output type: ``out_dtype`` itself when it is the activation's narrow
+    float type (bf16/f16), else float32. Either way the products accumulate in float32 (cuBLAS,
+    Triton and the CPU's dot all do for 16-bit floats); what changes is what the GEMM writes. A
+    float32 output converted afterwards is twice the bytes and one more pass: the vision tower's
+    fc1 wrote [2,712, 15,360] float32 and then spent 82 us a layer converting it to bf16 with the
+    bias added (H100, `bench_vision_mlp.py`), where a bf16 output takes the bias in the cuBLAS
+    epilogue."""
+    if out_dtype == x_dtype and jnp.dtype(out_dtype).itemsize < 4:
+        return out_dtype
+    return jnp.float32
 
 
 def init_weight(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> Array:

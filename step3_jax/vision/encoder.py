@@ -164,22 +164,23 @@ class VisionTransformer(nnx.Module):
 
     def __call__(
         self, pixel_values, *, dtype, implementation: str = "xla", gemm=None,
-        token_multiple: int = TOKEN_MULTIPLE,
+        token_multiple: int = TOKEN_MULTIPLE, mlp: str | None = None,
     ) -> Float[Array, "B T D"]:  # fmt: skip
         x = self.embeddings(pixel_values, dtype)
         t = x.shape[1]
         x, kv_len = pad_tokens(x, token_multiple)
-        x = self.encode(x, implementation=implementation, gemm=gemm, kv_len=kv_len)
+        x = self.encode(x, implementation=implementation, gemm=gemm, kv_len=kv_len, mlp=mlp)
         return x[:, NUM_PREFIX_TOKENS:t]
 
     def encode(
         self, x: Float[Array, "B T D"], *, implementation: str = "xla", gemm=None,
-        kv_len: int | None = None,
+        kv_len: int | None = None, mlp: str | None = None,
     ) -> Float[Array, "B T D"]:  # fmt: skip
         """The encoder layers on embedded tokens, all ``T`` rows kept (padded ones included);
-        ``kv_len``: the real tokens of a padded ``x`` (None: all)."""
+        ``kv_len``: the real tokens of a padded ``x`` (None: all); ``mlp``: `VisionMLP`'s
+        implementation."""
         for layer in self.layers:
-            x = layer(x, implementation, gemm, kv_len)
+            x = layer(x, implementation, gemm, kv_len, mlp)
         return x
 
 
@@ -229,6 +230,7 @@ class Step3VisionModel(nnx.Module):
             dtype=self.dtype,
             implementation=self.attention_implementation,
             gemm=self.policy.gemm,
+            mlp=self.policy.vision_mlp,
             token_multiple=self.token_multiple,
         )
         g = self.config.grid(pixel_values.shape[-1])

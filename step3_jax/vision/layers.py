@@ -28,15 +28,11 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from step3_jax.kernels.grouped_gemm.activations import quick_gelu
 from step3_jax.layers.linear import init_weight, project
-from step3_jax.quant_model import rows_split_exactly, split_rows
+from step3_jax.quant_model import linear_activation_fused, rows_split_exactly, split_rows
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
-
-
-def quick_gelu(x: Array) -> Array:
-    """``x * sigmoid(1.702 x)`` (CLIP's activation; HF ``"quick_gelu"``)."""
-    return x * jax.nn.sigmoid(1.702 * x)
 
 
 def layer_norm(x: Float[Array, "... D"], weight, bias, eps: float) -> Float[Array, "... D"]:
@@ -220,10 +216,19 @@ class VisionMLP(nnx.Module):
         self.fc1 = Linear(dim, hidden, param_dtype=param_dtype, rngs=rngs)
         self.fc2 = Linear(hidden, dim, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: Float[Array, "B T D"], gemm: str | None = None) -> Float[Array, "B T D"]:
-        # quick_gelu evaluated in float32 on the compute-dtype fc1 output (one fused pass).
-        h = self.fc1(x, gemm)
-        return self.fc2(quick_gelu(h.astype(jnp.float32)).astype(h.dtype), gemm)
+    def __call__(
+        self, x: Float[Array, "B T D"], gemm: str | None = None, implementation: str | None = None
+    ) -> Float[Array, "B T D"]:
+        """``implementation`` (`KernelPolicy.vision_mlp`): fc1, its bias and quick_gelu as ONE
+        Pallas GEMM with the bias and activation in its epilogue ("pallas"; None where it runs
+        here), or fc1 as a GEMM and quick_gelu as one more XLA pass over its output ("xla").
+        ``gemm``: the FP8 linears' implementation where the unfused path runs FP8 weights."""
+        fc1 = self.fc1
+        h = linear_activation_fused(x, fc1.weight[...], fc1.bias, "quick_gelu", implementation)
+        if h is None:  # quick_gelu in float32 on the compute-dtype fc1 output (one fused pass)
+            h = fc1(x, gemm)
+            h = quick_gelu(h.astype(jnp.float32)).astype(h.dtype)
+        return self.fc2(h, gemm)
 
 
 class VisionEncoderLayer(nnx.Module):
@@ -239,11 +244,12 @@ class VisionEncoderLayer(nnx.Module):
 
     def __call__(
         self, x: Float[Array, "B T D"], implementation: str = "xla", gemm: str | None = None,
-        kv_len: int | None = None,
+        kv_len: int | None = None, mlp: str | None = None,
     ) -> Float[Array, "B T D"]:  # fmt: skip
-        """``kv_len``: the real tokens of a padded ``x`` (`pad_tokens`); None: all ``T``."""
+        """``kv_len``: the real tokens of a padded ``x`` (`pad_tokens`); None: all ``T``.
+        ``mlp``: the MLP's fc1 + quick_gelu implementation (`VisionMLP`)."""
         x = x + self.layer_norm1(self.self_attn(x, implementation, gemm, kv_len))
-        return x + self.layer_norm2(self.mlp(x, gemm))
+        return x + self.layer_norm2(self.mlp(x, gemm, mlp))
 
 
 __all__ = [

@@ -202,6 +202,52 @@ def test_grouped_matmul_bf16(impl):
     _assert_close(out, want, _bound(x32, w32, gs, want))
 
 
+WIDE_BF16 = TuningConfig(block_m=128, block_n=128, num_compute_wgs=2, wg_dim="n")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "groups,m,config",
+    [([60, 0, 33, 70, 17], 192, None), ([272], 272, None), ([272], 272, WIDE_BF16)],
+    ids=["groups", "dense", "dense_128x256"],
+)
+def test_grouped_matmul_bias_and_quick_gelu(impl, groups, m, config):
+    """The one-weight epilogue: quick_gelu(x @ w^T + bias) in f32 before the bf16 store,
+    against the float32 oracle; rows past the groups stay zero. Bound: the plain GEMM's
+    (`_bound`) through quick_gelu, whose slope is at most 1.13 in magnitude, plus the
+    bf16 rounding of the result."""
+    config = config if impl == "pallas" else None
+    g = len(groups)
+    gs = jnp.asarray(groups, jnp.int32)
+    kx, kw, kb = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(kx, (m, K), jnp.float32).astype(jnp.bfloat16)
+    w = (jax.random.normal(kw, (g, N, K), jnp.float32) / 16).astype(jnp.bfloat16)
+    b = jax.random.normal(kb, (N,), jnp.float32).astype(jnp.bfloat16)
+    out = api.grouped_matmul(
+        x, w, gs, bias=b, activation="quick_gelu", implementation=impl, config=config
+    )
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    pre = ref.grouped_matmul(x32, w32, gs)
+    live = (jnp.arange(m) < sum(groups))[:, None]
+    y = pre + b.astype(jnp.float32)
+    want = jnp.where(live, y * jax.nn.sigmoid(1.702 * y), 0.0)
+    bound = 2.0**-8 * jnp.abs(want) + 1.13 * (_bound(x32, w32, gs, pre) - 2.0**-8 * jnp.abs(pre))
+    assert out.dtype == jnp.bfloat16 and out.shape == (m, N)
+    _assert_close(out, want, bound)
+
+
+def test_epilogue_validation():
+    x = jnp.zeros((64, K), jnp.bfloat16)
+    w = jnp.zeros((1, N, K), jnp.bfloat16)
+    gs = jnp.asarray([64], jnp.int32)
+    with pytest.raises(ValueError, match="bias must be a float"):
+        api.grouped_matmul(x, w, gs, bias=jnp.zeros((N + 1,)), implementation="xla")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        api.grouped_matmul(x, w, gs, activation="relu", implementation="xla")
+    with pytest.raises(ValueError, match="one weight"):
+        api.grouped(x, (w, w), gs, implementation="xla", bias=jnp.zeros((N,)))
+
+
 def _moe_case(seed, t=48, d=256, f=256, e=6, k=3):
     ks = jax.random.split(jax.random.key(seed), 6)
     x = jax.random.normal(ks[0], (t, d), jnp.float32).astype(jnp.bfloat16)

@@ -50,6 +50,36 @@ def test_lowers_for_cuda(mode, wgs, wg_dim):
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("block_m,wgs,wg_dim", [(64, 1, "n"), (128, 2, "n"), (64, 2, "m")])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_bias_and_activation_epilogue_lowers_for_cuda(fp8, block_m, wgs, wg_dim):
+    """The one-weight epilogue (a per-column bias read from GMEM in the accumulator's column
+    layout, then quick_gelu) lowers in every kernel variant, the vision MLP's 128 x 256 CTA
+    included."""
+    dt = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
+    args = (*_operands(272, 256, 512, 1, dt=dt), jax.ShapeDtypeStruct((512,), jnp.bfloat16))
+    cfg = TuningConfig(block_m=block_m, num_sms=132, num_compute_wgs=wgs, wg_dim=wg_dim)
+
+    def f(x, w, gs, xs, ws, b):
+        return mosaic_gpu.grouped_gemm_mgpu(
+            x, (w,), gs, x_scale=xs if fp8 else None, w_scales=(ws,) if fp8 else None,
+            config=cfg, bias=b, activation="quick_gelu",
+        )  # fmt: skip
+
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_epilogue_refuses_swiglu_and_unknown_activations():
+    args = _operands(64, 256, 256, 1, dt=jnp.bfloat16)
+    x, w, gs = (jnp.zeros(a.shape, a.dtype) for a in args[:3])
+    cfg = TuningConfig(num_sms=132)
+    with pytest.raises(ValueError, match="one weight"):
+        mosaic_gpu.grouped_gemm_mgpu(x, (w, w), gs, config=cfg, activation="quick_gelu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        mosaic_gpu.grouped_gemm_mgpu(x, (w,), gs, config=cfg, activation="gelu")
+
+
 @pytest.mark.parametrize("n_w", [1, 2])
 def test_wide_row_tiles_lower_for_cuda(n_w):
     """128-row warpgroup tiles (a 256 x 128 CTA; `bench_dense_fp8.py`'s wide configs)."""
@@ -166,6 +196,9 @@ def test_tuning_config_validation_and_tables():
     assert tuned_config("NVIDIA H200", 768) == large
     assert tuned_config("NVIDIA H200", 24576) == large
     assert tuned_config("cpu", 768) == TuningConfig()
+    wide = TuningConfig(block_m=128, block_n=128, num_compute_wgs=2, wg_dim="n")
+    assert tuned_config("NVIDIA H100 80GB HBM3", 2712, fp8=False) == wide  # the vision MLP
+    assert tuned_config("NVIDIA H100 80GB HBM3", 768, fp8=False) == small
 
 
 def test_pipeline_depth_fits_smem():
