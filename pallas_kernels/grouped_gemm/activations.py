@@ -1,10 +1,19 @@
-"""Activations the grouped GEMM's one-weight epilogue applies (by name), as plain jnp
-functions: the kernel evaluates them on its f32 accumulator, the XLA path and the model's
-own layers (`step3_jax.vision.layers.quick_gelu`) call the same function."""
+"""Activations the grouped GEMM's one-weight epilogue applies (by name).
+
+``ACTIVATIONS`` are the plain jnp functions: the XLA path and the model's own layers
+(`step3_jax.vision.layers.quick_gelu`) call them. ``KERNEL_ACTIVATIONS`` are the same math
+written for the kernel's epilogue, which evaluates them on every f32 accumulator element of
+the output while its SM streams nothing: there the special-function unit's approximate
+instructions pay (the kernel compiles them with ``approx_math``: ``exp`` as ``ex2.approx``,
+``rsqrt`` as ``rsqrt.approx``, each within ~2^-22 relative), where a precise ``expf`` and
+an IEEE division cost ~30 instructions an element (H100, fc1 of the vision MLP: +34 us a
+layer for the precise form, docs/LOG.md "Vision tower").
+"""
 
 from __future__ import annotations
 
 import jax
+from jax import lax
 
 
 def quick_gelu(x):
@@ -12,4 +21,13 @@ def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def quick_gelu_kernel(x):
+    """`quick_gelu` with the sigmoid's reciprocal as ``rsqrt(1 + e^-z)^2`` (1 + e^-z >= 1, so
+    the square root is real; e^-z = inf gives 0, the limit; NaN stays NaN): two approximate
+    SFU instructions instead of an accurate exp and a division."""
+    r = lax.rsqrt(1.0 + lax.exp(-1.702 * x))
+    return x * (r * r)
+
+
 ACTIVATIONS = {"quick_gelu": quick_gelu}
+KERNEL_ACTIVATIONS = {"quick_gelu": quick_gelu_kernel}

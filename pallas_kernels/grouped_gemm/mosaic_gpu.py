@@ -37,7 +37,7 @@ try:  # Mosaic GPU is importable on CPU-only installs too (lowering works withou
 except ImportError:  # pragma: no cover - very old jax
     plgpu = None
 
-from step3_jax.kernels.grouped_gemm.activations import ACTIVATIONS
+from step3_jax.kernels.grouped_gemm.activations import ACTIVATIONS, KERNEL_ACTIVATIONS
 from step3_jax.kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig
 from step3_jax.kernels.grouped_gemm.dense_group import DenseGroup
 
@@ -386,7 +386,7 @@ def _epilogue_value(st: _Static, accs, bias_gmem=None, col0=None):
         b = plgpu.load(cols, (), layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
         y = y + lax.broadcast_in_dim(b, y.shape, [1])
     if st.activation is not None:
-        y = ACTIVATIONS[st.activation](y)
+        y = KERNEL_ACTIVATIONS[st.activation](y)
     return y
 
 
@@ -599,7 +599,11 @@ def _make_kernel(st: _Static, config: TuningConfig):
         out_type=jax.ShapeDtypeStruct((st.m, st.n), jnp.bfloat16),
         grid=(_num_sms(config),),
         grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+            # the activation epilogue's exp and rsqrt as SFU instructions (`activations`)
+            approx_math=st.activation is not None,
+        ),
     )
     if st.compute_wgs == 2:
         return plgpu.kernel(

@@ -107,6 +107,23 @@ def test_fused_hidden_with_fp8_fc1_matches_its_dequantized_weight():
     assert np.all(err <= bound), np.max(err / bound)
 
 
+def test_the_kernels_quick_gelu_is_quick_gelu():
+    """The epilogue's form (sigmoid's reciprocal as rsqrt(1 + e^-z)^2) against the plain one
+    in float32, over the range where either tail matters, and at inf/NaN: the two differ by
+    float32 rounding only (a few ulps of the larger of |x| and |result|, far below the bf16
+    rounding the kernel applies after); inf and NaN as the plain form gives them."""
+    from step3_jax.kernels.grouped_gemm.activations import quick_gelu_kernel
+
+    x = jnp.concatenate([jnp.linspace(-120.0, 120.0, 20001), jnp.array([0.0, -0.0, 1e-30])])
+    got, want = np.asarray(quick_gelu_kernel(x)), np.asarray(quick_gelu(x))
+    tol = 8 * np.finfo(np.float32).eps * np.maximum(np.abs(want), 1e-30)
+    tail = np.abs(np.asarray(x)) > 20  # e^-z over/underflow: both give 0 or x exactly
+    assert np.all(np.abs(got - want)[~tail] <= tol[~tail] + 1e-37)
+    assert np.all(np.abs(got - want)[tail] <= 1e-30 + 8e-7 * np.abs(want)[tail])
+    edge = jnp.array([np.inf, -np.inf, np.nan])  # inf, NaN (-inf * 0), NaN in both forms
+    np.testing.assert_array_equal(quick_gelu_kernel(edge), quick_gelu(edge))
+
+
 def test_quick_gelu_is_one_function():
     """The model's activation and the kernel epilogue's are the same function object."""
     from step3_jax.kernels.grouped_gemm.activations import ACTIVATIONS
