@@ -157,7 +157,8 @@
 #   `vision_mlp="xla"` in the same run; with a trace) against 48.3 ms on the H200 / 55.7 ms on
 #   the H100. Predicted (H100): fc1 + quick_gelu 291 -> ~212 us a layer, the tower -4 to -5 ms.
 #   Then the router's logits GEMM (`bench_router.py`: one skinny GEMM against split-K forms;
-#   12.1 us a layer in the attention role's trace for 4.4 MB of operands).
+#   12.1 us a layer in the attention role's trace for 4.4 MB of operands), and the tower with
+#   XLA's cuDNN LayerNorm rewrite (its LayerNorms and residual adds: ~45 us a layer).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -350,7 +351,8 @@ case "$CALL" in
       "@150 $GPU_TESTS tests/vision/test_vision_mlp.py tests/pallas_kernels/test_grouped_gemm.py -k 'bias or mlp or bf16'" \
       "@90 python3 benchmarks/bench_vision_mlp.py --configs 2wg_n_128x256 --out \$OUT/vision_mlp.json" \
       "@150 python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8 --trace --out \$OUT/vision_728.json" \
-      "@60 python3 benchmarks/bench_router.py --out \$OUT/router.json"
+      "@60 python3 benchmarks/bench_router.py --out \$OUT/router.json" \
+      "@90 XLA_FLAGS=--xla_gpu_enable_cudnn_layer_norm=true python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8 --out \$OUT/vision_728_cudnn_ln.json"
     ;;
   22)
     ROLE="$AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24 --shared-expert routed"
