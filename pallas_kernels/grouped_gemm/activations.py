@@ -13,6 +13,7 @@ layer for the precise form, docs/LOG.md "Vision tower").
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 
@@ -31,3 +32,21 @@ def quick_gelu_kernel(x):
 
 ACTIVATIONS = {"quick_gelu": quick_gelu}
 KERNEL_ACTIVATIONS = {"quick_gelu": quick_gelu_kernel}
+
+
+def check_epilogue(weights, bias, activation, dense=None) -> None:
+    """The one-weight epilogue's arguments: ``bias`` a float [N] vector and ``activation`` a
+    key of `ACTIVATIONS`, for ONE weight [G, N, K] and no dense group (SwiGLU has its own)."""
+    if bias is None and activation is None:
+        return
+    if len(weights) != 1 or dense is not None:
+        raise ValueError("bias and activation apply to one weight and no dense group")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation must be one of {sorted(ACTIVATIONS)} or None, got {activation!r}"
+        )
+    n = weights[0].shape[1]
+    if bias is not None and (
+        tuple(bias.shape) != (n,) or not jnp.issubdtype(bias.dtype, jnp.floating)
+    ):
+        raise ValueError(f"bias must be a float [N={n}] vector, got {bias.dtype}{bias.shape}")

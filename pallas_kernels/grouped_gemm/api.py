@@ -29,7 +29,7 @@ from jaxtyping import Array, Float, Int
 from step3_jax import quant
 from step3_jax.kernels import dispatch
 from step3_jax.kernels.grouped_gemm import mosaic_gpu
-from step3_jax.kernels.grouped_gemm.activations import ACTIVATIONS
+from step3_jax.kernels.grouped_gemm.activations import ACTIVATIONS, check_epilogue
 from step3_jax.kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig, tuned_config
 from step3_jax.kernels.grouped_gemm.dense_group import DenseGroup
 
@@ -145,7 +145,7 @@ def _dequant_expert(w, w_scale, g, offset, dtype):
     return quant.dequantize_weight_blocks(wg, sg, dtype=dtype)
 
 
-def _swiglu_or_one(ys, bias=None, activation=None):
+def _epilogue_xla(ys, bias=None, activation=None):
     """The f32 value to store: SwiGLU of two projections, or ``activation(y + bias)`` of
     one (the kernel's epilogue, `activations.ACTIVATIONS`)."""
     if len(ys) == 2:
@@ -168,7 +168,7 @@ def _dense_xla(x, x_scale, dense: DenseGroup, cdt):
         )
         for w, s in zip(dense.weights, scales, strict=True)
     ]
-    return _swiglu_or_one(ys)
+    return _epilogue_xla(ys)
 
 
 def _grouped_xla(
@@ -200,7 +200,7 @@ def _grouped_xla(
                 )
                 for w, s, off in zip(weights, w_scales, group_offsets, strict=True)
             ]
-            y = _swiglu_or_one(ys, bias, activation)
+            y = _epilogue_xla(ys, bias, activation)
             dst = jnp.where(local < rows, row0 + local, m)  # m: dropped (out of bounds)
             return out.at[dst].set(y.astype(out.dtype), mode="drop")
 
@@ -268,23 +268,6 @@ def _run(
     )
 
 
-def _check_epilogue(weights, bias, activation, dense) -> None:
-    """``bias`` [N] and ``activation`` apply to one weight without a dense group."""
-    if bias is None and activation is None:
-        return
-    if len(weights) != 1 or dense is not None:
-        raise ValueError("bias and activation apply to one weight and no dense group")
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(
-            f"activation must be one of {sorted(ACTIVATIONS)} or None, got {activation!r}"
-        )
-    n = weights[0].shape[1]
-    if bias is not None and (
-        tuple(bias.shape) != (n,) or not jnp.issubdtype(bias.dtype, jnp.floating)
-    ):
-        raise ValueError(f"bias must be a float [N={n}] vector, got {bias.dtype}{bias.shape}")
-
-
 def grouped(
     x,
     weights,
@@ -313,7 +296,7 @@ def grouped(
     (`DenseGroup`: the shared expert in the routed launch); the routed groups end at its
     first row. ``bias`` / ``activation``: see `grouped_matmul`.
     """
-    _check_epilogue(weights, bias, activation, dense)
+    check_epilogue(weights, bias, activation, dense)
     pooled = group_offset is not None
     x, x_scale = _validate(
         x, weights, group_sizes, x_scale, tuple(w_scales), implementation, pooled, dense

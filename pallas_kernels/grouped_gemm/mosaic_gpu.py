@@ -37,7 +37,7 @@ try:  # Mosaic GPU is importable on CPU-only installs too (lowering works withou
 except ImportError:  # pragma: no cover - very old jax
     plgpu = None
 
-from step3_jax.kernels.grouped_gemm.activations import ACTIVATIONS, KERNEL_ACTIVATIONS
+from step3_jax.kernels.grouped_gemm.activations import KERNEL_ACTIVATIONS, check_epilogue
 from step3_jax.kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig
 from step3_jax.kernels.grouped_gemm.dense_group import DenseGroup
 
@@ -87,7 +87,7 @@ class _Static:
     dense_n: int = 0
     dense_k: int = 0
     # The one-weight epilogue: a per-column f32 bias [N] added to the accumulator, then
-    # `ACTIVATIONS`' function (None: none), before the bf16 store.
+    # `activations.KERNEL_ACTIVATIONS`' function (None: none), before the bf16 store.
     bias: bool = False
     activation: str | None = None
 
@@ -646,8 +646,8 @@ def grouped_gemm_mgpu(
     routed rows (`DenseGroup`; its row0 a multiple of 8, its N a multiple of the CTA tile
     width, its K of 128); the routed groups and the zero tail then end at its row0.
     ``bias`` ([N], any float; one for every group) and ``activation`` (a key of
-    `ACTIVATIONS`): the one-weight epilogue, ``activation(x @ w^T + bias)`` in f32 before the
-    bf16 store (not with SwiGLU or a dense group).
+    `activations.ACTIVATIONS`): the one-weight epilogue, ``activation(x @ w^T + bias)`` in
+    f32 before the bf16 store (not with SwiGLU or a dense group).
     """
     if not available():
         raise NotImplementedError("this jax has no usable jax.experimental.pallas.mosaic_gpu")
@@ -679,12 +679,7 @@ def grouped_gemm_mgpu(
             activation=activation,
         )
         return out[:m]
-    if (bias is not None or activation is not None) and (len(weights) != 1 or dense is not None):
-        raise ValueError("bias/activation: one weight and no dense group (SwiGLU has its own)")
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(
-            f"activation must be one of {sorted(ACTIVATIONS)} or None, got {activation!r}"
-        )
+    check_epilogue(weights, bias, activation, dense)
     fp8 = x_scale is not None
     st = _make_static(
         x, weights, group_sizes.shape[0], fp8, config, zero_tail, dense, bias is not None,
