@@ -27,12 +27,13 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 22 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 23 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 24 $OUT  # any Hopper
-# Still to run (as of 2026-12-06): 19 and 21 on an H200 (19 ran on an H100 at 76ea946); 20
-# again after commit fa057ad (the dispatch's optimization barrier; the fused shared expert
-# measured slower at 71e827e, with an XLA fusion the barrier should remove); 22's GPU tests
-# whole (26 of 27 ran); calls 1, 2, 12-18 and 20 have run (docs/LOG.md). Call 2's FFN rows and 512-sequence attention
-# rows ran out of memory (one process for several full-size runs); call 18 ran them one per
-# process.
+# Still to run (as of 2026-12-06, after call 24): 19 and 21 on an H200 (19 ran on an H100 at
+# 76ea946); 20 again after commit fa057ad (the dispatch's optimization barrier, unmeasured);
+# the 728 px tower on an H200 with the fused vision MLP (`bench_vision.py`, as in call 24: the
+# H100 reached 59.1% of the bf16 peak at bd08c5d, the issue's 60% is an H200 target). Calls
+# 1, 2, 12-18, 20 and 22-24 have run (docs/LOG.md). Call 2's FFN rows and 512-sequence
+# attention rows ran out of memory (one process for several full-size runs); call 18 ran them
+# one per process.
 #
 # call 1 (issue 16): the rest of the small-batch split-K sweep that fits config.SPLIT_COSTS
 #   (B = 2, 4, 8 at 4K; B = 1..8 at 8K and 32K; the 1K rows and B = 1 at 4K ran twice), then

@@ -426,3 +426,29 @@ def test_shared_expert_in_the_routed_launch_reads_expert_pools_too():
     np.testing.assert_array_equal(np.asarray(fused_pool), np.asarray(fused_plain))
     want = run(experts, None) + sh(h, implementation="xla")
     np.testing.assert_allclose(np.asarray(fused_pool), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_a_float_linear_writes_its_own_dtype():
+    """`project` with a 16-bit activation and output asks the dot for that type (what the GEMM
+    writes; the products still accumulate in float32), not float32 and a convert pass after
+    it (docs/LOG.md, "The MLP: bf16 GEMM outputs"); a float32 output (the router, the
+    lm_head) or float32 activations keep float32. The bf16 result equals float32
+    accumulation rounded once, to one bf16 ulp."""
+    from step3_jax.layers.linear import project
+
+    kx, kw = jax.random.split(jax.random.key(5))
+    x = jax.random.normal(kx, (16, 512), jnp.float32).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (96, 512), jnp.float32).astype(jnp.bfloat16)
+
+    def dot_types(out_dtype, x=x):
+        jaxpr = jax.make_jaxpr(lambda x, w: project(x, w, "...k,nk->...n", out_dtype))(x, w)
+        return [e.params["preferred_element_type"] for e in jaxpr.eqns if "dot" in str(e.primitive)]
+
+    assert dot_types(jnp.bfloat16) == [jnp.bfloat16]
+    assert dot_types(jnp.float32) == [jnp.float32]
+    assert dot_types(jnp.float32, x.astype(jnp.float32)) == [jnp.float32]
+    got = np.asarray(project(x, w, "...k,nk->...n").astype(jnp.float32))
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    # float32 accumulation (K * 2^-24 relative of sum |x||w|), then one bf16 rounding (2^-8)
+    spread = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64)).T
+    assert np.all(np.abs(got - exact) <= 2.0**-8 * np.abs(exact) + 512 * 2.0**-24 * spread)
