@@ -36,18 +36,11 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
 
 def layer_norm(x: Float[Array, "... D"], weight, bias, eps: float) -> Float[Array, "... D"]:
-    """LayerNorm over the last axis in float32 (biased variance, like torch), cast back.
-
-    Mean and variance come from ONE pass over the row (two independent sums, which XLA reads
-    in one kernel) of the row shifted by its first element: ``var = E[d^2] - E[d]^2`` with
-    ``d = x - x_0``. The shift keeps the one-pass formula's cancellation small (its relative
-    error is ~2^-24 (1 + (mean - x_0)^2 / var), and x_0 is one of the row's own values),
-    where the two-pass form (mean, then the squares about it) reads the row twice."""
+    """LayerNorm over the last axis in float32 (biased variance, like torch), cast back."""
     xf = x.astype(jnp.float32)
-    d = xf - xf[..., :1]
-    shifted_mean = jnp.mean(d, axis=-1, keepdims=True)
-    var = jnp.maximum(jnp.mean(jnp.square(d), axis=-1, keepdims=True) - shifted_mean**2, 0.0)
-    y = (d - shifted_mean) * jax.lax.rsqrt(var + eps)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
     return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 

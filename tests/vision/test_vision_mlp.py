@@ -129,24 +129,3 @@ def test_quick_gelu_is_one_function():
     from step3_jax.kernels.grouped_gemm.activations import ACTIVATIONS
 
     assert ACTIVATIONS["quick_gelu"] is quick_gelu
-
-
-@pytest.mark.parametrize("offset", [0.0, 1e3])
-def test_layer_norm_one_pass_is_exact_to_float32_rounding(offset):
-    """`layer_norm`'s one-pass statistics (shifted by the row's first value) against the
-    float64 two-pass LayerNorm of the same float32 rows, also where the rows sit far from 0
-    (mean / std = 1000, where an unshifted E[x^2] - E[x]^2 loses ~6 digits): the error stays
-    a few dozen float32 ulps of |y| (the shift x - x_0 is exact for values this close).
-    """
-    from step3_jax.vision.layers import layer_norm
-
-    x = offset + jax.random.normal(jax.random.key(3), (8, 1792), jnp.float32)
-    w = jax.random.normal(jax.random.key(4), (1792,), jnp.float32)
-    b = jax.random.normal(jax.random.key(5), (1792,), jnp.float32)
-    got = np.asarray(layer_norm(x, w, b, 1e-5), np.float64)
-    x64 = np.asarray(x, np.float64)
-    mean = x64.mean(-1, keepdims=True)
-    y = (x64 - mean) / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
-    want = y * np.asarray(w, np.float64) + np.asarray(b, np.float64)
-    scale = np.abs(y * np.asarray(w, np.float64)) + np.abs(np.asarray(b, np.float64))
-    assert np.all(np.abs(got - want) <= 64 * 2.0**-24 * (scale + 1))
