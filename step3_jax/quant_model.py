@@ -372,23 +372,30 @@ def pallas_gemm_unsupported(x: Array, w: Fp8Weight, spec: _Spec) -> str | None:
     return grouped_gemm_supported(x, weights)
 
 
-def _one_group_gemm(x, weights: tuple[Fp8Weight, ...], n: int, k: int) -> Array:
+def _one_group_gemm(
+    x, weights: tuple, n: int, k: int, bias=None, activation: str | None = None
+) -> Array:
     """Rows of ``x`` (an array or `quant.QuantizedActivations`, read as they are) against one
-    ``[N, K]`` block-FP8 weight, or the (gate, up) pair whose SwiGLU the kernel fuses, as ONE
-    static group of the Pallas grouped GEMM: bf16 ``[M, N]``. A bf16 ``x`` is quantized per
-    token per 128 inside; the tile table is a program constant (NumPy group sizes)."""
+    ``[N, K]`` weight (block-FP8 `Fp8Weight` or a bf16 array), or the (gate, up) pair whose
+    SwiGLU the kernel fuses, as ONE static group of the Pallas grouped GEMM: bf16 ``[M, N]``.
+    A bf16 ``x`` meeting FP8 weights is quantized per token per 128 inside; the tile table is
+    a program constant (NumPy group sizes). ``bias`` / ``activation``: the kernel's one-weight
+    epilogue (`step3_jax.kernels.grouped_gemm.grouped_matmul`)."""
     x_scale = None
     if isinstance(x, quant.QuantizedActivations):  # quantized already: the kernel's format
         x, x_scale = x.values, x.scales.reshape(-1, -(-k // quant.BLOCK))
     x2 = x.reshape(-1, k)
+    fp8 = isinstance(weights[0], Fp8Weight)
     return grouped(
         x2,
-        tuple(w.values.reshape(1, n, k) for w in weights),
+        tuple((w.values if fp8 else w).reshape(1, n, k) for w in weights),
         np.array([x2.shape[0]], np.int32),
         x_scale=x_scale,
-        w_scales=tuple(w.scales[None] for w in weights),
+        w_scales=tuple(w.scales[None] for w in weights) if fp8 else (),
         implementation="pallas",
-        config=dense_config(jax.devices()[0].device_kind, x2.shape[0], n, k),
+        config=dense_config(jax.devices()[0].device_kind, x2.shape[0], n, k, fp8=fp8),
+        bias=bias,
+        activation=activation,
     )
 
 
@@ -426,45 +433,55 @@ def swiglu_hidden_fused(x: Array, w_gate, w_up, implementation: str | None = Non
     return _one_group_gemm(x, (w_gate, w_up), f, d).reshape(*lead, f)
 
 
+def _fused_linear_unsupported(x: Array, w) -> str | None:
+    """None if `linear_activation_fused`'s Pallas launch can run ``x @ w^T`` here, else why."""
+    if isinstance(w, Fp8Weight):
+        if w.values.ndim != 2 or w.granularity != "block":
+            return "needs a 2-D block-scaled FP8 weight [N, K]"
+        if x.dtype != jnp.bfloat16:
+            return f"needs bf16 activations with an FP8 weight, got {x.dtype}"
+        return pallas_gemm_unsupported(x, w, _parse_eqn("...K,NK->...N", x.ndim, w))
+    if getattr(w, "ndim", 0) != 2:
+        return "needs a 2-D weight [N, K] (a bf16 array or a block-FP8 Fp8Weight)"
+    if not x.dtype == w.dtype == jnp.bfloat16:
+        return f"needs bf16 activations and weight, got x {x.dtype} and w {w.dtype}"
+    return grouped_gemm_supported(x, (jax.ShapeDtypeStruct((1, *w.shape), w.dtype),))
+
+
 def linear_activation_fused(
-    x: Array, w, bias, activation: str, implementation: str | None = None
+    x: Array,
+    w,
+    bias,
+    activation: str,
+    implementation: str | None = None,
+    gemm: str | None = None,
 ) -> Array | None:
     """``activation(x @ w^T + bias)`` [..., N] in ONE Pallas launch (the grouped kernel with
     one static group; bias and activation in its epilogue on the f32 accumulator, one bf16
-    rounding), or None where that kernel does not run: an XLA ``implementation``, a weight
-    that is neither a 2-D block-scaled `Fp8Weight` nor a bf16 array matching a bf16 ``x``,
-    or a device/shape the dispatch rule sends elsewhere. The caller then runs the linear and
-    the activation itself. ``bias``: [N] or None (an `nnx.Param` is read).
+    rounding), or None where the caller should run the linear and the activation itself.
+
+    ``implementation`` (`KernelPolicy.vision_mlp`) follows the kernels' one dispatch rule:
+    "xla" never fuses; "pallas" fuses or raises with the reason; None fuses where the kernel
+    runs (a bf16 array or 2-D block-FP8 `Fp8Weight` ``w`` [N, K], bf16 ``x``, Hopper, N and K
+    multiples of 128). A block-FP8 weight also follows ``gemm`` (`KernelPolicy.gemm`): its
+    XLA forms keep it out of the kernel. ``bias``: [N] or None (an `nnx.Param` is read).
 
     Why: a GEMM followed by an elementwise activation writes its output and reads it back
     once more. The vision tower's fc1 + quick_gelu at 728 px ([2,712, 15,360] bf16) spent
-    82 us a layer in that pass on an H100 (`benchmarks/bench_vision_mlp.py`)."""
-    if implementation in ("xla", "xla_fp8"):
+    58 us a layer in that pass on an H100 (`benchmarks/bench_vision_mlp.py`)."""
+    if implementation == "xla" or (isinstance(w, Fp8Weight) and gemm in ("xla", "xla_fp8")):
         return None
-    if isinstance(w, Fp8Weight):
-        if w.values.ndim != 2 or w.granularity != "block" or x.dtype != jnp.bfloat16:
-            return None
-        reason = pallas_gemm_unsupported(x, w, _parse_eqn("...K,NK->...N", x.ndim, w))
-        values, w_scales = w.values, (w.scales[None],)
-    elif getattr(w, "ndim", 0) == 2 and w.dtype == x.dtype == jnp.bfloat16:
-        reason = grouped_gemm_supported(x, (jax.ShapeDtypeStruct((1, *w.shape), w.dtype),))
-        values, w_scales = w, ()
-    else:
-        return None
+    n, k = w.shape[-2:] if getattr(w, "ndim", 0) >= 2 else (None, None)
+    if k is not None and x.shape[-1] != k:
+        raise ValueError(
+            f"x must be [..., K={k}] for a weight of shape {tuple(w.shape)}, got {x.shape}"
+        )
+    reason = _fused_linear_unsupported(x, w)
     if dispatch.choose("fused_linear", implementation, reason) != "pallas":
         return None
-    (n, k), lead = values.shape, x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    out = grouped(
-        x2,
-        (values.reshape(1, n, k),),
-        np.array([x2.shape[0]], np.int32),
-        w_scales=w_scales,
-        implementation="pallas",
-        bias=None if bias is None else jnp.asarray(bias[...]),
-        activation=activation,
-    )
-    return out.reshape(*lead, n)
+    b = None if bias is None else jnp.asarray(bias[...])
+    out = _one_group_gemm(x, (w,), n, k, bias=b, activation=activation)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def _row_offsets(sizes) -> list[int]:

@@ -222,10 +222,10 @@ def _offsets(group_offset, n_w: int) -> tuple:
     return tuple(jnp.asarray(0 if o is None else o, jnp.int32) for o in offs)
 
 
-def _config_for(config, m, fp8: bool = True):
+def _config_for(config, m):
     if config is not None:
         return config
-    return tuned_config(jax.devices()[0].device_kind, m, fp8)
+    return tuned_config(jax.devices()[0].device_kind, m)
 
 
 def _static_groups(group_sizes, group_offset, n_w: int):
@@ -296,14 +296,14 @@ def grouped(
     (`DenseGroup`: the shared expert in the routed launch); the routed groups end at its
     first row. ``bias`` / ``activation``: see `grouped_matmul`.
     """
-    check_epilogue(weights, bias, activation, dense)
     pooled = group_offset is not None
     x, x_scale = _validate(
         x, weights, group_sizes, x_scale, tuple(w_scales), implementation, pooled, dense
     )
+    check_epilogue(weights, bias, activation, dense)
     w_scales = tuple(w_scales) if _is_fp8(weights[0]) else ()
     impl = dispatch.choose("grouped_gemm", implementation, supported(x, weights, dense))
-    cfg = _config_for(config, x.shape[0], _is_fp8(weights[0])) if impl == "pallas" else None
+    cfg = _config_for(config, x.shape[0]) if impl == "pallas" else None
     return _run(
         x,
         tuple(weights),

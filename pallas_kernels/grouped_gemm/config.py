@@ -81,18 +81,9 @@ TUNED: dict[str, list[tuple[int, TuningConfig]]] = {
 
 DEFAULT = TuningConfig()
 
-# bf16 at large M (the vision tower's MLP: M = 2,712 tokens, 1,792 -> 15,360 and back): the
-# 128 x 256 CTA (two warpgroups of 128 x 128 along N) matched cuBLAS on fc1, 210 us against
-# 252-299 us for the FP8 table's tiles (H100, benchmarks/results/vision_mlp_h100_66fd93c.json).
-_BF16_LARGE_M = 1024
-_BF16_WIDE = TuningConfig(block_m=128, block_n=128, num_compute_wgs=2, wg_dim="n")
 
-
-def tuned_config(device_kind: str, m: int, fp8: bool = True) -> TuningConfig:
-    """The checked-in config for a device kind (e.g. ``"NVIDIA H100 80GB HBM3"``), M rows and
-    the operand type (``fp8``: float8_e4m3fn, else bf16)."""
-    if not fp8 and m >= _BF16_LARGE_M:
-        return _BF16_WIDE
+def tuned_config(device_kind: str, m: int) -> TuningConfig:
+    """The checked-in config for a device kind (e.g. ``"NVIDIA H100 80GB HBM3"``) and M rows."""
     for key, table in TUNED.items():
         if key in device_kind:
             for bound, cfg in table:
@@ -123,10 +114,22 @@ _DENSE_2WG_M_128X64 = TuningConfig(
 # halves how often the long K is walked. At M = 512 the two-warpgroup 64x256 N split (the
 # grouped table's _LARGE) is the fastest for every N >= 2560 (qkv_proj 29.6, wq 42.0, o_proj
 # 122.1 us), the one-warpgroup 64x128 for q_proj (26.0) and 64x64 for k_proj (21.8).
-def dense_config(device_kind: str, m: int, n: int, k: int) -> TuningConfig:
-    """Config for a dense (one-group) GEMM of m rows and an [n, k] weight: the measured
-    decode-size choices above for M <= 512 (the same on every Hopper: only H100 was swept),
-    else the grouped table."""
+# A dense bf16 GEMM at large M (the vision tower's fc1: M = 2,712 tokens, 1,792 -> 15,360): the
+# 128 x 256 CTA (two warpgroups of 128 x 128 along N) matched cuBLAS, 210 us, against 217-299 us
+# for the other tiles swept (H100, benchmarks/results/vision_mlp_h100_66fd93c.json). Only that
+# one shape was measured; N must be a multiple of the 256-wide CTA.
+_BF16_LARGE_M = 1024
+_BF16_WIDE = TuningConfig(block_m=128, block_n=128, num_compute_wgs=2, wg_dim="n")
+
+
+def dense_config(device_kind: str, m: int, n: int, k: int, fp8: bool = True) -> TuningConfig:
+    """Config for a dense (one-group) GEMM of m rows and an [n, k] weight: for FP8 the
+    measured decode-size choices above for M <= 512 (the same on every Hopper: only H100 was
+    swept), else the grouped table; for bf16 (``fp8=False``) the 128 x 256 tile at
+    M >= 1,024 where N allows it, else the grouped table."""
+    if not fp8:
+        wide = m >= _BF16_LARGE_M and n % (2 * _BF16_WIDE.block_n) == 0
+        return _BF16_WIDE if wide else tuned_config(device_kind, m)
     if m > 512:
         return tuned_config(device_kind, m)
     if m > 256:

@@ -224,7 +224,9 @@ class VisionMLP(nnx.Module):
         here), or fc1 as a GEMM and quick_gelu as one more XLA pass over its output ("xla").
         ``gemm``: the FP8 linears' implementation where the unfused path runs FP8 weights."""
         fc1 = self.fc1
-        h = linear_activation_fused(x, fc1.weight[...], fc1.bias, "quick_gelu", implementation)
+        h = linear_activation_fused(
+            x, fc1.weight[...], fc1.bias, "quick_gelu", implementation, gemm
+        )
         if h is None:  # quick_gelu in float32 on the compute-dtype fc1 output (one fused pass)
             h = fc1(x, gemm)
             h = quick_gelu(h.astype(jnp.float32)).astype(h.dtype)

@@ -197,8 +197,11 @@ def test_tuning_config_validation_and_tables():
     assert tuned_config("NVIDIA H200", 24576) == large
     assert tuned_config("cpu", 768) == TuningConfig()
     wide = TuningConfig(block_m=128, block_n=128, num_compute_wgs=2, wg_dim="n")
-    assert tuned_config("NVIDIA H100 80GB HBM3", 2712, fp8=False) == wide  # the vision MLP
-    assert tuned_config("NVIDIA H100 80GB HBM3", 768, fp8=False) == small
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert dense_config(h100, 2712, 15360, 1792, fp8=False) == wide  # the vision MLP's fc1
+    # bf16 elsewhere: the grouped table (an N not a multiple of the 256-wide CTA, or small M)
+    assert dense_config(h100, 1024, 384, 1792, fp8=False) == tuned_config(h100, 1024)
+    assert dense_config(h100, 768, 15360, 1792, fp8=False) == small
 
 
 def test_pipeline_depth_fits_smem():

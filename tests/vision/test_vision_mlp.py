@@ -49,8 +49,15 @@ def test_default_off_hopper_is_the_unfused_form():
             mlp(x, implementation="pallas")
     w, b = mlp.fc1.weight[...], mlp.fc1.bias
     assert linear_activation_fused(x, w, b, "quick_gelu", "xla") is None
-    # float32 activations never take the bf16 kernel
+    # float32 activations never take the bf16 kernel: None falls back, "pallas" says why
     assert linear_activation_fused(x.astype(jnp.float32), w, b, "quick_gelu") is None
+    with pytest.raises(ValueError, match="needs bf16 activations"):
+        linear_activation_fused(x.astype(jnp.float32), w, b, "quick_gelu", "pallas")
+    # a block-FP8 fc1 follows the FP8 linears' policy too: their XLA forms keep it out
+    w8 = Fp8Weight.quantize(w.astype(jnp.float32))
+    assert linear_activation_fused(x, w8, b, "quick_gelu", None, gemm="xla") is None
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., K=256\]"):
+        linear_activation_fused(x[..., :128], w, b, "quick_gelu")
 
 
 def _oracle(mlp: VisionMLP, x):
