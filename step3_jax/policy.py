@@ -27,9 +27,9 @@ MOE_IMPLEMENTATIONS = (*IMPLEMENTATIONS, "dense")
 VISION_ATTENTION_IMPLEMENTATIONS = ("cudnn", "xla", None)
 # The vision tower's fc1 + bias + quick_gelu (`step3_jax.vision.layers.VisionMLP`): "pallas"
 # runs them as ONE grouped-GEMM launch with the bias and activation in its epilogue
-# (`step3_jax.quant_model.linear_activation_fused`; bf16 or block-FP8 weights), "xla" as a
-# GEMM and one more pass over its output. None: Pallas where it can run (Hopper, widths
-# multiples of 128), else XLA.
+# (`step3_jax.quant_model.linear_activation_fused`; bf16 or block-FP8 weights, the latter only
+# where ``gemm`` is not an XLA form), "xla" as a GEMM and one more pass over its output. None:
+# Pallas where it can run (Hopper, bf16, widths multiples of 128), else XLA.
 # Where a block-FP8 o_proj's input is quantized: "attention" hands it the attention output
 # already FP8 (`step3_jax.quant.QuantizedActivations`; the MFA kernel's epilogue writes it
 # from its f32 output where its grid allows, else XLA quantizes the bf16 output), "gemm"
