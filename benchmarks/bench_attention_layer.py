@@ -171,10 +171,7 @@ def main(argv=None):
                 )  # fmt: skip
             rows.append(row)
             harness.print_json(row)
-    doc = harness.results("attention_layer", rows, tiny=args.tiny)
-    if args.out:
-        harness.write_results(args.out, rows, bench="attention_layer", tiny=args.tiny)
-    harness.print_json({k: v for k, v in doc.items() if k != "rows"})
+    harness.finish("attention_layer", rows, args.out, tiny=args.tiny)
 
 
 if __name__ == "__main__":

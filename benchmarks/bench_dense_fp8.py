@@ -127,10 +127,7 @@ def main(argv=None):
                 rows.append(row)
                 harness.print_json(row)
     extra = {"m": ms, "configs": {k: dataclasses.asdict(v) for k, v in configs.items()}}
-    doc = harness.results("dense_fp8", rows, **extra)
-    if args.out:
-        harness.write_results(args.out, rows, bench="dense_fp8", **extra)
-    harness.print_json({k: v for k, v in doc.items() if k != "rows"})
+    harness.finish("dense_fp8", rows, args.out, **extra)
 
 
 if __name__ == "__main__":

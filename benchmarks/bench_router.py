@@ -72,10 +72,7 @@ def main(argv=None):
                               kernels=harness.kernel_times(f, sets[0]))  # fmt: skip
         rows.append(row.to_dict())
         harness.print_json(rows[-1])
-    doc = harness.results("router", rows, copy=on_gpu)
-    if args.out:
-        harness.write_results(args.out, rows, bench="router", copy=on_gpu)
-    harness.print_json({k_: v for k_, v in doc.items() if k_ != "rows"})
+    harness.finish("router", rows, args.out, copy=on_gpu)
 
 
 if __name__ == "__main__":

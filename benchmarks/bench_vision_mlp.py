@@ -100,10 +100,7 @@ def main(argv=None):
                 fn = jax.jit(lambda x, w, cfg=cfg: grouped_matmul(  # noqa: E731
                     x, w, gs, implementation="pallas", config=cfg))  # fmt: skip
                 add(f"{which}_pallas_{name}", fn, (xin, w), gemm_flops, config=name)
-    doc = harness.results("vision_mlp", rows, copy=on_gpu)
-    if args.out:
-        harness.write_results(args.out, rows, bench="vision_mlp", copy=on_gpu)
-    harness.print_json({k: v for k, v in doc.items() if k != "rows"})
+    harness.finish("vision_mlp", rows, args.out, copy=on_gpu)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -219,8 +220,6 @@ def trace_breakdown(
     kernel name (Mosaic GPU's ``anonymous_mosaic_gpu_kernel``); with XLA's command buffers on,
     every kernel inside one is attributed to the buffer. ``{}`` off GPU or if the trace holds
     no device events."""
-    import tempfile
-
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     if jax.default_backend() != "gpu":
@@ -525,12 +524,35 @@ def results(bench: str, rows: Sequence[Row | dict], *, copy: bool = True, **extr
     return doc
 
 
+def _write_json(path: str, doc: dict) -> None:
+    """``doc`` as JSON at ``path`` (folders created), atomically: a temporary file in the same
+    folder replaces ``path`` only once written, so a failed run leaves no half file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def write_results(path: str, rows: Sequence[Row | dict], *, bench: str, **kw) -> dict:
     """Writes :func:`results` as JSON to ``path`` (folders created); returns the document."""
     doc = results(bench, rows, **kw)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+    _write_json(path, doc)
+    return doc
+
+
+def finish(bench: str, rows: Sequence[Row | dict], out: str | None = None, **kw) -> dict:
+    """A benchmark's last step: the :func:`results` document, written to ``out`` when given,
+    and its summary (everything but the rows) printed as the last stdout line. Returns it."""
+    doc = results(bench, rows, **kw)
+    if out:
+        _write_json(out, doc)
+    print_json({k: v for k, v in doc.items() if k != "rows"})
     return doc
 
 

@@ -110,6 +110,20 @@ def test_copy_probe_and_results_file(tmp_path):
         harness.results("unit", [], device="x")
 
 
+def test_finish_writes_atomically_and_prints_the_summary_last(tmp_path, capsys):
+    path = tmp_path / "out" / "r.json"
+    doc = harness.finish("unit", [{"name": "a", "time_us": 1.0}], str(path), copy=False, n=3)
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["bench"] == "unit" and last["n"] == 3 and "rows" not in last
+    assert json.loads(path.read_text()) == json.loads(json.dumps(doc))
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary left
+    # a document that cannot be written leaves the earlier file as it was, and no temporary
+    with pytest.raises(TypeError):
+        harness.finish("unit", [{"name": "b", "bad": object()}], str(path), copy=False)
+    assert json.loads(path.read_text())["rows"][0]["name"] == "a"
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
 def _run(args, timeout):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
