@@ -30,19 +30,13 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from step3_jax.kernels.grouped_gemm import TuningConfig, grouped_matmul  # noqa: E402
+from benchmarks.bench_dense_fp8 import CONFIGS  # noqa: E402
+from step3_jax.kernels.grouped_gemm import grouped_matmul  # noqa: E402
 from step3_jax.policy import compiler_options  # noqa: E402
 from step3_jax.vision.layers import VisionMLP  # noqa: E402
 
-CONFIGS = {
-    "2wg_n_64x256": TuningConfig(block_m=64, block_n=128, num_compute_wgs=2, wg_dim="n"),
-    "2wg_m_128x128": TuningConfig(
-        block_m=64, block_n=128, num_compute_wgs=2, wg_dim="m", max_concurrent_steps=6
-    ),
-    "1wg_128x128": TuningConfig(block_m=128, block_n=128, max_concurrent_steps=4),
-    "2wg_n_128x256": TuningConfig(block_m=128, block_n=128, num_compute_wgs=2, wg_dim="n"),
-    "2wg_m_256x128": TuningConfig(block_m=128, block_n=128, num_compute_wgs=2, wg_dim="m"),
-}
+# The grouped kernel's tile configs tried at these shapes (named as in `bench_dense_fp8`).
+SWEEP = ("2wg_n_64x256", "2wg_m_128x128", "1wg_128x128", "2wg_n_128x256", "2wg_m_256x128")
 _CUBLAS = re.compile(
     r"= (\S+?|\([^)]*\)) custom-call\([^\n]*custom_call_target=\"(__cublas[^\"]*)\""
 )
@@ -58,7 +52,7 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=2712, help="rows (the padded 728 px view)")
     p.add_argument("--dim", type=int, default=1792)
     p.add_argument("--hidden", type=int, default=15360)
-    p.add_argument("--configs", default=",".join(CONFIGS), help="Pallas tile configs ('' none)")
+    p.add_argument("--configs", default=",".join(SWEEP), help="Pallas tile configs ('' none)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
