@@ -26,6 +26,27 @@ def _operands(m: int, k: int, n: int, g: int, pool: int | None = None, dt=jnp.fl
     )
 
 
+def _assert_lowers_for_cuda(args, n_w: int, fp8: bool, config: TuningConfig, kw=None):
+    """Lowers `grouped_gemm_mgpu` for CUDA on abstract operands ``args`` = (x, w, gs, xs, ws,
+    *extra) with ``n_w`` copies of w (and of ws when ``fp8``) and asserts it is a Mosaic GPU
+    kernel. ``kw(*extra)``: the call's other keywords, built from the extra operands inside
+    the traced function (a traced pool offset, a dense group's weights, a bias)."""
+
+    def f(x, w, gs, xs, ws, *extra):
+        return mosaic_gpu.grouped_gemm_mgpu(
+            x,
+            (w,) * n_w,
+            gs,
+            x_scale=xs if fp8 else None,
+            w_scales=(ws,) * n_w if fp8 else None,
+            config=config,
+            **(kw(*extra) if kw else {}),
+        )
+
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
 @pytest.mark.parametrize("wgs,wg_dim", [(1, "n"), (2, "n"), (2, "m")])
 @pytest.mark.parametrize("mode", ["fp8", "fp8_swiglu", "bf16"])
 def test_lowers_for_cuda(mode, wgs, wg_dim):
@@ -35,19 +56,7 @@ def test_lowers_for_cuda(mode, wgs, wg_dim):
     args = _operands(200, 256, 256, 4, dt=jnp.float8_e4m3fn if fp8 else jnp.bfloat16)
     n_w = 2 if "swiglu" in mode else 1
     cfg = TuningConfig(num_sms=132, num_compute_wgs=wgs, wg_dim=wg_dim)
-
-    def f(x, w, gs, xs, ws):
-        return mosaic_gpu.grouped_gemm_mgpu(
-            x,
-            (w,) * n_w,
-            gs,
-            x_scale=xs if fp8 else None,
-            w_scales=(ws,) * n_w if fp8 else None,
-            config=cfg,
-        )
-
-    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    _assert_lowers_for_cuda(args, n_w, fp8, cfg)
 
 
 @pytest.mark.parametrize("block_m,wgs,wg_dim", [(64, 1, "n"), (128, 2, "n"), (64, 2, "m")])
@@ -59,15 +68,8 @@ def test_bias_and_activation_epilogue_lowers_for_cuda(fp8, block_m, wgs, wg_dim)
     dt = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
     args = (*_operands(272, 256, 512, 1, dt=dt), jax.ShapeDtypeStruct((512,), jnp.bfloat16))
     cfg = TuningConfig(block_m=block_m, num_sms=132, num_compute_wgs=wgs, wg_dim=wg_dim)
-
-    def f(x, w, gs, xs, ws, b):
-        return mosaic_gpu.grouped_gemm_mgpu(
-            x, (w,), gs, x_scale=xs if fp8 else None, w_scales=(ws,) if fp8 else None,
-            config=cfg, bias=b, activation="quick_gelu",
-        )  # fmt: skip
-
-    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    kw = lambda b: dict(bias=b, activation="quick_gelu")  # noqa: E731
+    _assert_lowers_for_cuda(args, 1, fp8, cfg, kw)
 
 
 def test_epilogue_refuses_swiglu_and_unknown_activations():
@@ -85,33 +87,14 @@ def test_wide_row_tiles_lower_for_cuda(n_w):
     """128-row warpgroup tiles (a 256 x 128 CTA; `bench_dense_fp8.py`'s wide configs)."""
     args = _operands(m=256, k=256, n=256, g=2)
     cfg = TuningConfig(block_m=128, num_compute_wgs=2, wg_dim="m", num_sms=132)
-
-    def f(x, w, gs, xs, ws):
-        return mosaic_gpu.grouped_gemm_mgpu(
-            x, (w,) * n_w, gs, x_scale=xs, w_scales=(ws,) * n_w, config=cfg
-        )
-
-    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    _assert_lowers_for_cuda(args, n_w, True, cfg)
 
 
 def test_lowers_for_cuda_with_a_traced_pool_offset():
     """The in-place pool path (weights [P, N, K], groups at a traced offset) lowers too."""
     args = (*_operands(m=192, k=256, n=256, g=3, pool=9), jax.ShapeDtypeStruct((), jnp.int32))
-
-    def f(x, w, gs, xs, ws, off):
-        return mosaic_gpu.grouped_gemm_mgpu(
-            x,
-            (w, w),
-            gs,
-            x_scale=xs,
-            w_scales=(ws, ws),
-            config=TuningConfig(num_sms=132),
-            group_offset=off,
-        )
-
-    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    kw = lambda off: dict(group_offset=off)  # noqa: E731
+    _assert_lowers_for_cuda(args, 2, True, TuningConfig(num_sms=132), kw)
 
 
 @pytest.mark.parametrize("wgs,wg_dim", [(1, "n"), (2, "n"), (2, "m")])
@@ -130,21 +113,11 @@ def test_dense_group_lowers_for_cuda(mode, wgs, wg_dim):
         jax.ShapeDtypeStruct((n_d // 128, k_d // 128), jnp.float32),
     )
 
-    def f(x, w, gs, xs, ws, wd, wds):
+    def kw(wd, wds):
         dense = DenseGroup((wd,) * n_w, (wds,) * n_w if fp8 else (), row0=136, rows=64)
-        return mosaic_gpu.grouped_gemm_mgpu(
-            x,
-            (w,) * n_w,
-            gs,
-            x_scale=xs if fp8 else None,
-            w_scales=(ws,) * n_w if fp8 else None,
-            config=cfg,
-            zero_tail=False,
-            dense=dense,
-        )
+        return dict(zero_tail=False, dense=dense)
 
-    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    _assert_lowers_for_cuda(args, n_w, fp8, cfg, kw)
 
 
 @pytest.mark.parametrize("zero_tail", [True, False])
