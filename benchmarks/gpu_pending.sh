@@ -27,6 +27,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 22 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 23 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 24 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 25 $OUT  # H200 first
 # Still to run (as of 2026-12-06, after call 24): 19 and 21 on an H200 (19 ran on an H100 at
 # 76ea946); 20 again after commit fa057ad (the dispatch's optimization barrier, unmeasured);
 # the 728 px tower on an H200 with the fused vision MLP (`bench_vision.py`, as in call 24: the
@@ -160,6 +161,12 @@
 #   Then the router's logits GEMM (`bench_router.py`: one skinny GEMM against split-K forms;
 #   12.1 us a layer in the attention role's trace for 4.4 MB of operands), and the tower with
 #   XLA's cuDNN LayerNorm rewrite (its LayerNorms and residual adds: ~45 us a layer).
+# call 25 (issue 18; the H200 first, any Hopper else, ~6 min): the 728 px tower with the fused
+#   vision MLP (as call 24 on the H100: 45.57 ms, 59.1%), the attention block alone
+#   (`bench_vision_attention.py`: XLA's dot merger puts the three q/k/v GEMMs back into one
+#   whose cuBLAS kernel has no bias epilogue; cuDNN at head_dim 112 against 128), then the tower
+#   with the dot merger off. Predicted: -10 to -20 us a layer without the merger (three bias
+#   epilogues, no q/k/v add passes), 0.6-1.2 ms a view.
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -355,6 +362,13 @@ case "$CALL" in
       "@60 python3 benchmarks/bench_router.py --out \$OUT/router.json" \
       "@90 XLA_FLAGS=--xla_gpu_enable_cudnn_layer_norm=true python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8 --out \$OUT/vision_728_cudnn_ln.json"
     ;;
+  25)
+    VISION="python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8"
+    $RUN -t 60 "$OUT_DIR/call25" \
+      "@150 $VISION --trace --out \$OUT/vision_728.json" \
+      "@90 python3 benchmarks/bench_vision_attention.py --out \$OUT/vision_attention.json" \
+      "@100 XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 $VISION --out \$OUT/vision_728_no_dot_merger.json"
+    ;;
   22)
     ROLE="$AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24 --shared-expert routed"
     $RUN -t 40 "$OUT_DIR/call22" \
@@ -362,5 +376,5 @@ case "$CALL" in
       "@80 $ROLE --moe-dispatch sort --out \$OUT/ffn24_dispatch_sort.json" \
       "@80 $ROLE --out \$OUT/ffn24_dispatch_count.json"
     ;;
-  *) echo "call must be 1 to 22, got $CALL" >&2; exit 2 ;;
+  *) echo "call must be 1 to 25, got $CALL" >&2; exit 2 ;;
 esac
