@@ -93,15 +93,10 @@ class VisionEmbeddings(nnx.Module):
         self.position_embedding = nnx.Param(init_weight(rngs.params(), (rows, d), 1, param_dtype))
 
     def patches(self, pixel_values: Float[Array, "B C P P"], dtype) -> Float[Array, "B T D"]:
-        """The k = stride = patch conv as a reshape + one contraction: ``[B, G*G, D]``."""
-        b, ch, py, px = pixel_values.shape
-        p = self.patch_size
-        g = py // p
-        x = pixel_values.astype(dtype).reshape(b, ch, g, p, g, p)
-        w = self.patch_embedding.weight[...].astype(dtype)  # [D, C, p, p]
-        y = jnp.einsum("BCYiXj,DCij->BYXD", x, w, preferred_element_type=jnp.float32)
-        y = y + self.patch_embedding.bias[...].astype(jnp.float32)
-        return y.reshape(b, g * g, -1).astype(dtype)
+        """The patch convolution (kernel = stride: a reshape, then one GEMM): ``[B, G*G, D]``."""
+        b = pixel_values.shape[0]
+        y = self.patch_embedding(pixel_values.astype(dtype).transpose(0, 2, 3, 1))
+        return y.reshape(b, -1, y.shape[-1])
 
     def __call__(self, pixel_values: Float[Array, "B C P P"], dtype) -> Float[Array, "B T D"]:
         b, _, py, _ = pixel_values.shape

@@ -94,8 +94,18 @@ class Linear(nnx.Module):
 class Conv2d(nnx.Module):
     """A 2-D convolution on channels-last maps: ``[B, Y, X, I] -> [B, Y', X', O]``.
 
-    ``weight [O, I, k, k]`` (PyTorch layout), symmetric zero ``padding``, float32 accumulation.
-    """
+    ``weight [O, I, k, k]`` (PyTorch layout), symmetric zero ``padding``, float32 accumulation,
+    output (and bias add) in x's dtype, as `Linear`.
+
+    Computed as ONE GEMM over the input's k x k windows (im2col: ``[B, Y', X', I, k, k]``,
+    built from k*k strided slices) against the weight as the ``[O, I*k*k]`` matrix it already
+    is in memory. The tower's downsamplers run on a single image's 52 x 52 and 26 x 26 grids,
+    where the weights dominate (``vit_downsampler2``: 302 M parameters against a 5.5 MB input):
+    XLA's convolution path converted that weight to float32 and re-laid it out for cuDNN on
+    every call (a 622 us transpose, tf32 convolutions, ~1.5 ms a 728 px view on an H100,
+    docs/LOG.md), where the GEMM reads it once, in place. The window copy costs k*k/stride**2
+    times the input (2.25x for the 3 x 3 stride-2 downsampler; 1x, a reshape, when the
+    kernel equals the stride)."""
 
     def __init__(
         self, d_in: int, d_out: int, kernel: int, *, stride: int, padding: int = 0,
@@ -110,18 +120,28 @@ class Conv2d(nnx.Module):
 
     def __call__(self, x: Float[Array, "B Y X I"]) -> Float[Array, "B Yo Xo O"]:
         w = self.weight[...]
-        if x.shape[-1] != w.shape[1]:
-            raise ValueError(f"Conv2d expects {w.shape[1]} input channels, got x {x.shape}")
-        p = self.padding
-        y = jax.lax.conv_general_dilated(
-            x,
-            w.astype(x.dtype),
-            window_strides=(self.stride, self.stride),
-            padding=((p, p), (p, p)),
-            dimension_numbers=("NHWC", "OIHW", "NHWC"),
-            preferred_element_type=jnp.float32,
-        )
-        return (y + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+        if x.ndim != 4 or x.shape[-1] != w.shape[1]:
+            raise ValueError(
+                f"Conv2d expects x [B, Y, X, {w.shape[1]}] (channels last), got x {x.shape}"
+            )
+        windows = self.windows(x, w.shape[-1])
+        y = project(windows, w, "BYXIhw,OIhw->BYXO", out_dtype=x.dtype)
+        return y + self.bias[...].astype(y.dtype)
+
+    def windows(self, x: Float[Array, "B Y X I"], k: int) -> Float[Array, "B Yo Xo I k k"]:
+        """The k x k input window under each output position (im2col), zero-padded."""
+        s, p = self.stride, self.padding
+        b, ny, nx, ch = x.shape
+        oy, ox = (ny + 2 * p - k) // s + 1, (nx + 2 * p - k) // s + 1
+        if oy < 1 or ox < 1:
+            raise ValueError(f"Conv2d: a {k} x {k} kernel does not fit x {x.shape} (padding {p})")
+        if k == s and p == 0:  # non-overlapping windows: a reshape, no copy of the input
+            x = x[:, : oy * k, : ox * k].reshape(b, oy, k, ox, k, ch)
+            return x.transpose(0, 1, 3, 5, 2, 4)
+        xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        span_y, span_x = s * (oy - 1) + 1, s * (ox - 1) + 1
+        cols = [xp[:, i : i + span_y : s, j : j + span_x : s] for i in range(k) for j in range(k)]
+        return jnp.stack(cols, axis=-1).reshape(b, oy, ox, ch, k, k)
 
 
 def attention(

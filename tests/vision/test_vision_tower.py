@@ -13,7 +13,7 @@ from vision_reference import aa_resize_matrix, vision_forward
 from step3_jax.quant_model import Fp8Weight
 from step3_jax.vision.config import Step3VisionConfig
 from step3_jax.vision.encoder import resize_positions
-from step3_jax.vision.layers import Linear
+from step3_jax.vision.layers import Conv2d, Linear
 
 # float32 through 2 tiny layers: per-op relative error ~1e-7 * sqrt(contraction <= 2*32*9);
 # the issue's bound 2e-4 (relative to the output's largest magnitude) leaves >100x headroom
@@ -151,3 +151,54 @@ def test_split_outputs_are_the_fused_projection_cut(weight):
             np.testing.assert_allclose(got, want, rtol=0, atol=d * 2.0**-23 * 4 * scale)
     dots = str(jax.make_jaxpr(lambda x: lin.split_outputs(x, (d, d, d), gemm="xla"))(x))
     assert dots.count("dot_general") == (1 if weight == "fp8_unaligned" else 3)
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding,size",
+    [(2, 2, 0, 8), (2, 2, 0, 9), (3, 2, 1, 8), (3, 2, 1, 7), (3, 1, 1, 5), (4, 4, 0, 13)],
+)
+def test_conv2d_windows_gemm_matches_xla_convolution(kernel, stride, padding, size):
+    """`Conv2d` (one GEMM over im2col windows) equals XLA's own convolution in float32: the
+    same products summed over the same I*k*k terms, so the two differ by reassociation only,
+    bounded by the contraction length times float32's eps times the sum of |products|. The
+    shapes cover kernel = stride (the reshape path), the overlapping 3 x 3 stride-2
+    downsampler, stride 1, and sizes the stride does not divide."""
+    ch_in, ch_out = 5, 6
+    conv = Conv2d(
+        ch_in, ch_out, kernel, stride=stride, padding=padding,
+        param_dtype=jnp.float32, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    conv.bias.set_value(jnp.linspace(-1, 1, ch_out, dtype=jnp.float32))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, size, size, ch_in)), jnp.float32)
+    got = conv(x)
+    want = jax.lax.conv_general_dilated(
+        x, conv.weight[...], (stride, stride), ((padding, padding),) * 2,
+        dimension_numbers=("NHWC", "OIHW", "NHWC"), precision=jax.lax.Precision.HIGHEST,
+    ) + conv.bias[...]  # fmt: skip
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    mag = np.asarray(
+        jax.lax.conv_general_dilated(
+            jnp.abs(x),
+            jnp.abs(conv.weight[...]),
+            (stride, stride),
+            ((padding, padding),) * 2,
+            dimension_numbers=("NHWC", "OIHW", "NHWC"),
+            precision=jax.lax.Precision.HIGHEST,
+        )  # fmt: skip
+    )
+    bound = ch_in * kernel * kernel * 2.0**-23 * mag + 2.0**-23
+    assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= bound)
+
+
+def test_conv2d_output_dtype_and_bad_input():
+    conv = Conv2d(4, 3, 2, stride=2, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    y = conv(jnp.ones((1, 4, 4, 4), jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16 and y.shape == (1, 2, 2, 3)
+    with pytest.raises(ValueError, match=r"x \[B, Y, X, 4\]"):
+        conv(jnp.ones((1, 4, 4, 3), jnp.float32))
+    with pytest.raises(ValueError, match=r"x \[B, Y, X, 4\]"):
+        conv(jnp.ones((4, 4, 4), jnp.float32))
+    with pytest.raises(ValueError, match="does not fit"):
+        Conv2d(4, 3, 3, stride=1, param_dtype=jnp.float32, rngs=nnx.Rngs(0))(
+            jnp.ones((1, 2, 2, 4), jnp.float32)
+        )
