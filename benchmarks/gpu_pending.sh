@@ -28,6 +28,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 23 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 24 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 25 $OUT  # H200 first
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 26 $OUT  # H200 first
 # Still to run (as of 2026-12-06, after call 24): 19 and 21 on an H200 (19 ran on an H100 at
 # 76ea946); 20 again after commit fa057ad (the dispatch's optimization barrier, unmeasured);
 # the 728 px tower on an H200 with the fused vision MLP (`bench_vision.py`, as in call 24: the
@@ -167,6 +168,11 @@
 #   whose cuBLAS kernel has no bias epilogue; cuDNN at head_dim 112 against 128), then the tower
 #   with the dot merger off. Predicted: -10 to -20 us a layer without the merger (three bias
 #   epilogues, no q/k/v add passes), 0.6-1.2 ms a view.
+# call 26 (issues 18 and 13; the H200 first, ~8 min): the 728 px tower with its convolutions as
+#   GEMMs over im2col windows (d4bf650), traced, with XLA's dot merger on (default) and off;
+#   then, on an H200 only (~100 GB), call 21's full-size FFN role at 256 and 512 tokens.
+#   Predicted: the stem -1.2 ms a view (its tf32 convolutions and the 622 us weight re-layout
+#   go; the 302 M-parameter downsampler2 weight read once at copy rate, ~0.2 ms).
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -369,6 +375,18 @@ case "$CALL" in
       "@90 python3 benchmarks/bench_vision_attention.py --out \$OUT/vision_attention.json" \
       "@100 XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 $VISION --out \$OUT/vision_728_no_dot_merger.json"
     ;;
+  26)
+    VISION="python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8 --trace"
+    FULL="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 $AFD_ROLE --full --role ffn"
+    $RUN -t 60 "$OUT_DIR/call26" \
+      "@150 $VISION --out \$OUT/vision_728.json" \
+      "@100 XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 $VISION --out \$OUT/vision_728_no_dot_merger.json"
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+      $RUN -t 60 "$OUT_DIR/call26_ffn" \
+        "@150 $FULL --runs 1x256 --out \$OUT/ffn_full_256.json" \
+        "@150 $FULL --runs 1x512 --out \$OUT/ffn_full_512.json"
+    fi
+    ;;
   22)
     ROLE="$AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24 --shared-expert routed"
     $RUN -t 40 "$OUT_DIR/call22" \
@@ -376,5 +394,5 @@ case "$CALL" in
       "@80 $ROLE --moe-dispatch sort --out \$OUT/ffn24_dispatch_sort.json" \
       "@80 $ROLE --out \$OUT/ffn24_dispatch_count.json"
     ;;
-  *) echo "call must be 1 to 25, got $CALL" >&2; exit 2 ;;
+  *) echo "call must be 1 to 26, got $CALL" >&2; exit 2 ;;
 esac
