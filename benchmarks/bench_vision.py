@@ -18,8 +18,9 @@ As the model runs it: the layers see the tokens padded to a multiple of ``--toke
 with `step3_jax.policy.GPU_COMPILER_OPTIONS` (cuBLAS GEMMs; ``--triton-gemm``: XLA's defaults).
 JAX calls are timed with the project's harness (`benchmarks/harness.time_calls`): ``*_ms`` is
 the GPU device time (CUPTI, the sum of the call's kernels; the host loop elsewhere) and
-``*_host_ms`` the wall time of one blocked call beside it; the torch twin's ``torch_bf16_ms`` is
-its CUDA-event span. The last stdout line is the JSON result.
+``*_host_ms`` the wall time of one blocked call beside it (``*_host_loop_ms``: calls enqueued
+back to back, one sync: what a stream of views would see); the torch twin's ``torch_bf16_ms``
+is its CUDA-event span. The last stdout line is the JSON result.
 """
 
 from __future__ import annotations
@@ -322,6 +323,7 @@ def main():
         if timing is not None:
             res[f"{name}_timer"] = timing.timer
             res[f"{name}_host_ms"] = round(timing.host_us / 1e3, 3)
+            res[f"{name}_host_loop_ms"] = round(timing.host_loop_us / 1e3, 3)
         res[f"{name}_tflops"] = float(f"{total / secs / 1e12:.4g}")
         if peak:
             res[f"{name}_pct_bf16_peak"] = round(100 * total / secs / peak, 1)
