@@ -29,6 +29,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 24 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 25 $OUT  # H200 first
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 26 $OUT  # H200 first
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 27 $OUT  # H200 only
 # Still to run (as of 2026-12-06, after call 24): 19 and 21 on an H200 (19 ran on an H100 at
 # 76ea946); 20 again after commit fa057ad (the dispatch's optimization barrier, unmeasured);
 # the 728 px tower on an H200 with the fused vision MLP (`bench_vision.py`, as in call 24: the
@@ -173,6 +174,9 @@
 #   then, on an H200 only (~100 GB), call 21's full-size FFN role at 256 and 512 tokens.
 #   Predicted: the stem -1.2 ms a view (its tf32 convolutions and the 622 us weight re-layout
 #   go; the 302 M-parameter downsampler2 weight read once at copy rate, ~0.2 ms).
+# call 27 (issues 18 and 13; H200 only, ~8 min): the 728 px tower on the issue's device (traced,
+#   host loop time beside), the 61-layer attention role at 256 sequences, then the full-size
+#   FFN role at 256 and 512 tokens (call 21), each in its own process.
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -387,6 +391,14 @@ case "$CALL" in
         "@150 $FULL --runs 1x512 --out \$OUT/ffn_full_512.json"
     fi
     ;;
+  27)
+    FULL="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 $AFD_ROLE --full"
+    $RUN -t 60 "$OUT_DIR/call27" \
+      "@100 python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8 --trace --out \$OUT/vision_728.json" \
+      "@110 $FULL --runs 1x256 --role attention --out \$OUT/attention_full_256.json" \
+      "@150 $FULL --runs 1x256 --role ffn --out \$OUT/ffn_full_256.json" \
+      "@150 $FULL --runs 1x512 --role ffn --out \$OUT/ffn_full_512.json"
+    ;;
   22)
     ROLE="$AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24 --shared-expert routed"
     $RUN -t 40 "$OUT_DIR/call22" \
@@ -394,5 +406,5 @@ case "$CALL" in
       "@80 $ROLE --moe-dispatch sort --out \$OUT/ffn24_dispatch_sort.json" \
       "@80 $ROLE --out \$OUT/ffn24_dispatch_count.json"
     ;;
-  *) echo "call must be 1 to 26, got $CALL" >&2; exit 2 ;;
+  *) echo "call must be 1 to 27, got $CALL" >&2; exit 2 ;;
 esac
