@@ -175,7 +175,8 @@
 #   Predicted: the stem -1.2 ms a view (its tf32 convolutions and the 622 us weight re-layout
 #   go; the 302 M-parameter downsampler2 weight read once at copy rate, ~0.2 ms).
 # call 27 (issues 18 and 13; H200 only, ~8 min): the 728 px tower on the issue's device (traced,
-#   host loop time beside), the 61-layer attention role at 256 sequences, then the full-size
+#   host loop time beside; again with XLA's command buffers off: where do the ~11 ms between
+#   a blocked call's wall time and its device time go?), the 61-layer attention role at 256 sequences, then the full-size
 #   FFN role at 256 and 512 tokens (call 21), each in its own process.
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
@@ -395,6 +396,7 @@ case "$CALL" in
     FULL="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 $AFD_ROLE --full"
     $RUN -t 60 "$OUT_DIR/call27" \
       "@100 python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8 --trace --out \$OUT/vision_728.json" \
+      "@70 $NOCB python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8 --out \$OUT/vision_728_nocmdbuf.json" \
       "@110 $FULL --runs 1x256 --role attention --out \$OUT/attention_full_256.json" \
       "@150 $FULL --runs 1x256 --role ffn --out \$OUT/ffn_full_256.json" \
       "@150 $FULL --runs 1x512 --role ffn --out \$OUT/ffn_full_512.json"
