@@ -32,6 +32,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
@@ -125,6 +126,42 @@ def run_jax(model, pixels, iters, gpu_options: bool):
     fn, args = jitted(model, pixels, gpu_options)
     timing = harness.time_calls(fn, [args], reps=iters, warmup=2)
     return timing, fn(*args)
+
+
+def host_costs(model, pixels, gpu_options: bool, calls: int = 5, top: int = 15) -> dict:
+    """Where a tower call's host time goes: the median time for the jitted call to RETURN
+    (dispatch: argument flattening, the runtime enqueueing every kernel; the device is idle
+    before each call), the module's pytree flatten alone, and a cProfile of one dispatch (the
+    ``top`` entries by own time, ms)."""
+    import cProfile
+    import pstats
+
+    fn, args = jitted(model, pixels, gpu_options)
+    jax.block_until_ready(fn(*args))
+    dispatch, flatten = [], []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        dispatch.append(time.perf_counter() - t0)
+        jax.block_until_ready(out)
+        t0 = time.perf_counter()
+        jax.tree.flatten(model)
+        flatten.append(time.perf_counter() - t0)
+    prof = cProfile.Profile()
+    prof.enable()
+    out = fn(*args)
+    prof.disable()
+    jax.block_until_ready(out)
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, own, cumulative, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return {
+        "dispatch_ms": round(1e3 * statistics.median(dispatch), 3),
+        "module_flatten_ms": round(1e3 * statistics.median(flatten), 3),
+        "dispatch_profile_own_ms": [
+            [f"{Path(f).name}:{line}:{name}", round(1e3 * v[2], 3), v[1]]
+            for (f, line, name), v in rows
+        ],
+    }
 
 
 def torch_reference(model: Step3VisionModel, pixels, iters: int):
@@ -266,6 +303,7 @@ def bf16_runs(model, pixels, iters: int, res: dict, record, gpu_options: bool):
         model.attention_implementation = res["attention_implementation"] = "xla"
         timing, out = run_jax(model, pixels, iters, gpu_options)
     record("jax_bf16", timing.time_us / 1e6, timing)
+    res["jax_bf16_host_costs"] = host_costs(model, pixels, gpu_options)
     res["vision_mlp"] = model.policy.vision_mlp
     if model.policy.vision_mlp != "xla":  # the MLP's fc1 + quick_gelu unfused, same run
         policy = model.policy
