@@ -131,8 +131,9 @@ def run_jax(model, pixels, iters, gpu_options: bool):
 def host_costs(model, pixels, gpu_options: bool, calls: int = 5, top: int = 15) -> dict:
     """Where a tower call's host time goes: the median time for the jitted call to RETURN
     (dispatch: argument flattening, the runtime enqueueing every kernel; the device is idle
-    before each call), the module's pytree flatten alone, and a cProfile of one dispatch (the
-    ``top`` entries by own time, ms)."""
+    before each call), the module's pytree flatten alone, the same program taking a flat list
+    of the module's arrays (flattened once: its device, blocked and back-to-back times), and a
+    cProfile of one dispatch (the ``top`` entries by own time, ms)."""
     import cProfile
     import pstats
 
@@ -147,6 +148,14 @@ def host_costs(model, pixels, gpu_options: bool, calls: int = 5, top: int = 15) 
         t0 = time.perf_counter()
         jax.tree.flatten(model)
         flatten.append(time.perf_counter() - t0)
+    # The same program over a flat list of the module's arrays, flattened once here: does the
+    # GPU idle between back-to-back calls because of the per-call module flatten?
+    leaves, treedef = jax.tree.flatten(model)
+    flat = jax.jit(
+        lambda leaves, px: fn(jax.tree.unflatten(treedef, leaves), px),
+        compiler_options=compiler_options(gpu_options),
+    )
+    flat_timing = harness.time_calls(flat, [(leaves, pixels)], reps=calls, warmup=2)
     prof = cProfile.Profile()
     prof.enable()
     out = fn(*args)
@@ -157,6 +166,9 @@ def host_costs(model, pixels, gpu_options: bool, calls: int = 5, top: int = 15) 
     return {
         "dispatch_ms": round(1e3 * statistics.median(dispatch), 3),
         "module_flatten_ms": round(1e3 * statistics.median(flatten), 3),
+        "flat_leaves_ms": round(flat_timing.time_us / 1e3, 3),
+        "flat_leaves_host_ms": round(flat_timing.host_us / 1e3, 3),
+        "flat_leaves_host_loop_ms": round(flat_timing.host_loop_us / 1e3, 3),
         "dispatch_profile_own_ms": [
             [f"{Path(f).name}:{line}:{name}", round(1e3 * v[2], 3), v[1]]
             for (f, line, name), v in rows
