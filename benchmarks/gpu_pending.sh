@@ -31,6 +31,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 26 $OUT  # H200 first
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 27 $OUT  # H200 only
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 28 $OUT  # any Hopper
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 29 $OUT  # any Hopper
 # Still to run (as of 2026-12-06, after call 24): 19 and 21 on an H200 (19 ran on an H100 at
 # 76ea946); 20 again after commit fa057ad (the dispatch's optimization barrier, unmeasured);
 # the 728 px tower on an H200 with the fused vision MLP (`bench_vision.py`, as in call 24: the
@@ -181,6 +182,10 @@
 #   FFN role at 256 and 512 tokens (call 21), each in its own process.
 # call 28 (all issues, any Hopper, ~8 min): every GPU-marked test, then the 728 px tower with the
 #   host loop time beside its device time, with command buffers on (default) and off.
+# call 29 (issues 18 and 13, any Hopper, ~6 min): the tower's host cost (dispatch, the module
+#   flatten, the same program over a flat list of arrays), then both roles at HEAD: the FFN role
+#   on 24 layers at 256 and 512 tokens (defaults, after the optimization barrier of fa057ad)
+#   and the 61-layer attention role at 256 sequences.
 # Each call ends as ONE archive, OUT_DIR/callN.tgz (the device tool returns only a few files per
 # call). Copy the JSON you keep into benchmarks/results/ and the numbers into docs/LOG.md.
 set -u
@@ -411,6 +416,12 @@ case "$CALL" in
       "@70 $VISION --out \$OUT/vision_728.json" \
       "@70 $NOCB $VISION --out \$OUT/vision_728_nocmdbuf.json"
     ;;
+  29)
+    $RUN -t 60 "$OUT_DIR/call29" \
+      "@70 python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8 --out \$OUT/vision_728_host.json" \
+      "@110 $AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24 --out \$OUT/ffn24.json" \
+      "@110 $AFD_ROLE --runs 1x256 --role attention --full --out \$OUT/attention61.json"
+    ;;
   22)
     ROLE="$AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24 --shared-expert routed"
     $RUN -t 40 "$OUT_DIR/call22" \
@@ -418,5 +429,5 @@ case "$CALL" in
       "@80 $ROLE --moe-dispatch sort --out \$OUT/ffn24_dispatch_sort.json" \
       "@80 $ROLE --out \$OUT/ffn24_dispatch_count.json"
     ;;
-  *) echo "call must be 1 to 28, got $CALL" >&2; exit 2 ;;
+  *) echo "call must be 1 to 29, got $CALL" >&2; exit 2 ;;
 esac
