@@ -152,7 +152,7 @@ def host_costs(model, pixels, gpu_options: bool, calls: int = 5, top: int = 15) 
     # GPU idle between back-to-back calls because of the per-call module flatten?
     leaves, treedef = jax.tree.flatten(model)
     flat = jax.jit(
-        lambda leaves, px: fn(jax.tree.unflatten(treedef, leaves), px),
+        lambda leaves, px: jax.tree.unflatten(treedef, leaves)(px),
         compiler_options=compiler_options(gpu_options),
     )
     flat_timing = harness.time_calls(flat, [(leaves, pixels)], reps=calls, warmup=2)
