@@ -265,6 +265,10 @@ def parse_args():
     )  # fmt: skip
     p.add_argument("--no-torch", action="store_true")
     p.add_argument(
+        "--host-costs", action="store_true",
+        help="add where a call's host time goes (`host_costs`; compiles the tower once more)",
+    )  # fmt: skip
+    p.add_argument(
         "--trace", action="store_true",
         help="add a profiler breakdown of one bf16 call (busy vs idle, top kernels)",
     )  # fmt: skip
@@ -303,7 +307,7 @@ def header(c: Step3VisionConfig, args, model, fl: dict, peak) -> dict:
     }
 
 
-def bf16_runs(model, pixels, iters: int, res: dict, record, gpu_options: bool):
+def bf16_runs(model, pixels, iters: int, res: dict, record, gpu_options: bool, host: bool = False):
     """JAX bf16 with the default attention (cuDNN on a GPU; XLA if that fails), then XLA
     attention beside it; keeps the faster for what follows. Returns the first output."""
     try:
@@ -315,7 +319,8 @@ def bf16_runs(model, pixels, iters: int, res: dict, record, gpu_options: bool):
         model.attention_implementation = res["attention_implementation"] = "xla"
         timing, out = run_jax(model, pixels, iters, gpu_options)
     record("jax_bf16", timing.time_us / 1e6, timing)
-    res["jax_bf16_host_costs"] = host_costs(model, pixels, gpu_options)
+    if host:
+        res["jax_bf16_host_costs"] = host_costs(model, pixels, gpu_options)
     res["vision_mlp"] = model.policy.vision_mlp
     if model.policy.vision_mlp != "xla":  # the MLP's fc1 + quick_gelu unfused, same run
         policy = model.policy
@@ -379,7 +384,7 @@ def main():
             res[f"{name}_pct_bf16_peak"] = round(100 * total / secs / peak, 1)
         print(json.dumps({k: v for k, v in res.items() if k.startswith(name)}), flush=True)
 
-    out_bf16 = bf16_runs(model, pixels, args.iters, res, record, gpu_options)
+    out_bf16 = bf16_runs(model, pixels, args.iters, res, record, gpu_options, args.host_costs)
     if args.trace:  # where the bf16 tower's time goes (GPU only; {} elsewhere)
         res["jax_bf16_trace"] = harness.trace_breakdown(*jitted(model, pixels, gpu_options), top=25)
     if not args.no_torch:

@@ -32,11 +32,10 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 27 $OUT  # H200 only
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 28 $OUT  # any Hopper
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_pending.sh 29 $OUT  # any Hopper
-# Still to run (as of 2026-12-06, after call 24): 19 and 21 on an H200 (19 ran on an H100 at
-# 76ea946); 20 again after commit fa057ad (the dispatch's optimization barrier, unmeasured);
-# the 728 px tower on an H200 with the fused vision MLP (`bench_vision.py`, as in call 24: the
-# H100 reached 59.1% of the bf16 peak at bd08c5d, the issue's 60% is an H200 target). Calls
-# 1, 2, 12-18, 20 and 22-24 have run (docs/LOG.md). Call 2's FFN rows and 512-sequence
+# Still to run (as of 2026-12-06, after call 29): 19 and 21 on an H200 (19 ran on an H100 at
+# 76ea946); 27 (the 728 px tower and both full-size roles on an H200: no H200 could be had
+# after commit 42bb1d6). Calls 1, 2, 12-18, 20, 22-26, 28 and 29 have run (docs/LOG.md; call
+# 29's first command ran again at 4055321 after a fix). Call 2's FFN rows and 512-sequence
 # attention rows ran out of memory (one process for several full-size runs); call 18 ran them
 # one per process.
 #
@@ -418,7 +417,7 @@ case "$CALL" in
     ;;
   29)
     $RUN -t 60 "$OUT_DIR/call29" \
-      "@70 python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8 --out \$OUT/vision_728_host.json" \
+      "@70 python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8 --host-costs --out \$OUT/vision_728_host.json" \
       "@110 $AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24 --out \$OUT/ffn24.json" \
       "@110 $AFD_ROLE --runs 1x256 --role attention --full --out \$OUT/attention61.json"
     ;;

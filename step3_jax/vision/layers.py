@@ -104,8 +104,8 @@ class Conv2d(nnx.Module):
     XLA's convolution path converted that weight to float32 and re-laid it out for cuDNN on
     every call (a 622 us transpose, tf32 convolutions, ~1.5 ms a 728 px view on an H100,
     docs/LOG.md), where the GEMM reads it once, in place. The window copy costs k*k/stride**2
-    times the input (2.25x for the 3 x 3 stride-2 downsampler; 1x, a reshape, when the
-    kernel equals the stride)."""
+    times the input (2.25x for the 3 x 3 stride-2 downsampler; one transposed copy of it
+    when the kernel equals the stride)."""
 
     def __init__(
         self, d_in: int, d_out: int, kernel: int, *, stride: int, padding: int = 0,
@@ -134,8 +134,11 @@ class Conv2d(nnx.Module):
         b, ny, nx, ch = x.shape
         oy, ox = (ny + 2 * p - k) // s + 1, (nx + 2 * p - k) // s + 1
         if oy < 1 or ox < 1:
-            raise ValueError(f"Conv2d: a {k} x {k} kernel does not fit x {x.shape} (padding {p})")
-        if k == s and p == 0:  # non-overlapping windows: a reshape, no copy of the input
+            raise ValueError(
+                f"Conv2d expects x [B, Y, X, I] with Y, X >= {k - 2 * p} (kernel {k}, padding "
+                f"{p}), got x {x.shape}"
+            )
+        if k == s and p == 0:  # non-overlapping windows: a reshape, then one transposed copy
             x = x[:, : oy * k, : ox * k].reshape(b, oy, k, ox, k, ch)
             return x.transpose(0, 1, 3, 5, 2, 4)
         xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
