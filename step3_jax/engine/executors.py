@@ -33,6 +33,8 @@ from flax import nnx
 
 from step3_jax.engine.images import ImageInputs, pack_chunk_features
 from step3_jax.engine.paged_cache import NULL_PAGE, PageAllocator, PagedKVCache, pages_for
+from step3_jax.vision.generate import expand
+from step3_jax.vision.model import tower_compile_count
 
 
 def _forward_select(graphdef, state, cache, tokens, positions, select):
@@ -184,8 +186,6 @@ class ModelExecutor:
                     "engine's model is text-only"
                 )
             return prompt, None
-        from step3_jax.vision.generate import expand
-
         (expanded,), pixels = expand(self.vl_model, [prompt], [list(images or ())],
                                      self.image_tokens)  # fmt: skip
         if pixels is None:
@@ -276,8 +276,6 @@ class ModelExecutor:
         and prefill steps, and for a VL model the vision tower's."""
         n = self._forward._cache_size()
         if self.accepts_images:
-            from step3_jax.vision.model import tower_compile_count
-
             n += self._prefill_embeds._cache_size() + tower_compile_count()
         return n
 
