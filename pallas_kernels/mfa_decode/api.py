@@ -30,6 +30,7 @@ from jaxtyping import Array, Float, Int
 from step3_jax.kernels import dispatch
 from step3_jax.kernels.mfa_decode import config as cfg_lib
 from step3_jax.kernels.mfa_decode import ragged
+from step3_jax.kernels.mfa_decode.merge import combine_splits
 from step3_jax.kernels.mfa_decode.xla import mfa_decode_xla
 from step3_jax.quant import QuantizedActivations, quantize_kv
 
@@ -400,26 +401,3 @@ def _pallas_jit(ks, q, k, v, lengths, k_scale, v_scale, block_table, page_offset
         ks, lengths, table, q, q_scale, k, v, k_scale, v_scale, page_offsets, work=work
     )  # [C, 1, T, N, H], [C, 1, T, N]
     return ragged.combine_ragged(out[:, 0], lse[:, 0], start, count, ks.ragged_max_splits)
-
-
-def combine_splits(
-    out: Float[Array, "J B T N H"], lse: Float[Array, "J B T N"]
-) -> tuple[Float[Array, "B T N H"], Float[Array, "B T N"]]:
-    """Merge split-K partials (each normalised over its own keys) by their log-sum-exps.
-
-    out = sum_j exp(lse_j - lse) * out_j with lse = logsumexp_j lse_j; splits that saw no key
-    have lse_j = -inf and weight 0; if no split saw a key the result is 0 and -inf.
-    """
-    if out.shape[0] == 1:
-        return out[0].astype(jnp.bfloat16), lse[0]
-    # Elementwise + reductions over J only (no einsum: a [J] contraction per (b, t, n) row
-    # can become a batched matmul), so XLA fuses the merge into few, small kernels.
-    m = jnp.max(lse, axis=0)
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(lse - m_safe)  # [J, B, T, N]; exp(-inf) = 0 for empty splits
-    tot = jnp.sum(w, axis=0)
-    pos = tot > 0
-    o = jnp.sum(w[..., None] * out.astype(jnp.float32), axis=0)
-    o = o * jnp.where(pos, 1.0 / jnp.where(pos, tot, 1.0), 0.0)[..., None]
-    lse_all = jnp.where(pos, jnp.log(jnp.where(pos, tot, 1.0)) + m_safe, -jnp.inf)
-    return o.astype(jnp.bfloat16), lse_all

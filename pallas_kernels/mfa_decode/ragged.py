@@ -23,6 +23,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from step3_jax.kernels.mfa_decode.merge import combine_splits
+
 
 def num_items(batch: int, target: int, max_splits: int) -> int:
     """Static number of work items (grid CTAs per query token) of a ragged call."""
@@ -100,8 +102,6 @@ def combine_ragged(
     each normalised over its own keys) into bf16 out [B, T, N, H] and lse [B, T, N]. Rows not
     listed are never read into the result (they may hold garbage); a sequence with no piece
     gives zeros and -inf."""
-    from step3_jax.kernels.mfa_decode.api import combine_splits
-
     j = jnp.arange(max_splits, dtype=jnp.int32)[:, None]
     valid = j < count[None, :]  # [J, B]
     idx = jnp.clip(jnp.where(valid, start[None, :] + j, 0), 0, out.shape[0] - 1)
