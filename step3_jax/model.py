@@ -162,7 +162,9 @@ def head_logits(
     return project(rms_norm(x, norm_weight, eps), lm_head, "...D,VD->...V", out_dtype=jnp.float32)
 
 
-def _check_tokens(tokens, vocab_size: int) -> None:
+def check_tokens(tokens, vocab_size: int) -> None:
+    """Clear errors for token batches a model cannot take: not ``[B, T]``, not integer, empty,
+    or (concrete values only) outside ``[0, vocab_size)``."""
     if not hasattr(tokens, "ndim") or tokens.ndim != 2:
         raise ValueError(
             "tokens must be an int array of shape [B, T], got "
@@ -237,7 +239,7 @@ class Step3Model(nnx.Module):
         cache: KVCache | None = None,
         positions: Int[Array, "B T"] | None = None,
     ):
-        _check_tokens(tokens, self.config.vocab_size)
+        check_tokens(tokens, self.config.vocab_size)
         b, t = tokens.shape
         if cache is not None and (cache.batch != b or cache.num_layers != self.config.num_layers):
             raise ValueError(

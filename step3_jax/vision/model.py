@@ -20,7 +20,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from step3_jax.cache import KVCache
 from step3_jax.config import Step3Config
-from step3_jax.model import Step3Model, _check_tokens
+from step3_jax.model import Step3Model, check_tokens
 from step3_jax.policy import compiler_options
 from step3_jax.vision.config import Step3VisionConfig
 from step3_jax.vision.encoder import Step3VisionModel
@@ -199,7 +199,7 @@ class Step3VLModel(nnx.Module):
     ):
         """Like `Step3Model.__call__`, with ``images`` (or precomputed ``features``) merged at
         the placeholder positions of ``tokens`` (already expanded: `expand_prompt`)."""
-        _check_tokens(tokens, self.config.vocab_size)
+        check_tokens(tokens, self.config.vocab_size)
         if images is not None:
             if features is not None:
                 raise ValueError("pass images= or features=, not both")
