@@ -54,7 +54,7 @@ from step3_jax.vision.encoder import (  # noqa: E402
     quantize_linears,
 )
 from step3_jax.vision.layers import padded_length  # noqa: E402
-from step3_jax.vision.model import tower_program  # noqa: E402
+from step3_jax.vision.model import flatten_tower, tower_program  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s; FP8 is twice these on Hopper.
 BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "H100 PCIe": 756.0e12}
@@ -114,10 +114,11 @@ def build(c: Step3VisionConfig, seed: int = 0) -> Step3VisionModel:
 
 
 def jitted(model, pixels, gpu_options: bool):
-    """The tower as the model runs it (`step3_jax.vision.model.tower_program`: one jitted call
-    taking the module as a pytree; ``gpu_options``: compiled with the project's GPU options)
-    and its arguments."""
-    return tower_program(gpu_options), (model, pixels)
+    """The tower as `Step3VLModel.embed_images` runs it: the module flattened
+    (`flatten_tower`), then the jitted `tower_program` (``gpu_options``: compiled with the
+    project's GPU options); and its arguments."""
+    program = tower_program(gpu_options)
+    return (lambda m, px: program(*flatten_tower(m), px)), (model, pixels)
 
 
 def run_jax(model, pixels, iters, gpu_options: bool):
@@ -131,9 +132,9 @@ def run_jax(model, pixels, iters, gpu_options: bool):
 def host_costs(model, pixels, gpu_options: bool, calls: int = 5, top: int = 15) -> dict:
     """Where a tower call's host time goes: the median time for the jitted call to RETURN
     (dispatch: argument flattening, the runtime enqueueing every kernel; the device is idle
-    before each call), the module's pytree flatten alone, the same program taking a flat list
-    of the module's arrays (flattened once: its device, blocked and back-to-back times), and a
-    cProfile of one dispatch (the ``top`` entries by own time, ms)."""
+    before each call), the module's pytree flatten alone, the same program with the module
+    flattened once beforehand (its device, blocked and back-to-back times), and a cProfile of
+    one dispatch (the ``top`` entries by own time, ms)."""
     import cProfile
     import pstats
 
@@ -148,14 +149,13 @@ def host_costs(model, pixels, gpu_options: bool, calls: int = 5, top: int = 15) 
         t0 = time.perf_counter()
         jax.tree.flatten(model)
         flatten.append(time.perf_counter() - t0)
-    # The same program over a flat list of the module's arrays, flattened once here: does the
-    # GPU idle between back-to-back calls because of the per-call module flatten?
-    leaves, treedef = jax.tree.flatten(model)
-    flat = jax.jit(
-        lambda leaves, px: jax.tree.unflatten(treedef, leaves)(px),
-        compiler_options=compiler_options(gpu_options),
+    # The same program with the module flattened once beforehand (as `image_features` runs
+    # its several tower calls): what the per-call flatten costs the host and the device's
+    # idle time between calls.
+    program = tower_program(gpu_options)
+    flat_timing = harness.time_calls(
+        program, [(*flatten_tower(model), pixels)], reps=calls, warmup=2
     )
-    flat_timing = harness.time_calls(flat, [(leaves, pixels)], reps=calls, warmup=2)
     prof = cProfile.Profile()
     prof.enable()
     out = fn(*args)

@@ -27,26 +27,30 @@ from step3_jax.vision.encoder import Step3VisionModel
 from step3_jax.vision.preprocess import PreprocessedImages
 
 
-def _tower(vision: Step3VisionModel, pixel_values):
-    return vision(pixel_values)
+def _tower(treedef, leaves, pixel_values):
+    return jax.tree.unflatten(treedef, leaves)(pixel_values)
 
 
 _PROGRAMS: dict[bool, object] = {}  # tower_program's jitted functions, by on_gpu
 
 
 def tower_program(on_gpu: bool):
-    """The jitted tower ``(vision module, pixel_values) -> [B, T, M]``. ``on_gpu``: compile
-    with `step3_jax.policy.GPU_COMPILER_OPTIONS`, so its linears become cuBLAS GEMMs rather
-    than XLA's slower Triton GEMM fusions (docs/LOG.md, "Vision tower"). Built on first use:
-    the options depend on the backend, which must not be initialized at import.
+    """The jitted tower ``(treedef, leaves, pixel_values) -> [B, T, M]`` over the vision
+    module flattened (`flatten_tower`; ``treedef`` static). ``on_gpu``: compile with
+    `step3_jax.policy.GPU_COMPILER_OPTIONS`, so its linears become cuBLAS GEMMs rather than
+    XLA's slower Triton GEMM fusions (docs/LOG.md, "Vision tower"). Built on first use: the
+    options depend on the backend, which must not be initialized at import.
 
-    The module goes in as what it is, a JAX pytree (flax NNX modules are): flattening the
-    63-layer tower's 766 leaves costs ~3 ms of host time a call on a 2-core CPU, where
-    ``nnx.split`` and a static graphdef cost ~40 ms (docs/LOG.md, "Host time around a tower
-    call")."""
+    Why flat: flax NNX flattens the 63-layer tower's 766 leaves in Python, 4.8 ms a call on
+    an H100 machine (docs/LOG.md, "Host time around a tower call, measured"), while a list of
+    arrays and the static treedef's hash cost ~0.2 ms. So a caller that runs the tower
+    several times (`Step3VLModel.image_features`: once per view in the serving engine)
+    flattens the module once."""
     on_gpu = bool(on_gpu)
     if on_gpu not in _PROGRAMS:
-        _PROGRAMS[on_gpu] = jax.jit(_tower, compiler_options=compiler_options(on_gpu))
+        _PROGRAMS[on_gpu] = jax.jit(
+            _tower, static_argnums=0, compiler_options=compiler_options(on_gpu)
+        )
     return _PROGRAMS[on_gpu]
 
 
@@ -56,8 +60,17 @@ def tower_compile_count() -> int:
     return sum(p._cache_size() for p in _PROGRAMS.values())
 
 
-def _embed_images(vision: Step3VisionModel, pixel_values):
-    return tower_program(jax.default_backend() == "gpu")(vision, pixel_values)
+def flatten_tower(vision: Step3VisionModel) -> tuple:
+    """``(treedef, leaves)`` of the vision module as `tower_program` takes them: its arrays as
+    they are now (a later change to the module's weights needs a new flatten)."""
+    leaves, treedef = jax.tree.flatten(vision)
+    return treedef, leaves
+
+
+def _embed_images(flat: tuple, pixel_values):
+    """The tower on ``pixel_values`` with the module given flattened (`flatten_tower`)."""
+    treedef, leaves = flat
+    return tower_program(jax.default_backend() == "gpu")(treedef, leaves, pixel_values)
 
 
 def _in_fixed_batches(tower, pixels: np.ndarray, batch: int) -> np.ndarray:
@@ -118,7 +131,7 @@ class Step3VLModel(nnx.Module):
     # ------------------------------------------------------------------ images
     def embed_images(self, pixel_values: Float[Array, "B C P P"]) -> Float[Array, "B T M"]:
         """Normalized pixels ``[N, 3, P, P]`` -> projector output ``[N, tokens, M]`` (jitted)."""
-        return _embed_images(self.vision, jnp.asarray(pixel_values))
+        return _embed_images(flatten_tower(self.vision), jnp.asarray(pixel_values))
 
     def image_features(
         self, images: PreprocessedImages, batch: int | None = None
@@ -128,10 +141,12 @@ class Step3VLModel(nnx.Module):
 
         ``batch`` (the serving engine's mode): the tower runs on ``batch`` views at a time, the
         last call zero-padded, and the rows are assembled on the host (a NumPy array), so any
-        number of images and crops uses one compiled program per view resolution."""
+        number of images and crops uses one compiled program per view resolution. The vision
+        module is flattened once for all of this call's tower runs (`tower_program`)."""
+        flat = flatten_tower(self.vision)
 
         def tower(pixels):
-            return _embed_images(self.vision, jnp.asarray(pixels))
+            return _embed_images(flat, jnp.asarray(pixels))
 
         xp = jnp
         if batch is not None:
@@ -215,4 +230,4 @@ class Step3VLModel(nnx.Module):
         return logits, cache.replace(lengths=positions[:, -1] + 1)
 
 
-__all__ = ["Step3VLModel", "tower_compile_count", "tower_program"]
+__all__ = ["Step3VLModel", "flatten_tower", "tower_compile_count", "tower_program"]

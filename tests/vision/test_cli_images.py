@@ -129,7 +129,7 @@ def test_chat_generate_runs_the_tower_once(vl, monkeypatch):
     calls = []
     orig = vision_model._embed_images  # every tower call goes through it
     monkeypatch.setattr(
-        vision_model, "_embed_images", lambda v, px: calls.append(px.shape) or orig(v, px)
+        vision_model, "_embed_images", lambda f, px: calls.append(px.shape) or orig(f, px)
     )
     messages = [{"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": "x"}]}]
     img = np.full((30, 40, 3), 7, np.uint8) + np.arange(40, dtype=np.uint8)[None, :, None]

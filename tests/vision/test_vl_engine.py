@@ -141,11 +141,16 @@ def test_crops_and_several_images_equal_alone(model):
 
 def test_tower_runs_once_per_view_at_admission(model, monkeypatch):
     """Preprocessing at submit, the tower at admission: one request's views per step (the
-    oldest first), each view once, whatever the number of prefill chunks and decode steps."""
-    calls = []
+    oldest first), each view once, whatever the number of prefill chunks and decode steps.
+    The vision module is flattened once per request, not once per tower call."""
+    calls, flattens = [], []
     orig = vision_model._embed_images  # every tower call goes through it
     monkeypatch.setattr(
-        vision_model, "_embed_images", lambda v, px: calls.append(px.shape) or orig(v, px)
+        vision_model, "_embed_images", lambda f, px: calls.append(px.shape) or orig(f, px)
+    )
+    orig_flatten = vision_model.flatten_tower
+    monkeypatch.setattr(
+        vision_model, "flatten_tower", lambda v: flattens.append(1) or orig_flatten(v)
     )
     eng = make_engine(model)
     wide = eng.submit([7, 9], SamplingParams(max_tokens=6), images=[image(WIDE, 10)])
@@ -154,6 +159,7 @@ def test_tower_runs_once_per_view_at_admission(model, monkeypatch):
     view, crop = (1, 3, 728, 728), (1, 3, 504, 504)
     eng.step()  # admits both; the older one's tower, then its first prefill chunk
     assert calls == [view, crop, crop]
+    assert len(flattens) == 1  # three tower calls, one flatten of the module
     assert (wide.request.prefilled, small.request.prefilled) == (64, 0)
     eng.step()
     assert calls == [view, crop, crop, view] and small.request.prefilled == 64

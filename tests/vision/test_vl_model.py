@@ -92,7 +92,7 @@ def test_generate_with_images_matches_teacher_forcing(model, monkeypatch):
     calls = []
     orig = vision_model._embed_images  # every tower call goes through it
     monkeypatch.setattr(
-        vision_model, "_embed_images", lambda v, px: calls.append(px.shape) or orig(v, px)
+        vision_model, "_embed_images", lambda f, px: calls.append(px.shape) or orig(f, px)
     )
     images = [[_image(728, 400, 4)], [_image(200, 260, 5), _image(640, 480, 6)]]
     prompts = [[9, 7, 11, 12], [13, 7, 14, 7]]

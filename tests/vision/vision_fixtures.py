@@ -70,6 +70,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 def embed(model, pixels) -> np.ndarray:
     """``model(pixels)`` jitted (one compile per shape beats op-by-op dispatch on CPU)."""
-    from step3_jax.vision.model import _embed_images
+    from step3_jax.vision.model import _embed_images, flatten_tower
 
-    return np.asarray(_embed_images(model, jnp.asarray(pixels)).astype(jnp.float32))
+    out = _embed_images(flatten_tower(model), jnp.asarray(pixels))
+    return np.asarray(out.astype(jnp.float32))
