@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -36,12 +35,11 @@ from benchmarks import harness  # noqa: E402
 from step3_jax.policy import compiler_options  # noqa: E402
 from step3_jax.vision.layers import VisionAttention  # noqa: E402
 
-_CUBLAS = re.compile(r"custom_call_target=\"(__cublas[^\"]*)\"[^\n]*?\"epilogue\":\"(\w+)\"")
-
 
 def cublas_epilogues(hlo_text: str) -> list[str]:
     """``target: epilogue`` of each cuBLAS call in an optimized HLO (DEFAULT, BIAS, ...)."""
-    return [f"{t}: {e}" for t, e in _CUBLAS.findall(hlo_text)]
+    calls = harness.cublas_calls(hlo_text)
+    return [f"{c['target']}: {c['epilogue']}" for c in calls if c["epilogue"]]
 
 
 def main(argv=None):

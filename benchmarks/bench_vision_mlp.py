@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -37,14 +36,11 @@ from step3_jax.vision.layers import VisionMLP  # noqa: E402
 
 # The grouped kernel's tile configs tried at these shapes (named as in `bench_dense_fp8`).
 SWEEP = ("2wg_n_64x256", "2wg_m_128x128", "1wg_128x128", "2wg_n_128x256", "2wg_m_256x128")
-_CUBLAS = re.compile(
-    r"= (\S+?|\([^)]*\)) custom-call\([^\n]*custom_call_target=\"(__cublas[^\"]*)\""
-)
 
 
 def cublas_outputs(hlo_text: str) -> list[str]:
     """The result types of a program's cuBLAS custom calls, e.g. ``(f32[2712,15360], s8[..])``."""
-    return [f"{target}: {shape}" for shape, target in _CUBLAS.findall(hlo_text)]
+    return [f"{c['target']}: {c['result']}" for c in harness.cublas_calls(hlo_text)]
 
 
 def main(argv=None):

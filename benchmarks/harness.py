@@ -306,6 +306,25 @@ def hlo_op_scopes(hlo_text: str, depth: int = 2) -> dict[str, str]:
     return out
 
 
+_CUBLAS_CALL = re.compile(
+    r"= (\S+?|\([^)]*\)) custom-call\([^\n]*custom_call_target=\"(__cublas[^\"]*)\"([^\n]*)"
+)
+_EPILOGUE = re.compile(r'"epilogue":"(\w+)"')
+
+
+def cublas_calls(hlo_text: str) -> list[dict]:
+    """The cuBLAS custom calls of an optimized HLO module's text, in order: each one's
+    ``target``, ``result`` type (e.g. ``(bf16[2712,15360]{1,0}, s8[..]{0})``: does the GEMM
+    write bf16 or float32?) and ``epilogue`` (``DEFAULT``, ``BIAS``, ...; None if absent)."""
+    calls = []
+    for result, target, rest in _CUBLAS_CALL.findall(hlo_text):
+        epilogue = _EPILOGUE.search(rest)
+        calls.append(
+            {"target": target, "result": result, "epilogue": epilogue and epilogue.group(1)}
+        )
+    return calls
+
+
 def num_sets(nbytes_per_set: int, rotate_bytes: int = ROTATE_BYTES) -> int:
     """Input sets to rotate so that their bytes exceed ``rotate_bytes`` (1 ..
     :data:`MAX_SETS`)."""
@@ -549,9 +568,7 @@ def write_results(path: str, rows: Sequence[Row | dict], *, bench: str, **kw) ->
 def finish(bench: str, rows: Sequence[Row | dict], out: str | None = None, **kw) -> dict:
     """A benchmark's last step: the :func:`results` document, written to ``out`` when given,
     and its summary (everything but the rows) printed as the last stdout line. Returns it."""
-    doc = results(bench, rows, **kw)
-    if out:
-        _write_json(out, doc)
+    doc = write_results(out, rows, bench=bench, **kw) if out else results(bench, rows, **kw)
     print_json({k: v for k, v in doc.items() if k != "rows"})
     return doc
 

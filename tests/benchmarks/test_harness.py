@@ -124,6 +124,24 @@ def test_finish_writes_atomically_and_prints_the_summary_last(tmp_path, capsys):
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
 
 
+def test_cublas_calls_reads_result_type_and_epilogue():
+    """The optimized-HLO form of XLA's cuBLAS calls (one instruction a line): a tuple result
+    with a bias epilogue, a plain result without one, and a non-cuBLAS custom call skipped."""
+    cfg = '{"gemm_backend_config":{"alpha_real":1,"epilogue":"%s","beta":0}}'
+    hlo = "\n".join([
+        '  %custom-call.3 = (bf16[2712,15360]{1,0}, s8[4194304]{0}) custom-call(%a, %b, %c), '
+        f'custom_call_target="__cublas$lt$matmul", backend_config={cfg % "BIAS"}',
+        '  %custom-call.4 = f32[256,48]{1,0} custom-call(%x, %w), '
+        'custom_call_target="__cublas$gemm", backend_config={"operation_queue_id":"0"}',
+        '  %custom-call.5 = bf16[8]{0} custom-call(%x), custom_call_target="__cudnn$fmha"',
+    ])  # fmt: skip
+    assert harness.cublas_calls(hlo) == [
+        {"target": "__cublas$lt$matmul", "result": "(bf16[2712,15360]{1,0}, s8[4194304]{0})",
+         "epilogue": "BIAS"},
+        {"target": "__cublas$gemm", "result": "f32[256,48]{1,0}", "epilogue": None},
+    ]  # fmt: skip
+
+
 def _run(args, timeout):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
