@@ -200,6 +200,8 @@ NOCB="XLA_FLAGS=--xla_gpu_enable_command_buffer="
 GPU_TESTS="python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -n 4"
 SERVING="@290 RATES=\${RATES:-2,8,16} DURATION=\${DURATION:-20} bash benchmarks/gpu_serving.sh \$OUT"
 MFA="python3 benchmarks/bench_mfa_decode.py --out \$OUT --variants ''"
+# The 728 px tower, bf16 only (each call adds --iters, --trace, --host-costs, --out ...).
+VISION="python3 benchmarks/bench_vision.py --size 728 --no-torch --no-fp8"
 case "$CALL" in
   1)
     SPLITS="--breakdown '' --impls pallas_fp8,xla_fp8 --splits 1,2,4,8,16,32,64"
@@ -276,13 +278,12 @@ case "$CALL" in
       "@90 python3 benchmarks/bench_dense_fp8.py --m 256,512 --out \$OUT/dense_fp8.json"
     ;;
   11)
-    VISION="python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8"
     $RUN -t 60 "$OUT_DIR/call11" \
       "@60 python3 benchmarks/bench_afd.py --layout 1A3F --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 3 --role attention --full --trace --out \$OUT/attention61.json" \
       "@70 python3 benchmarks/bench_dense_fp8.py --m 512 --shapes k_proj,wq,o_proj --out \$OUT/dense_fp8_m512.json" \
       "@70 python3 -m pytest -q -rfE -p no:cacheprovider -p no:xdist tests/vision/test_vision_padding.py" \
-      "@90 $VISION --trace --out \$OUT/vision_728_pad8.json" \
-      "@80 $VISION --token-multiple 1 --out \$OUT/vision_728_nopad_cublas.json"
+      "@90 $VISION --iters 5 --trace --out \$OUT/vision_728_pad8.json" \
+      "@80 $VISION --iters 5 --token-multiple 1 --out \$OUT/vision_728_nopad_cublas.json"
     ;;
   12)
     ROLE="python3 benchmarks/bench_afd.py --layout 1A3F --runs 1x256 --cache float8_e4m3fn --weights float8_e4m3fn --reps 3"
@@ -330,12 +331,11 @@ case "$CALL" in
   17)
     ROLE="$AFD_ROLE --trace"
     WIDE=1wg_64x64,2wg_m_128x128,2wg_n_64x256,1wg_128x128,2wg_m_256x128,2wg_n_128x256
-    VISION="python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8"
     $RUN -t 40 "$OUT_DIR/call17" \
       "@200 python3 benchmarks/bench_dense_fp8.py --m 256,512 --shapes o_proj,wq,qkv_proj,shared_gate_up,shared_down --configs $WIDE --out \$OUT/dense_wide.json" \
       "@70 $AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24 --out \$OUT/ffn24.json" \
       "@50 $NOCB $AFD_ROLE --runs 1x512 --role ffn --layers 8 --trace --out \$OUT/ffn8_b512_nocmdbuf.json" \
-      "@90 $VISION --trace --out \$OUT/vision_728_split_qkv.json"
+      "@90 $VISION --iters 5 --trace --out \$OUT/vision_728_split_qkv.json"
     ;;
   18)
     M=tests/pallas_kernels/test_mfa_decode.py
@@ -381,18 +381,16 @@ case "$CALL" in
       "@90 XLA_FLAGS=--xla_gpu_enable_cudnn_layer_norm=true python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8 --out \$OUT/vision_728_cudnn_ln.json"
     ;;
   25)
-    VISION="python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8"
     $RUN -t 60 "$OUT_DIR/call25" \
-      "@150 $VISION --trace --out \$OUT/vision_728.json" \
+      "@150 $VISION --iters 10 --trace --out \$OUT/vision_728.json" \
       "@90 python3 benchmarks/bench_vision_attention.py --out \$OUT/vision_attention.json" \
-      "@100 XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 $VISION --out \$OUT/vision_728_no_dot_merger.json"
+      "@100 XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 $VISION --iters 10 --out \$OUT/vision_728_no_dot_merger.json"
     ;;
   26)
-    VISION="python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8 --trace"
     FULL="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 $AFD_ROLE --full --role ffn"
     $RUN -t 60 "$OUT_DIR/call26" \
-      "@150 $VISION --out \$OUT/vision_728.json" \
-      "@100 XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 $VISION --out \$OUT/vision_728_no_dot_merger.json"
+      "@150 $VISION --iters 10 --trace --out \$OUT/vision_728.json" \
+      "@100 XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 $VISION --iters 10 --trace --out \$OUT/vision_728_no_dot_merger.json"
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
       $RUN -t 60 "$OUT_DIR/call26_ffn" \
         "@150 $FULL --runs 1x256 --out \$OUT/ffn_full_256.json" \
@@ -402,22 +400,21 @@ case "$CALL" in
   27)
     FULL="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 $AFD_ROLE --full"
     $RUN -t 60 "$OUT_DIR/call27" \
-      "@100 python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8 --trace --out \$OUT/vision_728.json" \
-      "@70 $NOCB python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8 --out \$OUT/vision_728_nocmdbuf.json" \
+      "@100 $VISION --iters 10 --trace --out \$OUT/vision_728.json" \
+      "@70 $NOCB $VISION --iters 10 --out \$OUT/vision_728_nocmdbuf.json" \
       "@110 $FULL --runs 1x256 --role attention --out \$OUT/attention_full_256.json" \
       "@150 $FULL --runs 1x256 --role ffn --out \$OUT/ffn_full_256.json" \
       "@150 $FULL --runs 1x512 --role ffn --out \$OUT/ffn_full_512.json"
     ;;
   28)
-    VISION="python3 benchmarks/bench_vision.py --iters 10 --size 728 --no-torch --no-fp8"
     $RUN -t 60 "$OUT_DIR/call28" \
       "@330 $GPU_TESTS tests" \
-      "@70 $VISION --out \$OUT/vision_728.json" \
-      "@70 $NOCB $VISION --out \$OUT/vision_728_nocmdbuf.json"
+      "@70 $VISION --iters 10 --out \$OUT/vision_728.json" \
+      "@70 $NOCB $VISION --iters 10 --out \$OUT/vision_728_nocmdbuf.json"
     ;;
   29)
     $RUN -t 60 "$OUT_DIR/call29" \
-      "@70 python3 benchmarks/bench_vision.py --iters 5 --size 728 --no-torch --no-fp8 --host-costs --out \$OUT/vision_728_host.json" \
+      "@70 $VISION --iters 5 --host-costs --out \$OUT/vision_728_host.json" \
       "@110 $AFD_ROLE --runs 1x256,1x512 --role ffn --layers 24 --out \$OUT/ffn24.json" \
       "@110 $AFD_ROLE --runs 1x256 --role attention --full --out \$OUT/attention61.json"
     ;;
