@@ -26,6 +26,7 @@ implementation) -> o``. Other caches implement the same two (the AFD arena cache
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 
@@ -76,26 +77,32 @@ def attend_cache(
 SUPPORTED_DTYPES = ("bfloat16", "float32", "float16", "float8_e4m3fn")
 
 
-def _check_cache_request(shape: tuple, dtype) -> bool:
-    """Validates `KVCache.create` arguments before allocation; returns whether it is FP8.
-
-    The estimate (k + v, plus two float32 scales per token for FP8) must fit the free
-    memory of the default device (``memory_stats`` on GPU; ``MemAvailable`` on a CPU host),
-    so an absurd request raises instead of aborting the process.
-    """
-    names = ("num_layers", "batch", "max_len", "head_dim")
-    for name, val in zip(names, shape, strict=True):
+def check_sizes(where: str, **sizes) -> None:
+    """Each size must be an integer > 0 (a bool is not a size); the error names it."""
+    for name, val in sizes.items():
         if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val <= 0:
-            raise ValueError(f"KVCache.create: {name} must be an integer > 0, got {val!r}")
+            raise ValueError(f"{where}: {name} must be an integer > 0, got {val!r}")
+
+
+def check_cache_request(where: str, layout: str, shape: tuple, dtype) -> bool:
+    """Validates a cache allocation of K and V, each ``shape`` (``layout`` names its axes, the
+    last is the head dim), before it is made; returns whether it is FP8. Serves `KVCache`
+    and the engine's `PagedKVCache`.
+
+    The dtype must be one of `SUPPORTED_DTYPES`, and the estimate (k + v, plus two float32
+    scales per token for FP8) must fit the free memory of the default device
+    (``memory_stats`` on GPU; ``MemAvailable`` on a CPU host), so an absurd request raises
+    instead of aborting the process.
+    """
     try:
         dt = jnp.dtype(dtype)
     except TypeError as e:
-        raise ValueError(f"KVCache.create: dtype={dtype!r} is not a dtype") from e
+        raise ValueError(f"{where}: dtype={dtype!r} is not a dtype") from e
     if dt.name not in SUPPORTED_DTYPES:
-        raise ValueError(f"KVCache.create: dtype {dt.name} not in {SUPPORTED_DTYPES}")
+        raise ValueError(f"{where}: dtype {dt.name} not in {SUPPORTED_DTYPES}")
     fp8 = dt == jnp.dtype(quant.FP8_DTYPE)
-    tokens = shape[0] * shape[1] * shape[2]  # python ints: no overflow
-    need = 2 * tokens * (shape[3] * dt.itemsize + (4 if fp8 else 0))
+    tokens = math.prod(int(n) for n in shape[:-1])  # python ints: no overflow
+    need = 2 * tokens * (int(shape[-1]) * dt.itemsize + (4 if fp8 else 0))
     device = jax.local_devices()[0]  # addressable (multi-process runs see remote devices too)
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
@@ -108,9 +115,9 @@ def _check_cache_request(shape: tuple, dtype) -> bool:
             free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > free:
         raise ValueError(
-            f"KVCache.create: a [L, B, S, H] = {list(shape)} {dt.name} cache needs "
+            f"{where}: a {layout} = {[int(n) for n in shape]} {dt.name} cache needs "
             f"{need / 2**30:.3g} GiB, more than the {free / 2**30:.3g} GiB free on "
-            f"{device.device_kind}: lower batch or max_len"
+            f"{device.device_kind}: lower its sizes"
         )
     return fp8
 
@@ -211,8 +218,10 @@ class KVCache:
 
         Validated before anything is allocated: positive integer sizes, a supported dtype
         (`SUPPORTED_DTYPES`) and a size that fits the device's free memory."""
+        sizes = dict(num_layers=num_layers, batch=batch, max_len=max_len, head_dim=head_dim)
+        check_sizes("KVCache.create", **sizes)
         shape = (num_layers, batch, max_len, head_dim)
-        fp8 = _check_cache_request(shape, dtype)
+        fp8 = check_cache_request("KVCache.create", "[L, B, S, H]", shape, dtype)
         check_v_transposed(v_transposed, fp8, "KVCache.create")
         if v_transposed and max_len % V_TILE:
             raise ValueError(
@@ -323,6 +332,8 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "V_TILE",
     "KVCache",
+    "check_cache_request",
+    "check_sizes",
     "check_v_transposed",
     "tiles_as_pages",
     "transposed_v_shape",

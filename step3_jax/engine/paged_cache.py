@@ -32,6 +32,8 @@ from jaxtyping import Array, Float, Int
 from step3_jax import quant
 from step3_jax.cache import (
     attend_cache,
+    check_cache_request,
+    check_sizes,
     check_v_transposed,
     layer_arrays,
     transposed_v_shape,
@@ -115,19 +117,20 @@ class PagedKVCache:
     ) -> PagedKVCache:
         """Zeroed pools, null block tables, lengths 0; ``dtype=float8_e4m3fn``: FP8 pools;
         ``v_transposed=True`` (FP8 only): V pages [H, page] for the FP8 P.V kernel."""
-        for name, val in (
-            ("num_layers", num_layers),
-            ("batch", batch),
-            ("page_size", page_size),
-            ("max_pages", max_pages),
-            ("head_dim", head_dim),
-        ):
-            if int(val) <= 0:
-                raise ValueError(f"PagedKVCache.create: {name} must be > 0, got {val}")
+        where = "PagedKVCache.create"
+        check_sizes(
+            where,
+            num_layers=num_layers,
+            batch=batch,
+            num_pages=num_pages,
+            page_size=page_size,
+            max_pages=max_pages,
+            head_dim=head_dim,
+        )
         if num_pages < 2:
-            raise ValueError(f"PagedKVCache.create: num_pages must be >= 2, got {num_pages}")
+            raise ValueError(f"{where}: num_pages must be >= 2, got {num_pages}")
         shape = (num_layers, num_pages, page_size, head_dim)
-        fp8 = jnp.dtype(dtype) == jnp.dtype(quant.FP8_DTYPE)
+        fp8 = check_cache_request(where, "[L, P, page, H]", shape, dtype)
         check_v_transposed(v_transposed, fp8, "PagedKVCache.create")
         scale = (lambda: jnp.ones(shape[:3], jnp.float32)) if fp8 else (lambda: None)
         return cls(

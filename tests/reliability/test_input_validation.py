@@ -19,6 +19,7 @@ from rel_fixtures import REFERENCE, build_model, random_tensors, tiny_config, wr
 import step3_jax as s3
 from step3_jax.checkpoints import CheckpointFormatError, load_hf
 from step3_jax.config import Step3Config
+from step3_jax.engine.paged_cache import PagedKVCache
 
 CFG = tiny_config()
 
@@ -142,6 +143,24 @@ def test_cli_with_nan_temperature_exits_nonzero_with_a_message(capsys):
 def test_kv_cache_validates_before_allocating(args, match):
     with pytest.raises(ValueError, match=match):
         s3.KVCache.create(*args)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((10**4, 4, 10**6, 10**4, 8, 256), r"a \[L, P, page, H\] = .* GiB"),
+        ((2, 2, 8, 4, 2.5, 16), "max_pages"),
+        ((2, 0, 8, 4, 2, 16), "batch"),
+        ((2, 2, 1, 4, 2, 16), "num_pages must be >= 2"),
+        ((2, 2, 8, 4, 2, 16, jnp.int8), "dtype int8"),
+        ((2, 2, 8, 4, 2, 16, "not a dtype"), "dtype="),
+    ],
+)
+def test_paged_kv_cache_validates_before_allocating(args, match):
+    """The engine's paged cache goes through the same checks as `KVCache` (sizes, dtype,
+    free memory), with its own names in the message."""
+    with pytest.raises(ValueError, match=f"PagedKVCache.create: {match}"):
+        PagedKVCache.create(*args)
 
 
 def test_decode_step_rejects_a_cache_of_another_model(model):
