@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from step3_jax.cache import check_sizes
 from step3_jax.engine.images import ImageInputs, pack_chunk_features
 from step3_jax.engine.paged_cache import NULL_PAGE, PageAllocator, PagedKVCache, pages_for
 from step3_jax.vision.generate import expand
@@ -104,16 +105,15 @@ class ModelExecutor:
         vision_batch: int = 1,
     ):
         cfg = model.config
-        for name, val in (
-            ("max_batch", max_batch),
-            ("max_len", max_len),
-            ("page_size", page_size),
-            ("prefill_chunk", prefill_chunk),
-            ("prefill_rows", prefill_rows),
-            ("vision_batch", vision_batch),
-        ):
-            if int(val) < 1:
-                raise ValueError(f"ModelExecutor: {name} must be >= 1, got {val}")
+        check_sizes(
+            "ModelExecutor",
+            max_batch=max_batch,
+            max_len=max_len,
+            page_size=page_size,
+            prefill_chunk=prefill_chunk,
+            prefill_rows=prefill_rows,
+            vision_batch=vision_batch,
+        )
         if max_len > cfg.max_position_embeddings:
             raise ValueError(
                 f"max_len={max_len} exceeds max_position_embeddings={cfg.max_position_embeddings}"

@@ -123,6 +123,20 @@ def test_refusals(model):
         eng.submit([3], SamplingParams(max_tokens=4))
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_batch=0), "max_batch must be an integer > 0, got 0"),
+        (dict(page_size=2.5), "page_size must be an integer > 0, got 2.5"),
+        (dict(prefill_chunk=True), "prefill_chunk must be an integer > 0, got True"),
+        (dict(max_len=10**6), "max_len=1000000 exceeds max_position_embeddings"),
+    ],
+)
+def test_executor_sizes_are_checked_before_allocating(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ModelExecutor(model, **{"max_batch": 2, "max_len": 16, **kwargs})
+
+
 def test_streams_sync_and_async(model):
     eng = make_engine(model, tokenizer=CharTokenizer())
     p = prompts(2, seed=5)
