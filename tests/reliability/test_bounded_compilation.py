@@ -9,6 +9,8 @@ events (one ``backend_compile`` event per XLA compilation, whatever triggered it
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 
 import jax
@@ -21,6 +23,17 @@ from step3_jax import decode as decode_mod
 
 psutil = pytest.importorskip("psutil")  # dev extra; absent from the offline GPU image
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def live_rss() -> int:
+    """The process's RSS after a full collection and, on glibc, ``malloc_trim(0)``: freed
+    blocks the allocator kept (up to ~85 MiB after a batch-64 call, measured) go back to the
+    OS first, so the sample follows live memory rather than the last call's size."""
+    gc.collect()
+    if hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+    return psutil.Process().memory_info().rss
 
 
 @contextlib.contextmanager
@@ -74,12 +87,13 @@ def _run(model, calls, max_batch, max_prompt, max_new, seed):
     """Warm every bucket up, then ``calls`` random calls: returns (compiles during the
     random calls, RSS growth in bytes, number of buckets).
 
-    RSS is sampled after every call. A single sample swings by tens of MB with what the
-    allocator keeps of the last call's buffers (measured: -4 to +30 MB around a flat trend on
-    Step3Config.tiny(), batches up to 64), so growth is the median of the last quarter of the
-    samples minus the median of the first quarter: a leak moves it, one large call does not
-    (measured on `BIG_CFG`, seed 1: 15-34 MiB in four runs, 49 MiB without the gc.freeze();
-    Step3Config.tiny() without it: 66 MiB once; unbucketed stop arrays: 19 compiles, 112 MiB).
+    RSS is sampled after every call (`live_rss`). Without the trim a sample swung by up to
+    +85 MiB with what the allocator kept of the last call's buffers, and the growth (median
+    of the last quarter of the samples minus the median of the first) measured 8-34 MiB on
+    the 2-core dev machine and 52 MiB once in CI on `BIG_CFG`, seed 1 (66 MiB once on
+    Step3Config.tiny(); unbucketed stop arrays: 19 compiles, 112 MiB). Trimmed, samples step
+    by <= 8 MiB and the growth is 8.2 / 7.6 MiB (seeds 1 / 2), flat after ~50 calls; a
+    deliberate 0.4 MiB-per-call leak measures 74 MiB (fails).
     """
     batches = [2**i for i in range(max_batch.bit_length())]
     prompts = sorted({min(decode_mod._bucket(t, 8), max_prompt) for t in range(1, max_prompt + 1)})
@@ -88,7 +102,7 @@ def _run(model, calls, max_batch, max_prompt, max_new, seed):
     # Prefill, decode loop, cache zeros and the first-call helpers: a few programs per bucket.
     assert warm_count[0] <= 4 * len(keys) + 10
     rng = np.random.default_rng(seed)
-    process, rss = psutil.Process(), []
+    rss = []
     # Objects alive now (the warm-up's jaxprs, lowerings, executables) are not what a call
     # leaks: freezing them keeps each gc.collect() to this call's garbage (0.5 s -> ~0 s per
     # collection after the 42 warm-ups). An old object that dies later stays in RSS: that can
@@ -100,8 +114,7 @@ def _run(model, calls, max_batch, max_prompt, max_new, seed):
             for _ in range(calls):
                 _, shape = _random_call(rng, model, max_batch, max_prompt, max_new)
                 assert _bucket_key(*shape) in keys
-                gc.collect()
-                rss.append(process.memory_info().rss)
+                rss.append(live_rss())
     finally:
         gc.unfreeze()
     quarter = max(1, calls // 4)
@@ -124,8 +137,7 @@ def test_random_sampling_settings_share_one_compilation_fast(model):
     first call, whose compile time is reported apart from its decode time."""
     first = s3.generate(model, [[1, 2]] * 3, 4, temperature=0.5, stop_tokens=[7])
     assert first.compile_seconds > 0.1 and first.decode_seconds < first.compile_seconds
-    gc.collect()
-    rss0 = psutil.Process().memory_info().rss
+    rss0 = live_rss()
     rng = np.random.default_rng(0)
     with count_compiles() as count:
         for _ in range(40):
@@ -142,9 +154,8 @@ def test_random_sampling_settings_share_one_compilation_fast(model):
                 seed=int(rng.integers(0, 2**31)),
             )
             assert out.compile_seconds == 0.0
-    gc.collect()
     assert count[0] == 0
-    assert psutil.Process().memory_info().rss - rss0 < 50 * 2**20
+    assert live_rss() - rss0 < 50 * 2**20
 
 
 # The 200-call test's model. Its compile count and RSS depend on the buckets (batch 1-64, prompt
