@@ -55,7 +55,7 @@ $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) scripts/check_env.py --python-only
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[dev,cpu]"
+	$(VENV)/bin/pip install -q -e ".[dev,cpu,serve]"  # serve: the server tests run too
 	touch $@
 
 format:
