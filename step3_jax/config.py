@@ -40,7 +40,8 @@ _HF_INT_KEYS = (
 _HF_FLOAT_KEYS = ("rms_norm_eps", "rope_theta")
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
+    """An integer that is not a bool (numpy integers included)."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
@@ -51,13 +52,13 @@ def _is_real(x) -> bool:
 def _check_hf_values(hf: Mapping[str, Any]) -> None:
     """Types and sizes of the HF keys, before any is used to size anything (names the key)."""
     for key in _HF_INT_KEYS:
-        if key in hf and not _is_int(hf[key]):
+        if key in hf and not is_int(hf[key]):
             raise ValueError(f"config key {key!r} must be an integer, got {hf[key]!r}")
     for key in _HF_FLOAT_KEYS:
         if key in hf and not (_is_real(hf[key]) and math.isfinite(hf[key])):
             raise ValueError(f"config key {key!r} must be a finite number, got {hf[key]!r}")
     layers = hf.get("num_hidden_layers")
-    if _is_int(layers) and not 0 < layers <= _MAX["num_layers"]:
+    if is_int(layers) and not 0 < layers <= _MAX["num_layers"]:
         raise ValueError(
             f"config key 'num_hidden_layers' must be in [1, {_MAX['num_layers']}], got {layers}"
         )
@@ -136,7 +137,7 @@ class Step3Config:
         for name, hi in _MAX.items():
             value = getattr(self, name)
             low = 0 if name == "share_expert_dim" else 1
-            if not _is_int(value) or not low <= value <= hi:
+            if not is_int(value) or not low <= value <= hi:
                 raise ValueError(
                     f"Step3Config.{name} must be an integer in [{low}, {hi}], got {value!r}"
                 )
@@ -158,7 +159,7 @@ class Step3Config:
             raise ValueError(f"moe_layer_ids must be a tuple of ints, got {self.moe_layer_ids!r}")
         ids = tuple(self.moe_layer_ids)
         object.__setattr__(self, "moe_layer_ids", ids)
-        bad = [i for i in ids if not _is_int(i) or not 0 <= i < self.num_layers]
+        bad = [i for i in ids if not is_int(i) or not 0 <= i < self.num_layers]
         if bad or len(set(ids)) != len(ids):
             raise ValueError(
                 f"moe_layer_ids must be distinct layer indices in [0, {self.num_layers}), got {ids}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 import time
 from collections.abc import Sequence
 
@@ -24,8 +23,16 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from step3_jax.cache import KVCache, v_tiles_shape
-from step3_jax.sampling import SamplingParams, sample, sampling_params
+from step3_jax.cache import KVCache
+from step3_jax.config import is_int
+from step3_jax.model import check_cache
+from step3_jax.sampling import (
+    SamplingParams,
+    check_seed,
+    check_token_ids,
+    sample,
+    sampling_params,
+)
 
 PAD_OUTPUT = -1  # written after a sequence has stopped
 MAX_BATCH = 4096  # prompts per generate call; larger workloads are split by the caller
@@ -110,10 +117,6 @@ class GenerationResult:
         return len(self.tokens) * self.decode_steps / max(self.decode_seconds, 1e-9)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _rows(prompts) -> list[np.ndarray]:
     """The prompts as 1-D arrays; rejects every other nesting instead of flattening it."""
     if isinstance(prompts, (np.ndarray, jax.Array)):
@@ -161,23 +164,12 @@ def _prepare_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_args(cfg, max_new_tokens, stop_tokens, seed, max_cache_len) -> list[int]:
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    if max_cache_len is not None and (not _is_int(max_cache_len) or max_cache_len < 1):
+    check_seed(seed)
+    if max_cache_len is not None and (not is_int(max_cache_len) or max_cache_len < 1):
         raise ValueError(f"max_cache_len must be an integer >= 1, got {max_cache_len!r}")
-    if isinstance(stop_tokens, (str, bytes)) or not isinstance(
-        stop_tokens, (Sequence, np.ndarray, set, frozenset)
-    ):
-        raise ValueError(f"stop_tokens must be a sequence of token ids, got {stop_tokens!r}")
-    stops = list(stop_tokens)
-    bad = [t for t in stops if not _is_int(t) or not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise ValueError(
-            f"stop_tokens must be integer ids in [0, vocab_size={cfg.vocab_size}), got {bad[:5]}"
-        )
-    return [int(t) for t in stops]
+    return check_token_ids(stop_tokens, "stop_tokens", cfg.vocab_size)
 
 
 def _cache_len(tokens, lengths, max_new_tokens, max_cache_len, limit) -> tuple[int, np.ndarray]:
@@ -317,17 +309,10 @@ def decode_step(
 
 
 def _check_cache(cache, config, batch: int) -> None:
+    """The decode step takes a `KVCache` only, shaped for the model (`model.check_cache`)."""
     if not isinstance(cache, KVCache):
         raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
-    want = (config.num_layers, batch, cache.max_len, config.head_dim)
-    want_v = v_tiles_shape(want) if cache.v_transposed else want
-    if tuple(cache.k.shape) != want or tuple(cache.v.shape) != want_v:
-        layout = " (v: V^T tiles [L, B, S/64, H, 64])" if cache.v_transposed else ""
-        raise ValueError(
-            f"cache does not fit this model and batch: k is {tuple(cache.k.shape)}, v "
-            f"{tuple(cache.v.shape)}, expected [L={config.num_layers}, B={batch} (the tokens' "
-            f"batch), S, H={config.head_dim}]{layout}"
-        )
+    check_cache(cache, config, batch)
 
 
 def make_decode_step(model, *, check_bounds: bool = True):

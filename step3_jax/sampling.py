@@ -19,26 +19,50 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from step3_jax.config import is_int
 
-def _check_temperature(t, name: str = "temperature") -> float:
+
+def check_temperature(t, name: str = "temperature") -> float:
     if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
         raise ValueError(f"{name} must be a finite number >= 0 (0: greedy), got {t!r}")
     return float(t)
 
 
-def _check_top_p(p, name: str = "top_p") -> float:
+def check_top_p(p, name: str = "top_p") -> float:
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 < p <= 1.0:
         raise ValueError(f"{name} must be a number in (0, 1], got {p!r}")
     return float(p)
 
 
-def _check_top_k(k, vocab_size: int | None, name: str = "top_k") -> int:
+def check_top_k(k, vocab_size: int | None, name: str = "top_k") -> int:
     hi = "" if vocab_size is None else f", <= vocab_size={vocab_size}"
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+    if not is_int(k) or k < 0:
         raise ValueError(f"{name} must be an integer >= 0 (0: no top-k){hi}, got {k!r}")
     if vocab_size is not None and k > vocab_size:
         raise ValueError(f"{name} must be an integer >= 0 (0: no top-k){hi}, got {k!r}")
     return int(k)
+
+
+def check_token_ids(ids, name: str, vocab_size: int | None = None) -> list[int]:
+    """A sequence of integer token ids (in [0, vocab_size) when it is given), as ints."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray, set, frozenset)):
+        raise ValueError(f"{name} must be a sequence of token ids, got {ids!r}")
+    ids = list(np.asarray(ids).reshape(-1)) if isinstance(ids, np.ndarray) else list(ids)
+    hi = ")" if vocab_size is None else f", vocab_size={vocab_size})"
+    bad = [t for t in ids if not is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size)]
+    if bad:
+        raise ValueError(f"{name} must be integer ids in [0{hi}, got {bad[:5]}")
+    return [int(t) for t in ids]
+
+
+SEED_RANGE = (-(2**63), 2**63 - 2)  # int64, with room for the decode loop's seed + 1
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    lo, hi = SEED_RANGE
+    if not is_int(seed) or not lo <= seed <= hi:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**63 - 2], got {seed!r}")
+    return int(seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +72,9 @@ class SamplingConfig:
     top_p: float = 1.0  # keep the smallest set with cumulative probability >= top_p
 
     def __post_init__(self):
-        _check_temperature(self.temperature)
-        _check_top_k(self.top_k, None)
-        _check_top_p(self.top_p)
+        check_temperature(self.temperature)
+        check_top_k(self.top_k, None)
+        check_top_p(self.top_p)
 
     @property
     def greedy(self) -> bool:
@@ -95,9 +119,9 @@ def sampling_params(
     Raises ValueError naming the argument (and request index): temperature must be finite
     and >= 0, top_k an integer in [0, vocab_size], top_p in (0, 1].
     """
-    temps = _per_request(temperature, batch, "temperature", _check_temperature)
-    ks = _per_request(top_k, batch, "top_k", lambda k, n: _check_top_k(k, vocab_size, n))
-    ps = _per_request(top_p, batch, "top_p", _check_top_p)
+    temps = _per_request(temperature, batch, "temperature", check_temperature)
+    ks = _per_request(top_k, batch, "top_k", lambda k, n: check_top_k(k, vocab_size, n))
+    ps = _per_request(top_p, batch, "top_p", check_top_p)
     return SamplingParams(
         np.asarray(temps, np.float32), np.asarray(ks, np.int32), np.asarray(ps, np.float32)
     )

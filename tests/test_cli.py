@@ -41,6 +41,7 @@ def _one_error_line(capsys, *fragments: str) -> str:
         (["generate", "--top-p", "1.5"], ["--top-p", "(0, 1]"]),
         (["generate", "--temperature", "-0.1"], ["--temperature", ">= 0"]),
         (["generate", "--tokenizer", "x.json"], ["--tokenizer needs --checkpoint"]),
+        (["generate", "--seed", str(2**70)], ["seed must be an integer in"]),
         (["info", "--config", "huge"], ["--config", "invalid choice"]),
         (["frobnicate"], ["invalid choice", "frobnicate"]),
     ],

@@ -39,6 +39,7 @@ from step3_jax.engine.images import ImageInputs
 from step3_jax.engine.paged_cache import PoolExhausted
 from step3_jax.engine.requests import Delta, Detokenizer, Request, RequestStream, SamplingParams
 from step3_jax.engine.sampling import sample_rows
+from step3_jax.sampling import check_token_ids, check_top_k
 
 
 class QueueFull(RuntimeError):
@@ -102,8 +103,13 @@ class Engine:
         Raises ValueError (bad prompt or images, images for a text-only model, or prompt +
         max_tokens can never fit), `QueueFull`, `EngineStopped`."""
         params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (Engine(tokenizer=...))")
+        vocab = self.executor.vocab_size
+        check_top_k(params.top_k, vocab)
+        check_token_ids(params.stop_token_ids, "stop_token_ids", vocab)
         prompt, image_inputs = self._expand(self._check_ids(prompt), images)
         self._check_fits(prompt, params)
         pixels = 0 if image_inputs is None else image_inputs.pixel_bytes
@@ -115,6 +121,8 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
+            if self.error is not None:  # the thread died: nothing would ever serve this
+                raise EngineStopped(f"the engine thread failed: {self.error!r}")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue)")
             if self.pixel_bytes + pixels > self.max_pixel_bytes:
@@ -151,7 +159,17 @@ class Engine:
         return prepare(prompt, images)
 
     def _check_ids(self, prompt) -> list[int]:
-        ids = np.asarray(prompt).reshape(-1)
+        if isinstance(prompt, (str, bytes)):
+            raise ValueError("prompt must be a sequence of token ids, got text: encode it first")
+        try:
+            ids = np.asarray(prompt)
+        except ValueError as e:  # ragged nesting
+            raise ValueError(f"prompt must be a flat sequence of token ids ({e})") from None
+        if ids.ndim != 1:
+            raise ValueError(
+                f"prompt must be a flat sequence of token ids, got shape {ids.shape} "
+                "(one prompt per submit; Engine.generate takes a list of them)"
+            )
         if ids.size == 0:
             raise ValueError("prompt is empty; it needs at least one token")
         if not np.issubdtype(ids.dtype, np.integer):
@@ -377,12 +395,22 @@ class Engine:
             raise RuntimeError("generate() drives the engine itself; the thread is running")
         plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         ilist = [None] * len(prompts) if images is None else list(images)
-        if len(ilist) != len(prompts):
-            raise ValueError(f"images must give one list per prompt: {len(ilist)} for "
-                             f"{len(prompts)}")  # fmt: skip
-        streams = [
-            self.submit(p, sp, images=im) for p, sp, im in zip(prompts, plist, ilist, strict=True)
-        ]
+        for name, given in (("params", plist), ("images", ilist)):
+            if len(given) != len(prompts):  # checked before anything is queued
+                raise ValueError(f"{name} must give one entry per prompt: {len(given)} for "
+                                 f"{len(prompts)} prompts")  # fmt: skip
+        streams = []
+        try:
+            for i, (p, sp, im) in enumerate(zip(prompts, plist, ilist, strict=True)):
+                try:
+                    streams.append(self.submit(p, sp, images=im))
+                except ValueError as e:
+                    raise ValueError(f"prompts[{i}]: {e}") from None
+        except BaseException:  # none of this call's requests runs
+            for stream in streams:
+                stream.cancel()
+            self._drop_cancelled()
+            raise
         self.run_until_done()
         return [s.result() for s in streams]
 

@@ -9,6 +9,9 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from step3_jax.config import is_int
+from step3_jax.sampling import check_temperature, check_token_ids, check_top_k, check_top_p
+
 if TYPE_CHECKING:
     from step3_jax.engine.images import ImageInputs
 
@@ -29,18 +32,21 @@ class SamplingParams:
     seed: int | None = None  # None: the engine picks one per request
 
     def __post_init__(self):
-        if isinstance(self.max_tokens, bool) or int(self.max_tokens) < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if int(self.top_k) < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        object.__setattr__(self, "stop", tuple(self.stop))
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        check_temperature(self.temperature)
+        check_top_p(self.top_p)
+        check_top_k(self.top_k, None)  # <= vocab_size: checked at submit
+        if self.seed is not None and not is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop  # as OpenAI's API
+        if not isinstance(stop, Sequence) or any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(
+                f"stop must be a string or a sequence of non-empty strings, got {stop!r}"
+            )
+        ids = check_token_ids(self.stop_token_ids, "stop_token_ids")  # < vocab_size: at submit
+        object.__setattr__(self, "stop_token_ids", tuple(ids))
+        object.__setattr__(self, "stop", tuple(stop))
 
 
 @dataclasses.dataclass

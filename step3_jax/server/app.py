@@ -182,6 +182,12 @@ def create_app(
         except ValueError as e:
             raise ApiError(400, str(e), "invalid_request_error", param) from None
 
+    def sampling_params(body):
+        try:  # values the protocol's ranges cannot know (e.g. top_k within the vocabulary)
+            return body.sampling_params(default_max_tokens)
+        except ValueError as e:
+            raise ApiError(400, str(e), "invalid_request_error", None) from None
+
     def submit(ids, params):
         with engine_errors("prompt"):
             return engine.submit(ids, params, loop=asyncio.get_running_loop())
@@ -207,7 +213,7 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        stream = submit(encode(body.prompt), body.sampling_params(default_max_tokens))
+        stream = submit(encode(body.prompt), sampling_params(body))
         return await _respond(request, body, stream, "text_completion", metrics, model_name)
 
     @app.post("/v1/chat/completions")
@@ -218,7 +224,7 @@ def create_app(
             prompt = format_chat(messages, tokenizer)
         except ValueError as e:  # bad messages, or a template that refuses them
             raise ApiError(400, str(e), "invalid_request_error", "messages") from None
-        params = body.sampling_params(default_max_tokens)
+        params = sampling_params(body)
         params = dataclasses.replace(
             params,
             stop=(*params.stop, *prompt.stop),

@@ -6,6 +6,7 @@ cancellation, streaming (sync and async)."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import jax
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from helpers import CFG, CharTokenizer, build_model, compiles
 
 from step3_jax.decode import generate
-from step3_jax.engine import Engine, ModelExecutor, QueueFull, SamplingParams
+from step3_jax.engine import Engine, EngineStopped, ModelExecutor, QueueFull, SamplingParams
 from step3_jax.engine.sampling import filter_rows, sample_rows
 from step3_jax.sampling import filter_logits
 
@@ -113,7 +114,7 @@ def test_refusals(model):
         eng.submit([1, 512])
     with pytest.raises(ValueError, match="prompt is empty"):
         eng.submit([])
-    with pytest.raises(ValueError, match="top_p must be in"):
+    with pytest.raises(ValueError, match="top_p must be a number in"):
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):
         eng.submit([1], SamplingParams(stop=("x",)))
@@ -121,6 +122,83 @@ def test_refusals(model):
     eng.submit([2], SamplingParams(max_tokens=4))
     with pytest.raises(QueueFull):
         eng.submit([3], SamplingParams(max_tokens=4))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_tokens="3"), "max_tokens must be an integer >= 1, got '3'"),
+        (dict(max_tokens=2.5), "max_tokens must be an integer >= 1"),
+        (dict(temperature=math.inf), "temperature must be a finite number >= 0"),
+        (dict(temperature="0.5"), "temperature must be a finite number >= 0"),
+        (dict(top_k=2.5), "top_k must be an integer >= 0"),
+        (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
+        (dict(seed="abc"), "seed must be an integer or None"),
+        (dict(stop_token_ids=5), "stop_token_ids must be a sequence of token ids"),
+        (dict(stop_token_ids=[-1]), r"stop_token_ids must be integer ids in \[0\), got \[-1\]"),
+        (dict(stop=["ok", ""]), "stop must be a string or a sequence of non-empty strings"),
+    ],
+)
+def test_sampling_params_are_checked_when_made(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_a_stop_string_is_one_stop():
+    """As in OpenAI's API, ``stop="END"`` is one stop string, not the letters E, N and D."""
+    assert SamplingParams(stop="END").stop == ("END",)
+
+
+def test_submit_checks_sampling_against_the_vocabulary(model):
+    """top_k = 2**40 once overflowed int32 inside the engine thread and killed it."""
+    eng = make_engine(model)
+    vocab = CFG.vocab_size
+    with pytest.raises(ValueError, match=f"top_k must be an integer >= 0 .*<= vocab_size={vocab}"):
+        eng.submit([1, 2], SamplingParams(temperature=1.0, top_k=2**40))
+    with pytest.raises(ValueError, match="stop_token_ids must be integer ids in \\[0, vocab_size"):
+        eng.submit([1, 2], SamplingParams(stop_token_ids=[vocab]))
+    with pytest.raises(TypeError, match="params must be a SamplingParams, got dict"):
+        eng.submit([1, 2], {"max_tokens": 2})
+    assert eng.num_waiting == 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_submit_after_the_engine_thread_failed_raises(model, monkeypatch):
+    """A dead engine thread cancels what it held; a later submit raises instead of queueing a
+    request nothing will ever serve (its stream used to block forever)."""
+    eng = make_engine(model)
+
+    def boom():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(eng, "_prefill", boom)
+    eng.start()
+    first = eng.submit([1, 2], SamplingParams(max_tokens=2))
+    assert list(first)[-1].finish_reason == "cancelled"
+    eng._thread.join(timeout=30)
+    assert isinstance(eng.error, RuntimeError)
+    with pytest.raises(EngineStopped, match="the engine thread failed: RuntimeError"):
+        eng.submit([3, 4], SamplingParams(max_tokens=2))
+
+
+@pytest.mark.parametrize(
+    "prompts_, params, match",
+    [
+        ([1, 2, 3], None, r"prompts\[0\]: prompt must be a flat sequence of token ids, got shape"),
+        ([[1, 2], [[3, 4]]], None, r"prompts\[1\]: prompt must be a flat sequence"),
+        ([[1, 2], [3, 4]], [SamplingParams()], "params must give one entry per prompt: 1 for 2"),
+        ([[1, 2], [3, 4]], [SamplingParams(), SamplingParams(top_k=10**6)], r"prompts\[1\]: top_k"),
+    ],
+)
+def test_generate_queues_nothing_from_a_bad_call(model, prompts_, params, match):
+    """A flat list is not N one-token prompts; a failure part-way leaves no request behind
+    to run in the next call."""
+    eng = make_engine(model)
+    with pytest.raises(ValueError, match=match):
+        eng.generate(prompts_, params)
+    assert eng.num_waiting == 0 and eng.num_running == 0 and not eng.streams
+    (ok,) = eng.generate([[5, 6]], SamplingParams(max_tokens=2))
+    assert ok.finish_reason == "length" and ok.prompt == [5, 6]
 
 
 @pytest.mark.parametrize(

@@ -180,9 +180,17 @@ def test_malformed_requests(served):
         (dict(prompt=""), "prompt: Value error, prompt is empty"),
         (dict(prompt=[]), "prompt is empty"),
     ]
+    extra = [  # outside the openai client's own arguments; one killed the engine thread once
+        (dict(top_k=2**40), "top_k must be an integer >= 0"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids must be integer ids"),
+    ]
     for kw, needle in bad:
         with pytest.raises(openai.BadRequestError, match=needle):
             c.completions.create(model="demo", **{"max_tokens": 4, **kw})
+    for kw, needle in extra:
+        with pytest.raises(openai.BadRequestError, match=needle):
+            c.completions.create(model="demo", prompt="x", max_tokens=4, extra_body=kw)
+    assert served.engine.error is None
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         c.completions.create(model="gpt-4", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="messages"):

@@ -94,6 +94,9 @@ def test_config_fields_are_typed_finite_and_bounded(field, value):
         ({"stop_tokens": [CFG.vocab_size]}, "stop_tokens"),
         ({"stop_tokens": [1.5]}, "stop_tokens"),
         ({"seed": 1.5}, "seed"),
+        ({"seed": 2**63 - 1}, r"seed must be an integer in \[-2\*\*63, 2\*\*63 - 2\]"),
+        ({"seed": -(2**63) - 1}, "seed must be an integer in"),
+        ({"stop_tokens": 5}, "stop_tokens must be a sequence of token ids"),
     ],
 )
 def test_generate_rejects_bad_sampling_arguments(model, kwargs, match):
