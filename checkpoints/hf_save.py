@@ -6,7 +6,7 @@ the directory swap and its SHA-256 manifest come from `integrity`.
 
 from __future__ import annotations
 
-import shutil
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -113,10 +113,49 @@ def _check_save_dtype(dtype) -> np.dtype | None:
     return dt
 
 
+def _check_extra_tensors(extra_tensors, taken: set[str]) -> dict[str, np.ndarray]:
+    """``extra_tensors`` as a dict, each name a new string and each value an array."""
+    extra = dict(extra_tensors or {})
+    for name, value in extra.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"save_hf: extra_tensors names must be non-empty str, got {name!r}")
+        if name in taken:
+            raise ValueError(
+                f"save_hf: extra_tensors name {name!r} collides with a model tensor; "
+                "each tensor name may appear once"
+            )
+        if not isinstance(value, np.ndarray | jax.Array):
+            raise TypeError(
+                f"save_hf: extra_tensors[{name!r}] must be an array (numpy or jax), "
+                f"got {type(value).__name__}"
+            )
+    return extra
+
+
 def _destination(path: str | Path, overwrite: bool) -> Path:
     """The absolute checkpoint directory, after recovering an interrupted save; refuses a
-    file, or an existing checkpoint unless ``overwrite``."""
-    path = integrity.recover(Path(path).absolute())
+    file, or an existing checkpoint unless ``overwrite``.
+
+    Also refuses, before anything is written: a symlink (the swap renames ``path`` itself,
+    so it would replace the link by a folder, or, resolved, silently overwrite whatever the
+    link points to; the caller names the real folder instead), and the process's working
+    directory or a folder holding it (the swap deletes the old folder)."""
+    path = Path(path).absolute()
+    if path.is_symlink():
+        raise ValueError(
+            f"save_hf: path {path} is a symlink (-> {os.readlink(path)}); pass the real "
+            f"folder ({path.resolve()}) or remove the link"
+        )
+    try:
+        cwd = Path.cwd()
+    except FileNotFoundError:  # the working directory is already gone: nothing to protect
+        cwd = None
+    if cwd is not None and (path.resolve() == cwd or path.resolve() in cwd.parents):
+        raise ValueError(
+            f"save_hf: path {path} is or contains the current working directory ({cwd}), "
+            "which replacing it would delete; save to another folder or chdir out of it"
+        )
+    path = integrity.recover(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"save_hf: {path} exists and is not a directory")
     old = (
@@ -149,8 +188,10 @@ def save_hf(
     leaves are written as block-FP8 (``weight`` float8_e4m3fn + ``weight_scale_inv`` f32). One
     tensor is on the host at a time. A fused ``qkv_proj`` (`MFAttention.fuse_qkv`) is written
     as the separate q_proj/k_proj/v_proj tensors, so the checkpoint is the same as the unfused
-    model's. Refuses to replace an existing checkpoint unless ``overwrite=True``.
-    ``extra_tensors`` (HF name -> host array, written as is after the text model's) and
+    model's. Refuses to replace an existing checkpoint unless ``overwrite=True``, and
+    refuses a symlinked ``path`` or one that is (or holds) the working directory.
+    ``extra_tensors`` (HF name -> host array, written as is after the text model's; a name
+    of the text model is refused) and
     ``extra_config`` (top-level keys; the text keys then nest under ``text_config``) carry the
     vision half of a VL model (`save_hf_vl`).
 
@@ -168,8 +209,8 @@ def save_hf(
             "hf_mapping.entries out of sync with the model's params: "
             f"{sorted(map(str, set(values) ^ {e.path for e in table}))}"
         )
-    extra = dict(extra_tensors or {})
     specs = _tensor_specs(table, values, dtype)
+    extra = _check_extra_tensors(extra_tensors, {s[0] for s in specs})
     specs += [(n, a.dtype, tuple(a.shape)) for n, a in extra.items()]
     hf_cfg = config_json(
         model.config,
@@ -192,8 +233,7 @@ def _write_atomic(
     """Writes shards, index, ``config.json`` and manifest into a staging folder, then swaps
     it in for ``path`` (`integrity.replace_directory`). Returns the index dict."""
     staged = integrity.staging_dir(path)
-    if staged.exists():
-        shutil.rmtree(staged)  # left by an earlier save that died before its swap
+    integrity.remove_tree(staged)  # left by an earlier save that died before its swap
     staged.mkdir(parents=True)
     integrity.fault_point("staging_created")
     writer = ShardWriter(staged, max_shard_bytes)

@@ -202,6 +202,15 @@ def old_dir(path: Path) -> Path:
     return path.parent / f".{path.name}.old"
 
 
+def remove_tree(path: Path) -> None:
+    """Deletes ``path``: a symlink (even to a folder) or a file is unlinked, never followed;
+    a real folder is deleted with its contents; nothing happens if it is absent."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
 def recover(path: Path) -> Path:
     """Finishes the effect of a save interrupted between its two renames.
 
@@ -235,13 +244,12 @@ def replace_directory(staged: Path, path: Path, keep: Callable[[str], bool]) -> 
     fsync_dir(staged)
     fault_point("carried_files")
     old = old_dir(path)
-    if old.exists():
-        shutil.rmtree(old)
+    remove_tree(old)  # left by an earlier save that died after its swap
     os.replace(path, old)
     fsync_dir(path.parent)
     fault_point("moved_old_aside")
     os.replace(staged, path)
     fsync_dir(path.parent)
     fault_point("renamed_new")
-    shutil.rmtree(old)
+    remove_tree(old)
     fault_point("deleted_old")

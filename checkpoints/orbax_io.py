@@ -23,7 +23,6 @@ spec itself and its zarr3 layout puts ``crc32c`` only on the shard *index* codec
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from flax import nnx
 
 from step3_jax.checkpoints import integrity
 from step3_jax.checkpoints.integrity import MANIFEST_FILE, CheckpointFormatError
+from step3_jax.config import is_int
 
 PARAMS, OPT_STATE = "params", "opt_state"
 
@@ -75,7 +75,7 @@ def check_step(step, allow_none: bool = False) -> int | None:
     """``step`` as an int; raises ValueError unless it is an integer >= 0 (or None if allowed)."""
     if step is None and allow_none:
         return None
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+    if not is_int(step) or step < 0:
         raise ValueError(f"checkpoint step must be an integer >= 0, got {step!r}")
     return int(step)
 
@@ -85,16 +85,24 @@ class CheckpointManager:
 
     Args:
       directory: created if absent.
-      max_to_keep: older steps are deleted after a successful save (None: keep all).
+      max_to_keep: an integer >= 1: older steps are deleted after a successful save
+        (None: keep all).
       async_save: return from `save` before the write finishes (call `wait`).
     """
 
     def __init__(
         self, directory: str | Path, *, max_to_keep: int | None = 3, async_save: bool = False
     ):
+        if max_to_keep is not None and (not is_int(max_to_keep) or max_to_keep < 1):
+            raise ValueError(
+                "CheckpointManager: max_to_keep must be None (keep every step) or an "
+                f"integer >= 1, got {max_to_keep!r}"
+            )
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+            max_to_keep=None if max_to_keep is None else int(max_to_keep),
+            create=True,
+            enable_async_checkpointing=async_save,
         )
         self._mgr = ocp.CheckpointManager(self.directory, options=options)
         self._async, self._pending = async_save, []

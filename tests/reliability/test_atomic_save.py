@@ -149,6 +149,21 @@ def test_save_hf_after_a_crash_cleans_up_and_succeeds(tmp_path, models):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no staging or old leftovers
 
 
+@pytest.mark.parametrize("leftover", [".ck.old", ".ck.partial"])
+def test_save_hf_unlinks_a_leftover_symlink_without_following_it(tmp_path, models, leftover):
+    """A symlink where the swap keeps its ``.old``/``.partial`` folder (what an earlier
+    save through a symlinked path left behind) is unlinked, never rmtree'd or followed."""
+    old, new = models
+    _fresh_old(tmp_path / "ck", old)
+    (tmp_path / "run5").mkdir()
+    (tmp_path / "run5" / "keep.txt").write_text("mine")
+    os.symlink("run5", tmp_path / leftover)
+    save_hf(new, tmp_path / "ck", overwrite=True)  # was: OSError: rmtree on a symbolic link
+    assert _assert_old_or_new(tmp_path / "ck", models) == "new"
+    assert (tmp_path / "run5" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "run5"]
+
+
 def _abstract():
     return abstract_model(OLD_CFG)
 

@@ -12,11 +12,19 @@ import struct
 
 import numpy as np
 import pytest
-from rel_fixtures import INDEX, REFERENCE, random_tensors, tiny_config, write_checkpoint
+from rel_fixtures import (
+    INDEX,
+    REFERENCE,
+    build_model,
+    random_tensors,
+    tiny_config,
+    write_checkpoint,
+)
 
 from step3_jax.checkpoints import (
     CheckpointFormatError,
     CheckpointMismatchError,
+    hf_mapping,
     load_hf,
     save_hf,
 )
@@ -175,6 +183,58 @@ def test_save_refuses_an_integer_dtype(tmp_path):
     for dtype in (np.int8, np.int32, np.bool_, "float8_e5m2"):
         with pytest.raises(ValueError, match="dtype"):
             save_hf(model, tmp_path / "out", dtype=dtype)
+    assert not (tmp_path / "out").exists()
+
+
+def _files(path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+# ----------------------------------------------------------------------------- save destinations
+def test_save_refuses_a_symlinked_destination(tmp_path):
+    model = build_model(CFG)
+    save_hf(model, tmp_path / "run5")
+    os.symlink("run5", tmp_path / "latest")  # the common `latest -> run-N` layout
+    before = _files(tmp_path / "run5")
+    for _ in range(2):  # was: OSError after the swap, then on every later save
+        with pytest.raises(ValueError, match=r"latest is a symlink \(-> run5\).*real folder"):
+            save_hf(model, tmp_path / "latest", overwrite=True)
+    assert os.readlink(tmp_path / "latest") == "run5"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run5"]  # no leftovers
+    assert _files(tmp_path / "run5") == before
+
+
+@pytest.mark.parametrize("dest", [".", ".."])
+def test_save_refuses_the_working_directory(tmp_path, monkeypatch, dest):
+    model = build_model(CFG)
+    save_hf(model, tmp_path / "ck")
+    before = _files(tmp_path / "ck")
+    monkeypatch.chdir(tmp_path / "ck")
+    with pytest.raises(ValueError, match="path .* contains the current working directory"):
+        save_hf(model, dest, overwrite=True)  # was: the process's cwd deleted as ".old"
+    assert os.getcwd() == str((tmp_path / "ck").resolve())
+    assert _files(tmp_path / "ck") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_extra_tensor_named_like_a_model_tensor_is_refused(tmp_path):
+    model = build_model(CFG)
+    save_hf(model, tmp_path)
+    before = _files(tmp_path)
+    e = hf_mapping.entries(CFG)[0]
+    extra = {e.hf_name: np.ones(e.hf_shape, np.float32)}
+    with pytest.raises(ValueError, match=f"extra_tensors name '{e.hf_name}' collides"):
+        save_hf(model, tmp_path, overwrite=True, extra_tensors=extra)  # was: a corrupt save
+    assert _files(tmp_path) == before
+    _load(tmp_path)
+
+
+def test_extra_tensor_that_is_not_an_array_is_a_type_error(tmp_path):
+    model = build_model(CFG)
+    with pytest.raises(TypeError, match=r"extra_tensors\['vision.w'\] must be an array.*list"):
+        save_hf(model, tmp_path / "out", extra_tensors={"vision.w": [1.0, 2.0]})
+    with pytest.raises(TypeError, match="extra_tensors names must be non-empty str"):
+        save_hf(model, tmp_path / "out", extra_tensors={3: np.ones(2, np.float32)})
     assert not (tmp_path / "out").exists()
 
 

@@ -7,11 +7,18 @@ bare ``Exception`` carrying a TensorStore dump.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from rel_fixtures import abstract_model, build_model, model_leaf, tiny_config
 
-from step3_jax.checkpoints import CheckpointFormatError, restore_orbax, save_orbax
+from step3_jax.checkpoints import (
+    CheckpointFormatError,
+    CheckpointManager,
+    restore_orbax,
+    save_orbax,
+)
 
 CFG = tiny_config()
 
@@ -39,6 +46,24 @@ def test_save_orbax_rejects_invalid_steps(tmp_path, step):
 def test_restore_orbax_rejects_invalid_steps(saved, step):
     with pytest.raises(ValueError, match="step"):
         restore_orbax(saved[0], _abstract(), step)
+
+
+@pytest.mark.parametrize("keep", [0, -1, 2.5, True, "3"])
+def test_checkpoint_manager_rejects_invalid_max_to_keep(tmp_path, keep):
+    """0 used to delete every step right after saving it; 2.5 was accepted."""
+    with pytest.raises(
+        ValueError, match=r"max_to_keep must be None .* >= 1, got " + re.escape(repr(keep))
+    ):
+        CheckpointManager(tmp_path / "ck", max_to_keep=keep)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_checkpoint_manager_accepts_a_numpy_integer_max_to_keep(tmp_path):
+    model = build_model(CFG)
+    with CheckpointManager(tmp_path, max_to_keep=np.int64(2)) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, model)
+        assert mgr.all_steps() == [2, 3]
 
 
 def _array_files(step_dir):
