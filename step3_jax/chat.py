@@ -30,8 +30,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
+from step3_jax.config import is_int
+
 THINK_END = "</think>"  # vLLM's step3 reasoning parser: text before it is reasoning
 _PROBE = "\u2063probe-reply\u2063"  # a reply text no template rewrites (invisible separators)
+# Content part types the release's template renders (text, and an <im_patch> per image part);
+# any other part would vanish from the prompt without a word.
+PART_TYPES = ("text", "image", "image_url")
 
 
 class ChatTemplateError(ValueError):
@@ -82,8 +87,21 @@ def check_messages(messages) -> list[dict]:
                 f"messages[{i}]['content'] must be a str, a list of parts or None, "
                 f"got {type(content).__name__}"
             )
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                _check_part(part, f"messages[{i}]['content'][{j}]")
         out.append(dict(m))
     return out
+
+
+def _check_part(part, name: str) -> None:
+    if not isinstance(part, Mapping) or part.get("type") not in PART_TYPES:
+        raise ValueError(
+            f"{name} must be a mapping with 'type' in {PART_TYPES}, got {part!r} "
+            "(text goes in {'type': 'text', 'text': ...})"
+        )
+    if part["type"] == "text" and not isinstance(part.get("text"), str):
+        raise ValueError(f"{name}['text'] must be a str, got {part.get('text')!r}")
 
 
 def render_chat(
@@ -214,17 +232,19 @@ def _prompt_generator(model, tokenizer, ids: list[int], images):
     from step3_jax.decode import generate
 
     if getattr(model, "vision_config", None) is None:
-        if images:
+        if images is not None and (not isinstance(images, (list, tuple)) or images):
             raise ValueError(
                 "images= needs a Step3-VL model (step3_jax.checkpoints.load_hf_vl); this "
                 "model is text-only"
             )
         return ids, functools.partial(generate, model)
     from step3_jax.vision.generate import generate_prepared, prepare
-    from step3_jax.vision.preprocess import ImageSpecialTokens
+    from step3_jax.vision.preprocess import IMAGE_TYPES, ImageSpecialTokens
 
     special = ImageSpecialTokens.from_tokenizer(tokenizer)
-    (expanded,), features = prepare(model, [ids], [list(images or ())], special)
+    # One bare image is wrapped, as `preprocess_images` does (list() would split a path).
+    images = [images] if isinstance(images, IMAGE_TYPES) else list(images or ())
+    (expanded,), features = prepare(model, [ids], [images], special)
 
     def gen(prompts, n, **kwargs):
         return generate_prepared(
@@ -265,11 +285,16 @@ def chat_generate(
 
     ``images`` (a `step3_jax.vision.Step3VLModel` only): the conversation's images in order,
     one per image content part (``{"type": "image"}`` / ``{"type": "image_url"}``, which the
-    template renders as ``<im_patch>``); paths, bytes, PIL images or uint8 arrays. They are
-    preprocessed and run through the vision tower ONCE; every chunk reuses the features.
+    template renders as ``<im_patch>``); paths, bytes, PIL images or uint8 arrays (one bare
+    image: a list of one). They are preprocessed and run through the vision tower ONCE;
+    every chunk reuses the features.
     ``prompt_tokens`` counts the image tokens.
     """
 
+    # As `step3_jax.decode.generate` checks it, but first: a bad value must not read as a
+    # conversation too long for a reply (the budget check below).
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if first_chunk < 1 or chunk < 1:
         raise ValueError(f"first_chunk and chunk must be >= 1, got {first_chunk}, {chunk}")
     t0 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 
@@ -139,6 +140,29 @@ def test_missing_template_and_bad_messages_are_clear(tok):
             render_chat(tok, bad)
 
 
+@pytest.mark.parametrize(
+    "part",
+    ["Who is Emma?", {"text": "Who is Emma?"}, {"type": "input_text", "text": "Who is Emma?"}],
+)
+def test_content_parts_the_template_would_drop_are_refused(tok, part):
+    # The template renders only text and image parts: these would leave an empty user turn.
+    msgs = [USER, {"role": "user", "content": [{"type": "text", "text": "Hi. "}, part]}]
+    match = r"messages\[1\]\['content'\]\[1\] must be a mapping with 'type' in \('text', 'image', "
+    with pytest.raises(ValueError, match=match + r"'image_url'\), got " + re.escape(repr(part))):
+        render_chat(tok, msgs)
+
+
+def test_text_part_without_text_is_refused(tok):
+    msgs = [{"role": "user", "content": [{"type": "text", "content": "Who is Emma?"}]}]
+    with pytest.raises(
+        ValueError, match=r"messages\[0\]\['content'\]\[0\]\['text'\] must be a str"
+    ):
+        render_chat(tok, msgs)
+    url = {"type": "image_url", "image_url": {"url": "data:,"}}
+    msgs = [{"role": "user", "content": [url, {"type": "text", "text": "Describe."}]}]
+    assert "\n <im_patch>Describe. <|EOT|>" in render_chat(tok, msgs)
+
+
 # ----------------------------------------------------------------------------- tokens
 def test_bos_once_and_special_tokens_are_single_ids(tok):
     ids = tok.encode(render_chat(tok, [USER]))
@@ -217,6 +241,13 @@ def test_conversation_longer_than_the_context_is_refused(demo):
     short = {"role": "user", "content": "Emma " * 40}
     with pytest.raises(ValueError, match="no room for a reply within 32 tokens"):
         chat_generate(model, tok, [short], max_new_tokens=4, max_cache_len=32)
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.7, True, "8"])
+def test_max_new_tokens_must_be_a_positive_integer(demo, n):
+    model, tok = demo
+    with pytest.raises(ValueError, match=rf"max_new_tokens must be an integer >= 1, got {n!r}"):
+        chat_generate(model, tok, [USER], max_new_tokens=n)
 
 
 def test_cli_chat_repl_is_multi_turn(monkeypatch):

@@ -21,7 +21,12 @@ from flax import nnx
 from step3_jax import decode
 from step3_jax.sampling import sample
 from step3_jax.vision.model import Step3VLModel
-from step3_jax.vision.preprocess import ImageSpecialTokens, expand_prompt, preprocess_images
+from step3_jax.vision.preprocess import (
+    IMAGE_TYPES,
+    ImageSpecialTokens,
+    expand_prompt,
+    preprocess_images,
+)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -48,6 +53,17 @@ def expand(model: Step3VLModel, prompts, images, special: ImageSpecialTokens):
     the vision tower not run yet (the serving engine runs it when it admits the request)."""
     if images is None:
         images = [()] * len(prompts)
+    if isinstance(images, IMAGE_TYPES) or not isinstance(images, Sequence):
+        raise TypeError(
+            f"images must be a list with one list of images per prompt (images[b]: prompt b's "
+            f"images), got {type(images).__name__}; one image for one prompt: images=[[image]]"
+        )
+    for b, per in enumerate(images):
+        if isinstance(per, IMAGE_TYPES) or not isinstance(per, Sequence):
+            raise TypeError(
+                f"images[{b}] must be the list of prompt {b}'s images (images[b]: prompt b's "
+                f"images), got {type(per).__name__}; one image for one prompt: images=[[image]]"
+            )
     if len(images) != len(prompts):
         raise ValueError(f"images must give one list per prompt: {len(images)} for {len(prompts)}")
     if special.image != model.vision_config.image_token_id:
@@ -87,6 +103,27 @@ def generate(
     return dataclasses.replace(res, prefill_seconds=time.perf_counter() - t0 - res.decode_seconds)
 
 
+def _check_features(model: Step3VLModel, tokens: np.ndarray, limits: np.ndarray, features):
+    """`Step3VLModel.embed`'s check, on the host: under jit (`_prefill`) it cannot count."""
+    width = model.config.hidden_size
+    if features is not None and (len(features.shape) != 2 or features.shape[1] != width):
+        raise ValueError(
+            f"features must be [I, hidden_size={width}] (one row per image placeholder), "
+            f"got shape {tuple(features.shape)}"
+        )
+    image_id = model.vision_config.image_token_id
+    count = sum(
+        int(np.sum(row[:n] == image_id))
+        for row, n in zip(tokens[: len(limits)], limits, strict=True)
+    )
+    num = 0 if features is None else features.shape[0]
+    if count != num:
+        raise ValueError(
+            f"the prompt has {count} image placeholder positions (id {image_id}) but {num} "
+            "image feature rows were given"
+        )
+
+
 def generate_prepared(
     model: Step3VLModel,
     prompts: Sequence[Sequence[int]],
@@ -116,11 +153,12 @@ def generate_prepared(
     clock = (decode._compile_clock["seconds"], time.perf_counter())
     tokens, lengths = decode._prepare_prompts([list(p) for p in prompts], cfg.vocab_size)
     limits = lengths if image_lengths is None else np.asarray(image_lengths, np.int32)
-    if limits.shape != lengths.shape or np.any(limits > lengths):
+    if limits.shape != lengths.shape or np.any(limits > lengths) or np.any(limits < 0):
         raise ValueError(
-            f"image_lengths={list(limits)} must give one length <= the prompt's per prompt "
-            f"(prompt lengths {list(lengths)})"
+            f"image_lengths={limits.tolist()} must give one length in [0, the prompt's length] "
+            f"per prompt (prompt lengths {lengths.tolist()})"
         )
+    _check_features(model, tokens, limits, features)
     plan = decode._plan(cfg, tokens, lengths, max_new_tokens, (temperature, top_k, top_p), stops,
                         max_cache_len, cache_dtype or model.dtype, v_transposed)  # fmt: skip
     all_limits = np.zeros(len(plan.lengths), np.int32)  # padding rows: no placeholders

@@ -32,6 +32,15 @@ Prompt layout of one image (``<im_patch>`` is the only placeholder that receives
 
 The image features come in the same order: the crops' 81-token blocks, then the global view's
 169 tokens.
+
+Bounds (ours; the release's processor has none and allocates whatever rules 1 and 4 ask for):
+an image cut into more than ``MAX_CROPS = 36`` windows (a 3024 x 3024 image's 6 x 6, the
+largest image vLLM sizes a per-image token budget for: ``get_image_size_with_most_features``)
+is refused. Only very thin images get there (rule 3 gives them windows of the shorter side;
+every aspect ratio up to 36:1 fits): a 40 x 60000 px PNG of 2.4 KB would otherwise be cut into
+1512 crops (4.3 GiB of float32 pixels). So is an image whose zero-padded square (rule 1) is
+larger than Pillow opens (``2 * Image.MAX_IMAGE_PIXELS``). A side that the 3024 cap scales
+below 1 px is kept at 1 px.
 """
 
 from __future__ import annotations
@@ -53,9 +62,12 @@ MAX_IMAGE_SIZE = 3024  # longer sides above this are scaled down first
 LARGE_SIDE = 728  # images whose longer side reaches this get 504 px windows
 WINDOW = 504
 THIN_SIDE, THIN_RATIO = 32, 4  # pad-to-square rule
+MAX_CROPS = 36  # crops per image at most: a 3024 x 3024 image's (module docstring, "Bounds")
 # Modes with one 8-bit RGB reading. High-bit-depth and float modes ("I", "I;16", "F") would
 # need a choice of value range: refused rather than guessed.
 ACCEPTED_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "P", "PA", "1", "CMYK", "YCbCr")
+# What one image may be (`load_image`); anything else where images are expected is a list.
+IMAGE_TYPES = (str, Path, bytes, bytearray, np.ndarray, Image.Image)
 SPECIAL_TOKEN_NAMES = {
     "image": "<im_patch>",
     "im_start": "<im_start>",
@@ -131,21 +143,36 @@ def _starts(side: int, window: int) -> list[int]:
 
 
 def plan_crops(width: int, height: int, enable_patch: bool = True) -> CropPlan:
-    """The crop plan of a ``width`` x ``height`` image (rules 1-4 of the module docstring)."""
+    """The crop plan of a ``width`` x ``height`` image (rules 1-4 of the module docstring);
+    a ValueError for an image past its bounds (``MAX_CROPS``, the padded square)."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image must have a positive size, got {width} x {height}")
     ratio = width / height
+    given = f"{width} x {height} px (aspect ratio {max(ratio, 1 / ratio):.1f}:1)"
     padded = min(width, height) < THIN_SIDE and (ratio > THIN_RATIO or ratio < 1 / THIN_RATIO)
     if padded:
         width = height = max(width, height)
+        # Pillow refuses to open (DecompressionBombError) images over twice its limit.
+        if Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"{given} would be zero-padded to a {width} x {width} square, over the "
+                f"2 * Image.MAX_IMAGE_PIXELS = {2 * Image.MAX_IMAGE_PIXELS} px Pillow opens: "
+                "crop the image"
+            )
     if max(width, height) > MAX_IMAGE_SIZE:
         scale = MAX_IMAGE_SIZE / max(width, height)
-        width, height = int(width * scale), int(height * scale)
+        width, height = max(1, int(width * scale)), max(1, int(height * scale))
     win = window_size(max(width, height), min(width, height)) if enable_patch else 0
     if win == 0:
         return CropPlan((width, height), 0, (width, height), (), 1, padded)
     cw, ch = _round_side(width, win), _round_side(height, win)
     xs, ys = _starts(cw, win), _starts(ch, win)
+    if len(xs) * len(ys) > MAX_CROPS:
+        raise ValueError(
+            f"{given} would be cut into {len(xs) * len(ys)} crops of {win} px; at most "
+            f"MAX_CROPS={MAX_CROPS} are supported (a {MAX_IMAGE_SIZE} x {MAX_IMAGE_SIZE} "
+            "image's; every aspect ratio up to 36:1 fits): crop or pad the image"
+        )
     boxes = tuple((x, y, win, win) for y in ys for x in xs)
     return CropPlan((width, height), win, (cw, ch), boxes, len(xs), padded)
 
@@ -271,7 +298,7 @@ def split_image(image: Image.Image, plan: CropPlan) -> tuple[Image.Image, list[I
 
 def preprocess_images(images: Sequence, config: Step3VisionConfig) -> PreprocessedImages:
     """Loads, splits and normalizes ``images`` (each a path, bytes, PIL image or uint8 array)."""
-    if isinstance(images, (str, Path, bytes, np.ndarray, Image.Image)):
+    if isinstance(images, IMAGE_TYPES):
         images = [images]
     if len(images) == 0:
         raise ValueError("images is empty: pass at least one image")
@@ -279,9 +306,9 @@ def preprocess_images(images: Sequence, config: Step3VisionConfig) -> Preprocess
     for i, item in enumerate(images):
         try:
             img = load_image(item)
+            plan = plan_crops(img.width, img.height, config.enable_patch)
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise type(e)(f"images[{i}]: {e}") from e
-        plan = plan_crops(img.width, img.height, config.enable_patch)
         view, pieces = split_image(img, plan)
         views.append(normalize_resize(view, config.image_size))
         crops += [normalize_resize(p, config.crop_size) for p in pieces]
@@ -324,6 +351,8 @@ def expand_prompt(
 
 
 __all__ = [
+    "IMAGE_TYPES",
+    "MAX_CROPS",
     "CropPlan",
     "ImageLayout",
     "ImageSpecialTokens",

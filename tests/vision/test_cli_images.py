@@ -122,6 +122,9 @@ def test_chat_generate_with_image_equals_vision_generate(vl):
     )
     assert res.token_ids == want.tokens[0] and len(res.token_ids) > 4  # > first chunk
     assert res.prompt_tokens == len(ids) - 1 + 2 * 83 + 171  # 2 crops in one row + view
+    # one bare image is wrapped (as preprocess_images does), not iterated per row
+    bare = chat_generate(model, tok, messages, images=img, max_new_tokens=12, temperature=0)
+    assert bare.token_ids == res.token_ids
 
 
 def test_chat_generate_runs_the_tower_once(vl, monkeypatch):
@@ -142,8 +145,9 @@ def test_chat_generate_image_errors(vl):
     img = np.zeros((8, 8, 3), np.uint8) + 3
     with pytest.raises(ValueError, match="1 image placeholder token.*0 image"):
         chat_generate(model, tok, [{"role": "user", "content": [{"type": "image"}]}])
-    with pytest.raises(ValueError, match="this model is text-only"):
-        chat_generate(model.text, tok, [{"role": "user", "content": "hi"}], images=[img])
+    for images in ([img], img, "a.png"):  # a bare array or path too
+        with pytest.raises(ValueError, match="this model is text-only"):
+            chat_generate(model.text, tok, [{"role": "user", "content": "hi"}], images=images)
 
 
 def test_chat_repl_image_command(vl_dir, tmp_path):

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from step3_jax.vision import preprocess
 from step3_jax.vision.config import Step3VisionConfig
 from step3_jax.vision.preprocess import (
+    MAX_CROPS,
     MEAN,
     STD,
     ImageSpecialTokens,
@@ -41,6 +43,8 @@ PLANS = {
     (800, 100): ((800, 100), 100, (800, 100), 8, 8, 0),  # ratio 8 > 4: window = min(short, 504)
     (20, 200): ((200, 200), 0, (200, 200), 0, 1, 0),  # thin and < 32: padded to a square
     (4000, 1000): ((3024, 756), 504, (3024, 1008), 12, 6, 1),  # capped at 3024 first
+    (3024, 3024): ((3024, 3024), 504, (3024, 3024), 36, 6, 5),  # MAX_CROPS
+    (1800, 50): ((1800, 50), 50, (1800, 50), 36, 36, 0),  # 36:1, the thinnest that fits
 }
 
 
@@ -160,6 +164,49 @@ def test_bad_inputs_have_clear_errors(tmp_path):
         preprocess_images([], CFG)
     with pytest.raises(ValueError, match=r"images\[1\]: .*uint8"):
         preprocess_images([np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.int16)], CFG)
+
+
+def test_thin_images_are_refused_before_any_resize(monkeypatch):
+    """Thin images get windows of their short side: past 36:1 they would be cut into more
+    than MAX_CROPS crops (a 40 x 60000 PNG of 2.4 KB: 1512 crops, 4.3 GiB of float32)."""
+    assert MAX_CROPS == len(plan_crops(3024, 3024).boxes) == 36
+
+    def no_resize(*args):
+        raise AssertionError("resized an image that is refused")
+
+    monkeypatch.setattr(preprocess, "split_image", no_resize)
+    rng = np.random.default_rng(0)
+    tall = rng.integers(0, 256, (100001, 33, 3), dtype=np.uint8)  # the 3024 cap: 0 x 3024
+    with pytest.raises(
+        ValueError,
+        match=r"images\[0\]: 33 x 100001 px \(aspect ratio 3030.3:1\) would be cut into 3024 "
+        r"crops of 1 px; at most MAX_CROPS=36 are supported",
+    ):
+        preprocess_images([tall, np.zeros((8, 8), np.uint8)], CFG)
+    with pytest.raises(ValueError, match=r"60000 x 40 px .* 1512 crops of 2 px; at most MAX_CROPS"):
+        plan_crops(60000, 40)
+    with pytest.raises(ValueError, match=r"1850 x 50 px \(aspect ratio 37.0:1\) .* 37 crops"):
+        plan_crops(1850, 50)
+
+
+def test_scaled_side_is_kept_at_one_pixel():
+    cfg = dataclasses.replace(CFG, enable_patch=False)
+    assert plan_crops(33, 100001, enable_patch=False).size == (1, 3024)  # not 0 x 3024
+    tall = np.random.default_rng(1).integers(0, 256, (100001, 33, 3), dtype=np.uint8)
+    pre = preprocess_images(tall, cfg)
+    assert pre.pixel_values.shape == (1, 3, cfg.image_size, cfg.image_size)
+    assert np.isfinite(pre.pixel_values).all() and pre.pixel_values.std() > 0.1
+
+
+def test_padded_square_larger_than_pillow_opens_is_refused(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # Pillow opens 2M px
+    assert plan_crops(1400, 20).padded  # 1.96M px once padded: fits
+    with pytest.raises(
+        ValueError,
+        match=r"images\[0\]: 20 x 1500 px \(aspect ratio 75.0:1\) would be zero-padded to a "
+        r"1500 x 1500 square, over the 2 \* Image.MAX_IMAGE_PIXELS = 2000000 px",
+    ):
+        preprocess_images([np.zeros((1500, 20, 3), np.uint8) + 9], CFG)
 
 
 def test_enable_patch_false_gives_no_crops():

@@ -192,6 +192,20 @@ def test_image_errors(model):
     assert eng.num_waiting == 0  # nothing refused was queued
 
 
+def test_one_image_alone_is_a_list_of_one(model):
+    """A path or an array where a list of images goes: a path's characters were taken for
+    images ("image file / does not exist"), an array failed on its truth value."""
+    eng = make_engine(model)
+    img = image(SMALL, 3)
+    listed = eng.submit([7, 9], SamplingParams(max_tokens=2), images=[img]).request.prompt
+    assert eng.submit([7, 9], SamplingParams(max_tokens=2), images=img).request.prompt == listed
+    with pytest.raises(TypeError, match="images must be a list of images .* got int"):
+        eng.submit([7, 9], images=3)
+    text = Engine(ModelExecutor(model.text, max_batch=2, max_len=64))
+    with pytest.raises(ValueError, match="images= needs a Step3-VL model"):
+        text.submit([7, 9], images=np.zeros((30, 40, 3), np.uint8))
+
+
 def test_queued_pixels_are_bounded(model):
     """Preprocessed pixels live from submit to the tower: their total is capped (429-style
     `QueueFull`), a request over the cap alone is refused, and the bytes come back when the

@@ -126,3 +126,41 @@ def test_generate_prepared_image_lengths(model):
     assert res.tokens[0] == [int(np.argmax(logits[0, -1]))]
     with pytest.raises(ValueError, match="image_lengths"):
         vgen.generate_prepared(model, [ids], feats, 1, image_lengths=[len(ids) + 1])
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (["cat.png"], r"images\[0\] must be the list of prompt 0's images .*got str"),
+        ([_image(40, 30, 1)], r"images\[0\] must be the list of prompt 0's images .*got ndarray"),
+        ("cat.png", r"images must be a list with one list of images per prompt .*got str"),
+        (_image(40, 30, 1), r"images must be a list with one list of images per prompt .*ndarray"),
+    ],
+)
+def test_generate_images_must_be_nested_per_prompt(model, images, match):
+    # Not nested, a path was iterated per character and an array per row.
+    with pytest.raises(
+        TypeError, match=match + r"; one image for one prompt: images=\[\[image\]\]"
+    ):
+        vgen.generate(model, [[9, 7, 11]], 2, images=images, special=SPECIAL)
+
+
+def test_generate_prepared_checks_features_on_the_host(model):
+    """`Step3VLModel.embed` cannot count placeholders under jit: `generate_prepared` checks the
+    features against the prompt before its jitted prefill."""
+    prompt = [9, 11, 7, 7, 7, 7, 12]  # 4 placeholders
+    rng = np.random.default_rng(3)
+    f = jnp.asarray(rng.standard_normal((4, TEXT.hidden_size)), jnp.float32)
+    for features, lengths, match in [
+        (f[:1], None, r"the prompt has 4 image placeholder positions \(id 7\) but 1 image feature"),
+        (None, None, r"the prompt has 4 image placeholder positions \(id 7\) but 0 image feature"),
+        (f, [4], r"the prompt has 2 image placeholder positions \(id 7\) but 4 image feature"),
+        (f, [-5], r"image_lengths=\[-5\] must give one length in \[0, the prompt's length\]"),
+        (f[:, :64], None, rf"features must be \[I, hidden_size={TEXT.hidden_size}\] .*\(4, 64\)"),
+        (f[None], None, rf"features must be \[I, hidden_size={TEXT.hidden_size}\] .*\(1, 4, "),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            vgen.generate_prepared(model, [prompt], features, 2, image_lengths=lengths)
+    # two prompts: their placeholders together (5) against the rows
+    with pytest.raises(ValueError, match="has 5 image placeholder positions .* but 4 image"):
+        vgen.generate_prepared(model, [prompt, [9, 7, 12]], f, 2)
