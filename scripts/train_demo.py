@@ -34,6 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from step3_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer, train_bpe  # noqa: E402
+from step3_jax.cli_common import (  # noqa: E402
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from step3_jax.config import Step3Config  # noqa: E402
 from step3_jax.model import Step3Model  # noqa: E402
 from step3_jax.policy import KernelPolicy  # noqa: E402
@@ -276,24 +282,34 @@ def export(args, cfg, tok: Tokenizer, history: dict, windows: np.ndarray) -> Non
     print(json.dumps({"heldout_loss_bf16_checkpoint": round(hl, 4), "samples": samples}))
 
 
+def holdout_fraction(text: str) -> float:
+    value = non_negative_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT / "data/austen"))
     p.add_argument("--out", default=str(ROOT / "checkpoints/demo"))
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--holdout", type=float, default=0.05)
-    p.add_argument("--steps", type=int, default=1400)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--vocab-size", type=positive_int, default=2048)
+    p.add_argument("--holdout", type=holdout_fraction, default=0.05)
+    p.add_argument("--steps", type=positive_int, default=1400)
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--warmup", type=non_negative_int, default=100)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--eval-windows", type=int, default=96)
+    p.add_argument("--log-every", type=positive_int, default=25)
+    p.add_argument("--eval-every", type=positive_int, default=200)
+    p.add_argument("--eval-windows", type=positive_int, default=96)
     p.add_argument("--export-only", action="store_true", help="re-export from the saved state")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.warmup >= args.steps:  # the cosine decay after the warm-up needs steps of its own
+        p.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
+    return args
 
 
 def main(argv=None) -> None:

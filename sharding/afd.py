@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from step3_jax import quant
+from step3_jax.cache import check_sizes
 from step3_jax.model import head_logits
 from step3_jax.policy import KernelPolicy, compiler_options
 from step3_jax.sharding import arena_io, layer_state, protocol
@@ -77,8 +78,8 @@ class AfdConfig:
     compiler_options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
-        if self.microbatch < 1 or self.num_microbatches < 1 or self.max_len < 1:
-            raise ValueError(f"microbatch, num_microbatches, max_len must be >= 1: {self}")
+        sizes = ("microbatch", "num_microbatches", "max_len")
+        check_sizes("AfdConfig", **{name: getattr(self, name) for name in sizes})
         if not isinstance(self.policy, KernelPolicy):
             raise TypeError(f"AfdConfig.policy must be a KernelPolicy, got {self.policy!r}")
 

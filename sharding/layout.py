@@ -74,7 +74,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from step3_jax.cache import V_TILE, check_v_transposed, v_tiles_shape
+from step3_jax.cache import V_TILE, check_sizes, check_v_transposed, v_tiles_shape
+from step3_jax.config import is_int
 from step3_jax.sharding import layer_state
 from step3_jax.sharding.layer_state import ParamSpec
 
@@ -91,9 +92,9 @@ class AfdLayout:
     ffn_tp: int = 1  # tensor-parallel ways (along F) of each expert
 
     def __post_init__(self):
-        for name in ("num_attention", "ffn_ep", "ffn_tp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"AfdLayout.{name} must be >= 1, got {getattr(self, name)}")
+        check_sizes(
+            "AfdLayout", num_attention=self.num_attention, ffn_ep=self.ffn_ep, ffn_tp=self.ffn_tp
+        )
 
     @classmethod
     def parse(cls, text: str, ffn_ep: int | None = None) -> AfdLayout:
@@ -406,6 +407,12 @@ class ArenaLayout:
     ) -> ArenaLayout:
         """``roles``: the roles whose regions the arena must hold (one role: a one-device
         program of that role, `AfdExecutor(role=...)`; its size ignores the other role)."""
+        check_sizes(
+            "ArenaLayout.build",
+            microbatch=microbatch,
+            num_microbatches=num_microbatches,
+            max_len=max_len,
+        )
         layout.check_config(config)
         att = _place(attention_specs(config, dtypes, microbatch, num_microbatches, max_len))
         ffn = _place(ffn_specs(config, layout, dtypes))
@@ -462,6 +469,11 @@ def kv_batch_that_fits(
     reserve_bytes: int = 0,
 ) -> int:
     """Largest micro-batch whose arena fits ``device_bytes - reserve_bytes`` (0 if none)."""
+    where = "kv_batch_that_fits"
+    sizes = dict(device_bytes=device_bytes, num_microbatches=num_microbatches, max_len=max_len)
+    check_sizes(where, **sizes)
+    if not is_int(reserve_bytes) or reserve_bytes < 0:
+        raise ValueError(f"{where}: reserve_bytes must be an integer >= 0, got {reserve_bytes!r}")
 
     def fits(mb: int) -> bool:
         arena = ArenaLayout.build(

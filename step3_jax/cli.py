@@ -417,14 +417,29 @@ def _chat_warmup(args, model, tok, system: list, cache_len: int):
 
     kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     probe = [*system, {"role": "user", "content": "Hello."}]
-    warm = threading.Thread(
-        target=chat_generate,
-        args=(model, tok, probe),
-        kwargs=dict(max_new_tokens=2, max_cache_len=cache_len, **kwargs),
-        daemon=True,
-    )
+
+    def warm_up():
+        try:
+            chat_generate(model, tok, probe, max_new_tokens=2, max_cache_len=cache_len, **kwargs)
+        except ValueError:  # e.g. no room for the probe's reply: the first turn says its own
+            pass
+
+    warm = threading.Thread(target=warm_up, daemon=True)
     warm.start()
     return warm
+
+
+def _check_chat_room(tok, system: list, cache_len: int) -> None:
+    """A UsageError before the session when even an empty first turn leaves no room for a
+    reply within the session's cache (a small ``--max-context`` or a long ``--system``)."""
+    from step3_jax.chat import render_chat
+
+    used = len(tok.encode(render_chat(tok, [*system, {"role": "user", "content": ""}])))
+    if used >= cache_len:
+        raise UsageError(
+            f"--max-context: the session's {cache_len}-token context leaves no room for a "
+            f"reply; the system prompt and an empty first turn are already {used} tokens"
+        )
 
 
 def _user_content(line: str, num_images: int):
@@ -476,6 +491,7 @@ def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None, stderr=None) -> 
     # One KV-cache length for the session: one compiled decode loop, the one warmed up.
     cache_len = min(model.config.max_position_embeddings, args.max_context)
     system = [{"role": "system", "content": args.system}] if args.system else []
+    _check_chat_room(tok, system, cache_len)
     warm, messages, turn = _chat_warmup(args, model, tok, system, cache_len), list(system), 0
     images: list = []  # the conversation's images, in order of their content parts
     name = args.checkpoint or "the demo model (Jane Austen, not instruction-tuned)"

@@ -9,6 +9,7 @@ through instead, with its traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -83,12 +84,17 @@ def non_negative_int(text: str) -> int:
     return _checked_int(text, 0, "an integer >= 0")
 
 
-def _checked_int(text: str, low: int, what: str) -> int:
+def port(text: str) -> int:
+    """A TCP port: the socket layer would take 70000 as 70000 - 65536 without a word."""
+    return _checked_int(text, 1, "a port in [1, 65535]", high=65535)
+
+
+def _checked_int(text: str, low: int, what: str, high: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < low:
+    if value < low or (high is not None and value > high):
         raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
 
@@ -96,14 +102,14 @@ def _checked_int(text: str, low: int, what: str) -> int:
 def non_negative_float(text: str) -> float:
     value = _float(text)
     if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value
 
 
 def positive_float(text: str) -> float:
     value = _float(text)
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 
@@ -116,7 +122,11 @@ def fraction(text: str) -> float:
 
 
 def _float(text: str) -> float:
+    """A finite number: inf and nan are no value for a flag (a timeout of inf overflowed)."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value

@@ -42,6 +42,13 @@ def _one_error_line(capsys, *fragments: str) -> str:
         (["generate", "--temperature", "-0.1"], ["--temperature", ">= 0"]),
         (["generate", "--tokenizer", "x.json"], ["--tokenizer needs --checkpoint"]),
         (["generate", "--seed", str(2**70)], ["seed must be an integer in"]),
+        (["serve", "--port", "70000"], ["--port", "a port in [1, 65535], got 70000"]),
+        (["serve", "--shutdown-timeout", "inf"], ["--shutdown-timeout", "finite number"]),
+        (["generate", "--temperature", "inf"], ["--temperature", "finite number"]),
+        (
+            ["chat", "--max-context", "8", "--no-compile-cache"],
+            ["--max-context", "8-token context leaves no room for a reply"],
+        ),
         (["info", "--config", "huge"], ["--config", "invalid choice"]),
         (["frobnicate"], ["invalid choice", "frobnicate"]),
     ],

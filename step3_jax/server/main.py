@@ -14,7 +14,7 @@ import argparse
 import logging
 import time
 
-from step3_jax.cli_common import UsageError, non_negative_float, positive_int
+from step3_jax.cli_common import UsageError, non_negative_float, port, positive_int
 from step3_jax.server.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES
 
 log = logging.getLogger("step3_jax.server")
@@ -23,7 +23,7 @@ log = logging.getLogger("step3_jax.server")
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The server's and engine's flags (the model flags come from `step3_jax.cli`)."""
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    p.add_argument("--port", type=positive_int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--port", type=port, default=8000, help="(default: %(default)s)")
     p.add_argument("--model-name", help="the model id /v1/models reports")
     p.add_argument(
         "--max-batch",

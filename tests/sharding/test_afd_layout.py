@@ -8,9 +8,16 @@ import numpy as np
 import pytest
 
 from step3_jax.config import Step3Config
-from step3_jax.sharding.afd import exchange_rounds, pipeline_schedule
+from step3_jax.sharding.afd import AfdConfig, exchange_rounds, pipeline_schedule
 from step3_jax.sharding.layer_state import split_width
-from step3_jax.sharding.layout import ALIGN, AfdLayout, ArenaDtypes, ArenaLayout, ffn_local_dims
+from step3_jax.sharding.layout import (
+    ALIGN,
+    AfdLayout,
+    ArenaDtypes,
+    ArenaLayout,
+    ffn_local_dims,
+    kv_batch_that_fits,
+)
 
 FP8 = ArenaDtypes(weight="float8_e4m3fn", cache="float8_e4m3fn")
 H200_BYTES = 141 * 10**9
@@ -29,6 +36,55 @@ def test_parse_and_device_count_errors():
         lay.afd_mesh(jax.devices()[:4])
     with pytest.raises(ValueError, match="ffn_ep=3 must divide num_experts=8"):
         AfdLayout.parse("1A3F").check_config(Step3Config.tiny())
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: AfdLayout(1.5, 2), r"AfdLayout: num_attention must be an integer > 0, got 1\.5"),
+        (lambda: AfdLayout("1", 2), "AfdLayout: num_attention must be an integer > 0, got '1'"),
+        (
+            lambda: ArenaLayout.build(
+                Step3Config.tiny(), AfdLayout(1, 1), microbatch=-4, num_microbatches=1, max_len=64
+            ),
+            "ArenaLayout.build: microbatch must be an integer > 0, got -4",
+        ),
+        (lambda: AfdConfig(1.5, 1, 64), "AfdConfig: microbatch must be an integer > 0"),
+        (  # zero micro-batches made every batch fit: the search never returned
+            lambda: kv_batch_that_fits(
+                Step3Config.tiny(),
+                AfdLayout(1, 1),
+                device_bytes=2**24,
+                num_microbatches=0,
+                max_len=64,
+            ),  # fmt: skip
+            "kv_batch_that_fits: num_microbatches must be an integer > 0, got 0",
+        ),
+        (
+            lambda: kv_batch_that_fits(
+                Step3Config.tiny(),
+                AfdLayout(1, 1),
+                device_bytes=float("inf"),
+                num_microbatches=1,
+                max_len=64,
+            ),  # fmt: skip
+            "kv_batch_that_fits: device_bytes must be an integer > 0, got inf",
+        ),
+    ],
+)
+def test_layout_sizes_are_checked(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_kv_batch_that_fits_is_the_largest_that_fits():
+    cfg, lay = Step3Config.tiny(), AfdLayout(1, 1)
+    kw = dict(num_microbatches=2, max_len=64)
+    budget = ArenaLayout.build(cfg, lay, microbatch=5, **kw).bytes_per_device()
+    best = kv_batch_that_fits(cfg, lay, device_bytes=budget, **kw)
+    assert best >= 5
+    more = ArenaLayout.build(cfg, lay, microbatch=best + 1, **kw).bytes_per_device()
+    assert more > budget
 
 
 @pytest.mark.multi_device
