@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from step3_jax.cache import KVCache
+from step3_jax.cache import KVCache, v_tiles_shape
 from step3_jax.config import Step3Config
 from step3_jax.layers.linear import init_weight, project
 from step3_jax.layers.mfa import MFAttention, mfa_attention_xla
@@ -182,6 +182,54 @@ def check_tokens(tokens, vocab_size: int) -> None:
             )
 
 
+def check_cache(cache, config: Step3Config, batch: int) -> None:
+    """Clear error for a cache that does not fit the model and the tokens' batch (static
+    shapes only, so jit is unaffected): a `KVCache` must be ``[L, B, S, H]`` (v as V^T tiles
+    where ``v_transposed``); any other cache (`step3_jax.engine.PagedKVCache`, ...) must have
+    the model's layer count and the tokens' batch."""
+    if not isinstance(cache, KVCache):
+        if cache.batch != batch or cache.num_layers != config.num_layers:
+            raise ValueError(
+                f"cache has batch={cache.batch}, layers={cache.num_layers}; expected "
+                f"batch={batch}, layers={config.num_layers}"
+            )
+        return
+    want = (config.num_layers, batch, cache.max_len, config.head_dim)
+    want_v = v_tiles_shape(want) if cache.v_transposed else want
+    if tuple(cache.k.shape) != want or tuple(cache.v.shape) != want_v:
+        layout = " (v: V^T tiles [L, B, S/64, H, 64])" if cache.v_transposed else ""
+        raise ValueError(
+            f"cache does not fit this model and batch: k is {tuple(cache.k.shape)}, v "
+            f"{tuple(cache.v.shape)}, expected [L={config.num_layers}, B={batch} (the tokens' "
+            f"batch), S, H={config.head_dim}]{layout}"
+        )
+
+
+def cache_positions(config: Step3Config, tokens, cache, positions) -> Int[Array, "B T"]:
+    """The ``positions [B, T]`` of a forward over ``tokens [B, T]``: ``positions`` broadcast,
+    or by default 0.. without a cache and each sequence's length onward with one.
+
+    With a cache, after `check_cache`, and (concrete values only, as `check_tokens`: under jit
+    they are tracers and nothing is read back) positions must lie in ``[0, cache.max_len)``:
+    a scatter outside the cache would silently drop the write."""
+    b, t = tokens.shape
+    if cache is not None:
+        check_cache(cache, config, b)
+    if positions is None:
+        start = 0 if cache is None else cache.lengths[:, None]
+        positions = start + jnp.arange(t, dtype=jnp.int32)[None, :]
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
+    if cache is not None and not isinstance(positions, jax.core.Tracer):
+        lo, hi = int(np.min(np.asarray(positions))), int(np.max(np.asarray(positions)))
+        if lo < 0:
+            raise ValueError(f"positions must be >= 0, got values in [{lo}, {hi}]")
+        if hi >= cache.max_len:
+            raise ValueError(
+                f"positions reach {hi} but the cache holds max_len={cache.max_len} tokens"
+            )
+    return positions
+
+
 class Step3Model(nnx.Module):
     """Step-3 text decoder: embedding, ``num_layers`` decoder layers, final norm, lm_head.
 
@@ -190,7 +238,9 @@ class Step3Model(nnx.Module):
     tokens' K/V at ``positions [B, T]`` (default: each sequence's current length onward),
     attends causally over the cache and returns ``(logits, cache)`` with
     ``cache.lengths = positions[:, -1] + 1`` (``cache.advance``: any cache with ``write``,
-    ``attend``, ``advance``, ``batch`` and ``num_layers``, e.g. `step3_jax.engine.PagedKVCache`).
+    ``attend``, ``advance``, ``batch``, ``num_layers`` and ``max_len``, e.g.
+    `step3_jax.engine.PagedKVCache`). Positions outside ``[0, max_len)`` raise when they are
+    concrete (`cache_positions`).
     """
 
     def __init__(
@@ -240,16 +290,7 @@ class Step3Model(nnx.Module):
         positions: Int[Array, "B T"] | None = None,
     ):
         check_tokens(tokens, self.config.vocab_size)
-        b, t = tokens.shape
-        if cache is not None and (cache.batch != b or cache.num_layers != self.config.num_layers):
-            raise ValueError(
-                f"cache has batch={cache.batch}, layers={cache.num_layers}; expected batch={b}, "
-                f"layers={self.config.num_layers}"
-            )
-        if positions is None:
-            start = 0 if cache is None else cache.lengths[:, None]
-            positions = start + jnp.arange(t, dtype=jnp.int32)[None, :]
-        positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
+        positions = cache_positions(self.config, tokens, cache, positions)
         x = self.embed(tokens)
         for layer in self.layers:
             x, cache = layer(x, positions, cache, self.policy)

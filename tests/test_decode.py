@@ -21,6 +21,8 @@ import step3_jax as s3
 from step3_jax import decode as decode_mod
 from step3_jax.policy import KernelPolicy
 from step3_jax.sampling import SamplingConfig, filter_logits, sample
+from step3_jax.vision.config import Step3VisionConfig
+from step3_jax.vision.model import Step3VLModel
 
 CFG = s3.Step3Config.tiny()
 TOL = 2 * 2.0**-24 * np.sqrt(256) * (7 * CFG.num_layers + 1)  # two float32 evaluations
@@ -258,6 +260,41 @@ def test_bad_sampling_config(kwargs, name):
 def test_model_rejects_bad_tokens(model, tokens, match):
     with pytest.raises(ValueError, match=match):
         model(jnp.asarray(tokens))
+
+
+def _vl_model():
+    vis = Step3VisionConfig.tiny(text_hidden_size=CFG.hidden_size)
+    return Step3VLModel.create(
+        CFG, vis, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32
+    )
+
+
+@pytest.mark.parametrize("vl", [False, True], ids=["text", "vl"])
+def test_cached_forward_rejects_a_cache_it_would_corrupt(model, vl):
+    """Eager cached forwards used to write past max_len (12 + 12 tokens into a 16-token cache:
+    lengths 24, wrong logits) or at negative positions without an error, and a cache of
+    another head_dim failed deep inside jax. Both models share one check."""
+    m = _vl_model() if vl else model
+    tokens = jnp.asarray([[5, 17, 300, 42, 7, 99]], jnp.int32)
+    cache = s3.KVCache.for_config(CFG, 1, 8, dtype=jnp.float32)
+    half_full = cache.replace(lengths=jnp.asarray([6], jnp.int32))
+    with pytest.raises(ValueError, match="positions reach 11 but the cache holds max_len=8"):
+        m(tokens, cache=half_full)
+    with pytest.raises(ValueError, match=r"positions must be >= 0, got values in \[-3, 2\]"):
+        m(tokens, cache=cache, positions=jnp.arange(6)[None] - 3)
+    wrong_h = s3.KVCache.create(CFG.num_layers, 1, 8, 2 * CFG.head_dim, jnp.float32)
+    with pytest.raises(ValueError, match=rf"cache does not fit.*H={CFG.head_dim}"):
+        m(tokens, cache=wrong_h)
+    with pytest.raises(ValueError, match=r"cache does not fit.*B=2 \(the tokens' batch\)"):
+        m(jnp.concatenate([tokens, tokens]), cache=cache)
+
+
+def test_cached_forward_may_fill_the_cache_exactly(model):
+    """The bound is max_len itself: positions 2..7 of an 8-token cache are accepted."""
+    tokens = jnp.asarray([[5, 17, 300, 42, 7, 99]], jnp.int32)
+    cache = s3.KVCache.for_config(CFG, 1, 8, dtype=jnp.float32)
+    _, cache = model(tokens, cache=cache.replace(lengths=jnp.asarray([2], jnp.int32)))
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [8])
 
 
 @pytest.mark.parametrize(

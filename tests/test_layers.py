@@ -452,3 +452,97 @@ def test_a_float_linear_writes_its_own_dtype():
     # float32 accumulation (K * 2^-24 relative of sum |x||w|), then one bf16 rounding (2^-8)
     spread = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64)).T
     assert np.all(np.abs(got - exact) <= 2.0**-8 * np.abs(exact) + 512 * 2.0**-24 * spread)
+
+
+# ---------------------------------------------------------------- input validation
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (
+            lambda r: MoE(32, 4, 8, 16, 0, rngs=r),
+            r"MoE: top_k must be in \[1, num_experts=4\], got 8",
+        ),
+        (
+            lambda r: MoE(32, 4, 0, 16, 0, rngs=r),
+            r"MoE: top_k must be in \[1, num_experts=4\], got 0",
+        ),
+        (lambda r: MoE(32, 4, 2, 0, 0, rngs=r), "MoE: expert_dim must be an integer >= 1, got 0"),
+        (lambda r: MoE(32, 4, 2, 16, -1, rngs=r), "MoE: shared_dim must be an integer >= 0"),
+        (lambda r: MoE(32.0, 4, 2, 16, 0, rngs=r), "MoE: hidden_size must be an integer"),
+        (lambda r: MFAttention(32, 32, 2, 15, rngs=r), "MFAttention: head_dim must be even"),
+        (
+            lambda r: MFAttention(32, 32, 0, 16, rngs=r),
+            "MFAttention: num_heads must be an integer >= 1",
+        ),
+        (
+            lambda r: MFAttention(32, True, 2, 16, rngs=r),
+            "MFAttention: share_q_dim must be an integer",
+        ),
+    ],
+    ids=["topk>E", "topk0", "F0", "shared<0", "float-D", "odd-H", "N0", "bool-R"],
+)
+def test_layers_reject_bad_sizes(make, match):
+    """These used to construct and then fail inside jax at the first call (top_k in jax's
+    top_k, top_k=0 as a modulo by zero, an odd head_dim as a RoPE broadcast error)."""
+    with pytest.raises(ValueError, match=match):
+        make(nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda a, m: m(_normal(40, 2, 3, 16)),
+            r"MoE: h must be \[\.\.\., hidden_size=32\], got \(2, 3, 16\)",
+        ),
+        (
+            lambda a, m: m(_normal(41, 2, 3, 32), routing=m.route(_normal(41, 2, 3, 32))[:1]),
+            "MoE: routing must be",
+        ),
+        (
+            lambda a, m: m(_normal(42, 6, 32), routing=m.route(_normal(42, 2, 32))),
+            "MoE: routing must be.*one row per token",
+        ),
+        (lambda a, m: m.route(_normal(43, 3, 16)), "MoE: h must be"),
+        (
+            lambda a, m: a(_normal(44, 3, 32)),
+            r"MFAttention: x must be \[B, T, hidden_size=32\], got \(3, 32\)",
+        ),
+        (lambda a, m: a(_normal(45, 2, 3, 16)), "MFAttention: x must be"),
+        (
+            lambda a, m: a(_normal(46, 2, 3, 32), positions=jnp.arange(5)),
+            r"MFAttention: positions must be \[B, T\] = \(2, 3\).*got \(5,\)",
+        ),
+        (
+            lambda a, m: a(_normal(47, 2, 3, 32), positions=jnp.zeros((2, 4), jnp.int32)),
+            "MFAttention: positions must be",
+        ),
+    ],
+    ids=[
+        "moe-D",
+        "moe-routing-pair",
+        "moe-routing-rows",
+        "route-D",
+        "mfa-rank2",
+        "mfa-D",
+        "mfa-pos-rank",
+        "mfa-pos-T",
+    ],
+)
+def test_layers_reject_bad_input_shapes(call, match):
+    """Static shape checks at the top of the calls (they hold under jit too, where shapes are
+    static); these used to fail in opt_einsum, a tuple unpack or a reshape."""
+    attn = MFAttention(32, 32, 2, 16, rngs=nnx.Rngs(0), **F32)
+    moe = MoE(32, 4, 2, 16, 8, rngs=nnx.Rngs(1), **F32)
+    with pytest.raises(ValueError, match=match):
+        call(attn, moe)
+    with pytest.raises(ValueError, match=match):
+        nnx.jit(call)(attn, moe)
+
+
+def test_mfa_accepts_positions_shared_by_the_batch():
+    """[1, T] positions broadcast over the batch (the shape check must keep allowing it)."""
+    attn = MFAttention(32, 32, 2, 16, rngs=nnx.Rngs(0), **F32)
+    x = _normal(48, 2, 3, 32)
+    shared = attn(x, positions=jnp.arange(3, dtype=jnp.int32)[None])
+    np.testing.assert_array_equal(np.asarray(shared), np.asarray(attn(x)))

@@ -22,10 +22,10 @@ micro-batch, microseconds; a scalar means every layer, a list gives each layer):
        {"name": str,                         # optional label
         "layout": "1A1F",                    # xAyF; "gpus_per_instance" (default 1 here)
         "gpus_per_instance": 1,
-        "num_layers": 61,                    # needed when every *_us_per_layer is a scalar
-        "micro_batches": 3,
+        "num_layers": 61,                    # needed when every *_us_per_layer is a scalar; <= 1000
+        "micro_batches": 3,                  # <= 64 (the simulation plays L x M x steps events)
         "batch": 384,                        # total sequences in flight (all micro-batches)
-        "attn_us_per_layer": 80.0 | [...],
+        "attn_us_per_layer": 80.0 | [...],   # every time finite and >= 0, not all 0
         "ffn_us_per_layer": 120.0 | [...],
         "transfer_us_per_layer": 30.0 | [...],   # one direction; or a2f_us_/f2a_us_per_layer
         "step_overhead_us": 0.0,             # optional: embedding, LM head, sampling per step
@@ -36,15 +36,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
-from step3_jax.config import Step3Config
+from step3_jax.config import Step3Config, is_int
 from step3_jax.cost import analytic
 from step3_jax.cost.hardware import HardwareSpec
 from step3_jax.cost.specs import ModelSpec, from_step3_config
 
 _RESOURCES = ("A", "A->F", "F", "F->A")
+# Bounds of a measured run (`parse_run`), far above any real one (Step-3: 61 layers, 3
+# micro-batches): the event loop is O(layers x micro-batches), so a typo must not hang it.
+MAX_LAYERS = 1000
+MAX_MICRO_BATCHES = 64
+
+
+def _check_times(name: str, values, unit: str) -> None:
+    """Every time finite and >= 0 (NaN fails ``< 0`` comparisons, so test it explicitly)."""
+    bad = next((v for v in values if not (math.isfinite(v) and v >= 0)), None)
+    if bad is not None:
+        raise ValueError(f"{name} must be finite and >= 0 {unit}, got {bad}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +76,12 @@ class LayerTimes:
             object.__setattr__(self, f, v)
             if len(v) != n or n == 0:
                 raise ValueError(f"LayerTimes.{f}: need one entry per layer ({n}), got {len(v)}")
-            if min(v) < 0:
-                raise ValueError(f"LayerTimes.{f} must be >= 0 seconds, got min {min(v)}")
-        if self.step_overhead_s < 0:
-            raise ValueError(f"step_overhead_s must be >= 0, got {self.step_overhead_s}")
+            _check_times(f"LayerTimes.{f}", v, "seconds")
+        _check_times("step_overhead_s", (self.step_overhead_s,), "seconds")
+        stages = (self.attn_s, self.a2f_s, self.ffn_s, self.f2a_s)
+        if self.step_overhead_s == 0 and not any(any(v) for v in stages):
+            # A step would take 0 s: TPOT 0, and every rate divides by it.
+            raise ValueError("LayerTimes: all stage times are 0: nothing to simulate")
 
     @property
     def num_layers(self) -> int:
@@ -379,18 +393,39 @@ def _per_layer(value, num_layers: int | None, key: str) -> tuple[float, ...]:
     if isinstance(value, int | float):
         if num_layers is None:
             raise ValueError(f"{key} is a scalar: the run needs 'num_layers'")
+        _check_times(key, (value,), "microseconds")
         return (float(value) * 1e-6,) * num_layers
-    if isinstance(value, list) and value:
+    if isinstance(value, list) and 0 < len(value) <= MAX_LAYERS:
+        _check_times(key, [float(v) for v in value], "microseconds")
         return tuple(float(v) * 1e-6 for v in value)
-    raise ValueError(f"{key} must be a number or a non-empty list of microseconds, got {value!r}")
+    raise ValueError(
+        f"{key} must be a number or a list of 1 to {MAX_LAYERS} (one per layer) microseconds, "
+        f"got {value!r:.80}"
+    )
+
+
+def _count(run: dict, key: str, default, maximum: int) -> int | None:
+    """An integer field in ``[1, maximum]`` (or its default when absent)."""
+    value = run.get(key, default)
+    if value is not None and (not is_int(value) or not 1 <= value <= maximum):
+        raise ValueError(f"{key} must be an integer in [1, {maximum}], got {value!r}")
+    return value
 
 
 def parse_run(run: dict, index: int = 0) -> MeasuredRun:
-    """One run dict -> MeasuredRun; raises ValueError naming the missing key."""
+    """One run dict -> MeasuredRun; raises ValueError naming the run and the bad key."""
+    try:
+        return _parse_run(run, index)
+    except ValueError as e:
+        raise ValueError(f"run {index}: {e}") from e
+
+
+def _parse_run(run: dict, index: int) -> MeasuredRun:
     for key in ("attn_us_per_layer", "ffn_us_per_layer"):
         if key not in run:
-            raise ValueError(f"run {index}: missing {key!r} (microseconds per layer)")
-    n = run.get("num_layers")
+            raise ValueError(f"missing {key!r} (microseconds per layer)")
+    n = _count(run, "num_layers", None, MAX_LAYERS)
+    micro_batches = _count(run, "micro_batches", 1, MAX_MICRO_BATCHES)
     attn = _per_layer(run["attn_us_per_layer"], n, "attn_us_per_layer")
     n = n or len(attn)
     ffn = _per_layer(run["ffn_us_per_layer"], n, "ffn_us_per_layer")
@@ -400,10 +435,12 @@ def parse_run(run: dict, index: int = 0) -> MeasuredRun:
     overhead = float(run.get("step_overhead_us", 0.0)) * 1e-6
     layout = AFDLayout.parse(run.get("layout", "1A1F"), int(run.get("gpus_per_instance", 1)))
     step_ms = run.get("measured_step_ms", run.get("tpot_ms"))
+    if step_ms is not None:
+        _check_times("measured_step_ms", (float(step_ms),), "milliseconds")
     return MeasuredRun(
         name=str(run.get("name", f"run{index}")),
         layout=layout,
-        micro_batches=int(run.get("micro_batches", 1)),
+        micro_batches=micro_batches,
         batch=run.get("batch"),
         times=LayerTimes(attn, a2f, ffn, f2a, overhead),
         measured_step_s=None if step_ms is None else float(step_ms) * 1e-3,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from step3_jax.layers.linear import init_weight, project
+from step3_jax.layers.linear import check_dims, init_weight, project
 from step3_jax.layers.norms import RMSNorm
 from step3_jax.layers.rope import RopeScaling, apply_rope
 from step3_jax.quant import BLOCK, QuantizedActivations
@@ -94,7 +94,11 @@ class MFAttention(nnx.Module):
         rngs: nnx.Rngs,
     ):
         d, r, n, h = hidden_size, share_q_dim, num_heads, head_dim
-        self.num_heads, self.head_dim, self.rope_theta, self.dtype = n, h, rope_theta, dtype
+        check_dims("MFAttention", hidden_size=d, share_q_dim=r, num_heads=n, head_dim=h)
+        if h % 2:
+            raise ValueError(f"MFAttention: head_dim must be even (RoPE rotates pairs), got {h}")
+        self.hidden_size, self.num_heads, self.head_dim = d, n, h
+        self.rope_theta, self.dtype = rope_theta, dtype
         self.rope_scaling = rope_scaling
         self.q_proj = nnx.Param(init_weight(rngs.params(), (r, d), d, param_dtype))
         self.k_proj = nnx.Param(init_weight(rngs.params(), (h, d), d, param_dtype))
@@ -203,9 +207,18 @@ class MFAttention(nnx.Module):
         For decoding against a KV cache use `step3_jax.Step3Model` (or `qkv`, a cache write
         and `mfa_attention_xla` / `step3_jax.kernels.mfa_decode_attention`, then `output`).
         """
+        if jnp.ndim(x) != 3 or jnp.shape(x)[-1] != self.hidden_size:
+            raise ValueError(
+                f"MFAttention: x must be [B, T, hidden_size={self.hidden_size}], got {jnp.shape(x)}"
+            )
         b, t, _ = x.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        elif jnp.shape(positions) not in ((b, t), (1, t)):
+            raise ValueError(
+                f"MFAttention: positions must be [B, T] = {(b, t)} (or [1, T]), got "
+                f"{jnp.shape(positions)}"
+            )
         q, k, v = self.qkv(x, positions)
         o = mfa_attention_xla(q, k, v, positions, kv_positions=positions)
         return self.output(o)

@@ -21,13 +21,16 @@ experts read in place from a larger stack (the AFD arena), never sliced into a c
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 from jaxtyping import Array, Float, Int
 
+from step3_jax.config import is_int
 from step3_jax.kernels.grouped_gemm import moe_ffn
-from step3_jax.layers.linear import init_weight, project
+from step3_jax.layers.linear import check_dims, init_weight, project
 from step3_jax.layers.mlp import SwiGLU
 from step3_jax.policy import MOE_IMPLEMENTATIONS
 from step3_jax.quant import QuantizedActivations
@@ -210,7 +213,11 @@ class MoE(nnx.Module):
         rngs: nnx.Rngs,
     ):
         d, e, f = hidden_size, num_experts, expert_dim
-        self.top_k, self.dtype, self.renormalize = top_k, dtype, renormalize
+        check_dims("MoE", hidden_size=d, num_experts=e, expert_dim=f)
+        check_dims("MoE", minimum=0, shared_dim=shared_dim)  # 0: no shared expert
+        if not is_int(top_k) or not 1 <= top_k <= e:
+            raise ValueError(f"MoE: top_k must be in [1, num_experts={e}], got {top_k!r}")
+        self.hidden_size, self.top_k, self.dtype, self.renormalize = d, top_k, dtype, renormalize
         self.router = nnx.Param(init_weight(rngs.params(), (e, d), d, param_dtype))
         self.gate_proj = nnx.Param(init_weight(rngs.params(), (e, f, d), d, param_dtype))
         self.up_proj = nnx.Param(init_weight(rngs.params(), (e, f, d), d, param_dtype))
@@ -221,7 +228,30 @@ class MoE(nnx.Module):
             else None
         )
 
+    def _check_input(self, h, routing=None) -> None:
+        """Static shapes only (free under jit): ``h [..., D]``; ``routing`` one ``[..., K]``
+        pair with a row per token of ``h``."""
+        d, k = self.hidden_size, self.top_k
+        if jnp.ndim(h) < 1 or jnp.shape(h)[-1] != d:
+            raise ValueError(f"MoE: h must be [..., hidden_size={d}], got {jnp.shape(h)}")
+        if routing is None:
+            return
+        tokens = math.prod(jnp.shape(h)[:-1])
+        shapes = [jnp.shape(a) for a in routing] if isinstance(routing, tuple | list) else None
+        if (
+            shapes is None
+            or len(shapes) != 2
+            or shapes[0] != shapes[1]
+            or shapes[0][-1:] != (k,)
+            or math.prod(shapes[0]) != tokens * k
+        ):
+            raise ValueError(
+                f"MoE: routing must be (weights, ids), both [..., top_k={k}] with one row per "
+                f"token of h {jnp.shape(h)}, got shapes {shapes}"
+            )
+
     def route(self, h: Float[Array, "... D"]) -> tuple[Float[Array, "... K"], Int[Array, "... K"]]:
+        self._check_input(h)
         return route(h.astype(self.dtype), self.router[...], self.top_k, self.renormalize)
 
     def __call__(
@@ -245,6 +275,7 @@ class MoE(nnx.Module):
             raise ValueError(
                 f"MoE: implementation must be one of {MOE_IMPLEMENTATIONS}, got {implementation!r}"
             )
+        self._check_input(h, routing)
         h = h.astype(self.dtype)
         if routing is None:
             plain = h.dequantize() if isinstance(h, QuantizedActivations) else h

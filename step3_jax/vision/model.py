@@ -20,7 +20,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from step3_jax.cache import KVCache
 from step3_jax.config import Step3Config
-from step3_jax.model import Step3Model, check_tokens
+from step3_jax.model import Step3Model, cache_positions, check_tokens
 from step3_jax.policy import compiler_options
 from step3_jax.vision.config import Step3VisionConfig
 from step3_jax.vision.encoder import Step3VisionModel
@@ -215,15 +215,11 @@ class Step3VLModel(nnx.Module):
         """Like `Step3Model.__call__`, with ``images`` (or precomputed ``features``) merged at
         the placeholder positions of ``tokens`` (already expanded: `expand_prompt`)."""
         check_tokens(tokens, self.config.vocab_size)
+        positions = cache_positions(self.config, tokens, cache, positions)
         if images is not None:
             if features is not None:
                 raise ValueError("pass images= or features=, not both")
             features = self.image_features(images)
-        b, t = tokens.shape
-        if positions is None:
-            start = 0 if cache is None else cache.lengths[:, None]
-            positions = start + jnp.arange(t, dtype=jnp.int32)[None, :]
-        positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
         logits, cache = self.forward_embeds(self.embed(tokens, features), positions, cache)
         if cache is None:
             return logits

@@ -1,6 +1,7 @@
 """AFD pipeline simulator: closed-form regimes, bounds, the JSON loader and the paper runs."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -52,6 +53,20 @@ def test_layer_times_validation():
         sim.LayerTimes((1e-6,), (1e-6, 1e-6), (1e-6,), (1e-6,))
     with pytest.raises(ValueError, match=">= 0"):
         sim.LayerTimes((-1e-6,), (1e-6,), (1e-6,), (1e-6,))
+    # NaN passed the `min(v) < 0` check: a NaN stage was then played as 0 s, inf gave NaN TPOT.
+    with pytest.raises(
+        ValueError, match="LayerTimes.ffn_s must be finite and >= 0 seconds, got nan"
+    ):
+        sim.LayerTimes((1e-6,), (1e-6,), (float("nan"),), (1e-6,))
+    with pytest.raises(ValueError, match="LayerTimes.a2f_s must be finite.*got inf"):
+        sim.LayerTimes((1e-6,), (float("inf"),), (1e-6,), (1e-6,))
+    with pytest.raises(ValueError, match="step_overhead_s must be finite.*got nan"):
+        sim.LayerTimes((1e-6,), (1e-6,), (1e-6,), (1e-6,), float("nan"))
+    # All zero: a 0 s TPOT that every rate divided by (ZeroDivisionError in `simulate`).
+    with pytest.raises(ValueError, match="all stage times are 0: nothing to simulate"):
+        sim.LayerTimes((0.0,) * 3, (0.0,) * 3, (0.0,) * 3, (0.0,) * 3)
+    overhead_only = sim.simulate(sim.LayerTimes((0.0,), (0.0,), (0.0,), (0.0,), 1e-3), 2)
+    assert overhead_only.tpot_s == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="xAyF"):
         sim.AFDLayout.parse("2A")
 
@@ -172,6 +187,69 @@ def test_load_measured_fixture(tmp_path):
     # a single run at top level is accepted too
     path.write_text(json.dumps(FIXTURE["runs"][0]))
     assert len(sim.load_measured(path)) == 1
+
+
+@pytest.mark.parametrize(
+    "run, match",
+    [
+        (
+            '"attn_us_per_layer": NaN, "ffn_us_per_layer": 10, "num_layers": 2',
+            "run 0: attn_us_per_layer must be finite and >= 0 microseconds, got nan",
+        ),
+        (
+            '"attn_us_per_layer": 5, "ffn_us_per_layer": Infinity, "num_layers": 2',
+            "run 0: ffn_us_per_layer must be finite.*got inf",
+        ),
+        (
+            '"attn_us_per_layer": [5, NaN], "ffn_us_per_layer": [1, 2]',
+            "run 0: attn_us_per_layer must be finite.*got nan",
+        ),
+        (
+            '"attn_us_per_layer": 5, "ffn_us_per_layer": 5, "num_layers": 2, "measured_step_ms": NaN',
+            "run 0: measured_step_ms must be finite",
+        ),
+        (
+            '"attn_us_per_layer": 0, "ffn_us_per_layer": 0, "num_layers": 2',
+            "run 0: .*all stage times are 0: nothing to simulate",
+        ),
+        (
+            '"attn_us_per_layer": 5, "ffn_us_per_layer": 5, "num_layers": 100000000',
+            r"run 0: num_layers must be an integer in \[1, 1000\], got 100000000",
+        ),
+        (
+            '"attn_us_per_layer": 5, "ffn_us_per_layer": 5, "num_layers": 2.5',
+            r"run 0: num_layers must be an integer in \[1, 1000\], got 2.5",
+        ),
+        (
+            '"attn_us_per_layer": 5, "ffn_us_per_layer": 5, "num_layers": 2, "micro_batches": 100000',
+            r"run 0: micro_batches must be an integer in \[1, 64\], got 100000",
+        ),
+        (
+            '"attn_us_per_layer": [' + ", ".join(["5"] * 1001) + '], "ffn_us_per_layer": 5',
+            "run 0: attn_us_per_layer must be a number or a list of 1 to 1000 ",
+        ),
+    ],
+    ids=[
+        "nan",
+        "inf",
+        "nan-in-list",
+        "nan-measured",
+        "zeros",
+        "1e8-layers",
+        "float-layers",
+        "1e5-micro-batches",
+        "list-too-long",
+    ],
+)
+def test_load_measured_rejects_non_finite_zero_and_huge_runs(tmp_path, run, match):
+    """json.loads accepts NaN and Infinity: they used to come out as NaN results (exit 0), all
+    zeros as a ZeroDivisionError, and 10**8 layers or 10**5 micro-batches as a hang."""
+    path = tmp_path / "run.json"
+    path.write_text("{" + run + "}")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=match):
+        sim.load_measured(path)
+    assert time.perf_counter() - start < 1.0
 
 
 def test_load_measured_rejects_bad_runs(tmp_path):

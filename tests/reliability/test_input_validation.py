@@ -195,3 +195,41 @@ def test_cost_cli_rejects_zero_negative_and_nan(argv, capsys):
         code = e.code
     assert code == 2
     assert "error: argument" in capsys.readouterr().err  # names the argument, no traceback
+
+
+# ------------------------------------------------------------------ cost simulate --measured
+@pytest.mark.parametrize(
+    "doc, fragment",
+    [
+        ('{"attn_us_per_layer": NaN, "ffn_us_per_layer": 10, "num_layers": 2}', "got nan"),
+        ('{"attn_us_per_layer": Infinity, "ffn_us_per_layer": 5, "num_layers": 2}', "got inf"),
+        (
+            '{"attn_us_per_layer": 0, "ffn_us_per_layer": 0, "num_layers": 2}',
+            "all stage times are 0",
+        ),
+        ('{"attn_us_per_layer": 5, "ffn_us_per_layer": 5, "num_layers": 100000000}', "num_layers"),
+        (
+            '{"attn_us_per_layer": 5, "ffn_us_per_layer": 5, "num_layers": 2000, "micro_batches": 100000}',
+            "num_layers",
+        ),
+        (
+            '{"attn_us_per_layer": 5, "ffn_us_per_layer": 5, "num_layers": 20, "micro_batches": 100000}',
+            "micro_batches",
+        ),
+    ],
+    ids=["nan", "inf", "zeros", "1e8-layers", "huge-both", "1e5-micro-batches"],
+)
+def test_cost_simulate_measured_rejects_non_finite_zero_and_huge(capsys, tmp_path, doc, fragment):
+    """Was: NaN/Infinity exit 0 with NaN results, all zeros exit 1 (ZeroDivisionError), huge
+    counts ran for minutes. Now: exit 2, one line naming the file, the run and the field."""
+    from step3_jax.cost import cli
+
+    path = tmp_path / "afd.json"
+    path.write_text(doc)
+    start = time.perf_counter()
+    assert cli.main(["simulate", "--measured", str(path)]) == 2
+    assert time.perf_counter() - start < 5.0
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert captured.out == "" and len(lines) == 1 and "Traceback" not in captured.err
+    assert f"--measured {path}: run 0: " in lines[0] and fragment in lines[0]
