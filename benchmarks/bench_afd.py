@@ -115,13 +115,18 @@ def _afd_config(args, num_mb: int, microbatch: int) -> tuple[ArenaDtypes, AfdCon
     return dtypes, afd
 
 
+def per_us(seconds: float | None, count: int) -> float | None:
+    """Microseconds per item; None (JSON null: not measured) stays None."""
+    return None if seconds is None else seconds / count * 1e6
+
+
 def run_afd(args, cfg, layout, devices, num_mb: int, microbatch: int, stages: bool) -> dict:
     dtypes, afd = _afd_config(args, num_mb, microbatch)
     ex = AfdExecutor(cfg, layout, devices, afd, dtypes=dtypes)
     ex.load_random(seed=1)
     tokens, pos, sel = _inputs(ex.batch, args.context)
     tpot, pipelined = _time(lambda: ex.step(tokens, pos, sel), args.reps)
-    stage = {"attention": float("nan"), "ffn": float("nan"), "exchange": float("nan")}
+    stage = {"attention": None, "ffn": None, "exchange": None}  # None: not measured (null)
     for name in ("attention", "ffn", "exchange") if stages else ():
         part = AfdExecutor(cfg, layout, devices, afd, dtypes=dtypes, stages=(name,))
         part.arenas, ex.arenas = ex.arenas, None
@@ -149,9 +154,9 @@ def run_afd(args, cfg, layout, devices, num_mb: int, microbatch: int, stages: bo
         "micro_batches": num_mb,
         "batch": ex.batch,
         "tokens_per_attention_gpu_per_microbatch": microbatch,
-        "attn_us_per_layer": stage["attention"] / items * 1e6,
-        "ffn_us_per_layer": stage["ffn"] / items * 1e6,
-        "transfer_us_per_layer": stage["exchange"] / ticks * 1e6,
+        "attn_us_per_layer": per_us(stage["attention"], items),
+        "ffn_us_per_layer": per_us(stage["ffn"], items),
+        "transfer_us_per_layer": per_us(stage["exchange"], ticks),
         "measured_step_ms": tpot * 1e3,
         "device_step_ms": pipelined * 1e3,
         "host_overhead_ms": max(tpot - pipelined, 0.0) * 1e3,

@@ -385,7 +385,7 @@ class MeasuredRun:
     layout: AFDLayout
     micro_batches: int
     batch: int | None
-    times: LayerTimes
+    times: LayerTimes | None  # None: the run has no stage times (null: not measured)
     measured_step_s: float | None
 
 
@@ -426,6 +426,19 @@ def _parse_run(run: dict, index: int) -> MeasuredRun:
             raise ValueError(f"missing {key!r} (microseconds per layer)")
     n = _count(run, "num_layers", None, MAX_LAYERS)
     micro_batches = _count(run, "micro_batches", 1, MAX_MICRO_BATCHES)
+    layout = AFDLayout.parse(run.get("layout", "1A1F"), int(run.get("gpus_per_instance", 1)))
+    step_ms = run.get("measured_step_ms", run.get("tpot_ms"))
+    if step_ms is not None:
+        _check_times("measured_step_ms", (float(step_ms),), "milliseconds")
+    measured = dict(
+        name=str(run.get("name", f"run{index}")),
+        layout=layout,
+        micro_batches=micro_batches,
+        batch=run.get("batch"),
+        measured_step_s=None if step_ms is None else float(step_ms) * 1e-3,
+    )
+    if run["attn_us_per_layer"] is None and run["ffn_us_per_layer"] is None:
+        return MeasuredRun(times=None, **measured)  # a run whose stages were not timed
     attn = _per_layer(run["attn_us_per_layer"], n, "attn_us_per_layer")
     n = n or len(attn)
     ffn = _per_layer(run["ffn_us_per_layer"], n, "ffn_us_per_layer")
@@ -433,18 +446,7 @@ def _parse_run(run: dict, index: int) -> MeasuredRun:
     a2f = _per_layer(run.get("a2f_us_per_layer", both), n, "a2f_us_per_layer")
     f2a = _per_layer(run.get("f2a_us_per_layer", both), n, "f2a_us_per_layer")
     overhead = float(run.get("step_overhead_us", 0.0)) * 1e-6
-    layout = AFDLayout.parse(run.get("layout", "1A1F"), int(run.get("gpus_per_instance", 1)))
-    step_ms = run.get("measured_step_ms", run.get("tpot_ms"))
-    if step_ms is not None:
-        _check_times("measured_step_ms", (float(step_ms),), "milliseconds")
-    return MeasuredRun(
-        name=str(run.get("name", f"run{index}")),
-        layout=layout,
-        micro_batches=micro_batches,
-        batch=run.get("batch"),
-        times=LayerTimes(attn, a2f, ffn, f2a, overhead),
-        measured_step_s=None if step_ms is None else float(step_ms) * 1e-3,
-    )
+    return MeasuredRun(times=LayerTimes(attn, a2f, ffn, f2a, overhead), **measured)
 
 
 def load_measured(path: str | Path) -> list[MeasuredRun]:
@@ -457,7 +459,16 @@ def load_measured(path: str | Path) -> list[MeasuredRun]:
 
 
 def compare_measured(run: MeasuredRun) -> dict:
-    """Simulated vs measured TPOT for one run (relative error when a measurement exists)."""
+    """Simulated vs measured TPOT for one run (relative error when a measurement exists);
+    a run without stage times is reported as not simulated."""
+    if run.times is None:
+        return dict(
+            name=run.name,
+            simulated_step_ms=None,
+            measured_step_ms=None if run.measured_step_s is None else run.measured_step_s * 1e3,
+            rel_error=None,
+            note="not simulated: the run has no stage times (null: not measured)",
+        )
     sim = simulate(run.times, run.micro_batches)
     out = dict(
         name=run.name,
