@@ -15,7 +15,7 @@ import numpy as np
 from step3_jax.checkpoints import integrity
 from step3_jax.checkpoints.hf_mapping import BLOCK
 from step3_jax.checkpoints.integrity import CheckpointFormatError
-from step3_jax.config import Step3Config
+from step3_jax.config import Step3Config, brief, is_int
 
 
 # ----------------------------------------------------------------------------- reading
@@ -54,8 +54,17 @@ def load_config(path: Path, config: Step3Config | None) -> Step3Config:
     A ``config.json`` present beside an explicit ``config`` is still read, for its
     ``quantization_config`` (`check_quantization_config`)."""
     hf_cfg = read_hf_config(path) if config is None or (path / "config.json").is_file() else {}
-    check_quantization_config(hf_cfg)
+    try:
+        check_quantization_config(hf_cfg)
+    except ValueError as e:
+        raise CheckpointFormatError(f"{path / 'config.json'}: {e}") from e
     return config or config_from_hf(hf_cfg, path / "config.json")
+
+
+def _mapping_or_none(value, key: str) -> Mapping:
+    if value is not None and not isinstance(value, Mapping):
+        raise ValueError(f"config key {key!r} must be a mapping (or null), got {brief(value)}")
+    return value or {}
 
 
 def check_quantization_config(hf: Mapping) -> None:
@@ -66,31 +75,37 @@ def check_quantization_config(hf: Mapping) -> None:
     128x128 block). Other block shapes would silently mis-scale every weight, so they raise.
     The VL config keeps it at the top level; a text sub-config may carry its own.
     """
-    for where, sub in (("", hf), ("text_config.", hf.get("text_config") or {})):
-        q = sub.get("quantization_config")
-        if q is None:
+    text = _mapping_or_none(hf.get("text_config"), "text_config")
+    for where, sub in (("", hf), ("text_config.", text)):
+        q = _mapping_or_none(sub.get("quantization_config"), f"{where}quantization_config")
+        if not q:
             continue
         method = q.get("quant_method", "fp8")
         if method != "fp8":
             raise ValueError(
-                f"{where}quantization_config.quant_method={method!r} is not supported "
+                f"{where}quantization_config.quant_method={brief(method)} is not supported "
                 "(step3_jax loads bf16/f32 and block-FP8 'fp8' checkpoints)"
             )
         fmt = q.get("fmt", "e4m3")
         if fmt not in ("e4m3", "float8_e4m3fn"):
             raise ValueError(
-                f"{where}quantization_config.fmt={fmt!r} is not supported (float8 e4m3 only)"
+                f"{where}quantization_config.fmt={brief(fmt)} is not supported (float8 e4m3 only)"
             )
         block = q.get("weight_block_size")
-        if block is not None and [int(b) for b in block] != [BLOCK, BLOCK]:
+        if block is not None and not (
+            isinstance(block, (list, tuple))
+            and len(block) == 2
+            and all(is_int(b) and b == BLOCK for b in block)
+        ):
+            shown = brief(list(block) if isinstance(block, tuple) else block)
             raise ValueError(
-                f"{where}quantization_config.weight_block_size={list(block)} is not supported: "
+                f"{where}quantization_config.weight_block_size={shown} is not supported: "
                 f"step3_jax's block-FP8 weights use [{BLOCK}, {BLOCK}] blocks"
             )
         scheme = q.get("activation_scheme", "dynamic")
         if scheme != "dynamic":
             raise ValueError(
-                f"{where}quantization_config.activation_scheme={scheme!r} is not supported "
+                f"{where}quantization_config.activation_scheme={brief(scheme)} is not supported "
                 "(step3_jax computes activation scales dynamically)"
             )
 

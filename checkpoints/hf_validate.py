@@ -20,6 +20,17 @@ from step3_jax.checkpoints.hf_mapping import BLOCK, FLOAT_DTYPES, FP8, Entry
 from step3_jax.checkpoints.integrity import MANIFEST_FILE, CheckpointFormatError
 from step3_jax.checkpoints.safetensors_io import INDEX_FILE, TensorInfo, shard_files
 
+# Problems listed per kind in an error message: a corrupt config (a million layers) must give
+# a readable message of bounded size, not one line per tensor it would have wanted.
+MAX_LISTED = 20
+
+
+def capped(items, limit: int = MAX_LISTED) -> list[str]:
+    """The first ``limit`` items as strings, then one line saying how many more there are."""
+    items = list(items)
+    more = [f"... and {len(items) - limit} more"] if len(items) > limit else []
+    return [str(it) for it in items[:limit]] + more
+
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not match the model: lists every problem at once."""
@@ -34,7 +45,7 @@ class CheckpointMismatchError(ValueError):
         ):
             if items:
                 lines.append(f"  {len(items)} {title}:")
-                lines += [f"    {it}" for it in items]
+                lines += [f"    {it}" for it in capped(items)]
         super().__init__("\n".join(lines))
 
 
@@ -151,7 +162,9 @@ def check_table_matches_model(table: list[Entry], leaves: dict) -> None:
 
 
 __all__ = [
+    "MAX_LISTED",
     "CheckpointMismatchError",
+    "capped",
     "check_table_matches_model",
     "split_tensors",
     "validate",

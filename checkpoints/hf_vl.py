@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from step3_jax.checkpoints import vision_mapping
+from step3_jax.checkpoints import integrity, vision_mapping
 from step3_jax.checkpoints.hf_load import load_hf
 from step3_jax.checkpoints.hf_save import save_hf
 from step3_jax.checkpoints.safetensors_io import TensorInfo, read_tensor
@@ -19,7 +19,12 @@ from step3_jax.vision.model import Step3VLModel
 def load_hf_vl(path: str | Path, config: Step3Config | None = None, vision_config=None, **kwargs):
     """The Step3-VL release: the text model as `load_hf` loads it (``kwargs`` as there) plus
     the vision tower, downsamplers and projector (`vision_mapping.load_vision`, bf16), as a
-    `step3_jax.vision.Step3VLModel`."""
+    `step3_jax.vision.Step3VLModel`.
+
+    The vision half of ``config.json`` is read and checked first (`CheckpointFormatError`
+    naming the file and the key), before the text model's weights are read."""
+    integrity.recover(Path(path))  # as `load_hf` does first: config.json may be in .<name>.old
+    vision_config = vision_config or vision_mapping.read_vision_config(path)
     found: dict[str, TensorInfo] = {}
     text = load_hf(path, config, vision=found.update, **kwargs)  # one pass over the index
     tensors = {name: read_tensor(info) for name, info in found.items()}

@@ -26,7 +26,6 @@ The functions take and return dicts of host numpy arrays so the main loader
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,7 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from step3_jax.checkpoints.hf_config import read_hf_config
 from step3_jax.checkpoints.hf_mapping import IDENTITY, VISION_PREFIXES, Entry, vision_name
+from step3_jax.checkpoints.hf_validate import capped
+from step3_jax.checkpoints.integrity import CheckpointFormatError
 from step3_jax.checkpoints.safetensors_io import index_checkpoint, read_tensor
 from step3_jax.vision.config import Step3VisionConfig
 from step3_jax.vision.encoder import Step3VisionModel
@@ -131,7 +133,8 @@ def hf_to_params(
     problems += [f"unexpected: {n} {list(a.shape)}" for n, a in sorted(canon.items())]
     if problems:
         raise VisionCheckpointError(
-            "vision tensors do not match the config:\n  " + "\n  ".join(problems)
+            f"vision tensors do not match the config ({len(problems)} problems):\n  "
+            + "\n  ".join(capped(problems))
         )
     return out
 
@@ -141,7 +144,7 @@ def params_to_hf(params: Mapping[tuple, np.ndarray], c: Step3VisionConfig) -> di
     table = entries(c)
     if set(params) != {e.path for e in table}:
         diff = sorted(map(str, set(params) ^ {e.path for e in table}))
-        raise VisionCheckpointError(f"vision params do not match the table: {diff}")
+        raise VisionCheckpointError(f"vision params do not match the table: {capped(diff)}")
     return {e.hf_name: e.transform.to_hf(np.asarray(params[e.path]), e.hf_shape) for e in table}
 
 
@@ -158,10 +161,19 @@ def read_vision_tensors(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def read_vision_config(path: str | Path) -> Step3VisionConfig:
+    """`Step3VisionConfig` from a checkpoint directory's ``config.json``.
+
+    Raises `CheckpointFormatError` naming the file and the key (``vision_config.<key>``) for
+    malformed JSON, wrong types and out-of-range values, before anything is sized from them."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"no config.json in {path}; pass vision_config= explicitly")
-    return Step3VisionConfig.from_hf_config(json.loads(cfg.read_text()))
+    try:
+        return Step3VisionConfig.from_hf_config(read_hf_config(path))
+    except CheckpointFormatError:
+        raise
+    except (TypeError, ValueError, OverflowError) as e:
+        raise CheckpointFormatError(f"{cfg}: {e}") from e
 
 
 def load_vision(
@@ -188,7 +200,8 @@ def load_vision(
     leaves = dict(nnx.to_flat_state(state))
     if set(leaves) != set(params):
         raise RuntimeError(
-            f"vision_mapping out of sync with Step3VisionModel: {set(leaves) ^ set(params)}"
+            "vision_mapping out of sync with Step3VisionModel: "
+            f"{capped(sorted(map(str, set(leaves) ^ set(params))))}"
         )
     for p, arr in params.items():
         if tuple(leaves[p].get_value().shape) != arr.shape:

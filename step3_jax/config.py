@@ -17,7 +17,7 @@ from typing import Any
 # Upper bounds, far above any real model, checked before anything is sized from the config (a
 # corrupt config.json must raise, not spend minutes allocating). Step-3 is 61 layers, D 7168,
 # V 128815, 48 experts, 64K context.
-_MAX = {
+HF_MAX = {
     "vocab_size": 2**24,
     "hidden_size": 2**17,
     "num_layers": 2**12,
@@ -45,22 +45,46 @@ def is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _is_real(x) -> bool:
+def is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def brief(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a hostile config.json value (a megabyte
+    string, a huge list) must not become a megabyte error message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def check_sizes(where: str, *, minimum: int = 1, **sizes) -> None:
+    """Each size an integer (not a bool) >= ``minimum``; the error names ``where`` and the
+    size, before anything is allocated from it."""
+    for name, value in sizes.items():
+        if not is_int(value) or value < minimum:
+            raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {brief(value)}")
+
+
+def _is_finite_real(x) -> bool:
+    return is_real(x) and math.isfinite(x)
 
 
 def _check_hf_values(hf: Mapping[str, Any]) -> None:
     """Types and sizes of the HF keys, before any is used to size anything (names the key)."""
     for key in _HF_INT_KEYS:
         if key in hf and not is_int(hf[key]):
-            raise ValueError(f"config key {key!r} must be an integer, got {hf[key]!r}")
+            raise ValueError(f"config key {key!r} must be an integer, got {brief(hf[key])}")
     for key in _HF_FLOAT_KEYS:
-        if key in hf and not (_is_real(hf[key]) and math.isfinite(hf[key])):
-            raise ValueError(f"config key {key!r} must be a finite number, got {hf[key]!r}")
-    layers = hf.get("num_hidden_layers")
-    if is_int(layers) and not 0 < layers <= _MAX["num_layers"]:
+        if key in hf and not _is_finite_real(hf[key]):
+            raise ValueError(f"config key {key!r} must be a finite number, got {brief(hf[key])}")
+    theta = _rope_params(hf).get("rope_theta")
+    if theta is not None and not _is_finite_real(theta):
         raise ValueError(
-            f"config key 'num_hidden_layers' must be in [1, {_MAX['num_layers']}], got {layers}"
+            f"config key 'rope_parameters.rope_theta' must be a finite number, got {brief(theta)}"
+        )
+    layers = hf.get("num_hidden_layers")
+    if is_int(layers) and not 0 < layers <= HF_MAX["num_layers"]:
+        raise ValueError(
+            f"config key 'num_hidden_layers' must be in [1, {HF_MAX['num_layers']}], got {layers}"
         )
 
 
@@ -81,11 +105,13 @@ class RopeScaling:
     def __post_init__(self):
         if self.rope_type not in ROPE_SCALING_TYPES:
             raise ValueError(
-                f"rope_scaling type {self.rope_type!r} is not supported: step3_jax implements "
-                f"{ROPE_SCALING_TYPES} (the Step-3 release uses no scaling)"
+                f"rope_scaling type {brief(self.rope_type)} is not supported: step3_jax "
+                f"implements {ROPE_SCALING_TYPES} (the Step-3 release uses no scaling)"
             )
-        if not self.factor > 0:
-            raise ValueError(f"rope_scaling factor must be > 0, got {self.factor}")
+        if not (_is_finite_real(self.factor) and self.factor > 0):  # inf: every position 0
+            raise ValueError(
+                f"rope_scaling factor must be a finite number > 0, got {brief(self.factor)}"
+            )
 
 
 # vLLM's / SGLang's Step3TextConfig defaults (the released model): a text sub-config saved with
@@ -134,7 +160,7 @@ class Step3Config:
     rope_scaling: RopeScaling | None = None  # None: plain RoPE (the release)
 
     def __post_init__(self):
-        for name, hi in _MAX.items():
+        for name, hi in HF_MAX.items():
             value = getattr(self, name)
             low = 0 if name == "share_expert_dim" else 1
             if not is_int(value) or not low <= value <= hi:
@@ -143,7 +169,7 @@ class Step3Config:
                 )
         for name, hi in (("rms_norm_eps", 1.0), ("rope_theta", 1e12)):
             value = getattr(self, name)
-            if not _is_real(value) or not 0 < value <= hi:  # NaN fails too
+            if not is_real(value) or not 0 < value <= hi:  # NaN fails too
                 raise ValueError(
                     f"Step3Config.{name} must be a finite number in (0, {hi:g}], got {value!r}"
                 )
@@ -201,7 +227,12 @@ class Step3Config:
         are implemented (``norm_expert_weight``, ``rope_scaling`` "linear") or refused by name.
         """
         if "text_config" in hf or hf.get("model_type") == "step3_vl":
-            hf = hf.get("text_config") or {}
+            hf = hf.get("text_config")
+            if hf is not None and not isinstance(hf, Mapping):
+                raise ValueError(
+                    f"config key 'text_config' must be a mapping (or null), got {brief(hf)}"
+                )
+            hf = hf or {}
         hf = {**HF_TEXT_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
         _check_hf_values(hf)
         num_layers = int(hf["num_hidden_layers"])
@@ -225,7 +256,7 @@ class Step3Config:
             moe_intermediate_size=int(hf["moe_intermediate_size"]),
             share_expert_dim=int(hf["share_expert_dim"]),
             rms_norm_eps=float(hf["rms_norm_eps"]),
-            rope_theta=float(_rope_params(hf).get("rope_theta", hf["rope_theta"])),
+            rope_theta=float(_rope_theta(hf)),
             max_position_embeddings=int(max_pos),
             moe_renormalize=_strict_bool(hf["norm_expert_weight"], "norm_expert_weight"),
             rope_scaling=_rope_scaling(hf),
@@ -330,12 +361,16 @@ class Step3Config:
 
 # --------------------------------------------------------------------------- HF key helpers
 def _moe_layer_ids(enum, num_layers: int) -> tuple[int, ...]:
-    parts = enum.replace(" ", "").split(",") if isinstance(enum, str) else list(enum)
     try:
-        ids = tuple(int(p) for p in parts if p != "")
+        if isinstance(enum, str):
+            ids = tuple(int(p) for p in enum.replace(" ", "").split(",") if p != "")
+        elif isinstance(enum, (list, tuple)) and all(is_int(p) for p in enum):
+            ids = tuple(int(p) for p in enum)
+        else:
+            raise TypeError
     except (TypeError, ValueError):
         raise ValueError(
-            f"moe_layers_enum must list integer layer ids (e.g. '4,5,6'), got {enum!r}"
+            f"moe_layers_enum must list integer layer ids (e.g. '4,5,6'), got {brief(enum)}"
         ) from None
     if enum is HF_TEXT_DEFAULTS["moe_layers_enum"] and max(ids) >= num_layers:
         raise ValueError(
@@ -347,7 +382,7 @@ def _moe_layer_ids(enum, num_layers: int) -> tuple[int, ...]:
 
 def _strict_bool(value, key: str) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{key} must be true or false, got {value!r}")
+        raise ValueError(f"{key} must be true or false, got {brief(value)}")
     return value
 
 
@@ -355,20 +390,32 @@ def _rope_params(hf: Mapping[str, Any]) -> dict:
     """transformers >= 5 nests rope_theta and the scaling type in ``rope_parameters``."""
     params = hf.get("rope_parameters") or {}
     if not isinstance(params, Mapping):
-        raise ValueError(f"rope_parameters must be a mapping, got {params!r}")
+        raise ValueError(f"rope_parameters must be a mapping, got {brief(params)}")
     return dict(params)
+
+
+def _rope_theta(hf: Mapping[str, Any]) -> float:
+    """``rope_parameters.rope_theta`` if given (transformers >= 5), else ``rope_theta``."""
+    theta = _rope_params(hf).get("rope_theta")
+    return hf["rope_theta"] if theta is None else theta
 
 
 def _rope_scaling(hf: Mapping[str, Any]) -> RopeScaling | None:
     """``rope_scaling`` (or ``rope_parameters``) -> `RopeScaling`; None/"default" -> None."""
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     scaling = hf.get("rope_scaling") or _rope_params(hf)
     if not scaling:
         return None
     if not isinstance(scaling, Mapping):
-        raise ValueError(f"rope_scaling must be null or a mapping, got {scaling!r}")
+        raise ValueError(f"rope_scaling must be null or a mapping, got {brief(scaling)}")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return None
     if "factor" not in scaling:
-        raise ValueError(f"rope_scaling {rope_type!r} needs a 'factor', got {dict(scaling)}")
-    return RopeScaling(str(rope_type), float(scaling["factor"]))
+        raise ValueError(f"rope_scaling {brief(rope_type)} needs a 'factor', got {brief(scaling)}")
+    factor = scaling["factor"]
+    if not (_is_finite_real(factor) and factor > 0):
+        raise ValueError(
+            f"config key '{key}.factor' must be a finite number > 0, got {brief(factor)}"
+        )
+    return RopeScaling(str(rope_type), float(factor))

@@ -164,6 +164,28 @@ def test_bad_hf_values_raise_naming_the_key():
         Step3Config.from_hf_config({**HF_STEP3, "moe_layers_enum": "4,61"})
 
 
+@pytest.mark.parametrize("text_config", ["oops", [1, 2], 3])
+def test_text_config_that_is_not_a_mapping_is_refused_by_name(text_config):
+    with pytest.raises(ValueError, match=r"'text_config' must be a mapping \(or null\), got"):
+        Step3Config.from_hf_config({"model_type": "step3_vl", "text_config": text_config})
+
+
+@pytest.mark.parametrize("enum", [[4.9, 5.0, 6.0], 5, [4, "five"], [True, 5]])
+def test_moe_layers_enum_is_not_truncated_or_coerced(enum):
+    with pytest.raises(ValueError, match="moe_layers_enum must list integer layer ids"):
+        Step3Config.from_hf_config({**HF_STEP3, "moe_layers_enum": enum})
+
+
+@pytest.mark.parametrize(
+    "key", ["vocab_size", "rms_norm_eps", "norm_expert_weight", "moe_layers_enum", "text_config"]
+)
+def test_hostile_values_give_short_messages(key):
+    """A megabyte-long string in config.json is quoted, cut, in the message naming the key."""
+    with pytest.raises(ValueError, match=key) as err:
+        Step3Config.from_hf_config({**HF_STEP3, key: "x" * 10**6})
+    assert len(str(err.value)) < 300
+
+
 def test_config_is_frozen_and_hashable():
     c = Step3Config.tiny()
     with pytest.raises(dataclasses.FrozenInstanceError):

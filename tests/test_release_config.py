@@ -133,6 +133,34 @@ def test_other_rope_scaling_types_are_refused_by_name(rope_type):
         Step3Config.from_hf_config(hf)
 
 
+@pytest.mark.parametrize("where", ["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize("factor", [float("inf"), float("nan"), "2", None, True, 0, -2.0])
+def test_rope_scaling_factor_must_be_a_finite_positive_number(where, factor):
+    """inf would send every RoPE position to 0; "2" / true / null are not numbers."""
+    hf = {**Step3Config.tiny().to_hf_config(), where: {"rope_type": "linear", "factor": factor}}
+    with pytest.raises(ValueError, match=rf"'{where}\.factor' must be a finite number > 0"):
+        Step3Config.from_hf_config(hf)
+
+
+@pytest.mark.parametrize("factor", [float("inf"), float("nan"), "2", 0.0])
+def test_rope_scaling_dataclass_refuses_a_non_finite_factor(factor):
+    with pytest.raises(ValueError, match="factor must be a finite number > 0"):
+        RopeScaling("linear", factor)
+
+
+@pytest.mark.parametrize("theta", [True, "abc", float("inf"), [1.0]])
+def test_rope_parameters_rope_theta_is_type_checked(theta):
+    hf = {**Step3Config.tiny().to_hf_config(), "rope_parameters": {"rope_theta": theta}}
+    with pytest.raises(ValueError, match=r"'rope_parameters\.rope_theta' must be a finite number"):
+        Step3Config.from_hf_config(hf)
+
+
+def test_null_rope_parameters_rope_theta_falls_back_to_rope_theta():
+    hf = {**Step3Config.tiny().to_hf_config(), "rope_theta": 1234.0}
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": None}
+    assert Step3Config.from_hf_config(hf).rope_theta == 1234.0
+
+
 def test_default_rope_scaling_is_plain_rope():
     hf = {**Step3Config.tiny().to_hf_config(), "rope_scaling": {"type": "default"}}
     assert Step3Config.from_hf_config(hf).rope_scaling is None

@@ -10,14 +10,54 @@ N heads, H head dim, F MLP hidden, O downsampler channels, M text hidden (the pr
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
+
+from step3_jax.config import HF_MAX, brief, is_int, is_real
 
 # The ViT prepends ONE class token and then, for tensor-parallel padding, 3 more copies of it
 # ("pad_tp_size = 4" hard-coded in vLLM's Step3VisionEmbeddings); all 4 attend and are attended
 # to (no mask) and are dropped after the last layer (``vision_model(x)[:, 4:]``).
 NUM_PREFIX_TOKENS = 4
 ACTIVATIONS = ("quick_gelu",)
+# Upper bounds of the integer fields, far above the release (D 1792, F 15360, 63 layers, 16
+# heads, patch 14, 728 px, O 4096, stride 2, M 7168, token 128001) and checked before anything
+# is sized from them: a corrupt config.json must raise, not build a million-layer table.
+_VISION_MAX = {
+    "hidden_size": 2**17,
+    "intermediate_size": 2**20,
+    "num_layers": 2**12,
+    "num_heads": 2**12,
+    "num_channels": 2**10,
+    "patch_size": 2**10,
+    "image_size": 2**14,
+    "crop_size": 2**14,
+    "output_hidden_size": 2**17,
+    "projector_stride": 2**6,
+    "text_hidden_size": HF_MAX["hidden_size"],
+    "image_token_id": HF_MAX["vocab_size"] - 1,
+}
+# HF key -> (field, default) of ``vision_config`` (defaults: vLLM's Step3VisionEncoderConfig),
+# then of the top level of ``config.json`` (the projector stride's default: see `step3`).
+_HF_VISION_KEYS = {
+    "hidden_size": ("hidden_size", 1792),
+    "intermediate_size": ("intermediate_size", 3072),
+    "num_hidden_layers": ("num_layers", 63),
+    "num_attention_heads": ("num_heads", 16),
+    "num_channels": ("num_channels", 3),
+    "patch_size": ("patch_size", 14),
+    "image_size": ("image_size", 728),
+    "layer_norm_eps": ("layer_norm_eps", 1e-5),
+    "hidden_act": ("hidden_act", "quick_gelu"),
+    "output_hidden_size": ("output_hidden_size", 4096),
+    "enable_patch": ("enable_patch", True),
+}
+_HF_TOP_KEYS = {
+    "understand_projector_stride": ("projector_stride", 2),
+    "projector_bias": ("projector_bias", True),
+    "image_token_id": ("image_token_id", 128001),
+}
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -44,29 +84,35 @@ class Step3VisionConfig:
     enable_patch: bool = True  # crops of large images (vision_config.enable_patch)
 
     def __post_init__(self):
-        positive = (
-            "hidden_size intermediate_size num_layers num_heads num_channels patch_size "
-            "image_size crop_size output_hidden_size projector_stride text_hidden_size"
-        ).split()
-        for name in positive:
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"Step3VisionConfig.{name} must be > 0, got {getattr(self, name)}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        for name, hi in _VISION_MAX.items():
+            value, low = getattr(self, name), int(name != "image_token_id")
+            if not is_int(value) or not low <= value <= hi:
+                raise ValueError(
+                    f"Step3VisionConfig.{name} must be an integer in [{low}, {hi}], "
+                    f"got {brief(value)}"
+                )
+        if not (is_real(self.layer_norm_eps) and 0 < self.layer_norm_eps <= 1):  # NaN fails
+            eps = brief(self.layer_norm_eps)
+            raise ValueError(f"layer_norm_eps must be a finite number in (0, 1], got {eps}")
+        for name in ("projector_bias", "enable_patch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"Step3VisionConfig.{name} must be a bool, got {brief(getattr(self, name))}"
+                )
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must divide by num_heads={self.num_heads}"
             )
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act must be one of {ACTIVATIONS}, got {brief(self.hidden_act)}"
+            )
         for name in ("image_size", "crop_size"):
             if getattr(self, name) % self.patch_size:
                 raise ValueError(
                     f"{name}={getattr(self, name)} must be a multiple of "
                     f"patch_size={self.patch_size}"
                 )
-        if self.image_token_id < 0:
-            raise ValueError(f"image_token_id must be >= 0, got {self.image_token_id}")
 
     # ----------------------------------------------------------------- presets
     @classmethod
@@ -100,29 +146,30 @@ class Step3VisionConfig:
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any]) -> Step3VisionConfig:
         """From a Step3-VL ``config.json`` dict: ``vision_config`` + the top-level projector keys
-        (absent keys take vLLM's defaults, except the stride, whose vLLM default 1 would not
-        produce the processor's token counts: absent, it is 2)."""
+        (absent or null keys take vLLM's defaults, except the stride, whose vLLM default 1 would
+        not produce the processor's token counts: absent, it is 2).
+
+        Every key is type-checked (integers are not truncated, booleans must be true/false) and
+        bounded before anything is sized from it; a ValueError names the key, e.g.
+        ``vision_config.num_hidden_layers``."""
         if "vision_config" not in hf:
             raise ValueError("config has no 'vision_config': not a Step3-VL (image) checkpoint")
-        v = dict(hf["vision_config"])
-        text = hf.get("text_config", {})
-        return cls(
-            hidden_size=int(v.get("hidden_size", 1792)),
-            intermediate_size=int(v.get("intermediate_size", 3072)),
-            num_layers=int(v.get("num_hidden_layers", 63)),
-            num_heads=int(v.get("num_attention_heads", 16)),
-            num_channels=int(v.get("num_channels", 3)),
-            patch_size=int(v.get("patch_size", 14)),
-            image_size=int(v.get("image_size", 728)),
-            layer_norm_eps=float(v.get("layer_norm_eps", 1e-5)),
-            hidden_act=str(v.get("hidden_act", "quick_gelu")),
-            output_hidden_size=int(v.get("output_hidden_size", 4096)),
-            projector_stride=int(hf.get("understand_projector_stride", 2)),
-            projector_bias=bool(hf.get("projector_bias", True)),
-            text_hidden_size=int(text.get("hidden_size", hf.get("hidden_size", 7168))),
-            image_token_id=int(hf.get("image_token_id", 128001)),
-            enable_patch=bool(v.get("enable_patch", True)),
-        )
+        v, text = hf["vision_config"], hf.get("text_config")
+        for key, value in (("vision_config", v), ("text_config", text)):
+            if not isinstance(value, Mapping) and (key == "vision_config" or value is not None):
+                raise ValueError(f"config key {key!r} must be a mapping, got {brief(value)}")
+        fields = {}
+        for prefix, sub, keys in (("vision_config.", v, _HF_VISION_KEYS), ("", hf, _HF_TOP_KEYS)):
+            for key, (name, default) in keys.items():
+                value = sub.get(key)
+                fields[name] = _hf_value(
+                    f"{prefix}{key}", name, default if value is None else value
+                )
+        m_key, m = "text_config.hidden_size", (text or {}).get("hidden_size")
+        if m is None:  # the projector's output width: the text model's D
+            m_key, m = "hidden_size", hf.get("hidden_size")
+        fields["text_hidden_size"] = _hf_value(m_key, "text_hidden_size", 7168 if m is None else m)
+        return cls(**fields)
 
     def to_hf_config(self) -> dict[str, Any]:
         """The VL keys of ``config.json`` (merge into the text model's `to_hf_config`)."""
@@ -185,6 +232,31 @@ class Step3VisionConfig:
         down = (d * o * 4 + o) + (o * 2 * o * 9 + 2 * o)
         proj = 2 * o * m + (m if self.projector_bias else 0)
         return embed + self.num_layers * layer + down + proj
+
+
+def _hf_value(key: str, name: str, value):
+    """One ``config.json`` value for field ``name``, checked by the field's type and bounds
+    (ValueError naming the HF ``key``)."""
+    if name in _VISION_MAX:
+        low, hi = int(name != "image_token_id"), _VISION_MAX[name]
+        if not is_int(value) or not low <= value <= hi:
+            raise ValueError(
+                f"config key {key!r} must be an integer in [{low}, {hi}], got {brief(value)}"
+            )
+        return int(value)
+    if name == "layer_norm_eps":
+        if not (is_real(value) and math.isfinite(value) and 0 < value <= 1):
+            raise ValueError(
+                f"config key {key!r} must be a finite number in (0, 1], got {brief(value)}"
+            )
+        return float(value)
+    if name == "hidden_act":
+        if not isinstance(value, str) or value not in ACTIVATIONS:
+            raise ValueError(f"config key {key!r} must be one of {ACTIVATIONS}, got {brief(value)}")
+        return value
+    if not isinstance(value, bool):  # projector_bias, enable_patch: bool("false") is True
+        raise ValueError(f"config key {key!r} must be true or false, got {brief(value)}")
+    return value
 
 
 __all__ = ["NUM_PREFIX_TOKENS", "Step3VisionConfig"]

@@ -261,3 +261,90 @@ def test_manifest_must_cover_every_shard(tmp_path):
     manifest.write_text(json.dumps(data))
     with pytest.raises(CheckpointFormatError, match="does not cover.*config.json"):
         _load(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- hostile config keys
+# Keys the config type check used to miss (probe F08): each is a CheckpointFormatError naming
+# config.json and the key, raised before any weight is read.
+def _with_config(path, edit) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda c: c.update(rope_scaling={"type": "linear", "factor": float("inf")}),
+            r"'rope_scaling\.factor' must be a finite number > 0, got inf",
+        ),
+        (
+            lambda c: c.update(rope_scaling={"type": "linear", "factor": "2"}),
+            r"'rope_scaling\.factor' must be a finite number > 0, got '2'",
+        ),
+        (
+            lambda c: c.update(rope_scaling={"type": "linear", "factor": None}),
+            r"'rope_scaling\.factor' must be a finite number > 0, got None",
+        ),
+        (
+            lambda c: c.update(rope_parameters={"rope_theta": True}),
+            r"'rope_parameters\.rope_theta' must be a finite number, got True",
+        ),
+        (
+            lambda c: c.update(rope_parameters={"rope_theta": "abc"}),
+            r"'rope_parameters\.rope_theta' must be a finite number, got 'abc'",
+        ),
+        (
+            lambda c: c.update(text_config="oops"),
+            r"'text_config' must be a mapping \(or null\), got 'oops'",
+        ),
+        (
+            lambda c: c.update(quantization_config="fp8"),
+            r"'quantization_config' must be a mapping \(or null\), got 'fp8'",
+        ),
+        (
+            lambda c: c.update(text_config={"quantization_config": "fp8"}),
+            r"'text_config\.quantization_config' must be a mapping",
+        ),
+        (
+            lambda c: c.update(quantization_config={"weight_block_size": [128.9, 128]}),
+            r"weight_block_size=\[128\.9, 128\] is not supported",  # was truncated to 128
+        ),
+        (
+            lambda c: c.update(quantization_config={"weight_block_size": "ab"}),
+            r"weight_block_size='ab' is not supported",
+        ),
+    ],
+    ids=[
+        "inf_factor",
+        "str_factor",
+        "null_factor",
+        "bool_theta",
+        "str_theta",
+        "str_text_config",
+        "str_quant",
+        "str_text_quant",
+        "float_block",
+        "str_block",
+    ],
+)
+def test_hostile_config_keys_are_format_errors_naming_file_and_key(tmp_path, edit, match):
+    ckpt = write_checkpoint(tmp_path, CFG, random_tensors(CFG))
+    _with_config(ckpt, edit)
+    with pytest.raises(CheckpointFormatError, match=rf"config\.json: .*{match}"):
+        _load(ckpt)
+
+
+def test_mismatch_error_lists_are_capped(tmp_path):
+    """config.json asks for 40 layers of a 2-layer checkpoint: hundreds of missing tensors are
+    listed as the first 20 and a count (the exception keeps the full lists)."""
+    ckpt = write_checkpoint(tmp_path, CFG, random_tensors(CFG))
+    _with_config(ckpt, lambda c: c.update(num_hidden_layers=40))
+    with pytest.raises(CheckpointMismatchError) as err:
+        _load(ckpt)
+    n = len(err.value.missing)
+    assert n > 300
+    msg = str(err.value)
+    assert f"{n} missing:" in msg and f"... and {n - 20} more" in msg
+    assert len(msg) < 4000

@@ -14,7 +14,15 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from vision_fixtures import random_vision_tensors
 
-from step3_jax.checkpoints import hf_mapping, load_hf, load_hf_vl, save_hf_vl, vision_mapping
+from step3_jax.checkpoints import (
+    CheckpointFormatError,
+    hf_mapping,
+    hf_vl,
+    load_hf,
+    load_hf_vl,
+    save_hf_vl,
+    vision_mapping,
+)
 from step3_jax.checkpoints.vision_mapping import VisionCheckpointError
 from step3_jax.config import Step3Config
 from step3_jax.policy import KernelPolicy
@@ -134,3 +142,55 @@ def test_real_size_table_counts():
     assert named["vision_model.transformer.layers.62.self_attn.qkv_proj.weight"] == (5376, 1792)
     assert named["vit_downsampler2.weight"] == (8192, 4096, 3, 3)
     assert named["vit_large_projector.weight"] == (7168, 8192)
+
+
+def _text_model_must_not_load(*args, **kwargs):
+    raise AssertionError("the text model was loaded before the vision config was checked")
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda c: c["vision_config"].update(num_hidden_layers=10**9),
+            r"'vision_config\.num_hidden_layers' must be an integer in \[1, 4096\], "
+            "got 1000000000",
+        ),
+        (lambda c: c["vision_config"].update(hidden_size="abc"), r"'vision_config\.hidden_size'"),
+        (lambda c: c.update(vision_config=None), "'vision_config' must be a mapping, got None"),
+        (
+            lambda c: c["vision_config"].update(enable_patch="false"),
+            r"'vision_config\.enable_patch' must be true or false, got 'false'",
+        ),
+    ],
+    ids=["huge_layers", "str_width", "null", "str_bool"],
+)
+def test_corrupt_vision_config_is_refused_before_the_text_model_loads(
+    tmp_path, monkeypatch, edit, match
+):
+    write_release(tmp_path / "ck", release_tensors(5))
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    edit(cfg)
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(hf_vl, "load_hf", _text_model_must_not_load)
+    with pytest.raises(CheckpointFormatError, match=rf"ck/config\.json: config key {match}"):
+        load_hf_vl(tmp_path / "ck", policy=KernelPolicy.reference())
+
+
+def test_malformed_config_json_is_a_format_error_for_the_vision_reader(tmp_path):
+    write_release(tmp_path / "ck", release_tensors(6))
+    (tmp_path / "ck" / "config.json").write_text("{oops")
+    with pytest.raises(CheckpointFormatError, match="config.json"):
+        vision_mapping.read_vision_config(tmp_path / "ck")
+
+
+def test_long_problem_lists_are_capped():
+    """A config asking for 300 layers against a 2-layer checkpoint: 3600+ problems, listed as
+    the first 20 and a count, not one line each."""
+    many = dataclasses.replace(VIS, num_layers=300)
+    with pytest.raises(VisionCheckpointError) as err:
+        vision_mapping.hf_to_params(random_vision_tensors(VIS, 7), many)
+    msg = str(err.value)
+    n = len(vision_mapping.entries(many)) - len(vision_mapping.entries(VIS))
+    assert f"({n} problems)" in msg and f"... and {n - 20} more" in msg
+    assert msg.count("\n") == 21 and len(msg) < 4000
