@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from step3_jax import quant
-from step3_jax.cache import check_sizes
+from step3_jax.config import check_sizes
 from step3_jax.model import head_logits
 from step3_jax.policy import KernelPolicy, compiler_options
 from step3_jax.sharding import arena_io, layer_state, protocol

@@ -74,8 +74,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from step3_jax.cache import V_TILE, check_sizes, check_v_transposed, v_tiles_shape
-from step3_jax.config import is_int
+from step3_jax.cache import V_TILE, check_v_transposed, v_tiles_shape
+from step3_jax.config import check_sizes, is_int
 from step3_jax.sharding import layer_state
 from step3_jax.sharding.layer_state import ParamSpec
 

@@ -36,7 +36,7 @@ from flax import struct
 from jaxtyping import Array, Float, Int
 
 from step3_jax import quant
-from step3_jax.config import is_int
+from step3_jax.config import check_sizes
 from step3_jax.kernels import dispatch
 from step3_jax.kernels.mfa_decode import mfa_decode_attention, supported
 from step3_jax.kernels.mfa_decode.api import MAX_T
@@ -76,13 +76,6 @@ def attend_cache(
 
 
 SUPPORTED_DTYPES = ("bfloat16", "float32", "float16", "float8_e4m3fn")
-
-
-def check_sizes(where: str, **sizes) -> None:
-    """Each size must be an integer > 0 (a bool is not a size); the error names it."""
-    for name, val in sizes.items():
-        if not is_int(val) or val <= 0:
-            raise ValueError(f"{where}: {name} must be an integer > 0, got {val!r}")
 
 
 def check_cache_request(where: str, layout: str, shape: tuple, dtype) -> bool:
@@ -334,7 +327,6 @@ __all__ = [
     "V_TILE",
     "KVCache",
     "check_cache_request",
-    "check_sizes",
     "check_v_transposed",
     "tiles_as_pages",
     "transposed_v_shape",

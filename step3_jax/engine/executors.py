@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from step3_jax.cache import check_sizes
+from step3_jax.config import check_sizes
 from step3_jax.engine.images import ImageInputs, pack_chunk_features
 from step3_jax.engine.paged_cache import NULL_PAGE, PageAllocator, PagedKVCache, pages_for
 from step3_jax.vision.generate import expand

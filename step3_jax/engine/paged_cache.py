@@ -33,12 +33,12 @@ from step3_jax import quant
 from step3_jax.cache import (
     attend_cache,
     check_cache_request,
-    check_sizes,
     check_v_transposed,
     layer_arrays,
     transposed_v_shape,
     write_kv,
 )
+from step3_jax.config import check_sizes
 from step3_jax.kernels.mfa_decode.api import MAX_T
 
 NULL_PAGE = 0

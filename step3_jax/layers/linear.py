@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from step3_jax.config import is_int
 from step3_jax.quant import QuantizedActivations
 
 
@@ -56,14 +55,6 @@ def _dot_output_dtype(x_dtype, out_dtype):
     if out_dtype == x_dtype and jnp.dtype(out_dtype).itemsize < 4:
         return out_dtype
     return jnp.float32
-
-
-def check_dims(where: str, *, minimum: int = 1, **dims) -> None:
-    """A layer's constructor sizes: each an integer (not a bool) >= ``minimum``; the error
-    names the layer and the argument, before any weight is allocated."""
-    for name, value in dims.items():
-        if not is_int(value) or value < minimum:
-            raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")
 
 
 def init_weight(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> Array:

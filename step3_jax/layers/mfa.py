@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from step3_jax.layers.linear import check_dims, init_weight, project
+from step3_jax.config import check_sizes
+from step3_jax.layers.linear import init_weight, project
 from step3_jax.layers.norms import RMSNorm
 from step3_jax.layers.rope import RopeScaling, apply_rope
 from step3_jax.quant import BLOCK, QuantizedActivations
@@ -94,7 +95,7 @@ class MFAttention(nnx.Module):
         rngs: nnx.Rngs,
     ):
         d, r, n, h = hidden_size, share_q_dim, num_heads, head_dim
-        check_dims("MFAttention", hidden_size=d, share_q_dim=r, num_heads=n, head_dim=h)
+        check_sizes("MFAttention", hidden_size=d, share_q_dim=r, num_heads=n, head_dim=h)
         if h % 2:
             raise ValueError(f"MFAttention: head_dim must be even (RoPE rotates pairs), got {h}")
         self.hidden_size, self.num_heads, self.head_dim = d, n, h

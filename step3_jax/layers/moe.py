@@ -28,9 +28,9 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jaxtyping import Array, Float, Int
 
-from step3_jax.config import is_int
+from step3_jax.config import check_sizes, is_int
 from step3_jax.kernels.grouped_gemm import moe_ffn
-from step3_jax.layers.linear import check_dims, init_weight, project
+from step3_jax.layers.linear import init_weight, project
 from step3_jax.layers.mlp import SwiGLU
 from step3_jax.policy import MOE_IMPLEMENTATIONS
 from step3_jax.quant import QuantizedActivations
@@ -213,8 +213,8 @@ class MoE(nnx.Module):
         rngs: nnx.Rngs,
     ):
         d, e, f = hidden_size, num_experts, expert_dim
-        check_dims("MoE", hidden_size=d, num_experts=e, expert_dim=f)
-        check_dims("MoE", minimum=0, shared_dim=shared_dim)  # 0: no shared expert
+        check_sizes("MoE", hidden_size=d, num_experts=e, expert_dim=f)
+        check_sizes("MoE", minimum=0, shared_dim=shared_dim)  # 0: no shared expert
         if not is_int(top_k) or not 1 <= top_k <= e:
             raise ValueError(f"MoE: top_k must be in [1, num_experts={e}], got {top_k!r}")
         self.hidden_size, self.top_k, self.dtype, self.renormalize = d, top_k, dtype, renormalize

@@ -204,9 +204,9 @@ def test_generate_queues_nothing_from_a_bad_call(model, prompts_, params, match)
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(max_batch=0), "max_batch must be an integer > 0, got 0"),
-        (dict(page_size=2.5), "page_size must be an integer > 0, got 2.5"),
-        (dict(prefill_chunk=True), "prefill_chunk must be an integer > 0, got True"),
+        (dict(max_batch=0), "max_batch must be an integer >= 1, got 0"),
+        (dict(page_size=2.5), "page_size must be an integer >= 1, got 2.5"),
+        (dict(prefill_chunk=True), "prefill_chunk must be an integer >= 1, got True"),
         (dict(max_len=10**6), "max_len=1000000 exceeds max_position_embeddings"),
     ],
 )

@@ -41,15 +41,15 @@ def test_parse_and_device_count_errors():
 @pytest.mark.parametrize(
     "build, match",
     [
-        (lambda: AfdLayout(1.5, 2), r"AfdLayout: num_attention must be an integer > 0, got 1\.5"),
-        (lambda: AfdLayout("1", 2), "AfdLayout: num_attention must be an integer > 0, got '1'"),
+        (lambda: AfdLayout(1.5, 2), r"AfdLayout: num_attention must be an integer >= 1, got 1\.5"),
+        (lambda: AfdLayout("1", 2), "AfdLayout: num_attention must be an integer >= 1, got '1'"),
         (
             lambda: ArenaLayout.build(
                 Step3Config.tiny(), AfdLayout(1, 1), microbatch=-4, num_microbatches=1, max_len=64
             ),
-            "ArenaLayout.build: microbatch must be an integer > 0, got -4",
+            "ArenaLayout.build: microbatch must be an integer >= 1, got -4",
         ),
-        (lambda: AfdConfig(1.5, 1, 64), "AfdConfig: microbatch must be an integer > 0"),
+        (lambda: AfdConfig(1.5, 1, 64), "AfdConfig: microbatch must be an integer >= 1"),
         (  # zero micro-batches made every batch fit: the search never returned
             lambda: kv_batch_that_fits(
                 Step3Config.tiny(),
@@ -58,7 +58,7 @@ def test_parse_and_device_count_errors():
                 num_microbatches=0,
                 max_len=64,
             ),  # fmt: skip
-            "kv_batch_that_fits: num_microbatches must be an integer > 0, got 0",
+            "kv_batch_that_fits: num_microbatches must be an integer >= 1, got 0",
         ),
         (
             lambda: kv_batch_that_fits(
@@ -68,7 +68,7 @@ def test_parse_and_device_count_errors():
                 num_microbatches=1,
                 max_len=64,
             ),  # fmt: skip
-            "kv_batch_that_fits: device_bytes must be an integer > 0, got inf",
+            "kv_batch_that_fits: device_bytes must be an integer >= 1, got inf",
         ),
     ],
 )
