@@ -93,6 +93,31 @@ def _scale_from_amax(amax: Array) -> Array:
     return jnp.maximum(amax.astype(jnp.float32) * _INV_FP8_MAX, MIN_SCALE)
 
 
+def _check_size(name: str, value) -> int:
+    """A block/group size: a positive Python (or NumPy) int, static."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_input(x, axes: str) -> None:
+    """``x`` to quantize: at least ``len(axes.split())`` axes, a real (float or int) dtype."""
+    if x.ndim < len(axes.split()):
+        raise ValueError(f"x must be [..., {axes}] (at least {axes!r}), got shape {x.shape}")
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+        raise ValueError(f"x must be a real (float or int) array to quantize, got {x.dtype}")
+
+
+def _check_scale_shape(scale, want: tuple, values, layout: str) -> None:
+    """Dequantization: ``scale`` must have exactly the format's shape (a wrong one would
+    broadcast into garbage or fail deep inside jnp)."""
+    if tuple(scale.shape) != tuple(want):
+        raise ValueError(
+            f"scale must be {layout} = {tuple(want)} for values {tuple(values.shape)}, got "
+            f"{tuple(scale.shape)}"
+        )
+
+
 def quantize_activations(
     x: Float[Array, "... K"], group: int = BLOCK
 ) -> tuple[Array, Float[Array, "... G"]]:
@@ -100,6 +125,8 @@ def quantize_activations(
 
     Returns ``(values [..., K] e4m3, scales [..., ceil(K/group)] f32)``.
     """
+    group = _check_size("group", group)
+    _check_input(x, "K")
     k = x.shape[-1]
     g = -(-k // group)
     pad = g * group - k
@@ -114,7 +141,9 @@ def quantize_activations(
 def dequantize_activations(
     q: Array, scale: Float[Array, "... G"], group: int = BLOCK, dtype=jnp.float32
 ) -> Array:
+    group = _check_size("group", group)
     k = q.shape[-1]
+    _check_scale_shape(scale, (*q.shape[:-1], -(-k // group)), q, "[..., ceil(K/group)]")
     s = jnp.repeat(scale, group, axis=-1)[..., :k]
     return (q.astype(jnp.float32) * s).astype(dtype)
 
@@ -169,6 +198,8 @@ def quantize_weight_blocks(
     w: Float[Array, "... N K"], block: int = BLOCK
 ) -> tuple[Array, Float[Array, "... NB KB"]]:
     """128x128 block FP8 quantization of a ``[..., N, K]`` (K-major) weight."""
+    block = _check_size("block", block)
+    _check_input(w, "N K")
     n, k = w.shape[-2:]
     nb, kb = -(-n // block), -(-k // block)
     wf = w.astype(jnp.float32)
@@ -184,28 +215,35 @@ def quantize_weight_blocks(
 def dequantize_weight_blocks(
     q: Array, scale: Float[Array, "... NB KB"], block: int = BLOCK, dtype=jnp.float32
 ) -> Array:
+    block = _check_size("block", block)
     n, k = q.shape[-2:]
+    want = (*q.shape[:-2], -(-n // block), -(-k // block))
+    _check_scale_shape(scale, want, q, "[..., ceil(N/block), ceil(K/block)]")
     s = jnp.repeat(jnp.repeat(scale, block, axis=-2), block, axis=-1)[..., :n, :k]
     return (q.astype(jnp.float32) * s).astype(dtype)
 
 
 def quantize_weight_channels(w: Float[Array, "... N K"]) -> tuple[Array, Float[Array, "... N 1"]]:
     """Per-output-channel FP8 quantization of a ``[..., N, K]`` weight."""
+    _check_input(w, "N K")
     scale = _scale_from_amax(_amax(w, -1)[..., None])
     return _cast_fp8(w.astype(jnp.float32) / scale), scale
 
 
 def dequantize_weight_channels(q: Array, scale: Array, dtype=jnp.float32) -> Array:
+    _check_scale_shape(scale, (*q.shape[:-1], 1), q, "[..., N, 1]")
     return (q.astype(jnp.float32) * scale).astype(dtype)
 
 
 def quantize_kv(x: Float[Array, "... S H"]) -> tuple[Array, Float[Array, "... S"]]:
     """Per-token FP8 quantization of K or V: ``(values [..., S, H] e4m3, scales [..., S])``."""
+    _check_input(x, "H")
     scale = _scale_from_amax(_amax(x, -1))
     return _cast_fp8(x.astype(jnp.float32) / scale[..., None]), scale
 
 
 def dequantize_kv(q: Array, scale: Float[Array, "... S"], dtype=jnp.float32) -> Array:
+    _check_scale_shape(scale, q.shape[:-1], q, "[..., S] (values [..., S, H])")
     return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 

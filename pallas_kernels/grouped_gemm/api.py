@@ -28,6 +28,7 @@ from jaxtyping import Array, Float, Int
 
 from step3_jax import quant
 from step3_jax.kernels import dispatch
+from step3_jax.kernels.checks import as_array, concrete
 from step3_jax.kernels.grouped_gemm import mosaic_gpu
 from step3_jax.kernels.grouped_gemm.activations import ACTIVATIONS, check_epilogue
 from step3_jax.kernels.grouped_gemm.config import SCALE_BLOCK, TuningConfig, tuned_config
@@ -43,25 +44,59 @@ def _is_fp8(a) -> bool:
 def _check_scale(name, scale, shape):
     if scale is None:
         raise ValueError(f"{name} is required for FP8 inputs: expected f32 {shape}")
-    if tuple(scale.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(scale.shape)}")
+    if tuple(scale.shape) != tuple(shape) or scale.dtype != jnp.float32:
+        raise ValueError(
+            f"{name} must be float32 {tuple(shape)}, got {scale.dtype} {tuple(scale.shape)}"
+        )
+
+
+def check_offset(name: str, offset, groups: int, pool: int) -> None:
+    """``offset + groups <= pool`` and ``offset >= 0`` for an offset known here (a Python or
+    NumPy int, or a concrete array: an eager call); a traced one is the caller's to keep
+    (`lax.dynamic_index_in_dim` would clamp it silently onto the pool's last weight)."""
+    if offset is None or not concrete(offset):
+        return
+    value = np.asarray(offset)  # one host read (eager calls only)
+    if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer):
+        raise ValueError(f"{name} must be an int scalar, got {offset!r}")
+    o = int(value)
+    if o < 0 or o + groups > pool:
+        raise ValueError(
+            f"{name}={o} with G={groups} groups needs a pool of >= {o + groups} weights "
+            f"(and {name} >= 0), got P={pool}"
+        )
+
+
+def _check_group_values(group_sizes, rows: int) -> None:
+    """Concrete ``group_sizes`` (not traced): non-negative, summing to at most ``rows``."""
+    if not concrete(group_sizes):
+        return
+    sizes = np.asarray(group_sizes).astype(np.int64)
+    if (sizes < 0).any() or sizes.sum() > rows:
+        raise ValueError(
+            f"group_sizes must be >= 0 with sum <= {rows} (the routed rows of x), got "
+            f"{sizes.tolist() if sizes.size <= 16 else f'sum {sizes.sum()}, min {sizes.min()}'}"
+        )
 
 
 def _validate(x, weights, group_sizes, x_scale, w_scales, implementation, pooled=False, dense=None):
     """Checks shapes/dtypes; returns (x, x_scale) with x quantized when weights are FP8."""
     dispatch.check_implementation("grouped_gemm", implementation)
-    if x.ndim != 2:
-        raise ValueError(f"x must be [M, K], got shape {x.shape}")
+    if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a float [M, K], got {x.dtype} {x.shape}")
     m, k = x.shape
     w0 = weights[0]
-    if w0.ndim != 3 or w0.shape[2] != k:
-        raise ValueError(f"weights must be [G, N, K={k}] (K-major), got {w0.shape}")
+    if w0.ndim != 3 or w0.shape[2] != k or not jnp.issubdtype(w0.dtype, jnp.floating):
+        raise ValueError(
+            f"weights must be float [G, N, K={k}] (K-major), got {w0.dtype} {w0.shape}"
+        )
     for w in weights[1:]:
         if w.shape != w0.shape or w.dtype != w0.dtype:
             raise ValueError(f"w_gate and w_up must match, got {w0.shape} and {w.shape}")
     pool, n, _ = w0.shape
-    ok_g = 1 <= group_sizes.shape[0] <= pool if pooled else group_sizes.shape[0] == pool
-    if group_sizes.ndim != 1 or not ok_g or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    n_g = group_sizes.shape[0] if group_sizes.ndim == 1 else -1
+    ok_g = 1 <= n_g <= pool if pooled else n_g == pool
+    if not ok_g or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         want = f"[G <= {pool}] (group_offset given: a pool)" if pooled else f"[{pool}]"
         raise ValueError(
             f"group_sizes must be int {want}, got {group_sizes.dtype}{group_sizes.shape}"
@@ -214,11 +249,15 @@ def _grouped_xla(
     return out
 
 
-def _offsets(group_offset, n_w: int) -> tuple:
-    """``group_offset`` (None, one scalar, or one per weight) as n_w int32 scalars."""
+def _offsets(group_offset, weights, groups: int) -> tuple:
+    """``group_offset`` (None, one scalar, or one per weight) as one int32 scalar per weight;
+    offsets known here are checked against each weight's pool (`check_offset`)."""
+    n_w = len(weights)
     offs = group_offset if isinstance(group_offset, (tuple, list)) else (group_offset,) * n_w
     if len(offs) != n_w:
         raise ValueError(f"group_offset: one scalar or {n_w} (one per weight), got {len(offs)}")
+    for o, w in zip(offs, weights, strict=True):
+        check_offset("group_offset", o, groups, w.shape[0])
     return tuple(jnp.asarray(0 if o is None else o, jnp.int32) for o in offs)
 
 
@@ -282,6 +321,7 @@ def grouped(
     dense: DenseGroup | None = None,
     bias=None,
     activation: str | None = None,
+    check_values: bool = True,
 ):
     """Shared entry of both public functions (``weights``: (w,) or (w_gate, w_up)).
 
@@ -294,12 +334,18 @@ def grouped(
     ``group_sizes`` may be a NumPy array (sizes known when tracing). ``dense``: one more
     group with weights of its own over a static row range after the routed rows
     (`DenseGroup`: the shared expert in the routed launch); the routed groups end at its
-    first row. ``bias`` / ``activation``: see `grouped_matmul`.
+    first row. ``bias`` / ``activation``: see `grouped_matmul`. ``check_values``: concrete
+    (eager or NumPy) ``group_sizes`` are checked to be >= 0 and to sum to at most the routed
+    rows (one host read; traced sizes never are); False where the caller built them
+    (`moe_ffn`'s bincount).
     """
     pooled = group_offset is not None
+    group_sizes = as_array(group_sizes)
     x, x_scale = _validate(
         x, weights, group_sizes, x_scale, tuple(w_scales), implementation, pooled, dense
     )
+    if check_values:
+        _check_group_values(group_sizes, x.shape[0] if dense is None else dense.row0)
     check_epilogue(weights, bias, activation, dense)
     w_scales = tuple(w_scales) if _is_fp8(weights[0]) else ()
     impl = dispatch.choose("grouped_gemm", implementation, supported(x, weights, dense))
@@ -310,7 +356,7 @@ def grouped(
         jnp.asarray(group_sizes, jnp.int32),
         x_scale,
         w_scales,
-        _offsets(group_offset, len(weights)),
+        _offsets(group_offset, weights, group_sizes.shape[0]),
         dense,
         bias,
         impl=impl,
@@ -337,9 +383,12 @@ def grouped_matmul(
     """``out[m] = x[m] @ w[group_offset + group(m)]^T`` for rows sorted by group; bf16 ``[M, N]``.
 
     x: [M, K] bf16 or float8_e4m3fn (bf16 x with FP8 w is quantized per token per 128).
-    w: [P, N, K] bf16 or float8_e4m3fn, P >= G. group_sizes: [G] int, sum <= M.
+    w: [P, N, K] bf16 or float8_e4m3fn, P >= G. group_sizes: [G] int (array, NumPy array or
+    list), each >= 0, sum <= M; concrete sizes (an eager call, NumPy) are checked, traced ones
+    never read back.
     x_scale: [M, ceil(K/128)] f32 (FP8 x). w_scale: [G, ceil(N/128), ceil(K/128)] f32 (FP8 w).
-    group_offset: None, or the first weight of group 0 in a pool (see ``grouped``).
+    group_offset: None, or the first weight of group 0 in a pool (see ``grouped``); one known
+    here (an int, a concrete array) must keep ``0 <= group_offset <= P - G``.
     bias: [N] float, added to every computed row (one bias for all groups), and activation:
     None or ``"quick_gelu"``: the output is ``activation(x @ w^T + bias)``, evaluated in f32 on
     the accumulator before the one bf16 rounding (the kernel's epilogue: no extra pass over

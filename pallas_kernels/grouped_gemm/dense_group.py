@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from step3_jax import quant
 
@@ -64,8 +65,9 @@ class DenseGroup:
             )
         want = (-(-self.n // quant.BLOCK), -(-self.k // quant.BLOCK))
         scales = self.w_scales
-        if fp8 and (len(scales) != n_w or any(tuple(s.shape) != want for s in scales)):
-            got = [tuple(s.shape) for s in scales]
+        bad = lambda s: tuple(s.shape) != want or s.dtype != jnp.float32  # noqa: E731
+        if fp8 and (len(scales) != n_w or any(bad(s) for s in scales)):
+            got = [f"{s.dtype} {tuple(s.shape)}" for s in scales]
             raise ValueError(f"dense group: w_scales must be {n_w} x f32 {want}, got {got}")
         if not fp8 and scales:
             raise ValueError("dense group: w_scales only with float8_e4m3fn weights")

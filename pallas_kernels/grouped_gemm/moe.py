@@ -29,7 +29,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from step3_jax import quant
-from step3_jax.kernels.grouped_gemm.api import grouped
+from step3_jax.kernels.grouped_gemm.api import check_offset, grouped
 from step3_jax.kernels.grouped_gemm.config import TuningConfig
 from step3_jax.kernels.grouped_gemm.dense_group import DenseGroup
 
@@ -73,8 +73,14 @@ def _check_moe_args(x, expert_ids, expert_weights, w_gate, w_up, w_down, e_local
     if x.ndim != 2:
         raise ValueError(f"x must be [T, D], got {x.shape}")
     t, d = x.shape
-    if expert_ids.ndim != 2 or expert_ids.shape[0] != t:
-        raise ValueError(f"expert_ids must be [T={t}, K], got {expert_ids.shape}")
+    if (
+        expert_ids.ndim != 2
+        or expert_ids.shape[0] != t
+        or not jnp.issubdtype(expert_ids.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"expert_ids must be int [T={t}, K], got {expert_ids.dtype} {expert_ids.shape}"
+        )
     if expert_weights.shape != expert_ids.shape:
         raise ValueError(f"expert_weights must be {expert_ids.shape}, got {expert_weights.shape}")
     e, f, d2 = w_gate.shape
@@ -146,21 +152,27 @@ def moe_ffn(
         )
     if x_scale is not None:
         want = (x.shape[0], -(-x.shape[1] // quant.BLOCK))
-        if not fp8_w or x.dtype != quant.FP8_DTYPE or x_scale.shape != want:
+        ok_scale = x_scale.shape == want and x_scale.dtype == jnp.float32
+        if not fp8_w or x.dtype != quant.FP8_DTYPE or not ok_scale:
             raise ValueError(
                 f"x_scale (pre-quantized x) needs float8_e4m3fn x, FP8 weights and x_scale "
-                f"{want}; got x {x.dtype}, weights {w_gate.dtype}, x_scale {x_scale.shape}"
+                f"float32 {want}; got x {x.dtype}, weights {w_gate.dtype}, x_scale "
+                f"{x_scale.dtype} {x_scale.shape}"
             )
     out_dtype = jnp.bfloat16 if x_scale is not None else x.dtype
     t, n_k = expert_ids.shape
     order, inverse, valid, group_sizes = _dispatch(expert_ids, first_expert, e_local)
     token_of = order // n_k
-    kw = dict(implementation=implementation, config=config, zero_tail=False)
+    # group_sizes come from `_dispatch` (>= 0, sum <= TK by construction): never read back.
+    kw = dict(implementation=implementation, config=config, zero_tail=False, check_values=False)
     off = weight_offset
     if off is not None and not isinstance(off, (tuple, list)):
         off = (off, off, off)
     if off is not None and len(off) != 3:
         raise ValueError(f"weight_offset: a scalar or (gate, up, down), got {len(off)} values")
+    if off is not None:
+        for o, w in zip(off, (w_gate, w_up, w_down), strict=True):
+            check_offset("weight_offset", o, e_local, w.shape[0])
     gu_off, d_off = (None, None) if off is None else ((off[0], off[1]), off[2])
     if q_act:  # once per token (unless given), then gathered K-fold
         xr, xs = (x, x_scale) if x_scale is not None else quant.quantize_activations(x)

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from step3_jax.kernels import dispatch
+from step3_jax.kernels.checks import as_array, concrete
 from step3_jax.kernels.mfa_decode import config as cfg_lib
 from step3_jax.kernels.mfa_decode import ragged
 from step3_jax.kernels.mfa_decode.merge import combine_splits
@@ -38,7 +41,12 @@ FP8 = jnp.dtype(jnp.float8_e4m3fn)
 MAX_T = 8
 
 
-def _validate(q, k, v, lengths, k_scale, v_scale, block_table, pools=False, v_transposed=False):
+def _validate(
+    q, k, v, lengths, k_scale, v_scale, block_table, pools=False, v_transposed=False,
+    page_offsets=None,
+):  # fmt: skip
+    """Static checks (shapes, dtypes) always; then `_check_values` (concrete arrays only).
+    ``pools``: paged k, v and scales may have different page counts (``page_offsets``)."""
     if v_transposed:  # validated as the token-major view it stands for
         if v.ndim != 3 or v.dtype != FP8:
             raise ValueError(
@@ -78,6 +86,59 @@ def _validate(q, k, v, lengths, k_scale, v_scale, block_table, pools=False, v_tr
         want = (sc.shape[0] if pools and sc is not None else k.shape[0], k.shape[1])
         if sc is not None and (sc.shape != want or sc.dtype != jnp.float32):
             raise ValueError(f"{name} must be float32 {want}, got {sc.dtype} {sc.shape}")
+    pages = [("k", k.shape[0]), ("v", v.shape[0])]
+    scales = (("k_scale", k_scale), ("v_scale", v_scale))
+    pages += [(n, sc.shape[0]) for n, sc in scales if sc is not None]
+    _check_values(lengths, block_table, k.shape[1], pages, page_offsets)
+
+
+def _check_values(lengths, block_table, tokens: int, pools: list, page_offsets=None) -> None:
+    """Values of concrete (not traced) arrays: ``0 <= lengths <= capacity``, and each page a
+    sequence reads (its first ``ceil(lengths / page_size)`` table entries, plus the operand's
+    page offset) inside that operand's pool: the XLA gather would clamp or wrap a bad id onto
+    another sequence's page, the kernel read out of bounds. Under jit the arrays are tracers
+    and nothing is read back (no host sync in the decode loop). ``tokens``: S of a contiguous
+    cache, else the page size; ``pools``: (name, page count) of k, v and the scales."""
+    if not concrete(lengths):
+        return
+    lens = np.asarray(lengths).astype(np.int64)
+    cap = tokens if block_table is None else block_table.shape[1] * tokens
+    bad = np.flatnonzero((lens < 0) | (lens > cap))
+    if bad.size:
+        what = "S" if block_table is None else "max_pages * page_size"
+        raise ValueError(f"lengths must be in [0, {what}={cap}], got {lens[bad[0]]} at b={bad[0]}")
+    if block_table is None or not concrete(block_table, page_offsets):
+        return
+    table = np.asarray(block_table).astype(np.int64)
+    read = np.arange(table.shape[1])[None, :] < -(-lens // tokens)[:, None]  # [B, max_pages]
+    offsets = np.zeros(4, np.int64) if page_offsets is None else np.asarray(page_offsets)
+    for i, (name, n_pages) in enumerate(pools):
+        ids = table + int(offsets[i])
+        bad = np.argwhere(read & ((ids < 0) | (ids >= n_pages)))
+        if bad.size:
+            b, j = bad[0]
+            what = "block_table" if page_offsets is None else f"block_table + page_offsets[{i}]"
+            raise ValueError(
+                f"{what} entries must be in [0, P_total={n_pages}) ({name}'s pool), got "
+                f"{ids[b, j]} (row {b}, page {j}, read for lengths[{b}]={lens[b]})"
+            )
+
+
+def _sm_scale(sm_scale, head_dim: int) -> float:
+    """The softmax scale as a Python float (a static argument): 1/sqrt(H) by default; else a
+    finite positive real number."""
+    if sm_scale is None:
+        return float(head_dim**-0.5)
+    try:  # a Python/NumPy number or a concrete 0-d array; never a string or a bool
+        value = None if isinstance(sm_scale, (str, bytes, bool)) else float(sm_scale)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"sm_scale must be a finite positive number known when tracing (or None), got "
+            f"{sm_scale!r}"
+        )
+    return value
 
 
 def supported(q, k, block_table=None) -> str | None:
@@ -128,6 +189,7 @@ def mfa_decode_attention(
     slots at or beyond ``lengths[b]`` never influence the result (they may hold NaN). A query
     with no visible key returns zeros and lse = -inf.
     """
+    lengths, block_table, page_offsets = map(as_array, (lengths, block_table, page_offsets))
     squeeze = q.ndim == 3
     q4 = q[:, None] if squeeze else q
     if page_offsets is not None:
@@ -137,8 +199,8 @@ def mfa_decode_attention(
             config=config, v_transposed=v_transposed, quantize_out=quantize_out,
         )  # fmt: skip
     _validate(q4, k, v, lengths, k_scale, v_scale, block_table, v_transposed=v_transposed)
+    scale = _sm_scale(sm_scale, q4.shape[-1])
     impl = dispatch.choose("mfa_decode_attention", implementation, supported(q4, k, block_table))
-    scale = float(q4.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
     args = (q4, k, v, lengths, k_scale, v_scale, block_table, scale)
     if impl == "xla":
         out, lse = _xla_jit(*args, v_transposed)
@@ -161,29 +223,31 @@ def _finish(out, lse, squeeze: bool, quantize_out: bool, return_lse: bool):
 
 
 def _with_page_offsets(q, k, v, lengths, k_scale, v_scale, table, offsets, **kw):
-    """``page_offsets`` path: pallas passes them to the kernel; xla gathers each operand's
-    pages (the reference) and runs the contiguous path."""
+    """``page_offsets`` path (validated first, the pools and their offsets included): pallas
+    passes them to the kernel; xla gathers each operand's pages (the reference) and runs the
+    contiguous XLA path."""
     if table is None:
         raise ValueError("page_offsets needs a paged cache (block_table)")
     if offsets.shape != (4,) or not jnp.issubdtype(offsets.dtype, jnp.integer):
         raise ValueError(f"page_offsets must be int32 [4], got {offsets.dtype} {offsets.shape}")
     q4 = q[:, None] if q.ndim == 3 else q
+    vt, quantize_out = kw["v_transposed"], kw["quantize_out"]
+    _validate(q4, k, v, lengths, k_scale, v_scale, table, True, vt, offsets)
+    scale = _sm_scale(kw["sm_scale"], q4.shape[-1])
     impl = dispatch.choose("mfa_decode_attention", kw["implementation"], supported(q4, k, table))
     if impl == "pallas":
-        scale = float(q4.shape[-1] ** -0.5 if kw["sm_scale"] is None else kw["sm_scale"])
-        vt, quantize_out = kw["v_transposed"], kw["quantize_out"]
-        _validate(q4, k, v, lengths, k_scale, v_scale, table, pools=True, v_transposed=vt)
         args = (q4, k, v, lengths, k_scale, v_scale, table, scale, kw["config"], vt)
         out, lse = _pallas(*args, quantize_out, page_offsets=offsets.astype(jnp.int32))
         return _finish(out, lse, q.ndim == 3, quantize_out, kw["return_lse"])
     # The reference path: token-major V, each operand's pages gathered.
-    ops = [k, jnp.swapaxes(v, 1, 2) if kw.pop("v_transposed") else v, k_scale, v_scale]
+    ops = [k, jnp.swapaxes(v, 1, 2) if vt else v, k_scale, v_scale]
     b = table.shape[0]
     for i, a in enumerate(ops):
         if a is not None:  # [B, P, page, ...] -> [B, P * page, ...]
             pages = jnp.take(a, table + offsets[i], axis=0)
             ops[i] = pages.reshape(b, -1, *a.shape[2:])
-    return mfa_decode_attention(q, *ops[:2], lengths, k_scale=ops[2], v_scale=ops[3], **kw)
+    out, lse = _xla_jit(q4, *ops[:2], lengths, *ops[2:], None, scale)
+    return _finish(out, lse, q.ndim == 3, quantize_out, kw["return_lse"])
 
 
 @functools.partial(jax.jit, static_argnums=(7, 8))
@@ -362,7 +426,7 @@ def lower_pallas_for_gpu(
     Arguments may be ``jax.ShapeDtypeStruct``s. Returns the ``jax.stages.Lowered``.
     """
     q4 = jax.ShapeDtypeStruct((q.shape[0], 1, *q.shape[1:]), q.dtype) if len(q.shape) == 3 else q
-    scale = float(q4.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+    scale = _sm_scale(sm_scale, q4.shape[-1])
     ks = _kernel_shape(
         q4, k, lengths, block_table, scale, config, num_sms, v_transposed, quantize_out
     )

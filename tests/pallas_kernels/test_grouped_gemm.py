@@ -585,3 +585,109 @@ def test_dispatch_is_the_stable_sort_by_local_expert(tk, k, e_local, first):
     np.testing.assert_array_equal(np.asarray(inverse)[want], np.arange(tk))
     np.testing.assert_array_equal(np.asarray(valid), ok)
     np.testing.assert_array_equal(np.asarray(sizes), np.bincount(key, minlength=e_local + 1)[:-1])
+
+
+def _small_fp8():
+    """A tiny block-FP8 grouped case: x [8, 256] bf16, w [3, 128, 256] FP8 (3 groups)."""
+    x = jax.random.normal(jax.random.key(30), (8, 256), jnp.float32).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(31), (3, 128, 256), jnp.float32)
+    wq, ws = quant.quantize_weight_blocks(w)
+    return x, wq, ws, jnp.asarray([3, 3, 2], jnp.int32)
+
+
+def test_fp8_scales_must_be_float32():
+    """An int32 w_scale (e.g. from a loader) truncated every scale below 1 to 0: the output
+    was silently all zeros. A bf16 x_scale silently lost precision. Both are refused."""
+    x, wq, ws, gs = _small_fp8()
+    xq, xs = quant.quantize_activations(x)
+    with pytest.raises(ValueError, match=r"w_scale\[0\] must be float32 \(3, 1, 2\), got int32"):
+        api.grouped_matmul(x, wq, gs, w_scale=ws.astype(jnp.int32))
+    with pytest.raises(ValueError, match=r"x_scale must be float32 \(8, 2\), got bfloat16"):
+        api.grouped_matmul(xq, wq, gs, x_scale=xs.astype(jnp.bfloat16), w_scale=ws)
+    with pytest.raises(ValueError, match=r"w_scale\[1\] must be float32"):
+        api.grouped_swiglu(x, wq, wq, gs, w_gate_scale=ws, w_up_scale=ws.astype(jnp.float16))
+    d, ds = quant.quantize_weight_blocks(jnp.ones((128, 128)))
+    with pytest.raises(ValueError, match="w_scales must be 1 x f32 .* got \\['int32"):
+        api.grouped(
+            xq, (wq,), jnp.asarray([3, 3, 0], jnp.int32), x_scale=xs, w_scales=(ws,),
+            dense=DenseGroup((d,), (ds.astype(jnp.int32),), row0=6, rows=2),
+        )  # fmt: skip
+    ids, ew = jnp.zeros((8, 1), jnp.int32), jnp.ones((8, 1))
+    wd, wds = quant.quantize_weight_blocks(jnp.ones((3, 256, 128)))
+    with pytest.raises(ValueError, match="x_scale .*float32 \\(8, 2\\); got .*x_scale bfloat16"):
+        moe.moe_ffn(
+            xq, ids, ew, wq, wq, wd, w_gate_scale=ws, w_up_scale=ws, w_down_scale=wds,
+            x_scale=xs.astype(jnp.bfloat16),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"w_scale\[0\] must be float32"):
+        moe.moe_ffn(x, ids, ew, wq, wq, wd, w_gate_scale=ws.astype(jnp.int32), w_up_scale=ws,
+                    w_down_scale=wds)  # fmt: skip
+
+
+def test_offsets_past_the_pool_raise():
+    """An offset past the pool was clamped by `lax.dynamic_index_in_dim`: every group past it
+    silently ran on the pool's last weight. Offsets known here (ints, concrete arrays) are
+    checked; traced ones are not read back (no host sync under jit)."""
+    x = jax.random.normal(jax.random.key(32), (8, 32), jnp.float32).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(33), (3, 16, 32), jnp.float32).astype(jnp.bfloat16)
+    gs = jnp.asarray([4, 4], jnp.int32)
+    msg = r"group_offset=5 with G=2 groups needs a pool of >= 7 weights .*got P=3"
+    with pytest.raises(ValueError, match=msg):
+        api.grouped_matmul(x, w, gs, group_offset=5)
+    with pytest.raises(ValueError, match="group_offset=-1"):
+        api.grouped_matmul(x, w, gs, group_offset=-1)
+    with pytest.raises(ValueError, match="group_offset=2 with G=2"):
+        api.grouped_matmul(x, w, gs, group_offset=jnp.int32(2))  # concrete: eager call
+    with pytest.raises(ValueError, match="group_offset=2 with G=2"):
+        api.grouped_swiglu(x, w, w, gs, group_offset=(0, 2))
+    with pytest.raises(ValueError, match="group_offset must be an int scalar"):
+        api.grouped_matmul(x, w, gs, group_offset=1.5)
+    ok = api.grouped_matmul(x, w, gs, group_offset=1)
+    want = api.grouped_matmul(x, w[1:], gs)
+    np.testing.assert_array_equal(np.asarray(ok, np.float32), np.asarray(want, np.float32))
+    traced = jax.jit(lambda o: api.grouped_matmul(x, w, gs, group_offset=o))
+    traced(jnp.int32(1))  # a traced offset is the caller's to keep in range: no check
+    wg = jax.random.normal(jax.random.key(34), (4, 16, 32), jnp.float32).astype(jnp.bfloat16)
+    wd = jnp.swapaxes(wg, 1, 2)
+    ids = jnp.tile(jnp.asarray([[0, 1]], jnp.int32), (8, 1))
+    ew = jnp.ones((8, 2), jnp.float32)
+    run = lambda off: moe.moe_ffn(x, ids, ew, wg, wg, wd, num_local_experts=2, weight_offset=off)
+    msg = r"weight_offset=3 with G=2 groups needs a pool of >= 5 weights .*got P=4"
+    with pytest.raises(ValueError, match=msg):
+        run(3)
+    with pytest.raises(ValueError, match="weight_offset=3 with G=2"):
+        run((0, 0, jnp.int32(3)))
+    assert run(2).shape == (8, 32)
+
+
+def test_group_sizes_values_and_lists():
+    """Concrete group_sizes (an eager call, NumPy, a list) must be >= 0 with sum <= M: they
+    were clamped silently. A list is accepted (it raised AttributeError: no .shape). Traced
+    sizes are never read back."""
+    x, wq, ws, gs = _small_fp8()
+    with pytest.raises(ValueError, match=r"group_sizes must be >= 0 with sum <= 8 .*\[3, 6, 2\]"):
+        api.grouped_matmul(x, wq, jnp.asarray([3, 6, 2], jnp.int32), w_scale=ws)
+    with pytest.raises(ValueError, match=r"group_sizes must be >= 0 .*\[4, -1, 2\]"):
+        api.grouped_matmul(x, wq, np.asarray([4, -1, 2], np.int32), w_scale=ws)
+    with pytest.raises(ValueError, match="group_sizes must be int"):
+        api.grouped_matmul(x, wq, [3.0, 3.0, 2.0], w_scale=ws)
+    as_list = api.grouped_matmul(x, wq, [3, 3, 2], w_scale=ws)
+    want = api.grouped_matmul(x, wq, gs, w_scale=ws)
+    np.testing.assert_array_equal(np.asarray(as_list, np.float32), np.asarray(want, np.float32))
+    traced = jax.jit(lambda g: api.grouped_matmul(x, wq, g, w_scale=ws))
+    traced(jnp.asarray([3, 6, 2], jnp.int32))  # traced: not read back, clamped as documented
+
+
+def test_integer_operands_are_refused():
+    """Float expert ids were truncated (0.7 -> expert 0); int x / weights ran silently."""
+    x = jax.random.normal(jax.random.key(35), (8, 32), jnp.float32).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(36), (2, 16, 32), jnp.float32).astype(jnp.bfloat16)
+    gs = jnp.asarray([4, 4], jnp.int32)
+    with pytest.raises(ValueError, match="x must be a float \\[M, K\\], got int32"):
+        api.grouped_matmul(x.astype(jnp.int32), w, gs)
+    with pytest.raises(ValueError, match="weights must be float .*got int8"):
+        api.grouped_matmul(x, w.astype(jnp.int8), gs)
+    wd = jnp.swapaxes(w, 1, 2)
+    ids = jnp.full((8, 1), 0.7, jnp.float32)
+    with pytest.raises(ValueError, match=r"expert_ids must be int \[T=8, K\], got float32"):
+        moe.moe_ffn(x, ids, jnp.ones((8, 1)), w, w, wd)

@@ -716,3 +716,79 @@ def test_v_transposed_rules():
     case = make_case(16, [3, 40], 64, fp8=True)
     with pytest.raises(ValueError, match="k and v must both be"):  # not actually transposed
         mfa_decode_attention(**case, implementation="xla", v_transposed=True)
+
+
+def test_paged_ids_and_lengths_out_of_range_raise():
+    """A page id outside the pool was clamped (100 -> the last page) or wrapped (-1) by the
+    XLA gather: a read of another sequence's page (the kernel would read out of bounds).
+    lengths past the capacity or negative were accepted. Concrete values are checked; only
+    the pages a sequence reads count (entries past ceil(lengths / page_size) are unused)."""
+    case = make_case(12, [100, 64], 128, page_size=64)  # table [2, 2] over a pool of 7 pages
+    table = np.asarray(case["block_table"])
+    call = lambda **kw: mfa_decode_attention(**{**case, **kw}, implementation="xla")
+    for bad in (100, -1):
+        t = table.copy()
+        t[0, 1] = bad
+        msg = rf"block_table entries must be in \[0, P_total=7\) .*got {bad} \(row 0, page 1"
+        with pytest.raises(ValueError, match=msg):
+            call(block_table=jnp.asarray(t))
+    t = table.copy()
+    t[1, 1] = 100  # sequence 1 holds 64 tokens: its second page is never read
+    np.testing.assert_array_equal(
+        np.asarray(call(block_table=jnp.asarray(t)), np.float32), np.asarray(call(), np.float32)
+    )
+    with pytest.raises(ValueError, match=r"lengths must be in \[0, max_pages \* page_size=128\]"):
+        call(lengths=jnp.asarray([129, 64], jnp.int32))
+    contiguous = make_case(13, [5, 7], 64)
+    for bad in (65, -3):
+        with pytest.raises(ValueError, match=rf"lengths must be in \[0, S=64\], got {bad} at b=1"):
+            mfa_decode_attention(**{**contiguous, "lengths": jnp.asarray([5, bad], jnp.int32)})
+
+
+def test_page_offsets_are_validated_before_the_gather():
+    """The page_offsets path gathered pages before any check: a 1-D block_table was accepted
+    and an offset past a pool gave NaN (jnp.take's fill)."""
+    case = make_case(14, [100, 64], 128, page_size=64)
+    offsets = jnp.zeros(4, jnp.int32)
+    with pytest.raises(ValueError, match=r"block_table must be int32 \[B=2, max_pages\]"):
+        mfa_decode_attention(
+            **{**case, "block_table": case["block_table"][0]}, page_offsets=offsets
+        )
+    bad = jnp.asarray([0, 5, 0, 0], jnp.int32)
+    msg = r"block_table \+ page_offsets\[1\] entries must be in \[0, P_total=7\) \(v's pool\)"
+    with pytest.raises(ValueError, match=msg):
+        mfa_decode_attention(**case, page_offsets=bad, implementation="xla")
+    with pytest.raises(ValueError, match="lengths must be in"):
+        mfa_decode_attention(
+            **{**case, "lengths": jnp.asarray([-1, 5], jnp.int32)}, page_offsets=offsets
+        )
+    got = mfa_decode_attention(**case, page_offsets=offsets, implementation="xla")
+    want = mfa_decode_attention(**case, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_value_checks_never_read_traced_arrays():
+    """Under jit (the decode loop, the engine, the AFD step) lengths and block tables are
+    tracers: nothing is read back (no host sync); out-of-range values are the caller's."""
+    case = make_case(15, [100, 64], 128, page_size=64)
+    run = jax.jit(lambda lengths, table: mfa_decode_attention(
+        **{**case, "lengths": lengths, "block_table": table}, implementation="xla"))  # fmt: skip
+    bad_table = case["block_table"].at[0, 1].set(100)
+    assert run(jnp.asarray([200, 64], jnp.int32), bad_table).shape == (2, 1, N, H)
+
+
+def test_sm_scale_and_list_inputs():
+    """sm_scale="x" failed inside float() without naming it, and NaN gave NaN output; lengths
+    as a Python list raised AttributeError (no .shape)."""
+    case = make_case(16, [5, 7], 64)
+    for bad in ("x", float("nan"), float("inf"), 0.0, -0.1, True):
+        with pytest.raises(ValueError, match="sm_scale must be a finite positive number"):
+            mfa_decode_attention(**case, sm_scale=bad)
+    as_list = mfa_decode_attention(**{**case, "lengths": [5, 7]}, sm_scale=np.float32(0.1))
+    want = mfa_decode_attention(**case, sm_scale=0.1)
+    np.testing.assert_array_equal(np.asarray(as_list, np.float32), np.asarray(want, np.float32))
+    paged = make_case(17, [100, 64], 128, page_size=64)
+    table = np.asarray(paged["block_table"]).tolist()
+    got = mfa_decode_attention(**{**paged, "block_table": table}, page_offsets=[0, 0, 0, 0])
+    want = mfa_decode_attention(**paged)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

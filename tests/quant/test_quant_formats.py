@@ -238,3 +238,62 @@ def test_set_at_writes_the_same_bytes_as_a_scatter_in_place(dtype):
     step = jax.jit(lambda b, r, v: quant.set_at(b, r, v, mode="drop"), donate_argnums=0)
     hlo = step.lower(buf, rows, vals).compile().as_text()
     assert not re.search(r"[ (]f(16|32)\[64,512\]", hlo), "buffer upcast around the scatter"
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_block_and_group_sizes_must_be_positive_ints(bad):
+    """group=0 / block=0 raised ZeroDivisionError, group=-1 a deep jax reshape error."""
+    x = jnp.asarray(np.random.default_rng(40).standard_normal((3, 100)), jnp.float32)
+    q, s = quant.quantize_activations(x)
+    wq, ws = quant.quantize_weight_blocks(x)
+    with pytest.raises(ValueError, match=f"group must be a positive integer, got {bad!r}"):
+        quant.quantize_activations(x, group=bad)
+    with pytest.raises(ValueError, match=f"group must be a positive integer, got {bad!r}"):
+        quant.dequantize_activations(q, s, group=bad)
+    with pytest.raises(ValueError, match=f"block must be a positive integer, got {bad!r}"):
+        quant.quantize_weight_blocks(x, block=bad)
+    with pytest.raises(ValueError, match=f"block must be a positive integer, got {bad!r}"):
+        quant.dequantize_weight_blocks(wq, ws, block=bad)
+
+
+def test_dequantize_scale_shapes_are_checked():
+    """A wrongly shaped scale was repeated/broadcast into garbage or failed deep in jnp."""
+    rng = np.random.default_rng(41)
+    x = jnp.asarray(rng.standard_normal((3, 100)), jnp.float32)
+    q, s = quant.quantize_activations(x)
+    for bad in (jnp.ones((3,)), jnp.ones((3, 5))):
+        with pytest.raises(
+            ValueError, match=r"scale must be \[\.\.\., ceil\(K/group\)\] = \(3, 1\)"
+        ):
+            quant.dequantize_activations(q, bad)
+    with pytest.raises(ValueError, match=r"= \(3, 4\) for values \(3, 100\), got \(3, 1\)"):
+        quant.dequantize_activations(q, s, group=32)  # the scales of group=128
+    w = jnp.asarray(rng.standard_normal((2, 200, 300)), jnp.float32)
+    wq, ws = quant.quantize_weight_blocks(w)
+    with pytest.raises(ValueError, match=r"ceil\(N/block\), ceil\(K/block\)\] = \(2, 2, 3\)"):
+        quant.dequantize_weight_blocks(wq, jnp.ones((2, 3, 3)))  # too large: was accepted
+    with pytest.raises(ValueError, match=r"= \(2, 2, 3\) .*got \(2, 3\)"):
+        quant.dequantize_weight_blocks(wq, ws[0])
+    kq, ks = quant.quantize_kv(jnp.ones((2, 4, 8)))
+    with pytest.raises(
+        ValueError, match=r"scale must be \[\.\.\., S\] .* = \(2, 4\) .*got \(2, 3\)"
+    ):
+        quant.dequantize_kv(kq, jnp.ones((2, 3)))
+    cq, cs = quant.quantize_weight_channels(w[0])
+    with pytest.raises(ValueError, match=r"scale must be \[\.\.\., N, 1\] = \(200, 1\)"):
+        quant.dequantize_weight_channels(cq, cs[:, 0])
+    np.testing.assert_array_equal(  # the right shapes still work
+        np.asarray(quant.dequantize_kv(kq, ks)), np.ones((2, 4, 8), np.float32)
+    )
+
+
+def test_quantize_inputs_need_axes_and_a_real_dtype():
+    """A 0-d input gave IndexError; complex and bool inputs were quantized silently."""
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., K\] .*got shape \(\)"):
+        quant.quantize_activations(jnp.float32(1.0))
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., N K\] .*got shape \(4,\)"):
+        quant.quantize_weight_blocks(jnp.ones((4,)))
+    with pytest.raises(ValueError, match="real .*got complex64"):
+        quant.quantize_kv(jnp.ones((2, 4), jnp.complex64))
+    with pytest.raises(ValueError, match="real .*got bool"):
+        quant.quantize_activations(jnp.ones((2, 4), bool))
