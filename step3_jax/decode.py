@@ -117,45 +117,45 @@ class GenerationResult:
         return len(self.tokens) * self.decode_steps / max(self.decode_seconds, 1e-9)
 
 
-def _rows(prompts) -> list[np.ndarray]:
-    """The prompts as 1-D arrays; rejects every other nesting instead of flattening it."""
-    if isinstance(prompts, (np.ndarray, jax.Array)):
-        if np.ndim(prompts) != 2:
-            raise ValueError(f"prompts as an array must be [B, T], got shape {np.shape(prompts)}")
-        prompts = list(np.asarray(prompts))  # rows keep the array's dtype for the check below
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError("prompts must be a non-empty sequence of token-id sequences")
-    rows = []
-    for i, p in enumerate(prompts):
-        try:
-            row = np.asarray(p)
-        except ValueError as e:  # ragged nesting
-            raise ValueError(f"prompts[{i}] must be a flat sequence of token ids ({e})") from e
-        if row.ndim != 1:
-            raise ValueError(
-                f"prompts[{i}] must be a flat sequence of token ids, got shape {row.shape} "
-                "(one prompt is [[1, 2, 3]], not [1, 2, 3] nor [[[1, 2, 3]]])"
-            )
-        rows.append(row)
-    return rows
+def check_prompt(prompt, vocab_size: int, name: str = "prompt", hint: str = "") -> np.ndarray:
+    """One prompt as a 1-D array: a flat, non-empty sequence of integer token ids in
+    ``[0, vocab_size)``. Errors name it (``name``) and end with ``hint`` (how to nest)."""
+    if isinstance(prompt, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence of token ids, got text: encode it first")
+    try:
+        row = np.asarray(prompt)
+    except ValueError as e:  # ragged nesting
+        raise ValueError(f"{name} must be a flat sequence of token ids ({e})") from None
+    if row.ndim != 1:
+        raise ValueError(
+            f"{name} must be a flat sequence of token ids, got shape {row.shape} {hint}".rstrip()
+        )
+    if row.size == 0:
+        raise ValueError(f"{name} is empty; it needs at least one token")
+    # Float ids would be silently truncated by the int cast: reject them.
+    if not np.issubdtype(row.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {row.dtype}")
+    lo, hi = row.min(), row.max()
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(
+            f"{name} token ids must lie in [0, vocab_size={vocab_size}), got [{lo}, {hi}]"
+        )
+    return row
 
 
 def _prepare_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(tokens [B_bucket, T_bucket] int32, lengths [B] int32)``; padding rows are 1 token."""
-    rows = _rows(prompts)
-    if len(rows) > MAX_BATCH:
-        raise ValueError(f"{len(rows)} prompts exceed MAX_BATCH={MAX_BATCH}: split the batch")
-    for i, r in enumerate(rows):
-        if r.size == 0:
-            raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
-        # Float ids would be silently truncated by the int cast: reject them.
-        if not np.issubdtype(r.dtype, np.integer):
-            raise ValueError(f"prompts[{i}] must hold integer token ids, got dtype {r.dtype}")
-        if r.min() < 0 or r.max() >= vocab_size:
-            raise ValueError(
-                f"prompts[{i}] has token ids outside [0, vocab_size={vocab_size}): "
-                f"min {r.min()}, max {r.max()}"
-            )
+    """``(tokens [B_bucket, T_bucket] int32, lengths [B] int32)``; padding rows are 1 token.
+    Every other nesting than a batch of flat prompts is refused, never flattened."""
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        if np.ndim(prompts) != 2:
+            raise ValueError(f"prompts as an array must be [B, T], got shape {np.shape(prompts)}")
+        prompts = list(np.asarray(prompts))  # rows keep the array's dtype for the checks
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty sequence of token-id sequences")
+    if len(prompts) > MAX_BATCH:
+        raise ValueError(f"{len(prompts)} prompts exceed MAX_BATCH={MAX_BATCH}: split the batch")
+    hint = "(one prompt is [[1, 2, 3]], not [1, 2, 3] nor [[[1, 2, 3]]])"
+    rows = [check_prompt(p, vocab_size, f"prompts[{i}]", hint) for i, p in enumerate(prompts)]
     lengths = np.array([r.size for r in rows], np.int32)
     padded = np.zeros((_bucket(len(rows), 1), _bucket(lengths.max(), 8)), np.int32)
     for i, r in enumerate(rows):

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from step3_jax.decode import check_prompt
 from step3_jax.engine.images import ImageInputs
 from step3_jax.engine.paged_cache import PoolExhausted
 from step3_jax.engine.requests import Delta, Detokenizer, Request, RequestStream, SamplingParams
@@ -159,27 +160,8 @@ class Engine:
         return prepare(prompt, images)
 
     def _check_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, (str, bytes)):
-            raise ValueError("prompt must be a sequence of token ids, got text: encode it first")
-        try:
-            ids = np.asarray(prompt)
-        except ValueError as e:  # ragged nesting
-            raise ValueError(f"prompt must be a flat sequence of token ids ({e})") from None
-        if ids.ndim != 1:
-            raise ValueError(
-                f"prompt must be a flat sequence of token ids, got shape {ids.shape} "
-                "(one prompt per submit; Engine.generate takes a list of them)"
-            )
-        if ids.size == 0:
-            raise ValueError("prompt is empty; it needs at least one token")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"prompt must hold integer token ids, got dtype {ids.dtype}")
-        vocab = self.executor.vocab_size
-        if ids.min() < 0 or ids.max() >= vocab:
-            raise ValueError(
-                f"prompt token ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]"
-            )
-        return [int(t) for t in ids]
+        hint = "(one prompt per submit; Engine.generate takes a list of them)"
+        return check_prompt(prompt, self.executor.vocab_size, "prompt", hint).tolist()
 
     def _check_fits(self, prompt: list[int], params: SamplingParams) -> None:
         need = len(prompt) + params.max_tokens

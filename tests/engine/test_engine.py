@@ -110,7 +110,7 @@ def test_refusals(model):
         eng.submit([1] * 40, SamplingParams(max_tokens=9))
     with pytest.raises(ValueError, match="= 20 needs 5 pages of 4 tokens: more than the whole"):
         eng.submit([1] * 10, SamplingParams(max_tokens=10))  # fits max_len, not the pool
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 512\)"):
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, vocab_size=512\)"):
         eng.submit([1, 512])
     with pytest.raises(ValueError, match="prompt is empty"):
         eng.submit([])
