@@ -283,9 +283,10 @@ def export(args, cfg, tok: Tokenizer, history: dict, windows: np.ndarray) -> Non
 
 
 def holdout_fraction(text: str) -> float:
-    value = non_negative_float(text)
+    """In (0, 1): 0 leaves no held-out text, and the evaluation then had no window."""
+    value = positive_float(text)
     if not value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
     return value
 
 

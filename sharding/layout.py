@@ -75,7 +75,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from step3_jax.cache import V_TILE, check_v_transposed, v_tiles_shape
-from step3_jax.config import check_sizes, is_int
+from step3_jax.config import check_sizes
 from step3_jax.sharding import layer_state
 from step3_jax.sharding.layer_state import ParamSpec
 
@@ -472,8 +472,7 @@ def kv_batch_that_fits(
     where = "kv_batch_that_fits"
     sizes = dict(device_bytes=device_bytes, num_microbatches=num_microbatches, max_len=max_len)
     check_sizes(where, **sizes)
-    if not is_int(reserve_bytes) or reserve_bytes < 0:
-        raise ValueError(f"{where}: reserve_bytes must be an integer >= 0, got {reserve_bytes!r}")
+    check_sizes(where, minimum=0, reserve_bytes=reserve_bytes)
 
     def fits(mb: int) -> bool:
         arena = ArenaLayout.build(

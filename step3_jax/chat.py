@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
-from step3_jax.config import is_int
+from step3_jax.sampling import check_max_tokens
 
 THINK_END = "</think>"  # vLLM's step3 reasoning parser: text before it is reasoning
 _PROBE = "\u2063probe-reply\u2063"  # a reply text no template rewrites (invisible separators)
@@ -293,8 +293,7 @@ def chat_generate(
 
     # As `step3_jax.decode.generate` checks it, but first: a bad value must not read as a
     # conversation too long for a reply (the budget check below).
-    if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_max_tokens(max_new_tokens)
     if first_chunk < 1 or chunk < 1:
         raise ValueError(f"first_chunk and chunk must be >= 1, got {first_chunk}, {chunk}")
     t0 = time.perf_counter()

@@ -28,6 +28,7 @@ from step3_jax.config import is_int
 from step3_jax.model import check_cache
 from step3_jax.sampling import (
     SamplingParams,
+    check_max_tokens,
     check_seed,
     check_token_ids,
     sample,
@@ -164,8 +165,7 @@ def _prepare_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_args(cfg, max_new_tokens, stop_tokens, seed, max_cache_len) -> list[int]:
-    if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_max_tokens(max_new_tokens)
     check_seed(seed)
     if max_cache_len is not None and (not is_int(max_cache_len) or max_cache_len < 1):
         raise ValueError(f"max_cache_len must be an integer >= 1, got {max_cache_len!r}")

@@ -47,12 +47,21 @@ def check_token_ids(ids, name: str, vocab_size: int | None = None) -> list[int]:
     """A sequence of integer token ids (in [0, vocab_size) when it is given), as ints."""
     if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray, set, frozenset)):
         raise ValueError(f"{name} must be a sequence of token ids, got {ids!r}")
-    ids = list(np.asarray(ids).reshape(-1)) if isinstance(ids, np.ndarray) else list(ids)
-    hi = ")" if vocab_size is None else f", vocab_size={vocab_size})"
+    if isinstance(ids, np.ndarray) and ids.ndim != 1:
+        raise ValueError(f"{name} must be a flat sequence of token ids, got shape {ids.shape}")
+    ids = list(ids)
+    want = ">= 0" if vocab_size is None else f"in [0, vocab_size={vocab_size})"
     bad = [t for t in ids if not is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size)]
     if bad:
-        raise ValueError(f"{name} must be integer ids in [0{hi}, got {bad[:5]}")
+        raise ValueError(f"{name} must be integer ids {want}, got {bad[:5]}")
     return [int(t) for t in ids]
+
+
+def check_max_tokens(n, name: str = "max_new_tokens") -> int:
+    """How many tokens to generate: an integer >= 1."""
+    if not is_int(n) or n < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+    return int(n)
 
 
 SEED_RANGE = (-(2**63), 2**63 - 2)  # int64, with room for the decode loop's seed + 1

@@ -44,6 +44,7 @@ def _one_error_line(capsys, *fragments: str) -> str:
         (["generate", "--seed", str(2**70)], ["seed must be an integer in"]),
         (["serve", "--port", "70000"], ["--port", "a port in [1, 65535], got 70000"]),
         (["serve", "--shutdown-timeout", "inf"], ["--shutdown-timeout", "finite number"]),
+        (["serve", "--shutdown-timeout", "1e10"], ["--shutdown-timeout", "expected at most"]),
         (["generate", "--temperature", "inf"], ["--temperature", "finite number"]),
         (
             ["chat", "--max-context", "8", "--no-compile-cache"],

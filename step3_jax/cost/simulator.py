@@ -389,13 +389,17 @@ class MeasuredRun:
     measured_step_s: float | None
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)  # JSON true is not 1 us
+
+
 def _per_layer(value, num_layers: int | None, key: str) -> tuple[float, ...]:
-    if isinstance(value, int | float):
+    if _is_number(value):
         if num_layers is None:
             raise ValueError(f"{key} is a scalar: the run needs 'num_layers'")
         _check_times(key, (value,), "microseconds")
         return (float(value) * 1e-6,) * num_layers
-    if isinstance(value, list) and 0 < len(value) <= MAX_LAYERS:
+    if isinstance(value, list) and 0 < len(value) <= MAX_LAYERS and all(map(_is_number, value)):
         _check_times(key, [float(v) for v in value], "microseconds")
         return tuple(float(v) * 1e-6 for v in value)
     raise ValueError(

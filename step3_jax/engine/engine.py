@@ -386,7 +386,10 @@ class Engine:
             for i, (p, sp, im) in enumerate(zip(prompts, plist, ilist, strict=True)):
                 try:
                     streams.append(self.submit(p, sp, images=im))
-                except ValueError as e:
+                except ValueError as e:  # which prompt; a subclass keeps its type and fields
+                    if type(e) is not ValueError:
+                        e.add_note(f"(prompts[{i}])")
+                        raise
                     raise ValueError(f"prompts[{i}]: {e}") from None
         except BaseException:  # none of this call's requests runs
             for stream in streams:

@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from step3_jax.config import is_int
-from step3_jax.sampling import check_temperature, check_token_ids, check_top_k, check_top_p
+from step3_jax.sampling import (
+    check_max_tokens,
+    check_temperature,
+    check_token_ids,
+    check_top_k,
+    check_top_p,
+)
 
 if TYPE_CHECKING:
     from step3_jax.engine.images import ImageInputs
@@ -32,8 +38,7 @@ class SamplingParams:
     seed: int | None = None  # None: the engine picks one per request
 
     def __post_init__(self):
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        check_max_tokens(self.max_tokens, "max_tokens")
         check_temperature(self.temperature)
         check_top_p(self.top_p)
         check_top_k(self.top_k, None)  # <= vocab_size: checked at submit

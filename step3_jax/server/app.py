@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from step3_jax.engine import Engine, EngineStopped, QueueFull
+from step3_jax.sampling import check_token_ids, check_top_k
 from step3_jax.server.chat_format import format_chat
 from step3_jax.server.images import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -183,10 +184,20 @@ def create_app(
             raise ApiError(400, str(e), "invalid_request_error", param) from None
 
     def sampling_params(body):
-        try:  # values the protocol's ranges cannot know (e.g. top_k within the vocabulary)
-            return body.sampling_params(default_max_tokens)
-        except ValueError as e:
-            raise ApiError(400, str(e), "invalid_request_error", None) from None
+        """The request's `SamplingParams`; a 400 naming the field for values the protocol's
+        ranges cannot know (top_k and stop ids within the vocabulary, a stop id < 0)."""
+
+        def checked(param, check, *args):
+            try:
+                return check(*args)
+            except ValueError as e:
+                raise ApiError(400, str(e), "invalid_request_error", param) from None
+
+        params = checked(None, body.sampling_params, default_max_tokens)
+        vocab = engine.executor.vocab_size
+        checked("top_k", check_top_k, params.top_k, vocab)
+        checked("stop_token_ids", check_token_ids, params.stop_token_ids, "stop_token_ids", vocab)
+        return params
 
     def submit(ids, params):
         with engine_errors("prompt"):

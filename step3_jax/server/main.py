@@ -12,12 +12,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 import time
 
 from step3_jax.cli_common import UsageError, non_negative_float, port, positive_int
 from step3_jax.server.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES
 
 log = logging.getLogger("step3_jax.server")
+
+
+def shutdown_timeout(text: str) -> float:
+    """Seconds, finite and within what a thread join takes (`threading.TIMEOUT_MAX`, ~292
+    years: 1e10 s overflowed in `Thread.join` after the model had loaded)."""
+    value = non_negative_float(text)
+    if value > threading.TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {threading.TIMEOUT_MAX:.3g} seconds, got {text!r}"
+        )
+    return value
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -80,7 +92,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--shutdown-timeout",
-        type=non_negative_float,
+        type=shutdown_timeout,
         default=30.0,
         help="seconds in-flight requests get to finish at shutdown (default: %(default)s)",
     )

@@ -84,28 +84,14 @@ class Step3VisionConfig:
     enable_patch: bool = True  # crops of large images (vision_config.enable_patch)
 
     def __post_init__(self):
-        for name, hi in _VISION_MAX.items():
-            value, low = getattr(self, name), int(name != "image_token_id")
-            if not is_int(value) or not low <= value <= hi:
-                raise ValueError(
-                    f"Step3VisionConfig.{name} must be an integer in [{low}, {hi}], "
-                    f"got {brief(value)}"
-                )
-        if not (is_real(self.layer_norm_eps) and 0 < self.layer_norm_eps <= 1):  # NaN fails
-            eps = brief(self.layer_norm_eps)
-            raise ValueError(f"layer_norm_eps must be a finite number in (0, 1], got {eps}")
-        for name in ("projector_bias", "enable_patch"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(
-                    f"Step3VisionConfig.{name} must be a bool, got {brief(getattr(self, name))}"
-                )
+        for name in _CHECKED_FIELDS:
+            problem = _field_problem(name, getattr(self, name))
+            if problem:
+                got = brief(getattr(self, name))
+                raise ValueError(f"Step3VisionConfig.{name} {problem}, got {got}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must divide by num_heads={self.num_heads}"
-            )
-        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
-            raise ValueError(
-                f"hidden_act must be one of {ACTIVATIONS}, got {brief(self.hidden_act)}"
             )
         for name in ("image_size", "crop_size"):
             if getattr(self, name) % self.patch_size:
@@ -234,29 +220,32 @@ class Step3VisionConfig:
         return embed + self.num_layers * layer + down + proj
 
 
-def _hf_value(key: str, name: str, value):
-    """One ``config.json`` value for field ``name``, checked by the field's type and bounds
-    (ValueError naming the HF ``key``)."""
+def _field_problem(name: str, value) -> str | None:
+    """What is wrong with ``value`` for field ``name`` (type and bounds), or None: the one
+    check behind `Step3VisionConfig.__post_init__` and `from_hf_config`."""
     if name in _VISION_MAX:
         low, hi = int(name != "image_token_id"), _VISION_MAX[name]
-        if not is_int(value) or not low <= value <= hi:
-            raise ValueError(
-                f"config key {key!r} must be an integer in [{low}, {hi}], got {brief(value)}"
-            )
-        return int(value)
+        ok = is_int(value) and low <= value <= hi
+        return None if ok else f"must be an integer in [{low}, {hi}]"
     if name == "layer_norm_eps":
-        if not (is_real(value) and math.isfinite(value) and 0 < value <= 1):
-            raise ValueError(
-                f"config key {key!r} must be a finite number in (0, 1], got {brief(value)}"
-            )
-        return float(value)
+        ok = is_real(value) and math.isfinite(value) and 0 < value <= 1
+        return None if ok else "must be a finite number in (0, 1]"
     if name == "hidden_act":
-        if not isinstance(value, str) or value not in ACTIVATIONS:
-            raise ValueError(f"config key {key!r} must be one of {ACTIVATIONS}, got {brief(value)}")
-        return value
-    if not isinstance(value, bool):  # projector_bias, enable_patch: bool("false") is True
-        raise ValueError(f"config key {key!r} must be true or false, got {brief(value)}")
-    return value
+        ok = isinstance(value, str) and value in ACTIVATIONS
+        return None if ok else f"must be one of {ACTIVATIONS}"
+    # projector_bias, enable_patch: bool("false") is True
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+_CHECKED_FIELDS = (*_VISION_MAX, "layer_norm_eps", "hidden_act", "projector_bias", "enable_patch")
+
+
+def _hf_value(key: str, name: str, value):
+    """One ``config.json`` value for field ``name`` (ValueError naming the HF ``key``)."""
+    problem = _field_problem(name, value)
+    if problem:
+        raise ValueError(f"config key {key!r} {problem}, got {brief(value)}")
+    return int(value) if name in _VISION_MAX else value
 
 
 __all__ = ["NUM_PREFIX_TOKENS", "Step3VisionConfig"]

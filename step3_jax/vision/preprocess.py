@@ -37,10 +37,12 @@ Bounds (ours; the release's processor has none and allocates whatever rules 1 an
 an image cut into more than ``MAX_CROPS = 36`` windows (a 3024 x 3024 image's 6 x 6, the
 largest image vLLM sizes a per-image token budget for: ``get_image_size_with_most_features``)
 is refused. Only very thin images get there (rule 3 gives them windows of the shorter side;
-every aspect ratio up to 36:1 fits): a 40 x 60000 px PNG of 2.4 KB would otherwise be cut into
-1512 crops (4.3 GiB of float32 pixels). So is an image whose zero-padded square (rule 1) is
-larger than Pillow opens (``2 * Image.MAX_IMAGE_PIXELS``). A side that the 3024 cap scales
-below 1 px is kept at 1 px.
+aspect ratios up to about 35:1 fit, 36:1 itself only below the 3024 cap, whose truncation of
+the short side adds a window): a 40 x 60000 px PNG of 2.4 KB would otherwise be cut into 1512
+crops (4.3 GiB of float32 pixels). So is an image whose zero-padded square (rule 1) has more
+pixels than ``2 * Image.MAX_IMAGE_PIXELS`` (the size Pillow refuses to open: a memory bound,
+as the square is made here, not opened). A side that the 3024 cap scales below 1 px is kept
+at 1 px.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def plan_crops(width: int, height: int, enable_patch: bool = True) -> CropPlan:
         raise ValueError(
             f"{given} would be cut into {len(xs) * len(ys)} crops of {win} px; at most "
             f"MAX_CROPS={MAX_CROPS} are supported (a {MAX_IMAGE_SIZE} x {MAX_IMAGE_SIZE} "
-            "image's; every aspect ratio up to 36:1 fits): crop or pad the image"
+            "image's; aspect ratios up to about 35:1 fit): crop or pad the image"
         )
     boxes = tuple((x, y, win, win) for y in ys for x in xs)
     return CropPlan((width, height), win, (cw, ch), boxes, len(xs), padded)

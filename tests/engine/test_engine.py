@@ -135,7 +135,7 @@ def test_refusals(model):
         (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
         (dict(seed="abc"), "seed must be an integer or None"),
         (dict(stop_token_ids=5), "stop_token_ids must be a sequence of token ids"),
-        (dict(stop_token_ids=[-1]), r"stop_token_ids must be integer ids in \[0\), got \[-1\]"),
+        (dict(stop_token_ids=[-1]), r"stop_token_ids must be integer ids >= 0, got \[-1\]"),
         (dict(stop=["ok", ""]), "stop must be a string or a sequence of non-empty strings"),
     ],
 )

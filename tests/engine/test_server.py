@@ -182,14 +182,15 @@ def test_malformed_requests(served):
     ]
     extra = [  # outside the openai client's own arguments; one killed the engine thread once
         (dict(top_k=2**40), "top_k must be an integer >= 0"),
-        (dict(stop_token_ids=[-1]), "stop_token_ids must be integer ids"),
+        (dict(stop_token_ids=[10**6]), r"stop_token_ids must be integer ids in \[0, vocab_size"),
     ]
     for kw, needle in bad:
         with pytest.raises(openai.BadRequestError, match=needle):
             c.completions.create(model="demo", **{"max_tokens": 4, **kw})
     for kw, needle in extra:
-        with pytest.raises(openai.BadRequestError, match=needle):
+        with pytest.raises(openai.BadRequestError, match=needle) as err:
             c.completions.create(model="demo", prompt="x", max_tokens=4, extra_body=kw)
+        assert err.value.body["param"] == next(iter(kw))  # the field, not "prompt"
     assert served.engine.error is None
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         c.completions.create(model="gpt-4", prompt="x", max_tokens=2)

@@ -65,8 +65,8 @@ def test_real_size_model_param_count():
         (dict(patch_size="14"), "patch_size must be an integer"),
         (dict(image_token_id=-1), r"image_token_id must be an integer in \[0, "),
         (dict(layer_norm_eps=float("nan")), "layer_norm_eps must be a finite number"),
-        (dict(enable_patch="false"), "enable_patch must be a bool"),
-        (dict(projector_bias=1), "projector_bias must be a bool"),
+        (dict(enable_patch="false"), "enable_patch must be true or false"),
+        (dict(projector_bias=1), "projector_bias must be true or false"),
     ],
 )
 def test_bad_configs(kw, msg):

@@ -44,7 +44,7 @@ PLANS = {
     (20, 200): ((200, 200), 0, (200, 200), 0, 1, 0),  # thin and < 32: padded to a square
     (4000, 1000): ((3024, 756), 504, (3024, 1008), 12, 6, 1),  # capped at 3024 first
     (3024, 3024): ((3024, 3024), 504, (3024, 3024), 36, 6, 5),  # MAX_CROPS
-    (1800, 50): ((1800, 50), 50, (1800, 50), 36, 36, 0),  # 36:1, the thinnest that fits
+    (1800, 50): ((1800, 50), 50, (1800, 50), 36, 36, 0),  # 36:1 below the 3024 cap: fits
 }
 
 
@@ -167,9 +167,13 @@ def test_bad_inputs_have_clear_errors(tmp_path):
 
 
 def test_thin_images_are_refused_before_any_resize(monkeypatch):
-    """Thin images get windows of their short side: past 36:1 they would be cut into more
-    than MAX_CROPS crops (a 40 x 60000 PNG of 2.4 KB: 1512 crops, 4.3 GiB of float32)."""
+    """Thin images get windows of their short side: past ~35:1 they would be cut into more
+    than MAX_CROPS crops (a 40 x 60000 PNG of 2.4 KB: 1512 crops, 4.3 GiB of float32); at
+    36:1 above the 3024 cap, the cap's truncation of the short side adds the 37th."""
     assert MAX_CROPS == len(plan_crops(3024, 3024).boxes) == 36
+    assert len(plan_crops(3500, 100).boxes) == 35  # 35:1 above the cap fits
+    with pytest.raises(ValueError, match="5688 x 158 px .* would be cut into 37 crops"):
+        plan_crops(5688, 158)
 
     def no_resize(*args):
         raise AssertionError("resized an image that is refused")
