@@ -239,12 +239,10 @@ def _prompt_generator(model, tokenizer, ids: list[int], images):
             )
         return ids, functools.partial(generate, model)
     from step3_jax.vision.generate import generate_prepared, prepare
-    from step3_jax.vision.preprocess import IMAGE_TYPES, ImageSpecialTokens
+    from step3_jax.vision.preprocess import ImageSpecialTokens, as_image_list
 
     special = ImageSpecialTokens.from_tokenizer(tokenizer)
-    # One bare image is wrapped, as `preprocess_images` does (list() would split a path).
-    images = [images] if isinstance(images, IMAGE_TYPES) else list(images or ())
-    (expanded,), features = prepare(model, [ids], [images], special)
+    (expanded,), features = prepare(model, [ids], [as_image_list(images)], special)
 
     def gen(prompts, n, **kwargs):
         return generate_prepared(

@@ -25,6 +25,7 @@ from jaxtyping import Array, Float, Int
 
 from step3_jax.cache import KVCache, v_tiles_shape
 from step3_jax.config import Step3Config
+from step3_jax.kernels.checks import concrete
 from step3_jax.layers.linear import init_weight, project
 from step3_jax.layers.mfa import MFAttention, mfa_attention_xla
 from step3_jax.layers.mlp import SwiGLU
@@ -174,7 +175,7 @@ def check_tokens(tokens, vocab_size: int) -> None:
         raise ValueError(f"tokens must have an integer dtype (int32), got {tokens.dtype}")
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ValueError(f"tokens must be non-empty [B, T], got shape {tokens.shape}")
-    if not isinstance(tokens, jax.core.Tracer):
+    if concrete(tokens):
         lo, hi = int(np.min(np.asarray(tokens))), int(np.max(np.asarray(tokens)))
         if lo < 0 or hi >= vocab_size:
             raise ValueError(
@@ -219,7 +220,7 @@ def cache_positions(config: Step3Config, tokens, cache, positions) -> Int[Array,
         start = 0 if cache is None else cache.lengths[:, None]
         positions = start + jnp.arange(t, dtype=jnp.int32)[None, :]
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
-    if cache is not None and not isinstance(positions, jax.core.Tracer):
+    if cache is not None and concrete(positions):
         lo, hi = int(np.min(np.asarray(positions))), int(np.max(np.asarray(positions)))
         if lo < 0:
             raise ValueError(f"positions must be >= 0, got values in [{lo}, {hi}]")

@@ -25,7 +25,6 @@ features=[R] list of [k, M] arrays or None)``. An executor without them refuses 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +36,7 @@ from step3_jax.engine.images import ImageInputs, pack_chunk_features
 from step3_jax.engine.paged_cache import NULL_PAGE, PageAllocator, PagedKVCache, pages_for
 from step3_jax.vision.generate import expand
 from step3_jax.vision.model import tower_compile_count
-from step3_jax.vision.preprocess import IMAGE_TYPES
+from step3_jax.vision.preprocess import as_image_list
 
 
 def _forward_select(graphdef, state, cache, tokens, positions, select):
@@ -182,23 +181,15 @@ class ModelExecutor:
         images or uint8 arrays) go one per ``<im_patch>`` marker of ``prompt``, in order. A
         text prompt on a VL model passes ``images=()`` (markers are then an error); one image
         alone stands for a list of one."""
-        if images is None:
-            images = ()
-        elif isinstance(images, IMAGE_TYPES):  # a path's characters are not images
-            images = [images]
-        elif not isinstance(images, Sequence):
-            raise TypeError(
-                "images must be a list of images (paths, bytes, PIL images or uint8 arrays), "
-                f"one per <im_patch> marker of the prompt; got {type(images).__name__}"
-            )
+        images = as_image_list(images)
         if not self.accepts_images:
-            if len(images):
+            if images:
                 raise ValueError(
                     "images= needs a Step3-VL model (step3_jax.checkpoints.load_hf_vl); this "
                     "engine's model is text-only"
                 )
             return prompt, None
-        (expanded,), pixels = expand(self.vl_model, [prompt], [list(images)],
+        (expanded,), pixels = expand(self.vl_model, [prompt], [images],
                                      self.image_tokens)  # fmt: skip
         if pixels is None:
             return expanded, None

@@ -103,27 +103,6 @@ def generate(
     return dataclasses.replace(res, prefill_seconds=time.perf_counter() - t0 - res.decode_seconds)
 
 
-def _check_features(model: Step3VLModel, tokens: np.ndarray, limits: np.ndarray, features):
-    """`Step3VLModel.embed`'s check, on the host: under jit (`_prefill`) it cannot count."""
-    width = model.config.hidden_size
-    if features is not None and (len(features.shape) != 2 or features.shape[1] != width):
-        raise ValueError(
-            f"features must be [I, hidden_size={width}] (one row per image placeholder), "
-            f"got shape {tuple(features.shape)}"
-        )
-    image_id = model.vision_config.image_token_id
-    count = sum(
-        int(np.sum(row[:n] == image_id))
-        for row, n in zip(tokens[: len(limits)], limits, strict=True)
-    )
-    num = 0 if features is None else features.shape[0]
-    if count != num:
-        raise ValueError(
-            f"the prompt has {count} image placeholder positions (id {image_id}) but {num} "
-            "image feature rows were given"
-        )
-
-
 def generate_prepared(
     model: Step3VLModel,
     prompts: Sequence[Sequence[int]],
@@ -158,7 +137,8 @@ def generate_prepared(
             f"image_lengths={limits.tolist()} must give one length in [0, the prompt's length] "
             f"per prompt (prompt lengths {lengths.tolist()})"
         )
-    _check_features(model, tokens, limits, features)
+    # Step3VLModel.embed cannot count under jit (`_prefill`): the same check, on the host.
+    model.check_features(model.image_mask(tokens[: len(limits)], limits), features)
     plan = decode._plan(cfg, tokens, lengths, max_new_tokens, (temperature, top_k, top_p), stops,
                         max_cache_len, cache_dtype or model.dtype, v_transposed)  # fmt: skip
     all_limits = np.zeros(len(plan.lengths), np.int32)  # padding rows: no placeholders

@@ -20,6 +20,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from step3_jax.cache import KVCache
 from step3_jax.config import Step3Config
+from step3_jax.kernels.checks import concrete
 from step3_jax.model import Step3Model, cache_positions, check_tokens
 from step3_jax.policy import compiler_options
 from step3_jax.vision.config import Step3VisionConfig
@@ -173,21 +174,35 @@ class Step3VLModel(nnx.Module):
             mask &= jnp.arange(tokens.shape[1])[None, :] < jnp.asarray(lengths)[:, None]
         return mask
 
+    def check_features(self, mask: Bool[Array, "B T"], features) -> None:
+        """``features`` fit the placeholders of ``mask`` (`image_mask`): ``[I, hidden_size]``
+        (always), one row per placeholder (when the mask is concrete: under jit a caller
+        checks on the host first, as `step3_jax.vision.generate.generate_prepared` does)."""
+        width = self.config.hidden_size
+        if features is not None and (len(features.shape) != 2 or features.shape[1] != width):
+            raise ValueError(
+                f"features must be [I, hidden_size={width}] (one row per image placeholder), "
+                f"got shape {tuple(features.shape)}"
+            )
+        if not concrete(mask):
+            return
+        count, num = int(np.sum(np.asarray(mask))), 0 if features is None else features.shape[0]
+        if count != num:
+            raise ValueError(
+                f"the prompt has {count} image placeholder positions (id "
+                f"{self.vision_config.image_token_id}) but {num} image feature rows were given"
+            )
+
     def embed(
         self, tokens: Int[Array, "B T"], features: Float[Array, "I M"] | None = None, lengths=None
     ) -> Float[Array, "B T M"]:
         """Token embeddings with the k-th placeholder position replaced by ``features[k]``."""
         x = self.text.embed(tokens)
         mask = self.image_mask(tokens, lengths)
-        count = None if isinstance(mask, jax.core.Tracer) else int(np.sum(np.asarray(mask)))
-        num = 0 if features is None else features.shape[0]
-        if count is not None and count != num:
-            raise ValueError(
-                f"the prompt has {count} image placeholder positions (id "
-                f"{self.vision_config.image_token_id}) but {num} image feature rows were given"
-            )
+        self.check_features(mask, features)
         if features is None:
             return x
+        num = features.shape[0]
         idx = jnp.clip(jnp.cumsum(mask.reshape(-1)) - 1, 0, num - 1).reshape(mask.shape)
         return jnp.where(mask[..., None], features.astype(x.dtype)[idx], x)
 

@@ -298,10 +298,25 @@ def split_image(image: Image.Image, plan: CropPlan) -> tuple[Image.Image, list[I
     return view, [source.crop((x, y, x + w, y + h)) for x, y, w, h in plan.boxes]
 
 
-def preprocess_images(images: Sequence, config: Step3VisionConfig) -> PreprocessedImages:
-    """Loads, splits and normalizes ``images`` (each a path, bytes, PIL image or uint8 array)."""
+def as_image_list(images) -> list:
+    """``images`` as a list: None -> [], one image (`IMAGE_TYPES`) -> a list of one (``list``
+    would split a path into characters, an array into rows), a sequence -> its items."""
+    if images is None:
+        return []
     if isinstance(images, IMAGE_TYPES):
-        images = [images]
+        return [images]
+    if not isinstance(images, Sequence):
+        raise TypeError(
+            "images must be a list of images (paths, bytes, PIL images or uint8 arrays), "
+            f"got {type(images).__name__}"
+        )
+    return list(images)
+
+
+def preprocess_images(images: Sequence, config: Step3VisionConfig) -> PreprocessedImages:
+    """Loads, splits and normalizes ``images`` (each a path, bytes, PIL image or uint8 array;
+    one alone is a list of one)."""
+    images = as_image_list(images)
     if len(images) == 0:
         raise ValueError("images is empty: pass at least one image")
     views, crops, layouts = [], [], []
@@ -354,6 +369,7 @@ def expand_prompt(
 
 __all__ = [
     "IMAGE_TYPES",
+    "as_image_list",
     "MAX_CROPS",
     "CropPlan",
     "ImageLayout",
