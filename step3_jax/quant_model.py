@@ -74,6 +74,7 @@ from flax import nnx, struct
 from jaxtyping import Array, Float
 
 from step3_jax import quant
+from step3_jax.config import check_sizes
 from step3_jax.kernels import dispatch
 from step3_jax.kernels.grouped_gemm import supported as grouped_gemm_supported
 from step3_jax.kernels.grouped_gemm.api import grouped
@@ -485,7 +486,9 @@ def linear_activation_fused(
 
 
 def _row_offsets(sizes) -> list[int]:
-    """Start row of each part and the total: ``[0, n_0, n_0 + n_1, ..., sum n_i]``."""
+    """Start row of each part and the total: ``[0, n_0, n_0 + n_1, ..., sum n_i]``; each
+    size an integer >= 1 (``(300, -44)`` cut a 256-row weight into 300 rows and none)."""
+    check_sizes("row sizes", **{f"sizes[{i}]": n for i, n in enumerate(sizes)})
     out = [0]
     for n in sizes:
         out.append(out[-1] + int(n))

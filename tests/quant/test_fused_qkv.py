@@ -173,6 +173,8 @@ def test_mismatched_weights_are_clear_errors():
         a.fuse_qkv()
     with pytest.raises(ValueError, match="cannot be cut into rows"):
         split_rows(jnp.ones((10, 4)), (4, 4))
+    with pytest.raises(ValueError, match=r"row sizes: sizes\[1\] must be an integer >= 1, got -4"):
+        split_rows(jnp.ones((10, 4)), (14, -4))  # sums to 10: was a 10-row part and nothing
     with pytest.raises(ValueError, match="no MFAttention"):
         fuse_qkv(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
 
