@@ -15,7 +15,7 @@ import numpy as np
 from step3_jax.checkpoints import integrity
 from step3_jax.checkpoints.hf_mapping import BLOCK
 from step3_jax.checkpoints.integrity import CheckpointFormatError
-from step3_jax.config import Step3Config, brief, is_int
+from step3_jax.config import Step3Config, brief, is_int, mapping_or_none
 
 
 # ----------------------------------------------------------------------------- reading
@@ -61,12 +61,6 @@ def load_config(path: Path, config: Step3Config | None) -> Step3Config:
     return config or config_from_hf(hf_cfg, path / "config.json")
 
 
-def _mapping_or_none(value, key: str) -> Mapping:
-    if value is not None and not isinstance(value, Mapping):
-        raise ValueError(f"config key {key!r} must be a mapping (or null), got {brief(value)}")
-    return value or {}
-
-
 def check_quantization_config(hf: Mapping) -> None:
     """Refuses, by name, a ``quantization_config`` this loader would misread.
 
@@ -75,9 +69,9 @@ def check_quantization_config(hf: Mapping) -> None:
     128x128 block). Other block shapes would silently mis-scale every weight, so they raise.
     The VL config keeps it at the top level; a text sub-config may carry its own.
     """
-    text = _mapping_or_none(hf.get("text_config"), "text_config")
+    text = mapping_or_none(hf.get("text_config"), "text_config")
     for where, sub in (("", hf), ("text_config.", text)):
-        q = _mapping_or_none(sub.get("quantization_config"), f"{where}quantization_config")
+        q = mapping_or_none(sub.get("quantization_config"), f"{where}quantization_config")
         if not q:
             continue
         method = q.get("quant_method", "fp8")

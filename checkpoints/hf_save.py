@@ -150,7 +150,8 @@ def _destination(path: str | Path, overwrite: bool) -> Path:
         cwd = Path.cwd()
     except FileNotFoundError:  # the working directory is already gone: nothing to protect
         cwd = None
-    if cwd is not None and (path.resolve() == cwd or path.resolve() in cwd.parents):
+    real = path.resolve()
+    if cwd is not None and (real == cwd or real in cwd.parents):
         raise ValueError(
             f"save_hf: path {path} is or contains the current working directory ({cwd}), "
             "which replacing it would delete; save to another folder or chdir out of it"

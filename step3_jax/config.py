@@ -68,6 +68,18 @@ def _is_finite_real(x) -> bool:
     return is_real(x) and math.isfinite(x)
 
 
+def mapping_or_none(value, key: str) -> Mapping:
+    """A ``config.json`` sub-config that may be absent: a mapping, or None (as ``{}``)."""
+    if value is not None and not isinstance(value, Mapping):
+        raise ValueError(f"config key {key!r} must be a mapping (or null), got {brief(value)}")
+    return value or {}
+
+
+def _check_rope_factor(factor, name: str) -> None:
+    if not (_is_finite_real(factor) and factor > 0):  # inf: every position 0
+        raise ValueError(f"{name} must be a finite number > 0, got {brief(factor)}")
+
+
 def _check_hf_values(hf: Mapping[str, Any]) -> None:
     """Types and sizes of the HF keys, before any is used to size anything (names the key)."""
     for key in _HF_INT_KEYS:
@@ -108,10 +120,7 @@ class RopeScaling:
                 f"rope_scaling type {brief(self.rope_type)} is not supported: step3_jax "
                 f"implements {ROPE_SCALING_TYPES} (the Step-3 release uses no scaling)"
             )
-        if not (_is_finite_real(self.factor) and self.factor > 0):  # inf: every position 0
-            raise ValueError(
-                f"rope_scaling factor must be a finite number > 0, got {brief(self.factor)}"
-            )
+        _check_rope_factor(self.factor, "rope_scaling factor")
 
 
 # vLLM's / SGLang's Step3TextConfig defaults (the released model): a text sub-config saved with
@@ -227,12 +236,7 @@ class Step3Config:
         are implemented (``norm_expert_weight``, ``rope_scaling`` "linear") or refused by name.
         """
         if "text_config" in hf or hf.get("model_type") == "step3_vl":
-            hf = hf.get("text_config")
-            if hf is not None and not isinstance(hf, Mapping):
-                raise ValueError(
-                    f"config key 'text_config' must be a mapping (or null), got {brief(hf)}"
-                )
-            hf = hf or {}
+            hf = mapping_or_none(hf.get("text_config"), "text_config")
         hf = {**HF_TEXT_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
         _check_hf_values(hf)
         num_layers = int(hf["num_hidden_layers"])
@@ -414,8 +418,5 @@ def _rope_scaling(hf: Mapping[str, Any]) -> RopeScaling | None:
     if "factor" not in scaling:
         raise ValueError(f"rope_scaling {brief(rope_type)} needs a 'factor', got {brief(scaling)}")
     factor = scaling["factor"]
-    if not (_is_finite_real(factor) and factor > 0):
-        raise ValueError(
-            f"config key '{key}.factor' must be a finite number > 0, got {brief(factor)}"
-        )
+    _check_rope_factor(factor, f"config key '{key}.factor'")
     return RopeScaling(str(rope_type), float(factor))

@@ -176,7 +176,8 @@ def check_tokens(tokens, vocab_size: int) -> None:
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ValueError(f"tokens must be non-empty [B, T], got shape {tokens.shape}")
     if concrete(tokens):
-        lo, hi = int(np.min(np.asarray(tokens))), int(np.max(np.asarray(tokens)))
+        host = np.asarray(tokens)
+        lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= vocab_size:
             raise ValueError(
                 f"tokens must lie in [0, vocab_size={vocab_size}), got values in [{lo}, {hi}]"
@@ -221,7 +222,8 @@ def cache_positions(config: Step3Config, tokens, cache, positions) -> Int[Array,
         positions = start + jnp.arange(t, dtype=jnp.int32)[None, :]
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
     if cache is not None and concrete(positions):
-        lo, hi = int(np.min(np.asarray(positions))), int(np.max(np.asarray(positions)))
+        host = np.asarray(positions)
+        lo, hi = int(host.min()), int(host.max())
         if lo < 0:
             raise ValueError(f"positions must be >= 0, got values in [{lo}, {hi}]")
         if hi >= cache.max_len:

@@ -48,6 +48,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float
 
+from step3_jax.config import is_int
+
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # Smallest scale we ever emit: keeps `x / scale` finite for all-zero blocks.
@@ -95,7 +97,7 @@ def _scale_from_amax(amax: Array) -> Array:
 
 def _check_size(name: str, value) -> int:
     """A block/group size: a positive Python (or NumPy) int, static."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 

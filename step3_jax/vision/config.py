@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from step3_jax.config import HF_MAX, brief, is_int, is_real
+from step3_jax.config import HF_MAX, brief, is_int, is_real, mapping_or_none
 
 # The ViT prepends ONE class token and then, for tensor-parallel padding, 3 more copies of it
 # ("pad_tp_size = 4" hard-coded in vLLM's Step3VisionEmbeddings); all 4 attend and are attended
@@ -140,10 +140,9 @@ class Step3VisionConfig:
         ``vision_config.num_hidden_layers``."""
         if "vision_config" not in hf:
             raise ValueError("config has no 'vision_config': not a Step3-VL (image) checkpoint")
-        v, text = hf["vision_config"], hf.get("text_config")
-        for key, value in (("vision_config", v), ("text_config", text)):
-            if not isinstance(value, Mapping) and (key == "vision_config" or value is not None):
-                raise ValueError(f"config key {key!r} must be a mapping, got {brief(value)}")
+        v, text = hf["vision_config"], mapping_or_none(hf.get("text_config"), "text_config")
+        if not isinstance(v, Mapping):  # required, unlike text_config
+            raise ValueError(f"config key 'vision_config' must be a mapping, got {brief(v)}")
         fields = {}
         for prefix, sub, keys in (("vision_config.", v, _HF_VISION_KEYS), ("", hf, _HF_TOP_KEYS)):
             for key, (name, default) in keys.items():
@@ -151,7 +150,7 @@ class Step3VisionConfig:
                 fields[name] = _hf_value(
                     f"{prefix}{key}", name, default if value is None else value
                 )
-        m_key, m = "text_config.hidden_size", (text or {}).get("hidden_size")
+        m_key, m = "text_config.hidden_size", text.get("hidden_size")
         if m is None:  # the projector's output width: the text model's D
             m_key, m = "hidden_size", hf.get("hidden_size")
         fields["text_hidden_size"] = _hf_value(m_key, "text_hidden_size", 7168 if m is None else m)
